@@ -1,0 +1,1 @@
+"""Built-in run configs (YAML), shipped inside the package as fedsync.configs."""

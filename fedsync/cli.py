@@ -1,0 +1,126 @@
+"""The `fedsync` command: parse arguments, call one function, print. Errors become one line and a status."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .errors import EXIT_CODES, FedsyncError
+from .watch import WATCH_MODES
+
+EXIT_HELP = "\n\n".join(f"{code}: {text}" for code, text in EXIT_CODES.items())
+app = typer.Typer(
+    name="fedsync",
+    help="Federated training across machines you already own, through one shared folder "
+         "(NFS/SMB mount or Syncthing). The coordinator and the workers only read and write files in it.\n\n"
+         "Exit statuses:\n\n" + EXIT_HELP,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ShareOpt = Annotated[Path, typer.Option("--share", help="The shared folder (a local path, mount or synced folder).")]
+WatchOpt = Annotated[str, typer.Option(
+    "--watch", help=f"How to notice changes: {' | '.join(WATCH_MODES)}. events uses inotify (local disks); "
+                    "poll rescans every second (network filesystems); auto picks events.")]
+
+
+def _check_watch(value: str) -> str:
+    if value not in WATCH_MODES:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(WATCH_MODES)}")
+    return value
+
+
+@app.command()
+def coordinator(
+    share: ShareOpt = Path("rounds"),
+    rounds: Annotated[int, typer.Option(help="Rounds to run; a finished run started again with more continues.")] = 20,
+    config: Annotated[str, typer.Option(help="A built-in config (digits, cifar10) or a YAML file; keys it "
+                                             "leaves out come from configs/digits.yaml.")] = "digits",
+    set_: Annotated[list[str], typer.Option("--set", help="Override one config key, KEY=VALUE (repeatable), "
+                                                          "e.g. --set quorum=0.5 --set local_epochs=1.")] = [],
+    watch: WatchOpt = "auto",
+) -> None:
+    """Start a run in SHARE, or continue the one there, and drive it round by round.
+
+    Example: fedsync coordinator --rounds 20 --share /mnt/fed --set min_workers=3
+    """
+    from .config import load_config, parse_overrides
+    from .coordinator import CoordinatorOptions, run_coordinator
+
+    cfg = load_config(config, parse_overrides(set_))
+    final = run_coordinator(CoordinatorOptions(share=share, config=cfg, rounds=rounds, watch=_check_watch(watch)))
+    typer.echo(f"final test accuracy {final.test_accuracy:.4f} after {final.round} rounds: {share / 'final.safetensors'}")
+
+
+@app.command()
+def worker(
+    share: ShareOpt = Path("rounds"),
+    name: Annotated[str | None, typer.Option(help="This worker's name in the share (default: the host name).")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps. auto picks a CUDA GPU, then "
+                                             "MPS, then the CPU.")] = "auto",
+    watch: WatchOpt = "auto",
+    wait_for_run: Annotated[float | None, typer.Option(help="Give up if no run appears in the share within "
+                                                            "this many seconds (default: wait forever).")] = None,
+) -> None:
+    """Train for the run in SHARE: register, then take each round assigned to this worker until the run ends.
+
+    Example: fedsync worker --share /mnt/fed --device cuda
+    """
+    import socket
+
+    from .worker import WorkerOptions, run_worker
+
+    run_worker(WorkerOptions(share=share, name=name or socket.gethostname(), device=device,
+                             watch=_check_watch(watch), wait_for_run=wait_for_run))
+
+
+@app.command()
+def status(
+    share: ShareOpt = Path("rounds"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")] = False,
+) -> None:
+    """Show where the run in SHARE stands: round, workers, accepted and rejected updates, accuracy.
+
+    Example: fedsync status --share /mnt/fed --json
+    """
+    from .share import Share
+    from .status import collect_status, format_status
+
+    st = collect_status(Share(share))
+    typer.echo(json.dumps(st, indent=2) if as_json else format_status(st))
+
+
+@app.command()
+def demo(
+    share: ShareOpt = Path("rounds"),
+    workers: Annotated[int, typer.Option(help="Local worker processes to start.", min=1, max=16)] = 3,
+    rounds: Annotated[int, typer.Option(help="Rounds to run.", min=1)] = 20,
+    config: Annotated[str, typer.Option(help="Built-in config or YAML file.")] = "digits",
+) -> None:
+    """Run a coordinator and WORKERS local workers as separate processes on SHARE, then report.
+
+    A previous demo run in SHARE is replaced; a run started by `fedsync coordinator` is never touched.
+    """
+    from .demo import run_demo
+    from .logs import make_log
+
+    result = run_demo(share, workers, rounds, config, make_log("demo"))
+    typer.echo(f"demo finished: {result.final.round} rounds, {workers} workers, final test accuracy "
+               f"{result.final.test_accuracy:.4f}, run wall time {result.seconds:.1f} s")
+    typer.echo(f"browse the run in {share}/ (metrics.csv, 0001/summary.yaml, …) or `fedsync status --share {share}`")
+
+
+def main() -> None:
+    try:
+        app()
+    except FedsyncError as e:
+        print(f"fedsync: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print("fedsync: interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,130 @@
+"""A run's config: the built-in YAML files, user files laid over them, and `--set key=value` overrides.
+
+The defaults live in one place, configs/digits.yaml; a user's file names only what it changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .markers import MarkerError, parse_record
+from .models import REGISTRY
+from .share import parse_yaml
+
+BUILTIN = ("digits", "cifar10")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every knob of a run; units are in the names' comments of configs/digits.yaml."""
+
+    task: str                 # digits | cifar10
+    model: str                # a name in fedsync.models.REGISTRY
+    data_root: str | None     # cifar10: the folder holding cifar-10-batches-py/
+    verify_checksums: bool    # torchvision's MD5 check of CIFAR-10; false only for fabricated data
+    seed: int                 # initial weights, data split and shards all follow from it
+    test_fraction: float      # digits: held-out share for the coordinator's evaluation
+    partition: str            # iid | dirichlet
+    dirichlet_alpha: float    # label skew of dirichlet shards (smaller = more skewed)
+    local_epochs: int         # passes over its shard a worker makes per round
+    batch_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    augment: bool             # cifar10: random crop (pad 4) and horizontal flip
+    quorum: Any               # float in (0, 1]: fraction of live assigned workers; int >= 1: a count
+    min_updates: int          # a round never closes with fewer accepted updates
+    min_workers: int          # a round opens once this many workers are live
+    round_timeout: float      # seconds a round collects updates, by the coordinator's clock
+    heartbeat: float          # seconds between a worker's heartbeats
+    worker_timeout: float     # seconds without a heartbeat before a worker counts as gone
+    eval_batch_size: int
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.task not in BUILTIN:
+            problems.append(f"task {self.task!r} is not one of {', '.join(BUILTIN)}")
+        if self.model not in REGISTRY:
+            problems.append(f"model {self.model!r} is not one of {', '.join(sorted(REGISTRY))}")
+        if self.partition not in ("iid", "dirichlet"):
+            problems.append(f"partition {self.partition!r} is not iid or dirichlet")
+        q = self.quorum
+        if isinstance(q, bool) or not isinstance(q, (int, float)) or not math.isfinite(q) \
+                or (isinstance(q, int) and q < 1) or (isinstance(q, float) and not 0 < q <= 1):
+            problems.append(f"quorum {q!r} must be a count (integer >= 1) or a fraction (0 < q <= 1.0)")
+        for name in ("local_epochs", "batch_size", "min_updates", "min_workers", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1")
+        for name in ("lr", "round_timeout", "heartbeat", "worker_timeout", "dirichlet_alpha"):
+            if not getattr(self, name) > 0:
+                problems.append(f"{name} must be positive")
+        if self.momentum < 0 or self.weight_decay < 0:
+            problems.append("momentum and weight_decay must not be negative")
+        if self.worker_timeout <= 2 * self.heartbeat:
+            problems.append("worker_timeout must exceed two heartbeats, or live workers look gone")
+        if problems:
+            raise ConfigError("config: " + "; ".join(problems))
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _builtin_text(name: str) -> bytes:
+    return resources.files("fedsync.configs").joinpath(f"{name}.yaml").read_bytes()
+
+
+def _load_mapping(data: bytes, where: str) -> dict[str, Any]:
+    try:
+        loaded = parse_yaml(data)
+    except Exception as e:  # yaml's errors have no common public base beyond Exception
+        raise ConfigError(f"{where} is not valid YAML: {e}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{where} must be a mapping of keys to values")
+    return loaded
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`--set key=value` pairs, values read as YAML scalars (so 0.5 is a float and null is None)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE")
+        out[key.strip()] = parse_yaml(value.encode()) if value.strip() else None
+    return out
+
+
+def load_config(source: str = "digits", overrides: dict[str, Any] | None = None) -> RunConfig:
+    """A built-in name (digits, cifar10) or a YAML file; keys it leaves out come from configs/digits.yaml."""
+    merged = _load_mapping(_builtin_text("digits"), "configs/digits.yaml")
+    if source in BUILTIN:
+        merged.update(_load_mapping(_builtin_text(source), f"configs/{source}.yaml"))
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config {source!r} is neither a built-in ({', '.join(BUILTIN)}) nor a file")
+        merged.update(_load_mapping(path.read_bytes(), str(path)))
+    merged.update(overrides or {})
+    return config_from_dict(merged, f"config {source}")
+
+
+def config_from_dict(values: dict[str, Any], where: str) -> RunConfig:
+    known = {f.name for f in dataclasses.fields(RunConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
+    try:
+        return parse_record(RunConfig, values, where)
+    except MarkerError as e:
+        raise ConfigError(str(e)) from None
+
+
+def differences(a: RunConfig, b: RunConfig) -> list[str]:
+    da, db = a.as_dict(), b.as_dict()
+    return [f"{k}: {da[k]!r} in the share, {db[k]!r} now" for k in da if da[k] != db[k]]

@@ -1,0 +1,52 @@
+"""Errors a user can act on; the CLI turns each into one line and an exit status."""
+
+from __future__ import annotations
+
+
+class FedsyncError(Exception):
+    """Base of every error that ends a command with a message instead of a traceback."""
+
+    exit_code = 1
+
+
+class ConfigError(FedsyncError):
+    """The run's config is missing, malformed, or differs from the run already in the share."""
+
+    exit_code = 3
+
+
+class FormatError(FedsyncError):
+    """The share was written by another format version of fedsync."""
+
+    exit_code = 4
+
+
+class ShareError(FedsyncError):
+    """The share cannot be used: missing, not writable, or already driven by another process."""
+
+    exit_code = 5
+
+
+class DataError(FedsyncError):
+    """A dataset is not where the config says, or is not in the expected format."""
+
+    exit_code = 6
+
+
+class DeviceError(FedsyncError):
+    """The requested device is not present or cannot be driven by this torch build."""
+
+    exit_code = 7
+
+
+EXIT_CODES: dict[int, str] = {
+    0: "success",
+    1: "unexpected error (a bug: please report it with the message)",
+    2: "bad command-line usage",
+    3: ConfigError.__doc__ or "",
+    4: FormatError.__doc__ or "",
+    5: ShareError.__doc__ or "",
+    6: DataError.__doc__ or "",
+    7: DeviceError.__doc__ or "",
+    130: "interrupted (Ctrl-C)",
+}

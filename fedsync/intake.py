@@ -1,0 +1,217 @@
+"""Taking in updates: each file is read once, in pieces, and each piece is hashed, checked and added while
+it is still in the CPU cache. That single pass is what lets a 2-core machine aggregate faster than it can
+hash with SHA-256 (see docs/BENCHMARKS.md).
+
+Adding before the whole-file hash is known is speculative: a lane (one thread with its own running sum)
+that added part of a file which then fails is rebuilt from its accepted updates, re-verified. So the result
+is always the aggregate of exactly the valid updates, and a bad file costs time, never correctness.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import blake3
+import torch
+
+from .fedavg import Layout, WeightedSum, apply_mean
+from .markers import FileRef
+from .reasons import Reason
+from .tensorfile import Unusable, check_layout, header_length, parse_header
+
+PIECE_BYTES = 1 << 20  # fits in L2 with room to spare; a multiple of every dtype's size
+LANES = 2  # one running sum each: extra memory is LANES model sizes, whatever the number of updates
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """An update whose marker passed its checks; its tensor file is what remains to verify."""
+
+    worker: str
+    path: Path
+    ref: FileRef
+    weight: float
+
+
+@dataclass
+class Outcome:
+    candidate: Candidate
+    problem: Unusable | None = None
+
+
+@dataclass
+class _Lane:
+    layout: Layout
+    sums: WeightedSum | None = None
+    accepted: list[Candidate] = field(default_factory=list)
+    piece: bytearray = field(default_factory=lambda: bytearray(PIECE_BYTES))
+
+    def running_sum(self) -> WeightedSum:
+        if self.sums is None:
+            self.sums = WeightedSum(self.layout)
+        return self.sums
+
+
+def _read_exact(f: BinaryIO, view: memoryview) -> None:
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])  # type: ignore[attr-defined]
+        if not n:
+            raise Unusable(Reason.SIZE_MISMATCH, "the file ended early (truncated while being read)")
+        got += n
+
+
+def _all_finite(values: torch.Tensor) -> bool:
+    # A sum is one cheap pass over cache-hot data and is NaN/inf whenever any element is; only then is the
+    # exact element-wise check paid for (a sum can also overflow on huge but finite values).
+    return bool(torch.isfinite(values.sum())) or bool(torch.isfinite(values).all())
+
+
+def fold(c: Candidate, layout: Layout, sums: WeightedSum, piece: bytearray) -> bool:
+    """Read c's tensor file once, adding it to `sums`; raise Unusable if it does not count.
+
+    Returns whether anything was added, so a failure after that tells the caller to rebuild `sums`.
+    """
+    added = False
+    hasher = blake3.blake3()
+    view = memoryview(piece)
+    try:
+        with open(c.path, "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size != c.ref.bytes:
+                raise Unusable(Reason.SIZE_MISMATCH, f"{size} bytes, the marker says {c.ref.bytes}")
+            prefix = f.read(8)
+            hasher.update(prefix)
+            n = header_length(prefix, size)
+            header = bytearray(n)
+            _read_exact(f, memoryview(header))
+            hasher.update(header)
+            problem: Unusable | None = None
+            try:
+                specs = parse_header(bytes(header), size - 8 - n)
+                check_layout(specs, layout)
+            except Unusable as e:
+                problem, specs = e, []
+            remaining = size - 8 - n
+            for spec in specs:
+                itemsize = spec.dtype.itemsize
+                offset, left = 0, spec.end - spec.start
+                while left:
+                    m = min(PIECE_BYTES, left)
+                    _read_exact(f, view[:m])
+                    hasher.update(view[:m])
+                    left -= m
+                    remaining -= m
+                    if problem is not None:
+                        continue  # keep hashing: a hash mismatch means "not synced yet", not "bad"
+                    values = torch.frombuffer(piece, dtype=spec.dtype, count=m // itemsize)
+                    if spec.dtype.is_floating_point and not _all_finite(values):
+                        problem = Unusable(Reason.NON_FINITE, f"{spec.name} holds NaN or infinite values")
+                        continue
+                    sums.add_piece(spec.name, offset, values, c.weight)
+                    added = True
+                    offset += values.numel()
+            while remaining:  # only when the header was unusable: hash the rest to tell corrupt from unsynced
+                m = min(PIECE_BYTES, remaining)
+                _read_exact(f, view[:m])
+                hasher.update(view[:m])
+                remaining -= m
+    except FileNotFoundError:
+        raise Unusable(Reason.MISSING_FILE, f"{c.path.name} is not there (yet)") from None
+    except Unusable as e:
+        e.added = added
+        raise
+    except OSError as e:
+        err = Unusable(Reason.IO_ERROR, f"{c.path.name}: {e.strerror or e}")
+        err.added = added
+        raise err from None
+    if hasher.hexdigest() != c.ref.blake3:
+        problem = Unusable(Reason.HASH_MISMATCH, "the file's BLAKE3 differs from the marker's")
+    if problem is not None:
+        problem.added = added
+        raise problem
+    sums.add_weight(c.weight)
+    return added
+
+
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """Each lane is one thread; torch's own intra-op threads on top would only oversubscribe the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class Aggregator:
+    """Streaming FedAvg over the updates of one round, fed in batches as their markers appear."""
+
+    def __init__(self, layout: Layout, lanes: int = LANES) -> None:
+        self.layout = layout
+        self.lanes = [_Lane(layout) for _ in range(lanes)]
+        self.pool = ThreadPoolExecutor(lanes, thread_name_prefix="intake")
+
+    @property
+    def accepted(self) -> list[Candidate]:
+        return [c for lane in self.lanes for c in lane.accepted]
+
+    def take(self, candidates: list[Candidate]) -> list[Outcome]:
+        """Verify and add each candidate; the outcomes say which were added and why the others were not."""
+        plan: list[list[Candidate]] = [[] for _ in self.lanes]
+        for c in candidates:  # fewest updates first: lanes stay even without knowing sizes
+            i = min(range(len(self.lanes)), key=lambda j: len(self.lanes[j].accepted) + len(plan[j]))
+            plan[i].append(c)
+        with _torch_threads(1):
+            results = list(self.pool.map(self._run_lane, self.lanes, plan))
+        return [o for lane_outcomes in results for o in lane_outcomes]
+
+    def _run_lane(self, lane: _Lane, batch: list[Candidate]) -> list[Outcome]:
+        outcomes, dirty = [], False
+        for c in batch:
+            try:
+                fold(c, self.layout, lane.running_sum(), lane.piece)
+                lane.accepted.append(c)
+                outcomes.append(Outcome(c))
+            except Unusable as e:
+                dirty |= e.added
+                outcomes.append(Outcome(c, e))
+        if dirty:
+            outcomes.extend(self._rebuild(lane))
+        return outcomes
+
+    def _rebuild(self, lane: _Lane) -> list[Outcome]:
+        """Recompute a lane's sum from its accepted updates; any that no longer verify are dropped."""
+        dropped: list[Outcome] = []
+        while True:
+            sums = lane.running_sum()
+            sums.clear()
+            for c in lane.accepted:
+                try:
+                    fold(c, self.layout, sums, lane.piece)
+                except Unusable as e:
+                    lane.accepted.remove(c)
+                    dropped.append(Outcome(c, e))
+                    break
+            else:
+                return dropped
+
+    def result(self, base: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The new global model; the aggregator is spent afterwards."""
+        used = [lane.sums for lane in self.lanes if lane.sums is not None and lane.sums.count]
+        if not used:
+            raise ValueError("no accepted updates to aggregate")
+        for other in used[1:]:
+            used[0].merge(other)
+        self.pool.shutdown(wait=False)
+        return apply_mean(base, used[0])
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False)

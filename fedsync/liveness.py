@@ -1,0 +1,72 @@
+"""Which workers are alive, judged by the coordinator's own clock (DESIGN invariant 5).
+
+A worker is seen alive when its workers/<name>.yaml changes: a heartbeat rewrites it (a new file by rename,
+so the inode changes even where mtimes are coarse). The time of a change is when *this* process noticed it;
+timestamps written by other machines are never compared with ours.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+
+from .markers import MarkerError, WorkerInfo, parse
+from .share import Share, check_worker_name, is_conflict_copy, is_temporary, read_yaml
+
+
+class Liveness:
+    def __init__(self, share: Share, timeout: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.share = share
+        self.timeout = timeout
+        self.clock = clock
+        self.seen: dict[str, tuple[tuple[int, int, int], float]] = {}
+        self.info: dict[str, WorkerInfo] = {}
+        self.problems: dict[str, str] = {}
+
+    def scan(self) -> list[str]:
+        """Look at every registration file; return the names seen for the first time."""
+        now = self.clock()
+        new = []
+        try:
+            entries = list(os.scandir(self.share.workers_dir))
+        except FileNotFoundError:
+            return new
+        for entry in entries:
+            if is_temporary(entry.name) or is_conflict_copy(entry.name) or not entry.name.endswith(".yaml"):
+                continue
+            name = entry.name[:-5]
+            try:
+                st = entry.stat()
+            except FileNotFoundError:
+                continue  # replaced between listing and stat: the next scan sees the new one
+            signature = (st.st_mtime_ns, st.st_size, st.st_ino)
+            previous = self.seen.get(name)
+            if previous is not None and previous[0] == signature:
+                continue
+            if self._read(name):
+                if previous is None:
+                    new.append(name)
+                self.seen[name] = (signature, now)
+        return new
+
+    def _read(self, name: str) -> bool:
+        try:
+            check_worker_name(name)
+            info = parse(WorkerInfo, read_yaml(self.share.worker_file(name)), f"workers/{name}.yaml")
+            if info.name != name:
+                raise MarkerError(f"workers/{name}.yaml names itself {info.name!r}")
+        except Exception as e:  # noqa: BLE001 - OSError, YAMLError, MarkerError: retried on the file's next change
+            self.problems[name] = str(e)
+            return False
+        self.problems.pop(name, None)
+        self.info[name] = info
+        return True
+
+    def live(self) -> list[str]:
+        now = self.clock()
+        return sorted(n for n, (_, t) in self.seen.items()
+                      if now - t <= self.timeout and self.info[n].state != "stopped")
+
+    def is_live(self, name: str) -> bool:
+        return name in self.live()

@@ -1,0 +1,41 @@
+"""fedsync.yaml: starting a run in an empty share, or joining the one already there."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+
+from .config import RunConfig, config_from_dict, differences
+from .errors import ConfigError, FormatError, ShareError
+from .markers import FORMAT_VERSION, FormatMismatch, Manifest, MarkerError, parse, to_dict
+from .share import Share, read_yaml, write_yaml
+
+
+def open_run(share: Share, config: RunConfig, created_by: str) -> Manifest:
+    """Continue the run in the share if its config is the same; start one if the share is empty."""
+    if share.manifest.exists():
+        manifest = read_manifest(share)
+        stored = config_from_dict(manifest.config, f"{share.manifest}")
+        changed = differences(stored, config)
+        if changed:
+            raise ConfigError(f"{share.root} already holds run {manifest.run_id} with another config ("
+                              + "; ".join(changed) + "): use the same config to continue it, or another --share")
+        return manifest
+    if share.rounds():
+        raise ShareError(f"{share.root} holds round folders but no fedsync.yaml: it is damaged or not a fedsync "
+                         "share; point --share at an empty folder")
+    share.root.mkdir(parents=True, exist_ok=True)
+    now = datetime.now(timezone.utc)
+    manifest = Manifest(format=FORMAT_VERSION, run_id=f"{now:%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}",
+                        created=now.isoformat(timespec="seconds"), created_by=created_by, config=config.as_dict())
+    write_yaml(share.manifest, to_dict(manifest))
+    return manifest
+
+
+def read_manifest(share: Share) -> Manifest:
+    try:
+        return parse(Manifest, read_yaml(share.manifest), str(share.manifest))
+    except FormatMismatch as e:
+        raise FormatError(str(e)) from None
+    except (MarkerError, ValueError, OSError) as e:
+        raise ShareError(f"{share.manifest} is unreadable: {e}") from None

@@ -1,0 +1,239 @@
+"""The YAML files of the share as typed records, parsed strictly: a malformed file is a MarkerError."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+FORMAT_VERSION = 1
+HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+T = TypeVar("T")
+
+
+class MarkerError(ValueError):
+    """A YAML file in the share does not match its schema."""
+
+
+class PathOutsideFolder(MarkerError):
+    """A marker names a file outside the folder it may refer to."""
+
+
+class FormatMismatch(MarkerError):
+    """A file carries another share format version than this fedsync speaks."""
+
+    def __init__(self, where: str, found: int) -> None:
+        self.found = found
+        if found > FORMAT_VERSION:
+            msg = (f"{where} uses share format {found}, written by a newer fedsync; "
+                   f"this fedsync reads format {FORMAT_VERSION}: upgrade fedsync on this machine")
+        else:
+            msg = (f"{where} uses the older share format {found}; this fedsync reads format {FORMAT_VERSION}: "
+                   "finish that run with the fedsync that started it, or start a new share")
+        super().__init__(msg)
+
+
+def check_relative_path(path: str, where: str) -> str:
+    """Files a marker names stay inside the share: no absolute paths, no '..', no hidden names."""
+    if not path or path.startswith("/") or "\\" in path or ":" in path:
+        raise MarkerError(f"{where}: {path!r} is not a relative path inside the share")
+    for part in path.split("/"):
+        if part in ("", ".", "..") or part.startswith("."):
+            raise MarkerError(f"{where}: {path!r} is not a relative path inside the share")
+    return path
+
+
+@dataclass(frozen=True)
+class FileRef:
+    """A file named with its size and BLAKE3 hash, so a reader can tell a whole copy from a partial one."""
+
+    file: str
+    blake3: str
+    bytes: int
+
+    def __post_init__(self) -> None:
+        check_relative_path(self.file, "file")
+        if not HEX64.match(self.blake3):
+            raise MarkerError(f"blake3: {self.blake3!r} is not 64 lowercase hex digits")
+        if self.bytes < 0:
+            raise MarkerError(f"bytes: {self.bytes} is negative")
+
+
+@dataclass
+class Manifest:
+    """fedsync.yaml: the run's identity and resolved config, written once by the coordinator."""
+
+    format: int
+    run_id: str
+    created: str
+    created_by: str
+    config: dict[str, Any]
+
+
+@dataclass
+class WorkerTask:
+    shard: int
+    local_epochs: int
+
+
+@dataclass
+class Assignment:
+    """<round>/assignment.yaml: the round is open once this exists and its model has the named hash."""
+
+    format: int
+    run_id: str
+    round: int
+    rounds: int
+    model: FileRef
+    num_shards: int
+    time_budget_s: float
+    workers: dict[str, WorkerTask]
+
+
+@dataclass
+class UpdateMarker:
+    """<round>/updates/<worker>.yaml: the update counts once this exists and its tensors have the named hash."""
+
+    format: int
+    round: int
+    worker: str
+    base: str
+    tensors: FileRef
+    samples: int
+    train_loss: float
+    seconds: float
+    device: str
+
+
+@dataclass
+class WorkerInfo:
+    """workers/<name>.yaml: a worker's registration and heartbeat, rewritten only by that worker."""
+
+    format: int
+    name: str
+    host: str
+    fedsync: str
+    torch: str
+    device: str
+    device_name: str
+    cuda_capability: str | None
+    state: str
+    round: int | None
+    heartbeat: int
+
+
+@dataclass
+class Accepted:
+    worker: str
+    samples: int
+    weight: float
+    train_loss: float
+    seconds: float
+    device: str
+
+
+@dataclass
+class Rejected:
+    worker: str
+    file: str
+    reason: str
+    detail: str
+
+
+@dataclass
+class Summary:
+    """<round>/summary.yaml: the coordinator's decision; a round is closed once this exists."""
+
+    format: int
+    round: int
+    closed_because: str
+    seconds: float
+    model: FileRef
+    accepted: list[Accepted]
+    rejected: list[Rejected]
+    missing: list[str]
+    ignored: list[str]
+    metrics: dict[str, float]
+
+
+@dataclass
+class FinalMarker:
+    """final.yaml: the run ended; final.safetensors holds the model trained through `round`."""
+
+    format: int
+    run_id: str
+    round: int
+    model: FileRef
+    test_accuracy: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def to_dict(record: Any) -> dict[str, Any]:
+    return dataclasses.asdict(record)
+
+
+def parse(cls: type[T], data: Any, where: str) -> T:
+    """Build a record from loaded YAML, checking the format version first and every field's type."""
+    if not isinstance(data, dict):
+        raise MarkerError(f"{where}: expected a mapping at the top level")
+    if "format" in {f.name for f in dataclasses.fields(cls)}:  # type: ignore[arg-type]
+        found = data.get("format")
+        if not isinstance(found, int) or isinstance(found, bool):
+            raise MarkerError(f"{where}: missing or non-integer 'format'")
+        if found != FORMAT_VERSION:
+            raise FormatMismatch(where, found)
+    return parse_record(cls, data, where)
+
+
+def parse_record(cls: type[T], data: Any, where: str) -> T:
+    if not isinstance(data, dict):
+        raise MarkerError(f"{where}: expected a mapping")
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name in data:
+            values[f.name] = _value(hints[f.name], data[f.name], f"{where}: {f.name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise MarkerError(f"{where}: missing field '{f.name}'")
+    try:
+        return cls(**values)
+    except MarkerError as e:
+        raise type(e)(f"{where}: {e}") from None
+
+
+def _value(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _value(inner, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif origin is dict:
+        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+            return {k: _value(args[1], v, f"{where}.{k}") for k, v in value.items()}
+    elif origin is list:
+        if isinstance(value, list):
+            return [_value(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    elif dataclasses.is_dataclass(tp):
+        return parse_record(tp, value, where)
+    raise MarkerError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {type(value).__name__}")

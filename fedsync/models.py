@@ -1,0 +1,52 @@
+"""The model registry: a config names its model, and every process builds the same architecture from it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+ModelFactory = Callable[[int], nn.Module]
+REGISTRY: dict[str, ModelFactory] = {}
+
+
+def register(name: str) -> Callable[[ModelFactory], ModelFactory]:
+    def wrap(factory: ModelFactory) -> ModelFactory:
+        REGISTRY[name] = factory
+        return factory
+
+    return wrap
+
+
+def build_model(name: str, num_classes: int, seed: int | None = None) -> nn.Module:
+    """A fresh model; with a seed, the same initial weights on every machine."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(sorted(REGISTRY))}")
+    if seed is not None:
+        torch.manual_seed(seed)
+    return REGISTRY[name](num_classes)
+
+
+@register("digits_cnn")
+def digits_cnn(num_classes: int) -> nn.Module:
+    """A small CNN for 1x8x8 digits (about 0.15 M parameters), with BatchNorm to exercise buffer averaging."""
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * 4 * 4, 128), nn.ReLU(),
+        nn.Linear(128, num_classes),
+    )
+
+
+@register("resnet18_cifar")
+def resnet18_cifar(num_classes: int) -> nn.Module:
+    """ResNet-18 for 32x32 inputs: a 3x3 stride-1 stem and no max-pool, as usual for CIFAR (11.2 M params)."""
+    from torchvision.models import resnet18
+
+    model = resnet18(num_classes=num_classes)
+    model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model

@@ -1,0 +1,60 @@
+"""Why an update was not counted: one code per reason, each with the fix a person can apply."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Reason(str, Enum):
+    MARKER_UNREADABLE = "marker_unreadable"
+    MARKER_INVALID = "marker_invalid"
+    FORMAT_MISMATCH = "format_mismatch"
+    WRONG_ROUND = "wrong_round"
+    WRONG_WORKER = "wrong_worker"
+    WRONG_BASE = "wrong_base"
+    BAD_PATH = "bad_path"
+    NOT_ASSIGNED = "not_assigned"
+    BAD_SAMPLES = "bad_samples"
+    MISSING_FILE = "missing_file"
+    SIZE_MISMATCH = "size_mismatch"
+    HASH_MISMATCH = "hash_mismatch"
+    NOT_SAFETENSORS = "not_safetensors"
+    MISSING_TENSOR = "missing_tensor"
+    EXTRA_TENSOR = "extra_tensor"
+    WRONG_SHAPE = "wrong_shape"
+    WRONG_DTYPE = "wrong_dtype"
+    NON_FINITE = "non_finite"
+    IO_ERROR = "io_error"
+
+    @property
+    def help(self) -> str:
+        return HELP[self]
+
+    @property
+    def may_still_sync(self) -> bool:
+        """True when the bytes may simply not have arrived yet: wait until the deadline before rejecting."""
+        return self in (Reason.MARKER_UNREADABLE, Reason.MARKER_INVALID, Reason.MISSING_FILE,
+                        Reason.SIZE_MISMATCH, Reason.HASH_MISMATCH, Reason.IO_ERROR)
+
+
+HELP: dict[Reason, str] = {
+    Reason.MARKER_UNREADABLE: "the update's YAML marker is not valid YAML, uses aliases, or is over 1 MiB",
+    Reason.MARKER_INVALID: "the marker lacks a field or a field has the wrong type; compare with PROTOCOL.md",
+    Reason.FORMAT_MISMATCH: "the worker writes another share format version; run the same fedsync version",
+    Reason.WRONG_ROUND: "the marker names another round than the folder it is in",
+    Reason.WRONG_WORKER: "the marker's worker field differs from its file name",
+    Reason.WRONG_BASE: "the update was trained from another global model than this round's",
+    Reason.BAD_PATH: "the marker names a tensor file other than updates/<worker>.safetensors ('..', absolute)",
+    Reason.NOT_ASSIGNED: "the worker was not assigned work in this round (unknown, or joined after it opened)",
+    Reason.BAD_SAMPLES: "the sample count is not a positive integer no larger than the training set",
+    Reason.MISSING_FILE: "the tensor file the marker names never arrived before the deadline",
+    Reason.SIZE_MISMATCH: "the tensor file's size differs from the marker's (truncated or not synced)",
+    Reason.HASH_MISMATCH: "the tensor file's BLAKE3 hash differs from the marker's (corrupt or not synced)",
+    Reason.NOT_SAFETENSORS: "the tensor file is not a safetensors file (bad header, pickle, random bytes)",
+    Reason.MISSING_TENSOR: "a tensor of the global model is absent from the update",
+    Reason.EXTRA_TENSOR: "the update holds a tensor the global model does not have",
+    Reason.WRONG_SHAPE: "a tensor's shape differs from the global model's",
+    Reason.WRONG_DTYPE: "a tensor's dtype differs from the global model's",
+    Reason.NON_FINITE: "the update holds NaN or infinite values",
+    Reason.IO_ERROR: "the file could not be read at the deadline (permissions, vanished, share unmounted)",
+}

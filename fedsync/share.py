@@ -1,0 +1,200 @@
+"""The share's layout, whole-file writes, hashing and safe reading; knows nothing of training.
+
+Every path a fedsync process touches is named here, so docs/PROTOCOL.md and the code cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from filelock import FileLock
+
+import blake3
+import yaml
+
+MAX_YAML_BYTES = 1 << 20  # markers are tiny; anything bigger is refused before it is read
+ROUND_DIR = re.compile(r"^\d{4,9}$")
+WORKER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class Share:
+    """Paths inside one share folder."""
+
+    root: Path
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "fedsync.yaml"
+
+    @property
+    def workers_dir(self) -> Path:
+        return self.root / "workers"
+
+    def worker_file(self, name: str) -> Path:
+        return self.workers_dir / f"{name}.yaml"
+
+    def round_dir(self, r: int) -> Path:
+        return self.root / f"{r:04d}"
+
+    def global_model(self, r: int) -> Path:
+        return self.round_dir(r) / "global.safetensors"
+
+    def assignment(self, r: int) -> Path:
+        return self.round_dir(r) / "assignment.yaml"
+
+    def updates_dir(self, r: int) -> Path:
+        return self.round_dir(r) / "updates"
+
+    def update_tensors(self, r: int, worker: str) -> Path:
+        return self.updates_dir(r) / f"{worker}.safetensors"
+
+    def update_marker(self, r: int, worker: str) -> Path:
+        return self.updates_dir(r) / f"{worker}.yaml"
+
+    def summary(self, r: int) -> Path:
+        return self.round_dir(r) / "summary.yaml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.csv"
+
+    @property
+    def final_model(self) -> Path:
+        return self.root / "final.safetensors"
+
+    @property
+    def final_marker(self) -> Path:
+        return self.root / "final.yaml"
+
+    def model_after(self, r: int, last_round: int) -> Path:
+        """Where the aggregate of round r lives: the next round's global model, or the final one."""
+        return self.final_model if r >= last_round else self.global_model(r + 1)
+
+    def rounds(self) -> list[int]:
+        """Round numbers that have a folder, ascending."""
+        try:
+            names = os.listdir(self.root)
+        except FileNotFoundError:
+            return []
+        return sorted(int(n) for n in names if ROUND_DIR.match(n))
+
+
+def is_temporary(name: str) -> bool:
+    """Files still being written (ours or a sync tool's): never read them."""
+    return name.startswith(".") or name.endswith(".tmp") or name.startswith("~syncthing~")
+
+
+def is_conflict_copy(name: str) -> bool:
+    """Syncthing's copy of a file two machines changed: reported, never read."""
+    return ".sync-conflict-" in name
+
+
+def check_worker_name(name: str) -> str:
+    """Worker names become file names in the share, so they are restricted to a portable alphabet."""
+    if not WORKER_NAME.match(name):
+        raise ValueError(
+            f"worker name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Make `data` appear at `path` whole or not at all (DESIGN invariant 2)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A dot-name ending .tmp in the same folder: readers skip it, and rename stays within one filesystem.
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+        os.replace(tmp, path)  # atomic on POSIX: a reader sees the old file or the new one
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)  # the rename itself survives a power cut
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # some network filesystems do not open folders; the rename is still atomic there
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def hash_bytes(data: bytes | bytearray | memoryview) -> str:
+    return blake3.blake3(data, max_threads=blake3.blake3.AUTO).hexdigest()
+
+
+def read_limited(path: Path, limit: int) -> bytes:
+    """Read a whole file, refusing (before reading) one larger than `limit` bytes."""
+    size = os.stat(path).st_size
+    if size > limit:
+        raise OversizeError(f"{path.name} is {size} bytes, over the {limit}-byte limit")
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise OversizeError(f"{path.name} grew past the {limit}-byte limit while being read")
+    return data
+
+
+class OversizeError(ValueError):
+    """A file in the share is larger than its kind may be."""
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """safe_load without anchors and aliases, which no fedsync file needs and YAML bombs rely on."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:  # type: ignore[override]
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, "aliases are not allowed", event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def parse_yaml(data: bytes) -> Any:
+    return yaml.load(data, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def read_yaml(path: Path, limit: int = MAX_YAML_BYTES) -> Any:
+    """Load a YAML file from the share: size-checked, safe types only, no aliases."""
+    return parse_yaml(read_limited(path, limit))
+
+
+def dump_yaml(obj: Any) -> bytes:
+    return yaml.safe_dump(obj, sort_keys=False, allow_unicode=True).encode()
+
+
+def write_yaml(path: Path, obj: Any) -> None:
+    atomic_write(path, dump_yaml(obj))
+
+
+def local_lock(root: Path, role: str) -> FileLock:
+    """A lock that stops two processes on this machine acting as the same role on one share.
+
+    It lives in the local temp folder, never in the share: file locks are not reliable across machines
+    (NFS, SMB and sync tools each behave differently), and a lock file in the share would be synced.
+    """
+    import hashlib
+    import tempfile
+
+    from filelock import FileLock
+
+    key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
+    folder = Path(tempfile.gettempdir()) / "fedsync-locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(folder / f"{key}-{role}.lock"), timeout=0)

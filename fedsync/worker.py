@@ -1,0 +1,213 @@
+"""The worker: registers, keeps a heartbeat, and trains on its shard each round it is assigned.
+
+Read top to bottom: wait for the run, register, then per round find the assignment, verify the global
+model, train, and write the update followed by its marker (the marker last: DESIGN invariant 3).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from filelock import Timeout
+
+from . import __version__
+from .config import RunConfig, config_from_dict
+from .data import Dataset, Split, load_dataset
+from .device import DeviceFacts, choose_device, describe
+from .errors import ShareError
+from .fedavg import delta
+from .logs import Log, make_log
+from .manifest import read_manifest
+from .markers import (FORMAT_VERSION, Assignment, FinalMarker, Manifest, UpdateMarker, WorkerInfo, parse,
+                      to_dict)
+from .models import build_model
+from .partition import partition
+from .share import Share, check_worker_name, local_lock, read_yaml, write_yaml
+from .tensorfile import Unusable, load_verified, save_state
+from .train import TrainSettings, local_train
+from .watch import ShareWatcher
+
+
+@dataclass
+class WorkerOptions:
+    share: Path
+    name: str = field(default_factory=socket.gethostname)
+    device: str = "auto"
+    watch: str = "auto"
+    rescan: float = 2.0                 # seconds between full rescans when no event arrives
+    wait_for_run: float | None = None   # seconds to wait for fedsync.yaml to appear; None: forever
+    log: Log | None = None
+
+
+class Heartbeat:
+    """Rewrites workers/<name>.yaml every `interval` seconds from its own thread, so training never starves it."""
+
+    def __init__(self, share: Share, info: WorkerInfo, interval: float) -> None:
+        self.share, self.info, self.interval = share, info, interval
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self.update(state="idle")
+        self.thread.start()
+
+    def update(self, **changes: object) -> None:
+        with self.lock:
+            self.info = replace(self.info, heartbeat=self.info.heartbeat + 1, **changes)  # type: ignore[arg-type]
+            write_yaml(self.share.worker_file(self.info.name), to_dict(self.info))
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=5)
+        self.update(state="stopped")
+
+    def _beat(self) -> None:
+        while not self.stopped.wait(self.interval):
+            try:
+                self.update()
+            except OSError:
+                pass  # a share hiccup: the next beat tries again; the coordinator tolerates missed beats
+
+
+def run_worker(opts: WorkerOptions) -> FinalMarker | None:
+    share = Share(opts.share)
+    name = check_worker_name(opts.name)
+    log = opts.log or make_log(f"worker {name}")
+    if not share.root.is_dir():
+        raise ShareError(f"share folder {share.root} does not exist: mount or sync it first, or fix --share")
+    facts = DeviceFacts.probe()
+    device = choose_device(opts.device, facts)
+    lock = local_lock(share.root, f"worker-{name}")
+    try:
+        lock.acquire()
+    except Timeout:
+        raise ShareError(f"another worker named {name!r} is already running on this machine for {share.root}; "
+                         "give this one another --name") from None
+    try:
+        with ShareWatcher(share.root, opts.watch) as watcher:
+            manifest = _wait_for_run(share, watcher, opts, log)
+            return Worker(share, name, device, facts, manifest, watcher, opts, log).run()
+    finally:
+        lock.release()
+
+
+def _wait_for_run(share: Share, watcher: ShareWatcher, opts: WorkerOptions, log: Log) -> Manifest:
+    started = time.monotonic()
+    announced = False
+    while not share.manifest.exists():
+        if opts.wait_for_run is not None and time.monotonic() - started > opts.wait_for_run:
+            raise ShareError(f"no fedsync run appeared in {share.root} within {opts.wait_for_run:.0f} s: "
+                             "start `fedsync coordinator` on this share")
+        if not announced:
+            log(f"waiting for a coordinator to start a run in {share.root}")
+            announced = True
+        watcher.wait(opts.rescan)
+    return read_manifest(share)
+
+
+class Worker:
+    def __init__(self, share: Share, name: str, device: str, facts: DeviceFacts, manifest: Manifest,
+                 watcher: ShareWatcher, opts: WorkerOptions, log: Log) -> None:
+        self.share, self.name, self.device, self.manifest = share, name, device, manifest
+        self.watcher, self.opts, self.log = watcher, opts, log
+        self.cfg: RunConfig = config_from_dict(manifest.config, str(share.manifest))
+        device_name, capability = describe(device, facts)
+        info = WorkerInfo(format=FORMAT_VERSION, name=name, host=socket.gethostname(), fedsync=__version__,
+                          torch=str(torch.__version__), device=device, device_name=device_name,
+                          cuda_capability=capability, state="starting", round=None, heartbeat=0)
+        self.heartbeat = Heartbeat(share, info, self.cfg.heartbeat)
+        self.dataset: Dataset | None = None
+        self.shards: dict[int, list[np.ndarray]] = {}
+
+    def run(self) -> FinalMarker | None:
+        self.dataset = load_dataset(self.cfg.task, self.cfg.data_root, self.cfg.seed, self.cfg.test_fraction,
+                                    self.cfg.verify_checksums)
+        self.heartbeat.start()
+        self.log(f"registered for run {self.manifest.run_id} on {self.device} "
+                 f"({self.heartbeat.info.device_name}); {len(self.dataset.train)} training examples")
+        try:
+            while True:
+                final = self._finished()
+                if final is not None:
+                    self.log(f"run finished after round {final.round} (test accuracy {final.test_accuracy:.4f})")
+                    return final
+                work = self._pending_round()
+                if work is not None:
+                    self._train_round(*work)
+                    continue
+                self.watcher.wait(self.opts.rescan)
+        finally:
+            self.heartbeat.stop()
+
+    def _finished(self) -> FinalMarker | None:
+        try:
+            final = parse(FinalMarker, read_yaml(self.share.final_marker), "final.yaml")
+        except Exception:  # noqa: BLE001 - absent or not synced whole yet: the run is not over for us
+            return None
+        rounds = self.share.rounds()
+        ours = final.run_id == self.manifest.run_id
+        return final if ours and (not rounds or final.round >= rounds[-1]) else None
+
+    def _pending_round(self) -> tuple[int, Assignment] | None:
+        """The newest open round that gives this worker a task it has not submitted yet."""
+        rounds = self.share.rounds()
+        if not rounds:
+            return None
+        r = rounds[-1]
+        if self.share.summary(r).exists() or self.share.update_marker(r, self.name).exists():
+            return None  # closed, or already submitted (also after a restart)
+        try:
+            a = parse(Assignment, read_yaml(self.share.assignment(r)), f"{r:04d}/assignment.yaml")
+        except Exception:  # noqa: BLE001 - not written or not synced whole yet
+            return None
+        if a.run_id != self.manifest.run_id or self.name not in a.workers:
+            return None
+        return r, a
+
+    def _train_round(self, r: int, a: Assignment) -> None:
+        try:
+            base = load_verified(self.share.global_model(r), a.model)
+        except Unusable as e:
+            self.log(f"round {r}: global model not usable yet ({e.detail}); waiting")
+            self.watcher.wait(self.opts.rescan)
+            return
+        task = a.workers[self.name]
+        self.heartbeat.update(state="training", round=r)
+        started = time.monotonic()
+        shard = self._shard(a.num_shards, task.shard)
+        model = build_model(self.cfg.model, self.dataset.num_classes)  # type: ignore[union-attr]
+        model.load_state_dict(base)
+        settings = TrainSettings(epochs=task.local_epochs, batch_size=self.cfg.batch_size, lr=self.cfg.lr,
+                                 momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay,
+                                 augment=self.cfg.augment)
+        result = local_train(model, shard, settings, self.device, seed=_seed(self.cfg.seed, r, self.name))
+        update = delta(model.state_dict(), base)
+        seconds = time.monotonic() - started
+        ref = save_state(self.share.update_tensors(r, self.name), update)
+        marker = UpdateMarker(format=FORMAT_VERSION, round=r, worker=self.name, base=a.model.blake3, tensors=ref,
+                              samples=result.samples, train_loss=result.train_loss, seconds=round(seconds, 3),
+                              device=self.device)
+        write_yaml(self.share.update_marker(r, self.name), to_dict(marker))  # last: the update counts from here
+        self.heartbeat.update(state="idle", round=r)
+        self.log(f"round {r}: trained shard {task.shard}/{a.num_shards} ({result.samples} examples, "
+                 f"{task.local_epochs} epoch(s)) in {seconds:.2f} s, train loss {result.train_loss:.4f}")
+
+    def _shard(self, num_shards: int, index: int) -> Split:
+        train = self.dataset.train  # type: ignore[union-attr]
+        if num_shards not in self.shards:
+            self.shards[num_shards] = partition(train.y.numpy(), num_shards, self.cfg.partition, self.cfg.seed,
+                                                self.cfg.dirichlet_alpha)
+        return train.subset(self.shards[num_shards][index])
+
+
+def _seed(seed: int, r: int, name: str) -> int:
+    """A per-round, per-worker seed that every platform derives the same way."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{r}/{name}".encode()).digest()[:4], "little")
