@@ -73,9 +73,14 @@ def worker(
     """
     import socket
 
+    from .share import check_worker_name
     from .worker import WorkerOptions, run_worker
 
-    run_worker(WorkerOptions(share=share, name=name or socket.gethostname(), device=device,
+    try:
+        name = check_worker_name(name or socket.gethostname())
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--name") from None
+    run_worker(WorkerOptions(share=share, name=name, device=device,
                              watch=_check_watch(watch), wait_for_run=wait_for_run))
 
 

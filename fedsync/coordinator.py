@@ -177,7 +177,7 @@ class Coordinator:
                reason: str, seconds: float) -> None:
         # 1. the aggregate, where the next round (or the end of the run) will look for it
         path = self.share.model_after(r, self.opts.rounds)
-        ref = save_state(path, new_state)
+        ref = save_state(path, new_state, ref_name=path.relative_to(self.share.root).as_posix())
         # 2. its quality on the held-out set
         self.model.load_state_dict(new_state)
         test_loss, test_acc = evaluate(self.model, self.dataset.test, self.cfg.eval_batch_size)

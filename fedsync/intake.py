@@ -23,7 +23,7 @@ import torch
 from .fedavg import Layout, WeightedSum, apply_mean
 from .markers import FileRef
 from .reasons import Reason
-from .tensorfile import Unusable, check_layout, header_length, parse_header
+from .tensorfile import TensorSpec, Unusable, check_layout, header_length, parse_header
 
 PIECE_BYTES = 1 << 20  # fits in L2 with room to spare; a multiple of every dtype's size
 LANES = 2  # one running sum each: extra memory is LANES model sizes, whatever the number of updates
@@ -88,17 +88,18 @@ def fold(c: Candidate, layout: Layout, sums: WeightedSum, piece: bytearray) -> b
                 raise Unusable(Reason.SIZE_MISMATCH, f"{size} bytes, the marker says {c.ref.bytes}")
             prefix = f.read(8)
             hasher.update(prefix)
-            n = header_length(prefix, size)
-            header = bytearray(n)
-            _read_exact(f, memoryview(header))
-            hasher.update(header)
             problem: Unusable | None = None
+            specs: list[TensorSpec] = []
             try:
+                n = header_length(prefix, size)
+                header = bytearray(n)
+                _read_exact(f, memoryview(header))
+                hasher.update(header)
                 specs = parse_header(bytes(header), size - 8 - n)
                 check_layout(specs, layout)
             except Unusable as e:
                 problem, specs = e, []
-            remaining = size - 8 - n
+            remaining = size - f.tell()
             for spec in specs:
                 itemsize = spec.dtype.itemsize
                 offset, left = 0, spec.end - spec.start

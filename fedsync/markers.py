@@ -40,11 +40,10 @@ class FormatMismatch(MarkerError):
 
 def check_relative_path(path: str, where: str) -> str:
     """Files a marker names stay inside the share: no absolute paths, no '..', no hidden names."""
-    if not path or path.startswith("/") or "\\" in path or ":" in path:
-        raise MarkerError(f"{where}: {path!r} is not a relative path inside the share")
-    for part in path.split("/"):
-        if part in ("", ".", "..") or part.startswith("."):
-            raise MarkerError(f"{where}: {path!r} is not a relative path inside the share")
+    parts = path.split("/")
+    if (not path or path.startswith("/") or "\\" in path or ":" in path
+            or any(p in ("", ".", "..") or p.startswith(".") for p in parts)):
+        raise PathOutsideFolder(f"{where}: {path!r} is not a relative path inside the share")
     return path
 
 

@@ -6,6 +6,7 @@ merged or reordered event costs at most one rescan interval, never correctness.
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 from types import TracebackType
@@ -18,6 +19,8 @@ from watchdog.observers.polling import PollingObserver
 from .share import is_temporary
 
 WATCH_MODES = ("auto", "events", "poll")
+# watchdog warns when an event arrives while its thread stops; we stop it on purpose, so that is noise.
+logging.getLogger("watchdog").setLevel(logging.ERROR)
 
 
 class _Wake(FileSystemEventHandler):

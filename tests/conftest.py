@@ -1,0 +1,40 @@
+"""Helpers that start real fedsync processes, each bounded in time."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+FEDSYNC = [sys.executable, "-m", "fedsync"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def start(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(FEDSYNC + list(args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=ENV)
+
+
+def finish(proc: subprocess.Popen[str], timeout: float) -> str:
+    """Wait for a process; on timeout kill it and fail with its output."""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        pytest.fail(f"`{' '.join(map(str, proc.args[3:]))}` did not finish in {timeout} s:\n{out}")
+    return out
+
+
+def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(FEDSYNC + list(args), capture_output=True, text=True, env=ENV, timeout=timeout)
+
+
+@pytest.fixture
+def share(tmp_path: Path) -> Path:
+    path = tmp_path / "share"
+    path.mkdir()
+    return path

@@ -1,0 +1,44 @@
+"""The command line: help for every command, and errors as one line with a documented exit status."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedsync.errors import EXIT_CODES
+
+from .conftest import run
+
+COMMANDS = ["coordinator", "worker", "status", "demo"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_explains_itself(command: str) -> None:
+    out = run(command, "--help")
+    assert out.returncode == 0
+    assert "--share" in out.stdout and "Example" in out.stdout or command == "demo"
+    assert len(out.stdout) > 300
+
+
+def test_top_level_help_lists_exit_statuses() -> None:
+    out = run("--help").stdout
+    for code in EXIT_CODES:
+        assert f"{code}:" in out
+
+
+def test_errors_are_one_line_with_their_status(tmp_path: Path) -> None:
+    cases = [
+        (["worker", "--share", str(tmp_path / "nope")], 5, "does not exist"),
+        (["coordinator", "--share", str(tmp_path / "s"), "--set", "quorum=0"], 3, "quorum"),
+        (["coordinator", "--share", str(tmp_path / "s"), "--set", "colour=blue"], 3, "unknown key"),
+        (["coordinator", "--share", str(tmp_path / "s"), "--config", "nope.yaml"], 3, "neither a built-in"),
+        (["worker", "--share", str(tmp_path), "--device", "cuda"], 7, "no CUDA GPU"),
+        (["worker", "--share", str(tmp_path), "--name", "../evil"], 2, "not allowed"),
+        (["status", "--share", str(tmp_path)], 5, "fedsync.yaml"),
+        (["coordinator", "--share", str(tmp_path / "s"), "--watch", "sometimes"], 2, "sometimes"),
+    ]
+    for args, status, words in cases:
+        out = run(*args)
+        assert out.returncode == status, (args, out.stdout, out.stderr)
+        assert words in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)

@@ -1,0 +1,65 @@
+"""A real coordinator and two real workers, as separate processes, train digits over a temporary share."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from fedsync.markers import Assignment, FinalMarker, Summary, UpdateMarker, parse
+from fedsync.share import Share, hash_bytes, read_yaml
+
+from .conftest import finish, run, start
+
+ROUNDS = 6
+
+
+def test_two_workers_reach_real_accuracy(share: Path) -> None:
+    coord = start("coordinator", "--share", str(share), "--rounds", str(ROUNDS), "--set", "min_workers=2")
+    workers = [start("worker", "--share", str(share), "--name", f"w{i}", "--device", "cpu",
+                     "--wait-for-run", "60") for i in (1, 2)]
+    out = finish(coord, timeout=180)
+    outs = [finish(w, timeout=30) for w in workers]
+    assert coord.returncode == 0, out
+    assert all(w.returncode == 0 for w in workers), outs
+
+    s = Share(share)
+    final = parse(FinalMarker, read_yaml(s.final_marker), "final")
+    assert final.round == ROUNDS and final.test_accuracy >= 0.93, out
+    assert hash_bytes(s.final_model.read_bytes()) == final.model.blake3
+    for r in range(1, ROUNDS + 1):
+        a = parse(Assignment, read_yaml(s.assignment(r)), "a")
+        assert sorted(a.workers) == ["w1", "w2"] and a.num_shards == 2
+        assert hash_bytes(s.global_model(r).read_bytes()) == a.model.blake3
+        summary = parse(Summary, read_yaml(s.summary(r)), "s")
+        assert sorted(x.worker for x in summary.accepted) == ["w1", "w2"]
+        assert summary.rejected == [] and summary.missing == []
+        for w in ("w1", "w2"):
+            m = parse(UpdateMarker, read_yaml(s.update_marker(r, w)), "m")
+            assert m.base == a.model.blake3 and m.round == r
+            assert hash_bytes(s.update_tensors(r, w).read_bytes()) == m.tensors.blake3
+    rows = list(csv.DictReader(s.metrics.open()))
+    assert [int(r["round"]) for r in rows] == list(range(1, ROUNDS + 1))
+    assert {"round", "test_accuracy", "test_loss", "train_loss", "updates_accepted", "seconds"} <= set(rows[0])
+    assert abs(float(rows[-1]["test_accuracy"]) - final.test_accuracy) < 1e-6
+    assert not [p for p in share.rglob("*") if p.name.endswith(".tmp")]
+
+    # status reads the same story back, as text and as JSON
+    text = run("status", "--share", str(share))
+    assert text.returncode == 0 and "finished after round 6" in text.stdout
+    js = run("status", "--share", str(share), "--json")
+    st = json.loads(js.stdout)
+    assert st["state"] == "finished" and st["final"]["round"] == ROUNDS
+    assert {w["name"] for w in st["workers"]} == {"w1", "w2"}
+
+    # the same command again continues the finished run without redoing any round
+    again = run("coordinator", "--share", str(share), "--rounds", str(ROUNDS), "--set", "min_workers=2")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert len(list(csv.DictReader(s.metrics.open()))) == ROUNDS
+
+    # another config is refused with one clear line, and nothing is overwritten
+    before = s.manifest.read_bytes()
+    refused = run("coordinator", "--share", str(share), "--set", "lr=0.5")
+    assert refused.returncode == 3
+    assert "another config" in refused.stderr and "lr" in refused.stderr and "Traceback" not in refused.stderr
+    assert s.manifest.read_bytes() == before

@@ -1,0 +1,165 @@
+"""The coordinator's intake on real safetensors files: each test breaks one thing and expects one reason."""
+
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from fedsync.fedavg import WeightedSum, apply_mean
+from fedsync.intake import PIECE_BYTES, Aggregator, Candidate
+from fedsync.markers import FileRef
+from fedsync.reasons import Reason
+from fedsync.share import hash_bytes
+from fedsync.tensorfile import layout_of
+
+G = torch.Generator().manual_seed(0)
+# One tensor spans several read pieces, so a fault can land after part of the file was already summed.
+BASE = {"big": torch.zeros(3 * PIECE_BYTES // 4 + 5), "small": torch.zeros(3, 4), "n": torch.tensor(0)}
+
+
+def _update() -> dict[str, torch.Tensor]:
+    return {"big": torch.randn(BASE["big"].shape, generator=G), "small": torch.randn(3, 4, generator=G),
+            "n": torch.tensor(6)}
+
+
+def _write(path: Path, tensors: dict[str, torch.Tensor]) -> FileRef:
+    save_file(tensors, str(path))
+    data = path.read_bytes()
+    return FileRef(path.name, hash_bytes(data), len(data))
+
+
+def _candidate(tmp: Path, name: str, tensors: dict, weight: float = 10.0) -> Candidate:
+    path = tmp / f"{name}.safetensors"
+    return Candidate(name, path, _write(path, tensors), weight)
+
+
+def _expected(updates: list[tuple[dict, float]]) -> dict[str, torch.Tensor]:
+    s = WeightedSum(layout_of(BASE))
+    for u, w in updates:
+        s.add(u, w)
+    return apply_mean(BASE, s)
+
+
+def _reason(tmp: Path, cand: Candidate) -> Reason | None:
+    agg = Aggregator(layout_of(BASE))
+    try:
+        (outcome,) = agg.take([cand])
+    finally:
+        agg.close()
+    return outcome.problem.reason if outcome.problem else None
+
+
+def test_good_updates_give_the_reference_mean(tmp_path: Path) -> None:
+    ups = [(_update(), float(w)) for w in (5, 10, 20, 7, 3)]
+    agg = Aggregator(layout_of(BASE))
+    outcomes = agg.take([_candidate(tmp_path, f"w{i}", u, w) for i, (u, w) in enumerate(ups[:2])])
+    outcomes += agg.take([_candidate(tmp_path, f"w{i}", u, w) for i, (u, w) in enumerate(ups[2:], 2)])
+    assert all(o.problem is None for o in outcomes) and len(agg.accepted) == 5
+    result = agg.result(BASE)
+    for k, v in _expected(ups).items():
+        torch.testing.assert_close(result[k], v)
+
+
+def _bad_file_cases() -> dict[str, tuple]:
+    def write_bytes(data: bytes):
+        return lambda p: p.write_bytes(data)
+
+    def truncated(p: Path) -> None:
+        save_file(_update(), str(p))
+        p.write_bytes(p.read_bytes()[:-100])
+
+    def torch_save(p: Path) -> None:
+        torch.save(_update(), p)
+
+    def with_tensors(change):
+        def make(p: Path) -> None:
+            u = _update()
+            change(u)
+            save_file(u, str(p))
+        return make
+
+    return {
+        "random bytes": (write_bytes(bytes(range(256)) * 64), Reason.NOT_SAFETENSORS),
+        "pickle": (write_bytes(pickle.dumps({"big": [1.0] * 10})), Reason.NOT_SAFETENSORS),
+        "torch.save": (torch_save, Reason.NOT_SAFETENSORS),
+        "missing tensor": (with_tensors(lambda u: u.pop("small")), Reason.MISSING_TENSOR),
+        "extra tensor": (with_tensors(lambda u: u.update(evil=torch.ones(2))), Reason.EXTRA_TENSOR),
+        "wrong shape": (with_tensors(lambda u: u.update(small=torch.ones(4, 3))), Reason.WRONG_SHAPE),
+        "wrong dtype": (with_tensors(lambda u: u.update(small=torch.ones(3, 4, dtype=torch.float64))),
+                        Reason.WRONG_DTYPE),
+        "nan late in a big tensor": (with_tensors(lambda u: u["big"].__setitem__(-1, float("nan"))),
+                                     Reason.NON_FINITE),
+        "inf": (with_tensors(lambda u: u["small"].__setitem__((0, 0), float("inf"))), Reason.NON_FINITE),
+        "truncated": (truncated, None),  # marker describes the whole file: size mismatch
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_file_cases()))
+def test_bad_file_is_rejected_with_its_reason(tmp_path: Path, case: str) -> None:
+    make, reason = _bad_file_cases()[case]
+    path = tmp_path / "bad.safetensors"
+    make(path)
+    data = path.read_bytes()
+    ref = FileRef(path.name, hash_bytes(data), len(data))
+    if case == "truncated":
+        ref = FileRef(path.name, ref.blake3, len(data) + 100)
+        reason = Reason.SIZE_MISMATCH
+    assert _reason(tmp_path, Candidate("bad", path, ref, 1.0)) == reason
+
+
+def test_hash_mismatch_and_missing_file_may_still_sync(tmp_path: Path) -> None:
+    good = _candidate(tmp_path, "w", _update())
+    flipped = bytearray(good.path.read_bytes())
+    flipped[-1] ^= 0xFF
+    good.path.write_bytes(bytes(flipped))
+    assert _reason(tmp_path, good) == Reason.HASH_MISMATCH
+    missing = Candidate("m", tmp_path / "absent.safetensors", good.ref, 1.0)
+    assert _reason(tmp_path, missing) == Reason.MISSING_FILE
+    assert Reason.HASH_MISMATCH.may_still_sync and not Reason.NON_FINITE.may_still_sync
+
+
+def test_header_garbage_with_wrong_hash_waits_instead_of_rejecting(tmp_path: Path) -> None:
+    """A file that does not match its marker's hash may be a partial copy: never judged on its content."""
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(b"\0" * 4096)  # what NFS can show before the content arrives
+    ref = FileRef(path.name, "cd" * 32, 4096)
+    assert _reason(tmp_path, Candidate("w", path, ref, 1.0)) == Reason.HASH_MISMATCH
+
+
+def test_partly_added_bad_files_leave_exactly_the_valid_aggregate(tmp_path: Path) -> None:
+    good = [(_update(), float(w)) for w in (4, 9, 16)]
+    nan_late = _update()
+    nan_late["big"][-1] = float("nan")  # found after most of 'big' was summed into its lane
+    corrupted = _candidate(tmp_path, "corrupt", _update(), 50.0)
+    raw = bytearray(corrupted.path.read_bytes())
+    raw[-3] ^= 0x01  # the hash fails only at the very end, after everything was summed
+    corrupted.path.write_bytes(bytes(raw))
+    agg = Aggregator(layout_of(BASE))
+    cands = [_candidate(tmp_path, "g0", *good[0]), _candidate(tmp_path, "nan", nan_late, 30.0), corrupted,
+             _candidate(tmp_path, "g1", *good[1]), _candidate(tmp_path, "g2", *good[2])]
+    outcomes = {o.candidate.worker: o for o in agg.take(cands)}
+    assert outcomes["nan"].problem.reason == Reason.NON_FINITE
+    assert outcomes["corrupt"].problem.reason == Reason.HASH_MISMATCH
+    assert sorted(c.worker for c in agg.accepted) == ["g0", "g1", "g2"]
+    result = agg.result(BASE)
+    assert all(torch.isfinite(v.float()).all() for v in result.values())
+    for k, v in _expected(good).items():
+        torch.testing.assert_close(result[k], v)
+
+
+def test_update_changed_after_acceptance_is_dropped_on_rebuild(tmp_path: Path) -> None:
+    a, b = _update(), _update()
+    agg = Aggregator(layout_of(BASE), lanes=1)
+    first = _candidate(tmp_path, "a", a, 2.0)
+    assert agg.take([first])[0].problem is None
+    first.path.write_bytes(b"changed under us")  # its writer broke the one-writer rule
+    bad = _update()
+    bad["small"][0, 0] = float("nan")
+    outcomes = agg.take([_candidate(tmp_path, "nan", bad), _candidate(tmp_path, "b", b, 3.0)])
+    # the NaN file forces a rebuild of the lane, which finds that 'a' no longer verifies
+    assert [o.candidate.worker for o in outcomes if o.problem] == ["nan", "a"]
+    result = agg.result(BASE)
+    for k, v in _expected([(b, 3.0)]).items():
+        torch.testing.assert_close(result[k], v)

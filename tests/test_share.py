@@ -1,0 +1,95 @@
+"""The share's primitives: whole-file writes, safe YAML, name rules and strict markers."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedsync.markers import (FORMAT_VERSION, FileRef, FormatMismatch, MarkerError, PathOutsideFolder,
+                             UpdateMarker, parse, to_dict)
+from fedsync.share import (OversizeError, Share, atomic_write, check_worker_name, is_conflict_copy,
+                           is_temporary, read_yaml)
+
+HASH = "ab" * 32
+
+
+def _marker(**changes: object) -> dict:
+    m = to_dict(UpdateMarker(format=FORMAT_VERSION, round=2, worker="w1", base=HASH,
+                             tensors=FileRef("w1.safetensors", HASH, 10), samples=5, train_loss=0.5,
+                             seconds=1.0, device="cpu"))
+    m.update(changes)
+    return m
+
+
+def test_atomic_write_replaces_whole_and_leaves_no_temp(tmp_path: Path) -> None:
+    target = tmp_path / "a" / "f.yaml"
+    atomic_write(target, b"one")
+    atomic_write(target, b"two")
+    assert target.read_bytes() == b"two"
+    assert [p.name for p in target.parent.iterdir()] == ["f.yaml"]
+
+
+def test_failed_write_keeps_old_file_and_removes_temp(tmp_path: Path) -> None:
+    target = tmp_path / "f.bin"
+    atomic_write(target, b"old")
+
+    with pytest.raises(TypeError):
+        atomic_write(target, object())  # type: ignore[arg-type]  # write() refuses: nothing may be left behind
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+
+
+def test_reader_name_rules() -> None:
+    assert is_temporary(".w1.yaml.abc.tmp") and is_temporary(".syncthing.w1.yaml.tmp")
+    assert is_temporary("~syncthing~w1.yaml.tmp") and not is_temporary("w1.yaml")
+    assert is_conflict_copy("w1.sync-conflict-20261123-101010-ABCDEFG.yaml")
+    assert check_worker_name("gpu-box_2.local") == "gpu-box_2.local"
+    for bad in ("../x", "", ".hidden", "a/b", "x" * 65):
+        with pytest.raises(ValueError):
+            check_worker_name(bad)
+
+
+def test_share_layout_names() -> None:
+    s = Share(Path("/mnt/fed"))
+    assert s.update_marker(3, "w1") == Path("/mnt/fed/0003/updates/w1.yaml")
+    assert s.model_after(3, 20) == Path("/mnt/fed/0004/global.safetensors")
+    assert s.model_after(20, 20) == Path("/mnt/fed/final.safetensors")
+
+
+def test_read_yaml_refuses_oversize_and_aliases(tmp_path: Path) -> None:
+    big = tmp_path / "big.yaml"
+    big.write_bytes(b"a: " + b"x" * 2000)
+    with pytest.raises(OversizeError):
+        read_yaml(big, limit=1000)
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text('a: &a ["lol","lol"]\nb: &b [*a,*a,*a]\nc: &c [*b,*b,*b]\n')
+    with pytest.raises(yaml.YAMLError, match="aliases"):
+        read_yaml(bomb)
+    assert read_yaml(tmp_path / "big.yaml", limit=4096) == {"a": "x" * 2000}
+
+
+def test_marker_round_trip_and_strict_types() -> None:
+    assert parse(UpdateMarker, _marker(), "m").samples == 5
+    with pytest.raises(MarkerError, match="missing field 'samples'"):
+        m = _marker()
+        del m["samples"]
+        parse(UpdateMarker, m, "m")
+    with pytest.raises(MarkerError, match="samples"):
+        parse(UpdateMarker, _marker(samples=True), "m")  # a bool is not a count
+    with pytest.raises(MarkerError, match="train_loss"):
+        parse(UpdateMarker, _marker(train_loss=float("nan")), "m")
+    with pytest.raises(MarkerError, match="blake3"):
+        parse(UpdateMarker, _marker(tensors={"file": "w1.safetensors", "blake3": "xyz", "bytes": 1}), "m")
+
+
+@pytest.mark.parametrize("path", ["../w1.safetensors", "/etc/passwd", "a/../../b", ".hidden", "C:\\x"])
+def test_marker_paths_stay_inside(path: str) -> None:
+    with pytest.raises(PathOutsideFolder):
+        parse(UpdateMarker, _marker(tensors={"file": path, "blake3": HASH, "bytes": 1}), "m")
+
+
+def test_newer_and_older_formats_are_different_errors() -> None:
+    with pytest.raises(FormatMismatch, match="newer fedsync"):
+        parse(UpdateMarker, _marker(format=FORMAT_VERSION + 1), "m")
+    with pytest.raises(FormatMismatch, match="older share format"):
+        parse(UpdateMarker, _marker(format=0), "m")
