@@ -7,7 +7,7 @@ import math
 import re
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 FORMAT_VERSION = 1
@@ -169,7 +169,6 @@ class FinalMarker:
     round: int
     model: FileRef
     test_accuracy: float
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def to_dict(record: Any) -> dict[str, Any]:

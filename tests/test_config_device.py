@@ -1,0 +1,65 @@
+"""Config loading and device choice, decided from injected facts (CI has no GPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedsync.config import differences, load_config, parse_overrides
+from fedsync.device import DeviceFacts, choose_device, describe
+from fedsync.errors import ConfigError, DeviceError
+from fedsync.manifest import open_run
+from fedsync.share import Share
+
+NONE = DeviceFacts(cuda_devices=(), cuda_capabilities=(), mps=False)
+TWO_GPUS = DeviceFacts(cuda_devices=("NVIDIA GeForce GTX 1080", "NVIDIA GeForce RTX 4090"),
+                       cuda_capabilities=((6, 1), (8, 9)), mps=False)
+MAC = DeviceFacts(cuda_devices=(), cuda_capabilities=(), mps=True)
+
+
+def test_auto_prefers_cuda_then_mps_then_cpu() -> None:
+    assert choose_device("auto", TWO_GPUS) == "cuda:0"
+    assert choose_device("auto", MAC) == "mps"
+    assert choose_device("auto", NONE) == "cpu"
+    assert choose_device("cuda:1", TWO_GPUS) == "cuda:1"
+    assert describe("cuda:0", TWO_GPUS) == ("NVIDIA GeForce GTX 1080", "6.1")
+
+
+@pytest.mark.parametrize("spec, facts, words", [
+    ("cuda", NONE, "no CUDA GPU"), ("cuda:2", TWO_GPUS, "only 2"), ("mps", NONE, "MPS is not available"),
+    ("tpu", NONE, "not one of")])
+def test_impossible_devices_fail_at_once(spec: str, facts: DeviceFacts, words: str) -> None:
+    with pytest.raises(DeviceError, match=words):
+        choose_device(spec, facts)
+
+
+def test_builtin_configs_and_overrides() -> None:
+    digits = load_config("digits")
+    assert digits.task == "digits" and digits.quorum == 1.0
+    cifar = load_config("cifar10", parse_overrides(["quorum=2", "data_root=/data"]))
+    assert cifar.model == "resnet18_cifar" and cifar.quorum == 2 and cifar.data_root == "/data"
+    assert differences(digits, digits) == [] and any("task" in d for d in differences(digits, cifar))
+
+
+def test_user_file_overlays_the_defaults(tmp_path: Path) -> None:
+    f = tmp_path / "mine.yaml"
+    f.write_text("local_epochs: 5\npartition: dirichlet\n")
+    cfg = load_config(str(f))
+    assert cfg.local_epochs == 5 and cfg.partition == "dirichlet" and cfg.batch_size == 32
+
+
+@pytest.mark.parametrize("pair, words", [
+    ("quorum=1.5", "quorum"), ("quorum=0", "quorum"), ("lr=-1", "lr"), ("partition=sorted", "partition"),
+    ("local_epochs=two", "local_epochs"), ("heartbeat=20", "worker_timeout"), ("nope=1", "unknown key")])
+def test_bad_configs_are_refused_with_the_key(pair: str, words: str) -> None:
+    with pytest.raises(ConfigError, match=words):
+        load_config("digits", parse_overrides([pair]))
+
+
+def test_a_share_keeps_its_config(tmp_path: Path) -> None:
+    share = Share(tmp_path)
+    first = open_run(share, load_config("digits"), "coordinator")
+    assert open_run(share, load_config("digits"), "coordinator").run_id == first.run_id
+    with pytest.raises(ConfigError, match="seed"):
+        open_run(share, load_config("digits", {"seed": 7}), "coordinator")

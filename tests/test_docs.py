@@ -1,0 +1,72 @@
+"""The documents and the code agree: examples parse, and every reason, key and exit status is documented."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+
+from fedsync.config import RunConfig, load_config
+from fedsync.errors import EXIT_CODES
+from fedsync.markers import (Assignment, FinalMarker, Manifest, Summary, UpdateMarker, WorkerInfo, parse,
+                             to_dict)
+from fedsync.reasons import Reason
+from fedsync.share import parse_yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+PROTOCOL = (ROOT / "docs" / "PROTOCOL.md").read_text()
+README = (ROOT / "README.md").read_text()
+RECORDS = {"fedsync.yaml": Manifest, "workers/<name>.yaml": WorkerInfo, "assignment.yaml": Assignment,
+           "updates/<name>.yaml": UpdateMarker, "summary.yaml": Summary, "final.yaml": FinalMarker}
+
+
+def _examples() -> dict[str, str]:
+    blocks = re.findall(r"```yaml\n# file: (\S+)\n(.*?)```", PROTOCOL, re.S)
+    return dict(blocks)
+
+
+def test_every_share_file_has_an_example() -> None:
+    assert set(_examples()) == set(RECORDS)
+
+
+@pytest.mark.parametrize("name", list(RECORDS))
+def test_protocol_examples_parse_and_cover_every_key(name: str) -> None:
+    data = parse_yaml(_examples()[name].encode())
+    record = parse(RECORDS[name], data, name)
+    assert set(to_dict(record)) == set(data), "the example shows exactly the keys fedsync writes"
+
+
+def test_manifest_example_holds_a_valid_config() -> None:
+    data = parse_yaml(_examples()["fedsync.yaml"].encode())
+    assert set(data["config"]) == {f.name for f in dataclasses.fields(RunConfig)}
+
+
+def test_every_reason_is_documented_with_help() -> None:
+    for reason in Reason:
+        assert reason.help
+        row = re.search(rf"^\| {reason.value} \| (yes|no) \|", PROTOCOL, re.M)
+        assert row, f"{reason.value} missing from PROTOCOL.md section 7"
+        assert (row.group(1) == "yes") == reason.may_still_sync, reason
+
+
+def test_every_config_key_is_in_the_readme_with_its_default() -> None:
+    defaults = load_config("digits").as_dict()
+    for key, value in defaults.items():
+        row = re.search(rf"^\| {key} \| ([^|]+) \|", README, re.M)
+        assert row, f"config key {key} missing from README.md"
+        shown = row.group(1).strip()
+        assert shown in (str(value), "null" if value is None else "", str(value).lower(),
+                         str(int(value)) if isinstance(value, float) and value.is_integer() else ""), key
+
+
+def test_every_exit_status_is_in_the_readme() -> None:
+    for code in EXIT_CODES:
+        assert re.search(rf"^\| {code} \|", README, re.M), code
+
+
+def test_readme_opens_with_the_two_commands() -> None:
+    head = README.split("## Running across machines")[0]
+    assert "make demo" in head and "make test" in head
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
