@@ -142,12 +142,15 @@ class Coordinator:
         aggregator = Aggregator(layout_of(state))
         reason = ""
         extended = False
+        timings = {"final_intake_s": 0.0, "aggregate_s": 0.0, "evaluate_s": 0.0}
         try:
             while True:
                 self.liveness.scan()
                 candidates = intake.scan()
                 if candidates:
+                    t = time.perf_counter()
                     intake.record(aggregator.take(candidates))
+                    timings["final_intake_s"] = time.perf_counter() - t
                 live_assigned = [w for w in a.workers if self.liveness.is_live(w)]
                 target = quorum_target(self.cfg.quorum, len(live_assigned), self.cfg.min_updates)
                 elapsed = time.monotonic() - opened
@@ -166,21 +169,25 @@ class Coordinator:
                     break
                 remaining = a.time_budget_s - elapsed
                 self.watcher.wait(min(self.opts.rescan, remaining) if remaining > 0 else self.opts.rescan)
+            t = time.perf_counter()
             new_state = aggregator.result(state)
+            timings["aggregate_s"] = time.perf_counter() - t
         finally:
             aggregator.close()
-        self._close(r, a, intake, new_state, reason, time.monotonic() - opened)
+        self._close(r, a, intake, new_state, reason, time.monotonic() - opened, timings)
 
     # -- closing -------------------------------------------------------------------------------------------
 
     def _close(self, r: int, a: Assignment, intake: _RoundIntake, new_state: dict[str, torch.Tensor],
-               reason: str, seconds: float) -> None:
+               reason: str, seconds: float, timings: dict[str, float]) -> None:
         # 1. the aggregate, where the next round (or the end of the run) will look for it
         path = self.share.model_after(r, self.opts.rounds)
         ref = save_state(path, new_state, ref_name=path.relative_to(self.share.root).as_posix())
         # 2. its quality on the held-out set
+        t = time.perf_counter()
         self.model.load_state_dict(new_state)
         test_loss, test_acc = evaluate(self.model, self.dataset.test, self.cfg.eval_batch_size)
+        timings["evaluate_s"] = time.perf_counter() - t
         accepted = intake.accepted_records()
         total = sum(x.samples for x in accepted)
         train_loss = sum(x.train_loss * x.samples for x in accepted) / total
@@ -188,7 +195,8 @@ class Coordinator:
         summary = Summary(format=FORMAT_VERSION, round=r, closed_because=reason, seconds=round(seconds, 3),
                           model=ref, accepted=accepted, rejected=intake.rejected_records(),
                           missing=intake.missing(), ignored=sorted(intake.ignored),
-                          metrics={"test_accuracy": test_acc, "test_loss": test_loss, "train_loss": train_loss})
+                          metrics={"test_accuracy": test_acc, "test_loss": test_loss, "train_loss": train_loss},
+                          timings={k: round(v, 6) for k, v in timings.items()})
         write_yaml(self.share.summary(r), to_dict(summary))
         self.metrics.append(self._metrics_row(summary))
         atomic_write(self.share.metrics, self._metrics_csv())

@@ -158,6 +158,7 @@ class Summary:
     missing: list[str]
     ignored: list[str]
     metrics: dict[str, float]
+    timings: dict[str, float]
 
 
 @dataclass
