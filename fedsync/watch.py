@@ -19,8 +19,8 @@ from watchdog.observers.polling import PollingObserver
 from .share import is_temporary
 
 WATCH_MODES = ("auto", "events", "poll")
-# watchdog warns when an event arrives while its thread stops; we stop it on purpose, so that is noise.
-logging.getLogger("watchdog").setLevel(logging.ERROR)
+# watchdog logs an error when an event arrives while its emitter thread stops; during our own stop that is noise.
+_EMITTER_LOG = logging.getLogger("watchdog.observers.inotify")
 
 
 class _Wake(FileSystemEventHandler):
@@ -54,8 +54,13 @@ class ShareWatcher:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        self.observer.stop()
-        self.observer.join(timeout=5)
+        level = _EMITTER_LOG.level
+        _EMITTER_LOG.setLevel(logging.CRITICAL)
+        try:
+            self.observer.stop()
+            self.observer.join(timeout=5)
+        finally:
+            _EMITTER_LOG.setLevel(level)
 
     def wait(self, timeout: float) -> bool:
         """Block until a change or `timeout` seconds; True if something changed."""
