@@ -30,7 +30,7 @@ from .models import build_model
 from .reasons import Reason
 from .share import (Share, atomic_write, is_conflict_copy, is_temporary, local_lock, read_yaml,
                     write_yaml)
-from .tensorfile import Unusable, layout_of, load_verified, save_state
+from .tensorfile import Unusable, layout_of, load_verified, read_verified, save_state
 from .train import evaluate
 from .watch import ShareWatcher
 
@@ -86,8 +86,13 @@ class Coordinator:
     def run(self) -> FinalMarker:
         # Resume: the first round without a summary is the one to work on.
         closed = [r for r in self.share.rounds() if self.share.summary(r).exists()]
+        if closed and closed[-1] > self.opts.rounds:
+            raise ConfigError(f"the run in {self.share.root} already closed {closed[-1]} rounds: "
+                              f"--rounds must be at least {closed[-1]}")
         self.metrics = [self._metrics_row(self._read_summary(r)) for r in closed]
         r = (closed[-1] + 1) if closed else 1
+        if r <= self.opts.rounds:
+            self.share.final_marker.unlink(missing_ok=True)  # continuing a finished run: it is not finished
         self.log(f"run {self.manifest.run_id}: {self.cfg.task}/{self.cfg.model}, rounds {r}..{self.opts.rounds}, "
                  f"share {self.share.root}")
         while r <= self.opts.rounds:
@@ -107,8 +112,13 @@ class Coordinator:
             state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             model_ref = save_state(self.share.global_model(1), state)
         else:
+            # The aggregate of round r-1 is this round's global model; after a run that had ended there it
+            # sits in final.safetensors and is copied (verified) into place.
             previous = self._read_summary(r - 1)
             model_ref = FileRef("global.safetensors", previous.model.blake3, previous.model.bytes)
+            source = self.share.root / previous.model.file
+            if source != self.share.global_model(r):
+                atomic_write(self.share.global_model(r), read_verified(source, previous.model))
             state = load_verified(self.share.global_model(r), model_ref)
         workers = self._wait_for_workers()
         a = Assignment(format=FORMAT_VERSION, run_id=self.manifest.run_id, round=r, rounds=self.opts.rounds,

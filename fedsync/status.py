@@ -51,7 +51,7 @@ def collect_status(share: Share) -> dict[str, Any]:
             if closed[-1] == current:
                 status["state"] = "closed; next round not open yet"
     final: FinalMarker | None = _load(FinalMarker, share.final_marker, "final.yaml")
-    if final is not None and final.run_id == manifest.run_id:
+    if final is not None and final.run_id == manifest.run_id and final.round >= (current or 0):
         status["final"] = {"round": final.round, "test_accuracy": final.test_accuracy}
         status["state"] = "finished"
     now = time.time()

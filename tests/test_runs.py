@@ -1,0 +1,116 @@
+"""Run-level behaviour with real processes: joining late, deadlines, foreign files, continuing, versions."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import torch
+
+from fedsync import __version__
+from fedsync.markers import (FORMAT_VERSION, Assignment, FileRef, FinalMarker, Summary, UpdateMarker, WorkerInfo,
+                             parse, to_dict)
+from fedsync.share import Share, read_yaml, write_yaml
+
+from .conftest import finish, run, start
+
+
+def wait_until(check, timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def register(share: Share, name: str) -> None:
+    write_yaml(share.worker_file(name), to_dict(WorkerInfo(
+        format=FORMAT_VERSION, name=name, host=socket.gethostname(), fedsync=__version__, torch=str(torch.__version__),
+        device="cpu", device_name="CPU", cuda_capability=None, state="idle", round=None, heartbeat=1)))
+
+
+def summary(share: Share, r: int) -> Summary:
+    return parse(Summary, read_yaml(share.summary(r)), "summary")
+
+
+def test_late_worker_joins_next_round_and_foreign_files_are_reported(share: Path) -> None:
+    s = Share(share)
+    coord = start("coordinator", "--share", str(share), "--rounds", "3")
+    w1 = start("worker", "--share", str(share), "--name", "w1", "--device", "cpu", "--wait-for-run", "60")
+    w2 = None
+    try:
+        wait_until(lambda: s.summary(1).exists(), 90, "round 1 to close")
+        os.kill(w1.pid, signal.SIGSTOP)  # hold round 2 open while the second worker arrives
+        wait_until(lambda: s.assignment(2).exists(), 30, "round 2 to open")
+        w2 = start("worker", "--share", str(share), "--name", "w2", "--device", "cpu", "--wait-for-run", "60")
+        wait_until(lambda: s.worker_file("w2").exists(), 60, "w2 to register")
+        updates = s.updates_dir(2)
+        a = parse(Assignment, read_yaml(s.assignment(2)), "a")
+        ref = FileRef("intruder.safetensors", "00" * 32, 3)
+        (updates / "intruder.safetensors").write_bytes(b"abc")
+        write_yaml(updates / "intruder.yaml", to_dict(UpdateMarker(
+            format=FORMAT_VERSION, round=2, worker="intruder", base=a.model.blake3, tensors=ref, samples=10,
+            train_loss=0.1, seconds=1.0, device="cpu")))
+        (updates / "w1.sync-conflict-20261123-101010-ABCDEFG.yaml").write_text("format: 1\n")
+        (updates / "notes.txt").write_text("hello")
+    finally:
+        os.kill(w1.pid, signal.SIGCONT)
+    out = finish(coord, timeout=120)
+    outs = [finish(w1, timeout=30)] + ([finish(w2, timeout=30)] if w2 else [])
+    assert coord.returncode == 0, out + "".join(outs)
+
+    assert list(parse(Assignment, read_yaml(s.assignment(2)), "a").workers) == ["w1"]
+    assert sorted(parse(Assignment, read_yaml(s.assignment(3)), "a").workers) == ["w1", "w2"]
+    s2 = summary(s, 2)
+    assert [(x.worker, x.reason) for x in s2.rejected] == [("intruder", "not_assigned")]
+    assert s2.ignored == ["notes.txt", "w1.sync-conflict-20261123-101010-ABCDEFG.yaml"]
+    assert [x.worker for x in s2.accepted] == ["w1"]
+    assert sorted(x.worker for x in summary(s, 3).accepted) == ["w1", "w2"]
+
+
+def test_deadline_closes_a_round_with_a_silent_worker(share: Path) -> None:
+    s = Share(share)
+    register(s, "ghost")  # registered, then silent: counts as live at first, never submits
+    coord = start("coordinator", "--share", str(share), "--rounds", "1", "--set", "min_workers=2",
+                  "--set", "round_timeout=4")
+    w1 = start("worker", "--share", str(share), "--name", "w1", "--device", "cpu", "--wait-for-run", "60")
+    out = finish(coord, timeout=120)
+    finish(w1, timeout=30)
+    assert coord.returncode == 0, out
+    s1 = summary(s, 1)
+    assert s1.closed_because == "deadline" and 4 <= s1.seconds < 30
+    assert [x.worker for x in s1.accepted] == ["w1"] and s1.missing == ["ghost"]
+
+
+def test_finished_run_continues_with_more_rounds_and_never_redoes_one(share: Path) -> None:
+    s = Share(share)
+    coord = start("coordinator", "--share", str(share), "--rounds", "2")
+    w = start("worker", "--share", str(share), "--name", "w1", "--device", "cpu", "--wait-for-run", "60")
+    assert finish(coord, 120) and coord.returncode == 0
+    finish(w, 30)
+    closed = {r: s.summary(r).read_bytes() for r in (1, 2)}
+
+    fewer = run("coordinator", "--share", str(share), "--rounds", "1")
+    assert fewer.returncode == 3 and "at least 2" in fewer.stderr
+
+    coord = start("coordinator", "--share", str(share), "--rounds", "3")
+    wait_until(lambda: not s.final_marker.exists(), 60, "the coordinator to reopen the run")
+    w = start("worker", "--share", str(share), "--name", "w1", "--device", "cpu", "--wait-for-run", "60")
+    out = finish(coord, 120)
+    finish(w, 30)
+    assert coord.returncode == 0, out
+    assert {r: s.summary(r).read_bytes() for r in (1, 2)} == closed
+    assert parse(FinalMarker, read_yaml(s.final_marker), "final").round == 3
+    assert summary(s, 3).accepted[0].worker == "w1"
+    assert len(s.metrics.read_text().splitlines()) == 1 + 3
+
+
+def test_other_format_versions_are_refused_by_every_role(share: Path) -> None:
+    (share / "fedsync.yaml").write_text("format: 2\nrun_id: x\ncreated: x\ncreated_by: coordinator\nconfig: {}\n")
+    for args in (["coordinator", "--share", str(share)], ["worker", "--share", str(share), "--name", "w"],
+                 ["status", "--share", str(share)]):
+        out = run(*args)
+        assert out.returncode == 4, (args, out.stderr)
+        assert "newer fedsync" in out.stderr and "Traceback" not in out.stderr
