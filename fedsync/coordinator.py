@@ -253,6 +253,7 @@ class _RoundIntake:
         self.pending: dict[str, tuple[tuple[object, ...], Unusable]] = {}
         self.ignored: set[str] = set()
         self.markers: dict[str, UpdateMarker] = {}  # checked markers whose tensors are being verified
+        self.signatures: dict[str, tuple[object, ...]] = {}  # files' state when last looked at, before reading
 
     def scan(self) -> list[Candidate]:
         """Markers not decided yet whose files changed since last look, checked up to their tensor file."""
@@ -275,6 +276,7 @@ class _RoundIntake:
             signature = self._signature(worker)
             if worker in self.pending and self.pending[worker][0] == signature:
                 continue
+            self.signatures[worker] = signature  # taken before reading: a change during the read is retried
             try:
                 candidates.append(self._check_marker(worker))
             except Unusable as problem:
@@ -329,7 +331,7 @@ class _RoundIntake:
                 self.pending.pop(worker, None)
             else:
                 self.accepted.pop(worker, None)
-                self._settle(worker, o.problem, self._signature(worker))
+                self._settle(worker, o.problem, self.signatures[worker])
 
     def _settle(self, worker: str, problem: Unusable, signature: tuple[object, ...]) -> None:
         if problem.reason.may_still_sync:
