@@ -54,7 +54,8 @@ def coordinator(
 
     cfg = load_config(config, parse_overrides(set_))
     final = run_coordinator(CoordinatorOptions(share=share, config=cfg, rounds=rounds, watch=_check_watch(watch)))
-    typer.echo(f"final test accuracy {final.test_accuracy:.4f} after {final.round} rounds: {share / 'final.safetensors'}")
+    typer.echo(f"final test accuracy {final.test_accuracy:.4f} after {final.round} rounds: "
+               f"{share / 'final.safetensors'}")
 
 
 @app.command()

@@ -20,6 +20,7 @@ from filelock import Timeout
 from .config import RunConfig
 from .data import Dataset, load_dataset
 from .errors import ConfigError, ShareError
+from .faults import crash_point
 from .intake import Aggregator, Candidate, Outcome
 from .liveness import Liveness
 from .logs import Log, make_log
@@ -28,12 +29,14 @@ from .markers import (FORMAT_VERSION, Accepted, Assignment, FileRef, FinalMarker
                       MarkerError, PathOutsideFolder, Rejected, Summary, UpdateMarker, WorkerTask, parse, to_dict)
 from .models import build_model
 from .reasons import Reason
-from .share import (Share, atomic_write, is_conflict_copy, is_temporary, local_lock, read_yaml,
+from .share import (Share, atomic_write, is_conflict_copy, is_temporary, local_lock, read_yaml, remove_stale_temps,
                     write_yaml)
 from .tensorfile import Unusable, layout_of, load_verified, read_verified, save_state
 from .train import evaluate
 from .watch import ShareWatcher
 
+COORDINATOR_ROOT_FILES = {"fedsync.yaml", "coordinator.yaml", "metrics.csv", "final.safetensors", "final.yaml"}
+COORDINATOR_ROUND_FILES = {"global.safetensors", "assignment.yaml", "summary.yaml"}
 METRICS_COLUMNS = ("round", "test_accuracy", "test_loss", "train_loss", "updates_accepted", "updates_rejected",
                    "seconds")
 
@@ -90,6 +93,9 @@ class Coordinator:
             raise ConfigError(f"the run in {self.share.root} already closed {closed[-1]} rounds: "
                               f"--rounds must be at least {closed[-1]}")
         self.metrics = [self._metrics_row(self._read_summary(r)) for r in closed]
+        if closed:
+            atomic_write(self.share.metrics, self._metrics_csv())  # a crash may have left it a row short
+        self._remove_stale_temps()
         r = (closed[-1] + 1) if closed else 1
         if r <= self.opts.rounds:
             self.share.final_marker.unlink(missing_ok=True)  # continuing a finished run: it is not finished
@@ -161,6 +167,8 @@ class Coordinator:
                     t = time.perf_counter()
                     intake.record(aggregator.take(candidates))
                     timings["final_intake_s"] = time.perf_counter() - t
+                    if intake.accepted:
+                        crash_point(f"coordinator:collecting:{r}")
                 live_assigned = [w for w in a.workers if self.liveness.is_live(w)]
                 target = quorum_target(self.cfg.quorum, len(live_assigned), self.cfg.min_updates)
                 elapsed = time.monotonic() - opened
@@ -208,6 +216,7 @@ class Coordinator:
                           metrics={"test_accuracy": test_acc, "test_loss": test_loss, "train_loss": train_loss},
                           timings={k: round(v, 6) for k, v in timings.items()})
         write_yaml(self.share.summary(r), to_dict(summary))
+        crash_point(f"coordinator:after-summary:{r}")
         self.metrics.append(self._metrics_row(summary))
         atomic_write(self.share.metrics, self._metrics_csv())
         self.log(f"round {r}/{self.opts.rounds} closed ({reason}): {len(accepted)} accepted, "
@@ -225,6 +234,14 @@ class Coordinator:
         self.log(f"run {self.manifest.run_id} finished after {final.round} rounds: test accuracy "
                  f"{final.test_accuracy:.4f}; model in {self.share.final_model}")
         return final
+
+    def _remove_stale_temps(self) -> None:
+        """Temporary files of the coordinator's own files, left by a crash; readers skip them anyway."""
+        removed = remove_stale_temps(self.share.root, COORDINATOR_ROOT_FILES)
+        for r in self.share.rounds():
+            removed += remove_stale_temps(self.share.round_dir(r), COORDINATOR_ROUND_FILES)
+        if removed:
+            self.log(f"removed {removed} temporary file(s) left by an interrupted coordinator")
 
     def _read_summary(self, r: int) -> Summary:
         return parse(Summary, read_yaml(self.share.summary(r)), str(self.share.summary(r)))

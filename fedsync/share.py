@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 import blake3
 import yaml
 
+from . import faults
+
 MAX_YAML_BYTES = 1 << 20  # markers are tiny; anything bigger is refused before it is read
 ROUND_DIR = re.compile(r"^\d{4,9}$")
 WORKER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -113,6 +115,10 @@ def atomic_write(path: Path, data: bytes) -> None:
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
     try:
         with open(tmp, "wb") as f:
+            if faults.crashes_writing(path):
+                f.write(data[: len(data) // 2])
+                f.flush()
+                faults.die()
             f.write(data)
             f.flush()
             os.fsync(f.fileno())  # the bytes are on disk before the name points at them
@@ -121,6 +127,24 @@ def atomic_write(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)  # the rename itself survives a power cut
+
+
+def remove_stale_temps(folder: Path, owned: set[str]) -> int:
+    """Delete temporary files a killed writer left for the given final names; return how many.
+
+    Only the single writer of those names may call this (DESIGN invariant 1), so no live write is touched.
+    """
+    removed = 0
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return 0
+    for name in names:
+        stem = name[1:].rsplit(".", 2)[0] if name.startswith(".") and name.endswith(".tmp") else None
+        if stem in owned:
+            (folder / name).unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def _fsync_dir(folder: Path) -> None:

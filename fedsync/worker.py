@@ -22,6 +22,7 @@ from .config import RunConfig, config_from_dict
 from .data import Dataset, Split, load_dataset
 from .device import DeviceFacts, choose_device, describe
 from .errors import ShareError
+from .faults import crash_point
 from .fedavg import delta
 from .logs import Log, make_log
 from .manifest import read_manifest
@@ -29,7 +30,7 @@ from .markers import (FORMAT_VERSION, Assignment, FinalMarker, Manifest, UpdateM
                       to_dict)
 from .models import build_model
 from .partition import partition
-from .share import Share, check_worker_name, local_lock, read_yaml, write_yaml
+from .share import Share, check_worker_name, local_lock, read_yaml, remove_stale_temps, write_yaml
 from .tensorfile import Unusable, load_verified, save_state
 from .train import TrainSettings, local_train
 from .watch import ShareWatcher
@@ -128,6 +129,9 @@ class Worker:
         self.shards: dict[int, list[np.ndarray]] = {}
 
     def run(self) -> FinalMarker | None:
+        own = {f"{self.name}.safetensors", f"{self.name}.yaml"}
+        for r in self.share.rounds():
+            remove_stale_temps(self.share.updates_dir(r), own)  # left by a crash of this worker
         self.dataset = load_dataset(self.cfg.task, self.cfg.data_root, self.cfg.seed, self.cfg.test_fraction,
                                     self.cfg.verify_checksums)
         self.heartbeat.start()
@@ -192,6 +196,7 @@ class Worker:
         update = delta(model.state_dict(), base)
         seconds = time.monotonic() - started
         ref = save_state(self.share.update_tensors(r, self.name), update)
+        crash_point(f"worker:after-tensors:{r}")
         marker = UpdateMarker(format=FORMAT_VERSION, round=r, worker=self.name, base=a.model.blake3, tensors=ref,
                               samples=result.samples, train_loss=result.train_loss, seconds=round(seconds, 3),
                               device=self.device)

@@ -13,9 +13,11 @@ FEDSYNC = [sys.executable, "-m", "fedsync"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def start(*args: str) -> subprocess.Popen[str]:
+def start(*args: str, fault: str | None = None) -> subprocess.Popen[str]:
+    """A real fedsync process; `fault` names a crash point (fedsync/faults.py) where it kills itself."""
+    env = {**ENV, "FEDSYNC_FAULT": fault} if fault else ENV
     return subprocess.Popen(FEDSYNC + list(args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=ENV)
+                            env=env)
 
 
 def finish(proc: subprocess.Popen[str], timeout: float) -> str:

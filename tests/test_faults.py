@@ -1,0 +1,79 @@
+"""Kill any process at a named point with SIGKILL, start it again with the same command: the run completes,
+with the expected rounds, nothing counted twice, and no partial file taken for whole."""
+
+from __future__ import annotations
+
+import csv
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from fedsync.markers import FinalMarker, Summary, parse
+from fedsync.share import Share, read_yaml
+
+from .conftest import finish, start
+
+ROUNDS = 4
+COORD = ("coordinator", "--rounds", str(ROUNDS), "--set", "min_workers=2")
+
+
+def worker_args(share: Path, name: str) -> tuple[str, ...]:
+    return ("worker", "--share", str(share), "--name", name, "--device", "cpu", "--wait-for-run", "60")
+
+
+def closed_summaries(s: Share) -> dict[int, tuple[int, bytes]]:
+    return {r: (s.summary(r).stat().st_ino, s.summary(r).read_bytes()) for r in s.rounds() if s.summary(r).exists()}
+
+
+def check_complete(s: Share) -> None:
+    final = parse(FinalMarker, read_yaml(s.final_marker), "final")
+    assert final.round == ROUNDS and final.test_accuracy > 0.8
+    rows = [int(r["round"]) for r in csv.DictReader(s.metrics.open())]
+    assert rows == list(range(1, ROUNDS + 1))
+    for r in range(1, ROUNDS + 1):
+        summary = parse(Summary, read_yaml(s.summary(r)), "s")
+        assert sorted(a.worker for a in summary.accepted) == ["w1", "w2"], (r, summary)
+    leftovers = [p for p in s.root.rglob("*") if p.name.endswith(".tmp")]
+    assert not leftovers, leftovers
+
+
+@pytest.mark.parametrize("fault", [
+    "coordinator:collecting:2",          # waiting for updates, one already taken in
+    "write:0003/global.safetensors",     # in the middle of writing round 2's aggregate
+    "coordinator:after-summary:2",       # between the summary and the next round
+    "write:0002/summary.yaml",           # in the middle of writing the decision itself
+    f"write:final.safetensors",          # in the middle of writing the final model
+])
+def test_coordinator_killed_and_restarted(share: Path, fault: str) -> None:
+    s = Share(share)
+    workers = [start(*worker_args(share, n)) for n in ("w1", "w2")]
+    doomed = start(*COORD[:1], "--share", str(share), *COORD[1:], fault=fault)
+    out = finish(doomed, timeout=120)
+    assert doomed.returncode == -signal.SIGKILL, f"the fault {fault} was never reached:\n{out}"
+    before = closed_summaries(s)
+    restarted_at = time.monotonic()
+    coord = start(*COORD[:1], "--share", str(share), *COORD[1:])
+    out = finish(coord, timeout=120)
+    outs = [finish(w, timeout=60) for w in workers]
+    assert coord.returncode == 0 and all(w.returncode == 0 for w in workers), out + "".join(outs)
+    assert time.monotonic() - restarted_at < 60
+    after = closed_summaries(s)
+    assert {r: after[r] for r in before} == before, "a closed round was aggregated again"
+    check_complete(s)
+
+
+@pytest.mark.parametrize("fault", ["write:0002/updates/w1.safetensors", "worker:after-tensors:2"])
+def test_worker_killed_mid_upload_and_restarted(share: Path, fault: str) -> None:
+    s = Share(share)
+    coord = start(*COORD[:1], "--share", str(share), *COORD[1:])
+    w2 = start(*worker_args(share, "w2"))
+    doomed = start(*worker_args(share, "w1"), fault=fault)
+    out = finish(doomed, timeout=120)
+    assert doomed.returncode == -signal.SIGKILL, f"the fault {fault} was never reached:\n{out}"
+    assert not s.update_marker(2, "w1").exists()  # nothing of the partial upload counts
+    w1 = start(*worker_args(share, "w1"))
+    outs = [finish(coord, timeout=120), finish(w1, timeout=60), finish(w2, timeout=60)]
+    assert coord.returncode == 0 and w1.returncode == 0 and w2.returncode == 0, "".join(outs)
+    check_complete(s)
