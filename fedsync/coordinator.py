@@ -271,10 +271,12 @@ class _RoundIntake:
         self.ignored: set[str] = set()
         self.markers: dict[str, UpdateMarker] = {}  # checked markers whose tensors are being verified
         self.signatures: dict[str, tuple[object, ...]] = {}  # files' state when last looked at, before reading
+        self.duplicates: dict[str, Rejected] = {}
 
     def scan(self) -> list[Candidate]:
         """Markers not decided yet whose files changed since last look, checked up to their tensor file."""
-        candidates = []
+        candidates: list[Candidate] = []
+        self._note_strays()
         try:
             names = os.listdir(self.share.updates_dir(self.r))
         except FileNotFoundError:
@@ -283,14 +285,17 @@ class _RoundIntake:
             if is_temporary(name):
                 continue
             if is_conflict_copy(name) or not (name.endswith(".yaml") or name.endswith(".safetensors")):
-                self.ignored.add(name)
+                self.ignored.add(f"updates/{name}")
                 continue
             if name.endswith(".safetensors"):
                 continue  # read through its marker
             worker = name[:-len(".yaml")]
-            if worker in self.accepted or worker in self.rejected:
-                continue
             signature = self._signature(worker)
+            if worker in self.accepted or worker in self.rejected:
+                if signature != self.signatures[worker] and worker not in self.duplicates:
+                    self.duplicates[worker] = Rejected(worker, f"updates/{name}", Reason.DUPLICATE.value,
+                                                       "its files changed after the update was decided")
+                continue
             if worker in self.pending and self.pending[worker][0] == signature:
                 continue
             self.signatures[worker] = signature  # taken before reading: a change during the read is retried
@@ -299,6 +304,13 @@ class _RoundIntake:
             except Unusable as problem:
                 self._settle(worker, problem, signature)
         return candidates
+
+    def _note_strays(self) -> None:
+        """Anything in the round folder that the protocol does not put there is reported, never read."""
+        expected = {"global.safetensors", "assignment.yaml", "updates", "summary.yaml"}
+        for name in os.listdir(self.share.round_dir(self.r)):
+            if name not in expected and not is_temporary(name):
+                self.ignored.add(name)
 
     def _signature(self, worker: str) -> tuple[object, ...]:
         out: list[object] = []
@@ -312,6 +324,8 @@ class _RoundIntake:
 
     def _check_marker(self, worker: str) -> Candidate:
         path = self.share.update_marker(self.r, worker)
+        if path.is_symlink():
+            raise Unusable(Reason.BAD_PATH, f"{path.name} is a symbolic link")
         try:
             data = read_yaml(path)
         except Exception as e:  # noqa: BLE001 - OSError, YAMLError, OversizeError: all 'unreadable'
@@ -367,7 +381,7 @@ class _RoundIntake:
     def rejected_records(self) -> list[Rejected]:
         late = [Rejected(w, f"updates/{w}.yaml", p.reason.value, f"still at the close: {p.detail}")
                 for w, (_, p) in sorted(self.pending.items())]
-        return sorted(self.rejected.values(), key=lambda x: x.worker) + late
+        return sorted([*self.rejected.values(), *self.duplicates.values()], key=lambda x: x.worker) + late
 
     def missing(self) -> list[str]:
         reported = set(self.accepted) | set(self.rejected) | set(self.pending)

@@ -9,6 +9,7 @@ is always the aggregate of exactly the valid updates, and a bad file costs time,
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -82,7 +83,8 @@ def fold(c: Candidate, layout: Layout, sums: WeightedSum, piece: bytearray) -> b
     hasher = blake3.blake3()
     view = memoryview(piece)
     try:
-        with open(c.path, "rb", buffering=0) as f:
+        # O_NOFOLLOW: a symbolic link could point anywhere, outside the share included
+        with open(os.open(c.path, os.O_RDONLY | os.O_NOFOLLOW), "rb", buffering=0) as f:
             size = os.fstat(f.fileno()).st_size
             if size != c.ref.bytes:
                 raise Unusable(Reason.SIZE_MISMATCH, f"{size} bytes, the marker says {c.ref.bytes}")
@@ -129,6 +131,8 @@ def fold(c: Candidate, layout: Layout, sums: WeightedSum, piece: bytearray) -> b
         e.added = added
         raise
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise Unusable(Reason.BAD_PATH, f"{c.path.name} is a symbolic link") from None
         err = Unusable(Reason.IO_ERROR, f"{c.path.name}: {e.strerror or e}")
         err.added = added
         raise err from None

@@ -24,6 +24,7 @@ class Reason(str, Enum):
     WRONG_SHAPE = "wrong_shape"
     WRONG_DTYPE = "wrong_dtype"
     NON_FINITE = "non_finite"
+    DUPLICATE = "duplicate"
     IO_ERROR = "io_error"
 
     @property
@@ -44,7 +45,8 @@ HELP: dict[Reason, str] = {
     Reason.WRONG_ROUND: "the marker names another round than the folder it is in",
     Reason.WRONG_WORKER: "the marker's worker field differs from its file name",
     Reason.WRONG_BASE: "the update was trained from another global model than this round's",
-    Reason.BAD_PATH: "the marker names a tensor file other than updates/<worker>.safetensors ('..', absolute)",
+    Reason.BAD_PATH: "the marker names a file other than updates/<worker>.safetensors ('..', absolute), or a "
+                     "file of the update is a symbolic link",
     Reason.NOT_ASSIGNED: "the worker was not assigned work in this round (unknown, or joined after it opened)",
     Reason.BAD_SAMPLES: "the sample count is not a positive integer no larger than the training set",
     Reason.MISSING_FILE: "the tensor file the marker names never arrived before the deadline",
@@ -56,5 +58,6 @@ HELP: dict[Reason, str] = {
     Reason.WRONG_SHAPE: "a tensor's shape differs from the global model's",
     Reason.WRONG_DTYPE: "a tensor's dtype differs from the global model's",
     Reason.NON_FINITE: "the update holds NaN or infinite values",
+    Reason.DUPLICATE: "the worker's files changed after its update was decided; the first decision stands",
     Reason.IO_ERROR: "the file could not be read at the deadline (permissions, vanished, share unmounted)",
 }

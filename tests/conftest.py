@@ -8,6 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from fedsync import __version__
+from fedsync.markers import FORMAT_VERSION, WorkerInfo, to_dict
+from fedsync.share import Share, write_yaml
 
 FEDSYNC = [sys.executable, "-m", "fedsync"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -40,3 +45,10 @@ def share(tmp_path: Path) -> Path:
     path = tmp_path / "share"
     path.mkdir()
     return path
+
+
+def register_worker(share: Share, name: str, beat: int = 1) -> None:
+    """Write a worker's registration (a heartbeat when repeated), as a worker process would."""
+    write_yaml(share.worker_file(name), to_dict(WorkerInfo(
+        format=FORMAT_VERSION, name=name, host="test-host", fedsync=__version__, torch=str(torch.__version__),
+        device="cpu", device_name="CPU", cuda_capability=None, state="idle", round=None, heartbeat=beat)))

@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import time
 from pathlib import Path
 
-import torch
-
-from fedsync import __version__
-from fedsync.markers import (FORMAT_VERSION, Assignment, FileRef, FinalMarker, Summary, UpdateMarker, WorkerInfo,
-                             parse, to_dict)
+from fedsync.markers import FORMAT_VERSION, Assignment, FileRef, FinalMarker, Summary, UpdateMarker, parse, to_dict
 from fedsync.share import Share, read_yaml, write_yaml
 
-from .conftest import finish, run, start
+from .conftest import finish, register_worker, run, start
 
 
 def wait_until(check, timeout: float, what: str) -> None:
@@ -23,12 +18,6 @@ def wait_until(check, timeout: float, what: str) -> None:
     while not check():
         assert time.monotonic() < end, f"timed out waiting for {what}"
         time.sleep(0.05)
-
-
-def register(share: Share, name: str) -> None:
-    write_yaml(share.worker_file(name), to_dict(WorkerInfo(
-        format=FORMAT_VERSION, name=name, host=socket.gethostname(), fedsync=__version__, torch=str(torch.__version__),
-        device="cpu", device_name="CPU", cuda_capability=None, state="idle", round=None, heartbeat=1)))
 
 
 def summary(share: Share, r: int) -> Summary:
@@ -65,14 +54,14 @@ def test_late_worker_joins_next_round_and_foreign_files_are_reported(share: Path
     assert sorted(parse(Assignment, read_yaml(s.assignment(3)), "a").workers) == ["w1", "w2"]
     s2 = summary(s, 2)
     assert [(x.worker, x.reason) for x in s2.rejected] == [("intruder", "not_assigned")]
-    assert s2.ignored == ["notes.txt", "w1.sync-conflict-20261123-101010-ABCDEFG.yaml"]
+    assert s2.ignored == ["updates/notes.txt", "updates/w1.sync-conflict-20261123-101010-ABCDEFG.yaml"]
     assert [x.worker for x in s2.accepted] == ["w1"]
     assert sorted(x.worker for x in summary(s, 3).accepted) == ["w1", "w2"]
 
 
 def test_deadline_closes_a_round_with_a_silent_worker(share: Path) -> None:
     s = Share(share)
-    register(s, "ghost")  # registered, then silent: counts as live at first, never submits
+    register_worker(s, "ghost")  # registered, then silent: counts as live at first, never submits
     coord = start("coordinator", "--share", str(share), "--rounds", "1", "--set", "min_workers=2",
                   "--set", "round_timeout=4")
     w1 = start("worker", "--share", str(share), "--name", "w1", "--device", "cpu", "--wait-for-run", "60")

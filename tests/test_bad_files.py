@@ -1,0 +1,239 @@
+"""Every kind of bad file, each in its own round of one real coordinator process: rejected with its reason in
+summary.yaml, the coordinator stays up, and the next global model is the aggregate of exactly the valid
+updates."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedsync.markers import FORMAT_VERSION, Assignment, FileRef, Summary, UpdateMarker, parse, to_dict
+from fedsync.share import Share, hash_bytes, read_yaml, write_yaml
+from fedsync.tensorfile import load_verified, save_state
+
+from .conftest import finish, register_worker, start
+
+
+@dataclass
+class Round:
+    share: Share
+    r: int
+    a: Assignment
+    base: dict[str, torch.Tensor]
+    valid: list[tuple[dict[str, torch.Tensor], float]] = field(default_factory=list)
+
+    def delta(self, scale: float = 1e-3) -> dict[str, torch.Tensor]:
+        return {k: (torch.randn(v.shape) * scale).to(v.dtype) if v.is_floating_point() else torch.zeros_like(v)
+                for k, v in self.base.items()}
+
+    def marker(self, worker: str, ref: FileRef, /, **changes: object) -> dict:
+        m = to_dict(UpdateMarker(format=FORMAT_VERSION, round=self.r, worker=worker, base=self.a.model.blake3,
+                                 tensors=ref, samples=100, train_loss=0.5, seconds=0.1, device="cpu"))
+        m.update(changes)
+        return m
+
+    def submit(self, worker: str, update: dict[str, torch.Tensor] | None = None, counts: bool = False, /,
+               **changes: object) -> FileRef:
+        """Write an update and then its marker (with `changes` to its fields), as a worker does; `counts` if
+        it should be aggregated."""
+        update = self.delta() if update is None else update
+        ref = save_state(self.share.update_tensors(self.r, worker), update)
+        write_yaml(self.share.update_marker(self.r, worker), self.marker(worker, ref, **changes))
+        if counts:
+            self.valid.append((update, float(changes.get("samples", 100))))
+        return ref
+
+    def raw(self, worker: str, data: bytes, /, **changes: object) -> None:
+        """A tensor file with arbitrary bytes and a marker that describes them exactly."""
+        path = self.share.update_tensors(self.r, worker)
+        path.write_bytes(data)
+        ref = FileRef(path.name, hash_bytes(data), len(data))
+        write_yaml(self.share.update_marker(self.r, worker), self.marker(worker, ref, **changes))
+
+    def good(self) -> None:
+        self.submit("good", None, True)
+
+
+@dataclass
+class Case:
+    act: Callable[[Round], None]
+    reason: str | None               # what summary.yaml says of `worker`; None: nothing rejected
+    worker: str = "bad"
+    ignored: tuple[str, ...] = ()
+    good_first: bool = True
+
+
+def _with(change: Callable[[dict[str, torch.Tensor]], None]) -> Callable[[Round], None]:
+    def act(rd: Round) -> None:
+        t = rd.delta()
+        change(t)
+        rd.submit("bad", t)
+    return act
+
+
+def _truncated(rd: Round) -> None:
+    rd.submit("bad")
+    path = rd.share.update_tensors(rd.r, "bad")
+    path.write_bytes(path.read_bytes()[:-64])
+
+
+def _torch_save(rd: Round) -> None:
+    path = rd.share.update_tensors(rd.r, "bad")
+    torch.save(rd.delta(), path)
+    rd.raw("bad", path.read_bytes())
+
+
+def _symlink(rd: Round) -> None:
+    target = rd.share.global_model(rd.r)
+    link = rd.share.update_tensors(rd.r, "bad")
+    link.symlink_to(target)
+    ref = FileRef(link.name, rd.a.model.blake3, rd.a.model.bytes)
+    write_yaml(rd.share.update_marker(rd.r, "bad"), rd.marker("bad", ref))
+
+
+def _marker_text(text: str | bytes) -> Callable[[Round], None]:
+    def act(rd: Round) -> None:
+        save_state(rd.share.update_tensors(rd.r, "bad"), rd.delta())
+        data = text.encode() if isinstance(text, str) else text
+        rd.share.update_marker(rd.r, "bad").write_bytes(data)
+    return act
+
+
+def _duplicate(rd: Round) -> None:
+    rd.submit("bad", None, True)  # accepted first ...
+    time.sleep(0.7)
+    rd.submit("bad")  # ... then rewritten: recorded as a duplicate, the first stands
+    time.sleep(0.7)
+    rd.good()
+
+
+def _stranger(rd: Round) -> None:
+    rd.submit("stranger")
+
+
+def _conflict_and_temp(rd: Round) -> None:
+    updates = rd.share.updates_dir(rd.r)
+    (updates / "bad.sync-conflict-20261123-101010-ABCDEFG.yaml").write_text("format: 1\n")
+    (updates / ".syncthing.bad.safetensors.tmp").write_bytes(b"partial")
+
+
+def _wrong_folder(rd: Round) -> None:
+    folder = rd.share.round_dir(rd.r)
+    ref = save_state(folder / "bad.safetensors", rd.delta())
+    write_yaml(folder / "bad.yaml", rd.marker("bad", ref))
+
+
+BOMB = "a: &a [x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]\n"
+CASES: dict[str, Case] = {
+    "valid pair": Case(lambda rd: rd.submit("bad", None, True), None),
+    "truncated safetensors": Case(_truncated, "size_mismatch"),
+    "random bytes": Case(lambda rd: rd.raw("bad", os.urandom(4096)), "not_safetensors"),
+    "pickle": Case(lambda rd: rd.raw("bad", pickle.dumps({"w": [1.0, 2.0]})), "not_safetensors"),
+    "torch.save": Case(_torch_save, "not_safetensors"),
+    "missing tensor": Case(_with(lambda t: t.pop(next(iter(t)))), "missing_tensor"),
+    "extra tensor": Case(_with(lambda t: t.update(evil=torch.ones(3))), "extra_tensor"),
+    "wrong shape": Case(_with(lambda t: t.update({k: torch.zeros(v.numel() + 1) for k, v in list(t.items())[:1]})),
+                        "wrong_shape"),
+    "wrong dtype": Case(_with(lambda t: t.update({k: v.double() for k, v in list(t.items())[:1]})), "wrong_dtype"),
+    "nan": Case(_with(lambda t: next(iter(t.values())).view(-1).__setitem__(0, float("nan"))), "non_finite"),
+    "inf": Case(_with(lambda t: next(iter(t.values())).view(-1).__setitem__(-1, float("inf"))), "non_finite"),
+    "hash mismatch": Case(lambda rd: _hash_mismatch(rd), "hash_mismatch"),
+    "marker for another round": Case(lambda rd: rd.submit("bad", round=rd.r + 1), "wrong_round"),
+    "path with ..": Case(lambda rd: rd.submit("bad", tensors={"file": "../global.safetensors",
+                                                              "blake3": rd.a.model.blake3, "bytes": 1}), "bad_path"),
+    "absolute path": Case(lambda rd: rd.submit("bad", tensors={"file": "/etc/passwd", "blake3": "00" * 32,
+                                                               "bytes": 1}), "bad_path"),
+    "symlink": Case(_symlink, "bad_path"),
+    "invalid yaml": Case(_marker_text("format: 1\nround: [unclosed\n"), "marker_unreadable"),
+    "yaml bomb": Case(_marker_text(BOMB), "marker_unreadable"),
+    "oversize marker": Case(_marker_text(b"format: 1\n#" + b"x" * (2 << 20)), "marker_unreadable"),
+    "unknown worker": Case(_stranger, "not_assigned", worker="stranger"),
+    "duplicate submission": Case(_duplicate, "duplicate", good_first=False),
+    "conflict copy and temp file": Case(_conflict_and_temp, None,
+                                        ignored=("updates/bad.sync-conflict-20261123-101010-ABCDEFG.yaml",)),
+    "files in the round folder": Case(_wrong_folder, None, ignored=("bad.safetensors", "bad.yaml")),
+    "wrong worker field": Case(lambda rd: rd.submit("bad", worker="good"), "wrong_worker"),
+    "other format": Case(lambda rd: rd.submit("bad", format=FORMAT_VERSION + 1), "format_mismatch"),
+    "wrong base model": Case(lambda rd: rd.submit("bad", base="ab" * 32), "wrong_base"),
+    "zero samples": Case(lambda rd: rd.submit("bad", samples=0), "bad_samples"),
+}
+
+
+def _hash_mismatch(rd: Round) -> None:
+    ref = save_state(rd.share.update_tensors(rd.r, "bad"), rd.delta())
+    write_yaml(rd.share.update_marker(rd.r, "bad"), rd.marker("bad", ref, tensors={
+        "file": ref.file, "blake3": "cd" * 32, "bytes": ref.bytes}))
+
+
+def _wait(check: Callable[[], bool], timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def bad_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Share, dict[str, Round], str, int | None]:
+    share = Share(tmp_path_factory.mktemp("bad") / "share")
+    share.root.mkdir()
+    names = list(CASES)
+    coord = start("coordinator", "--share", str(share.root), "--rounds", str(len(names)), "--set", "min_workers=2",
+                  "--set", "round_timeout=3", "--set", "worker_timeout=120", "--set", "heartbeat=5")
+    rounds: dict[str, Round] = {}
+    try:
+        for r, name in enumerate(names, 1):
+            for w in ("good", "bad"):
+                register_worker(share, w, beat=r)
+            _wait(lambda: share.assignment(r).exists(), 60, f"round {r} to open")
+            a = parse(Assignment, read_yaml(share.assignment(r)), "a")
+            rd = Round(share, r, a, load_verified(share.global_model(r), a.model))
+            case = CASES[name]
+            if case.good_first:
+                rd.good()
+            case.act(rd)
+            rounds[name] = rd
+            _wait(lambda: share.summary(r).exists(), 30, f"round {r} ({name}) to close")
+    except BaseException:
+        coord.kill()
+        raise
+    out = finish(coord, timeout=60)
+    return share, rounds, out, coord.returncode
+
+
+def test_the_coordinator_stayed_up(bad_run) -> None:
+    share, rounds, out, code = bad_run
+    assert code == 0, out
+    assert "Traceback" not in out
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_file(bad_run, name: str) -> None:
+    share, rounds, out, _ = bad_run
+    case, rd = CASES[name], rounds[name]
+    s = parse(Summary, read_yaml(share.summary(rd.r)), "summary")
+    rejected = {(x.worker, x.reason) for x in s.rejected}
+    if case.reason is None:
+        assert rejected == set(), s.rejected
+    else:
+        assert (case.worker, case.reason) in rejected, s.rejected
+    for path in case.ignored:
+        assert path in s.ignored, s.ignored
+    assert sorted(x.worker for x in s.accepted) == sorted(
+        ["good"] + (["bad"] if name in ("valid pair", "duplicate submission") else []))
+    # the next model is the old one plus the weighted mean of exactly the valid updates
+    after = load_verified(share.root / s.model.file, s.model)
+    total = sum(w for _, w in rd.valid)
+    for k, v in rd.base.items():
+        expected = sum(t[k].double() * w for t, w in rd.valid) / total
+        assert torch.isfinite(after[k].double()).all()
+        if v.is_floating_point():
+            torch.testing.assert_close(after[k].double(), v.double() + expected, atol=1e-6, rtol=1e-5)
+        else:
+            assert torch.equal(after[k], v + expected.round().to(v.dtype))
