@@ -42,6 +42,9 @@ class RunConfig:
     min_updates: int          # a round never closes with fewer accepted updates
     min_workers: int          # a round opens once this many workers are live
     round_timeout: float      # seconds a round collects updates, by the coordinator's clock
+    late_policy: str          # drop | fold: what becomes of an update that arrives after its round closed
+    max_staleness: int        # late updates up to this many rounds old are recorded (and folded)
+    staleness_exponent: float # fold weight = samples * (1 + rounds late) ** -staleness_exponent
     heartbeat: float          # seconds between a worker's heartbeats
     worker_timeout: float     # seconds without a heartbeat before a worker counts as gone
     eval_batch_size: int
@@ -52,6 +55,10 @@ class RunConfig:
             problems.append(f"task {self.task!r} is not one of {', '.join(BUILTIN)}")
         if self.model not in REGISTRY:
             problems.append(f"model {self.model!r} is not one of {', '.join(sorted(REGISTRY))}")
+        if self.late_policy not in ("drop", "fold"):
+            problems.append(f"late_policy {self.late_policy!r} is not drop or fold")
+        if self.max_staleness < 1 or self.staleness_exponent < 0:
+            problems.append("max_staleness must be at least 1 and staleness_exponent not negative")
         if self.partition not in ("iid", "dirichlet"):
             problems.append(f"partition {self.partition!r} is not iid or dirichlet")
         q = self.quorum

@@ -11,7 +11,7 @@ import io
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -21,11 +21,12 @@ from .config import RunConfig
 from .data import Dataset, load_dataset
 from .errors import ConfigError, ShareError
 from .faults import crash_point
+from .fedavg import staleness_weight
 from .intake import Aggregator, Candidate, Outcome
 from .liveness import Liveness
 from .logs import Log, make_log
 from .manifest import open_run
-from .markers import (FORMAT_VERSION, Accepted, Assignment, FileRef, FinalMarker, FormatMismatch, Manifest,
+from .markers import (FORMAT_VERSION, Accepted, Assignment, FileRef, FinalMarker, FormatMismatch, Late, Manifest,
                       MarkerError, PathOutsideFolder, Rejected, Summary, UpdateMarker, WorkerTask, parse, to_dict)
 from .models import build_model
 from .reasons import Reason
@@ -155,6 +156,7 @@ class Coordinator:
     def _collect_and_close(self, r: int, a: Assignment, state: dict[str, torch.Tensor]) -> None:
         opened = time.monotonic()
         intake = _RoundIntake(self.share, r, a, len(self.dataset.train))
+        late = _LateIntake(self.share, r, self.cfg, len(self.dataset.train))
         aggregator = Aggregator(layout_of(state))
         reason = ""
         extended = False
@@ -162,10 +164,12 @@ class Coordinator:
         try:
             while True:
                 self.liveness.scan()
-                candidates = intake.scan()
+                candidates = intake.scan() + late.scan()
                 if candidates:
                     t = time.perf_counter()
-                    intake.record(aggregator.take(candidates))
+                    outcomes = aggregator.take(candidates)
+                    intake.record([o for o in outcomes if o.candidate.round == r])
+                    late.record([o for o in outcomes if o.candidate.round != r])
                     timings["final_intake_s"] = time.perf_counter() - t
                     if intake.accepted:
                         crash_point(f"coordinator:collecting:{r}")
@@ -192,12 +196,12 @@ class Coordinator:
             timings["aggregate_s"] = time.perf_counter() - t
         finally:
             aggregator.close()
-        self._close(r, a, intake, new_state, reason, time.monotonic() - opened, timings)
+        self._close(r, a, intake, late.records(), new_state, reason, time.monotonic() - opened, timings)
 
     # -- closing -------------------------------------------------------------------------------------------
 
-    def _close(self, r: int, a: Assignment, intake: _RoundIntake, new_state: dict[str, torch.Tensor],
-               reason: str, seconds: float, timings: dict[str, float]) -> None:
+    def _close(self, r: int, a: Assignment, intake: _RoundIntake, late: list[Late],
+               new_state: dict[str, torch.Tensor], reason: str, seconds: float, timings: dict[str, float]) -> None:
         # 1. the aggregate, where the next round (or the end of the run) will look for it
         path = self.share.model_after(r, self.opts.rounds)
         ref = save_state(path, new_state, ref_name=path.relative_to(self.share.root).as_posix())
@@ -212,7 +216,7 @@ class Coordinator:
         # 3. the decision, written last: the round is closed from here on
         summary = Summary(format=FORMAT_VERSION, round=r, closed_because=reason, seconds=round(seconds, 3),
                           model=ref, accepted=accepted, rejected=intake.rejected_records(),
-                          missing=intake.missing(), ignored=sorted(intake.ignored),
+                          missing=intake.missing(), ignored=sorted(intake.ignored), late=late,
                           metrics={"test_accuracy": test_acc, "test_loss": test_loss, "train_loss": train_loss},
                           timings={k: round(v, 6) for k, v in timings.items()})
         write_yaml(self.share.summary(r), to_dict(summary))
@@ -224,6 +228,8 @@ class Coordinator:
                  f"test loss {test_loss:.4f}, {seconds:.2f} s")
         for rej in summary.rejected:
             self.log(f"round {r}: rejected {rej.worker} ({rej.reason}): {rej.detail}")
+        for x in late:
+            self.log(f"round {r}: late update from {x.worker} for round {x.round} {x.outcome} ({x.detail})")
 
     def _finish(self) -> FinalMarker:
         last = self._read_summary(self.opts.rounds)
@@ -244,7 +250,7 @@ class Coordinator:
             self.log(f"removed {removed} temporary file(s) left by an interrupted coordinator")
 
     def _read_summary(self, r: int) -> Summary:
-        return parse(Summary, read_yaml(self.share.summary(r)), str(self.share.summary(r)))
+        return _load_summary(self.share, r)
 
     @staticmethod
     def _metrics_row(s: Summary) -> dict[str, object]:
@@ -272,6 +278,7 @@ class _RoundIntake:
         self.markers: dict[str, UpdateMarker] = {}  # checked markers whose tensors are being verified
         self.signatures: dict[str, tuple[object, ...]] = {}  # files' state when last looked at, before reading
         self.duplicates: dict[str, Rejected] = {}
+        self.settled: set[str] = set()  # decided in an earlier life of this round (late intake): skipped
 
     def scan(self) -> list[Candidate]:
         """Markers not decided yet whose files changed since last look, checked up to their tensor file."""
@@ -290,6 +297,8 @@ class _RoundIntake:
             if name.endswith(".safetensors"):
                 continue  # read through its marker
             worker = name[:-len(".yaml")]
+            if worker in self.settled:
+                continue
             signature = self._signature(worker)
             if worker in self.accepted or worker in self.rejected:
                 if signature != self.signatures[worker] and worker not in self.duplicates:
@@ -351,7 +360,7 @@ class _RoundIntake:
         if not 0 < m.samples <= self.train_size:
             raise Unusable(Reason.BAD_SAMPLES, f"samples={m.samples}, the training set has {self.train_size}")
         self.markers[worker] = m
-        return Candidate(worker, self.share.update_tensors(self.r, worker), m.tensors, float(m.samples))
+        return Candidate(worker, self.share.update_tensors(self.r, worker), m.tensors, float(m.samples), self.r)
 
     def record(self, outcomes: list[Outcome]) -> None:
         """Apply the intake's verdicts; a later verdict on the same worker (a lane rebuild) overrides."""
@@ -386,3 +395,63 @@ class _RoundIntake:
     def missing(self) -> list[str]:
         reported = set(self.accepted) | set(self.rejected) | set(self.pending)
         return sorted(set(self.a.workers) - reported)
+
+
+class _LateIntake:
+    """Updates for closed rounds (at most max_staleness back) that arrived after their round closed."""
+
+    def __init__(self, share: Share, r: int, cfg: RunConfig, train_size: int) -> None:
+        self.r, self.cfg = r, cfg
+        self.rounds: dict[int, _RoundIntake] = {}
+        self.found: dict[tuple[int, str], Late] = {}
+        window = range(max(1, r - cfg.max_staleness), r)
+        summaries = {c: _load_summary(share, c) for c in window if share.summary(c).exists()}
+        for c, s in summaries.items():
+            a = parse(Assignment, read_yaml(share.assignment(c)), str(share.assignment(c)))
+            ri = _RoundIntake(share, c, a, train_size)
+            ri.settled = {x.worker for x in s.accepted} | {x.worker for x in s.rejected}
+            self.rounds[c] = ri
+        for s in summaries.values():  # recorded as late by an earlier round: decided, never again
+            for x in s.late:
+                if x.round in self.rounds:
+                    self.rounds[x.round].settled.add(x.worker)
+
+    def scan(self) -> list[Candidate]:
+        """Late updates to read (fold), after recording those dropped or rejected by their markers."""
+        out: list[Candidate] = []
+        for c, ri in self.rounds.items():
+            for cand in ri.scan():
+                if self.cfg.late_policy == "drop":
+                    self._decide(ri, Late(cand.worker, c, "dropped", 0.0, "late_policy is drop"))
+                else:
+                    weight = staleness_weight(cand.weight, self.r - c, self.cfg.staleness_exponent)
+                    out.append(replace(cand, weight=weight))
+            for w, rej in list(ri.rejected.items()):
+                self._decide(ri, Late(w, c, "rejected", 0.0, f"{rej.reason}: {rej.detail}"))
+                del ri.rejected[w]
+        return out
+
+    def record(self, outcomes: list[Outcome]) -> None:
+        for o in outcomes:
+            c, ri = o.candidate.round, self.rounds[o.candidate.round]
+            if o.problem is None:
+                self._decide(ri, Late(o.candidate.worker, c, "folded", round(o.candidate.weight, 6),
+                                      f"{self.r - c} round(s) late"))
+            elif o.problem.reason.may_still_sync:
+                self.found.pop((c, o.candidate.worker), None)  # retried, in this round or the next
+                ri.settled.discard(o.candidate.worker)
+                ri.pending[o.candidate.worker] = (ri.signatures[o.candidate.worker], o.problem)
+            else:
+                self._decide(ri, Late(o.candidate.worker, c, "rejected", 0.0,
+                                      f"{o.problem.reason.value}: {o.problem.detail}"))
+
+    def _decide(self, ri: _RoundIntake, late: Late) -> None:
+        self.found[(late.round, late.worker)] = late
+        ri.settled.add(late.worker)
+
+    def records(self) -> list[Late]:
+        return [self.found[k] for k in sorted(self.found)]
+
+
+def _load_summary(share: Share, r: int) -> Summary:
+    return parse(Summary, read_yaml(share.summary(r)), str(share.summary(r)))

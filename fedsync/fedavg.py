@@ -10,6 +10,9 @@ Buffers are combined on purpose, not by accident:
 - floating buffers (BatchNorm running mean and variance) are averaged with the same weights as parameters;
 - integer buffers (BatchNorm's num_batches_tracked) are summed in float64, averaged with the same weights
   and rounded to the nearest integer, so the count stays a count of batches seen on an average shard.
+
+A late update (one that arrives after its round closed) may be folded into a later round's mean as if it
+were a delta from that round's model, with its weight reduced by staleness_weight (FedAsync / FedBuff style).
 """
 
 from __future__ import annotations
@@ -79,6 +82,12 @@ def apply_mean(base: Mapping[str, torch.Tensor], summed: WeightedSum) -> dict[st
         out[name] = mean.add_(tensor).to(tensor.dtype)
     summed.count = 0
     return out
+
+
+def staleness_weight(samples: float, rounds_late: int, exponent: float) -> float:
+    """Weight of an update folded in `rounds_late` rounds after its own: FedAsync's polynomial staleness
+    function s(t) = (1 + t)^-a (Xie, Koyejo and Gupta 2019, arXiv:1903.03934) times its sample count."""
+    return samples * (1.0 + rounds_late) ** -exponent
 
 
 def delta(local: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -38,6 +38,7 @@ class Candidate:
     path: Path
     ref: FileRef
     weight: float
+    round: int = 0  # the round the update was trained for (a late one's is older than the open round's)
 
 
 @dataclass

@@ -145,6 +145,17 @@ class Rejected:
 
 
 @dataclass
+class Late:
+    """An update that arrived after its round closed, and what became of it."""
+
+    worker: str
+    round: int
+    outcome: str   # folded | dropped | rejected
+    weight: float  # its weight in this round's aggregate when folded, else 0
+    detail: str
+
+
+@dataclass
 class Summary:
     """<round>/summary.yaml: the coordinator's decision; a round is closed once this exists."""
 
@@ -157,6 +168,7 @@ class Summary:
     rejected: list[Rejected]
     missing: list[str]
     ignored: list[str]
+    late: list[Late]
     metrics: dict[str, float]
     timings: dict[str, float]
 
