@@ -23,11 +23,13 @@ from .errors import ConfigError, ShareError
 from .faults import crash_point
 from .fedavg import staleness_weight
 from .intake import Aggregator, Candidate, Outcome
+from .lease import LEASE_FILE, Lease
 from .liveness import Liveness
 from .logs import Log, make_log
 from .manifest import open_run
-from .markers import (FORMAT_VERSION, Accepted, Assignment, FileRef, FinalMarker, FormatMismatch, Late, Manifest,
-                      MarkerError, PathOutsideFolder, Rejected, Summary, UpdateMarker, WorkerTask, parse, to_dict)
+from .markers import (FORMAT_VERSION, Accepted, Assignment, CoordinatorLease, FileRef, FinalMarker, FormatMismatch,
+                      Late, Manifest, MarkerError, PathOutsideFolder, Rejected, Summary, UpdateMarker, WorkerTask,
+                      parse, to_dict)
 from .models import build_model
 from .reasons import Reason
 from .share import (Share, atomic_write, is_conflict_copy, is_temporary, local_lock, read_yaml, remove_stale_temps,
@@ -67,22 +69,40 @@ def run_coordinator(opts: CoordinatorOptions) -> FinalMarker:
     try:
         lock.acquire()
     except Timeout:
-        raise ShareError(f"another fedsync coordinator on this machine is already driving {share.root}") from None
+        holder = _lease_holder(share)
+        raise ShareError(f"another fedsync coordinator on this machine{holder} is already driving {share.root}; "
+                         "stop it first") from None
     try:
         manifest = open_run(share, opts.config, opts.created_by)
-        dataset = load_dataset(opts.config.task, opts.config.data_root, opts.config.seed,
-                               opts.config.test_fraction, opts.config.verify_checksums)
-        with ShareWatcher(share.root, opts.watch) as watcher:
-            return Coordinator(share, manifest, opts, dataset, watcher).run()
+        lease = Lease(share, manifest.run_id, opts.config.heartbeat, opts.config.worker_timeout, opts.log)
+        lease.acquire()
+        finished = False
+        try:
+            dataset = load_dataset(opts.config.task, opts.config.data_root, opts.config.seed,
+                                   opts.config.test_fraction, opts.config.verify_checksums)
+            with ShareWatcher(share.root, opts.watch) as watcher:
+                final = Coordinator(share, manifest, opts, dataset, watcher, lease).run()
+                finished = True
+                return final
+        finally:
+            lease.release("finished" if finished else "stopped")
     finally:
         lock.release()
 
 
+def _lease_holder(share: Share) -> str:
+    try:
+        lease = parse(CoordinatorLease, read_yaml(share.root / LEASE_FILE), LEASE_FILE)
+    except Exception:  # noqa: BLE001 - only decorates the message
+        return ""
+    return f" (pid {lease.pid})"
+
+
 class Coordinator:
     def __init__(self, share: Share, manifest: Manifest, opts: CoordinatorOptions, dataset: Dataset,
-                 watcher: ShareWatcher) -> None:
+                 watcher: ShareWatcher, lease: Lease) -> None:
         self.share, self.manifest, self.opts, self.cfg = share, manifest, opts, opts.config
-        self.dataset, self.watcher, self.log = dataset, watcher, opts.log
+        self.dataset, self.watcher, self.lease, self.log = dataset, watcher, lease, opts.log
         self.liveness = Liveness(share, self.cfg.worker_timeout)
         self.model = build_model(self.cfg.model, dataset.num_classes, seed=self.cfg.seed)
         self.metrics: list[dict[str, object]] = []
@@ -127,7 +147,7 @@ class Coordinator:
             if source != self.share.global_model(r):
                 atomic_write(self.share.global_model(r), read_verified(source, previous.model))
             state = load_verified(self.share.global_model(r), model_ref)
-        workers = self._wait_for_workers()
+        workers = self._wait_for_workers(r)
         a = Assignment(format=FORMAT_VERSION, run_id=self.manifest.run_id, round=r, rounds=self.opts.rounds,
                        model=model_ref, num_shards=len(workers), time_budget_s=float(self.cfg.round_timeout),
                        workers={w: WorkerTask(shard=i, local_epochs=self.cfg.local_epochs)
@@ -137,8 +157,15 @@ class Coordinator:
         self.log(f"round {r}/{self.opts.rounds} open: {len(workers)} worker(s) {', '.join(workers)}")
         return a, state
 
-    def _wait_for_workers(self) -> list[str]:
+    def _wait(self, seconds: float) -> None:
+        """Sleep until the share changes or `seconds` pass; stop if another coordinator took the share."""
+        self.watcher.wait(seconds)
+        if self.lease.lost.is_set():
+            raise ShareError(f"another coordinator took over {self.share.root}; this one stopped")
+
+    def _wait_for_workers(self, r: int) -> list[str]:
         announced = False
+        self.lease.update("waiting for workers", r, f"{self.cfg.min_workers} live worker(s) needed")
         while True:
             for name in self.liveness.scan():
                 info = self.liveness.info[name]
@@ -149,12 +176,13 @@ class Coordinator:
             if not announced:
                 self.log(f"waiting for {self.cfg.min_workers} live worker(s), {len(live)} so far")
                 announced = True
-            self.watcher.wait(self.opts.rescan)
+            self._wait(self.opts.rescan)
 
     # -- collecting ----------------------------------------------------------------------------------------
 
     def _collect_and_close(self, r: int, a: Assignment, state: dict[str, torch.Tensor]) -> None:
         opened = time.monotonic()
+        self.lease.update("collecting", r)
         intake = _RoundIntake(self.share, r, a, len(self.dataset.train))
         late = _LateIntake(self.share, r, self.cfg, len(self.dataset.train))
         aggregator = Aggregator(layout_of(state))
@@ -185,12 +213,14 @@ class Coordinator:
                     reason = "deadline"
                 elif elapsed >= a.time_budget_s and not extended:
                     extended = True
-                    self.log(f"round {r}: deadline passed with {len(intake.accepted)} accepted update(s), fewer "
-                             f"than min_updates={self.cfg.min_updates}; the round stays open")
+                    note = (f"deadline passed with {len(intake.accepted)} accepted update(s), fewer than "
+                            f"min_updates={self.cfg.min_updates}; the round stays open until enough arrive")
+                    self.lease.update("extended", r, note)
+                    self.log(f"round {r}: {note}")
                 if reason:
                     break
                 remaining = a.time_budget_s - elapsed
-                self.watcher.wait(min(self.opts.rescan, remaining) if remaining > 0 else self.opts.rescan)
+                self._wait(min(self.opts.rescan, remaining) if remaining > 0 else self.opts.rescan)
             t = time.perf_counter()
             new_state = aggregator.result(state)
             timings["aggregate_s"] = time.perf_counter() - t

@@ -75,6 +75,21 @@ class Manifest:
 
 
 @dataclass
+class CoordinatorLease:
+    """coordinator.yaml: who drives the run, refreshed by that coordinator; its state for `fedsync status`."""
+
+    format: int
+    run_id: str
+    owner: str
+    host: str
+    pid: int
+    heartbeat: int
+    state: str
+    round: int | None
+    note: str
+
+
+@dataclass
 class WorkerTask:
     shard: int
     local_epochs: int

@@ -7,7 +7,8 @@ import time
 from typing import Any
 
 from .manifest import read_manifest
-from .markers import Assignment, FinalMarker, Summary, WorkerInfo, parse
+from .lease import LEASE_FILE
+from .markers import Assignment, CoordinatorLease, FinalMarker, Summary, WorkerInfo, parse
 from .share import Share, is_conflict_copy, is_temporary, read_yaml
 
 
@@ -26,7 +27,7 @@ def collect_status(share: Share) -> dict[str, Any]:
         "share": str(share.root), "run_id": manifest.run_id, "created": manifest.created,
         "task": manifest.config["task"], "model": manifest.config["model"],
         "round": current, "rounds": None, "state": "waiting for workers", "assigned": [], "submitted": [],
-        "last_closed": None, "workers": [], "final": None,
+        "last_closed": None, "workers": [], "final": None, "coordinator": None,
     }
     if current is not None:
         a: Assignment | None = _load(Assignment, share.assignment(current), "assignment")
@@ -50,6 +51,16 @@ def collect_status(share: Share) -> dict[str, Any]:
                     "missing": s.missing, **s.metrics}
             if closed[-1] == current:
                 status["state"] = "closed; next round not open yet"
+    lease: CoordinatorLease | None = _load(CoordinatorLease, share.root / LEASE_FILE, LEASE_FILE)
+    if lease is not None:
+        try:
+            age: float | None = round(time.time() - os.stat(share.root / LEASE_FILE).st_mtime, 1)
+        except FileNotFoundError:
+            age = None
+        status["coordinator"] = {"owner": lease.owner, "host": lease.host, "pid": lease.pid, "state": lease.state,
+                                 "round": lease.round, "note": lease.note, "last_refresh_s": age}
+        if lease.state == "extended":
+            status["state"] = f"extended: {lease.note}"
     final: FinalMarker | None = _load(FinalMarker, share.final_marker, "final.yaml")
     if final is not None and final.run_id == manifest.run_id and final.round >= (current or 0):
         status["final"] = {"round": final.round, "test_accuracy": final.test_accuracy}
@@ -92,6 +103,10 @@ def format_status(st: dict[str, Any]) -> str:
     if st["final"]:
         lines.append(f"finished after round {st['final']['round']}: test accuracy "
                      f"{st['final']['test_accuracy']:.4f}")
+    c = st["coordinator"]
+    if c:
+        lines.append(f"coordinator {c['owner']}: {c['state']}, lease refreshed {c['last_refresh_s']} s ago "
+                     "(file time, as seen from here)")
     lines.append(f"workers ({len(st['workers'])}):")
     for w in st["workers"]:
         if "problem" in w:

@@ -1,0 +1,103 @@
+"""The coordinator's lease on a share: coordinator.yaml, refreshed by its owner, so a second coordinator
+refuses instead of writing beside the first (two writers would break DESIGN invariant 1).
+
+On one host the local file lock decides at once. Across hosts, a coordinator that finds another's lease
+watches the file for `timeout` seconds by its own clock (DESIGN invariant 5): a change means the owner is
+alive and it refuses; no change means the owner died and it takes over.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import replace
+
+from .errors import ShareError
+from .markers import FORMAT_VERSION, CoordinatorLease, parse, to_dict
+from .share import Share, read_yaml, write_yaml
+
+LEASE_FILE = "coordinator.yaml"
+
+
+def _read(share: Share) -> CoordinatorLease | None:
+    try:
+        return parse(CoordinatorLease, read_yaml(share.root / LEASE_FILE), LEASE_FILE)
+    except Exception:  # noqa: BLE001 - absent, or not synced whole: no live lease can be proven from it
+        return None
+
+
+def _signature(share: Share) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(share.root / LEASE_FILE)
+    except FileNotFoundError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+class Lease:
+    def __init__(self, share: Share, run_id: str, refresh: float, timeout: float,
+                 log: Callable[[str], None]) -> None:
+        self.share, self.refresh, self.timeout, self.log = share, refresh, timeout, log
+        self.lost = threading.Event()
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+        self.record = CoordinatorLease(format=FORMAT_VERSION, run_id=run_id,
+                                       owner=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
+                                       host=socket.gethostname(), pid=os.getpid(), heartbeat=0, state="starting",
+                                       round=None, note="")
+        self.thread = threading.Thread(target=self._beat, name="lease", daemon=True)
+
+    def acquire(self) -> None:
+        """Take the lease, or raise ShareError naming the live coordinator that holds it."""
+        other = _read(self.share)
+        if other is not None and other.state != "stopped" and other.host != self.record.host:
+            # Another host's coordinator may be alive: watch its lease for one timeout, by our clock.
+            self.log(f"share has a lease from coordinator {other.owner}; watching it for {self.timeout:.0f} s")
+            seen = _signature(self.share)
+            end = time.monotonic() + self.timeout
+            while time.monotonic() < end:
+                time.sleep(min(0.5, self.refresh))
+                if _signature(self.share) != seen:
+                    now = _read(self.share)
+                    raise ShareError(f"{self.share.root} is driven by coordinator {(now or other).owner} on host "
+                                     f"{(now or other).host}, which is refreshing its lease: stop it first")
+            self.log(f"coordinator {other.owner} on {other.host} did not refresh its lease for "
+                     f"{self.timeout:.0f} s: taking over")
+        # Same host: the caller holds the local lock, so the previous owner on this host is gone.
+        self._write()
+        self.thread.start()
+
+    def update(self, state: str, round: int | None = None, note: str = "") -> None:
+        with self.lock:
+            self.record = replace(self.record, state=state, round=round, note=note)
+        self._write()
+
+    def release(self, state: str = "stopped") -> None:
+        self.stopped.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout=5)
+        if not self.lost.is_set():
+            self.update(state, self.record.round, self.record.note)
+
+    def _write(self) -> None:
+        with self.lock:
+            current = _read(self.share)
+            if current is not None and current.owner != self.record.owner and self.record.heartbeat > 0:
+                self.lost.set()  # someone took over (we were presumed dead): stop writing to this share
+                return
+            self.record = replace(self.record, heartbeat=self.record.heartbeat + 1)
+            write_yaml(self.share.root / LEASE_FILE, to_dict(self.record))
+
+    def _beat(self) -> None:
+        while not self.stopped.wait(self.refresh):
+            try:
+                self._write()
+            except OSError as e:
+                self.log(f"could not refresh the lease ({e.strerror or e}); retrying")
+            if self.lost.is_set():
+                self.log("another coordinator took over this share; stopping")
+                return

@@ -1,0 +1,107 @@
+"""One coordinator per share: the lease in coordinator.yaml, and the state it shows to `fedsync status`."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from fedsync.markers import (FORMAT_VERSION, Assignment, CoordinatorLease, Summary, UpdateMarker, parse,
+                             to_dict)
+from fedsync.share import Share, read_yaml, write_yaml
+from fedsync.tensorfile import load_verified, save_state
+
+from .conftest import finish, register_worker, run, start
+
+FAST_LEASE = ("--set", "heartbeat=1", "--set", "worker_timeout=3")
+
+
+def _wait(check, timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _foreign_lease(share: Share, beat: int) -> None:
+    write_yaml(share.root / "coordinator.yaml", to_dict(CoordinatorLease(
+        format=FORMAT_VERSION, run_id="x", owner="other-host:4242:abcd1234", host="other-host", pid=4242,
+        heartbeat=beat, state="collecting", round=1, note="")))
+
+
+def test_second_coordinator_on_this_host_is_refused(share: Path) -> None:
+    first = start("coordinator", "--share", str(share), "--set", "min_workers=5")
+    try:
+        _wait(lambda: (share / "coordinator.yaml").exists(), 60, "the first coordinator's lease")
+        pid = parse(CoordinatorLease, read_yaml(share / "coordinator.yaml"), "lease").pid
+        second = run("coordinator", "--share", str(share), "--set", "min_workers=5")
+        assert second.returncode == 5 and f"pid {pid}" in second.stderr, second.stderr
+    finally:
+        first.terminate()
+        finish(first, timeout=30)
+
+
+def test_live_lease_from_another_host_is_refused(share: Path) -> None:
+    s = Share(share)
+    _foreign_lease(s, 1)
+    stop = threading.Event()
+
+    def refresh() -> None:
+        beat = 1
+        while not stop.wait(0.5):
+            beat += 1
+            _foreign_lease(s, beat)
+
+    t = threading.Thread(target=refresh)
+    t.start()
+    try:
+        out = run("coordinator", "--share", str(share), *FAST_LEASE, timeout=60)
+    finally:
+        stop.set()
+        t.join()
+    assert out.returncode == 5 and "other-host" in out.stderr and "refreshing its lease" in out.stderr, out.stderr
+
+
+def test_dead_lease_from_another_host_is_taken_over(share: Path) -> None:
+    s = Share(share)
+    _foreign_lease(s, 7)
+    coord = start("coordinator", "--share", str(share), "--rounds", "1", *FAST_LEASE)
+    worker = start("worker", "--share", str(share), "--name", "w1", "--device", "cpu", "--wait-for-run", "60")
+    out = finish(coord, timeout=120)
+    finish(worker, timeout=30)
+    assert coord.returncode == 0 and "taking over" in out, out
+    lease = parse(CoordinatorLease, read_yaml(share / "coordinator.yaml"), "lease")
+    assert lease.host != "other-host" and lease.state == "finished"
+
+
+def test_round_extended_at_its_deadline_shows_in_status(share: Path) -> None:
+    s = Share(share)
+    register_worker(s, "sleepy")
+    coord = start("coordinator", "--share", str(share), "--rounds", "1", "--set", "min_workers=2",
+                  "--set", "min_updates=2", "--set", "round_timeout=2", "--set", "worker_timeout=60")
+    worker = start("worker", "--share", str(share), "--name", "w1", "--device", "cpu", "--wait-for-run", "60")
+    try:
+        def extended() -> bool:
+            st = run("status", "--share", str(share), "--json")
+            return st.returncode == 0 and json.loads(st.stdout)["state"].startswith("extended")
+        _wait(extended, 90, "the round to be extended")
+        text = run("status", "--share", str(share)).stdout
+        assert "extended: deadline passed" in text and "min_updates=2" in text
+        a = parse(Assignment, read_yaml(s.assignment(1)), "a")  # the laptop wakes up and submits
+        base = load_verified(s.global_model(1), a.model)
+        ref = save_state(s.update_tensors(1, "sleepy"), {k: torch.zeros_like(v) for k, v in base.items()})
+        write_yaml(s.update_marker(1, "sleepy"), to_dict(UpdateMarker(
+            format=FORMAT_VERSION, round=1, worker="sleepy", base=a.model.blake3, tensors=ref, samples=50,
+            train_loss=1.0, seconds=1.0, device="cpu")))
+    except BaseException:
+        coord.kill()
+        worker.kill()
+        raise
+    out = finish(coord, timeout=60)
+    finish(worker, timeout=30)
+    assert coord.returncode == 0, out
+    summary = parse(Summary, read_yaml(s.summary(1)), "s")
+    assert sorted(x.worker for x in summary.accepted) == ["sleepy", "w1"]
