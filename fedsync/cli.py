@@ -102,6 +102,33 @@ def status(
 
 
 @app.command()
+def verify(
+    share: ShareOpt = Path("rounds"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")] = False,
+) -> None:
+    """Re-check every marker and hash of the run in SHARE: global models, accepted updates, aggregates, the
+    final model. Errors (exit status 8) are damage to what the run relies on; hints are harmless leftovers.
+
+    Example: fedsync verify --share /mnt/fed
+    """
+    from dataclasses import asdict
+
+    from .share import Share
+    from .verify import verify as verify_share
+
+    report = verify_share(Share(share))
+    if as_json:
+        typer.echo(json.dumps({"checked": report.checked, "findings": [asdict(f) for f in report.findings]}, indent=2))
+    else:
+        for f in report.findings:
+            typer.echo(f"{f.level}: {f.path}: {f.problem}\n  fix: {f.fix}")
+        typer.echo(f"checked {report.checked} files: {len(report.errors)} error(s), "
+                   f"{len(report.findings) - len(report.errors)} hint(s)")
+    if report.errors:
+        raise typer.Exit(8)
+
+
+@app.command()
 def demo(
     share: ShareOpt = Path("rounds"),
     workers: Annotated[int, typer.Option(help="Local worker processes to start.", min=1, max=16)] = 3,

@@ -48,5 +48,6 @@ EXIT_CODES: dict[int, str] = {
     5: ShareError.__doc__ or "",
     6: DataError.__doc__ or "",
     7: DeviceError.__doc__ or "",
+    8: "fedsync verify found damage: a file the run relies on is missing or differs from its marker",
     130: "interrupted (Ctrl-C)",
 }

@@ -10,7 +10,7 @@ from fedsync.errors import EXIT_CODES
 
 from .conftest import run
 
-COMMANDS = ["coordinator", "worker", "status", "demo"]
+COMMANDS = ["coordinator", "worker", "status", "verify", "demo"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

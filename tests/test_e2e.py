@@ -63,3 +63,30 @@ def test_two_workers_reach_real_accuracy(share: Path) -> None:
     assert refused.returncode == 3
     assert "another config" in refused.stderr and "lr" in refused.stderr and "Traceback" not in refused.stderr
     assert s.manifest.read_bytes() == before
+
+
+def test_verify_reports_intact_runs_and_names_damage(tmp_path: Path) -> None:
+    share = tmp_path / "share"
+    coord = start("coordinator", "--share", str(share), "--rounds", "2")
+    worker = start("worker", "--share", str(share), "--name", "w1", "--device", "cpu", "--wait-for-run", "60")
+    assert finish(coord, timeout=120) is not None and coord.returncode == 0
+    finish(worker, timeout=30)
+    ok = run("verify", "--share", str(share))
+    assert ok.returncode == 0 and "0 error(s)" in ok.stdout, ok.stdout
+
+    s = Share(share)
+    (s.updates_dir(1) / ".w1.safetensors.abc.tmp").write_bytes(b"x")  # a leftover: a hint, not damage
+    (s.round_dir(2) / "summary.sync-conflict-20261123-101010-ABCDEFG.yaml").write_text("x")
+    hinted = run("verify", "--share", str(share), "--json")
+    found = json.loads(hinted.stdout)["findings"]
+    assert hinted.returncode == 0 and {f["level"] for f in found} == {"hint"} and len(found) == 2
+
+    damaged = bytearray(s.update_tensors(1, "w1").read_bytes())
+    damaged[-1] ^= 1
+    s.update_tensors(1, "w1").write_bytes(bytes(damaged))
+    s.global_model(2).unlink()
+    bad = run("verify", "--share", str(share))
+    assert bad.returncode == 8, bad.stdout
+    assert "error: 0001/updates/w1.safetensors: hash_mismatch" in bad.stdout
+    assert "error: 0002/global.safetensors: missing_file" in bad.stdout
+    assert bad.stdout.count("error:") == 3  # the global model of round 2 is also round 1's aggregate

@@ -13,7 +13,7 @@ import pytest
 from fedsync.markers import FinalMarker, Summary, parse
 from fedsync.share import Share, read_yaml
 
-from .conftest import finish, start
+from .conftest import finish, run, start
 
 ROUNDS = 4
 COORD = ("coordinator", "--rounds", str(ROUNDS), "--set", "min_workers=2")
@@ -37,6 +37,8 @@ def check_complete(s: Share) -> None:
         assert sorted(a.worker for a in summary.accepted) == ["w1", "w2"], (r, summary)
     leftovers = [p for p in s.root.rglob("*") if p.name.endswith(".tmp")]
     assert not leftovers, leftovers
+    verified = run("verify", "--share", str(s.root))
+    assert verified.returncode == 0 and "0 error(s), 0 hint(s)" in verified.stdout, verified.stdout
 
 
 @pytest.mark.parametrize("fault", [

@@ -1,0 +1,139 @@
+"""`fedsync verify`: re-check every marker and hash a run relies on, like `restic check`.
+
+Errors are damage to what the run's decisions rest on (a global model, an accepted update, an aggregate, the
+final model); hints are harmless leftovers. Every finding names its file and what fixes it.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .lease import LEASE_FILE
+from .manifest import read_manifest
+from .markers import (
+    Assignment,
+    CoordinatorLease,
+    FileRef,
+    FinalMarker,
+    Summary,
+    UpdateMarker,
+    WorkerInfo,
+    parse,
+)
+from .share import Share, is_conflict_copy, read_yaml
+from .tensorfile import Unusable, read_verified
+
+
+@dataclass(frozen=True)
+class Finding:
+    level: str  # error | hint
+    path: str
+    problem: str
+    fix: str
+
+
+@dataclass
+class Report:
+    checked: int = 0
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.level == "error"]
+
+
+RESTORE = "restore it from a backup or a sync peer; rounds after it cannot be re-derived without it"
+
+
+def verify(share: Share) -> Report:
+    report = Report()
+    read_manifest(share)  # a missing or foreign-format manifest is an error the caller reports
+    report.checked += 1
+    _record(report, share, share.root / LEASE_FILE, CoordinatorLease, required=False,
+            fix="the coordinator rewrites it at its next start")
+    for path in sorted(share.workers_dir.glob("*.yaml")) if share.workers_dir.is_dir() else []:
+        _record(report, share, path, WorkerInfo, required=True, level="hint",
+                fix="the worker rewrites it at its next heartbeat; restart that worker")
+    closed = 0
+    for r in share.rounds():
+        a = _record(report, share, share.assignment(r), Assignment, required=True,
+                    fix="the round was never opened whole; delete its folder if it holds nothing else")
+        if a is not None:
+            _file(report, share, share.global_model(r), a.model, f"round {r}'s global model: {RESTORE}")
+        s = _record(report, share, share.summary(r), Summary, required=False, fix=RESTORE)
+        if s is not None:
+            closed = r
+            _file(report, share, share.root / s.model.file, s.model, f"round {r}'s aggregate: {RESTORE}")
+            for x in s.accepted:
+                _update(report, share, r, x.worker, f"accepted in round {r}")
+            for late in s.late:
+                if late.outcome == "folded":
+                    _update(report, share, late.round, late.worker, f"folded into round {r}")
+        for path in share.round_dir(r).rglob("*"):
+            _leftovers(report, share, path)
+    for path in share.root.iterdir():
+        _leftovers(report, share, path)
+    if closed:
+        _metrics(report, share, closed)
+    final = _record(report, share, share.final_marker, FinalMarker, required=False, fix=RESTORE)
+    if final is not None:
+        _file(report, share, share.final_model, final.model, f"the final model: {RESTORE}")
+    return report
+
+
+def _rel(share: Share, path: Path) -> str:
+    return path.relative_to(share.root).as_posix()
+
+
+def _record(report: Report, share: Share, path: Path, cls: type, required: bool, fix: str,
+            level: str = "error"):  # type: ignore[no-untyped-def]
+    if not path.exists():
+        if required:
+            report.findings.append(Finding(level, _rel(share, path), "missing", fix))
+        return None
+    report.checked += 1
+    try:
+        return parse(cls, read_yaml(path), _rel(share, path))
+    except Exception as e:  # noqa: BLE001 - any unreadable marker is one finding
+        report.findings.append(Finding(level, _rel(share, path), f"unreadable: {e}", fix))
+        return None
+
+
+def _file(report: Report, share: Share, path: Path, ref: FileRef, fix: str) -> None:
+    report.checked += 1
+    try:
+        read_verified(path, ref)
+    except Unusable as e:
+        report.findings.append(Finding("error", _rel(share, path), f"{e.reason.value}: {e.detail}", fix))
+    except OSError as e:
+        report.findings.append(Finding("error", _rel(share, path), f"unreadable: {e.strerror or e}", fix))
+
+
+def _update(report: Report, share: Share, r: int, worker: str, why: str) -> None:
+    m = _record(report, share, share.update_marker(r, worker), UpdateMarker, required=True,
+                fix=f"the update was {why}; {RESTORE}")
+    if m is not None:
+        _file(report, share, share.update_tensors(r, worker), m.tensors,
+              f"this update was {why} and has changed since; {RESTORE}")
+
+
+def _leftovers(report: Report, share: Share, path: Path) -> None:
+    if path.name.startswith(".") and path.name.endswith(".tmp"):
+        report.findings.append(Finding("hint", _rel(share, path), "temporary file left by an interrupted writer",
+                                       "harmless; its owner deletes it at its next start, or delete it"))
+    elif is_conflict_copy(path.name):
+        report.findings.append(Finding("hint", _rel(share, path), "sync conflict copy",
+                                       "two machines wrote one file; fedsync never reads it: delete it"))
+
+
+def _metrics(report: Report, share: Share, closed: int) -> None:
+    report.checked += 1
+    try:
+        rounds = [int(row["round"]) for row in csv.DictReader(share.metrics.open())]
+    except (OSError, KeyError, ValueError):
+        rounds = []
+    if rounds != list(range(1, closed + 1)):
+        report.findings.append(Finding("hint", "metrics.csv", f"does not list rounds 1..{closed}",
+                                       "derived from the summaries: the coordinator rewrites it at its next start"))
