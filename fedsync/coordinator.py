@@ -32,8 +32,8 @@ from .markers import (FORMAT_VERSION, Accepted, Assignment, CoordinatorLease, Fi
                       parse, to_dict)
 from .models import build_model
 from .reasons import Reason
-from .share import (Share, atomic_write, is_conflict_copy, is_temporary, local_lock, read_yaml, remove_stale_temps,
-                    write_yaml)
+from .share import (Backoff, Share, atomic_write, is_conflict_copy, is_temporary, local_lock, read_yaml,
+                    remove_stale_temps, write_yaml)
 from .tensorfile import Unusable, layout_of, load_verified, read_verified, save_state
 from .train import evaluate
 from .watch import ShareWatcher
@@ -104,6 +104,7 @@ class Coordinator:
         self.share, self.manifest, self.opts, self.cfg = share, manifest, opts, opts.config
         self.dataset, self.watcher, self.lease, self.log = dataset, watcher, lease, opts.log
         self.liveness = Liveness(share, self.cfg.worker_timeout)
+        self.backoff = Backoff(self.log)
         self.model = build_model(self.cfg.model, dataset.num_classes, seed=self.cfg.seed)
         self.metrics: list[dict[str, object]] = []
 
@@ -114,8 +115,8 @@ class Coordinator:
             raise ConfigError(f"the run in {self.share.root} already closed {closed[-1]} rounds: "
                               f"--rounds must be at least {closed[-1]}")
         self.metrics = [self._metrics_row(self._read_summary(r)) for r in closed]
-        if closed:
-            atomic_write(self.share.metrics, self._metrics_csv())  # a crash may have left it a row short
+        if closed:  # a crash may have left it a row short
+            self.backoff.run(lambda: atomic_write(self.share.metrics, self._metrics_csv()), "writing metrics.csv")
         self._remove_stale_temps()
         r = (closed[-1] + 1) if closed else 1
         if r <= self.opts.rounds:
@@ -123,7 +124,7 @@ class Coordinator:
         self.log(f"run {self.manifest.run_id}: {self.cfg.task}/{self.cfg.model}, rounds {r}..{self.opts.rounds}, "
                  f"share {self.share.root}")
         while r <= self.opts.rounds:
-            assignment, state = self._open_round(r)
+            assignment, state = self.backoff.run(lambda: self._open_round(r), f"opening round {r}")
             self._collect_and_close(r, assignment, state)
             r += 1
         return self._finish()
@@ -191,8 +192,12 @@ class Coordinator:
         timings = {"final_intake_s": 0.0, "aggregate_s": 0.0, "evaluate_s": 0.0}
         try:
             while True:
-                self.liveness.scan()
-                candidates = intake.scan() + late.scan()
+                try:
+                    self.liveness.scan()
+                    candidates = intake.scan() + late.scan()
+                except OSError as e:
+                    self._wait(self.backoff.failed(e, f"looking for round {r}'s updates"))
+                    continue
                 if candidates:
                     t = time.perf_counter()
                     outcomes = aggregator.take(candidates)
@@ -234,7 +239,8 @@ class Coordinator:
                new_state: dict[str, torch.Tensor], reason: str, seconds: float, timings: dict[str, float]) -> None:
         # 1. the aggregate, where the next round (or the end of the run) will look for it
         path = self.share.model_after(r, self.opts.rounds)
-        ref = save_state(path, new_state, ref_name=path.relative_to(self.share.root).as_posix())
+        name = path.relative_to(self.share.root).as_posix()
+        ref = self.backoff.run(lambda: save_state(path, new_state, ref_name=name), f"writing {name}")
         # 2. its quality on the held-out set
         t = time.perf_counter()
         self.model.load_state_dict(new_state)
@@ -249,10 +255,10 @@ class Coordinator:
                           missing=intake.missing(), ignored=sorted(intake.ignored), late=late,
                           metrics={"test_accuracy": test_acc, "test_loss": test_loss, "train_loss": train_loss},
                           timings={k: round(v, 6) for k, v in timings.items()})
-        write_yaml(self.share.summary(r), to_dict(summary))
+        self.backoff.run(lambda: write_yaml(self.share.summary(r), to_dict(summary)), f"writing round {r}'s summary")
         crash_point(f"coordinator:after-summary:{r}")
         self.metrics.append(self._metrics_row(summary))
-        atomic_write(self.share.metrics, self._metrics_csv())
+        self.backoff.run(lambda: atomic_write(self.share.metrics, self._metrics_csv()), "writing metrics.csv")
         self.log(f"round {r}/{self.opts.rounds} closed ({reason}): {len(accepted)} accepted, "
                  f"{len(summary.rejected)} rejected, {len(summary.missing)} missing; test accuracy {test_acc:.4f}, "
                  f"test loss {test_loss:.4f}, {seconds:.2f} s")
@@ -266,7 +272,7 @@ class Coordinator:
         final = FinalMarker(format=FORMAT_VERSION, run_id=self.manifest.run_id, round=self.opts.rounds,
                             model=FileRef("final.safetensors", last.model.blake3, last.model.bytes),
                             test_accuracy=last.metrics["test_accuracy"])
-        write_yaml(self.share.final_marker, to_dict(final))
+        self.backoff.run(lambda: write_yaml(self.share.final_marker, to_dict(final)), "writing final.yaml")
         self.log(f"run {self.manifest.run_id} finished after {final.round} rounds: test accuracy "
                  f"{final.test_accuracy:.4f}; model in {self.share.final_model}")
         return final

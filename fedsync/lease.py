@@ -18,7 +18,7 @@ from dataclasses import replace
 
 from .errors import ShareError
 from .markers import FORMAT_VERSION, CoordinatorLease, parse, to_dict
-from .share import Share, read_yaml, write_yaml
+from .share import Share, explain, read_yaml, write_yaml
 
 LEASE_FILE = "coordinator.yaml"
 
@@ -74,7 +74,10 @@ class Lease:
     def update(self, state: str, round: int | None = None, note: str = "") -> None:
         with self.lock:
             self.record = replace(self.record, state=state, round=round, note=note)
-        self._write()
+        try:
+            self._write()
+        except OSError as e:
+            self.log(f"could not write {LEASE_FILE} ({explain(e)}); the next refresh retries")
 
     def release(self, state: str = "stopped") -> None:
         self.stopped.set()
@@ -97,7 +100,7 @@ class Lease:
             try:
                 self._write()
             except OSError as e:
-                self.log(f"could not refresh the lease ({e.strerror or e}); retrying")
+                self.log(f"could not refresh the lease ({explain(e)}); retrying")
             if self.lost.is_set():
                 self.log("another coordinator took over this share; stopping")
                 return

@@ -5,12 +5,15 @@ Every path a fedsync process touches is named here, so docs/PROTOCOL.md and the 
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from filelock import FileLock
@@ -20,6 +23,7 @@ import yaml
 
 from . import faults
 
+T = TypeVar("T")
 MAX_YAML_BYTES = 1 << 20  # markers are tiny; anything bigger is refused before it is read
 ROUND_DIR = re.compile(r"^\d{4,9}$")
 WORKER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -174,6 +178,52 @@ def read_limited(path: Path, limit: int) -> bytes:
     if len(data) > limit:
         raise OversizeError(f"{path.name} grew past the {limit}-byte limit while being read")
     return data
+
+
+OS_TROUBLE = {
+    errno.ENOSPC: "the share's disk is full",
+    errno.EDQUOT: "the share's quota is used up",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "the share is mounted read-only",
+    errno.ESTALE: "stale network file handle (the server restarted or the share was remounted)",
+    errno.ENOTCONN: "the share is disconnected (its FUSE or network mount is gone)",
+    errno.ENOENT: "a file or folder vanished (is the share unmounted?)",
+    errno.EIO: "input/output error on the share",
+}
+
+
+def explain(e: OSError) -> str:
+    """One line a person can act on, naming the file."""
+    where = f": {e.filename}" if e.filename else ""
+    return OS_TROUBLE.get(e.errno or 0, e.strerror or str(e)) + where
+
+
+class Backoff:
+    """Retry delays for share trouble: 0.5 s doubling to 30 s, reset by a success."""
+
+    def __init__(self, log: Callable[[str], None], first: float = 0.5, cap: float = 30.0) -> None:
+        self.log, self.first, self.cap, self.delay = log, first, cap, first
+
+    def failed(self, e: OSError, what: str) -> float:
+        delay = self.delay
+        self.log(f"share trouble while {what}: {explain(e)}; retrying in {delay:.1f} s")
+        self.delay = min(self.cap, self.delay * 2)
+        return delay
+
+    def reset(self) -> None:
+        self.delay = self.first
+
+    def run(self, action: Callable[[], T], what: str) -> T:
+        """Run an idempotent step until it succeeds, sleeping between attempts."""
+        while True:
+            try:
+                result = action()
+            except OSError as e:
+                time.sleep(self.failed(e, what))
+                continue
+            self.reset()
+            return result
 
 
 class OversizeError(ValueError):

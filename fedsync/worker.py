@@ -30,7 +30,8 @@ from .markers import (FORMAT_VERSION, Assignment, FinalMarker, Manifest, UpdateM
                       to_dict)
 from .models import build_model
 from .partition import partition
-from .share import Share, check_worker_name, local_lock, read_yaml, remove_stale_temps, write_yaml
+from .share import (Backoff, Share, check_worker_name, explain, local_lock, read_yaml, remove_stale_temps,
+                    write_yaml)
 from .tensorfile import Unusable, load_verified, save_state
 from .train import TrainSettings, local_train
 from .watch import ShareWatcher
@@ -50,8 +51,9 @@ class WorkerOptions:
 class Heartbeat:
     """Rewrites workers/<name>.yaml every `interval` seconds from its own thread, so training never starves it."""
 
-    def __init__(self, share: Share, info: WorkerInfo, interval: float) -> None:
-        self.share, self.info, self.interval = share, info, interval
+    def __init__(self, share: Share, info: WorkerInfo, interval: float, log: Log) -> None:
+        self.share, self.info, self.interval, self.log = share, info, interval, log
+        self.failing = False
         self.lock = threading.Lock()
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
@@ -61,9 +63,19 @@ class Heartbeat:
         self.thread.start()
 
     def update(self, **changes: object) -> None:
+        """Record a change and write it; share trouble is reported once and retried by the next beat."""
         with self.lock:
             self.info = replace(self.info, heartbeat=self.info.heartbeat + 1, **changes)  # type: ignore[arg-type]
-            write_yaml(self.share.worker_file(self.info.name), to_dict(self.info))
+            try:
+                write_yaml(self.share.worker_file(self.info.name), to_dict(self.info))
+            except OSError as e:
+                if not self.failing:
+                    self.log(f"share trouble writing the heartbeat: {explain(e)}; retrying every beat")
+                self.failing = True
+                return
+            if self.failing:
+                self.log("heartbeat written again")
+            self.failing = False
 
     def stop(self) -> None:
         self.stopped.set()
@@ -72,10 +84,7 @@ class Heartbeat:
 
     def _beat(self) -> None:
         while not self.stopped.wait(self.interval):
-            try:
-                self.update()
-            except OSError:
-                pass  # a share hiccup: the next beat tries again; the coordinator tolerates missed beats
+            self.update()
 
 
 def run_worker(opts: WorkerOptions) -> FinalMarker | None:
@@ -124,7 +133,8 @@ class Worker:
         info = WorkerInfo(format=FORMAT_VERSION, name=name, host=socket.gethostname(), fedsync=__version__,
                           torch=str(torch.__version__), device=device, device_name=device_name,
                           cuda_capability=capability, state="starting", round=None, heartbeat=0)
-        self.heartbeat = Heartbeat(share, info, self.cfg.heartbeat)
+        self.heartbeat = Heartbeat(share, info, self.cfg.heartbeat, log)
+        self.backoff = Backoff(log)
         self.dataset: Dataset | None = None
         self.shards: dict[int, list[np.ndarray]] = {}
 
@@ -139,13 +149,18 @@ class Worker:
                  f"({self.heartbeat.info.device_name}); {len(self.dataset.train)} training examples")
         try:
             while True:
-                final = self._finished()
-                if final is not None:
-                    self.log(f"run finished after round {final.round} (test accuracy {final.test_accuracy:.4f})")
-                    return final
-                work = self._pending_round()
-                if work is not None:
-                    self._train_round(*work)
+                try:
+                    final = self._finished()
+                    if final is not None:
+                        self.log(f"run finished after round {final.round} (test accuracy "
+                                 f"{final.test_accuracy:.4f})")
+                        return final
+                    work = self._pending_round()
+                    if work is not None:
+                        self._train_round(*work)
+                        continue
+                except OSError as e:
+                    self.watcher.wait(self.backoff.failed(e, "looking for work"))
                     continue
                 self.watcher.wait(self.opts.rescan)
         finally:
@@ -195,12 +210,14 @@ class Worker:
         result = local_train(model, shard, settings, self.device, seed=_seed(self.cfg.seed, r, self.name))
         update = delta(model.state_dict(), base)
         seconds = time.monotonic() - started
-        ref = save_state(self.share.update_tensors(r, self.name), update)
+        ref = self.backoff.run(lambda: save_state(self.share.update_tensors(r, self.name), update),
+                               f"writing the update for round {r}")
         crash_point(f"worker:after-tensors:{r}")
         marker = UpdateMarker(format=FORMAT_VERSION, round=r, worker=self.name, base=a.model.blake3, tensors=ref,
                               samples=result.samples, train_loss=result.train_loss, seconds=round(seconds, 3),
                               device=self.device)
-        write_yaml(self.share.update_marker(r, self.name), to_dict(marker))  # last: the update counts from here
+        self.backoff.run(lambda: write_yaml(self.share.update_marker(r, self.name), to_dict(marker)),
+                         f"writing the marker for round {r}")  # last: the update counts from here
         self.heartbeat.update(state="idle", round=r)
         self.log(f"round {r}: trained shard {task.shard}/{a.num_shards} ({result.samples} examples, "
                  f"{task.local_epochs} epoch(s)) in {seconds:.2f} s, train loss {result.train_loss:.4f}")
