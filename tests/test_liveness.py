@@ -1,0 +1,68 @@
+"""Liveness by the coordinator's clock: heartbeats keep a long-training worker alive; a frozen worker gets no
+new work, and rejoins when it wakes up."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+from fedsync.markers import Assignment, Summary, parse
+from fedsync.share import Share, read_yaml
+
+from .conftest import finish, start
+
+FAST = ("--set", "heartbeat=1", "--set", "worker_timeout=3")
+
+
+def _wait(check, timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def _worker(share: Path, name: str):
+    return start("worker", "--share", str(share), "--name", name, "--device", "cpu", "--wait-for-run", "60")
+
+
+def test_training_longer_than_the_timeout_never_looks_dead(share: Path) -> None:
+    coord = start("coordinator", "--share", str(share), "--rounds", "1", "--set", "min_workers=2",
+                  "--set", "local_epochs=60", *FAST)
+    workers = [_worker(share, n) for n in ("w1", "w2")]
+    out = finish(coord, timeout=180)
+    [finish(w, timeout=30) for w in workers]
+    assert coord.returncode == 0, out
+    s = parse(Summary, read_yaml(Share(share).summary(1)), "s")
+    assert max(x.seconds for x in s.accepted) > 3, "training must outlast worker_timeout for this test to mean much"
+    assert sorted(x.worker for x in s.accepted) == ["w1", "w2"] and s.closed_because == "quorum"
+
+
+def test_frozen_worker_gets_no_work_and_rejoins_when_it_wakes(share: Path) -> None:
+    s = Share(share)
+    coord = start("coordinator", "--share", str(share), "--rounds", "14", "--set", "min_workers=2", *FAST)
+    workers = {n: _worker(share, n) for n in ("w1", "w2", "w3")}
+
+    def assigned(r: int) -> list[str]:
+        return sorted(parse(Assignment, read_yaml(s.assignment(r)), "a").workers)
+
+    def opened_without_w3() -> int | None:
+        return next((r for r in s.rounds() if s.assignment(r).exists() and "w3" not in assigned(r)), None)
+
+    try:
+        _wait(lambda: s.summary(1).exists() and "w3" in assigned(1), 90, "round 1 to close with w3")
+        os.kill(workers["w3"].pid, signal.SIGSTOP)  # a laptop lid closes
+        _wait(lambda: opened_without_w3() is not None, 60, "a round opened without the frozen w3")
+        frozen_round = opened_without_w3()
+        os.kill(workers["w3"].pid, signal.SIGCONT)  # ... and opens again
+    except BaseException:
+        for p in (coord, *workers.values()):
+            p.kill()
+        raise
+    out = finish(coord, timeout=120)
+    for w in workers.values():
+        finish(w, timeout=30)
+    assert coord.returncode == 0, out
+    assert assigned(frozen_round) == ["w1", "w2"]
+    assert any(assigned(r) == ["w1", "w2", "w3"] for r in range(frozen_round + 1, 15)), out
