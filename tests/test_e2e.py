@@ -65,12 +65,12 @@ def test_two_workers_reach_real_accuracy(share: Path) -> None:
     assert s.manifest.read_bytes() == before
 
 
-def test_verify_reports_intact_runs_and_names_damage(tmp_path: Path) -> None:
-    share = tmp_path / "share"
+def test_verify_reports_intact_runs_and_names_damage(share: Path) -> None:
     coord = start("coordinator", "--share", str(share), "--rounds", "2")
     worker = start("worker", "--share", str(share), "--name", "w1", "--device", "cpu", "--wait-for-run", "60")
-    assert finish(coord, timeout=120) is not None and coord.returncode == 0
+    out = finish(coord, timeout=120)
     finish(worker, timeout=30)
+    assert coord.returncode == 0, out
     ok = run("verify", "--share", str(share))
     assert ok.returncode == 0 and "0 error(s)" in ok.stdout, ok.stdout
 
