@@ -78,6 +78,11 @@ def _with(change: Callable[[dict[str, torch.Tensor]], None]) -> Callable[[Round]
     return act
 
 
+def _first_float(t: dict[str, torch.Tensor]) -> torch.Tensor:
+    """safetensors returns tensors in no fixed order: poison a floating one on purpose."""
+    return next(v for v in t.values() if v.is_floating_point()).view(-1)
+
+
 def _truncated(rd: Round) -> None:
     rd.submit("bad")
     path = rd.share.update_tensors(rd.r, "bad")
@@ -142,8 +147,8 @@ CASES: dict[str, Case] = {
     "wrong shape": Case(_with(lambda t: t.update({k: torch.zeros(v.numel() + 1) for k, v in list(t.items())[:1]})),
                         "wrong_shape"),
     "wrong dtype": Case(_with(lambda t: t.update({k: v.double() for k, v in list(t.items())[:1]})), "wrong_dtype"),
-    "nan": Case(_with(lambda t: next(iter(t.values())).view(-1).__setitem__(0, float("nan"))), "non_finite"),
-    "inf": Case(_with(lambda t: next(iter(t.values())).view(-1).__setitem__(-1, float("inf"))), "non_finite"),
+    "nan": Case(_with(lambda t: _first_float(t).__setitem__(0, float("nan"))), "non_finite"),
+    "inf": Case(_with(lambda t: _first_float(t).__setitem__(-1, float("inf"))), "non_finite"),
     "hash mismatch": Case(lambda rd: _hash_mismatch(rd), "hash_mismatch"),
     "marker for another round": Case(lambda rd: rd.submit("bad", round=rd.r + 1), "wrong_round"),
     "path with ..": Case(lambda rd: rd.submit("bad", tensors={"file": "../global.safetensors",
