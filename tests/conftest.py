@@ -5,14 +5,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
 from fedsync import __version__
-from fedsync.markers import FORMAT_VERSION, WorkerInfo, to_dict
+from fedsync.markers import FORMAT_VERSION, Assignment, FileRef, UpdateMarker, WorkerInfo, to_dict
 from fedsync.share import Share, write_yaml
+from fedsync.tensorfile import save_state
 
 FEDSYNC = [sys.executable, "-m", "fedsync"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -52,3 +55,21 @@ def register_worker(share: Share, name: str, beat: int = 1) -> None:
     write_yaml(share.worker_file(name), to_dict(WorkerInfo(
         format=FORMAT_VERSION, name=name, host="test-host", fedsync=__version__, torch=str(torch.__version__),
         device="cpu", device_name="CPU", cuda_capability=None, state="idle", round=None, heartbeat=beat)))
+
+
+def wait_until(check: Callable[[], object], timeout: float, what: str) -> None:
+    """Poll `check` every 20 ms; fail the test after `timeout` seconds."""
+    end = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def submit_update(share: Share, a: Assignment, worker: str, update: dict[str, torch.Tensor],
+                  samples: int = 100) -> FileRef:
+    """Write an update and then its marker for round `a.round`, as a worker process does."""
+    ref = save_state(share.update_tensors(a.round, worker), update)
+    write_yaml(share.update_marker(a.round, worker), to_dict(UpdateMarker(
+        format=FORMAT_VERSION, round=a.round, worker=worker, base=a.model.blake3, tensors=ref, samples=samples,
+        train_loss=1.0, seconds=1.0, device="cpu")))
+    return ref

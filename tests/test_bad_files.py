@@ -9,7 +9,6 @@ import pickle
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from fedsync.markers import FORMAT_VERSION, Assignment, FileRef, Summary, Update
 from fedsync.share import Share, hash_bytes, read_yaml, write_yaml
 from fedsync.tensorfile import load_verified, save_state
 
-from .conftest import finish, register_worker, start
+from .conftest import finish, register_worker, start, wait_until
 
 
 @dataclass
@@ -177,12 +176,6 @@ def _hash_mismatch(rd: Round) -> None:
         "file": ref.file, "blake3": "cd" * 32, "bytes": ref.bytes}))
 
 
-def _wait(check: Callable[[], bool], timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
 
 @pytest.fixture(scope="module")
 def bad_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Share, dict[str, Round], str, int | None]:
@@ -196,7 +189,7 @@ def bad_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Share, dict[str, 
         for r, name in enumerate(names, 1):
             for w in ("good", "bad"):
                 register_worker(share, w, beat=r)
-            _wait(lambda: share.assignment(r).exists(), 60, f"round {r} to open")
+            wait_until(lambda: share.assignment(r).exists(), 60, f"round {r} to open")
             a = parse(Assignment, read_yaml(share.assignment(r)), "a")
             rd = Round(share, r, a, load_verified(share.global_model(r), a.model))
             case = CASES[name]
@@ -204,7 +197,7 @@ def bad_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Share, dict[str, 
                 rd.good()
             case.act(rd)
             rounds[name] = rd
-            _wait(lambda: share.summary(r).exists(), 30, f"round {r} ({name}) to close")
+            wait_until(lambda: share.summary(r).exists(), 30, f"round {r} ({name}) to close")
     except BaseException:
         coord.kill()
         raise

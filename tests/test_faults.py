@@ -46,7 +46,7 @@ def check_complete(s: Share) -> None:
     "write:0003/global.safetensors",     # in the middle of writing round 2's aggregate
     "coordinator:after-summary:2",       # between the summary and the next round
     "write:0002/summary.yaml",           # in the middle of writing the decision itself
-    f"write:final.safetensors",          # in the middle of writing the final model
+    "write:final.safetensors",          # in the middle of writing the final model
 ])
 def test_coordinator_killed_and_restarted(share: Path, fault: str) -> None:
     s = Share(share)

@@ -3,24 +3,17 @@ folded into that round's aggregate with its staleness weight."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from fedsync.markers import FORMAT_VERSION, Assignment, Summary, UpdateMarker, parse, to_dict
-from fedsync.share import Share, read_yaml, write_yaml
-from fedsync.tensorfile import load_verified, save_state
+from fedsync.markers import Assignment, Summary, UpdateMarker, parse
+from fedsync.share import Share, read_yaml
+from fedsync.tensorfile import load_verified
 
-from .conftest import finish, register_worker, start
+from .conftest import finish, register_worker, start, submit_update, wait_until
 
-
-def _wait(check, timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 @pytest.mark.parametrize("policy", ["fold", "drop"])
@@ -31,15 +24,12 @@ def test_late_update(share: Path, policy: str) -> None:
                   "--set", "round_timeout=3", "--set", f"late_policy={policy}", "--set", "worker_timeout=60")
     fast = start("worker", "--share", str(share), "--name", "fast", "--device", "cpu", "--wait-for-run", "60")
     try:
-        _wait(lambda: s.assignment(2).exists(), 90, "round 1 to close at its deadline and round 2 to open")
+        wait_until(lambda: s.assignment(2).exists(), 90, "round 1 to close at its deadline and round 2 to open")
         a1 = parse(Assignment, read_yaml(s.assignment(1)), "a1")
         base1 = load_verified(s.global_model(1), a1.model)
         late_delta = {k: (torch.randn(v.shape) * 1e-2).to(v.dtype) if v.is_floating_point() else torch.zeros_like(v)
                       for k, v in base1.items()}
-        ref = save_state(s.update_tensors(1, "slow"), late_delta)
-        write_yaml(s.update_marker(1, "slow"), to_dict(UpdateMarker(
-            format=FORMAT_VERSION, round=1, worker="slow", base=a1.model.blake3, tensors=ref, samples=300,
-            train_loss=1.0, seconds=9.0, device="cpu")))
+        submit_update(s, a1, "slow", late_delta, samples=300)
     except BaseException:
         coord.kill()
         fast.kill()

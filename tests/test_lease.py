@@ -4,26 +4,18 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
 
 import torch
 
-from fedsync.markers import (FORMAT_VERSION, Assignment, CoordinatorLease, Summary, UpdateMarker, parse,
-                             to_dict)
+from fedsync.markers import FORMAT_VERSION, Assignment, CoordinatorLease, Summary, parse, to_dict
 from fedsync.share import Share, read_yaml, write_yaml
-from fedsync.tensorfile import load_verified, save_state
+from fedsync.tensorfile import load_verified
 
-from .conftest import finish, register_worker, run, start
+from .conftest import finish, register_worker, run, start, submit_update, wait_until
 
 FAST_LEASE = ("--set", "heartbeat=1", "--set", "worker_timeout=3")
 
-
-def _wait(check, timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def _foreign_lease(share: Share, beat: int) -> None:
@@ -35,7 +27,7 @@ def _foreign_lease(share: Share, beat: int) -> None:
 def test_second_coordinator_on_this_host_is_refused(share: Path) -> None:
     first = start("coordinator", "--share", str(share), "--set", "min_workers=5")
     try:
-        _wait(lambda: (share / "coordinator.yaml").exists(), 60, "the first coordinator's lease")
+        wait_until(lambda: (share / "coordinator.yaml").exists(), 60, "the first coordinator's lease")
         pid = parse(CoordinatorLease, read_yaml(share / "coordinator.yaml"), "lease").pid
         second = run("coordinator", "--share", str(share), "--set", "min_workers=5")
         assert second.returncode == 5 and f"pid {pid}" in second.stderr, second.stderr
@@ -87,15 +79,12 @@ def test_round_extended_at_its_deadline_shows_in_status(share: Path) -> None:
         def extended() -> bool:
             st = run("status", "--share", str(share), "--json")
             return st.returncode == 0 and json.loads(st.stdout)["state"].startswith("extended")
-        _wait(extended, 90, "the round to be extended")
+        wait_until(extended, 90, "the round to be extended")
         text = run("status", "--share", str(share)).stdout
         assert "extended: deadline passed" in text and "min_updates=2" in text
         a = parse(Assignment, read_yaml(s.assignment(1)), "a")  # the laptop wakes up and submits
         base = load_verified(s.global_model(1), a.model)
-        ref = save_state(s.update_tensors(1, "sleepy"), {k: torch.zeros_like(v) for k, v in base.items()})
-        write_yaml(s.update_marker(1, "sleepy"), to_dict(UpdateMarker(
-            format=FORMAT_VERSION, round=1, worker="sleepy", base=a.model.blake3, tensors=ref, samples=50,
-            train_loss=1.0, seconds=1.0, device="cpu")))
+        submit_update(s, a, "sleepy", {k: torch.zeros_like(v) for k, v in base.items()}, samples=50)
     except BaseException:
         coord.kill()
         worker.kill()

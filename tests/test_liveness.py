@@ -5,22 +5,15 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
 
 from fedsync.markers import Assignment, Summary, parse
 from fedsync.share import Share, read_yaml
 
-from .conftest import finish, start
+from .conftest import finish, start, wait_until
 
 FAST = ("--set", "heartbeat=1", "--set", "worker_timeout=3")
 
-
-def _wait(check, timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def _worker(share: Path, name: str):
@@ -51,9 +44,9 @@ def test_frozen_worker_gets_no_work_and_rejoins_when_it_wakes(share: Path) -> No
         return next((r for r in s.rounds() if s.assignment(r).exists() and "w3" not in assigned(r)), None)
 
     try:
-        _wait(lambda: s.summary(1).exists() and "w3" in assigned(1), 90, "round 1 to close with w3")
+        wait_until(lambda: s.summary(1).exists() and "w3" in assigned(1), 90, "round 1 to close with w3")
         os.kill(workers["w3"].pid, signal.SIGSTOP)  # a laptop lid closes
-        _wait(lambda: opened_without_w3() is not None, 60, "a round opened without the frozen w3")
+        wait_until(lambda: opened_without_w3() is not None, 60, "a round opened without the frozen w3")
         frozen_round = opened_without_w3()
         os.kill(workers["w3"].pid, signal.SIGCONT)  # ... and opens again
     except BaseException:

@@ -4,20 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
 
 from fedsync.markers import FORMAT_VERSION, Assignment, FileRef, FinalMarker, Summary, UpdateMarker, parse, to_dict
 from fedsync.share import Share, read_yaml, write_yaml
 
-from .conftest import finish, register_worker, run, start
+from .conftest import finish, register_worker, run, start, wait_until
 
-
-def wait_until(check, timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def summary(share: Share, r: int) -> Summary:
