@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .config import load_config
 from .errors import FedsyncError, ShareError
+from .lease import LEASE_FILE
 from .logs import Log
 from .manifest import open_run, read_manifest
 from .markers import FinalMarker, parse
@@ -40,7 +41,7 @@ def clear_demo_run(share: Share) -> None:
     for r in share.rounds():
         shutil.rmtree(share.round_dir(r))
     shutil.rmtree(share.workers_dir, ignore_errors=True)
-    for path in (share.metrics, share.final_model, share.final_marker, share.manifest):
+    for path in (share.metrics, share.final_model, share.final_marker, share.root / LEASE_FILE, share.manifest):
         path.unlink(missing_ok=True)
 
 
