@@ -123,6 +123,7 @@ class Coordinator:
             self.share.final_marker.unlink(missing_ok=True)  # continuing a finished run: it is not finished
         self.log(f"run {self.manifest.run_id}: {self.cfg.task}/{self.cfg.model}, rounds {r}..{self.opts.rounds}, "
                  f"share {self.share.root}")
+        self.log(f"watching the share by {self.watcher.describe}")
         while r <= self.opts.rounds:
             assignment, state = self.backoff.run(lambda: self._open_round(r), f"opening round {r}")
             self._collect_and_close(r, assignment, state)

@@ -145,6 +145,7 @@ class Worker:
         self.dataset = load_dataset(self.cfg.task, self.cfg.data_root, self.cfg.seed, self.cfg.test_fraction,
                                     self.cfg.verify_checksums)
         self.heartbeat.start()
+        self.log(f"watching the share by {self.watcher.describe}")
         self.log(f"registered for run {self.manifest.run_id} on {self.device} "
                  f"({self.heartbeat.info.device_name}); {len(self.dataset.train)} training examples")
         try:
