@@ -39,6 +39,17 @@ def finish(proc: subprocess.Popen[str], timeout: float) -> str:
     return out
 
 
+def require(tool: str, install: str) -> None:
+    """Skip a test whose real software is absent, saying how to install it; in CI (CI=true) fail instead."""
+    import shutil
+
+    if shutil.which(tool) is None:
+        message = f"needs {tool}: {install} (.ci/run installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(message + "; CI must run this test")
+        pytest.skip(message)
+
+
 def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(FEDSYNC + list(args), capture_output=True, text=True, env=ENV, timeout=timeout)
 

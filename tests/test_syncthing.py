@@ -1,0 +1,86 @@
+"""fedsync over two real Syncthing instances on 127.0.0.1: the coordinator and one worker use one copy of the
+folder, a second worker uses the other copy."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from fedsync.markers import FinalMarker, Summary, WorkerInfo, parse
+from fedsync.share import Share, read_yaml
+
+from .conftest import finish, require, run, start, wait_until
+from .syncthing import SyncthingPair
+
+
+
+@pytest.fixture(autouse=True)
+def _syncthing_present() -> None:
+    require("syncthing", "apt-get install syncthing")
+
+
+def _conflicts(*folders: Path) -> list[Path]:
+    return [p for f in folders for p in f.rglob("*") if ".sync-conflict-" in p.name]
+
+
+def _training(share: Share, name: str, r: int) -> bool:
+    """The worker's own heartbeat (on its copy) says it is training round r or has just finished it."""
+    try:
+        info = parse(WorkerInfo, read_yaml(share.worker_file(name)), "w")
+    except Exception:  # noqa: BLE001 - not written yet
+        return False
+    return info.round == r
+
+
+def _worker(share: Path, name: str):
+    return start("worker", "--share", str(share), "--name", name, "--device", "cpu", "--wait-for-run", "90")
+
+
+def test_a_run_across_two_synced_copies(tmp_path: Path) -> None:
+    a, b = tmp_path / "A", tmp_path / "B"
+    with SyncthingPair(tmp_path, a, b) as pair:
+        coord = start("coordinator", "--share", str(a), "--rounds", "3", "--set", "min_workers=2")
+        w1, w2 = _worker(a, "w1"), _worker(b, "w2")
+        out = finish(coord, timeout=240)
+        outs = finish(w1, timeout=60) + finish(w2, timeout=90)
+        assert coord.returncode == 0 and w1.returncode == 0 and w2.returncode == 0, out + outs + pair.logs()
+    s = Share(a)
+    for r in (1, 2, 3):
+        summary = parse(Summary, read_yaml(s.summary(r)), "s")
+        assert sorted(x.worker for x in summary.accepted) == ["w1", "w2"], summary
+    assert not _conflicts(a, b)
+    assert run("verify", "--share", str(a)).returncode == 0
+    assert parse(FinalMarker, read_yaml(Share(b).final_marker), "f").round == 3  # synced back to the worker
+
+
+def test_a_partition_longer_than_the_deadline(tmp_path: Path) -> None:
+    a, b = tmp_path / "A", tmp_path / "B"
+    sa, sb = Share(a), Share(b)
+    with SyncthingPair(tmp_path, a, b) as pair:
+        coord = start("coordinator", "--share", str(a), "--rounds", "6", "--set", "min_workers=2",
+                      "--set", "round_timeout=8", "--set", "late_policy=fold",
+                      "--set", "max_staleness=4")
+        w1, w2 = _worker(a, "w1"), _worker(b, "w2")
+        try:
+            wait_until(lambda: _training(sb, "w2", 2), 120, "w2 to start round 2 on the far copy")
+            pair.pause()  # w2 has its round; its update cannot come back
+            wait_until(lambda: sa.summary(2).exists(), 60, "round 2 to close at its deadline")
+            time.sleep(1)
+            pair.resume()
+            pair.wait_connected(60)
+            pair.rescan()
+        except BaseException:
+            for p in (coord, w1, w2):
+                p.kill()
+            raise
+        out = finish(coord, timeout=240)
+        outs = finish(w1, timeout=60) + finish(w2, timeout=90)
+        assert coord.returncode == 0, out + outs + pair.logs()
+    s2 = parse(Summary, read_yaml(sa.summary(2)), "s2")
+    assert s2.closed_because == "deadline" and [x.worker for x in s2.accepted] == ["w1"]
+    late = [x for r in range(3, 7) for x in parse(Summary, read_yaml(sa.summary(r)), "s").late]
+    assert [(x.worker, x.round, x.outcome) for x in late] == [("w2", 2, "folded")], (late, out, outs)
+    assert parse(FinalMarker, read_yaml(sa.final_marker), "f").round == 6
+    assert not _conflicts(a, b)
