@@ -24,6 +24,12 @@ app = typer.Typer(
 )
 
 ShareOpt = Annotated[Path, typer.Option("--share", help="The shared folder (a local path, mount or synced folder).")]
+SyncthingOpt = Annotated[str | None, typer.Option(
+    "--syncthing", help="URL of this machine's Syncthing API (e.g. http://127.0.0.1:8384) when SHARE is a "
+                        "Syncthing folder: fedsync asks it to scan what it just wrote, saving the watcher delay "
+                        "on every hop. Needs the API key.")]
+SyncthingKeyOpt = Annotated[str | None, typer.Option(
+    "--syncthing-key", help="That Syncthing's API key (or set FEDSYNC_SYNCTHING_KEY).")]
 WatchOpt = Annotated[str, typer.Option(
     "--watch", help=f"How to notice changes: {' | '.join(WATCH_MODES)}. events uses inotify (local disks); "
                     "poll rescans every second (network filesystems); auto picks events.")]
@@ -44,6 +50,8 @@ def coordinator(
     set_: Annotated[list[str], typer.Option("--set", help="Override one config key, KEY=VALUE (repeatable), "
                                                           "e.g. --set quorum=0.5 --set local_epochs=1.")] = [],
     watch: WatchOpt = "auto",
+    syncthing: SyncthingOpt = None,
+    syncthing_key: SyncthingKeyOpt = None,
 ) -> None:
     """Start a run in SHARE, or continue the one there, and drive it round by round.
 
@@ -53,7 +61,8 @@ def coordinator(
     from .coordinator import CoordinatorOptions, run_coordinator
 
     cfg = load_config(config, parse_overrides(set_))
-    final = run_coordinator(CoordinatorOptions(share=share, config=cfg, rounds=rounds, watch=_check_watch(watch)))
+    final = run_coordinator(CoordinatorOptions(share=share, config=cfg, rounds=rounds, watch=_check_watch(watch),
+                                               syncthing=syncthing, syncthing_key=syncthing_key))
     typer.echo(f"final test accuracy {final.test_accuracy:.4f} after {final.round} rounds: "
                f"{share / 'final.safetensors'}")
 
@@ -67,6 +76,8 @@ def worker(
     watch: WatchOpt = "auto",
     wait_for_run: Annotated[float | None, typer.Option(help="Give up if no run appears in the share within "
                                                             "this many seconds (default: wait forever).")] = None,
+    syncthing: SyncthingOpt = None,
+    syncthing_key: SyncthingKeyOpt = None,
 ) -> None:
     """Train for the run in SHARE: register, then take each round assigned to this worker until the run ends.
 
@@ -81,8 +92,8 @@ def worker(
         name = check_worker_name(name or socket.gethostname())
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--name") from None
-    run_worker(WorkerOptions(share=share, name=name, device=device,
-                             watch=_check_watch(watch), wait_for_run=wait_for_run))
+    run_worker(WorkerOptions(share=share, name=name, device=device, watch=_check_watch(watch),
+                             wait_for_run=wait_for_run, syncthing=syncthing, syncthing_key=syncthing_key))
 
 
 @app.command()

@@ -27,13 +27,39 @@ from .lease import LEASE_FILE, Lease
 from .liveness import Liveness
 from .logs import Log, make_log
 from .manifest import open_run
-from .markers import (FORMAT_VERSION, Accepted, Assignment, CoordinatorLease, FileRef, FinalMarker, FormatMismatch,
-                      Late, Manifest, MarkerError, PathOutsideFolder, Rejected, Summary, UpdateMarker, WorkerTask,
-                      parse, to_dict)
+from .markers import (
+    FORMAT_VERSION,
+    Accepted,
+    Assignment,
+    CoordinatorLease,
+    FileRef,
+    FinalMarker,
+    FormatMismatch,
+    Late,
+    Manifest,
+    MarkerError,
+    PathOutsideFolder,
+    Rejected,
+    Summary,
+    UpdateMarker,
+    WorkerTask,
+    parse,
+    to_dict,
+)
 from .models import build_model
 from .reasons import Reason
-from .share import (Backoff, Share, atomic_write, is_conflict_copy, is_temporary, local_lock, read_yaml,
-                    remove_stale_temps, write_yaml)
+from .share import (
+    Backoff,
+    Share,
+    atomic_write,
+    is_conflict_copy,
+    is_temporary,
+    local_lock,
+    read_yaml,
+    remove_stale_temps,
+    write_yaml,
+)
+from .syncthing import SyncthingNudge
 from .tensorfile import Unusable, layout_of, load_verified, read_verified, save_state
 from .train import evaluate
 from .watch import ShareWatcher
@@ -52,6 +78,8 @@ class CoordinatorOptions:
     watch: str = "auto"
     rescan: float = 2.0          # seconds between full rescans when no event arrives
     created_by: str = "coordinator"
+    syncthing: str | None = None   # URL of this machine's Syncthing API, to be nudged after each write
+    syncthing_key: str | None = None
     log: Log = field(default_factory=lambda: make_log("coordinator"))
 
 
@@ -73,6 +101,8 @@ def run_coordinator(opts: CoordinatorOptions) -> FinalMarker:
         raise ShareError(f"another fedsync coordinator on this machine{holder} is already driving {share.root}; "
                          "stop it first") from None
     try:
+        # a bad --syncthing is refused before anything in the share is touched
+        nudge = SyncthingNudge(opts.syncthing, opts.syncthing_key, share.root, opts.log) if opts.syncthing else None
         manifest = open_run(share, opts.config, opts.created_by)
         lease = Lease(share, manifest.run_id, opts.config.heartbeat, opts.config.worker_timeout, opts.log)
         lease.acquire()
@@ -81,7 +111,7 @@ def run_coordinator(opts: CoordinatorOptions) -> FinalMarker:
             dataset = load_dataset(opts.config.task, opts.config.data_root, opts.config.seed,
                                    opts.config.test_fraction, opts.config.verify_checksums)
             with ShareWatcher(share.root, opts.watch) as watcher:
-                final = Coordinator(share, manifest, opts, dataset, watcher, lease).run()
+                final = Coordinator(share, manifest, opts, dataset, watcher, lease, nudge).run()
                 finished = True
                 return final
         finally:
@@ -100,9 +130,10 @@ def _lease_holder(share: Share) -> str:
 
 class Coordinator:
     def __init__(self, share: Share, manifest: Manifest, opts: CoordinatorOptions, dataset: Dataset,
-                 watcher: ShareWatcher, lease: Lease) -> None:
+                 watcher: ShareWatcher, lease: Lease, nudge: SyncthingNudge | None = None) -> None:
         self.share, self.manifest, self.opts, self.cfg = share, manifest, opts, opts.config
         self.dataset, self.watcher, self.lease, self.log = dataset, watcher, lease, opts.log
+        self.nudge = nudge
         self.liveness = Liveness(share, self.cfg.worker_timeout)
         self.backoff = Backoff(self.log)
         self.model = build_model(self.cfg.model, dataset.num_classes, seed=self.cfg.seed)
@@ -156,6 +187,8 @@ class Coordinator:
                                 for i, w in enumerate(workers)})
         self.share.updates_dir(r).mkdir(parents=True, exist_ok=True)
         write_yaml(self.share.assignment(r), to_dict(a))  # written last: the round is open from here on
+        if self.nudge:
+            self.nudge.scan(self.share.round_dir(r))
         self.log(f"round {r}/{self.opts.rounds} open: {len(workers)} worker(s) {', '.join(workers)}")
         return a, state
 
@@ -258,6 +291,8 @@ class Coordinator:
                           timings={k: round(v, 6) for k, v in timings.items()})
         self.backoff.run(lambda: write_yaml(self.share.summary(r), to_dict(summary)), f"writing round {r}'s summary")
         crash_point(f"coordinator:after-summary:{r}")
+        if self.nudge:
+            self.nudge.scan(self.share.summary(r))
         self.metrics.append(self._metrics_row(summary))
         self.backoff.run(lambda: atomic_write(self.share.metrics, self._metrics_csv()), "writing metrics.csv")
         self.log(f"round {r}/{self.opts.rounds} closed ({reason}): {len(accepted)} accepted, "

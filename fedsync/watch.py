@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import warnings
 from pathlib import Path
 from types import TracebackType
 
@@ -27,6 +28,9 @@ POLLED_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph
 POLLED_ROUNDS = 3  # the newest round folders a poller looks into (late updates are at most this old)
 # watchdog logs an error when an event arrives while its emitter thread stops; during our own stop that is noise.
 _EMITTER_LOG = logging.getLogger("watchdog.observers.inotify")
+# watchdog 7 warns when a folder it already watches is added again (Syncthing creates folders that way); the
+# watch stays correct, so the warning is noise on every synced round.
+warnings.filterwarnings("ignore", message="Callback with id", category=RuntimeWarning)
 
 
 def filesystem_type(path: Path, mountinfo: str | None = None) -> str | None:

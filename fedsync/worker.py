@@ -26,12 +26,11 @@ from .faults import crash_point
 from .fedavg import delta
 from .logs import Log, make_log
 from .manifest import read_manifest
-from .markers import (FORMAT_VERSION, Assignment, FinalMarker, Manifest, UpdateMarker, WorkerInfo, parse,
-                      to_dict)
+from .markers import FORMAT_VERSION, Assignment, FinalMarker, Manifest, UpdateMarker, WorkerInfo, parse, to_dict
 from .models import build_model
 from .partition import partition
-from .share import (Backoff, Share, check_worker_name, explain, local_lock, read_yaml, remove_stale_temps,
-                    write_yaml)
+from .share import Backoff, Share, check_worker_name, explain, local_lock, read_yaml, remove_stale_temps, write_yaml
+from .syncthing import SyncthingNudge
 from .tensorfile import Unusable, load_verified, save_state
 from .train import TrainSettings, local_train
 from .watch import ShareWatcher
@@ -45,6 +44,8 @@ class WorkerOptions:
     watch: str = "auto"
     rescan: float = 2.0                 # seconds between full rescans when no event arrives
     wait_for_run: float | None = None   # seconds to wait for fedsync.yaml to appear; None: forever
+    syncthing: str | None = None        # URL of this machine's Syncthing API, to be nudged after each update
+    syncthing_key: str | None = None
     log: Log | None = None
 
 
@@ -95,6 +96,7 @@ def run_worker(opts: WorkerOptions) -> FinalMarker | None:
         raise ShareError(f"share folder {share.root} does not exist: mount or sync it first, or fix --share")
     facts = DeviceFacts.probe()
     device = choose_device(opts.device, facts)
+    nudge = SyncthingNudge(opts.syncthing, opts.syncthing_key, share.root, log) if opts.syncthing else None
     lock = local_lock(share.root, f"worker-{name}")
     try:
         lock.acquire()
@@ -104,7 +106,7 @@ def run_worker(opts: WorkerOptions) -> FinalMarker | None:
     try:
         with ShareWatcher(share.root, opts.watch) as watcher:
             manifest = _wait_for_run(share, watcher, opts, log)
-            return Worker(share, name, device, facts, manifest, watcher, opts, log).run()
+            return Worker(share, name, device, facts, manifest, watcher, opts, log, nudge).run()
     finally:
         lock.release()
 
@@ -125,8 +127,9 @@ def _wait_for_run(share: Share, watcher: ShareWatcher, opts: WorkerOptions, log:
 
 class Worker:
     def __init__(self, share: Share, name: str, device: str, facts: DeviceFacts, manifest: Manifest,
-                 watcher: ShareWatcher, opts: WorkerOptions, log: Log) -> None:
+                 watcher: ShareWatcher, opts: WorkerOptions, log: Log, nudge: SyncthingNudge | None = None) -> None:
         self.share, self.name, self.device, self.manifest = share, name, device, manifest
+        self.nudge = nudge
         self.watcher, self.opts, self.log = watcher, opts, log
         self.cfg: RunConfig = config_from_dict(manifest.config, str(share.manifest))
         device_name, capability = describe(device, facts)
@@ -219,6 +222,8 @@ class Worker:
                               device=self.device)
         self.backoff.run(lambda: write_yaml(self.share.update_marker(r, self.name), to_dict(marker)),
                          f"writing the marker for round {r}")  # last: the update counts from here
+        if self.nudge:
+            self.nudge.scan(self.share.updates_dir(r))
         self.heartbeat.update(state="idle", round=r)
         self.log(f"round {r}: trained shard {task.shard}/{a.num_shards} ({result.samples} examples, "
                  f"{task.local_epochs} epoch(s)) in {seconds:.2f} s, train loss {result.train_loss:.4f}")

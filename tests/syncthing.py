@@ -1,5 +1,5 @@
 """Two real Syncthing instances on 127.0.0.1 sharing one folder, for tests: no discovery, relays or NAT; the
-folder is watched with fsWatcherDelayS=1 as docs/setup_syncthing.md recommends."""
+folder is watched with fsWatcherDelayS=1 as scripts/setup_syncthing.md recommends."""
 
 from __future__ import annotations
 

@@ -34,15 +34,18 @@ def _training(share: Share, name: str, r: int) -> bool:
     return info.round == r
 
 
-def _worker(share: Path, name: str):
-    return start("worker", "--share", str(share), "--name", name, "--device", "cpu", "--wait-for-run", "90")
+def _worker(share: Path, name: str, *extra: str):
+    return start("worker", "--share", str(share), "--name", name, "--device", "cpu", "--wait-for-run", "90", *extra)
 
 
-def test_a_run_across_two_synced_copies(tmp_path: Path) -> None:
+@pytest.mark.parametrize("nudged", [False, True], ids=["watcher", "nudged"])
+def test_a_run_across_two_synced_copies(tmp_path: Path, nudged: bool) -> None:
     a, b = tmp_path / "A", tmp_path / "B"
     with SyncthingPair(tmp_path, a, b) as pair:
-        coord = start("coordinator", "--share", str(a), "--rounds", "3", "--set", "min_workers=2")
-        w1, w2 = _worker(a, "w1"), _worker(b, "w2")
+        api = {copy: ["--syncthing", f"http://127.0.0.1:{inst.gui_port}", "--syncthing-key", inst.api_key]
+               if nudged else [] for copy, inst in zip((a, b), pair.instances)}
+        coord = start("coordinator", "--share", str(a), "--rounds", "3", "--set", "min_workers=2", *api[a])
+        w1, w2 = _worker(a, "w1", *api[a]), _worker(b, "w2", *api[b])
         out = finish(coord, timeout=240)
         outs = finish(w1, timeout=60) + finish(w2, timeout=90)
         assert coord.returncode == 0 and w1.returncode == 0 and w2.returncode == 0, out + outs + pair.logs()
@@ -84,3 +87,17 @@ def test_a_partition_longer_than_the_deadline(tmp_path: Path) -> None:
     assert [(x.worker, x.round, x.outcome) for x in late] == [("w2", 2, "folded")], (late, out, outs)
     assert parse(FinalMarker, read_yaml(sa.final_marker), "f").round == 6
     assert not _conflicts(a, b)
+
+
+def test_nudge_errors_are_clear(tmp_path: Path) -> None:
+    a, b = tmp_path / "A", tmp_path / "B"
+    with SyncthingPair(tmp_path, a, b) as pair:
+        url = f"http://127.0.0.1:{pair.instances[0].gui_port}"
+        no_key = run("coordinator", "--share", str(a), "--syncthing", url)
+        assert no_key.returncode == 5 and "API key" in no_key.stderr
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        wrong = run("coordinator", "--share", str(elsewhere), "--syncthing", url, "--syncthing-key",
+                    pair.instances[0].api_key)
+        assert wrong.returncode == 5 and "shares no folder" in wrong.stderr, wrong.stderr
+        assert not (a / "fedsync.yaml").exists() and not list(elsewhere.iterdir())  # refused before writing
