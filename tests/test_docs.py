@@ -10,15 +10,16 @@ import pytest
 
 from fedsync.config import RunConfig, load_config
 from fedsync.errors import EXIT_CODES
-from fedsync.markers import (Assignment, CoordinatorLease, FinalMarker, Manifest, Summary, UpdateMarker, WorkerInfo, parse,
-                             to_dict)
+from fedsync.markers import (Assignment, CoordinatorLease, FinalMarker, Manifest, Summary, UpdateMarker,
+                             WorkerInfo, parse, to_dict)
 from fedsync.reasons import Reason
 from fedsync.share import parse_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOCOL = (ROOT / "docs" / "PROTOCOL.md").read_text()
 README = (ROOT / "README.md").read_text()
-RECORDS = {"fedsync.yaml": Manifest, "coordinator.yaml": CoordinatorLease, "workers/<name>.yaml": WorkerInfo, "assignment.yaml": Assignment,
+RECORDS = {"fedsync.yaml": Manifest, "coordinator.yaml": CoordinatorLease, "workers/<name>.yaml": WorkerInfo,
+           "assignment.yaml": Assignment,
            "updates/<name>.yaml": UpdateMarker, "summary.yaml": Summary, "final.yaml": FinalMarker}
 
 

@@ -41,7 +41,8 @@ def test_late_update(share: Path, policy: str) -> None:
     s1 = parse(Summary, read_yaml(s.summary(1)), "s1")
     assert s1.closed_because == "deadline" and s1.missing == ["slow"]
     s2 = parse(Summary, read_yaml(s.summary(2)), "s2")
-    assert [(x.worker, x.round, x.outcome) for x in s2.late] == [("slow", 1, "folded" if policy == "fold" else "dropped")]
+    outcome = "folded" if policy == "fold" else "dropped"
+    assert [(x.worker, x.round, x.outcome) for x in s2.late] == [("slow", 1, outcome)]
     assert [x.worker for x in s2.accepted] == ["fast"]
 
     a2 = parse(Assignment, read_yaml(s.assignment(2)), "a2")
