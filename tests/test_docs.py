@@ -67,6 +67,14 @@ def test_every_exit_status_is_in_the_readme() -> None:
         assert re.search(rf"^\| {code} \|", README, re.M), code
 
 
+def test_the_syncthing_guide_exists_and_is_linked() -> None:
+    guide = ROOT / "scripts" / "setup_syncthing.md"
+    assert guide.is_file() and "scripts/setup_syncthing.md" in README
+    text = guide.read_text()
+    for must in ("fsWatcherDelayS", ".stignore", ".*.tmp", "Tailscale", "sees nothing", "--syncthing"):
+        assert must in text, must
+
+
 def test_readme_opens_with_the_two_commands() -> None:
     head = README.split("## Running across machines")[0]
     assert "make demo" in head and "make test" in head
