@@ -52,8 +52,7 @@ def main(rounds: int = 8) -> None:
             synced = run(a, [a, b], rounds)
         a2, b2 = t / "A2", t / "B2"
         with SyncthingPair(t / "nudged", a2, b2) as pair:
-            apis = {copy: ["--syncthing", f"http://127.0.0.1:{inst.gui_port}", "--syncthing-key", inst.api_key]
-                    for copy, inst in zip((a2, b2), pair.instances)}
+            apis = {copy: inst.fedsync_args() for copy, inst in zip((a2, b2), pair.instances)}
             nudged = run(a2, [a2, b2], rounds, apis)
     lm, sm, nm = statistics.median(local), statistics.median(synced), statistics.median(nudged)
     print(f"round time, digits, 2 workers (one on the far copy), rounds 2..{rounds}, medians:")

@@ -40,6 +40,10 @@ class Instance:
     api_key: str
     proc: subprocess.Popen[bytes] | None = None
 
+    def fedsync_args(self) -> list[str]:
+        """The options that let a fedsync process on this copy nudge this instance."""
+        return ["--syncthing", f"http://127.0.0.1:{self.gui_port}", "--syncthing-key", self.api_key]
+
     def api(self, path: str, method: str = "GET", body: object | None = None) -> object:
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(f"http://127.0.0.1:{self.gui_port}{path}", method=method, data=data,

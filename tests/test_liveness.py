@@ -40,14 +40,19 @@ def test_frozen_worker_gets_no_work_and_rejoins_when_it_wakes(share: Path) -> No
     def assigned(r: int) -> list[str]:
         return sorted(parse(Assignment, read_yaml(s.assignment(r)), "a").workers)
 
-    def opened_without_w3() -> int | None:
-        return next((r for r in s.rounds() if s.assignment(r).exists() and "w3" not in assigned(r)), None)
+    def closed_with_w3() -> int | None:
+        return next((r for r in s.rounds() if s.summary(r).exists() and "w3" in assigned(r)), None)
+
+    def opened_without_w3(after: int) -> int | None:
+        return next((r for r in s.rounds() if r > after and s.assignment(r).exists() and "w3" not in assigned(r)),
+                    None)
 
     try:
-        wait_until(lambda: s.summary(1).exists() and "w3" in assigned(1), 90, "round 1 to close with w3")
+        wait_until(lambda: closed_with_w3() is not None, 90, "a round to close with w3")  # w3 may join late
         os.kill(workers["w3"].pid, signal.SIGSTOP)  # a laptop lid closes
-        wait_until(lambda: opened_without_w3() is not None, 60, "a round opened without the frozen w3")
-        frozen_round = opened_without_w3()
+        joined = closed_with_w3() or 0
+        wait_until(lambda: opened_without_w3(joined) is not None, 60, "a round opened without the frozen w3")
+        frozen_round = opened_without_w3(joined)
         os.kill(workers["w3"].pid, signal.SIGCONT)  # ... and opens again
     except BaseException:
         for p in (coord, *workers.values()):
@@ -58,4 +63,5 @@ def test_frozen_worker_gets_no_work_and_rejoins_when_it_wakes(share: Path) -> No
         finish(w, timeout=30)
     assert coord.returncode == 0, out
     assert assigned(frozen_round) == ["w1", "w2"]
+    assert frozen_round is not None
     assert any(assigned(r) == ["w1", "w2", "w3"] for r in range(frozen_round + 1, 15)), out

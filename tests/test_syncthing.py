@@ -42,8 +42,7 @@ def _worker(share: Path, name: str, *extra: str):
 def test_a_run_across_two_synced_copies(tmp_path: Path, nudged: bool) -> None:
     a, b = tmp_path / "A", tmp_path / "B"
     with SyncthingPair(tmp_path, a, b) as pair:
-        api = {copy: ["--syncthing", f"http://127.0.0.1:{inst.gui_port}", "--syncthing-key", inst.api_key]
-               if nudged else [] for copy, inst in zip((a, b), pair.instances)}
+        api = {copy: inst.fedsync_args() if nudged else [] for copy, inst in zip((a, b), pair.instances)}
         coord = start("coordinator", "--share", str(a), "--rounds", "3", "--set", "min_workers=2", *api[a])
         w1, w2 = _worker(a, "w1", *api[a]), _worker(b, "w2", *api[b])
         out = finish(coord, timeout=240)
