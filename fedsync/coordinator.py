@@ -9,9 +9,8 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,46 +20,37 @@ from .config import RunConfig
 from .data import Dataset, load_dataset
 from .errors import ConfigError, ShareError
 from .faults import crash_point
-from .fedavg import staleness_weight
-from .intake import Aggregator, Candidate, Outcome
+from .intake import Aggregator
 from .lease import LEASE_FILE, Lease
+from .ledger import LateLedger, RoundLedger, load_summary
 from .liveness import Liveness
 from .logs import Log, make_log
 from .manifest import open_run
 from .markers import (
     FORMAT_VERSION,
-    Accepted,
     Assignment,
     CoordinatorLease,
     FileRef,
     FinalMarker,
-    FormatMismatch,
     Late,
     Manifest,
-    MarkerError,
-    PathOutsideFolder,
-    Rejected,
     Summary,
-    UpdateMarker,
     WorkerTask,
     parse,
     to_dict,
 )
 from .models import build_model
-from .reasons import Reason
 from .share import (
     Backoff,
     Share,
     atomic_write,
-    is_conflict_copy,
-    is_temporary,
     local_lock,
     read_yaml,
     remove_stale_temps,
     write_yaml,
 )
 from .syncthing import SyncthingNudge
-from .tensorfile import Unusable, layout_of, load_verified, read_verified, save_state
+from .tensorfile import layout_of, load_verified, read_verified, save_state
 from .train import evaluate
 from .watch import ShareWatcher
 
@@ -218,8 +208,8 @@ class Coordinator:
     def _collect_and_close(self, r: int, a: Assignment, state: dict[str, torch.Tensor]) -> None:
         opened = time.monotonic()
         self.lease.update("collecting", r)
-        intake = _RoundIntake(self.share, r, a, len(self.dataset.train))
-        late = _LateIntake(self.share, r, self.cfg, len(self.dataset.train))
+        intake = RoundLedger(self.share, r, a, len(self.dataset.train))
+        late = LateLedger(self.share, r, self.cfg, len(self.dataset.train))
         aggregator = Aggregator(layout_of(state))
         reason = ""
         extended = False
@@ -269,7 +259,7 @@ class Coordinator:
 
     # -- closing -------------------------------------------------------------------------------------------
 
-    def _close(self, r: int, a: Assignment, intake: _RoundIntake, late: list[Late],
+    def _close(self, r: int, a: Assignment, intake: RoundLedger, late: list[Late],
                new_state: dict[str, torch.Tensor], reason: str, seconds: float, timings: dict[str, float]) -> None:
         # 1. the aggregate, where the next round (or the end of the run) will look for it
         path = self.share.model_after(r, self.opts.rounds)
@@ -322,7 +312,7 @@ class Coordinator:
             self.log(f"removed {removed} temporary file(s) left by an interrupted coordinator")
 
     def _read_summary(self, r: int) -> Summary:
-        return _load_summary(self.share, r)
+        return load_summary(self.share, r)
 
     @staticmethod
     def _metrics_row(s: Summary) -> dict[str, object]:
@@ -336,194 +326,3 @@ class Coordinator:
         writer.writeheader()
         writer.writerows(self.metrics)
         return out.getvalue().encode()
-
-
-class _RoundIntake:
-    """The bookkeeping of one round's updates: which markers were seen, accepted, rejected or still pending."""
-
-    def __init__(self, share: Share, r: int, a: Assignment, train_size: int) -> None:
-        self.share, self.r, self.a, self.train_size = share, r, a, train_size
-        self.accepted: dict[str, UpdateMarker] = {}
-        self.rejected: dict[str, Rejected] = {}
-        self.pending: dict[str, tuple[tuple[object, ...], Unusable]] = {}
-        self.ignored: set[str] = set()
-        self.markers: dict[str, UpdateMarker] = {}  # checked markers whose tensors are being verified
-        self.signatures: dict[str, tuple[object, ...]] = {}  # files' state when last looked at, before reading
-        self.duplicates: dict[str, Rejected] = {}
-        self.settled: set[str] = set()  # decided in an earlier life of this round (late intake): skipped
-
-    def scan(self) -> list[Candidate]:
-        """Markers not decided yet whose files changed since last look, checked up to their tensor file."""
-        candidates: list[Candidate] = []
-        self._note_strays()
-        try:
-            names = os.listdir(self.share.updates_dir(self.r))
-        except FileNotFoundError:
-            return candidates
-        for name in sorted(names):
-            if is_temporary(name):
-                continue
-            if is_conflict_copy(name) or not (name.endswith(".yaml") or name.endswith(".safetensors")):
-                self.ignored.add(f"updates/{name}")
-                continue
-            if name.endswith(".safetensors"):
-                continue  # read through its marker
-            worker = name[:-len(".yaml")]
-            if worker in self.settled:
-                continue
-            signature = self._signature(worker)
-            if worker in self.accepted or worker in self.rejected:
-                if signature != self.signatures[worker] and worker not in self.duplicates:
-                    self.duplicates[worker] = Rejected(worker, f"updates/{name}", Reason.DUPLICATE.value,
-                                                       "its files changed after the update was decided")
-                continue
-            if worker in self.pending and self.pending[worker][0] == signature:
-                continue
-            self.signatures[worker] = signature  # taken before reading: a change during the read is retried
-            try:
-                candidates.append(self._check_marker(worker))
-            except Unusable as problem:
-                self._settle(worker, problem, signature)
-        return candidates
-
-    def _note_strays(self) -> None:
-        """Anything in the round folder that the protocol does not put there is reported, never read."""
-        expected = {"global.safetensors", "assignment.yaml", "updates", "summary.yaml"}
-        for name in os.listdir(self.share.round_dir(self.r)):
-            if name not in expected and not is_temporary(name):
-                self.ignored.add(name)
-
-    def _signature(self, worker: str) -> tuple[object, ...]:
-        out: list[object] = []
-        for path in (self.share.update_marker(self.r, worker), self.share.update_tensors(self.r, worker)):
-            try:
-                st = os.stat(path)
-                out.append((st.st_mtime_ns, st.st_size, st.st_ino))
-            except OSError:
-                out.append(None)
-        return tuple(out)
-
-    def _check_marker(self, worker: str) -> Candidate:
-        path = self.share.update_marker(self.r, worker)
-        if path.is_symlink():
-            raise Unusable(Reason.BAD_PATH, f"{path.name} is a symbolic link")
-        try:
-            data = read_yaml(path)
-        except Exception as e:  # noqa: BLE001 - OSError, YAMLError, OversizeError: all 'unreadable'
-            raise Unusable(Reason.MARKER_UNREADABLE, f"{path.name}: {e}") from None
-        try:
-            m = parse(UpdateMarker, data, path.name)
-        except FormatMismatch as e:
-            raise Unusable(Reason.FORMAT_MISMATCH, str(e)) from None
-        except PathOutsideFolder as e:
-            raise Unusable(Reason.BAD_PATH, str(e)) from None
-        except MarkerError as e:
-            raise Unusable(Reason.MARKER_INVALID, str(e)) from None
-        if worker not in self.a.workers:
-            raise Unusable(Reason.NOT_ASSIGNED, f"{worker} has no task in round {self.r}")
-        if m.worker != worker:
-            raise Unusable(Reason.WRONG_WORKER, f"{path.name} says it is from {m.worker!r}")
-        if m.round != self.r:
-            raise Unusable(Reason.WRONG_ROUND, f"{path.name} is for round {m.round}, found in round {self.r}")
-        if m.base != self.a.model.blake3:
-            raise Unusable(Reason.WRONG_BASE, f"{path.name} was trained from model {m.base[:12]}…")
-        if m.tensors.file != f"{worker}.safetensors":
-            raise Unusable(Reason.BAD_PATH, f"{path.name} names {m.tensors.file!r}")
-        if not 0 < m.samples <= self.train_size:
-            raise Unusable(Reason.BAD_SAMPLES, f"samples={m.samples}, the training set has {self.train_size}")
-        self.markers[worker] = m
-        return Candidate(worker, self.share.update_tensors(self.r, worker), m.tensors, float(m.samples), self.r)
-
-    def record(self, outcomes: list[Outcome]) -> None:
-        """Apply the intake's verdicts; a later verdict on the same worker (a lane rebuild) overrides."""
-        for o in outcomes:
-            worker = o.candidate.worker
-            if o.problem is None:
-                self.accepted[worker] = self.markers[worker]
-                self.pending.pop(worker, None)
-            else:
-                self.accepted.pop(worker, None)
-                self._settle(worker, o.problem, self.signatures[worker])
-
-    def _settle(self, worker: str, problem: Unusable, signature: tuple[object, ...]) -> None:
-        if problem.reason.may_still_sync:
-            self.pending[worker] = (signature, problem)  # retried when the files change, rejected at the close
-        else:
-            self.pending.pop(worker, None)
-            self.rejected[worker] = Rejected(worker, f"updates/{worker}.yaml", problem.reason.value, problem.detail)
-
-    def all_reported(self) -> bool:
-        return all(w in self.accepted or w in self.rejected for w in self.a.workers)
-
-    def accepted_records(self) -> list[Accepted]:
-        return [Accepted(worker=w, samples=m.samples, weight=float(m.samples), train_loss=m.train_loss,
-                         seconds=m.seconds, device=m.device) for w, m in sorted(self.accepted.items())]
-
-    def rejected_records(self) -> list[Rejected]:
-        late = [Rejected(w, f"updates/{w}.yaml", p.reason.value, f"still at the close: {p.detail}")
-                for w, (_, p) in sorted(self.pending.items())]
-        return sorted([*self.rejected.values(), *self.duplicates.values()], key=lambda x: x.worker) + late
-
-    def missing(self) -> list[str]:
-        reported = set(self.accepted) | set(self.rejected) | set(self.pending)
-        return sorted(set(self.a.workers) - reported)
-
-
-class _LateIntake:
-    """Updates for closed rounds (at most max_staleness back) that arrived after their round closed."""
-
-    def __init__(self, share: Share, r: int, cfg: RunConfig, train_size: int) -> None:
-        self.r, self.cfg = r, cfg
-        self.rounds: dict[int, _RoundIntake] = {}
-        self.found: dict[tuple[int, str], Late] = {}
-        window = range(max(1, r - cfg.max_staleness), r)
-        summaries = {c: _load_summary(share, c) for c in window if share.summary(c).exists()}
-        for c, s in summaries.items():
-            a = parse(Assignment, read_yaml(share.assignment(c)), str(share.assignment(c)))
-            ri = _RoundIntake(share, c, a, train_size)
-            ri.settled = {x.worker for x in s.accepted} | {x.worker for x in s.rejected}
-            self.rounds[c] = ri
-        for s in summaries.values():  # recorded as late by an earlier round: decided, never again
-            for x in s.late:
-                if x.round in self.rounds:
-                    self.rounds[x.round].settled.add(x.worker)
-
-    def scan(self) -> list[Candidate]:
-        """Late updates to read (fold), after recording those dropped or rejected by their markers."""
-        out: list[Candidate] = []
-        for c, ri in self.rounds.items():
-            for cand in ri.scan():
-                if self.cfg.late_policy == "drop":
-                    self._decide(ri, Late(cand.worker, c, "dropped", 0.0, "late_policy is drop"))
-                else:
-                    weight = staleness_weight(cand.weight, self.r - c, self.cfg.staleness_exponent)
-                    out.append(replace(cand, weight=weight))
-            for w, rej in list(ri.rejected.items()):
-                self._decide(ri, Late(w, c, "rejected", 0.0, f"{rej.reason}: {rej.detail}"))
-                del ri.rejected[w]
-        return out
-
-    def record(self, outcomes: list[Outcome]) -> None:
-        for o in outcomes:
-            c, ri = o.candidate.round, self.rounds[o.candidate.round]
-            if o.problem is None:
-                self._decide(ri, Late(o.candidate.worker, c, "folded", round(o.candidate.weight, 6),
-                                      f"{self.r - c} round(s) late"))
-            elif o.problem.reason.may_still_sync:
-                self.found.pop((c, o.candidate.worker), None)  # retried, in this round or the next
-                ri.settled.discard(o.candidate.worker)
-                ri.pending[o.candidate.worker] = (ri.signatures[o.candidate.worker], o.problem)
-            else:
-                self._decide(ri, Late(o.candidate.worker, c, "rejected", 0.0,
-                                      f"{o.problem.reason.value}: {o.problem.detail}"))
-
-    def _decide(self, ri: _RoundIntake, late: Late) -> None:
-        self.found[(late.round, late.worker)] = late
-        ri.settled.add(late.worker)
-
-    def records(self) -> list[Late]:
-        return [self.found[k] for k in sorted(self.found)]
-
-
-def _load_summary(share: Share, r: int) -> Summary:
-    return parse(Summary, read_yaml(share.summary(r)), str(share.summary(r)))

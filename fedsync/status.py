@@ -6,8 +6,8 @@ import os
 import time
 from typing import Any
 
-from .manifest import read_manifest
 from .lease import LEASE_FILE
+from .manifest import read_manifest
 from .markers import Assignment, CoordinatorLease, FinalMarker, Summary, WorkerInfo, parse
 from .share import Share, is_conflict_copy, is_temporary, read_yaml
 
