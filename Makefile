@@ -22,6 +22,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/aggregate.py
 	$(BIN)/python benchmarks/round_overhead.py
 	$(BIN)/python benchmarks/demo_time.py
+	$(BIN)/python benchmarks/restart.py
+	$(BIN)/python benchmarks/poll_cost.py
+	$(BIN)/python benchmarks/syncthing_rounds.py
 
 clean-venv:
 	rm -rf $(VENV)
