@@ -135,7 +135,7 @@ class Coordinator:
         if closed and closed[-1] > self.opts.rounds:
             raise ConfigError(f"the run in {self.share.root} already closed {closed[-1]} rounds: "
                               f"--rounds must be at least {closed[-1]}")
-        self.metrics = [self._metrics_row(self._read_summary(r)) for r in closed]
+        self.metrics = [self._metrics_row(load_summary(self.share, r)) for r in closed]
         if closed:  # a crash may have left it a row short
             self.backoff.run(lambda: atomic_write(self.share.metrics, self._metrics_csv()), "writing metrics.csv")
         self._remove_stale_temps()
@@ -164,7 +164,7 @@ class Coordinator:
         else:
             # The aggregate of round r-1 is this round's global model; after a run that had ended there it
             # sits in final.safetensors and is copied (verified) into place.
-            previous = self._read_summary(r - 1)
+            previous = load_summary(self.share, r - 1)
             model_ref = FileRef("global.safetensors", previous.model.blake3, previous.model.bytes)
             source = self.share.root / previous.model.file
             if source != self.share.global_model(r):
@@ -230,7 +230,8 @@ class Coordinator:
                     timings["final_intake_s"] = time.perf_counter() - t
                     if intake.accepted:
                         crash_point(f"coordinator:collecting:{r}")
-                live_assigned = [w for w in a.workers if self.liveness.is_live(w)]
+                live = set(self.liveness.live())
+                live_assigned = [w for w in a.workers if w in live]
                 target = quorum_target(self.cfg.quorum, len(live_assigned), self.cfg.min_updates)
                 elapsed = time.monotonic() - opened
                 enough = len(intake.accepted) >= self.cfg.min_updates
@@ -294,7 +295,7 @@ class Coordinator:
             self.log(f"round {r}: late update from {x.worker} for round {x.round} {x.outcome} ({x.detail})")
 
     def _finish(self) -> FinalMarker:
-        last = self._read_summary(self.opts.rounds)
+        last = load_summary(self.share, self.opts.rounds)
         final = FinalMarker(format=FORMAT_VERSION, run_id=self.manifest.run_id, round=self.opts.rounds,
                             model=FileRef("final.safetensors", last.model.blake3, last.model.bytes),
                             test_accuracy=last.metrics["test_accuracy"])
@@ -310,9 +311,6 @@ class Coordinator:
             removed += remove_stale_temps(self.share.round_dir(r), COORDINATOR_ROUND_FILES)
         if removed:
             self.log(f"removed {removed} temporary file(s) left by an interrupted coordinator")
-
-    def _read_summary(self, r: int) -> Summary:
-        return load_summary(self.share, r)
 
     @staticmethod
     def _metrics_row(s: Summary) -> dict[str, object]:

@@ -72,7 +72,7 @@ class RoundLedger:
             try:
                 candidates.append(self._check_marker(worker))
             except Unusable as problem:
-                self._settle(worker, problem, signature)
+                self.settle(worker, problem)
         return candidates
 
     def _note_strays(self) -> None:
@@ -132,11 +132,12 @@ class RoundLedger:
                 self.pending.pop(worker, None)
             else:
                 self.accepted.pop(worker, None)
-                self._settle(worker, o.problem, self.signatures[worker])
+                self.settle(worker, o.problem)
 
-    def _settle(self, worker: str, problem: Unusable, signature: tuple[object, ...]) -> None:
+    def settle(self, worker: str, problem: Unusable) -> None:
+        """A problem that may be an unsynced copy waits for the files to change; any other is a rejection."""
         if problem.reason.may_still_sync:
-            self.pending[worker] = (signature, problem)  # retried when the files change, rejected at the close
+            self.pending[worker] = (self.signatures[worker], problem)  # retried on change, rejected at close
         else:
             self.pending.pop(worker, None)
             self.rejected[worker] = Rejected(worker, f"updates/{worker}.yaml", problem.reason.value, problem.detail)
@@ -201,7 +202,7 @@ class LateLedger:
             elif o.problem.reason.may_still_sync:
                 self.found.pop((c, o.candidate.worker), None)  # retried, in this round or the next
                 ri.settled.discard(o.candidate.worker)
-                ri.pending[o.candidate.worker] = (ri.signatures[o.candidate.worker], o.problem)
+                ri.settle(o.candidate.worker, o.problem)
             else:
                 self._decide(ri, Late(o.candidate.worker, c, "rejected", 0.0,
                                       f"{o.problem.reason.value}: {o.problem.detail}"))

@@ -67,6 +67,3 @@ class Liveness:
         now = self.clock()
         return sorted(n for n, (_, t) in self.seen.items()
                       if now - t <= self.timeout and self.info[n].state != "stopped")
-
-    def is_live(self, name: str) -> bool:
-        return name in self.live()

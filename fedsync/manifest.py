@@ -1,4 +1,4 @@
-"""fedsync.yaml: starting a run in an empty share, or joining the one already there."""
+"""Where a run starts and ends: fedsync.yaml (start one in an empty share, or join it) and final.yaml."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 
 from .config import RunConfig, config_from_dict, differences
 from .errors import ConfigError, FormatError, ShareError
-from .markers import FORMAT_VERSION, FormatMismatch, Manifest, MarkerError, parse, to_dict
+from .markers import FORMAT_VERSION, FinalMarker, FormatMismatch, Manifest, MarkerError, parse, to_dict
 from .share import Share, read_yaml, write_yaml
 
 
@@ -39,3 +39,14 @@ def read_manifest(share: Share) -> Manifest:
         raise FormatError(str(e)) from None
     except (MarkerError, ValueError, OSError) as e:
         raise ShareError(f"{share.manifest} is unreadable: {e}") from None
+
+
+def finished(share: Share, run_id: str) -> FinalMarker | None:
+    """final.yaml, if it names this run and a round at least as new as the newest round folder (PROTOCOL 7.4)."""
+    try:
+        final = parse(FinalMarker, read_yaml(share.final_marker), "final.yaml")
+    except Exception:  # noqa: BLE001 - absent or not synced whole yet: the run is not over
+        return None
+    rounds = share.rounds()
+    newest = rounds[-1] if rounds else 0
+    return final if final.run_id == run_id and final.round >= newest else None

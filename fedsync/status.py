@@ -7,8 +7,8 @@ import time
 from typing import Any
 
 from .lease import LEASE_FILE
-from .manifest import read_manifest
-from .markers import Assignment, CoordinatorLease, FinalMarker, Summary, WorkerInfo, parse
+from .manifest import finished, read_manifest
+from .markers import Assignment, CoordinatorLease, Summary, WorkerInfo, parse
 from .share import Share, is_conflict_copy, is_temporary, read_yaml
 
 
@@ -61,8 +61,8 @@ def collect_status(share: Share) -> dict[str, Any]:
                                  "round": lease.round, "note": lease.note, "last_refresh_s": age}
         if lease.state == "extended":
             status["state"] = f"extended: {lease.note}"
-    final: FinalMarker | None = _load(FinalMarker, share.final_marker, "final.yaml")
-    if final is not None and final.run_id == manifest.run_id and final.round >= (current or 0):
+    final = finished(share, manifest.run_id)
+    if final is not None:
         status["final"] = {"round": final.round, "test_accuracy": final.test_accuracy}
         status["state"] = "finished"
     now = time.time()

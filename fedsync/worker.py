@@ -25,7 +25,7 @@ from .errors import ShareError
 from .faults import crash_point
 from .fedavg import delta
 from .logs import Log, make_log
-from .manifest import read_manifest
+from .manifest import finished, read_manifest
 from .markers import FORMAT_VERSION, Assignment, FinalMarker, Manifest, UpdateMarker, WorkerInfo, parse, to_dict
 from .models import build_model
 from .partition import partition
@@ -154,7 +154,7 @@ class Worker:
         try:
             while True:
                 try:
-                    final = self._finished()
+                    final = finished(self.share, self.manifest.run_id)
                     if final is not None:
                         self.log(f"run finished after round {final.round} (test accuracy "
                                  f"{final.test_accuracy:.4f})")
@@ -169,15 +169,6 @@ class Worker:
                 self.watcher.wait(self.opts.rescan)
         finally:
             self.heartbeat.stop()
-
-    def _finished(self) -> FinalMarker | None:
-        try:
-            final = parse(FinalMarker, read_yaml(self.share.final_marker), "final.yaml")
-        except Exception:  # noqa: BLE001 - absent or not synced whole yet: the run is not over for us
-            return None
-        rounds = self.share.rounds()
-        ours = final.run_id == self.manifest.run_id
-        return final if ours and (not rounds or final.round >= rounds[-1]) else None
 
     def _pending_round(self) -> tuple[int, Assignment] | None:
         """The newest open round that gives this worker a task it has not submitted yet."""
