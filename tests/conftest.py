@@ -6,7 +6,8 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,14 @@ def submit_update(share: Share, a: Assignment, worker: str, update: dict[str, to
         format=FORMAT_VERSION, round=a.round, worker=worker, base=a.model.blake3, tensors=ref, samples=samples,
         train_loss=1.0, seconds=1.0, device="cpu")))
     return ref
+
+
+@contextmanager
+def killed_on_error(*procs: subprocess.Popen[str]) -> Iterator[None]:
+    """If the block fails, kill these processes, so the test fails at once and leaves none behind."""
+    try:
+        yield
+    except BaseException:
+        for p in procs:
+            p.kill()
+        raise

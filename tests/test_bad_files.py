@@ -17,7 +17,7 @@ from fedsync.markers import FORMAT_VERSION, Assignment, FileRef, Summary, Update
 from fedsync.share import Share, hash_bytes, read_yaml, write_yaml
 from fedsync.tensorfile import load_verified, save_state
 
-from .conftest import finish, register_worker, start, wait_until
+from .conftest import finish, killed_on_error, register_worker, start, wait_until
 
 
 @dataclass
@@ -185,7 +185,7 @@ def bad_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Share, dict[str, 
     coord = start("coordinator", "--share", str(share.root), "--rounds", str(len(names)), "--set", "min_workers=2",
                   "--set", "round_timeout=3", "--set", "worker_timeout=120", "--set", "heartbeat=5")
     rounds: dict[str, Round] = {}
-    try:
+    with killed_on_error(coord):
         for r, name in enumerate(names, 1):
             for w in ("good", "bad"):
                 register_worker(share, w, beat=r)
@@ -198,9 +198,6 @@ def bad_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Share, dict[str, 
             case.act(rd)
             rounds[name] = rd
             wait_until(lambda: share.summary(r).exists(), 30, f"round {r} ({name}) to close")
-    except BaseException:
-        coord.kill()
-        raise
     out = finish(coord, timeout=60)
     return share, rounds, out, coord.returncode
 

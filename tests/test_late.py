@@ -12,7 +12,7 @@ from fedsync.markers import Assignment, Summary, UpdateMarker, parse
 from fedsync.share import Share, read_yaml
 from fedsync.tensorfile import load_verified
 
-from .conftest import finish, register_worker, start, submit_update, wait_until
+from .conftest import finish, killed_on_error, register_worker, start, submit_update, wait_until
 
 
 
@@ -23,17 +23,13 @@ def test_late_update(share: Path, policy: str) -> None:
     coord = start("coordinator", "--share", str(share), "--rounds", "2", "--set", "min_workers=2",
                   "--set", "round_timeout=3", "--set", f"late_policy={policy}", "--set", "worker_timeout=60")
     fast = start("worker", "--share", str(share), "--name", "fast", "--device", "cpu", "--wait-for-run", "60")
-    try:
+    with killed_on_error(coord, fast):
         wait_until(lambda: s.assignment(2).exists(), 90, "round 1 to close at its deadline and round 2 to open")
         a1 = parse(Assignment, read_yaml(s.assignment(1)), "a1")
         base1 = load_verified(s.global_model(1), a1.model)
         late_delta = {k: (torch.randn(v.shape) * 1e-2).to(v.dtype) if v.is_floating_point() else torch.zeros_like(v)
                       for k, v in base1.items()}
         submit_update(s, a1, "slow", late_delta, samples=300)
-    except BaseException:
-        coord.kill()
-        fast.kill()
-        raise
     out = finish(coord, timeout=90)
     finish(fast, timeout=30)
     assert coord.returncode == 0, out

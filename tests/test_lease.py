@@ -12,7 +12,7 @@ from fedsync.markers import FORMAT_VERSION, Assignment, CoordinatorLease, Summar
 from fedsync.share import Share, read_yaml, write_yaml
 from fedsync.tensorfile import load_verified
 
-from .conftest import finish, register_worker, run, start, submit_update, wait_until
+from .conftest import finish, killed_on_error, register_worker, run, start, submit_update, wait_until
 
 FAST_LEASE = ("--set", "heartbeat=1", "--set", "worker_timeout=3")
 
@@ -75,7 +75,7 @@ def test_round_extended_at_its_deadline_shows_in_status(share: Path) -> None:
     coord = start("coordinator", "--share", str(share), "--rounds", "1", "--set", "min_workers=2",
                   "--set", "min_updates=2", "--set", "round_timeout=2", "--set", "worker_timeout=60")
     worker = start("worker", "--share", str(share), "--name", "w1", "--device", "cpu", "--wait-for-run", "60")
-    try:
+    with killed_on_error(coord, worker):
         def extended() -> bool:
             st = run("status", "--share", str(share), "--json")
             return st.returncode == 0 and json.loads(st.stdout)["state"].startswith("extended")
@@ -85,10 +85,6 @@ def test_round_extended_at_its_deadline_shows_in_status(share: Path) -> None:
         a = parse(Assignment, read_yaml(s.assignment(1)), "a")  # the laptop wakes up and submits
         base = load_verified(s.global_model(1), a.model)
         submit_update(s, a, "sleepy", {k: torch.zeros_like(v) for k, v in base.items()}, samples=50)
-    except BaseException:
-        coord.kill()
-        worker.kill()
-        raise
     out = finish(coord, timeout=60)
     finish(worker, timeout=30)
     assert coord.returncode == 0, out

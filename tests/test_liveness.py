@@ -10,7 +10,7 @@ from pathlib import Path
 from fedsync.markers import Assignment, Summary, parse
 from fedsync.share import Share, read_yaml
 
-from .conftest import finish, start, wait_until
+from .conftest import finish, killed_on_error, start, wait_until
 
 FAST = ("--set", "heartbeat=1", "--set", "worker_timeout=3")
 
@@ -47,17 +47,13 @@ def test_frozen_worker_gets_no_work_and_rejoins_when_it_wakes(share: Path) -> No
         return next((r for r in s.rounds() if r > after and s.assignment(r).exists() and "w3" not in assigned(r)),
                     None)
 
-    try:
+    with killed_on_error(coord, *workers.values()):
         wait_until(lambda: closed_with_w3() is not None, 90, "a round to close with w3")  # w3 may join late
         os.kill(workers["w3"].pid, signal.SIGSTOP)  # a laptop lid closes
         joined = closed_with_w3() or 0
         wait_until(lambda: opened_without_w3(joined) is not None, 60, "a round opened without the frozen w3")
         frozen_round = opened_without_w3(joined)
         os.kill(workers["w3"].pid, signal.SIGCONT)  # ... and opens again
-    except BaseException:
-        for p in (coord, *workers.values()):
-            p.kill()
-        raise
     out = finish(coord, timeout=120)
     for w in workers.values():
         finish(w, timeout=30)

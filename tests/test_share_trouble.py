@@ -13,7 +13,7 @@ import pytest
 from fedsync.markers import FinalMarker, parse
 from fedsync.share import Share, read_yaml
 
-from .conftest import finish, run, start
+from .conftest import finish, killed_on_error, run, start, wait_until
 
 
 @pytest.fixture
@@ -47,19 +47,12 @@ def test_disk_full_mid_run_is_survived(small_share: Path) -> None:
     coord = start("coordinator", "--share", str(small_share), "--rounds", "3", "--set", "heartbeat=1",
                   "--set", "worker_timeout=30")
     worker = start("worker", "--share", str(small_share), "--name", "w1", "--device", "cpu", "--wait-for-run", "60")
-    try:
-        end = time.monotonic() + 90
-        while not s.summary(1).exists():
-            assert time.monotonic() < end, "round 1 never closed"
-            time.sleep(0.05)
+    with killed_on_error(coord, worker):
+        wait_until(lambda: s.summary(1).exists(), 90, "round 1 to close")
         junk = _fill(small_share)
         time.sleep(4)  # both processes now meet ENOSPC and back off
         assert coord.poll() is None and worker.poll() is None, "a process gave up instead of retrying"
         junk.unlink()
-    except BaseException:
-        coord.kill()
-        worker.kill()
-        raise
     out = finish(coord, timeout=120)
     wout = finish(worker, timeout=60)
     assert coord.returncode == 0 and worker.returncode == 0, out + wout

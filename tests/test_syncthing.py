@@ -11,7 +11,7 @@ import pytest
 from fedsync.markers import FinalMarker, Summary, WorkerInfo, parse
 from fedsync.share import Share, read_yaml
 
-from .conftest import finish, require, run, start, wait_until
+from .conftest import finish, killed_on_error, require, run, start, wait_until
 from .syncthing import SyncthingPair
 
 
@@ -65,7 +65,7 @@ def test_a_partition_longer_than_the_deadline(tmp_path: Path) -> None:
                       "--set", "round_timeout=8", "--set", "late_policy=fold",
                       "--set", "max_staleness=4")
         w1, w2 = _worker(a, "w1"), _worker(b, "w2")
-        try:
+        with killed_on_error(coord, w1, w2):
             wait_until(lambda: _training(sb, "w2", 2), 120, "w2 to start round 2 on the far copy")
             pair.pause()  # w2 has its round; its update cannot come back
             wait_until(lambda: sa.summary(2).exists(), 60, "round 2 to close at its deadline")
@@ -73,10 +73,6 @@ def test_a_partition_longer_than_the_deadline(tmp_path: Path) -> None:
             pair.resume()
             pair.wait_connected(60)
             pair.rescan()
-        except BaseException:
-            for p in (coord, w1, w2):
-                p.kill()
-            raise
         out = finish(coord, timeout=240)
         outs = finish(w1, timeout=60) + finish(w2, timeout=90)
         assert coord.returncode == 0, out + outs + pair.logs()
