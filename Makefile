@@ -25,6 +25,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/restart.py
 	$(BIN)/python benchmarks/poll_cost.py
 	$(BIN)/python benchmarks/syncthing_rounds.py
+	$(BIN)/python benchmarks/worker_throughput.py
+	$(BIN)/python benchmarks/mixed_speed.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -62,7 +62,7 @@ def main(rounds: int = 30) -> None:
                               else torch.zeros_like(v) for k, v in base.items()}
                     ref = save_state(share.update_tensors(r, name), update)
                     marker = UpdateMarker(format=FORMAT_VERSION, round=r, worker=name, base=a.model.blake3,
-                                          tensors=ref, samples=100, train_loss=1.0, seconds=0.0, device="cpu")
+                                          tensors=ref, samples=100, steps=1, train_loss=1.0, seconds=0.0, device="cpu")
                     write_yaml(share.update_marker(r, name), to_dict(marker))
                     if i == 0:
                         time.sleep(0.05)  # the first update is taken in before the quorum-completing one

@@ -71,8 +71,10 @@ def coordinator(
 def worker(
     share: ShareOpt = Path("rounds"),
     name: Annotated[str | None, typer.Option(help="This worker's name in the share (default: the host name).")] = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps. auto picks a CUDA GPU, then "
-                                             "MPS, then the CPU.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps. auto picks the first CUDA GPU "
+                                             "this torch build can drive, then MPS, then the CPU (saying why it "
+                                             "passed over a GPU); an explicit device that cannot train fails at "
+                                             "once with `fedsync doctor`'s diagnosis.")] = "auto",
     watch: WatchOpt = "auto",
     wait_for_run: Annotated[float | None, typer.Option(help="Give up if no run appears in the share within "
                                                             "this many seconds (default: wait forever).")] = None,
@@ -137,6 +139,23 @@ def verify(
                    f"{len(report.findings) - len(report.errors)} hint(s)")
     if report.errors:
         raise typer.Exit(8)
+
+
+@app.command()
+def doctor() -> None:
+    """Check what this machine can train on: Python, torch and its CUDA build, each GPU's compute capability
+    against the architectures the build carries kernels for, a tiny real training step on every device, bf16
+    and fp16, Apple MPS. Prints the exact command that fixes a GPU this build cannot drive; exit status 7 then.
+
+    Example: fedsync doctor
+    """
+    from .device import DeviceFacts
+    from .doctor import report
+
+    text, code = report(DeviceFacts.probe())
+    typer.echo(text)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()

@@ -12,6 +12,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .aggregation import RULES
+from .balance import BALANCE
+from .device import PRECISIONS
 from .errors import ConfigError
 from .markers import MarkerError, parse_record
 from .models import REGISTRY
@@ -38,6 +41,10 @@ class RunConfig:
     momentum: float
     weight_decay: float
     augment: bool             # cifar10: random crop (pad 4) and horizontal flip
+    precision: str            # auto | fp32 | bf16 | fp16: each worker resolves auto for its own device
+    prox_mu: float            # FedProx proximal weight; 0 is plain local SGD
+    balance: str              # equal | throughput: how the coordinator sizes each worker's work
+    aggregation: str          # fedavg | fednova
     quorum: Any               # float in (0, 1]: fraction of live assigned workers; int >= 1: a count
     min_updates: int          # a round never closes with fewer accepted updates
     min_workers: int          # a round opens once this many workers are live
@@ -59,6 +66,11 @@ class RunConfig:
             problems.append(f"late_policy {self.late_policy!r} is not drop or fold")
         if self.max_staleness < 1 or self.staleness_exponent < 0:
             problems.append("max_staleness must be at least 1 and staleness_exponent not negative")
+        for name, allowed in (("precision", PRECISIONS), ("balance", BALANCE), ("aggregation", RULES)):
+            if getattr(self, name) not in allowed:
+                problems.append(f"{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if self.prox_mu < 0:
+            problems.append("prox_mu must not be negative")
         if self.partition not in ("iid", "dirichlet"):
             problems.append(f"partition {self.partition!r} is not iid or dirichlet")
         q = self.quorum

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from filelock import Timeout
 
+from .aggregation import make_rule
+from .balance import plan_steps
 from .config import RunConfig
 from .data import Dataset, load_dataset
 from .errors import ConfigError, ShareError
@@ -40,6 +42,7 @@ from .markers import (
     to_dict,
 )
 from .models import build_model
+from .partition import partition
 from .share import (
     Backoff,
     Share,
@@ -127,6 +130,8 @@ class Coordinator:
         self.liveness = Liveness(share, self.cfg.worker_timeout)
         self.backoff = Backoff(self.log)
         self.model = build_model(self.cfg.model, dataset.num_classes, seed=self.cfg.seed)
+        self.parameters = frozenset(name for name, _ in self.model.named_parameters())
+        self.rule = make_rule(self.cfg.aggregation, self.cfg.momentum)
         self.metrics: list[dict[str, object]] = []
 
     def run(self) -> FinalMarker:
@@ -173,14 +178,32 @@ class Coordinator:
         workers = self._wait_for_workers(r)
         a = Assignment(format=FORMAT_VERSION, run_id=self.manifest.run_id, round=r, rounds=self.opts.rounds,
                        model=model_ref, num_shards=len(workers), time_budget_s=float(self.cfg.round_timeout),
-                       workers={w: WorkerTask(shard=i, local_epochs=self.cfg.local_epochs)
-                                for i, w in enumerate(workers)})
+                       workers=self._tasks(r, workers))
         self.share.updates_dir(r).mkdir(parents=True, exist_ok=True)
         write_yaml(self.share.assignment(r), to_dict(a))  # written last: the round is open from here on
         if self.nudge:
             self.nudge.scan(self.share.round_dir(r))
         self.log(f"round {r}/{self.opts.rounds} open: {len(workers)} worker(s) {', '.join(workers)}")
         return a, state
+
+    def _tasks(self, r: int, workers: list[str]) -> dict[str, WorkerTask]:
+        """Shard i to the i-th worker; with balance: throughput, steps sized by each worker's published speed."""
+        equal = {w: WorkerTask(shard=i, local_epochs=self.cfg.local_epochs) for i, w in enumerate(workers)}
+        if self.cfg.balance != "throughput":
+            return equal
+        speeds = {w: self.liveness.info[w].samples_per_s for w in workers}
+        unknown = sorted(w for w, s in speeds.items() if not s)
+        if unknown:
+            self.log(f"round {r}: equal work: no measured speed from {', '.join(unknown)} yet")
+            return equal
+        shards = partition(self.dataset.train.y.numpy(), len(workers), self.cfg.partition, self.cfg.seed,
+                           self.cfg.dirichlet_alpha)
+        steps = plan_steps({w: len(shards[i]) for i, w in enumerate(workers)}, speeds,  # type: ignore[arg-type]
+                           self.cfg.local_epochs, self.cfg.batch_size, self.cfg.round_timeout)
+        self.log(f"round {r}: steps by throughput: " + ", ".join(
+            f"{w} {steps[w]} ({speeds[w]:.0f} samples/s)" for w in workers))
+        return {w: WorkerTask(shard=t.shard, local_epochs=t.local_epochs, local_steps=steps[w])
+                for w, t in equal.items()}
 
     def _wait(self, seconds: float) -> None:
         """Sleep until the share changes or `seconds` pass; stop if another coordinator took the share."""
@@ -194,7 +217,11 @@ class Coordinator:
         while True:
             for name in self.liveness.scan():
                 info = self.liveness.info[name]
-                self.log(f"worker {name} registered ({info.device}: {info.device_name}, torch {info.torch})")
+                self.log(f"worker {name} registered ({info.device}: {info.device_name}, {info.precision}, "
+                         f"torch {info.torch})")
+                if info.device_fallback:
+                    self.log(f"WARNING: worker {name} trains on the CPU although it has a GPU: "
+                             f"{info.device_fallback}")
             live = self.liveness.live()
             if len(live) >= self.cfg.min_workers:
                 return live
@@ -208,8 +235,8 @@ class Coordinator:
     def _collect_and_close(self, r: int, a: Assignment, state: dict[str, torch.Tensor]) -> None:
         opened = time.monotonic()
         self.lease.update("collecting", r)
-        intake = RoundLedger(self.share, r, a, len(self.dataset.train))
-        late = LateLedger(self.share, r, self.cfg, len(self.dataset.train))
+        intake = RoundLedger(self.share, r, a, len(self.dataset.train), self.rule)
+        late = LateLedger(self.share, r, self.cfg, len(self.dataset.train), self.rule)
         aggregator = Aggregator(layout_of(state))
         reason = ""
         extended = False
@@ -252,16 +279,18 @@ class Coordinator:
                 remaining = a.time_budget_s - elapsed
                 self._wait(min(self.opts.rescan, remaining) if remaining > 0 else self.opts.rescan)
             t = time.perf_counter()
-            new_state = aggregator.result(state)
+            scale = self.rule.scale([(c.weight, c.steps) for c in aggregator.accepted])
+            new_state = aggregator.result(state, scale, self.parameters)
             timings["aggregate_s"] = time.perf_counter() - t
         finally:
             aggregator.close()
-        self._close(r, a, intake, late.records(), new_state, reason, time.monotonic() - opened, timings)
+        self._close(r, a, intake, late.records(), new_state, reason, time.monotonic() - opened, timings, scale)
 
     # -- closing -------------------------------------------------------------------------------------------
 
     def _close(self, r: int, a: Assignment, intake: RoundLedger, late: list[Late],
-               new_state: dict[str, torch.Tensor], reason: str, seconds: float, timings: dict[str, float]) -> None:
+               new_state: dict[str, torch.Tensor], reason: str, seconds: float, timings: dict[str, float],
+               step_scale: float) -> None:
         # 1. the aggregate, where the next round (or the end of the run) will look for it
         path = self.share.model_after(r, self.opts.rounds)
         name = path.relative_to(self.share.root).as_posix()
@@ -278,6 +307,7 @@ class Coordinator:
         summary = Summary(format=FORMAT_VERSION, round=r, closed_because=reason, seconds=round(seconds, 3),
                           model=ref, accepted=accepted, rejected=intake.rejected_records(),
                           missing=intake.missing(), ignored=sorted(intake.ignored), late=late,
+                          aggregation=self.rule.name, step_scale=round(step_scale, 6),
                           metrics={"test_accuracy": test_acc, "test_loss": test_loss, "train_loss": train_loss},
                           timings={k: round(v, 6) for k, v in timings.items()})
         self.backoff.run(lambda: write_yaml(self.share.summary(r), to_dict(summary)), f"writing round {r}'s summary")

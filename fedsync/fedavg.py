@@ -67,8 +67,10 @@ class WeightedSum:
         self.count = 0
 
 
-def apply_mean(base: Mapping[str, torch.Tensor], summed: WeightedSum) -> dict[str, torch.Tensor]:
-    """The new global model: base + sum / total weight, cast back to each tensor's dtype.
+def apply_mean(base: Mapping[str, torch.Tensor], summed: WeightedSum, scale: float = 1.0,
+               scaled: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """The new global model: base + sum / total weight (times `scale` for the tensors named in `scaled`, an
+    aggregation rule's step scale), cast back to each tensor's dtype.
 
     Consumes `summed` (its buffers are reused for the result) so the step needs no extra model-sized memory.
     """
@@ -76,7 +78,7 @@ def apply_mean(base: Mapping[str, torch.Tensor], summed: WeightedSum) -> dict[st
         raise ValueError("cannot average zero updates")
     out = {}
     for name, tensor in base.items():
-        mean = summed.sums[name].div_(summed.total_weight)
+        mean = summed.sums[name].div_(summed.total_weight / (scale if name in scaled else 1.0))
         if not tensor.dtype.is_floating_point:
             mean.round_()
         out[name] = mean.add_(tensor).to(tensor.dtype)

@@ -39,6 +39,7 @@ class Candidate:
     ref: FileRef
     weight: float
     round: int = 0  # the round the update was trained for (a late one's is older than the open round's)
+    steps: int = 1  # local optimizer steps, for rules that normalise by them (FedNova)
 
 
 @dataclass
@@ -209,15 +210,16 @@ class Aggregator:
             else:
                 return dropped
 
-    def result(self, base: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The new global model; the aggregator is spent afterwards."""
+    def result(self, base: Mapping[str, torch.Tensor], scale: float = 1.0,
+               scaled: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+        """The new global model (see fedavg.apply_mean for `scale`); the aggregator is spent afterwards."""
         used = [lane.sums for lane in self.lanes if lane.sums is not None and lane.sums.count]
         if not used:
             raise ValueError("no accepted updates to aggregate")
         for other in used[1:]:
             used[0].merge(other)
         self.pool.shutdown(wait=False)
-        return apply_mean(base, used[0])
+        return apply_mean(base, used[0], scale, scaled)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
+from .aggregation import Rule
 from .config import RunConfig
 from .fedavg import staleness_weight
 from .intake import Candidate, Outcome
@@ -30,8 +31,8 @@ from .tensorfile import Unusable
 class RoundLedger:
     """The bookkeeping of one round's updates: which markers were seen, accepted, rejected or still pending."""
 
-    def __init__(self, share: Share, r: int, a: Assignment, train_size: int) -> None:
-        self.share, self.r, self.a, self.train_size = share, r, a, train_size
+    def __init__(self, share: Share, r: int, a: Assignment, train_size: int, rule: Rule) -> None:
+        self.share, self.r, self.a, self.train_size, self.rule = share, r, a, train_size, rule
         self.accepted: dict[str, UpdateMarker] = {}
         self.rejected: dict[str, Rejected] = {}
         self.pending: dict[str, tuple[tuple[object, ...], Unusable]] = {}
@@ -120,8 +121,11 @@ class RoundLedger:
             raise Unusable(Reason.BAD_PATH, f"{path.name} names {m.tensors.file!r}")
         if not 0 < m.samples <= self.train_size:
             raise Unusable(Reason.BAD_SAMPLES, f"samples={m.samples}, the training set has {self.train_size}")
+        if m.steps < 1:
+            raise Unusable(Reason.BAD_SAMPLES, f"steps={m.steps}: an update comes from at least one step")
         self.markers[worker] = m
-        return Candidate(worker, self.share.update_tensors(self.r, worker), m.tensors, float(m.samples), self.r)
+        return Candidate(worker, self.share.update_tensors(self.r, worker), m.tensors,
+                         self.rule.weight(m.samples, m.steps), self.r, m.steps)
 
     def record(self, outcomes: list[Outcome]) -> None:
         """Apply the intake's verdicts; a later verdict on the same worker (a lane rebuild) overrides."""
@@ -146,8 +150,10 @@ class RoundLedger:
         return all(w in self.accepted or w in self.rejected for w in self.a.workers)
 
     def accepted_records(self) -> list[Accepted]:
-        return [Accepted(worker=w, samples=m.samples, weight=float(m.samples), train_loss=m.train_loss,
-                         seconds=m.seconds, device=m.device) for w, m in sorted(self.accepted.items())]
+        return [Accepted(worker=w, samples=m.samples, steps=m.steps,
+                         weight=round(self.rule.weight(m.samples, m.steps), 6),
+                         train_loss=m.train_loss, seconds=m.seconds, device=m.device)
+                for w, m in sorted(self.accepted.items())]
 
     def rejected_records(self) -> list[Rejected]:
         late = [Rejected(w, f"updates/{w}.yaml", p.reason.value, f"still at the close: {p.detail}")
@@ -162,7 +168,7 @@ class RoundLedger:
 class LateLedger:
     """Updates for closed rounds (at most max_staleness back) that arrived after their round closed."""
 
-    def __init__(self, share: Share, r: int, cfg: RunConfig, train_size: int) -> None:
+    def __init__(self, share: Share, r: int, cfg: RunConfig, train_size: int, rule: Rule) -> None:
         self.r, self.cfg = r, cfg
         self.rounds: dict[int, RoundLedger] = {}
         self.found: dict[tuple[int, str], Late] = {}
@@ -170,7 +176,7 @@ class LateLedger:
         summaries = {c: load_summary(share, c) for c in window if share.summary(c).exists()}
         for c, s in summaries.items():
             a = parse(Assignment, read_yaml(share.assignment(c)), str(share.assignment(c)))
-            ri = RoundLedger(share, c, a, train_size)
+            ri = RoundLedger(share, c, a, train_size, rule)
             ri.settled = {x.worker for x in s.accepted} | {x.worker for x in s.rejected}
             self.rounds[c] = ri
         for s in summaries.values():  # recorded as late by an earlier round: decided, never again

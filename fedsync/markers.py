@@ -93,6 +93,7 @@ class CoordinatorLease:
 class WorkerTask:
     shard: int
     local_epochs: int
+    local_steps: int | None = None  # set by balance: throughput: optimizer steps to take instead of epochs
 
 
 @dataclass
@@ -118,7 +119,8 @@ class UpdateMarker:
     worker: str
     base: str
     tensors: FileRef
-    samples: int
+    samples: int       # distinct examples trained on this round: the update's FedAvg weight
+    steps: int         # optimizer steps taken: FedNova's normalisation
     train_loss: float
     seconds: float
     device: str
@@ -139,12 +141,16 @@ class WorkerInfo:
     state: str
     round: int | None
     heartbeat: int
+    precision: str = "fp32"
+    samples_per_s: float | None = None  # measured training speed on the run's model; throughput balancing reads it
+    device_fallback: str | None = None  # why --device auto trains on the CPU although a GPU is present
 
 
 @dataclass
 class Accepted:
     worker: str
     samples: int
+    steps: int
     weight: float
     train_loss: float
     seconds: float
@@ -184,6 +190,8 @@ class Summary:
     missing: list[str]
     ignored: list[str]
     late: list[Late]
+    aggregation: str    # fedavg | fednova
+    step_scale: float   # fednova's effective step count applied to the parameters' mean; 1 for fedavg
     metrics: dict[str, float]
     timings: dict[str, float]
 

@@ -82,8 +82,9 @@ def collect_status(share: Share) -> dict[str, Any]:
             age = None
         status["workers"].append({
             "name": name, "device": info.device, "device_name": info.device_name, "torch": info.torch,
-            "cuda_capability": info.cuda_capability, "state": info.state, "round": info.round,
-            "last_heartbeat_s": None if age is None else round(age, 1)})
+            "cuda_capability": info.cuda_capability, "precision": info.precision,
+            "samples_per_s": info.samples_per_s, "device_fallback": info.device_fallback, "state": info.state,
+            "round": info.round, "last_heartbeat_s": None if age is None else round(age, 1)})
     return status
 
 
@@ -113,6 +114,9 @@ def format_status(st: dict[str, Any]) -> str:
             lines.append(f"  {w['name']}: {w['problem']}")
             continue
         cap = f", sm {w['cuda_capability']}" if w["cuda_capability"] else ""
-        lines.append(f"  {w['name']}: {w['state']}, {w['device']} ({w['device_name']}{cap}), torch {w['torch']}, "
-                     f"heartbeat {w['last_heartbeat_s']} s ago (file time, as seen from here)")
+        speed = f", {w['samples_per_s']:.0f} samples/s" if w["samples_per_s"] else ""
+        lines.append(f"  {w['name']}: {w['state']}, {w['device']} ({w['device_name']}{cap}, {w['precision']}{speed}), "
+                     f"torch {w['torch']}, heartbeat {w['last_heartbeat_s']} s ago (file time, as seen from here)")
+        if w["device_fallback"]:
+            lines.append(f"    WARNING: on the CPU although a GPU is present: {w['device_fallback']}")
     return "\n".join(lines)

@@ -1,14 +1,23 @@
-"""Local training and evaluation on tensors held in memory (both datasets fit), read top to bottom."""
+"""Local training and evaluation, read top to bottom.
+
+The loop keeps an accelerator busy: the shard sits on the device when it fits, batches are drawn and
+augmented there with the device's own random generator, the loss is summed on the device, and nothing waits
+for the device until the round's last step. Mixed precision is autocast (bf16, or fp16 with a gradient scaler).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .data import Split
+from .faults import Pace
+
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -19,54 +28,115 @@ class TrainSettings:
     momentum: float
     weight_decay: float
     augment: bool
+    steps: int | None = None     # optimizer steps to take instead of `epochs` passes (balance: throughput)
+    prox_mu: float = 0.0         # FedProx: pull towards the round's global model with (mu / 2) * ||w - w0||^2
+    precision: str = "fp32"      # fp32 | bf16 | fp16, already resolved for the device
+    channels_last: bool = False  # NHWC memory layout, faster for convolutions on tensor cores
 
 
 @dataclass(frozen=True)
 class TrainResult:
-    samples: int       # distinct examples in the shard: FedAvg's weight
-    steps: int
-    train_loss: float  # mean loss over every example seen
+    samples: int       # distinct examples trained on: FedAvg's weight ("samples actually used")
+    steps: int         # optimizer steps taken: FedNova's normalisation
+    processed: int     # examples processed, repeats included
+    seconds: float     # wall time of the loop, device work included
+    train_loss: float  # mean loss over every example processed
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.processed / self.seconds if self.seconds > 0 else 0.0
 
 
 def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random crop after 4-pixel zero padding, and random horizontal flip, vectorised on x's device."""
+    """Random crop after 4-pixel zero padding, and random horizontal flip, vectorised on x's device
+    (`generator` must live on that device too, so no random number crosses from the host)."""
     b, c, h, w = x.shape
     padded = F.pad(x, (4, 4, 4, 4))
-    dy = torch.randint(0, 9, (b,), generator=generator).to(x.device)
-    dx = torch.randint(0, 9, (b,), generator=generator).to(x.device)
+    dy = torch.randint(0, 9, (b,), generator=generator, device=x.device)
+    dx = torch.randint(0, 9, (b,), generator=generator, device=x.device)
     rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
     cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
     batch = torch.arange(b, device=x.device)[:, None, None, None]
     chan = torch.arange(c, device=x.device)[None, :, None, None]
     out = padded[batch, chan, rows, cols]
-    flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)[:, None, None, None]
+    flip = (torch.rand(b, generator=generator, device=x.device) < 0.5)[:, None, None, None]
     return torch.where(flip, out.flip(3), out)
 
 
+def fits_on(device: str, nbytes: int) -> bool:
+    """Whether a shard of this size may live on the device: at most half its free memory."""
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return nbytes <= free // 2
+    return True
+
+
+def place(data: Split, device: str) -> Split:
+    """The shard on the device when it fits there; else in pinned host memory, copied batch by batch."""
+    if fits_on(device, data.x.nbytes + data.y.nbytes):
+        return Split(data.x.to(device), data.y.to(device))
+    pin = device.startswith("cuda")
+    return Split(data.x.pin_memory() if pin else data.x, data.y.pin_memory() if pin else data.y)
+
+
 def local_train(model: nn.Module, data: Split, settings: TrainSettings, device: str, seed: int) -> TrainResult:
-    """SGD over the shard for `settings.epochs` passes, starting from the model's current weights."""
-    generator = torch.Generator().manual_seed(seed)
-    model.to(device).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum,
-                                weight_decay=settings.weight_decay)
-    x, y = data.x.to(device), data.y.to(device)
-    n = len(y)
+    """SGD over the shard for `settings.steps` steps, or `settings.epochs` passes, from the model's weights."""
+    started = time.perf_counter()
+    kind = device.split(":")[0]
+    memory_format = torch.channels_last if settings.channels_last else torch.preserve_format
+    model.to(device, memory_format=memory_format).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum,
+                                weight_decay=settings.weight_decay, fused=kind == "cuda" or None)
+    scaler = torch.amp.GradScaler(kind, enabled=settings.precision == "fp16")
+    anchors = [p.detach().clone() for p in params] if settings.prox_mu > 0 else []
+    generator = torch.Generator(device=device).manual_seed(seed)
+    data = place(data, device)
+    order_generator = generator if data.x.device.type == kind else torch.Generator().manual_seed(seed)
+    n = len(data.y)
+    per_epoch = -(-n // settings.batch_size)
+    total_steps = settings.steps if settings.steps is not None else settings.epochs * per_epoch
     loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per batch
-    steps = 0
-    for _ in range(settings.epochs):
-        order = torch.randperm(n, generator=generator).to(device)
-        for start in range(0, n, settings.batch_size):
-            idx = order[start:start + settings.batch_size]
-            xb, yb = x[idx], y[idx]
-            if settings.augment:
-                xb = augment_batch(xb, generator)
+    processed = 0
+    pace = Pace(device)
+    for step in range(total_steps):
+        if step % per_epoch == 0:
+            order = torch.randperm(n, generator=order_generator, device=data.x.device)
+        start = (step % per_epoch) * settings.batch_size
+        idx = order[start:start + settings.batch_size]
+        xb = data.x[idx].to(device, non_blocking=True)
+        yb = data.y[idx].to(device, non_blocking=True)
+        if settings.augment:
+            xb = augment_batch(xb, generator)
+        xb = xb.contiguous(memory_format=memory_format)
+        with torch.autocast(kind, dtype=AUTOCAST.get(settings.precision), enabled=settings.precision in AUTOCAST):
             loss = F.cross_entropy(model(xb), yb)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach() * len(idx)
-            steps += 1
-    return TrainResult(samples=n, steps=steps, train_loss=float(loss_sum) / (n * settings.epochs))
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if anchors:  # FedProx's gradient term mu * (w - w0), added to the unscaled gradients
+            scaler.unscale_(optimizer)
+            torch._foreach_add_([p.grad for p in params], torch._foreach_sub(params, anchors), alpha=settings.prox_mu)
+        scaler.step(optimizer)
+        scaler.update()
+        loss_sum += loss.detach().float() * len(idx)
+        processed += len(idx)
+        pace.step()
+    train_loss = float(loss_sum) / max(processed, 1)  # the one wait for the device
+    return TrainResult(samples=min(n, processed), steps=total_steps, processed=processed,
+                       seconds=time.perf_counter() - started, train_loss=train_loss)
+
+
+def measure_throughput(model: nn.Module, data: Split, settings: TrainSettings, device: str,
+                       seconds: float = 0.5) -> float:
+    """Training samples per second on this device: one warm-up step, then doubling step counts until a run
+    lasts `seconds`. Trains `model` in place: pass a throwaway copy."""
+    local_train(model, data, replace(settings, steps=1), device, seed=0)
+    steps = 2
+    while True:
+        result = local_train(model, data, replace(settings, steps=steps), device, seed=steps)
+        if result.seconds >= seconds or steps >= 256:
+            return result.samples_per_s
+        steps *= 2
 
 
 @torch.no_grad()

@@ -20,7 +20,8 @@ from filelock import Timeout
 from . import __version__
 from .config import RunConfig, config_from_dict
 from .data import Dataset, Split, load_dataset
-from .device import DeviceFacts, choose_device, describe
+from .device import DeviceChoice, DeviceFacts, choose_device, describe
+from .doctor import start_check
 from .errors import ShareError
 from .faults import crash_point
 from .fedavg import delta
@@ -32,7 +33,7 @@ from .partition import partition
 from .share import Backoff, Share, check_worker_name, explain, local_lock, read_yaml, remove_stale_temps, write_yaml
 from .syncthing import SyncthingNudge
 from .tensorfile import Unusable, load_verified, save_state
-from .train import TrainSettings, local_train
+from .train import TrainSettings, local_train, measure_throughput, place
 from .watch import ShareWatcher
 
 
@@ -95,7 +96,7 @@ def run_worker(opts: WorkerOptions) -> FinalMarker | None:
     if not share.root.is_dir():
         raise ShareError(f"share folder {share.root} does not exist: mount or sync it first, or fix --share")
     facts = DeviceFacts.probe()
-    device = choose_device(opts.device, facts)
+    choice = choose_device(opts.device, facts)  # an explicit device this build cannot drive fails here, at once
     nudge = SyncthingNudge(opts.syncthing, opts.syncthing_key, share.root, log) if opts.syncthing else None
     lock = local_lock(share.root, f"worker-{name}")
     try:
@@ -106,7 +107,7 @@ def run_worker(opts: WorkerOptions) -> FinalMarker | None:
     try:
         with ShareWatcher(share.root, opts.watch) as watcher:
             manifest = _wait_for_run(share, watcher, opts, log)
-            return Worker(share, name, device, facts, manifest, watcher, opts, log, nudge).run()
+            return Worker(share, name, choice, facts, manifest, watcher, opts, log, nudge).run()
     finally:
         lock.release()
 
@@ -126,20 +127,27 @@ def _wait_for_run(share: Share, watcher: ShareWatcher, opts: WorkerOptions, log:
 
 
 class Worker:
-    def __init__(self, share: Share, name: str, device: str, facts: DeviceFacts, manifest: Manifest,
+    def __init__(self, share: Share, name: str, choice: DeviceChoice, facts: DeviceFacts, manifest: Manifest,
                  watcher: ShareWatcher, opts: WorkerOptions, log: Log, nudge: SyncthingNudge | None = None) -> None:
-        self.share, self.name, self.device, self.manifest = share, name, device, manifest
+        self.share, self.name, self.manifest = share, name, manifest
         self.nudge = nudge
         self.watcher, self.opts, self.log = watcher, opts, log
         self.cfg: RunConfig = config_from_dict(manifest.config, str(share.manifest))
-        device_name, capability = describe(device, facts)
+        # checked before registering: nothing found here can fail the worker in the middle of a round
+        choice, self.precision = start_check(opts.device, choice, self.cfg.precision, facts)
+        self.device = choice.device
+        if choice.fallback:
+            log(f"WARNING: training on the CPU although a GPU is present: {choice.fallback}")
+        device_name, capability = describe(self.device, facts)
         info = WorkerInfo(format=FORMAT_VERSION, name=name, host=socket.gethostname(), fedsync=__version__,
-                          torch=str(torch.__version__), device=device, device_name=device_name,
-                          cuda_capability=capability, state="starting", round=None, heartbeat=0)
+                          torch=str(torch.__version__), device=self.device, device_name=device_name,
+                          cuda_capability=capability, state="starting", round=None, heartbeat=0,
+                          precision=self.precision, device_fallback=choice.fallback)
         self.heartbeat = Heartbeat(share, info, self.cfg.heartbeat, log)
         self.backoff = Backoff(log)
         self.dataset: Dataset | None = None
         self.shards: dict[int, list[np.ndarray]] = {}
+        self.placed: tuple[tuple[int, int], Split] | None = None  # the last shard, kept on the device
 
     def run(self) -> FinalMarker | None:
         own = {f"{self.name}.safetensors", f"{self.name}.yaml"}
@@ -147,10 +155,15 @@ class Worker:
             remove_stale_temps(self.share.updates_dir(r), own)  # left by a crash of this worker
         self.dataset = load_dataset(self.cfg.task, self.cfg.data_root, self.cfg.seed, self.cfg.test_fraction,
                                     self.cfg.verify_checksums)
+        train, sample = self.dataset.train, 16 * self.cfg.batch_size  # enough batches to time, little to copy
+        speed = measure_throughput(build_model(self.cfg.model, self.dataset.num_classes),
+                                   Split(train.x[:sample], train.y[:sample]), self._settings(None), self.device)
+        self.heartbeat.info = replace(self.heartbeat.info, samples_per_s=round(speed, 1))
         self.heartbeat.start()
         self.log(f"watching the share by {self.watcher.describe}")
         self.log(f"registered for run {self.manifest.run_id} on {self.device} "
-                 f"({self.heartbeat.info.device_name}); {len(self.dataset.train)} training examples")
+                 f"({self.heartbeat.info.device_name}, {self.precision}, {speed:.0f} samples/s); "
+                 f"{len(self.dataset.train)} training examples")
         try:
             while True:
                 try:
@@ -196,12 +209,10 @@ class Worker:
         task = a.workers[self.name]
         self.heartbeat.update(state="training", round=r)
         started = time.monotonic()
-        shard = self._shard(a.num_shards, task.shard)
+        shard = self._on_device(a.num_shards, task.shard)
         model = build_model(self.cfg.model, self.dataset.num_classes)  # type: ignore[union-attr]
         model.load_state_dict(base)
-        settings = TrainSettings(epochs=task.local_epochs, batch_size=self.cfg.batch_size, lr=self.cfg.lr,
-                                 momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay,
-                                 augment=self.cfg.augment)
+        settings = replace(self._settings(task.local_steps), epochs=task.local_epochs)
         result = local_train(model, shard, settings, self.device, seed=_seed(self.cfg.seed, r, self.name))
         update = delta(model.state_dict(), base)
         seconds = time.monotonic() - started
@@ -209,15 +220,30 @@ class Worker:
                                f"writing the update for round {r}")
         crash_point(f"worker:after-tensors:{r}")
         marker = UpdateMarker(format=FORMAT_VERSION, round=r, worker=self.name, base=a.model.blake3, tensors=ref,
-                              samples=result.samples, train_loss=result.train_loss, seconds=round(seconds, 3),
+                              samples=result.samples, steps=result.steps, train_loss=result.train_loss,
+                              seconds=round(seconds, 3),
                               device=self.device)
         self.backoff.run(lambda: write_yaml(self.share.update_marker(r, self.name), to_dict(marker)),
                          f"writing the marker for round {r}")  # last: the update counts from here
         if self.nudge:
             self.nudge.scan(self.share.updates_dir(r))
-        self.heartbeat.update(state="idle", round=r)
-        self.log(f"round {r}: trained shard {task.shard}/{a.num_shards} ({result.samples} examples, "
-                 f"{task.local_epochs} epoch(s)) in {seconds:.2f} s, train loss {result.train_loss:.4f}")
+        self.heartbeat.update(state="idle", round=r, samples_per_s=round(result.samples_per_s, 1))
+        self.log(f"round {r}: trained shard {task.shard}/{a.num_shards} ({result.steps} steps over "
+                 f"{result.samples} examples, {result.samples_per_s:.0f} samples/s) in {seconds:.2f} s, "
+                 f"train loss {result.train_loss:.4f}")
+
+    def _settings(self, steps: int | None) -> TrainSettings:
+        return TrainSettings(epochs=self.cfg.local_epochs, batch_size=self.cfg.batch_size, lr=self.cfg.lr,
+                             momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay, augment=self.cfg.augment,
+                             steps=steps, prox_mu=self.cfg.prox_mu, precision=self.precision,
+                             channels_last=self.device.startswith("cuda"))
+
+    def _on_device(self, num_shards: int, index: int) -> Split:
+        """The shard, placed on the training device once and kept there while the assignment stays the same."""
+        if self.placed is None or self.placed[0] != (num_shards, index):
+            self.placed = None  # free the old copy first
+            self.placed = ((num_shards, index), place(self._shard(num_shards, index), self.device))
+        return self.placed[1]
 
     def _shard(self, num_shards: int, index: int) -> Split:
         train = self.dataset.train  # type: ignore[union-attr]

@@ -22,11 +22,12 @@ FEDSYNC = [sys.executable, "-m", "fedsync"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def start(*args: str, fault: str | None = None) -> subprocess.Popen[str]:
-    """A real fedsync process; `fault` names a crash point (fedsync/faults.py) where it kills itself."""
-    env = {**ENV, "FEDSYNC_FAULT": fault} if fault else ENV
+def start(*args: str, fault: str | None = None, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """A real fedsync process; `fault` names a crash point (fedsync/faults.py) where it kills itself; `env` adds
+    variables (FEDSYNC_DEVICE_FACTS, FEDSYNC_SLOWDOWN)."""
+    extra = {**(env or {}), **({"FEDSYNC_FAULT": fault} if fault else {})}
     return subprocess.Popen(FEDSYNC + list(args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env)
+                            env={**ENV, **extra})
 
 
 def finish(proc: subprocess.Popen[str], timeout: float) -> str:
@@ -51,8 +52,9 @@ def require(tool: str, install: str) -> None:
         pytest.skip(message)
 
 
-def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(FEDSYNC + list(args), capture_output=True, text=True, env=ENV, timeout=timeout)
+def run(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(FEDSYNC + list(args), capture_output=True, text=True, env={**ENV, **(env or {})},
+                          timeout=timeout)
 
 
 @pytest.fixture
@@ -78,12 +80,12 @@ def wait_until(check: Callable[[], object], timeout: float, what: str) -> None:
 
 
 def submit_update(share: Share, a: Assignment, worker: str, update: dict[str, torch.Tensor],
-                  samples: int = 100) -> FileRef:
+                  samples: int = 100, steps: int = 1) -> FileRef:
     """Write an update and then its marker for round `a.round`, as a worker process does."""
     ref = save_state(share.update_tensors(a.round, worker), update)
     write_yaml(share.update_marker(a.round, worker), to_dict(UpdateMarker(
         format=FORMAT_VERSION, round=a.round, worker=worker, base=a.model.blake3, tensors=ref, samples=samples,
-        train_loss=1.0, seconds=1.0, device="cpu")))
+        steps=steps, train_loss=1.0, seconds=1.0, device="cpu")))
     return ref
 
 

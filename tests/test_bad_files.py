@@ -34,7 +34,7 @@ class Round:
 
     def marker(self, worker: str, ref: FileRef, /, **changes: object) -> dict:
         m = to_dict(UpdateMarker(format=FORMAT_VERSION, round=self.r, worker=worker, base=self.a.model.blake3,
-                                 tensors=ref, samples=100, train_loss=0.5, seconds=0.1, device="cpu"))
+                                 tensors=ref, samples=100, steps=3, train_loss=0.5, seconds=0.1, device="cpu"))
         m.update(changes)
         return m
 

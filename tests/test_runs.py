@@ -33,7 +33,7 @@ def test_late_worker_joins_next_round_and_foreign_files_are_reported(share: Path
         ref = FileRef("intruder.safetensors", "00" * 32, 3)
         (updates / "intruder.safetensors").write_bytes(b"abc")
         write_yaml(updates / "intruder.yaml", to_dict(UpdateMarker(
-            format=FORMAT_VERSION, round=2, worker="intruder", base=a.model.blake3, tensors=ref, samples=10,
+            format=FORMAT_VERSION, round=2, worker="intruder", base=a.model.blake3, tensors=ref, samples=10, steps=1,
             train_loss=0.1, seconds=1.0, device="cpu")))
         (updates / "w1.sync-conflict-20261123-101010-ABCDEFG.yaml").write_text("format: 1\n")
         (updates / "notes.txt").write_text("hello")

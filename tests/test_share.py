@@ -15,7 +15,7 @@ HASH = "ab" * 32
 
 def _marker(**changes: object) -> dict:
     m = to_dict(UpdateMarker(format=FORMAT_VERSION, round=2, worker="w1", base=HASH,
-                             tensors=FileRef("w1.safetensors", HASH, 10), samples=5, train_loss=0.5,
+                             tensors=FileRef("w1.safetensors", HASH, 10), samples=5, steps=2, train_loss=0.5,
                              seconds=1.0, device="cpu"))
     m.update(changes)
     return m

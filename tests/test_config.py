@@ -1,4 +1,4 @@
-"""Config loading and device choice, decided from injected facts (CI has no GPU)."""
+"""Config loading: built-ins, user files, overrides, and a share that keeps its config."""
 
 from __future__ import annotations
 
@@ -7,32 +7,9 @@ from pathlib import Path
 import pytest
 
 from fedsync.config import differences, load_config, parse_overrides
-from fedsync.device import DeviceFacts, choose_device, describe
-from fedsync.errors import ConfigError, DeviceError
+from fedsync.errors import ConfigError
 from fedsync.manifest import open_run
 from fedsync.share import Share
-
-NONE = DeviceFacts(cuda_devices=(), cuda_capabilities=(), mps=False)
-TWO_GPUS = DeviceFacts(cuda_devices=("NVIDIA GeForce GTX 1080", "NVIDIA GeForce RTX 4090"),
-                       cuda_capabilities=((6, 1), (8, 9)), mps=False)
-MAC = DeviceFacts(cuda_devices=(), cuda_capabilities=(), mps=True)
-
-
-def test_auto_prefers_cuda_then_mps_then_cpu() -> None:
-    assert choose_device("auto", TWO_GPUS) == "cuda:0"
-    assert choose_device("auto", MAC) == "mps"
-    assert choose_device("auto", NONE) == "cpu"
-    assert choose_device("cuda:1", TWO_GPUS) == "cuda:1"
-    assert describe("cuda:0", TWO_GPUS) == ("NVIDIA GeForce GTX 1080", "6.1")
-
-
-@pytest.mark.parametrize("spec, facts, words", [
-    ("cuda", NONE, "no CUDA GPU"), ("cuda:2", TWO_GPUS, "only 2"), ("mps", NONE, "MPS is not available"),
-    ("tpu", NONE, "not one of")])
-def test_impossible_devices_fail_at_once(spec: str, facts: DeviceFacts, words: str) -> None:
-    with pytest.raises(DeviceError, match=words):
-        choose_device(spec, facts)
-
 
 def test_builtin_configs_and_overrides() -> None:
     digits = load_config("digits")
