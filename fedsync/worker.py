@@ -155,14 +155,16 @@ class Worker:
             remove_stale_temps(self.share.updates_dir(r), own)  # left by a crash of this worker
         self.dataset = load_dataset(self.cfg.task, self.cfg.data_root, self.cfg.seed, self.cfg.test_fraction,
                                     self.cfg.verify_checksums)
-        train, sample = self.dataset.train, 16 * self.cfg.batch_size  # enough batches to time, little to copy
-        speed = measure_throughput(build_model(self.cfg.model, self.dataset.num_classes),
-                                   Split(train.x[:sample], train.y[:sample]), self._settings(None), self.device)
-        self.heartbeat.info = replace(self.heartbeat.info, samples_per_s=round(speed, 1))
+        if self.cfg.balance == "throughput":  # the first round is sized by it; later rounds by measured rounds
+            train, sample = self.dataset.train, 16 * self.cfg.batch_size  # enough batches to time, little to copy
+            speed = measure_throughput(build_model(self.cfg.model, self.dataset.num_classes),
+                                       Split(train.x[:sample], train.y[:sample]), self._settings(None), self.device)
+            self.heartbeat.info = replace(self.heartbeat.info, samples_per_s=round(speed, 1))
         self.heartbeat.start()
         self.log(f"watching the share by {self.watcher.describe}")
+        speed_note = f", {self.heartbeat.info.samples_per_s:.0f} samples/s" if self.heartbeat.info.samples_per_s else ""
         self.log(f"registered for run {self.manifest.run_id} on {self.device} "
-                 f"({self.heartbeat.info.device_name}, {self.precision}, {speed:.0f} samples/s); "
+                 f"({self.heartbeat.info.device_name}, {self.precision}{speed_note}); "
                  f"{len(self.dataset.train)} training examples")
         try:
             while True:
