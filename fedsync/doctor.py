@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .device import DeviceChoice, DeviceFacts, choose_precision, gpu_fix, gpu_problem, install_path_for
+from .device import MODERN, DeviceChoice, DeviceFacts, choose_precision, gpu_fix, gpu_problem
 from .errors import DeviceError
 from .train import AUTOCAST
 
@@ -88,9 +88,8 @@ def examine(facts: DeviceFacts, kernels: Mapping[str, KernelRun | None]) -> list
                                  f"{choose_precision('auto', device, facts)}"))
         ran(device, device)
     if not facts.gpus and facts.cuda_build is None and sys.platform.startswith(("linux", "win")):
-        path = install_path_for((7, 5))
         out.append(Finding("note", "this torch is a CPU-only build: if this machine has an NVIDIA GPU, install a "
-                                   "CUDA build", path.command(sys.executable) if path else None))
+                                   "CUDA build", MODERN.command(sys.executable)))
     if facts.mps:
         ran("mps", "mps (Apple GPU)")
     elif sys.platform == "darwin":

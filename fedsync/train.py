@@ -73,6 +73,8 @@ def fits_on(device: str, nbytes: int) -> bool:
 
 def place(data: Split, device: str) -> Split:
     """The shard on the device when it fits there; else in pinned host memory, copied batch by batch."""
+    if data.x.device == torch.device(device):
+        return data  # placed already (the worker keeps its shard there across rounds)
     if fits_on(device, data.x.nbytes + data.y.nbytes):
         return Split(data.x.to(device), data.y.to(device))
     pin = device.startswith("cuda")

@@ -17,7 +17,7 @@ ROUNDS = 4
 
 def test_throughput_balance_and_a_pascal_worker_falling_back(share: Path) -> None:
     coord = start("coordinator", "--share", str(share), "--rounds", str(ROUNDS), "--set", "min_workers=2",
-                  "--set", "balance=throughput", "--set", "aggregation=fednova", "--set", "prox_mu=0.01",
+                  "--set", "balance=throughput", "--set", "prox_mu=0.01",
                   "--set", "local_epochs=4")
     fast = start("worker", "--share", str(share), "--name", "fast", "--device", "cpu", "--wait-for-run", "60")
     slow = start("worker", "--share", str(share), "--name", "slow", "--device", "auto", "--wait-for-run", "60",
@@ -41,7 +41,7 @@ def test_throughput_balance_and_a_pascal_worker_falling_back(share: Path) -> Non
     for r in range(1, ROUNDS + 1):
         a = parse(Assignment, read_yaml(s.assignment(r)), "a")
         summary = parse(Summary, read_yaml(s.summary(r)), "s")
-        assert sorted(x.worker for x in summary.accepted) == ["fast", "slow"] and summary.aggregation == "fednova"
+        assert sorted(x.worker for x in summary.accepted) == ["fast", "slow"] and summary.aggregation == "fedavg"
         for x in summary.accepted:
             m = parse(UpdateMarker, read_yaml(s.update_marker(r, x.worker)), "m")
             assert x.steps == m.steps and x.samples == m.samples
@@ -51,6 +51,6 @@ def test_throughput_balance_and_a_pascal_worker_falling_back(share: Path) -> Non
         if fast_steps is not None and slow_steps is not None:
             balanced += 1
             assert fast_steps > 2 * slow_steps, (r, fast_steps, slow_steps)
-            assert summary.step_scale != 1.0
+            assert summary.step_scale == 1.0
     assert balanced == ROUNDS, "every round was sized by the speeds published at registration"
-    assert parse(Summary, read_yaml(s.summary(ROUNDS)), "s").metrics["test_accuracy"] >= 0.7  # 4 short rounds
+    assert parse(Summary, read_yaml(s.summary(ROUNDS)), "s").metrics["test_accuracy"] >= 0.85
