@@ -57,7 +57,10 @@ def kernel_check(device: str, precisions: tuple[str, ...] = ("fp32", "bf16", "fp
             wd.grad = None
     except Exception as e:  # noqa: BLE001 - any failure of the device is the finding
         return KernelRun(False, f"{type(e).__name__}: {str(e).strip().splitlines()[0]}", dtypes)
-    return KernelRun(dtypes[precisions[0]], f"{(time.perf_counter() - started) * 1000:.0f} ms", dtypes)
+    took = f"{(time.perf_counter() - started) * 1000:.0f} ms"
+    if not dtypes[precisions[0]]:
+        return KernelRun(False, f"it ran ({took}) but gave a wrong or non-finite result in {precisions[0]}", dtypes)
+    return KernelRun(True, took, dtypes)
 
 
 def examine(facts: DeviceFacts, kernels: Mapping[str, KernelRun | None]) -> list[Finding]:
@@ -121,9 +124,9 @@ def start_check(spec: str, choice: DeviceChoice, precision: str, facts: DeviceFa
     if facts.injected and choice.device != "cpu":
         return choice, resolved
     run = kernel_check(choice.device, (resolved,))
-    if run.ok and run.dtypes.get(resolved):
+    if run.ok:
         return choice, resolved
-    problem = f"a training step on {choice.device} in {resolved} failed: {run.detail or 'non-finite result'}"
+    problem = f"a training step on {choice.device} in {resolved} failed: {run.detail}"
     if spec != "auto" or choice.device == "cpu":
         raise DeviceError(problem + "; run `fedsync doctor` for the full diagnosis")
     return DeviceChoice("cpu", problem), choose_precision(precision, "cpu", facts)

@@ -158,7 +158,8 @@ class Worker:
         if self.cfg.balance == "throughput":  # the first round is sized by it; later rounds by measured rounds
             train, sample = self.dataset.train, 16 * self.cfg.batch_size  # enough batches to time, little to copy
             speed = measure_throughput(build_model(self.cfg.model, self.dataset.num_classes),
-                                       Split(train.x[:sample], train.y[:sample]), self._settings(None), self.device)
+                                       Split(train.x[:sample], train.y[:sample]),
+                                       self._settings(self.cfg.local_epochs, None), self.device)
             self.heartbeat.info = replace(self.heartbeat.info, samples_per_s=round(speed, 1))
         self.heartbeat.start()
         self.log(f"watching the share by {self.watcher.describe}")
@@ -214,7 +215,7 @@ class Worker:
         shard = self._on_device(a.num_shards, task.shard)
         model = build_model(self.cfg.model, self.dataset.num_classes)  # type: ignore[union-attr]
         model.load_state_dict(base)
-        settings = replace(self._settings(task.local_steps), epochs=task.local_epochs)
+        settings = self._settings(task.local_epochs, task.local_steps)
         result = local_train(model, shard, settings, self.device, seed=_seed(self.cfg.seed, r, self.name))
         update = delta(model.state_dict(), base)
         seconds = time.monotonic() - started
@@ -234,8 +235,8 @@ class Worker:
                  f"{result.samples} examples, {result.samples_per_s:.0f} samples/s) in {seconds:.2f} s, "
                  f"train loss {result.train_loss:.4f}")
 
-    def _settings(self, steps: int | None) -> TrainSettings:
-        return TrainSettings(epochs=self.cfg.local_epochs, batch_size=self.cfg.batch_size, lr=self.cfg.lr,
+    def _settings(self, epochs: int, steps: int | None) -> TrainSettings:
+        return TrainSettings(epochs=epochs, batch_size=self.cfg.batch_size, lr=self.cfg.lr,
                              momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay, augment=self.cfg.augment,
                              steps=steps, prox_mu=self.cfg.prox_mu, precision=self.precision,
                              channels_last=self.device.startswith("cuda"))
