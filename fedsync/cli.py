@@ -168,6 +168,8 @@ def demo(
     """Run a coordinator and WORKERS local workers as separate processes on SHARE, then report.
 
     A previous demo run in SHARE is replaced; a run started by `fedsync coordinator` is never touched.
+
+    Example: fedsync demo --workers 3 --rounds 20
     """
     from .demo import run_demo
     from .logs import make_log

@@ -27,7 +27,7 @@ from .lease import LEASE_FILE, Lease
 from .ledger import LateLedger, RoundLedger, load_summary
 from .liveness import Liveness
 from .logs import Log, make_log
-from .manifest import open_run
+from .manifest import check_run, new_manifest, write_manifest
 from .markers import (
     FORMAT_VERSION,
     Assignment,
@@ -46,11 +46,9 @@ from .partition import partition
 from .share import (
     Backoff,
     Share,
-    atomic_write,
     local_lock,
     read_yaml,
     remove_stale_temps,
-    write_yaml,
 )
 from .syncthing import SyncthingNudge
 from .tensorfile import layout_of, load_verified, read_verified, save_state
@@ -94,15 +92,24 @@ def run_coordinator(opts: CoordinatorOptions) -> FinalMarker:
         raise ShareError(f"another fedsync coordinator on this machine{holder} is already driving {share.root}; "
                          "stop it first") from None
     try:
-        # a bad --syncthing is refused before anything in the share is touched
+        # Every check that can refuse the start runs before the first write, so a refused or failed start
+        # leaves the share byte for byte as it was (PROTOCOL.md section 6, step 1).
         nudge = SyncthingNudge(opts.syncthing, opts.syncthing_key, share.root, opts.log) if opts.syncthing else None
-        manifest = open_run(share, opts.config, opts.created_by)
+        existing = check_run(share, opts.config)
+        closed = share.closed_rounds()
+        if closed and closed[-1] > opts.rounds:
+            raise ConfigError(f"the run in {share.root} already closed {closed[-1]} rounds: "
+                              f"--rounds must be at least {closed[-1]}")
+        dataset = load_dataset(opts.config.task, opts.config.data_root, opts.config.seed,
+                               opts.config.test_fraction, opts.config.verify_checksums)
+        manifest = existing or new_manifest(opts.config, opts.created_by)
         lease = Lease(share, manifest.run_id, opts.config.heartbeat, opts.config.worker_timeout, opts.log)
+        lease.check()
+        if existing is None:
+            write_manifest(share, manifest)
         lease.acquire()
         finished = False
         try:
-            dataset = load_dataset(opts.config.task, opts.config.data_root, opts.config.seed,
-                                   opts.config.test_fraction, opts.config.verify_checksums)
             with ShareWatcher(share.root, opts.watch) as watcher:
                 final = Coordinator(share, manifest, opts, dataset, watcher, lease, nudge).run()
                 finished = True
@@ -136,13 +143,10 @@ class Coordinator:
 
     def run(self) -> FinalMarker:
         # Resume: the first round without a summary is the one to work on.
-        closed = [r for r in self.share.rounds() if self.share.summary(r).exists()]
-        if closed and closed[-1] > self.opts.rounds:
-            raise ConfigError(f"the run in {self.share.root} already closed {closed[-1]} rounds: "
-                              f"--rounds must be at least {closed[-1]}")
+        closed = self.share.closed_rounds()
         self.metrics = [self._metrics_row(load_summary(self.share, r)) for r in closed]
         if closed:  # a crash may have left it a row short
-            self.backoff.run(lambda: atomic_write(self.share.metrics, self._metrics_csv()), "writing metrics.csv")
+            self.backoff.run(lambda: self.share.write(self.share.metrics, self._metrics_csv()), "writing metrics.csv")
         self._remove_stale_temps()
         r = (closed[-1] + 1) if closed else 1
         if r <= self.opts.rounds:
@@ -165,7 +169,7 @@ class Coordinator:
             return a, load_verified(self.share.global_model(r), a.model)
         if r == 1:
             state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-            model_ref = save_state(self.share.global_model(1), state)
+            model_ref = save_state(self.share.global_model(1), state, write=self.share.write)
         else:
             # The aggregate of round r-1 is this round's global model; after a run that had ended there it
             # sits in final.safetensors and is copied (verified) into place.
@@ -173,14 +177,14 @@ class Coordinator:
             model_ref = FileRef("global.safetensors", previous.model.blake3, previous.model.bytes)
             source = self.share.root / previous.model.file
             if source != self.share.global_model(r):
-                atomic_write(self.share.global_model(r), read_verified(source, previous.model))
+                self.share.write(self.share.global_model(r), read_verified(source, previous.model))
             state = load_verified(self.share.global_model(r), model_ref)
         workers = self._wait_for_workers(r)
         a = Assignment(format=FORMAT_VERSION, run_id=self.manifest.run_id, round=r, rounds=self.opts.rounds,
                        model=model_ref, num_shards=len(workers), time_budget_s=float(self.cfg.round_timeout),
                        workers=self._tasks(r, workers))
-        self.share.updates_dir(r).mkdir(parents=True, exist_ok=True)
-        write_yaml(self.share.assignment(r), to_dict(a))  # written last: the round is open from here on
+        self.share.make_folder(self.share.updates_dir(r))
+        self.share.write_yaml(self.share.assignment(r), to_dict(a))  # last: the round is open from here on
         if self.nudge:
             self.nudge.scan(self.share.round_dir(r))
         self.log(f"round {r}/{self.opts.rounds} open: {len(workers)} worker(s) {', '.join(workers)}")
@@ -236,7 +240,8 @@ class Coordinator:
         opened = time.monotonic()
         self.lease.update("collecting", r)
         intake = RoundLedger(self.share, r, a, len(self.dataset.train), self.rule)
-        late = LateLedger(self.share, r, self.cfg, len(self.dataset.train), self.rule)
+        late = self.backoff.run(lambda: LateLedger(self.share, r, self.cfg, len(self.dataset.train), self.rule),
+                                f"reading the rounds before round {r}")
         aggregator = Aggregator(layout_of(state))
         reason = ""
         extended = False
@@ -294,7 +299,7 @@ class Coordinator:
         # 1. the aggregate, where the next round (or the end of the run) will look for it
         path = self.share.model_after(r, self.opts.rounds)
         name = path.relative_to(self.share.root).as_posix()
-        ref = self.backoff.run(lambda: save_state(path, new_state, ref_name=name), f"writing {name}")
+        ref = self.backoff.run(lambda: save_state(path, new_state, name, self.share.write), f"writing {name}")
         # 2. its quality on the held-out set
         t = time.perf_counter()
         self.model.load_state_dict(new_state)
@@ -310,12 +315,13 @@ class Coordinator:
                           aggregation=self.rule.name, step_scale=round(step_scale, 6),
                           metrics={"test_accuracy": test_acc, "test_loss": test_loss, "train_loss": train_loss},
                           timings={k: round(v, 6) for k, v in timings.items()})
-        self.backoff.run(lambda: write_yaml(self.share.summary(r), to_dict(summary)), f"writing round {r}'s summary")
+        self.backoff.run(lambda: self.share.write_yaml(self.share.summary(r), to_dict(summary)),
+                         f"writing round {r}'s summary")
         crash_point(f"coordinator:after-summary:{r}")
         if self.nudge:
             self.nudge.scan(self.share.summary(r))
         self.metrics.append(self._metrics_row(summary))
-        self.backoff.run(lambda: atomic_write(self.share.metrics, self._metrics_csv()), "writing metrics.csv")
+        self.backoff.run(lambda: self.share.write(self.share.metrics, self._metrics_csv()), "writing metrics.csv")
         self.log(f"round {r}/{self.opts.rounds} closed ({reason}): {len(accepted)} accepted, "
                  f"{len(summary.rejected)} rejected, {len(summary.missing)} missing; test accuracy {test_acc:.4f}, "
                  f"test loss {test_loss:.4f}, {seconds:.2f} s")
@@ -325,11 +331,11 @@ class Coordinator:
             self.log(f"round {r}: late update from {x.worker} for round {x.round} {x.outcome} ({x.detail})")
 
     def _finish(self) -> FinalMarker:
-        last = load_summary(self.share, self.opts.rounds)
+        last = self.backoff.run(lambda: load_summary(self.share, self.opts.rounds), "reading the last summary")
         final = FinalMarker(format=FORMAT_VERSION, run_id=self.manifest.run_id, round=self.opts.rounds,
                             model=FileRef("final.safetensors", last.model.blake3, last.model.bytes),
                             test_accuracy=last.metrics["test_accuracy"])
-        self.backoff.run(lambda: write_yaml(self.share.final_marker, to_dict(final)), "writing final.yaml")
+        self.backoff.run(lambda: self.share.write_yaml(self.share.final_marker, to_dict(final)), "writing final.yaml")
         self.log(f"run {self.manifest.run_id} finished after {final.round} rounds: test accuracy "
                  f"{final.test_accuracy:.4f}; model in {self.share.final_model}")
         return final

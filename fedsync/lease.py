@@ -18,7 +18,7 @@ from dataclasses import replace
 
 from .errors import ShareError
 from .markers import FORMAT_VERSION, CoordinatorLease, parse, to_dict
-from .share import Share, explain, read_yaml, write_yaml
+from .share import Share, explain, read_yaml
 
 LEASE_FILE = "coordinator.yaml"
 
@@ -45,39 +45,40 @@ class Lease:
         self.lost = threading.Event()
         self.lock = threading.Lock()
         self.stopped = threading.Event()
+        self.failing = False
         self.record = CoordinatorLease(format=FORMAT_VERSION, run_id=run_id,
                                        owner=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
                                        host=socket.gethostname(), pid=os.getpid(), heartbeat=0, state="starting",
                                        round=None, note="")
         self.thread = threading.Thread(target=self._beat, name="lease", daemon=True)
 
-    def acquire(self) -> None:
-        """Take the lease, or raise ShareError naming the live coordinator that holds it."""
+    def check(self) -> None:
+        """Refuse (ShareError) while another host's coordinator keeps its lease fresh; reads only."""
         other = _read(self.share)
-        if other is not None and other.state != "stopped" and other.host != self.record.host:
-            # Another host's coordinator may be alive: watch its lease for one timeout, by our clock.
-            self.log(f"share has a lease from coordinator {other.owner}; watching it for {self.timeout:.0f} s")
-            seen = _signature(self.share)
-            end = time.monotonic() + self.timeout
-            while time.monotonic() < end:
-                time.sleep(min(0.5, self.refresh))
-                if _signature(self.share) != seen:
-                    now = _read(self.share)
-                    raise ShareError(f"{self.share.root} is driven by coordinator {(now or other).owner} on host "
-                                     f"{(now or other).host}, which is refreshing its lease: stop it first")
-            self.log(f"coordinator {other.owner} on {other.host} did not refresh its lease for "
-                     f"{self.timeout:.0f} s: taking over")
-        # Same host: the caller holds the local lock, so the previous owner on this host is gone.
+        if other is None or other.state == "stopped" or other.host == self.record.host:
+            return  # same host: the caller holds the local lock, so the previous owner on this host is gone
+        # Another host's coordinator may be alive: watch its lease for one timeout, by our clock.
+        self.log(f"share has a lease from coordinator {other.owner}; watching it for {self.timeout:.0f} s")
+        seen = _signature(self.share)
+        end = time.monotonic() + self.timeout
+        while time.monotonic() < end:
+            time.sleep(min(0.5, self.refresh))
+            if _signature(self.share) != seen:
+                now = _read(self.share)
+                raise ShareError(f"{self.share.root} is driven by coordinator {(now or other).owner} on host "
+                                 f"{(now or other).host}, which is refreshing its lease: stop it first")
+        self.log(f"coordinator {other.owner} on {other.host} did not refresh its lease for "
+                 f"{self.timeout:.0f} s: taking over")
+
+    def acquire(self) -> None:
+        """Take the lease (after check()) and keep it fresh from a thread."""
         self._write()
         self.thread.start()
 
     def update(self, state: str, round: int | None = None, note: str = "") -> None:
         with self.lock:
             self.record = replace(self.record, state=state, round=round, note=note)
-        try:
-            self._write()
-        except OSError as e:
-            self.log(f"could not write {LEASE_FILE} ({explain(e)}); the next refresh retries")
+        self._refresh()
 
     def release(self, state: str = "stopped") -> None:
         self.stopped.set()
@@ -93,14 +94,24 @@ class Lease:
                 self.lost.set()  # someone took over (we were presumed dead): stop writing to this share
                 return
             self.record = replace(self.record, heartbeat=self.record.heartbeat + 1)
-            write_yaml(self.share.root / LEASE_FILE, to_dict(self.record))
+            self.share.write_yaml(self.share.root / LEASE_FILE, to_dict(self.record))
+
+    def _refresh(self) -> None:
+        """Write the lease; share trouble is reported in one line when it starts and when it ends."""
+        try:
+            self._write()
+        except OSError as e:
+            if not self.failing:
+                self.log(f"could not write {LEASE_FILE} ({explain(e)}); retrying every {self.refresh:g} s")
+            self.failing = True
+            return
+        if self.failing:
+            self.log(f"{LEASE_FILE} written again")
+        self.failing = False
 
     def _beat(self) -> None:
         while not self.stopped.wait(self.refresh):
-            try:
-                self._write()
-            except OSError as e:
-                self.log(f"could not refresh the lease ({explain(e)}); retrying")
+            self._refresh()
             if self.lost.is_set():
                 self.log("another coordinator took over this share; stopping")
                 return

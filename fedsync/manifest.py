@@ -11,8 +11,9 @@ from .markers import FORMAT_VERSION, FinalMarker, FormatMismatch, Manifest, Mark
 from .share import Share, read_yaml, write_yaml
 
 
-def open_run(share: Share, config: RunConfig, created_by: str) -> Manifest:
-    """Continue the run in the share if its config is the same; start one if the share is empty."""
+def check_run(share: Share, config: RunConfig) -> Manifest | None:
+    """The run in the share, if its config is `config`; None for an empty share; otherwise refuse. Reads only,
+    so a refused start leaves the share as it was."""
     if share.manifest.exists():
         manifest = read_manifest(share)
         stored = config_from_dict(manifest.config, f"{share.manifest}")
@@ -24,12 +25,25 @@ def open_run(share: Share, config: RunConfig, created_by: str) -> Manifest:
     if share.rounds():
         raise ShareError(f"{share.root} holds round folders but no fedsync.yaml: it is damaged or not a fedsync "
                          "share; point --share at an empty folder")
-    share.root.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+def new_manifest(config: RunConfig, created_by: str) -> Manifest:
     now = datetime.now(timezone.utc)
-    manifest = Manifest(format=FORMAT_VERSION, run_id=f"{now:%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}",
-                        created=now.isoformat(timespec="seconds"), created_by=created_by, config=config.as_dict())
+    return Manifest(format=FORMAT_VERSION, run_id=f"{now:%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}",
+                    created=now.isoformat(timespec="seconds"), created_by=created_by, config=config.as_dict())
+
+
+def write_manifest(share: Share, manifest: Manifest) -> Manifest:
+    """Start the run: create the share folder if needed and write fedsync.yaml, once."""
+    share.root.mkdir(parents=True, exist_ok=True)
     write_yaml(share.manifest, to_dict(manifest))
     return manifest
+
+
+def open_run(share: Share, config: RunConfig, created_by: str) -> Manifest:
+    """Continue the run in the share if its config is the same; start one if the share is empty."""
+    return check_run(share, config) or write_manifest(share, new_manifest(config, created_by))
 
 
 def read_manifest(share: Share) -> Manifest:

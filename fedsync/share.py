@@ -5,6 +5,7 @@ Every path a fedsync process touches is named here, so docs/PROTOCOL.md and the 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -91,6 +92,31 @@ class Share:
             return []
         return sorted(int(n) for n in names if ROUND_DIR.match(n))
 
+    def closed_rounds(self) -> list[int]:
+        """Round numbers that have a summary, ascending."""
+        return [r for r in self.rounds() if self.summary(r).exists()]
+
+    def check_present(self) -> None:
+        """Raise ENOENT unless fedsync.yaml is there: it is written once and never removed, so its absence
+        means the share is unmounted or gone. A write then would land in the bare mount point (or recreate the
+        share's path on the local disk) and be hidden, so lost, when the share comes back; every writer
+        retries an OSError with backoff instead."""
+        if not self.manifest.exists():
+            raise FileNotFoundError(errno.ENOENT, "the share's fedsync.yaml is gone", str(self.manifest))
+
+    def write(self, path: Path, data: bytes) -> None:
+        """Write one of the run's files whole (atomic_write), only while the share is present."""
+        self.check_present()
+        atomic_write(path, data)
+
+    def write_yaml(self, path: Path, obj: Any) -> None:
+        self.write(path, dump_yaml(obj))
+
+    def make_folder(self, path: Path) -> None:
+        """Create a folder of the run (and its parents inside the share), only while the share is present."""
+        self.check_present()
+        path.mkdir(parents=True, exist_ok=True)
+
 
 def is_temporary(name: str) -> bool:
     """Files still being written (ours or a sync tool's): never read them."""
@@ -116,21 +142,34 @@ def atomic_write(path: Path, data: bytes) -> None:
     """Make `data` appear at `path` whole or not at all (DESIGN invariant 2)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     # A dot-name ending .tmp in the same folder: readers skip it, and rename stays within one filesystem.
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
+    tmp = f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
+    # Every step goes through one handle on the folder, so a write that began in it ends in it (or is cleaned
+    # up there) even if the share's mount drops in between and its path now names a bare mount point.
+    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        with open(tmp, "wb") as f:
-            if faults.crashes_writing(path):
-                f.write(data[: len(data) // 2])
+        try:
+            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=folder), "wb") as f:
+                if faults.crashes_writing(path):
+                    f.write(data[: len(data) // 2])
+                    f.flush()
+                    faults.die()
+                f.write(data)
                 f.flush()
-                faults.die()
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
-        os.replace(tmp, path)  # atomic on POSIX: a reader sees the old file or the new one
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)  # the rename itself survives a power cut
+                os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+            # atomic on POSIX: a reader sees the old file or the new one
+            os.replace(tmp, path.name, src_dir_fd=folder, dst_dir_fd=folder)
+        except BaseException as e:
+            with contextlib.suppress(OSError):  # a share that refuses the write may refuse this too
+                os.unlink(tmp, dir_fd=folder)
+            if isinstance(e, OSError) and e.filename is None:
+                e.filename = str(path)  # a failed write() (a full disk) names no file; the report must
+            elif isinstance(e, OSError):
+                e.filename = str(path.parent / e.filename)  # a name relative to the folder: say where
+            raise
+        with contextlib.suppress(OSError):
+            os.fsync(folder)  # the rename itself survives a power cut
+    finally:
+        os.close(folder)
 
 
 def remove_stale_temps(folder: Path, owned: set[str]) -> int:
@@ -149,19 +188,6 @@ def remove_stale_temps(folder: Path, owned: set[str]) -> int:
             (folder / name).unlink(missing_ok=True)
             removed += 1
     return removed
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return  # some network filesystems do not open folders; the rename is still atomic there
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def hash_bytes(data: bytes | bytearray | memoryview) -> str:

@@ -40,7 +40,7 @@ def collect_status(share: Share) -> dict[str, Any]:
                                          if n.endswith(".yaml") and not is_temporary(n) and not is_conflict_copy(n))
         except FileNotFoundError:
             pass
-        closed = [r for r in rounds if share.summary(r).exists()]
+        closed = share.closed_rounds()
         if closed:
             s: Summary | None = _load(Summary, share.summary(closed[-1]), "summary")
             if s is not None:

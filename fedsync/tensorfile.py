@@ -10,7 +10,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,10 +115,12 @@ def check_layout(specs: list[TensorSpec], expected: Layout) -> None:
             raise Unusable(Reason.WRONG_DTYPE, f"{name}: {s.dtype}, expected {dtype}")
 
 
-def save_state(path: Path, state: Mapping[str, torch.Tensor], ref_name: str | None = None) -> FileRef:
-    """Write tensors whole and return the reference a marker records (file name relative to its folder)."""
+def save_state(path: Path, state: Mapping[str, torch.Tensor], ref_name: str | None = None,
+               write: Callable[[Path, bytes], None] = atomic_write) -> FileRef:
+    """Write tensors whole (with `write`: a share's own, in a run) and return the reference a marker records
+    (file name relative to its folder)."""
     data = st_save({k: v.detach().contiguous().cpu() for k, v in state.items()})
-    atomic_write(path, data)
+    write(path, data)
     return FileRef(file=ref_name or path.name, blake3=hash_bytes(data), bytes=len(data))
 
 

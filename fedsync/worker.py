@@ -30,7 +30,7 @@ from .manifest import finished, read_manifest
 from .markers import FORMAT_VERSION, Assignment, FinalMarker, Manifest, UpdateMarker, WorkerInfo, parse, to_dict
 from .models import build_model
 from .partition import partition
-from .share import Backoff, Share, check_worker_name, explain, local_lock, read_yaml, remove_stale_temps, write_yaml
+from .share import Backoff, Share, check_worker_name, explain, local_lock, read_yaml, remove_stale_temps
 from .syncthing import SyncthingNudge
 from .tensorfile import Unusable, load_verified, save_state
 from .train import TrainSettings, local_train, measure_throughput, place
@@ -69,7 +69,7 @@ class Heartbeat:
         with self.lock:
             self.info = replace(self.info, heartbeat=self.info.heartbeat + 1, **changes)  # type: ignore[arg-type]
             try:
-                write_yaml(self.share.worker_file(self.info.name), to_dict(self.info))
+                self.share.write_yaml(self.share.worker_file(self.info.name), to_dict(self.info))
             except OSError as e:
                 if not self.failing:
                     self.log(f"share trouble writing the heartbeat: {explain(e)}; retrying every beat")
@@ -150,11 +150,12 @@ class Worker:
         self.placed: tuple[tuple[int, int], Split] | None = None  # the last shard, kept on the device
 
     def run(self) -> FinalMarker | None:
+        # the data is checked before the first change to the share: a failed start leaves it as it was
+        self.dataset = load_dataset(self.cfg.task, self.cfg.data_root, self.cfg.seed, self.cfg.test_fraction,
+                                    self.cfg.verify_checksums)
         own = {f"{self.name}.safetensors", f"{self.name}.yaml"}
         for r in self.share.rounds():
             remove_stale_temps(self.share.updates_dir(r), own)  # left by a crash of this worker
-        self.dataset = load_dataset(self.cfg.task, self.cfg.data_root, self.cfg.seed, self.cfg.test_fraction,
-                                    self.cfg.verify_checksums)
         if self.cfg.balance == "throughput":  # the first round is sized by it; later rounds by measured rounds
             train, sample = self.dataset.train, 16 * self.cfg.batch_size  # enough batches to time, little to copy
             speed = measure_throughput(build_model(self.cfg.model, self.dataset.num_classes),
@@ -219,14 +220,15 @@ class Worker:
         result = local_train(model, shard, settings, self.device, seed=_seed(self.cfg.seed, r, self.name))
         update = delta(model.state_dict(), base)
         seconds = time.monotonic() - started
-        ref = self.backoff.run(lambda: save_state(self.share.update_tensors(r, self.name), update),
+        ref = self.backoff.run(lambda: save_state(self.share.update_tensors(r, self.name), update,
+                                                  write=self.share.write),
                                f"writing the update for round {r}")
         crash_point(f"worker:after-tensors:{r}")
         marker = UpdateMarker(format=FORMAT_VERSION, round=r, worker=self.name, base=a.model.blake3, tensors=ref,
                               samples=result.samples, steps=result.steps, train_loss=result.train_loss,
                               seconds=round(seconds, 3),
                               device=self.device)
-        self.backoff.run(lambda: write_yaml(self.share.update_marker(r, self.name), to_dict(marker)),
+        self.backoff.run(lambda: self.share.write_yaml(self.share.update_marker(r, self.name), to_dict(marker)),
                          f"writing the marker for round {r}")  # last: the update counts from here
         if self.nudge:
             self.nudge.scan(self.share.updates_dir(r))

@@ -22,11 +22,12 @@ FEDSYNC = [sys.executable, "-m", "fedsync"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def start(*args: str, fault: str | None = None, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+def start(*args: str, fault: str | None = None, env: dict[str, str] | None = None,
+          wrap: tuple[str, ...] = ()) -> subprocess.Popen[str]:
     """A real fedsync process; `fault` names a crash point (fedsync/faults.py) where it kills itself; `env` adds
-    variables (FEDSYNC_DEVICE_FACTS, FEDSYNC_SLOWDOWN)."""
+    variables (FEDSYNC_DEVICE_FACTS, FEDSYNC_SLOWDOWN); `wrap` is a command that runs it (setpriv)."""
     extra = {**(env or {}), **({"FEDSYNC_FAULT": fault} if fault else {})}
-    return subprocess.Popen(FEDSYNC + list(args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    return subprocess.Popen([*wrap, *FEDSYNC, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**ENV, **extra})
 
 
@@ -37,7 +38,8 @@ def finish(proc: subprocess.Popen[str], timeout: float) -> str:
     except subprocess.TimeoutExpired:
         proc.kill()
         out, _ = proc.communicate()
-        pytest.fail(f"`{' '.join(map(str, proc.args[3:]))}` did not finish in {timeout} s:\n{out}")
+        args = list(map(str, proc.args))
+        pytest.fail(f"`{' '.join(args[args.index('fedsync') + 1:])}` did not finish in {timeout} s:\n{out}")
     return out
 
 
@@ -46,10 +48,14 @@ def require(tool: str, install: str) -> None:
     import shutil
 
     if shutil.which(tool) is None:
-        message = f"needs {tool}: {install} (.ci/run installs it)"
-        if os.environ.get("CI"):
-            pytest.fail(message + "; CI must run this test")
-        pytest.skip(message)
+        missing(f"needs {tool}: {install} (.ci/run installs it)")
+
+
+def missing(message: str) -> None:
+    """Skip a test that cannot run here, saying why; in CI (CI=true), where everything is there, fail instead."""
+    if os.environ.get("CI"):
+        pytest.fail(message + "; CI must run this test")
+    pytest.skip(message)
 
 
 def run(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -10,15 +10,24 @@ from fedsync.errors import EXIT_CODES
 
 from .conftest import run
 
-COMMANDS = ["coordinator", "worker", "status", "verify", "demo"]
+COMMANDS = ["coordinator", "worker", "status", "verify", "demo", "doctor"]
+NO_SHARE = {"doctor"}  # looks at this machine only
 
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_explains_itself(command: str) -> None:
     out = run(command, "--help")
     assert out.returncode == 0
-    assert "--share" in out.stdout and "Example" in out.stdout or command == "demo"
+    assert "Example" in out.stdout, out.stdout
+    assert ("--share" in out.stdout) != (command in NO_SHARE), out.stdout
     assert len(out.stdout) > 300
+
+
+def test_every_command_is_listed() -> None:
+    out = run("--help").stdout
+    assert all(command in out for command in COMMANDS)
+    from fedsync.cli import app
+    assert sorted(c.name or c.callback.__name__ for c in app.registered_commands) == sorted(COMMANDS)
 
 
 def test_top_level_help_lists_exit_statuses() -> None:

@@ -133,12 +133,17 @@ def test_the_doctor_reports_each_device_and_the_fix() -> None:
         ["cuda:0: a tiny training step failed: RuntimeError: CUDA error: no kernel image is available"]
 
 
-def test_the_kernel_check_runs_for_real_on_the_cpu_and_fails_on_a_missing_gpu() -> None:
+def test_the_kernel_check_runs_for_real_on_the_cpu_and_on_gpu_0_as_the_build_allows() -> None:
     cpu = kernel_check("cpu")
     assert cpu.ok and cpu.dtypes["fp32"] and cpu.dtypes["bf16"]
-    missing = kernel_check("cuda:0")  # this machine has no GPU (or, on a GPU machine, index 0 works)
-    if not missing.ok:
-        assert missing.detail and missing.dtypes == {}
+    f = DeviceFacts.probe()
+    drivable = bool(f.gpus) and has_kernels(f.gpus[0].capability, f.arch_list)
+    cuda0 = kernel_check("cuda:0")  # no GPU here (CI), a GPU the build drives, or one it cannot
+    assert cuda0.ok is drivable, cuda0
+    if drivable:
+        assert cuda0.dtypes["fp32"], cuda0
+    else:
+        assert cuda0.detail and cuda0.dtypes == {}, cuda0
 
 
 def test_start_check_falls_back_or_fails_before_any_round() -> None:

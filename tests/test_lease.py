@@ -6,8 +6,11 @@ import json
 import threading
 from pathlib import Path
 
+import pytest
 import torch
 
+from fedsync.errors import ShareError
+from fedsync.lease import Lease
 from fedsync.markers import FORMAT_VERSION, Assignment, CoordinatorLease, Summary, parse, to_dict
 from fedsync.share import Share, read_yaml, write_yaml
 from fedsync.tensorfile import load_verified
@@ -15,7 +18,6 @@ from fedsync.tensorfile import load_verified
 from .conftest import finish, killed_on_error, register_worker, run, start, submit_update, wait_until
 
 FAST_LEASE = ("--set", "heartbeat=1", "--set", "worker_timeout=3")
-
 
 
 def _foreign_lease(share: Share, beat: int) -> None:
@@ -55,6 +57,31 @@ def test_live_lease_from_another_host_is_refused(share: Path) -> None:
         stop.set()
         t.join()
     assert out.returncode == 5 and "other-host" in out.stderr and "refreshing its lease" in out.stderr, out.stderr
+
+
+def test_lease_check_refuses_a_lease_that_is_being_refreshed(share: Path) -> None:
+    s = Share(share)
+    _foreign_lease(s, 1)
+    stop = threading.Event()
+
+    def refresh() -> None:
+        beat = 1
+        while not stop.wait(0.2):
+            beat += 1
+            _foreign_lease(s, beat)
+
+    t = threading.Thread(target=refresh)
+    t.start()
+    try:
+        with pytest.raises(ShareError, match="other-host.*refreshing its lease"):
+            Lease(s, "run", refresh=0.2, timeout=2.0, log=lambda line: None).check()
+    finally:
+        stop.set()
+        t.join()
+    # once the refreshing stops, the same check takes over after one timeout
+    lines: list[str] = []
+    Lease(s, "run", refresh=0.2, timeout=1.0, log=lines.append).check()
+    assert "taking over" in lines[-1]
 
 
 def test_dead_lease_from_another_host_is_taken_over(share: Path) -> None:

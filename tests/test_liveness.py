@@ -15,7 +15,6 @@ from .conftest import finish, killed_on_error, start, wait_until
 FAST = ("--set", "heartbeat=1", "--set", "worker_timeout=3")
 
 
-
 def _worker(share: Path, name: str):
     return start("worker", "--share", str(share), "--name", name, "--device", "cpu", "--wait-for-run", "60")
 
@@ -53,11 +52,11 @@ def test_frozen_worker_gets_no_work_and_rejoins_when_it_wakes(share: Path) -> No
         joined = closed_with_w3() or 0
         wait_until(lambda: opened_without_w3(joined) is not None, 60, "a round opened without the frozen w3")
         frozen_round = opened_without_w3(joined)
+        assert frozen_round is not None
         os.kill(workers["w3"].pid, signal.SIGCONT)  # ... and opens again
     out = finish(coord, timeout=120)
     for w in workers.values():
         finish(w, timeout=30)
     assert coord.returncode == 0, out
     assert assigned(frozen_round) == ["w1", "w2"]
-    assert frozen_round is not None
     assert any(assigned(r) == ["w1", "w2", "w3"] for r in range(frozen_round + 1, 15)), out

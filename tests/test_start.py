@@ -1,0 +1,165 @@
+"""A refused or failed start writes nothing: every check that can refuse (the config against the share, the
+rounds already closed, the task's data, the lease, the format) runs before the first write, so the share is
+byte for byte as it was, for each exit status a start can end with."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from fedsync.config import load_config
+from fedsync.manifest import new_manifest, open_run
+from fedsync.markers import FORMAT_VERSION, CoordinatorLease, Manifest, parse, to_dict
+from fedsync.share import Share, dump_yaml, read_yaml, write_yaml
+
+from .conftest import finish, run, start, wait_until
+
+Tree = dict[str, tuple[bytes | None, int, int, int]]
+
+
+def tree(root: Path) -> Tree | None:
+    """Every entry under root: its bytes (None for a folder), inode, mtime and mode; None if root is absent."""
+    if not root.exists():
+        return None
+    out: Tree = {}
+    for path in sorted(root.rglob("*")):
+        st = path.lstat()
+        data = None if path.is_dir() else path.read_bytes()
+        out[path.relative_to(root).as_posix()] = (data, st.st_ino, st.st_mtime_ns, st.st_mode)
+    return out
+
+
+def a_run(share: Path, config: str = "digits", **overrides: object) -> Share:
+    s = Share(share)
+    open_run(s, load_config(config, overrides), "coordinator")
+    return s
+
+
+def closed_rounds(share: Path) -> None:
+    s = a_run(share)
+    for r in (1, 2):
+        s.round_dir(r).mkdir()
+        (s.summary(r)).write_text("round: closed\n")  # only its presence counts for --rounds
+
+
+NO_DATA = ("--config", "cifar10", "--set", "data_root=/nonexistent/data")
+
+
+def cifar_run(share: Path) -> None:
+    a_run(share, "cifar10", data_root="/nonexistent/data")
+
+
+def newer_format(share: Path) -> None:
+    (share / "fedsync.yaml").write_text("format: 2\nrun_id: x\ncreated: x\ncreated_by: coordinator\nconfig: {}\n")
+
+
+def unknown_key(share: Path) -> None:
+    manifest = to_dict(new_manifest(load_config("digits"), "coordinator"))
+    manifest["config"]["colour"] = "blue"
+    (share / "fedsync.yaml").write_bytes(dump_yaml(manifest))
+
+
+def rounds_without_manifest(share: Path) -> None:
+    (share / "0001").mkdir()
+    (share / "0001" / "assignment.yaml").write_text("format: 1\n")
+
+
+def coordinator(share: Path, *more: str) -> list[str]:
+    return ["coordinator", "--share", str(share), *more]
+
+
+def worker(share: Path) -> list[str]:
+    return ["worker", "--share", str(share), "--name", "w1", "--device", "cpu", "--wait-for-run", "5"]
+
+
+CASES: dict[str, tuple[Callable[[Path], object], Callable[[Path], list[str]], int, str]] = {
+    "another config": (a_run, lambda p: coordinator(p, "--set", "seed=7"), 3, "another config"),
+    "fewer rounds than closed": (closed_rounds, lambda p: coordinator(p, "--rounds", "1"), 3, "at least 2"),
+    "no rounds": (a_run, lambda p: coordinator(p, "--rounds", "0"), 3, "at least 1"),
+    "bad usage": (a_run, lambda p: coordinator(p, "--watch", "sometimes"), 2, "sometimes"),
+    "newer format, coordinator": (newer_format, coordinator, 4, "newer fedsync"),
+    "newer format, worker": (newer_format, worker, 4, "newer fedsync"),
+    "rounds but no fedsync.yaml": (rounds_without_manifest, coordinator, 5, "no fedsync.yaml"),
+    "cifar10 without data, new share": (lambda p: None, lambda p: coordinator(p, *NO_DATA), 6, "CIFAR-10 not found"),
+    "cifar10 without data, no share folder yet": (lambda p: p.rmdir(), lambda p: coordinator(p, *NO_DATA), 6,
+                                                  "CIFAR-10 not found"),
+    "cifar10 without data, continuing": (cifar_run, lambda p: coordinator(p, *NO_DATA), 6, "CIFAR-10 not found"),
+    "cifar10 without data, worker": (cifar_run, worker, 6, "CIFAR-10 not found"),
+    "unknown config key, worker": (unknown_key, worker, 3, "colour"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_refused_start_leaves_the_share_as_it_was(share: Path, case: str) -> None:
+    prepare, command, status, words = CASES[case]
+    prepare(share)
+    before = tree(share)
+    out = run(*command(share))
+    assert out.returncode == status, (out.stdout, out.stderr)
+    assert words in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert tree(share) == before
+
+
+def test_after_a_start_without_data_the_corrected_command_starts_the_run(share: Path) -> None:
+    refused = run(*coordinator(share, *NO_DATA))
+    assert refused.returncode == 6, refused.stderr
+    coord = start(*coordinator(share, "--rounds", "1", "--set", "min_workers=9"))
+    try:
+        wait_until(lambda: (share / "coordinator.yaml").exists(), 60, "the corrected run to start")
+        assert parse(Manifest, read_yaml(share / "fedsync.yaml"), "manifest").config["task"] == "digits"
+    finally:
+        coord.terminate()
+        finish(coord, timeout=30)
+
+
+def test_refused_by_a_coordinator_on_this_host(share: Path) -> None:
+    first = start(*coordinator(share, "--set", "min_workers=5"))
+    try:
+        wait_until(lambda: (share / "coordinator.yaml").exists(), 60, "the first coordinator's lease")
+        os.kill(first.pid, signal.SIGSTOP)  # still holds its lock; the share stays still while it is stopped
+        before = tree(share)
+        second = run(*coordinator(share, "--set", "min_workers=5"))
+        assert second.returncode == 5 and "already driving" in second.stderr, second.stderr
+        assert tree(share) == before
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+        first.terminate()
+        finish(first, timeout=30)
+
+
+def test_refused_by_a_live_lease_from_another_host(share: Path) -> None:
+    s = a_run(share, heartbeat=1, worker_timeout=3)
+    written: list[bytes] = []
+
+    def beat(n: int) -> None:
+        write_yaml(s.root / "coordinator.yaml", to_dict(CoordinatorLease(
+            format=FORMAT_VERSION, run_id="x", owner="other-host:4242:abcd1234", host="other-host", pid=4242,
+            heartbeat=n, state="collecting", round=1, note="")))
+        written.append((s.root / "coordinator.yaml").read_bytes())
+
+    stop = threading.Event()
+
+    def refresh() -> None:
+        n = 1
+        while not stop.wait(0.5):
+            n += 1
+            beat(n)
+
+    beat(1)
+    before = {k: v for k, v in (tree(share) or {}).items() if k != "coordinator.yaml"}
+    refresher = threading.Thread(target=refresh)
+    refresher.start()
+    try:
+        out = run(*coordinator(share, "--set", "heartbeat=1", "--set", "worker_timeout=3"), timeout=60)
+    finally:
+        stop.set()
+        refresher.join()
+    assert out.returncode == 5 and "refreshing its lease" in out.stderr, out.stderr
+    after = tree(share) or {}
+    assert after.pop("coordinator.yaml")[0] == written[-1], "only the other host wrote its lease"
+    assert after == before
