@@ -19,6 +19,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
+	$(BIN)/python benchmarks/hash_speed.py
 	$(BIN)/python benchmarks/aggregate.py
 	$(BIN)/python benchmarks/round_overhead.py
 	$(BIN)/python benchmarks/demo_time.py

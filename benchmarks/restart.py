@@ -8,6 +8,7 @@ Usage: python benchmarks/restart.py [REPEATS]
 from __future__ import annotations
 
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -40,13 +41,15 @@ def once() -> tuple[float, float]:
         workers = [subprocess.Popen(FEDSYNC + ["worker", "--share", tmp, "--name", f"w{i}", "--device", "cpu"],
                                     env=ENV, stdout=subprocess.DEVNULL) for i in (1, 2)]
         fresh = wait_for(s.assignment(1)) - started  # includes waiting for the workers' own start-up
-        doomed.wait(timeout=120)
+        if doomed.wait(timeout=120) != -signal.SIGKILL:
+            raise SystemExit(f"the coordinator exited with {doomed.returncode} instead of dying at its crash point "
+                             "coordinator:collecting:2: this run measures no restart")
         restarted = time.monotonic()
         coord = subprocess.Popen(coord_args, env=ENV, stdout=subprocess.DEVNULL)
         resumed = wait_for(s.summary(2)) - restarted
-        coord.wait(timeout=120)
-        for w in workers:
-            w.wait(timeout=60)
+        procs = [coord, *workers]
+        if [p.wait(timeout=120) for p in procs] != [0] * len(procs):
+            raise SystemExit("the restarted run did not finish cleanly")
         return fresh, resumed
 
 

@@ -1,7 +1,8 @@
-"""Round time over a real Syncthing pair (127.0.0.1, fsWatcherDelayS=1, the settings scripts/setup_syncthing.md
-recommends) against the same run on one local share, measured in the same run: digits, 2 workers, one of them
-on the far copy. Prints the median round time (rounds 2.., from summary.yaml) of each and the time added.
-Usage: python benchmarks/syncthing_rounds.py [ROUNDS]
+"""Round time over a real Syncthing pair (127.0.0.1) against the same run on one local share, measured in the
+same run: digits, 2 workers, one of them on the far copy. Three Syncthing settings: its default watcher delay
+(fsWatcherDelayS=10, fewer rounds: each takes about 20 s), the 1 s that scripts/setup_syncthing.md recommends,
+and 1 s with fedsync's --syncthing scan nudges. Prints the median round time (rounds 2.., from summary.yaml)
+of each and the time it adds to the local share's. Usage: python benchmarks/syncthing_rounds.py [ROUNDS]
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from tests.syncthing import SyncthingPair  # noqa: E402
 
 FEDSYNC = [sys.executable, "-m", "fedsync"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+DEFAULT_DELAY_ROUNDS = 4  # rounds of the run with Syncthing's default watcher delay (about 20 s each)
 
 
 def run(coord_share: Path, worker_shares: list[Path], rounds: int, apis: dict[Path, list[str]] | None = None
@@ -47,16 +49,22 @@ def main(rounds: int = 8) -> None:
         t = Path(tmp)
         (t / "local").mkdir()
         local = run(t / "local", [t / "local", t / "local"], rounds)
+        a0, b0 = t / "A0", t / "B0"
+        with SyncthingPair(t / "default", a0, b0, watcher_delay_s=10):
+            default = run(a0, [a0, b0], min(rounds, DEFAULT_DELAY_ROUNDS))
         a, b = t / "A", t / "B"
-        with SyncthingPair(t, a, b) as pair:
+        with SyncthingPair(t, a, b):
             synced = run(a, [a, b], rounds)
         a2, b2 = t / "A2", t / "B2"
         with SyncthingPair(t / "nudged", a2, b2) as pair:
             apis = {copy: inst.fedsync_args() for copy, inst in zip((a2, b2), pair.instances)}
             nudged = run(a2, [a2, b2], rounds, apis)
     lm, sm, nm = statistics.median(local), statistics.median(synced), statistics.median(nudged)
+    dm = statistics.median(default)
     print(f"round time, digits, 2 workers (one on the far copy), rounds 2..{rounds}, medians:")
     print(f"  local share: {lm:.2f} s")
+    print(f"  Syncthing, its default watcher (fsWatcherDelayS=10, rounds 2..{min(rounds, DEFAULT_DELAY_ROUNDS)}): "
+          f"{dm:.2f} s -> {dm - lm:.2f} s added per round")
     print(f"  Syncthing, its watcher alone (fsWatcherDelayS=1): {sm:.2f} s -> {sm - lm:.2f} s added per round")
     print(f"  Syncthing nudged by fedsync (--syncthing): {nm:.2f} s -> {nm - lm:.2f} s added per round "
           f"(goal <= 2 s); ratio to local {nm / lm:.1f}x")

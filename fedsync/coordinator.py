@@ -51,7 +51,7 @@ from .share import (
     remove_stale_temps,
 )
 from .syncthing import SyncthingNudge
-from .tensorfile import layout_of, load_verified, read_verified, save_state
+from .tensorfile import Unusable, layout_of, load_verified, read_verified, save_state
 from .train import evaluate
 from .watch import ShareWatcher
 
@@ -155,7 +155,9 @@ class Coordinator:
                  f"share {self.share.root}")
         self.log(f"watching the share by {self.watcher.describe}")
         while r <= self.opts.rounds:
-            assignment, state = self.backoff.run(lambda: self._open_round(r), f"opening round {r}")
+            # Unusable too: its own files vanish for a moment when the share's mount drops between two reads
+            assignment, state = self.backoff.run(lambda: self._open_round(r), f"opening round {r}",
+                                                 retry=(OSError, Unusable))
             self._collect_and_close(r, assignment, state)
             r += 1
         return self._finish()

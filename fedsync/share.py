@@ -231,21 +231,23 @@ class Backoff:
     def __init__(self, log: Callable[[str], None], first: float = 0.5, cap: float = 30.0) -> None:
         self.log, self.first, self.cap, self.delay = log, first, cap, first
 
-    def failed(self, e: OSError, what: str) -> float:
+    def failed(self, e: Exception, what: str) -> float:
         delay = self.delay
-        self.log(f"share trouble while {what}: {explain(e)}; retrying in {delay:.1f} s")
+        problem = explain(e) if isinstance(e, OSError) else str(e)
+        self.log(f"share trouble while {what}: {problem}; retrying in {delay:.1f} s")
         self.delay = min(self.cap, self.delay * 2)
         return delay
 
     def reset(self) -> None:
         self.delay = self.first
 
-    def run(self, action: Callable[[], T], what: str) -> T:
-        """Run an idempotent step until it succeeds, sleeping between attempts."""
+    def run(self, action: Callable[[], T], what: str,
+            retry: tuple[type[Exception], ...] = (OSError,)) -> T:
+        """Run an idempotent step until it succeeds, sleeping between attempts at the errors in `retry`."""
         while True:
             try:
                 result = action()
-            except OSError as e:
+            except retry as e:
                 time.sleep(self.failed(e, what))
                 continue
             self.reset()

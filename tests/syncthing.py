@@ -56,7 +56,8 @@ class Instance:
 class SyncthingPair:
     """`with SyncthingPair(tmp, a_dir, b_dir) as pair:` keeps a_dir and b_dir in sync until the block ends."""
 
-    def __init__(self, base: Path, folder_a: Path, folder_b: Path) -> None:
+    def __init__(self, base: Path, folder_a: Path, folder_b: Path, watcher_delay_s: int = 1) -> None:
+        self.watcher_delay_s = watcher_delay_s  # fsWatcherDelayS: Syncthing's own default is 10
         self.instances = [self._generate(base / f"st-{n}", n, f) for n, f in (("a", folder_a), ("b", folder_b))]
 
     def _generate(self, home: Path, name: str, folder: Path) -> Instance:
@@ -88,7 +89,7 @@ class SyncthingPair:
         _set(device, "address", f"tcp://127.0.0.1:{peer.listen_port}")
         folder = ET.SubElement(root, "folder", id=FOLDER_ID, label=FOLDER_ID, path=str(me.folder),
                                type="sendreceive", rescanIntervalS="60", fsWatcherEnabled="true",
-                               fsWatcherDelayS="1", ignorePerms="false", autoNormalize="true")
+                               fsWatcherDelayS=str(self.watcher_delay_s), ignorePerms="false", autoNormalize="true")
         for d in (me.device_id, peer.device_id):
             ET.SubElement(folder, "device", id=d, introducedBy="")
         tree.write(path)

@@ -8,9 +8,8 @@ import os
 import signal
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
-import pytest
 
 from fedsync.config import load_config
 from fedsync.manifest import new_manifest, open_run
@@ -94,15 +93,27 @@ CASES: dict[str, tuple[Callable[[Path], object], Callable[[Path], list[str]], in
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_a_refused_start_leaves_the_share_as_it_was(share: Path, case: str) -> None:
-    prepare, command, status, words = CASES[case]
-    prepare(share)
-    before = tree(share)
-    out = run(*command(share))
-    assert out.returncode == status, (out.stdout, out.stderr)
-    assert words in out.stderr and "Traceback" not in out.stderr, out.stderr
-    assert tree(share) == before
+def test_a_refused_start_leaves_the_share_as_it_was(tmp_path: Path) -> None:
+    """Each case in its own share, three at a time (each is a process that starts, checks and exits)."""
+    def attempt(i: int, case: str) -> str | None:
+        prepare, command, status, words = CASES[case]
+        share = tmp_path / f"case{i}" / "share"
+        share.mkdir(parents=True)
+        prepare(share)
+        before = tree(share)
+        out = run(*command(share))
+        if out.returncode != status or words not in out.stderr or "Traceback" in out.stderr:
+            return f"{case}: exit {out.returncode} (expected {status}, saying {words!r}): {out.stderr}"
+        after = tree(share)
+        if after != before:
+            a, b = after or {}, before or {}
+            return f"{case}: the share changed: {sorted(k for k in {*a, *b} if a.get(k) != b.get(k))} " \
+                   f"(it {'exists' if after is not None else 'is gone'})"
+        return None
+
+    with ThreadPoolExecutor(3) as pool:
+        problems = [p for p in pool.map(attempt, range(len(CASES)), CASES) if p]
+    assert not problems, "\n".join(problems)
 
 
 def test_after_a_start_without_data_the_corrected_command_starts_the_run(share: Path) -> None:
