@@ -18,7 +18,7 @@ from dataclasses import replace
 
 from .errors import ShareError
 from .markers import FORMAT_VERSION, CoordinatorLease, parse, to_dict
-from .share import Share, explain, read_yaml
+from .share import RepeatedWrite, Share, read_yaml
 
 LEASE_FILE = "coordinator.yaml"
 
@@ -45,7 +45,7 @@ class Lease:
         self.lost = threading.Event()
         self.lock = threading.Lock()
         self.stopped = threading.Event()
-        self.failing = False
+        self.writes = RepeatedWrite(log, LEASE_FILE, f"every {refresh:g} s")
         self.record = CoordinatorLease(format=FORMAT_VERSION, run_id=run_id,
                                        owner=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
                                        host=socket.gethostname(), pid=os.getpid(), heartbeat=0, state="starting",
@@ -97,17 +97,7 @@ class Lease:
             self.share.write_yaml(self.share.root / LEASE_FILE, to_dict(self.record))
 
     def _refresh(self) -> None:
-        """Write the lease; share trouble is reported in one line when it starts and when it ends."""
-        try:
-            self._write()
-        except OSError as e:
-            if not self.failing:
-                self.log(f"could not write {LEASE_FILE} ({explain(e)}); retrying every {self.refresh:g} s")
-            self.failing = True
-            return
-        if self.failing:
-            self.log(f"{LEASE_FILE} written again")
-        self.failing = False
+        self.writes.attempt(self._write)
 
     def _beat(self) -> None:
         while not self.stopped.wait(self.refresh):

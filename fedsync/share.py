@@ -254,6 +254,27 @@ class Backoff:
             return result
 
 
+class RepeatedWrite:
+    """Share trouble of a write that repeats on its own clock (a heartbeat, the lease): reported in one line
+    when it starts and in one when it ends, never once per attempt."""
+
+    def __init__(self, log: Callable[[str], None], what: str, every: str) -> None:
+        self.log, self.what, self.every = log, what, every
+        self.failing = False
+
+    def attempt(self, write: Callable[[], None]) -> None:
+        try:
+            write()
+        except OSError as e:
+            if not self.failing:
+                self.log(f"share trouble writing {self.what}: {explain(e)}; retrying {self.every}")
+            self.failing = True
+            return
+        if self.failing:
+            self.log(f"{self.what} written again")
+        self.failing = False
+
+
 class OversizeError(ValueError):
     """A file in the share is larger than its kind may be."""
 

@@ -30,7 +30,7 @@ from .manifest import finished, read_manifest
 from .markers import FORMAT_VERSION, Assignment, FinalMarker, Manifest, UpdateMarker, WorkerInfo, parse, to_dict
 from .models import build_model
 from .partition import partition
-from .share import Backoff, Share, check_worker_name, explain, local_lock, read_yaml, remove_stale_temps
+from .share import Backoff, RepeatedWrite, Share, check_worker_name, local_lock, read_yaml, remove_stale_temps
 from .syncthing import SyncthingNudge
 from .tensorfile import Unusable, load_verified, save_state
 from .train import TrainSettings, local_train, measure_throughput, place
@@ -55,7 +55,7 @@ class Heartbeat:
 
     def __init__(self, share: Share, info: WorkerInfo, interval: float, log: Log) -> None:
         self.share, self.info, self.interval, self.log = share, info, interval, log
-        self.failing = False
+        self.writes = RepeatedWrite(log, "the heartbeat", "every beat")
         self.lock = threading.Lock()
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
@@ -68,16 +68,8 @@ class Heartbeat:
         """Record a change and write it; share trouble is reported once and retried by the next beat."""
         with self.lock:
             self.info = replace(self.info, heartbeat=self.info.heartbeat + 1, **changes)  # type: ignore[arg-type]
-            try:
-                self.share.write_yaml(self.share.worker_file(self.info.name), to_dict(self.info))
-            except OSError as e:
-                if not self.failing:
-                    self.log(f"share trouble writing the heartbeat: {explain(e)}; retrying every beat")
-                self.failing = True
-                return
-            if self.failing:
-                self.log("heartbeat written again")
-            self.failing = False
+            self.writes.attempt(lambda: self.share.write_yaml(self.share.worker_file(self.info.name),
+                                                              to_dict(self.info)))
 
     def stop(self) -> None:
         self.stopped.set()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,33 @@ def _foreign_lease(share: Share, beat: int) -> None:
         heartbeat=beat, state="collecting", round=1, note="")))
 
 
+@contextmanager
+def foreign_lease_refreshed(share: Share, every: float) -> Iterator[list[bytes]]:
+    """Another host's live coordinator: its lease, rewritten every `every` seconds until the block ends; yields
+    the bytes of each version written."""
+    written: list[bytes] = []
+    stop = threading.Event()
+
+    def beat(n: int) -> None:
+        _foreign_lease(share, n)
+        written.append((share.root / "coordinator.yaml").read_bytes())
+
+    def refresh() -> None:
+        n = 1
+        while not stop.wait(every):
+            n += 1
+            beat(n)
+
+    beat(1)
+    t = threading.Thread(target=refresh)
+    t.start()
+    try:
+        yield written
+    finally:
+        stop.set()
+        t.join()
+
+
 def test_second_coordinator_on_this_host_is_refused(share: Path) -> None:
     first = start("coordinator", "--share", str(share), "--set", "min_workers=5")
     try:
@@ -39,45 +68,15 @@ def test_second_coordinator_on_this_host_is_refused(share: Path) -> None:
 
 
 def test_live_lease_from_another_host_is_refused(share: Path) -> None:
-    s = Share(share)
-    _foreign_lease(s, 1)
-    stop = threading.Event()
-
-    def refresh() -> None:
-        beat = 1
-        while not stop.wait(0.5):
-            beat += 1
-            _foreign_lease(s, beat)
-
-    t = threading.Thread(target=refresh)
-    t.start()
-    try:
+    with foreign_lease_refreshed(Share(share), every=0.5):
         out = run("coordinator", "--share", str(share), *FAST_LEASE, timeout=60)
-    finally:
-        stop.set()
-        t.join()
     assert out.returncode == 5 and "other-host" in out.stderr and "refreshing its lease" in out.stderr, out.stderr
 
 
 def test_lease_check_refuses_a_lease_that_is_being_refreshed(share: Path) -> None:
     s = Share(share)
-    _foreign_lease(s, 1)
-    stop = threading.Event()
-
-    def refresh() -> None:
-        beat = 1
-        while not stop.wait(0.2):
-            beat += 1
-            _foreign_lease(s, beat)
-
-    t = threading.Thread(target=refresh)
-    t.start()
-    try:
-        with pytest.raises(ShareError, match="other-host.*refreshing its lease"):
-            Lease(s, "run", refresh=0.2, timeout=2.0, log=lambda line: None).check()
-    finally:
-        stop.set()
-        t.join()
+    with foreign_lease_refreshed(s, every=0.2), pytest.raises(ShareError, match="other-host.*refreshing its lease"):
+        Lease(s, "run", refresh=0.2, timeout=2.0, log=lambda line: None).check()
     # once the refreshing stops, the same check takes over after one timeout
     lines: list[str] = []
     Lease(s, "run", refresh=0.2, timeout=1.0, log=lines.append).check()

@@ -6,17 +6,17 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from fedsync.config import load_config
 from fedsync.manifest import new_manifest, open_run
-from fedsync.markers import FORMAT_VERSION, CoordinatorLease, Manifest, parse, to_dict
-from fedsync.share import Share, dump_yaml, read_yaml, write_yaml
+from fedsync.markers import Manifest, parse, to_dict
+from fedsync.share import Share, dump_yaml, read_yaml
 
 from .conftest import finish, run, start, wait_until
+from .test_lease import foreign_lease_refreshed
 
 Tree = dict[str, tuple[bytes | None, int, int, int]]
 
@@ -145,31 +145,9 @@ def test_refused_by_a_coordinator_on_this_host(share: Path) -> None:
 
 def test_refused_by_a_live_lease_from_another_host(share: Path) -> None:
     s = a_run(share, heartbeat=1, worker_timeout=3)
-    written: list[bytes] = []
-
-    def beat(n: int) -> None:
-        write_yaml(s.root / "coordinator.yaml", to_dict(CoordinatorLease(
-            format=FORMAT_VERSION, run_id="x", owner="other-host:4242:abcd1234", host="other-host", pid=4242,
-            heartbeat=n, state="collecting", round=1, note="")))
-        written.append((s.root / "coordinator.yaml").read_bytes())
-
-    stop = threading.Event()
-
-    def refresh() -> None:
-        n = 1
-        while not stop.wait(0.5):
-            n += 1
-            beat(n)
-
-    beat(1)
-    before = {k: v for k, v in (tree(share) or {}).items() if k != "coordinator.yaml"}
-    refresher = threading.Thread(target=refresh)
-    refresher.start()
-    try:
+    before = tree(share)
+    with foreign_lease_refreshed(s, every=0.5) as written:
         out = run(*coordinator(share, "--set", "heartbeat=1", "--set", "worker_timeout=3"), timeout=60)
-    finally:
-        stop.set()
-        refresher.join()
     assert out.returncode == 5 and "refreshing its lease" in out.stderr, out.stderr
     after = tree(share) or {}
     assert after.pop("coordinator.yaml")[0] == written[-1], "only the other host wrote its lease"
