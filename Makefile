@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedsync-installed
 
-.PHONY: demo test bench clean-venv
+.PHONY: demo test bench mutants clean-venv
 
 $(STAMP): pyproject.toml requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/syncthing_rounds.py
 	$(BIN)/python benchmarks/worker_throughput.py
 	$(BIN)/python benchmarks/mixed_speed.py
+	$(BIN)/python benchmarks/mutants.py
+
+mutants: $(STAMP)
+	$(BIN)/python benchmarks/mutants.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -47,7 +48,8 @@ def test_errors_are_one_line_with_their_status(tmp_path: Path) -> None:
         (["status", "--share", str(tmp_path)], 5, "fedsync.yaml"),
         (["coordinator", "--share", str(tmp_path / "s"), "--watch", "sometimes"], 2, "sometimes"),
     ]
-    for args, status, words in cases:
-        out = run(*args)
+    with ThreadPoolExecutor(3) as pool:  # each case is a process that starts, fails and exits
+        outs = list(pool.map(lambda case: run(*case[0]), cases))
+    for (args, status, words), out in zip(cases, outs):
         assert out.returncode == status, (args, out.stdout, out.stderr)
         assert words in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)

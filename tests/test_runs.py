@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from fedsync.markers import FORMAT_VERSION, Assignment, FileRef, FinalMarker, Summary, UpdateMarker, parse, to_dict
@@ -91,8 +92,10 @@ def test_finished_run_continues_with_more_rounds_and_never_redoes_one(share: Pat
 
 def test_other_format_versions_are_refused_by_every_role(share: Path) -> None:
     (share / "fedsync.yaml").write_text("format: 2\nrun_id: x\ncreated: x\ncreated_by: coordinator\nconfig: {}\n")
-    for args in (["coordinator", "--share", str(share)], ["worker", "--share", str(share), "--name", "w"],
-                 ["status", "--share", str(share)]):
-        out = run(*args)
+    commands = (["coordinator", "--share", str(share)], ["worker", "--share", str(share), "--name", "w"],
+                ["status", "--share", str(share)])
+    with ThreadPoolExecutor(3) as pool:
+        outs = list(pool.map(lambda args: run(*args), commands))
+    for args, out in zip(commands, outs):
         assert out.returncode == 4, (args, out.stderr)
         assert "newer fedsync" in out.stderr and "Traceback" not in out.stderr
