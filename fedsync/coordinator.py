@@ -43,15 +43,10 @@ from .markers import (
 )
 from .models import build_model
 from .partition import partition
-from .share import (
-    Backoff,
-    Share,
-    local_lock,
-    read_yaml,
-    remove_stale_temps,
-)
+from .reasons import Unusable
+from .share import Backoff, Share, local_lock, read_verified, read_yaml, remove_stale_temps
 from .syncthing import SyncthingNudge
-from .tensorfile import Unusable, layout_of, load_verified, read_verified, save_state
+from .tensorfile import layout_of, load_verified, save_state
 from .train import evaluate
 from .watch import ShareWatcher
 

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import PRECISIONS
 from .errors import DeviceError
 
 DEVICE_SPEC = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 FACTS_ENV = "FEDSYNC_DEVICE_FACTS"  # tests only: JSON facts that replace what torch reports
 
 

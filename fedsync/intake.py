@@ -23,8 +23,8 @@ import torch
 
 from .fedavg import Layout, WeightedSum, apply_mean
 from .markers import FileRef
-from .reasons import Reason
-from .tensorfile import TensorSpec, Unusable, check_layout, header_length, parse_header
+from .reasons import Reason, Unusable
+from .tensorfile import TensorSpec, check_layout, header_length, parse_header
 
 PIECE_BYTES = 1 << 20  # fits in L2 with room to spare; a multiple of every dtype's size
 LANES = 2  # one running sum each: extra memory is LANES model sizes, whatever the number of updates

@@ -23,9 +23,8 @@ from .markers import (
     UpdateMarker,
     parse,
 )
-from .reasons import Reason
+from .reasons import Reason, Unusable
 from .share import Share, is_conflict_copy, is_temporary, read_yaml
-from .tensorfile import Unusable
 
 
 class RoundLedger:

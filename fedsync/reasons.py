@@ -61,3 +61,13 @@ HELP: dict[Reason, str] = {
     Reason.DUPLICATE: "the worker's files changed after its update was decided; the first decision stands",
     Reason.IO_ERROR: "the file could not be read at the deadline (permissions, vanished, share unmounted)",
 }
+
+
+class Unusable(Exception):
+    """A tensor file that cannot be counted, with the reason code recorded in summary.yaml."""
+
+    def __init__(self, reason: Reason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+        self.added = False  # set by intake when part of the file was already summed before it failed

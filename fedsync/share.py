@@ -19,10 +19,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 if TYPE_CHECKING:
     from filelock import FileLock
 
+    from .markers import FileRef
+
 import blake3
 import yaml
 
 from . import faults
+from .reasons import Reason, Unusable
 
 T = TypeVar("T")
 MAX_YAML_BYTES = 1 << 20  # markers are tiny; anything bigger is refused before it is read
@@ -203,6 +206,23 @@ def read_limited(path: Path, limit: int) -> bytes:
         data = f.read(limit + 1)
     if len(data) > limit:
         raise OversizeError(f"{path.name} grew past the {limit}-byte limit while being read")
+    return data
+
+
+def read_verified(path: Path, ref: FileRef) -> bytes:
+    """The file's bytes, only if they are exactly what the marker describes."""
+    try:
+        size = os.stat(path).st_size
+    except FileNotFoundError:
+        raise Unusable(Reason.MISSING_FILE, f"{path.name} is not there (yet)") from None
+    if size != ref.bytes:
+        raise Unusable(Reason.SIZE_MISMATCH, f"{path.name} has {size} bytes, the marker says {ref.bytes}")
+    with open(path, "rb") as f:
+        data = f.read(ref.bytes + 1)
+    if len(data) != ref.bytes:
+        raise Unusable(Reason.SIZE_MISMATCH, f"{path.name} changed size while being read")
+    if hash_bytes(data) != ref.blake3:
+        raise Unusable(Reason.HASH_MISMATCH, f"{path.name}: BLAKE3 differs from the marker's")
     return data
 
 

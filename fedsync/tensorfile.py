@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -19,8 +18,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .markers import FileRef
-from .reasons import Reason
-from .share import atomic_write, hash_bytes
+from .reasons import Reason, Unusable
+from .share import atomic_write, hash_bytes, read_verified
 
 MAX_HEADER_BYTES = 16 << 20
 DTYPES: dict[str, torch.dtype] = {
@@ -30,16 +29,6 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 Layout = dict[str, tuple[torch.dtype, tuple[int, ...]]]
-
-
-class Unusable(Exception):
-    """A tensor file that cannot be counted, with the reason code recorded in summary.yaml."""
-
-    def __init__(self, reason: Reason, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
-        self.added = False  # set by intake when part of the file was already summed before it failed
 
 
 @dataclass(frozen=True)
@@ -122,23 +111,6 @@ def save_state(path: Path, state: Mapping[str, torch.Tensor], ref_name: str | No
     data = st_save({k: v.detach().contiguous().cpu() for k, v in state.items()})
     write(path, data)
     return FileRef(file=ref_name or path.name, blake3=hash_bytes(data), bytes=len(data))
-
-
-def read_verified(path: Path, ref: FileRef) -> bytes:
-    """The file's bytes, only if they are exactly what the marker describes."""
-    try:
-        size = os.stat(path).st_size
-    except FileNotFoundError:
-        raise Unusable(Reason.MISSING_FILE, f"{path.name} is not there (yet)") from None
-    if size != ref.bytes:
-        raise Unusable(Reason.SIZE_MISMATCH, f"{path.name} has {size} bytes, the marker says {ref.bytes}")
-    with open(path, "rb") as f:
-        data = f.read(ref.bytes + 1)
-    if len(data) != ref.bytes:
-        raise Unusable(Reason.SIZE_MISMATCH, f"{path.name} changed size while being read")
-    if hash_bytes(data) != ref.blake3:
-        raise Unusable(Reason.HASH_MISMATCH, f"{path.name}: BLAKE3 differs from the marker's")
-    return data
 
 
 def load_verified(path: Path, ref: FileRef) -> dict[str, torch.Tensor]:

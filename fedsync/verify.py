@@ -22,8 +22,8 @@ from .markers import (
     WorkerInfo,
     parse,
 )
-from .share import Share, is_conflict_copy, read_yaml
-from .tensorfile import Unusable, read_verified
+from .reasons import Unusable
+from .share import Share, is_conflict_copy, read_verified, read_yaml
 
 
 @dataclass(frozen=True)

@@ -30,9 +30,10 @@ from .manifest import finished, read_manifest
 from .markers import FORMAT_VERSION, Assignment, FinalMarker, Manifest, UpdateMarker, WorkerInfo, parse, to_dict
 from .models import build_model
 from .partition import partition
+from .reasons import Unusable
 from .share import Backoff, RepeatedWrite, Share, check_worker_name, local_lock, read_yaml, remove_stale_temps
 from .syncthing import SyncthingNudge
-from .tensorfile import Unusable, load_verified, save_state
+from .tensorfile import load_verified, save_state
 from .train import TrainSettings, local_train, measure_throughput, place
 from .watch import ShareWatcher
 

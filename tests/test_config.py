@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from fedsync.config import differences, load_config, parse_overrides
+from fedsync.config import MODELS, differences, load_config, parse_overrides
 from fedsync.errors import ConfigError
 from fedsync.manifest import open_run
+from fedsync.models import REGISTRY
 from fedsync.share import Share
+
 
 def test_builtin_configs_and_overrides() -> None:
     digits = load_config("digits")
@@ -40,3 +44,15 @@ def test_a_share_keeps_its_config(tmp_path: Path) -> None:
     assert open_run(share, load_config("digits"), "coordinator").run_id == first.run_id
     with pytest.raises(ConfigError, match="seed"):
         open_run(share, load_config("digits", {"seed": 7}), "coordinator")
+
+
+def test_config_names_the_registered_models() -> None:
+    assert set(MODELS) == set(REGISTRY)
+
+
+def test_commands_that_only_read_the_share_never_import_torch() -> None:
+    """status, verify and --help answer in a fraction of a second: torch alone takes seconds to import."""
+    code = ("import sys, fedsync.cli, fedsync.status, fedsync.verify; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
