@@ -151,7 +151,7 @@ def atomic_write(path: Path, data: bytes) -> None:
     folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
         try:
-            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=folder), "wb") as f:
+            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666, dir_fd=folder), "wb") as f:
                 if faults.crashes_writing(path):
                     f.write(data[: len(data) // 2])
                     f.flush()
