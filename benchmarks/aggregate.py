@@ -28,8 +28,8 @@ from safetensors.torch import load as st_load
 from torchvision.models import resnet18
 
 from fedsync.fedavg import WeightedSum
-from fedsync.intake import LANES, PIECE_BYTES, Aggregator, Candidate
-from fedsync.tensorfile import layout_of, save_state
+from fedsync.aggregation.intake import LANES, PIECE_BYTES, Aggregator, Candidate
+from fedsync.aggregation.tensorfile import layout_of, save_state
 
 REPEATS = 3
 

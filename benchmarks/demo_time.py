@@ -13,13 +13,13 @@ import time
 
 import torch
 
-from fedsync.config import load_config
-from fedsync.data import load_digits
+from fedsync.run.config import load_config
+from fedsync.learning.data import load_digits
 from fedsync.fedavg import WeightedSum, apply_mean, delta
-from fedsync.models import build_model
-from fedsync.partition import partition
-from fedsync.tensorfile import layout_of
-from fedsync.train import TrainSettings, evaluate, local_train
+from fedsync.learning.models import build_model
+from fedsync.learning.partition import partition
+from fedsync.aggregation.tensorfile import layout_of
+from fedsync.learning.train import TrainSettings, evaluate, local_train
 
 ROUNDS, WORKERS = 20, 3
 

@@ -16,8 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedsync.markers import Summary, parse
-from fedsync.share import Share, read_yaml
+from fedsync.storage.markers import Summary, parse
+from fedsync.storage.share import Share, read_yaml
 
 SETTINGS = {"equal shards (baseline)": ["balance=equal"],
             "balance: throughput": ["balance=throughput"],

@@ -18,7 +18,7 @@ from pathlib import Path
 from watchdog.events import FileSystemEventHandler
 from watchdog.observers.polling import PollingObserver
 
-from fedsync.watch import ShareWatcher
+from fedsync.storage.watch import ShareWatcher
 
 FILES = 2000
 

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedsync.share import Share
+from fedsync.storage.share import Share
 
 FEDSYNC = [sys.executable, "-m", "fedsync"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

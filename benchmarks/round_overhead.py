@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from fedsync import __version__
-from fedsync.markers import FORMAT_VERSION, Assignment, Summary, UpdateMarker, WorkerInfo, parse, to_dict
-from fedsync.share import Share, read_yaml, write_yaml
-from fedsync.tensorfile import load_verified, save_state
+from fedsync.storage.markers import FORMAT_VERSION, Assignment, Summary, UpdateMarker, WorkerInfo, parse, to_dict
+from fedsync.storage.share import Share, read_yaml, write_yaml
+from fedsync.aggregation.tensorfile import load_verified, save_state
 
 WORKERS = ("bench-a", "bench-b")
 

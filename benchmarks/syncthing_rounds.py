@@ -16,8 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/ holds the Syncthing harness
 
-from fedsync.markers import Summary, parse  # noqa: E402
-from fedsync.share import Share, read_yaml  # noqa: E402
+from fedsync.storage.markers import Summary, parse  # noqa: E402
+from fedsync.storage.share import Share, read_yaml  # noqa: E402
 from tests.syncthing import SyncthingPair  # noqa: E402
 
 FEDSYNC = [sys.executable, "-m", "fedsync"]

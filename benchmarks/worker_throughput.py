@@ -1,4 +1,4 @@
-"""Samples/s of the fedsync worker's local training (fedsync.train.local_train, as the worker calls it) on
+"""Samples/s of the fedsync worker's local training (fedsync.learning.train.local_train, as the worker calls it) on
 CIFAR-10-shaped data with the cifar10 config's model and batch size, beside a bare PyTorch loop of the same
 model, batch size and precision on the same device, in the same run (alternating, best of REPEATS each).
 
@@ -16,11 +16,11 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from fedsync.config import load_config
-from fedsync.data import Split
-from fedsync.device import DeviceFacts, choose_device, choose_precision, describe
-from fedsync.models import build_model
-from fedsync.train import AUTOCAST, TrainSettings, local_train
+from fedsync.run.config import load_config
+from fedsync.learning.data import Split
+from fedsync.learning.device import DeviceFacts, choose_device, choose_precision, describe
+from fedsync.learning.models import build_model
+from fedsync.learning.train import AUTOCAST, TrainSettings, local_train
 
 REPEATS = 3
 

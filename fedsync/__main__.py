@@ -1,3 +1,3 @@
-from .cli import main
+from fedsync.cli.main import main
 
 main()

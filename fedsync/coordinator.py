@@ -16,19 +16,19 @@ from pathlib import Path
 import torch
 from filelock import Timeout
 
-from .aggregation import make_rule
-from .balance import plan_steps
-from .config import RunConfig
-from .data import Dataset, load_dataset
-from .errors import ConfigError, ShareError
-from .faults import crash_point
-from .intake import Aggregator
-from .lease import LEASE_FILE, Lease
-from .ledger import LateLedger, RoundLedger, load_summary
-from .liveness import Liveness
-from .logs import Log, make_log
-from .manifest import check_run, new_manifest, write_manifest
-from .markers import (
+from fedsync.aggregation.rules import make_rule
+from fedsync.learning.balance import plan_steps
+from fedsync.run.config import RunConfig
+from fedsync.learning.data import Dataset, load_dataset
+from fedsync.base.errors import ConfigError, ShareError
+from fedsync.base.faults import crash_point
+from fedsync.aggregation.intake import Aggregator
+from fedsync.storage.lease import LEASE_FILE, Lease
+from fedsync.run.ledger import LateLedger, RoundLedger, load_summary
+from fedsync.run.liveness import Liveness
+from fedsync.base.logs import Log, make_log
+from fedsync.storage.manifest import check_run, new_manifest, write_manifest
+from fedsync.storage.markers import (
     FORMAT_VERSION,
     Assignment,
     CoordinatorLease,
@@ -41,14 +41,14 @@ from .markers import (
     parse,
     to_dict,
 )
-from .models import build_model
-from .partition import partition
-from .reasons import Unusable
-from .share import Backoff, Share, local_lock, read_verified, read_yaml, remove_stale_temps
-from .syncthing import SyncthingNudge
-from .tensorfile import layout_of, load_verified, save_state
-from .train import evaluate
-from .watch import ShareWatcher
+from fedsync.learning.models import build_model
+from fedsync.learning.partition import partition
+from fedsync.storage.reasons import Unusable
+from fedsync.storage.share import Backoff, Share, local_lock, read_verified, read_yaml, remove_stale_temps
+from fedsync.storage.syncthing import SyncthingNudge
+from fedsync.aggregation.tensorfile import layout_of, load_verified, save_state
+from fedsync.learning.train import evaluate
+from fedsync.storage.watch import ShareWatcher
 
 COORDINATOR_ROOT_FILES = {"fedsync.yaml", "coordinator.yaml", "metrics.csv", "final.safetensors", "final.yaml"}
 COORDINATOR_ROUND_FILES = {"global.safetensors", "assignment.yaml", "summary.yaml"}

@@ -17,25 +17,25 @@ import numpy as np
 import torch
 from filelock import Timeout
 
-from . import __version__
-from .config import RunConfig, config_from_dict
-from .data import Dataset, Split, load_dataset
-from .device import DeviceChoice, DeviceFacts, choose_device, describe
-from .doctor import start_check
-from .errors import ShareError
-from .faults import crash_point
-from .fedavg import delta
-from .logs import Log, make_log
-from .manifest import finished, read_manifest
-from .markers import FORMAT_VERSION, Assignment, FinalMarker, Manifest, UpdateMarker, WorkerInfo, parse, to_dict
-from .models import build_model
-from .partition import partition
-from .reasons import Unusable
-from .share import Backoff, RepeatedWrite, Share, check_worker_name, local_lock, read_yaml, remove_stale_temps
-from .syncthing import SyncthingNudge
-from .tensorfile import load_verified, save_state
-from .train import TrainSettings, local_train, measure_throughput, place
-from .watch import ShareWatcher
+from fedsync import __version__
+from fedsync.run.config import RunConfig, config_from_dict
+from fedsync.learning.data import Dataset, Split, load_dataset
+from fedsync.learning.device import DeviceChoice, DeviceFacts, choose_device, describe
+from fedsync.learning.doctor import start_check
+from fedsync.base.errors import ShareError
+from fedsync.base.faults import crash_point
+from fedsync.fedavg import delta
+from fedsync.base.logs import Log, make_log
+from fedsync.storage.manifest import finished, read_manifest
+from fedsync.storage.markers import FORMAT_VERSION, Assignment, FinalMarker, Manifest, UpdateMarker, WorkerInfo, parse, to_dict
+from fedsync.learning.models import build_model
+from fedsync.learning.partition import partition
+from fedsync.storage.reasons import Unusable
+from fedsync.storage.share import Backoff, RepeatedWrite, Share, check_worker_name, local_lock, read_yaml, remove_stale_temps
+from fedsync.storage.syncthing import SyncthingNudge
+from fedsync.aggregation.tensorfile import load_verified, save_state
+from fedsync.learning.train import TrainSettings, local_train, measure_throughput, place
+from fedsync.storage.watch import ShareWatcher
 
 
 @dataclass

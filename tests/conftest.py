@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from fedsync import __version__
-from fedsync.markers import FORMAT_VERSION, Assignment, FileRef, UpdateMarker, WorkerInfo, to_dict
-from fedsync.share import Share, write_yaml
-from fedsync.tensorfile import save_state
+from fedsync.storage.markers import FORMAT_VERSION, Assignment, FileRef, UpdateMarker, WorkerInfo, to_dict
+from fedsync.storage.share import Share, write_yaml
+from fedsync.aggregation.tensorfile import save_state
 
 FEDSYNC = [sys.executable, "-m", "fedsync"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -24,7 +24,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 def start(*args: str, fault: str | None = None, env: dict[str, str] | None = None,
           wrap: tuple[str, ...] = ()) -> subprocess.Popen[str]:
-    """A real fedsync process; `fault` names a crash point (fedsync/faults.py) where it kills itself; `env` adds
+    """A real fedsync process; `fault` names a crash point (fedsync/base/faults.py) where it kills itself; `env` adds
     variables (FEDSYNC_DEVICE_FACTS, FEDSYNC_SLOWDOWN); `wrap` is a command that runs it (setpriv)."""
     extra = {**(env or {}), **({"FEDSYNC_FAULT": fault} if fault else {})}
     return subprocess.Popen([*wrap, *FEDSYNC, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import torch
 
-from fedsync.aggregation import FedAvg, FedNova
-from fedsync.balance import FILL, plan_steps
-from fedsync.data import Split
+from fedsync.aggregation.rules import FedAvg, FedNova
+from fedsync.learning.balance import FILL, plan_steps
+from fedsync.learning.data import Split
 from fedsync.fedavg import WeightedSum, apply_mean
-from fedsync.models import build_model
-from fedsync.train import TrainSettings, local_train
+from fedsync.learning.models import build_model
+from fedsync.learning.train import TrainSettings, local_train
 
 
 def _streamed(rule: FedAvg | FedNova, base: dict[str, torch.Tensor], updates: list[tuple[dict, int, int]],

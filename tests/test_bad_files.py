@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from fedsync.markers import FORMAT_VERSION, Assignment, FileRef, Summary, UpdateMarker, parse, to_dict
-from fedsync.share import Share, hash_bytes, read_yaml, write_yaml
-from fedsync.tensorfile import load_verified, save_state
+from fedsync.storage.markers import FORMAT_VERSION, Assignment, FileRef, Summary, UpdateMarker, parse, to_dict
+from fedsync.storage.share import Share, hash_bytes, read_yaml, write_yaml
+from fedsync.aggregation.tensorfile import load_verified, save_state
 
 from .conftest import finish, killed_on_error, register_worker, start, wait_until
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedsync.data import load_cifar10
-from fedsync.errors import DataError
-from fedsync.markers import FinalMarker, Summary, parse
-from fedsync.share import Share, read_yaml
+from fedsync.learning.data import load_cifar10
+from fedsync.base.errors import DataError
+from fedsync.storage.markers import FinalMarker, Summary, parse
+from fedsync.storage.share import Share, read_yaml
 
 from .conftest import finish, start
 

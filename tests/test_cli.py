@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fedsync.errors import EXIT_CODES
+from fedsync.base.errors import EXIT_CODES
 
 from .conftest import run
 
@@ -27,7 +27,7 @@ def test_every_command_explains_itself(command: str) -> None:
 def test_every_command_is_listed() -> None:
     out = run("--help").stdout
     assert all(command in out for command in COMMANDS)
-    from fedsync.cli import app
+    from fedsync.cli.main import app
     assert sorted(c.name or c.callback.__name__ for c in app.registered_commands) == sorted(COMMANDS)
 
 

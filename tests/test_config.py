@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from fedsync.config import MODELS, differences, load_config, parse_overrides
-from fedsync.errors import ConfigError
-from fedsync.manifest import open_run
-from fedsync.models import REGISTRY
-from fedsync.share import Share
+from fedsync.run.config import MODELS, differences, load_config, parse_overrides
+from fedsync.base.errors import ConfigError
+from fedsync.storage.manifest import open_run
+from fedsync.learning.models import REGISTRY
+from fedsync.storage.share import Share
 
 
 def test_builtin_configs_and_overrides() -> None:
@@ -52,7 +52,7 @@ def test_config_names_the_registered_models() -> None:
 
 def test_commands_that_only_read_the_share_never_import_torch() -> None:
     """status, verify and --help answer in a fraction of a second: torch alone takes seconds to import."""
-    code = ("import sys, fedsync.cli, fedsync.status, fedsync.verify; "
+    code = ("import sys, fedsync.cli.main, fedsync.cli.status, fedsync.cli.verify; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr

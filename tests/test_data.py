@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from sklearn.datasets import load_digits as sklearn_digits
 
-from fedsync.data import load_digits
+from fedsync.learning.data import load_digits
 
 
 def test_digits_are_exactly_scikit_learns() -> None:

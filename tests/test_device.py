@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-from fedsync.device import (
+from fedsync.learning.device import (
     LEGACY,
     MODERN,
     DeviceChoice,
@@ -21,8 +21,8 @@ from fedsync.device import (
     has_kernels,
     install_path_for,
 )
-from fedsync.doctor import KernelRun, examine, kernel_check, start_check
-from fedsync.errors import DeviceError
+from fedsync.learning.doctor import KernelRun, examine, kernel_check, start_check
+from fedsync.base.errors import DeviceError
 
 from .conftest import run
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from fedsync.config import RunConfig, load_config
-from fedsync.errors import EXIT_CODES
-from fedsync.markers import (Assignment, CoordinatorLease, FinalMarker, Manifest, Summary, UpdateMarker,
+from fedsync.run.config import RunConfig, load_config
+from fedsync.base.errors import EXIT_CODES
+from fedsync.storage.markers import (Assignment, CoordinatorLease, FinalMarker, Manifest, Summary, UpdateMarker,
                              WorkerInfo, parse, to_dict)
-from fedsync.reasons import Reason
-from fedsync.share import parse_yaml
+from fedsync.storage.reasons import Reason
+from fedsync.storage.share import parse_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOCOL = (ROOT / "docs" / "PROTOCOL.md").read_text()

@@ -6,8 +6,8 @@ import csv
 import json
 from pathlib import Path
 
-from fedsync.markers import Assignment, FinalMarker, Summary, UpdateMarker, parse
-from fedsync.share import Share, hash_bytes, read_yaml
+from fedsync.storage.markers import Assignment, FinalMarker, Summary, UpdateMarker, parse
+from fedsync.storage.share import Share, hash_bytes, read_yaml
 
 from .conftest import finish, run, start
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from fedsync.markers import FinalMarker, Summary, parse
-from fedsync.share import Share, read_yaml
+from fedsync.storage.markers import FinalMarker, Summary, parse
+from fedsync.storage.share import Share, read_yaml
 
 from .conftest import finish, run, start
 

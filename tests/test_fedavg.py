@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fedsync.fedavg import WeightedSum, apply_mean, delta
-from fedsync.tensorfile import layout_of
+from fedsync.aggregation.tensorfile import layout_of
 
 
 def _random_state(g: torch.Generator) -> dict[str, torch.Tensor]:

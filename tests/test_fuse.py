@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from fedsync.markers import FinalMarker, Summary, parse
-from fedsync.share import Share, atomic_write, read_yaml
-from fedsync.watch import ShareWatcher, filesystem_type
+from fedsync.storage.markers import FinalMarker, Summary, parse
+from fedsync.storage.share import Share, atomic_write, read_yaml
+from fedsync.storage.watch import ShareWatcher, filesystem_type
 
 from .conftest import finish, require, start
 from .sshfs import SshfsMount

@@ -8,11 +8,11 @@ import torch
 from safetensors.torch import save_file
 
 from fedsync.fedavg import WeightedSum, apply_mean
-from fedsync.intake import PIECE_BYTES, Aggregator, Candidate
-from fedsync.markers import FileRef
-from fedsync.reasons import Reason
-from fedsync.share import hash_bytes
-from fedsync.tensorfile import layout_of
+from fedsync.aggregation.intake import PIECE_BYTES, Aggregator, Candidate
+from fedsync.storage.markers import FileRef
+from fedsync.storage.reasons import Reason
+from fedsync.storage.share import hash_bytes
+from fedsync.aggregation.tensorfile import layout_of
 
 G = torch.Generator().manual_seed(0)
 # One tensor spans several read pieces, so a fault can land after part of the file was already summed.

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedsync.aggregation import FedAvg
-from fedsync.config import load_config
+from fedsync.aggregation.rules import FedAvg
+from fedsync.run.config import load_config
 from fedsync.fedavg import staleness_weight
-from fedsync.ledger import LateLedger
-from fedsync.manifest import open_run
-from fedsync.markers import FORMAT_VERSION, Accepted, Assignment, Summary, UpdateMarker, WorkerTask, parse, to_dict
-from fedsync.share import Share, read_yaml, write_yaml
-from fedsync.tensorfile import load_verified, save_state
+from fedsync.run.ledger import LateLedger
+from fedsync.storage.manifest import open_run
+from fedsync.storage.markers import FORMAT_VERSION, Accepted, Assignment, Summary, UpdateMarker, WorkerTask, parse, to_dict
+from fedsync.storage.share import Share, read_yaml, write_yaml
+from fedsync.aggregation.tensorfile import load_verified, save_state
 
 from .conftest import finish, killed_on_error, register_worker, start, submit_update, wait_until
 

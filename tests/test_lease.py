@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedsync.errors import ShareError
-from fedsync.lease import Lease
-from fedsync.markers import FORMAT_VERSION, Assignment, CoordinatorLease, Summary, parse, to_dict
-from fedsync.share import Share, read_yaml, write_yaml
-from fedsync.tensorfile import load_verified
+from fedsync.base.errors import ShareError
+from fedsync.storage.lease import Lease
+from fedsync.storage.markers import FORMAT_VERSION, Assignment, CoordinatorLease, Summary, parse, to_dict
+from fedsync.storage.share import Share, read_yaml, write_yaml
+from fedsync.aggregation.tensorfile import load_verified
 
 from .conftest import finish, killed_on_error, register_worker, run, start, submit_update, wait_until
 

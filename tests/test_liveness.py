@@ -7,8 +7,8 @@ import os
 import signal
 from pathlib import Path
 
-from fedsync.markers import Assignment, Summary, parse
-from fedsync.share import Share, read_yaml
+from fedsync.storage.markers import Assignment, Summary, parse
+from fedsync.storage.share import Share, read_yaml
 
 from .conftest import finish, killed_on_error, start, wait_until
 

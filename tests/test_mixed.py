@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fedsync.markers import Assignment, Summary, UpdateMarker, WorkerInfo, parse
-from fedsync.share import Share, read_yaml
+from fedsync.storage.markers import Assignment, Summary, UpdateMarker, WorkerInfo, parse
+from fedsync.storage.share import Share, read_yaml
 
 from .conftest import finish, killed_on_error, run, start
 from .test_device import CU130, GTX1080, as_env, facts

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from fedsync.partition import dirichlet_partition, iid_partition, label_skew, partition
+from fedsync.learning.partition import dirichlet_partition, iid_partition, label_skew, partition
 
 
 def _labels(n: int = 1000, classes: int = 10, seed: int = 0) -> np.ndarray:

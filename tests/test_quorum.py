@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from fedsync.coordinator import quorum_target
-from fedsync.markers import Summary, parse
-from fedsync.share import Share, read_yaml
+from fedsync.storage.markers import Summary, parse
+from fedsync.storage.share import Share, read_yaml
 
 from .conftest import finish, killed_on_error, register_worker, start, wait_until
 

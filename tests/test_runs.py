@@ -7,8 +7,8 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from fedsync.markers import FORMAT_VERSION, Assignment, FileRef, FinalMarker, Summary, UpdateMarker, parse, to_dict
-from fedsync.share import Share, read_yaml, write_yaml
+from fedsync.storage.markers import FORMAT_VERSION, Assignment, FileRef, FinalMarker, Summary, UpdateMarker, parse, to_dict
+from fedsync.storage.share import Share, read_yaml, write_yaml
 
 from .conftest import finish, register_worker, run, start, wait_until
 

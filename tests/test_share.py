@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedsync.markers import (FORMAT_VERSION, FileRef, FormatMismatch, MarkerError, PathOutsideFolder,
+from fedsync.storage.markers import (FORMAT_VERSION, FileRef, FormatMismatch, MarkerError, PathOutsideFolder,
                              UpdateMarker, parse, to_dict)
-from fedsync.share import (OversizeError, Share, atomic_write, check_worker_name, is_conflict_copy,
+from fedsync.storage.share import (OversizeError, Share, atomic_write, check_worker_name, is_conflict_copy,
                            is_temporary, read_yaml)
 
 HASH = "ab" * 32

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from fedsync.markers import FinalMarker, parse
-from fedsync.share import Share, read_yaml
+from fedsync.storage.markers import FinalMarker, parse
+from fedsync.storage.share import Share, read_yaml
 
 from .conftest import finish, killed_on_error, missing, run, start, wait_until
 

@@ -10,10 +10,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from fedsync.config import load_config
-from fedsync.manifest import new_manifest, open_run
-from fedsync.markers import Manifest, parse, to_dict
-from fedsync.share import Share, dump_yaml, read_yaml
+from fedsync.run.config import load_config
+from fedsync.storage.manifest import new_manifest, open_run
+from fedsync.storage.markers import Manifest, parse, to_dict
+from fedsync.storage.share import Share, dump_yaml, read_yaml
 
 from .conftest import finish, run, start, wait_until
 from .test_lease import foreign_lease_refreshed

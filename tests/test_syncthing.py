@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fedsync.markers import FinalMarker, Summary, WorkerInfo, parse
-from fedsync.share import Share, read_yaml
+from fedsync.storage.markers import FinalMarker, Summary, WorkerInfo, parse
+from fedsync.storage.share import Share, read_yaml
 
 from .conftest import finish, killed_on_error, require, run, start, wait_until
 from .syncthing import SyncthingPair

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from fedsync.markers import FinalMarker, parse
-from fedsync.share import Share, atomic_write, read_yaml
-from fedsync.watch import ShareWatcher, choose_mode, filesystem_type
+from fedsync.storage.markers import FinalMarker, parse
+from fedsync.storage.share import Share, atomic_write, read_yaml
+from fedsync.storage.watch import ShareWatcher, choose_mode, filesystem_type
 
 from .conftest import finish, start
 

@@ -17,9 +17,9 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .markers import FileRef
-from .reasons import Reason, Unusable
-from .share import atomic_write, hash_bytes, read_verified
+from fedsync.storage.markers import FileRef
+from fedsync.storage.reasons import Reason, Unusable
+from fedsync.storage.share import atomic_write, hash_bytes, read_verified
 
 MAX_HEADER_BYTES = 16 << 20
 DTYPES: dict[str, torch.dtype] = {

@@ -10,13 +10,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import load_config
-from .errors import FedsyncError, ShareError
-from .lease import LEASE_FILE
-from .logs import Log
-from .manifest import open_run, read_manifest
-from .markers import FinalMarker, parse
-from .share import Share, read_yaml
+from fedsync.run.config import load_config
+from fedsync.base.errors import FedsyncError, ShareError
+from fedsync.storage.lease import LEASE_FILE
+from fedsync.base.logs import Log
+from fedsync.storage.manifest import open_run, read_manifest
+from fedsync.storage.markers import FinalMarker, parse
+from fedsync.storage.share import Share, read_yaml
 
 DEMO_TIMEOUT_S = 900.0
 

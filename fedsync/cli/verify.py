@@ -10,9 +10,9 @@ import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .lease import LEASE_FILE
-from .manifest import read_manifest
-from .markers import (
+from fedsync.storage.lease import LEASE_FILE
+from fedsync.storage.manifest import read_manifest
+from fedsync.storage.markers import (
     Assignment,
     CoordinatorLease,
     FileRef,
@@ -22,8 +22,8 @@ from .markers import (
     WorkerInfo,
     parse,
 )
-from .reasons import Unusable
-from .share import Share, is_conflict_copy, read_verified, read_yaml
+from fedsync.storage.reasons import Unusable
+from fedsync.storage.share import Share, is_conflict_copy, read_verified, read_yaml
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from types import TracebackType
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from .share import ROUND_DIR, is_temporary
+from fedsync.storage.share import ROUND_DIR, is_temporary
 
 WATCH_MODES = ("auto", "events", "poll")
 # Filesystems whose remote changes never reach inotify. "fuse." covers sshfs, rclone, smbnetfs and the like;

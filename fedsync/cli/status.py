@@ -6,10 +6,10 @@ import os
 import time
 from typing import Any
 
-from .lease import LEASE_FILE
-from .manifest import finished, read_manifest
-from .markers import Assignment, CoordinatorLease, Summary, WorkerInfo, parse
-from .share import Share, is_conflict_copy, is_temporary, read_yaml
+from fedsync.storage.lease import LEASE_FILE
+from fedsync.storage.manifest import finished, read_manifest
+from fedsync.storage.markers import Assignment, CoordinatorLease, Summary, WorkerInfo, parse
+from fedsync.storage.share import Share, is_conflict_copy, is_temporary, read_yaml
 
 
 def _load(cls: type, path: os.PathLike[str] | str, where: str) -> Any:

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .device import MODERN, DeviceChoice, DeviceFacts, choose_precision, gpu_fix, gpu_problem
-from .errors import DeviceError
-from .train import AUTOCAST
+from fedsync.learning.device import MODERN, DeviceChoice, DeviceFacts, choose_precision, gpu_fix, gpu_problem
+from fedsync.base.errors import DeviceError
+from fedsync.learning.train import AUTOCAST
 
 
 @dataclass(frozen=True)

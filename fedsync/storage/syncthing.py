@@ -12,8 +12,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from .errors import ShareError
-from .logs import Log
+from fedsync.base.errors import ShareError
+from fedsync.base.logs import Log
 
 KEY_ENV = "FEDSYNC_SYNCTHING_KEY"
 

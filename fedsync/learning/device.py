@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import PRECISIONS
-from .errors import DeviceError
+from fedsync.run.config import PRECISIONS
+from fedsync.base.errors import DeviceError
 
 DEVICE_SPEC = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 FACTS_ENV = "FEDSYNC_DEVICE_FACTS"  # tests only: JSON facts that replace what torch reports

@@ -21,10 +21,10 @@ from typing import BinaryIO
 import blake3
 import torch
 
-from .fedavg import Layout, WeightedSum, apply_mean
-from .markers import FileRef
-from .reasons import Reason, Unusable
-from .tensorfile import TensorSpec, check_layout, header_length, parse_header
+from fedsync.fedavg import Layout, WeightedSum, apply_mean
+from fedsync.storage.markers import FileRef
+from fedsync.storage.reasons import Reason, Unusable
+from fedsync.aggregation.tensorfile import TensorSpec, check_layout, header_length, parse_header
 
 PIECE_BYTES = 1 << 20  # fits in L2 with room to spare; a multiple of every dtype's size
 LANES = 2  # one running sum each: extra memory is LANES model sizes, whatever the number of updates

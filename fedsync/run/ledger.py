@@ -7,11 +7,11 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
-from .aggregation import Rule
-from .config import RunConfig
-from .fedavg import staleness_weight
-from .intake import Candidate, Outcome
-from .markers import (
+from fedsync.aggregation.rules import Rule
+from fedsync.run.config import RunConfig
+from fedsync.fedavg import staleness_weight
+from fedsync.aggregation.intake import Candidate, Outcome
+from fedsync.storage.markers import (
     Accepted,
     Assignment,
     FormatMismatch,
@@ -23,8 +23,8 @@ from .markers import (
     UpdateMarker,
     parse,
 )
-from .reasons import Reason, Unusable
-from .share import Share, is_conflict_copy, is_temporary, read_yaml
+from fedsync.storage.reasons import Reason, Unusable
+from fedsync.storage.share import Share, is_conflict_copy, is_temporary, read_yaml
 
 
 class RoundLedger:

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import Split
-from .faults import Pace
+from fedsync.learning.data import Split
+from fedsync.base.faults import Pace
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

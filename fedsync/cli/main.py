@@ -9,8 +9,8 @@ from typing import Annotated
 
 import typer
 
-from .errors import EXIT_CODES, FedsyncError
-from .watch import WATCH_MODES
+from fedsync.base.errors import EXIT_CODES, FedsyncError
+from fedsync.storage.watch import WATCH_MODES
 
 EXIT_HELP = "\n\n".join(f"{code}: {text}" for code, text in EXIT_CODES.items())
 app = typer.Typer(
@@ -57,8 +57,8 @@ def coordinator(
 
     Example: fedsync coordinator --rounds 20 --share /mnt/fed --set min_workers=3
     """
-    from .config import load_config, parse_overrides
-    from .coordinator import CoordinatorOptions, run_coordinator
+    from fedsync.run.config import load_config, parse_overrides
+    from fedsync.coordinator import CoordinatorOptions, run_coordinator
 
     cfg = load_config(config, parse_overrides(set_))
     final = run_coordinator(CoordinatorOptions(share=share, config=cfg, rounds=rounds, watch=_check_watch(watch),
@@ -87,8 +87,8 @@ def worker(
     """
     import socket
 
-    from .share import check_worker_name
-    from .worker import WorkerOptions, run_worker
+    from fedsync.storage.share import check_worker_name
+    from fedsync.worker import WorkerOptions, run_worker
 
     try:
         name = check_worker_name(name or socket.gethostname())
@@ -107,8 +107,8 @@ def status(
 
     Example: fedsync status --share /mnt/fed --json
     """
-    from .share import Share
-    from .status import collect_status, format_status
+    from fedsync.storage.share import Share
+    from fedsync.cli.status import collect_status, format_status
 
     st = collect_status(Share(share))
     typer.echo(json.dumps(st, indent=2) if as_json else format_status(st))
@@ -126,8 +126,8 @@ def verify(
     """
     from dataclasses import asdict
 
-    from .share import Share
-    from .verify import verify as verify_share
+    from fedsync.storage.share import Share
+    from fedsync.cli.verify import verify as verify_share
 
     report = verify_share(Share(share))
     if as_json:
@@ -149,8 +149,8 @@ def doctor() -> None:
 
     Example: fedsync doctor
     """
-    from .device import DeviceFacts
-    from .doctor import report
+    from fedsync.learning.device import DeviceFacts
+    from fedsync.learning.doctor import report
 
     text, code = report(DeviceFacts.probe())
     typer.echo(text)
@@ -171,8 +171,8 @@ def demo(
 
     Example: fedsync demo --workers 3 --rounds 20
     """
-    from .demo import run_demo
-    from .logs import make_log
+    from fedsync.cli.demo import run_demo
+    from fedsync.base.logs import make_log
 
     result = run_demo(share, workers, rounds, config, make_log("demo"))
     typer.echo(f"demo finished: {result.final.round} rounds, {workers} workers, final test accuracy "

@@ -12,14 +12,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .aggregation import RULES
-from .balance import BALANCE
-from .errors import ConfigError
-from .markers import MarkerError, parse_record
-from .share import parse_yaml
+from fedsync.aggregation.rules import RULES
+from fedsync.learning.balance import BALANCE
+from fedsync.base.errors import ConfigError
+from fedsync.storage.markers import MarkerError, parse_record
+from fedsync.storage.share import parse_yaml
 
 BUILTIN = ("digits", "cifar10")
-MODELS = ("digits_cnn", "resnet18_cifar")  # fedsync.models.REGISTRY's names (a test keeps them equal): no torch here
+MODELS = ("digits_cnn", "resnet18_cifar")  # fedsync.learning.models.REGISTRY's names (a test keeps them equal): no torch here
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # auto: each worker picks for its device (fedsync.device)
 
 

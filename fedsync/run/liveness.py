@@ -11,8 +11,8 @@ import os
 import time
 from collections.abc import Callable
 
-from .markers import MarkerError, WorkerInfo, parse
-from .share import Share, check_worker_name, is_conflict_copy, is_temporary, read_yaml
+from fedsync.storage.markers import MarkerError, WorkerInfo, parse
+from fedsync.storage.share import Share, check_worker_name, is_conflict_copy, is_temporary, read_yaml
 
 
 class Liveness:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import DataError
+from fedsync.base.errors import DataError
 
 CIFAR_FILES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5",
                "test_batch", "batches.meta")

@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 if TYPE_CHECKING:
     from filelock import FileLock
 
-    from .markers import FileRef
+    from fedsync.storage.markers import FileRef
 
 import blake3
 import yaml
 
-from . import faults
-from .reasons import Reason, Unusable
+from fedsync.base import faults
+from fedsync.storage.reasons import Reason, Unusable
 
 T = TypeVar("T")
 MAX_YAML_BYTES = 1 << 20  # markers are tiny; anything bigger is refused before it is read

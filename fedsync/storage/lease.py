@@ -16,9 +16,9 @@ import uuid
 from collections.abc import Callable
 from dataclasses import replace
 
-from .errors import ShareError
-from .markers import FORMAT_VERSION, CoordinatorLease, parse, to_dict
-from .share import RepeatedWrite, Share, read_yaml
+from fedsync.base.errors import ShareError
+from fedsync.storage.markers import FORMAT_VERSION, CoordinatorLease, parse, to_dict
+from fedsync.storage.share import RepeatedWrite, Share, read_yaml
 
 LEASE_FILE = "coordinator.yaml"
 

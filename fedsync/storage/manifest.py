@@ -5,10 +5,10 @@ from __future__ import annotations
 import uuid
 from datetime import datetime, timezone
 
-from .config import RunConfig, config_from_dict, differences
-from .errors import ConfigError, FormatError, ShareError
-from .markers import FORMAT_VERSION, FinalMarker, FormatMismatch, Manifest, MarkerError, parse, to_dict
-from .share import Share, read_yaml, write_yaml
+from fedsync.run.config import RunConfig, config_from_dict, differences
+from fedsync.base.errors import ConfigError, FormatError, ShareError
+from fedsync.storage.markers import FORMAT_VERSION, FinalMarker, FormatMismatch, Manifest, MarkerError, parse, to_dict
+from fedsync.storage.share import Share, read_yaml, write_yaml
 
 
 def check_run(share: Share, config: RunConfig) -> Manifest | None:
