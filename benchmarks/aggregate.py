@@ -27,9 +27,12 @@ import torch
 from safetensors.torch import load as st_load
 from torchvision.models import resnet18
 
-from fedsync.fedavg import WeightedSum
 from fedsync.aggregation.intake import LANES, PIECE_BYTES, Aggregator, Candidate
-from fedsync.aggregation.tensorfile import layout_of, save_state
+from fedsync.aggregation.optimizers import NoOptimizer
+from fedsync.aggregation.rules import FedAvg
+from fedsync.aggregation.tensors import layout_of, save_state
+from fedsync.fedavg import WeightedSum
+from fedsync.storage.local import LocalStore
 
 REPEATS = 3
 
@@ -54,21 +57,23 @@ def on_lanes(cands: list[Candidate], lanes: int, per_lane: Callable[[list[Candid
         list(pool.map(per_lane, [cands[i::lanes] for i in range(lanes)]))
 
 
-def sha256_file(cands: list[Candidate]) -> None:
-    piece = bytearray(PIECE_BYTES)
-    for c in cands:
-        h = hashlib.sha256()
-        with open(c.path, "rb", buffering=0) as f:
-            while n := f.readinto(piece):
-                h.update(memoryview(piece)[:n])
-        h.digest()
+def sha256_files(folder: Path) -> Callable[[list[Candidate]], None]:
+    def per_lane(cands: list[Candidate]) -> None:
+        piece = bytearray(PIECE_BYTES)
+        for c in cands:
+            h = hashlib.sha256()
+            with open(folder / c.name, "rb", buffering=0) as f:
+                while n := f.readinto(piece):
+                    h.update(memoryview(piece)[:n])
+            h.digest()
+    return per_lane
 
 
-def whole_file_adder(base: dict[str, torch.Tensor]) -> Callable[[list[Candidate]], None]:
+def whole_file_adder(base: dict[str, torch.Tensor], folder: Path) -> Callable[[list[Candidate]], None]:
     def per_lane(cands: list[Candidate]) -> None:
         sums = WeightedSum(layout_of(base))
         for c in cands:
-            data = c.path.read_bytes()
+            data = (folder / c.name).read_bytes()
             assert blake3.blake3(data).hexdigest() == c.ref.blake3  # one thread per lane, as in the intake
             update = st_load(data)
             assert all(bool(torch.isfinite(v).all()) for v in update.values() if v.is_floating_point())
@@ -82,15 +87,17 @@ def main(n: int = 32) -> None:
     params = sum(v.numel() for v in base.values())
     g = torch.Generator().manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        store = LocalStore(folder)
         cands = []
         for i in range(n):
             update = {k: (torch.randn(v.shape, generator=g) * 1e-3).to(v.dtype) for k, v in base.items()}
-            path = Path(tmp) / f"w{i}.safetensors"
-            cands.append(Candidate(f"w{i}", path, save_state(path, update), weight=float(100 + i)))
+            name = f"w{i}.safetensors"
+            cands.append(Candidate(f"w{i}", name, save_state(store.write, name, update), weight=float(100 + i)))
         del update
         total = sum(c.ref.bytes for c in cands)
         for c in cands:
-            c.path.read_bytes()  # into the page cache
+            (folder / c.name).read_bytes()  # into the page cache
 
         # fedsync first: a baseline run before it leaves its freed sums in the allocator, hiding fedsync's own RSS
         rates, extras = [], []
@@ -98,9 +105,9 @@ def main(n: int = 32) -> None:
             Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS mark
             before = rss_kib("VmRSS")
             t = time.perf_counter()
-            agg = Aggregator(layout_of(base))
+            agg = Aggregator(layout_of(base), store)
             outcomes = agg.take(cands)
-            result = agg.result(base)
+            result = NoOptimizer().step(base, FedAvg().aggregate(agg.collected(frozenset(base))).delta, {})
             rates.append(total / (time.perf_counter() - t) / 1e9)
             extras.append((rss_kib("VmHWM") - before) * 1024 / model_bytes)
             assert all(o.problem is None for o in outcomes) and all(torch.isfinite(v.float()).all()
@@ -117,10 +124,10 @@ def main(n: int = 32) -> None:
                 acc.add_(flat, alpha=c.weight)
             axpy.append(total / (time.perf_counter() - t) / 1e9)
         del flat, acc
-        sha = {lanes: timed(total, lambda: on_lanes(cands, lanes, sha256_file)) for lanes in (1, LANES)}
+        sha = {lanes: timed(total, lambda: on_lanes(cands, lanes, sha256_files(folder))) for lanes in (1, LANES)}
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # one torch thread per lane, as the intake runs
-        whole = timed(total, lambda: on_lanes(cands, LANES, whole_file_adder(base)))
+        whole = timed(total, lambda: on_lanes(cands, LANES, whole_file_adder(base, folder)))
         torch.set_num_threads(threads)
 
     fed, base_axpy = statistics.median(rates), statistics.median(axpy)

@@ -13,13 +13,13 @@ import time
 
 import torch
 
-from fedsync.run.config import load_config
-from fedsync.learning.data import load_digits
+from fedsync.aggregation.tensors import layout_of
 from fedsync.fedavg import WeightedSum, apply_mean, delta
+from fedsync.learning.data import load_digits
 from fedsync.learning.models import build_model
 from fedsync.learning.partition import partition
-from fedsync.aggregation.tensorfile import layout_of
 from fedsync.learning.train import TrainSettings, evaluate, local_train
+from fedsync.run.config import load_config
 
 ROUNDS, WORKERS = 20, 3
 
@@ -32,7 +32,7 @@ def in_process_fedavg() -> tuple[float, float]:
     model = build_model(cfg.model, 10, seed=cfg.seed)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     shards = partition(ds.train.y.numpy(), WORKERS, cfg.partition, cfg.seed, cfg.dirichlet_alpha)
-    settings = TrainSettings(cfg.local_epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.augment)
+    settings = TrainSettings(cfg.local_epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay, augment=None)
     for r in range(1, ROUNDS + 1):
         summed = WeightedSum(layout_of(state))
         for i, idx in enumerate(shards):

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from fedsync.storage.markers import Summary, parse
-from fedsync.storage.share import Share, read_yaml
+from fedsync.storage.share import Share
 
 SETTINGS = {"equal shards (baseline)": ["balance=equal"],
             "balance: throughput": ["balance=throughput"],
@@ -41,7 +41,7 @@ def one_run(share: Path, rounds: int, epochs: int, slowdown: float, sets: list[s
     if any(p.returncode for p in procs):
         sys.exit("a process failed:\n" + "\n".join(outs))
     s = Share(share)
-    summaries = [parse(Summary, read_yaml(s.summary(r)), "summary") for r in range(1, rounds + 1)]
+    summaries = [parse(Summary, s.read_yaml(s.summary(r)), "summary") for r in range(1, rounds + 1)]
     return statistics.median(x.seconds for x in summaries[1:]), wall, summaries
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from watchdog.events import FileSystemEventHandler
 from watchdog.observers.polling import PollingObserver
 
+from fedsync.storage.share import Share
 from fedsync.storage.watch import ShareWatcher
 
 FILES = 2000
@@ -58,7 +59,7 @@ def cpu_share(start, seconds: float) -> float:
 
 def ours(root: Path):
     def start():
-        w = ShareWatcher(root, "poll", poll_interval=1.0)
+        w = ShareWatcher(Share(root), "poll", poll_interval=1.0)
         w.__enter__()
         return lambda: w.__exit__(None, None, None)
     return start

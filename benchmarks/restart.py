@@ -40,13 +40,13 @@ def once() -> tuple[float, float]:
                                   stdout=subprocess.DEVNULL)
         workers = [subprocess.Popen(FEDSYNC + ["worker", "--share", tmp, "--name", f"w{i}", "--device", "cpu"],
                                     env=ENV, stdout=subprocess.DEVNULL) for i in (1, 2)]
-        fresh = wait_for(s.assignment(1)) - started  # includes waiting for the workers' own start-up
+        fresh = wait_for(s.path(s.assignment(1))) - started  # includes waiting for the workers' own start-up
         if doomed.wait(timeout=120) != -signal.SIGKILL:
             raise SystemExit(f"the coordinator exited with {doomed.returncode} instead of dying at its crash point "
                              "coordinator:collecting:2: this run measures no restart")
         restarted = time.monotonic()
         coord = subprocess.Popen(coord_args, env=ENV, stdout=subprocess.DEVNULL)
-        resumed = wait_for(s.summary(2)) - restarted
+        resumed = wait_for(s.path(s.summary(2))) - restarted
         procs = [coord, *workers]
         if [p.wait(timeout=120) for p in procs] != [0] * len(procs):
             raise SystemExit("the restarted run did not finish cleanly")

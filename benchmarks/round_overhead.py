@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from fedsync import __version__
+from fedsync.aggregation.tensors import load_verified, save_state
 from fedsync.storage.markers import FORMAT_VERSION, Assignment, Summary, UpdateMarker, WorkerInfo, parse, to_dict
-from fedsync.storage.share import Share, read_yaml, write_yaml
-from fedsync.aggregation.tensorfile import load_verified, save_state
+from fedsync.storage.share import Share
 
 WORKERS = ("bench-a", "bench-b")
 
@@ -37,7 +37,7 @@ def wait_for(path: Path, timeout: float = 30.0) -> float:
 
 
 def register(share: Share, name: str, beat: int) -> None:
-    write_yaml(share.worker_file(name), to_dict(WorkerInfo(
+    share.write_yaml(share.worker_file(name), to_dict(WorkerInfo(
         format=FORMAT_VERSION, name=name, host=socket.gethostname(), fedsync=__version__, torch=str(torch.__version__),
         device="cpu", device_name="CPU", cuda_capability=None, state="idle", round=None, heartbeat=beat)))
 
@@ -49,26 +49,26 @@ def main(rounds: int = 30) -> None:
                                   str(rounds), "--set", "min_workers=2"], stdout=subprocess.DEVNULL,
                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
         try:
-            wait_for(share.manifest)
+            wait_for(share.path(share.manifest))
             overheads, raw, works = [], [], []
             for r in range(1, rounds + 1):
                 for name in WORKERS:
                     register(share, name, r)  # a heartbeat per round keeps both live
-                wait_for(share.assignment(r))
-                a = parse(Assignment, read_yaml(share.assignment(r)), "assignment")
-                base = load_verified(share.global_model(r), a.model)
+                wait_for(share.path(share.assignment(r)))
+                a = parse(Assignment, share.read_yaml(share.assignment(r)), "assignment")
+                base = load_verified(share, share.global_model(r), a.model)
                 for i, name in enumerate(WORKERS):
                     update = {k: (torch.randn(v.shape) * 1e-3).to(v.dtype) if v.is_floating_point()
                               else torch.zeros_like(v) for k, v in base.items()}
-                    ref = save_state(share.update_tensors(r, name), update)
+                    ref = save_state(share.write, share.update_tensors(r, name), update)
                     marker = UpdateMarker(format=FORMAT_VERSION, round=r, worker=name, base=a.model.blake3,
                                           tensors=ref, samples=100, steps=1, train_loss=1.0, seconds=0.0, device="cpu")
-                    write_yaml(share.update_marker(r, name), to_dict(marker))
+                    share.write_yaml(share.update_marker(r, name), to_dict(marker))
                     if i == 0:
                         time.sleep(0.05)  # the first update is taken in before the quorum-completing one
                 t0 = time.perf_counter()
-                t1 = wait_for(share.summary(r) if r == rounds else share.assignment(r + 1))
-                s = parse(Summary, read_yaml(share.summary(r)), "summary")
+                t1 = wait_for(share.path(share.summary(r) if r == rounds else share.assignment(r + 1)))
+                s = parse(Summary, share.read_yaml(share.summary(r)), "summary")
                 work = s.timings["final_intake_s"] + s.timings["aggregate_s"] + s.timings["evaluate_s"]
                 raw.append((t1 - t0) * 1000)
                 works.append(work * 1000)

@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/ holds the Syncthing harness
 
 from fedsync.storage.markers import Summary, parse  # noqa: E402
-from fedsync.storage.share import Share, read_yaml  # noqa: E402
+from fedsync.storage.share import Share
 from tests.syncthing import SyncthingPair  # noqa: E402
 
 FEDSYNC = [sys.executable, "-m", "fedsync"]
@@ -41,7 +41,7 @@ def run(coord_share: Path, worker_shares: list[Path], rounds: int, apis: dict[Pa
         if p.wait(timeout=600) != 0:
             raise SystemExit(f"{p.args[3]} failed")
     share = Share(coord_share)
-    return [parse(Summary, read_yaml(share.summary(r)), "s").seconds for r in range(2, rounds + 1)]
+    return [parse(Summary, share.read_yaml(share.summary(r)), "s").seconds for r in range(2, rounds + 1)]
 
 
 def main(rounds: int = 8) -> None:

@@ -16,11 +16,12 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from fedsync.run.config import load_config
 from fedsync.learning.data import Split
 from fedsync.learning.device import DeviceFacts, choose_device, choose_precision, describe
 from fedsync.learning.models import build_model
+from fedsync.learning.tasks import get_task
 from fedsync.learning.train import AUTOCAST, TrainSettings, local_train
+from fedsync.run.config import load_config
 
 REPEATS = 3
 
@@ -74,7 +75,7 @@ def main() -> None:
     steps = args.steps or (6 if device == "cpu" else 100)
     cfg = load_config("cifar10")
     settings = TrainSettings(epochs=1, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
-                             weight_decay=cfg.weight_decay, augment=cfg.augment,
+                             weight_decay=cfg.weight_decay, augment=get_task(cfg.task).augment if cfg.augment else None,
                              precision=choose_precision(cfg.precision, device, facts),
                              channels_last=device.startswith("cuda"))
     n = cfg.batch_size * (steps + 2)
@@ -88,7 +89,7 @@ def main() -> None:
     for _ in range(REPEATS):
         results["bare"].append(bare_loop(data, settings, device, steps))
         results["fedsync"].append(fedsync_loop(data, settings, device, steps))
-        results["fedsync_noaug"].append(fedsync_loop(data, replace(settings, augment=False), device, steps))
+        results["fedsync_noaug"].append(fedsync_loop(data, replace(settings, augment=None), device, steps))
     best = {k: max(v) for k, v in results.items()}
     print(f"  bare PyTorch loop:                 {best['bare']:9.1f} samples/s")
     print(f"  fedsync local_train (augment on):  {best['fedsync']:9.1f} samples/s -> "

@@ -16,42 +16,43 @@ from pathlib import Path
 import torch
 from filelock import Timeout
 
+from fedsync.aggregation.intake import Aggregator
+from fedsync.aggregation.optimizers import PLAIN, make_optimizer
 from fedsync.aggregation.rules import make_rule
-from fedsync.learning.balance import plan_steps
-from fedsync.run.config import RunConfig
-from fedsync.learning.data import Dataset, load_dataset
+from fedsync.aggregation.tensors import layout_of, load_verified, save_state
 from fedsync.base.errors import ConfigError, ShareError
 from fedsync.base.faults import crash_point
-from fedsync.aggregation.intake import Aggregator
-from fedsync.storage.lease import LEASE_FILE, Lease
+from fedsync.base.logs import Log, make_log
+from fedsync.learning.balance import plan_steps
+from fedsync.learning.data import Dataset
+from fedsync.learning.partition import partition
+from fedsync.learning.tasks import get_task
+from fedsync.learning.train import evaluate
+from fedsync.run.config import RunConfig
 from fedsync.run.ledger import LateLedger, RoundLedger, load_summary
 from fedsync.run.liveness import Liveness
-from fedsync.base.logs import Log, make_log
-from fedsync.storage.manifest import check_run, new_manifest, write_manifest
+from fedsync.run.start import check_run
+from fedsync.storage import names
+from fedsync.storage.lease import Lease, read_lease
+from fedsync.storage.locks import local_lock
+from fedsync.storage.manifest import new_manifest, write_manifest
 from fedsync.storage.markers import (
     FORMAT_VERSION,
     Assignment,
-    CoordinatorLease,
     FileRef,
     FinalMarker,
     Late,
     Manifest,
     Summary,
     WorkerTask,
-    parse,
     to_dict,
 )
-from fedsync.learning.models import build_model
-from fedsync.learning.partition import partition
 from fedsync.storage.reasons import Unusable
-from fedsync.storage.share import Backoff, Share, local_lock, read_verified, read_yaml, remove_stale_temps
+from fedsync.storage.share import Share
 from fedsync.storage.syncthing import SyncthingNudge
-from fedsync.aggregation.tensorfile import layout_of, load_verified, save_state
-from fedsync.learning.train import evaluate
+from fedsync.storage.trouble import Backoff
 from fedsync.storage.watch import ShareWatcher
 
-COORDINATOR_ROOT_FILES = {"fedsync.yaml", "coordinator.yaml", "metrics.csv", "final.safetensors", "final.yaml"}
-COORDINATOR_ROUND_FILES = {"global.safetensors", "assignment.yaml", "summary.yaml"}
 METRICS_COLUMNS = ("round", "test_accuracy", "test_loss", "train_loss", "updates_accepted", "updates_rejected",
                    "seconds")
 
@@ -64,6 +65,7 @@ class CoordinatorOptions:
     watch: str = "auto"
     rescan: float = 2.0          # seconds between full rescans when no event arrives
     created_by: str = "coordinator"
+    data_root: str | None = None   # where the task's test data is on this machine; None: the config's data_root
     syncthing: str | None = None   # URL of this machine's Syncthing API, to be nudged after each write
     syncthing_key: str | None = None
     log: Log = field(default_factory=lambda: make_log("coordinator"))
@@ -84,7 +86,7 @@ def run_coordinator(opts: CoordinatorOptions) -> FinalMarker:
         lock.acquire()
     except Timeout:
         holder = _lease_holder(share)
-        raise ShareError(f"another fedsync coordinator on this machine{holder} is already driving {share.root}; "
+        raise ShareError(f"another fedsync coordinator on this machine{holder} is already driving {share.where()}; "
                          "stop it first") from None
     try:
         # Every check that can refuse the start runs before the first write, so a refused or failed start
@@ -93,11 +95,10 @@ def run_coordinator(opts: CoordinatorOptions) -> FinalMarker:
         existing = check_run(share, opts.config)
         closed = share.closed_rounds()
         if closed and closed[-1] > opts.rounds:
-            raise ConfigError(f"the run in {share.root} already closed {closed[-1]} rounds: "
+            raise ConfigError(f"the run in {share.where()} already closed {closed[-1]} rounds: "
                               f"--rounds must be at least {closed[-1]}")
-        dataset = load_dataset(opts.config.task, opts.config.data_root, opts.config.seed,
-                               opts.config.test_fraction, opts.config.verify_checksums)
-        manifest = existing or new_manifest(opts.config, opts.created_by)
+        dataset = get_task(opts.config.task).load(opts.data_root or opts.config.data_root, opts.config.data_options())
+        manifest = existing or new_manifest(opts.config.as_dict(), opts.created_by)
         lease = Lease(share, manifest.run_id, opts.config.heartbeat, opts.config.worker_timeout, opts.log)
         lease.check()
         if existing is None:
@@ -105,7 +106,7 @@ def run_coordinator(opts: CoordinatorOptions) -> FinalMarker:
         lease.acquire()
         finished = False
         try:
-            with ShareWatcher(share.root, opts.watch) as watcher:
+            with ShareWatcher(share, opts.watch) as watcher:
                 final = Coordinator(share, manifest, opts, dataset, watcher, lease, nudge).run()
                 finished = True
                 return final
@@ -116,11 +117,8 @@ def run_coordinator(opts: CoordinatorOptions) -> FinalMarker:
 
 
 def _lease_holder(share: Share) -> str:
-    try:
-        lease = parse(CoordinatorLease, read_yaml(share.root / LEASE_FILE), LEASE_FILE)
-    except Exception:  # noqa: BLE001 - only decorates the message
-        return ""
-    return f" (pid {lease.pid})"
+    lease = read_lease(share)
+    return f" (pid {lease.pid})" if lease else ""
 
 
 class Coordinator:
@@ -131,9 +129,11 @@ class Coordinator:
         self.nudge = nudge
         self.liveness = Liveness(share, self.cfg.worker_timeout)
         self.backoff = Backoff(self.log)
-        self.model = build_model(self.cfg.model, dataset.num_classes, seed=self.cfg.seed)
+        self.model = get_task(self.cfg.task).build_model(self.cfg.model, seed=self.cfg.seed)
         self.parameters = frozenset(name for name, _ in self.model.named_parameters())
         self.rule = make_rule(self.cfg.aggregation, self.cfg.momentum)
+        self.optimizer = make_optimizer(PLAIN)
+        self.server_state: dict[str, torch.Tensor] = {}  # the optimizer's own; none for plain FedAvg
         self.metrics: list[dict[str, object]] = []
 
     def run(self) -> FinalMarker:
@@ -145,9 +145,9 @@ class Coordinator:
         self._remove_stale_temps()
         r = (closed[-1] + 1) if closed else 1
         if r <= self.opts.rounds:
-            self.share.final_marker.unlink(missing_ok=True)  # continuing a finished run: it is not finished
+            self.share.remove(self.share.final_marker)  # continuing a finished run: it is not finished
         self.log(f"run {self.manifest.run_id}: {self.cfg.task}/{self.cfg.model}, rounds {r}..{self.opts.rounds}, "
-                 f"share {self.share.root}")
+                 f"share {self.share.where()}")
         self.log(f"watching the share by {self.watcher.describe}")
         while r <= self.opts.rounds:
             # Unusable too: its own files vanish for a moment when the share's mount drops between two reads
@@ -161,21 +161,21 @@ class Coordinator:
 
     def _open_round(self, r: int) -> tuple[Assignment, dict[str, torch.Tensor]]:
         """The round's assignment and global model: read back if already written, else written now."""
-        if self.share.assignment(r).exists():
-            a = parse(Assignment, read_yaml(self.share.assignment(r)), str(self.share.assignment(r)))
-            return a, load_verified(self.share.global_model(r), a.model)
+        if self.share.exists(self.share.assignment(r)):
+            a = self.share.read_record(Assignment, self.share.assignment(r))
+            return a, load_verified(self.share, self.share.global_model(r), a.model)
         if r == 1:
             state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-            model_ref = save_state(self.share.global_model(1), state, write=self.share.write)
+            model_ref = save_state(self.share.write, self.share.global_model(1), state)
         else:
             # The aggregate of round r-1 is this round's global model; after a run that had ended there it
             # sits in final.safetensors and is copied (verified) into place.
             previous = load_summary(self.share, r - 1)
-            model_ref = FileRef("global.safetensors", previous.model.blake3, previous.model.bytes)
-            source = self.share.root / previous.model.file
-            if source != self.share.global_model(r):
-                self.share.write(self.share.global_model(r), read_verified(source, previous.model))
-            state = load_verified(self.share.global_model(r), model_ref)
+            model_ref = FileRef(names.GLOBAL_MODEL, previous.model.blake3, previous.model.bytes)
+            if previous.model.file != self.share.global_model(r):
+                data = self.share.read_verified(previous.model.file, previous.model)
+                self.share.write(self.share.global_model(r), data)
+            state = load_verified(self.share, self.share.global_model(r), model_ref)
         workers = self._wait_for_workers(r)
         a = Assignment(format=FORMAT_VERSION, run_id=self.manifest.run_id, round=r, rounds=self.opts.rounds,
                        model=model_ref, num_shards=len(workers), time_budget_s=float(self.cfg.round_timeout),
@@ -210,7 +210,7 @@ class Coordinator:
         """Sleep until the share changes or `seconds` pass; stop if another coordinator took the share."""
         self.watcher.wait(seconds)
         if self.lease.lost.is_set():
-            raise ShareError(f"another coordinator took over {self.share.root}; this one stopped")
+            raise ShareError(f"another coordinator took over {self.share.where()}; this one stopped")
 
     def _wait_for_workers(self, r: int) -> list[str]:
         announced = False
@@ -239,7 +239,7 @@ class Coordinator:
         intake = RoundLedger(self.share, r, a, len(self.dataset.train), self.rule)
         late = self.backoff.run(lambda: LateLedger(self.share, r, self.cfg, len(self.dataset.train), self.rule),
                                 f"reading the rounds before round {r}")
-        aggregator = Aggregator(layout_of(state))
+        aggregator = Aggregator(layout_of(state), self.share.store)
         reason = ""
         extended = False
         timings = {"final_intake_s": 0.0, "aggregate_s": 0.0, "evaluate_s": 0.0}
@@ -281,12 +281,13 @@ class Coordinator:
                 remaining = a.time_budget_s - elapsed
                 self._wait(min(self.opts.rescan, remaining) if remaining > 0 else self.opts.rescan)
             t = time.perf_counter()
-            scale = self.rule.scale([(c.weight, c.steps) for c in aggregator.accepted])
-            new_state = aggregator.result(state, scale, self.parameters)
+            result = self.rule.aggregate(aggregator.collected(self.parameters))
+            new_state = self.optimizer.step(state, result.delta, self.server_state)
             timings["aggregate_s"] = time.perf_counter() - t
         finally:
             aggregator.close()
-        self._close(r, a, intake, late.records(), new_state, reason, time.monotonic() - opened, timings, scale)
+        self._close(r, a, intake, late.records(), new_state, reason, time.monotonic() - opened, timings,
+                    result.step_scale)
 
     # -- closing -------------------------------------------------------------------------------------------
 
@@ -294,9 +295,8 @@ class Coordinator:
                new_state: dict[str, torch.Tensor], reason: str, seconds: float, timings: dict[str, float],
                step_scale: float) -> None:
         # 1. the aggregate, where the next round (or the end of the run) will look for it
-        path = self.share.model_after(r, self.opts.rounds)
-        name = path.relative_to(self.share.root).as_posix()
-        ref = self.backoff.run(lambda: save_state(path, new_state, name, self.share.write), f"writing {name}")
+        name = self.share.model_after(r, self.opts.rounds)
+        ref = self.backoff.run(lambda: save_state(self.share.write, name, new_state, name), f"writing {name}")
         # 2. its quality on the held-out set
         t = time.perf_counter()
         self.model.load_state_dict(new_state)
@@ -330,18 +330,18 @@ class Coordinator:
     def _finish(self) -> FinalMarker:
         last = self.backoff.run(lambda: load_summary(self.share, self.opts.rounds), "reading the last summary")
         final = FinalMarker(format=FORMAT_VERSION, run_id=self.manifest.run_id, round=self.opts.rounds,
-                            model=FileRef("final.safetensors", last.model.blake3, last.model.bytes),
+                            model=FileRef(names.FINAL_MODEL, last.model.blake3, last.model.bytes),
                             test_accuracy=last.metrics["test_accuracy"])
         self.backoff.run(lambda: self.share.write_yaml(self.share.final_marker, to_dict(final)), "writing final.yaml")
         self.log(f"run {self.manifest.run_id} finished after {final.round} rounds: test accuracy "
-                 f"{final.test_accuracy:.4f}; model in {self.share.final_model}")
+                 f"{final.test_accuracy:.4f}; model in {self.share.where(self.share.final_model)}")
         return final
 
     def _remove_stale_temps(self) -> None:
         """Temporary files of the coordinator's own files, left by a crash; readers skip them anyway."""
-        removed = remove_stale_temps(self.share.root, COORDINATOR_ROOT_FILES)
+        removed = self.share.remove_temporaries("", set(names.COORDINATOR_ROOT_FILES))
         for r in self.share.rounds():
-            removed += remove_stale_temps(self.share.round_dir(r), COORDINATOR_ROUND_FILES)
+            removed += self.share.remove_temporaries(self.share.round_dir(r), set(names.COORDINATOR_ROUND_FILES))
         if removed:
             self.log(f"removed {removed} temporary file(s) left by an interrupted coordinator")
 

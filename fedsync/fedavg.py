@@ -37,6 +37,7 @@ class WeightedSum:
     def __init__(self, layout: Layout) -> None:
         self.sums = {k: torch.zeros(shape, dtype=accumulator_dtype(dt)) for k, (dt, shape) in layout.items()}
         self.flat = {k: v.view(-1) for k, v in self.sums.items()}
+        self.integer = frozenset(k for k, (dt, _) in layout.items() if not dt.is_floating_point)
         self.total_weight = 0.0
         self.count = 0
 
@@ -67,23 +68,34 @@ class WeightedSum:
         self.count = 0
 
 
-def apply_mean(base: Mapping[str, torch.Tensor], summed: WeightedSum, scale: float = 1.0,
+def mean_delta(summed: WeightedSum, scale: float = 1.0,
                scaled: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
-    """The new global model: base + sum / total weight (times `scale` for the tensors named in `scaled`, an
-    aggregation rule's step scale), cast back to each tensor's dtype.
+    """The weighted mean of the summed deltas (times `scale` for the tensors named in `scaled`, an aggregation
+    rule's step scale), integer tensors' means rounded to whole counts; in the accumulators' dtypes.
 
     Consumes `summed` (its buffers are reused for the result) so the step needs no extra model-sized memory.
     """
     if summed.count == 0 or summed.total_weight <= 0:
         raise ValueError("cannot average zero updates")
     out = {}
-    for name, tensor in base.items():
-        mean = summed.sums[name].div_(summed.total_weight / (scale if name in scaled else 1.0))
-        if not tensor.dtype.is_floating_point:
+    for name, total in summed.sums.items():
+        mean = total.div_(summed.total_weight / (scale if name in scaled else 1.0))
+        if name in summed.integer:
             mean.round_()
-        out[name] = mean.add_(tensor).to(tensor.dtype)
+        out[name] = mean
     summed.count = 0
     return out
+
+
+def apply_delta(base: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """base + delta, cast back to each tensor's dtype; consumes `delta` (its buffers hold the sums)."""
+    return {name: delta[name].add_(tensor).to(tensor.dtype) for name, tensor in base.items()}
+
+
+def apply_mean(base: Mapping[str, torch.Tensor], summed: WeightedSum, scale: float = 1.0,
+               scaled: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """The new global model under plain FedAvg: base + the weighted mean of the deltas (see mean_delta)."""
+    return apply_delta(base, mean_delta(summed, scale, scaled))
 
 
 def staleness_weight(samples: float, rounds_late: int, exponent: float) -> float:

@@ -1,7 +1,7 @@
 """The worker: registers, keeps a heartbeat, and trains on its shard each round it is assigned.
 
 Read top to bottom: wait for the run, register, then per round find the assignment, verify the global
-model, train, and write the update followed by its marker (the marker last: DESIGN invariant 3).
+model, train, and write the update followed by its marker (the marker last: docs/DESIGN.md, invariant 3).
 """
 
 from __future__ import annotations
@@ -18,23 +18,26 @@ import torch
 from filelock import Timeout
 
 from fedsync import __version__
-from fedsync.run.config import RunConfig, config_from_dict
-from fedsync.learning.data import Dataset, Split, load_dataset
-from fedsync.learning.device import DeviceChoice, DeviceFacts, choose_device, describe
-from fedsync.learning.doctor import start_check
+from fedsync.aggregation.tensors import load_verified, save_state
 from fedsync.base.errors import ShareError
 from fedsync.base.faults import crash_point
-from fedsync.fedavg import delta
 from fedsync.base.logs import Log, make_log
-from fedsync.storage.manifest import finished, read_manifest
-from fedsync.storage.markers import FORMAT_VERSION, Assignment, FinalMarker, Manifest, UpdateMarker, WorkerInfo, parse, to_dict
-from fedsync.learning.models import build_model
+from fedsync.fedavg import delta
+from fedsync.learning.data import Dataset, Split
+from fedsync.learning.device import DeviceChoice, DeviceFacts, choose_device, describe
+from fedsync.learning.doctor import start_check
 from fedsync.learning.partition import partition
-from fedsync.storage.reasons import Unusable
-from fedsync.storage.share import Backoff, RepeatedWrite, Share, check_worker_name, local_lock, read_yaml, remove_stale_temps
-from fedsync.storage.syncthing import SyncthingNudge
-from fedsync.aggregation.tensorfile import load_verified, save_state
+from fedsync.learning.tasks import Task, get_task
 from fedsync.learning.train import TrainSettings, local_train, measure_throughput, place
+from fedsync.run.config import RunConfig, config_from_dict
+from fedsync.storage import names
+from fedsync.storage.locks import local_lock
+from fedsync.storage.manifest import finished, read_manifest
+from fedsync.storage.markers import FORMAT_VERSION, Assignment, FinalMarker, Manifest, UpdateMarker, WorkerInfo, to_dict
+from fedsync.storage.reasons import Unusable
+from fedsync.storage.share import Share
+from fedsync.storage.syncthing import SyncthingNudge
+from fedsync.storage.trouble import Backoff, RepeatedWrite
 from fedsync.storage.watch import ShareWatcher
 
 
@@ -46,6 +49,7 @@ class WorkerOptions:
     watch: str = "auto"
     rescan: float = 2.0                 # seconds between full rescans when no event arrives
     wait_for_run: float | None = None   # seconds to wait for fedsync.yaml to appear; None: forever
+    data_root: str | None = None        # where the task's data is on this machine; None: the run config's data_root
     syncthing: str | None = None        # URL of this machine's Syncthing API, to be nudged after each update
     syncthing_key: str | None = None
     log: Log | None = None
@@ -84,10 +88,10 @@ class Heartbeat:
 
 def run_worker(opts: WorkerOptions) -> FinalMarker | None:
     share = Share(opts.share)
-    name = check_worker_name(opts.name)
+    name = names.check_worker_name(opts.name)
     log = opts.log or make_log(f"worker {name}")
-    if not share.root.is_dir():
-        raise ShareError(f"share folder {share.root} does not exist: mount or sync it first, or fix --share")
+    if not share.exists(""):
+        raise ShareError(f"share folder {share.where()} does not exist: mount or sync it first, or fix --share")
     facts = DeviceFacts.probe()
     choice = choose_device(opts.device, facts)  # an explicit device this build cannot drive fails here, at once
     nudge = SyncthingNudge(opts.syncthing, opts.syncthing_key, share.root, log) if opts.syncthing else None
@@ -95,10 +99,10 @@ def run_worker(opts: WorkerOptions) -> FinalMarker | None:
     try:
         lock.acquire()
     except Timeout:
-        raise ShareError(f"another worker named {name!r} is already running on this machine for {share.root}; "
+        raise ShareError(f"another worker named {name!r} is already running on this machine for {share.where()}; "
                          "give this one another --name") from None
     try:
-        with ShareWatcher(share.root, opts.watch) as watcher:
+        with ShareWatcher(share, opts.watch) as watcher:
             manifest = _wait_for_run(share, watcher, opts, log)
             return Worker(share, name, choice, facts, manifest, watcher, opts, log, nudge).run()
     finally:
@@ -108,12 +112,12 @@ def run_worker(opts: WorkerOptions) -> FinalMarker | None:
 def _wait_for_run(share: Share, watcher: ShareWatcher, opts: WorkerOptions, log: Log) -> Manifest:
     started = time.monotonic()
     announced = False
-    while not share.manifest.exists():
+    while not share.exists(share.manifest):
         if opts.wait_for_run is not None and time.monotonic() - started > opts.wait_for_run:
-            raise ShareError(f"no fedsync run appeared in {share.root} within {opts.wait_for_run:.0f} s: "
+            raise ShareError(f"no fedsync run appeared in {share.where()} within {opts.wait_for_run:.0f} s: "
                              "start `fedsync coordinator` on this share")
         if not announced:
-            log(f"waiting for a coordinator to start a run in {share.root}")
+            log(f"waiting for a coordinator to start a run in {share.where()}")
             announced = True
         watcher.wait(opts.rescan)
     return read_manifest(share)
@@ -125,7 +129,8 @@ class Worker:
         self.share, self.name, self.manifest = share, name, manifest
         self.nudge = nudge
         self.watcher, self.opts, self.log = watcher, opts, log
-        self.cfg: RunConfig = config_from_dict(manifest.config, str(share.manifest))
+        self.cfg: RunConfig = config_from_dict(manifest.config, share.where(share.manifest))
+        self.task: Task = get_task(self.cfg.task)
         # checked before registering: nothing found here can fail the worker in the middle of a round
         choice, self.precision = start_check(opts.device, choice, self.cfg.precision, facts)
         self.device = choice.device
@@ -144,14 +149,13 @@ class Worker:
 
     def run(self) -> FinalMarker | None:
         # the data is checked before the first change to the share: a failed start leaves it as it was
-        self.dataset = load_dataset(self.cfg.task, self.cfg.data_root, self.cfg.seed, self.cfg.test_fraction,
-                                    self.cfg.verify_checksums)
-        own = {f"{self.name}.safetensors", f"{self.name}.yaml"}
+        self.dataset = self.task.load(self.opts.data_root or self.cfg.data_root, self.cfg.data_options())
+        own = {names.update_tensors_name(self.name), self.name + names.MARKER_SUFFIX}
         for r in self.share.rounds():
-            remove_stale_temps(self.share.updates_dir(r), own)  # left by a crash of this worker
+            self.share.remove_temporaries(self.share.updates_dir(r), own)  # left by a crash of this worker
         if self.cfg.balance == "throughput":  # the first round is sized by it; later rounds by measured rounds
             train, sample = self.dataset.train, 16 * self.cfg.batch_size  # enough batches to time, little to copy
-            speed = measure_throughput(build_model(self.cfg.model, self.dataset.num_classes),
+            speed = measure_throughput(self.task.build_model(self.cfg.model),
                                        Split(train.x[:sample], train.y[:sample]),
                                        self._settings(self.cfg.local_epochs, None), self.device)
             self.heartbeat.info = replace(self.heartbeat.info, samples_per_s=round(speed, 1))
@@ -186,10 +190,10 @@ class Worker:
         if not rounds:
             return None
         r = rounds[-1]
-        if self.share.summary(r).exists() or self.share.update_marker(r, self.name).exists():
+        if self.share.exists(self.share.summary(r)) or self.share.exists(self.share.update_marker(r, self.name)):
             return None  # closed, or already submitted (also after a restart)
         try:
-            a = parse(Assignment, read_yaml(self.share.assignment(r)), f"{r:04d}/assignment.yaml")
+            a = self.share.read_record(Assignment, self.share.assignment(r))
         except Exception:  # noqa: BLE001 - not written or not synced whole yet
             return None
         if a.run_id != self.manifest.run_id or self.name not in a.workers:
@@ -198,7 +202,7 @@ class Worker:
 
     def _train_round(self, r: int, a: Assignment) -> None:
         try:
-            base = load_verified(self.share.global_model(r), a.model)
+            base = load_verified(self.share, self.share.global_model(r), a.model)
         except Unusable as e:
             self.log(f"round {r}: global model not usable yet ({e.detail}); waiting")
             self.watcher.wait(self.opts.rescan)
@@ -207,14 +211,13 @@ class Worker:
         self.heartbeat.update(state="training", round=r)
         started = time.monotonic()
         shard = self._on_device(a.num_shards, task.shard)
-        model = build_model(self.cfg.model, self.dataset.num_classes)  # type: ignore[union-attr]
+        model = self.task.build_model(self.cfg.model)
         model.load_state_dict(base)
         settings = self._settings(task.local_epochs, task.local_steps)
         result = local_train(model, shard, settings, self.device, seed=_seed(self.cfg.seed, r, self.name))
         update = delta(model.state_dict(), base)
         seconds = time.monotonic() - started
-        ref = self.backoff.run(lambda: save_state(self.share.update_tensors(r, self.name), update,
-                                                  write=self.share.write),
+        ref = self.backoff.run(lambda: save_state(self.share.write, self.share.update_tensors(r, self.name), update),
                                f"writing the update for round {r}")
         crash_point(f"worker:after-tensors:{r}")
         marker = UpdateMarker(format=FORMAT_VERSION, round=r, worker=self.name, base=a.model.blake3, tensors=ref,
@@ -232,7 +235,8 @@ class Worker:
 
     def _settings(self, epochs: int, steps: int | None) -> TrainSettings:
         return TrainSettings(epochs=epochs, batch_size=self.cfg.batch_size, lr=self.cfg.lr,
-                             momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay, augment=self.cfg.augment,
+                             momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay,
+                             augment=self.task.augment if self.cfg.augment else None,
                              steps=steps, prox_mu=self.cfg.prox_mu, precision=self.precision,
                              channels_last=self.device.startswith("cuda"))
 

@@ -9,16 +9,29 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from fedsync import __version__
+from fedsync.aggregation.tensors import save_state
+from fedsync.storage.local import atomic_write
 from fedsync.storage.markers import FORMAT_VERSION, Assignment, FileRef, UpdateMarker, WorkerInfo, to_dict
-from fedsync.storage.share import Share, write_yaml
-from fedsync.aggregation.tensorfile import save_state
+from fedsync.storage.share import Share
+from fedsync.storage.yamlfile import dump_yaml, parse_yaml
 
 FEDSYNC = [sys.executable, "-m", "fedsync"]
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file of a local share, by path (fedsync itself reads through Share.read_yaml)."""
+    return parse_yaml(path.read_bytes())
+
+
+def write_yaml(path: Path, obj: Any) -> None:
+    """Write a YAML file whole into a local share, as a forger or a test's fake worker would."""
+    atomic_write(path, dump_yaml(obj))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
@@ -72,7 +85,7 @@ def share(tmp_path: Path) -> Path:
 
 def register_worker(share: Share, name: str, beat: int = 1) -> None:
     """Write a worker's registration (a heartbeat when repeated), as a worker process would."""
-    write_yaml(share.worker_file(name), to_dict(WorkerInfo(
+    write_yaml(share.path(share.worker_file(name)), to_dict(WorkerInfo(
         format=FORMAT_VERSION, name=name, host="test-host", fedsync=__version__, torch=str(torch.__version__),
         device="cpu", device_name="CPU", cuda_capability=None, state="idle", round=None, heartbeat=beat)))
 
@@ -88,8 +101,8 @@ def wait_until(check: Callable[[], object], timeout: float, what: str) -> None:
 def submit_update(share: Share, a: Assignment, worker: str, update: dict[str, torch.Tensor],
                   samples: int = 100, steps: int = 1) -> FileRef:
     """Write an update and then its marker for round `a.round`, as a worker process does."""
-    ref = save_state(share.update_tensors(a.round, worker), update)
-    write_yaml(share.update_marker(a.round, worker), to_dict(UpdateMarker(
+    ref = save_state(share.store.write, share.update_tensors(a.round, worker), update)
+    write_yaml(share.path(share.update_marker(a.round, worker)), to_dict(UpdateMarker(
         format=FORMAT_VERSION, round=a.round, worker=worker, base=a.model.blake3, tensors=ref, samples=samples,
         steps=steps, train_loss=1.0, seconds=1.0, device="cpu")))
     return ref

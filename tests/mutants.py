@@ -36,7 +36,7 @@ MUTANTS = [
            "if hasher.hexdigest() != c.ref.blake3:", "if False:",
            ("tests/test_intake.py::test_hash_mismatch_and_missing_file_may_still_sync",)),
     Mutant("the finite check is skipped", "fedsync/aggregation/intake.py",
-           "if spec.dtype.is_floating_point and not _all_finite(values):", "if False:",
+           "if dtype.is_floating_point and not _all_finite(values):", "if False:",
            ("tests/test_intake.py::test_bad_file_is_rejected_with_its_reason",)),
     Mutant("the quorum target ignores the quorum", "fedsync/coordinator.py",
            "wanted = min(quorum, live_assigned) if isinstance(quorum, int) else math.ceil(quorum * live_assigned)",
@@ -56,11 +56,11 @@ MUTANTS = [
            "window = range(max(1, r - cfg.max_staleness), r)", "window = range(1, r)",
            (LATE_LEDGER,)),
     Mutant("a lease that is being refreshed is taken over", "fedsync/storage/lease.py",
-           "if _signature(self.share) != seen:", "if False:",
+           "if self.share.signature(self.share.lease) != seen:", "if False:",
            ("tests/test_lease.py::test_lease_check_refuses_a_lease_that_is_being_refreshed",)),
     Mutant("the run is written before the data is checked", "fedsync/coordinator.py",
            "existing = check_run(share, opts.config)",
-           "existing = check_run(share, opts.config) or write_manifest(share, new_manifest(opts.config, "
+           "existing = check_run(share, opts.config) or write_manifest(share, new_manifest(opts.config.as_dict(), "
            "opts.created_by))",
            ("tests/test_start.py::test_a_refused_start_leaves_the_share_as_it_was",)),
 ]

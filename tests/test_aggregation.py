@@ -3,12 +3,15 @@ pure maths checked against direct computation."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from fedsync.aggregation.rules import FedAvg, FedNova
+from fedsync.aggregation.optimizers import NoOptimizer, make_optimizer
+from fedsync.aggregation.rules import Collected, FedAvg, FedNova, make_rule
+from fedsync.base.errors import ConfigError
+from fedsync.fedavg import WeightedSum
 from fedsync.learning.balance import FILL, plan_steps
 from fedsync.learning.data import Split
-from fedsync.fedavg import WeightedSum, apply_mean
 from fedsync.learning.models import build_model
 from fedsync.learning.train import TrainSettings, local_train
 
@@ -21,7 +24,8 @@ def _streamed(rule: FedAvg | FedNova, base: dict[str, torch.Tensor], updates: li
         w = rule.weight(samples, steps)
         summed.add(delta, w)
         parts.append((w, steps))
-    return apply_mean(base, summed, rule.scale(parts), frozenset({"w"}))
+    result = rule.aggregate(Collected(summed, parts, frozenset({"w"}), slices=None))  # type: ignore[arg-type]
+    return NoOptimizer().step(base, result.delta, {})
 
 
 def test_fednova_matches_its_definition_and_fedavg_when_steps_are_equal() -> None:
@@ -68,7 +72,7 @@ def _digits_like(n: int = 256) -> Split:
 
 def test_local_train_takes_the_step_budget_and_counts_what_it_used() -> None:
     data, model = _digits_like(), build_model("digits_cnn", 10)
-    settings = TrainSettings(epochs=2, batch_size=32, lr=0.05, momentum=0.9, weight_decay=0.0, augment=False)
+    settings = TrainSettings(epochs=2, batch_size=32, lr=0.05, momentum=0.9, weight_decay=0.0, augment=None)
     r = local_train(model, data, settings, "cpu", seed=0)
     assert (r.steps, r.samples, r.processed) == (16, 256, 512)
     r = local_train(model, data, TrainSettings(**{**settings.__dict__, "steps": 3}), "cpu", seed=0)
@@ -79,7 +83,7 @@ def test_local_train_takes_the_step_budget_and_counts_what_it_used() -> None:
 
 def test_fedprox_keeps_local_weights_near_the_global_model() -> None:
     data = _digits_like()
-    settings = TrainSettings(epochs=3, batch_size=32, lr=0.05, momentum=0.0, weight_decay=0.0, augment=False)
+    settings = TrainSettings(epochs=3, batch_size=32, lr=0.05, momentum=0.0, weight_decay=0.0, augment=None)
 
     def drift(mu: float) -> float:
         model = build_model("digits_cnn", 10, seed=0)
@@ -88,3 +92,12 @@ def test_fedprox_keeps_local_weights_near_the_global_model() -> None:
         return float(sum(((p.detach() - s) ** 2).sum() for p, s in zip(model.parameters(), start)) ** 0.5)
 
     assert drift(5.0) < 0.5 * drift(0.0)
+
+
+def test_unknown_rules_and_optimizers_are_config_errors() -> None:
+    assert make_rule("fednova", 0.9).name == "fednova" and make_rule("fedavg", 0.9).name == "fedavg"
+    with pytest.raises(ConfigError, match="median"):
+        make_rule("median", 0.9)
+    assert make_optimizer("none").name == "none"
+    with pytest.raises(ConfigError, match="fedadam"):
+        make_optimizer("fedadam")

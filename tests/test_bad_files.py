@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
+from fedsync.aggregation.tensors import load_verified, save_state
+from fedsync.storage.hashing import hash_bytes
 from fedsync.storage.markers import FORMAT_VERSION, Assignment, FileRef, Summary, UpdateMarker, parse, to_dict
-from fedsync.storage.share import Share, hash_bytes, read_yaml, write_yaml
-from fedsync.aggregation.tensorfile import load_verified, save_state
+from fedsync.storage.share import Share
 
-from .conftest import finish, killed_on_error, register_worker, start, wait_until
+from .conftest import finish, killed_on_error, register_worker, start, wait_until, write_yaml
 
 
 @dataclass
@@ -43,18 +44,18 @@ class Round:
         """Write an update and then its marker (with `changes` to its fields), as a worker does; `counts` if
         it should be aggregated."""
         update = self.delta() if update is None else update
-        ref = save_state(self.share.update_tensors(self.r, worker), update)
-        write_yaml(self.share.update_marker(self.r, worker), self.marker(worker, ref, **changes))
+        ref = save_state(self.share.store.write, self.share.update_tensors(self.r, worker), update)
+        write_yaml(self.share.path(self.share.update_marker(self.r, worker)), self.marker(worker, ref, **changes))
         if counts:
             self.valid.append((update, float(changes.get("samples", 100))))
         return ref
 
     def raw(self, worker: str, data: bytes, /, **changes: object) -> None:
         """A tensor file with arbitrary bytes and a marker that describes them exactly."""
-        path = self.share.update_tensors(self.r, worker)
+        path = self.share.path(self.share.update_tensors(self.r, worker))
         path.write_bytes(data)
         ref = FileRef(path.name, hash_bytes(data), len(data))
-        write_yaml(self.share.update_marker(self.r, worker), self.marker(worker, ref, **changes))
+        write_yaml(self.share.path(self.share.update_marker(self.r, worker)), self.marker(worker, ref, **changes))
 
     def good(self) -> None:
         self.submit("good", None, True)
@@ -84,29 +85,29 @@ def _first_float(t: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def _truncated(rd: Round) -> None:
     rd.submit("bad")
-    path = rd.share.update_tensors(rd.r, "bad")
+    path = rd.share.path(rd.share.update_tensors(rd.r, "bad"))
     path.write_bytes(path.read_bytes()[:-64])
 
 
 def _torch_save(rd: Round) -> None:
-    path = rd.share.update_tensors(rd.r, "bad")
+    path = rd.share.path(rd.share.update_tensors(rd.r, "bad"))
     torch.save(rd.delta(), path)
     rd.raw("bad", path.read_bytes())
 
 
 def _symlink(rd: Round) -> None:
-    target = rd.share.global_model(rd.r)
-    link = rd.share.update_tensors(rd.r, "bad")
+    target = rd.share.path(rd.share.global_model(rd.r))
+    link = rd.share.path(rd.share.update_tensors(rd.r, "bad"))
     link.symlink_to(target)
     ref = FileRef(link.name, rd.a.model.blake3, rd.a.model.bytes)
-    write_yaml(rd.share.update_marker(rd.r, "bad"), rd.marker("bad", ref))
+    write_yaml(rd.share.path(rd.share.update_marker(rd.r, "bad")), rd.marker("bad", ref))
 
 
 def _marker_text(text: str | bytes) -> Callable[[Round], None]:
     def act(rd: Round) -> None:
-        save_state(rd.share.update_tensors(rd.r, "bad"), rd.delta())
+        save_state(rd.share.store.write, rd.share.update_tensors(rd.r, "bad"), rd.delta())
         data = text.encode() if isinstance(text, str) else text
-        rd.share.update_marker(rd.r, "bad").write_bytes(data)
+        rd.share.path(rd.share.update_marker(rd.r, "bad")).write_bytes(data)
     return act
 
 
@@ -123,15 +124,15 @@ def _stranger(rd: Round) -> None:
 
 
 def _conflict_and_temp(rd: Round) -> None:
-    updates = rd.share.updates_dir(rd.r)
+    updates = rd.share.path(rd.share.updates_dir(rd.r))
     (updates / "bad.sync-conflict-20261123-101010-ABCDEFG.yaml").write_text("format: 1\n")
     (updates / ".syncthing.bad.safetensors.tmp").write_bytes(b"partial")
 
 
 def _wrong_folder(rd: Round) -> None:
     folder = rd.share.round_dir(rd.r)
-    ref = save_state(folder / "bad.safetensors", rd.delta())
-    write_yaml(folder / "bad.yaml", rd.marker("bad", ref))
+    ref = save_state(rd.share.write, f"{folder}/bad.safetensors", rd.delta())
+    write_yaml(rd.share.path(f"{folder}/bad.yaml"), rd.marker("bad", ref))
 
 
 BOMB = "a: &a [x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]\n"
@@ -171,8 +172,8 @@ CASES: dict[str, Case] = {
 
 
 def _hash_mismatch(rd: Round) -> None:
-    ref = save_state(rd.share.update_tensors(rd.r, "bad"), rd.delta())
-    write_yaml(rd.share.update_marker(rd.r, "bad"), rd.marker("bad", ref, tensors={
+    ref = save_state(rd.share.store.write, rd.share.update_tensors(rd.r, "bad"), rd.delta())
+    write_yaml(rd.share.path(rd.share.update_marker(rd.r, "bad")), rd.marker("bad", ref, tensors={
         "file": ref.file, "blake3": "cd" * 32, "bytes": ref.bytes}))
 
 
@@ -189,15 +190,15 @@ def bad_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Share, dict[str, 
         for r, name in enumerate(names, 1):
             for w in ("good", "bad"):
                 register_worker(share, w, beat=r)
-            wait_until(lambda: share.assignment(r).exists(), 60, f"round {r} to open")
-            a = parse(Assignment, read_yaml(share.assignment(r)), "a")
-            rd = Round(share, r, a, load_verified(share.global_model(r), a.model))
+            wait_until(lambda: share.exists(share.assignment(r)), 60, f"round {r} to open")
+            a = parse(Assignment, share.read_yaml(share.assignment(r)), "a")
+            rd = Round(share, r, a, load_verified(share, share.global_model(r), a.model))
             case = CASES[name]
             if case.good_first:
                 rd.good()
             case.act(rd)
             rounds[name] = rd
-            wait_until(lambda: share.summary(r).exists(), 30, f"round {r} ({name}) to close")
+            wait_until(lambda: share.exists(share.summary(r)), 30, f"round {r} ({name}) to close")
     out = finish(coord, timeout=60)
     return share, rounds, out, coord.returncode
 
@@ -212,7 +213,7 @@ def test_the_coordinator_stayed_up(bad_run) -> None:
 def test_bad_file(bad_run, name: str) -> None:
     share, rounds, out, _ = bad_run
     case, rd = CASES[name], rounds[name]
-    s = parse(Summary, read_yaml(share.summary(rd.r)), "summary")
+    s = parse(Summary, share.read_yaml(share.summary(rd.r)), "summary")
     rejected = {(x.worker, x.reason) for x in s.rejected}
     if case.reason is None:
         assert rejected == set(), s.rejected
@@ -223,7 +224,7 @@ def test_bad_file(bad_run, name: str) -> None:
     assert sorted(x.worker for x in s.accepted) == sorted(
         ["good"] + (["bad"] if name in ("valid pair", "duplicate submission") else []))
     # the next model is the old one plus the weighted mean of exactly the valid updates
-    after = load_verified(share.root / s.model.file, s.model)
+    after = load_verified(share, s.model.file, s.model)
     total = sum(w for _, w in rd.valid)
     for k, v in rd.base.items():
         expected = sum(t[k].double() * w for t, w in rd.valid) / total

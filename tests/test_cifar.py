@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedsync.learning.data import load_cifar10
 from fedsync.base.errors import DataError
+from fedsync.learning.data import load_cifar10
 from fedsync.storage.markers import FinalMarker, Summary, parse
-from fedsync.storage.share import Share, read_yaml
+from fedsync.storage.share import Share
 
 from .conftest import finish, start
 
@@ -58,7 +58,7 @@ def test_one_round_of_resnet18_over_the_share(tmp_path: Path, share: Path) -> No
     wout = finish(worker, timeout=60)
     assert coord.returncode == 0 and worker.returncode == 0, out + wout
     s = Share(share)
-    summary = parse(Summary, read_yaml(s.summary(1)), "s")
+    summary = parse(Summary, s.read_yaml(s.summary(1)), "s")
     assert [a.worker for a in summary.accepted] == ["gpu-box"] and summary.accepted[0].samples == 5 * PER_BATCH
-    assert parse(FinalMarker, read_yaml(s.final_marker), "f").round == 1
-    assert s.final_model.stat().st_size > 40_000_000  # ResNet-18's 11 M float32 parameters
+    assert parse(FinalMarker, s.read_yaml(s.final_marker), "f").round == 1
+    assert s.path(s.final_model).stat().st_size > 40_000_000  # ResNet-18's 11 M float32 parameters

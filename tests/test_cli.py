@@ -6,8 +6,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from fedsync.base.errors import EXIT_CODES
+from fedsync.cli.main import app
+from fedsync.run.config import load_config
+from fedsync.run.start import open_run
+from fedsync.storage.medium import POLL_INTERVAL_S, POLLED_FILESYSTEMS, choose_mode, describe_modes
+from fedsync.storage.share import Share
+from fedsync.storage.watch import ShareWatcher
 
 from .conftest import run
 
@@ -27,7 +34,6 @@ def test_every_command_explains_itself(command: str) -> None:
 def test_every_command_is_listed() -> None:
     out = run("--help").stdout
     assert all(command in out for command in COMMANDS)
-    from fedsync.cli.main import app
     assert sorted(c.name or c.callback.__name__ for c in app.registered_commands) == sorted(COMMANDS)
 
 
@@ -37,8 +43,40 @@ def test_top_level_help_lists_exit_statuses() -> None:
         assert f"{code}:" in out
 
 
+def _help(command: str) -> str:
+    """`fedsync COMMAND --help` as one line of words, the table's borders and line breaks taken out."""
+    out = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "100"}).output
+    return " ".join(out.replace("│", " ").split())
+
+
+@pytest.mark.parametrize("command", ["coordinator", "worker"])
+def test_watch_help_says_what_watching_does(command: str, tmp_path: Path) -> None:
+    """--watch's help is the text the watcher's own module writes, and each claim in it holds."""
+    text = describe_modes()
+    assert text in _help(command)
+    for fstype in [*POLLED_FILESYSTEMS, "fuse.sshfs", "fuse.rclone"]:
+        assert fstype.removeprefix("fuse.") in text
+        mountinfo = f"36 1 0:40 / /mnt/share rw - {fstype} server:/x rw\n"
+        assert choose_mode("auto", Path("/mnt/share/run"), mountinfo)[0] == "poll", fstype
+    for fstype in ("ext4", "xfs", "btrfs", "tmpfs", "fuseblk"):
+        assert choose_mode("auto", Path("/mnt/share"), f"36 1 0:40 / /mnt/share rw - {fstype} x rw\n")[0] == "events"
+    with ShareWatcher(Share(tmp_path), "poll") as w:
+        assert f"every {POLL_INTERVAL_S:g} s" in text and w.describe.startswith(f"polling every {POLL_INTERVAL_S:g} s")
+
+
+@pytest.mark.parametrize("command", ["coordinator", "worker"])
+def test_data_root_help_names_the_fallback(command: str) -> None:
+    assert "--data-root" in _help(command) and "default: the run config's data_root" in _help(command)
+
+
 def test_errors_are_one_line_with_their_status(tmp_path: Path) -> None:
+    cifar = tmp_path / "cifar-share"
+    open_run(Share(cifar), load_config("cifar10"), "coordinator")  # a run whose data this machine lacks
     cases = [
+        (["coordinator", "--share", str(tmp_path / "c"), "--config", "cifar10", "--data-root",
+          str(tmp_path / "mine")], 6, f"{tmp_path / 'mine'}/cifar-10-batches-py lacks"),
+        (["worker", "--share", str(cifar), "--data-root", str(tmp_path / "mine")], 6,
+         f"{tmp_path / 'mine'}/cifar-10-batches-py lacks"),
         (["worker", "--share", str(tmp_path / "nope")], 5, "does not exist"),
         (["coordinator", "--share", str(tmp_path / "s"), "--set", "quorum=0"], 3, "quorum"),
         (["coordinator", "--share", str(tmp_path / "s"), "--set", "colour=blue"], 3, "unknown key"),

@@ -1,12 +1,16 @@
-"""The embedded digits are scikit-learn's, read from its bundled file without importing it."""
+"""The embedded digits are scikit-learn's, read from its bundled file without importing it; tasks hold what they
+declare."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from sklearn.datasets import load_digits as sklearn_digits
 
+from fedsync.base.errors import ConfigError, DataError
 from fedsync.learning.data import load_digits
+from fedsync.learning.tasks import TASKS, DataOptions, Task, get_task, register
 
 
 def test_digits_are_exactly_scikit_learns() -> None:
@@ -19,3 +23,21 @@ def test_digits_are_exactly_scikit_learns() -> None:
     assert torch.equal(ours.test.x, x[order[:n_test]]) and torch.equal(ours.test.y, y[order[:n_test]])
     assert torch.equal(ours.train.x, x[order[n_test:]]) and torch.equal(ours.train.y, y[order[n_test:]])
     assert ours.num_classes == 10 and len(ours.train) + len(ours.test) == 1797
+
+
+def test_tasks_are_registered_and_checked_against_what_they_declare() -> None:
+    assert {"digits", "cifar10"} <= set(TASKS)
+    with pytest.raises(ConfigError, match="not one of"):
+        get_task("imagenet")
+    options = DataOptions(seed=3, test_fraction=0.25, verify_checksums=True)
+    digits = get_task("digits")
+    shaped_wrong = register(Task("digits-as-rgb", num_classes=10, input_shape=(3, 8, 8),
+                                 load_data=digits.load_data, default_location=None))
+    try:
+        assert get_task("digits-as-rgb") is shaped_wrong  # a task from outside the package, by the same hook
+        with pytest.raises(DataError, match=r"holds \(1, 8, 8\) examples"):
+            shaped_wrong.load(None, options)
+    finally:
+        del TASKS["digits-as-rgb"]
+    model = digits.build_model("digits_cnn", seed=0)
+    assert model(digits.load(None, options).test.x[:2]).shape == (2, digits.num_classes)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
+from fedsync.base.errors import DeviceError
 from fedsync.learning.device import (
     LEGACY,
     MODERN,
@@ -22,7 +23,6 @@ from fedsync.learning.device import (
     install_path_for,
 )
 from fedsync.learning.doctor import KernelRun, examine, kernel_check, start_check
-from fedsync.base.errors import DeviceError
 
 from .conftest import run
 

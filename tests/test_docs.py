@@ -8,12 +8,21 @@ from pathlib import Path
 
 import pytest
 
-from fedsync.run.config import RunConfig, load_config
 from fedsync.base.errors import EXIT_CODES
-from fedsync.storage.markers import (Assignment, CoordinatorLease, FinalMarker, Manifest, Summary, UpdateMarker,
-                             WorkerInfo, parse, to_dict)
+from fedsync.run.config import RunConfig, load_config
+from fedsync.storage.markers import (
+    Assignment,
+    CoordinatorLease,
+    FinalMarker,
+    Manifest,
+    Summary,
+    UpdateMarker,
+    WorkerInfo,
+    parse,
+    to_dict,
+)
 from fedsync.storage.reasons import Reason
-from fedsync.storage.share import parse_yaml
+from fedsync.storage.yamlfile import parse_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOCOL = (ROOT / "docs" / "PROTOCOL.md").read_text()

@@ -6,8 +6,9 @@ import csv
 import json
 from pathlib import Path
 
+from fedsync.storage.hashing import hash_bytes
 from fedsync.storage.markers import Assignment, FinalMarker, Summary, UpdateMarker, parse
-from fedsync.storage.share import Share, hash_bytes, read_yaml
+from fedsync.storage.share import Share
 
 from .conftest import finish, run, start
 
@@ -24,21 +25,21 @@ def test_two_workers_reach_real_accuracy(share: Path) -> None:
     assert all(w.returncode == 0 for w in workers), outs
 
     s = Share(share)
-    final = parse(FinalMarker, read_yaml(s.final_marker), "final")
+    final = parse(FinalMarker, s.read_yaml(s.final_marker), "final")
     assert final.round == ROUNDS and final.test_accuracy >= 0.93, out
-    assert hash_bytes(s.final_model.read_bytes()) == final.model.blake3
+    assert hash_bytes(s.path(s.final_model).read_bytes()) == final.model.blake3
     for r in range(1, ROUNDS + 1):
-        a = parse(Assignment, read_yaml(s.assignment(r)), "a")
+        a = parse(Assignment, s.read_yaml(s.assignment(r)), "a")
         assert sorted(a.workers) == ["w1", "w2"] and a.num_shards == 2
-        assert hash_bytes(s.global_model(r).read_bytes()) == a.model.blake3
-        summary = parse(Summary, read_yaml(s.summary(r)), "s")
+        assert hash_bytes(s.path(s.global_model(r)).read_bytes()) == a.model.blake3
+        summary = parse(Summary, s.read_yaml(s.summary(r)), "s")
         assert sorted(x.worker for x in summary.accepted) == ["w1", "w2"]
         assert summary.rejected == [] and summary.missing == []
         for w in ("w1", "w2"):
-            m = parse(UpdateMarker, read_yaml(s.update_marker(r, w)), "m")
+            m = parse(UpdateMarker, s.read_yaml(s.update_marker(r, w)), "m")
             assert m.base == a.model.blake3 and m.round == r
-            assert hash_bytes(s.update_tensors(r, w).read_bytes()) == m.tensors.blake3
-    rows = list(csv.DictReader(s.metrics.open()))
+            assert hash_bytes(s.path(s.update_tensors(r, w)).read_bytes()) == m.tensors.blake3
+    rows = list(csv.DictReader(s.path(s.metrics).open()))
     assert [int(r["round"]) for r in rows] == list(range(1, ROUNDS + 1))
     assert {"round", "test_accuracy", "test_loss", "train_loss", "updates_accepted", "seconds"} <= set(rows[0])
     assert abs(float(rows[-1]["test_accuracy"]) - final.test_accuracy) < 1e-6
@@ -55,14 +56,14 @@ def test_two_workers_reach_real_accuracy(share: Path) -> None:
     # the same command again continues the finished run without redoing any round
     again = run("coordinator", "--share", str(share), "--rounds", str(ROUNDS), "--set", "min_workers=2")
     assert again.returncode == 0, again.stdout + again.stderr
-    assert len(list(csv.DictReader(s.metrics.open()))) == ROUNDS
+    assert len(list(csv.DictReader(s.path(s.metrics).open()))) == ROUNDS
 
     # another config is refused with one clear line, and nothing is overwritten
-    before = s.manifest.read_bytes()
+    before = s.path(s.manifest).read_bytes()
     refused = run("coordinator", "--share", str(share), "--set", "lr=0.5")
     assert refused.returncode == 3
     assert "another config" in refused.stderr and "lr" in refused.stderr and "Traceback" not in refused.stderr
-    assert s.manifest.read_bytes() == before
+    assert s.path(s.manifest).read_bytes() == before
 
 
 def test_verify_reports_intact_runs_and_names_damage(share: Path) -> None:
@@ -75,16 +76,16 @@ def test_verify_reports_intact_runs_and_names_damage(share: Path) -> None:
     assert ok.returncode == 0 and "0 error(s)" in ok.stdout, ok.stdout
 
     s = Share(share)
-    (s.updates_dir(1) / ".w1.safetensors.abc.tmp").write_bytes(b"x")  # a leftover: a hint, not damage
-    (s.round_dir(2) / "summary.sync-conflict-20261123-101010-ABCDEFG.yaml").write_text("x")
+    (s.path(s.updates_dir(1)) / ".w1.safetensors.abc.tmp").write_bytes(b"x")  # a leftover: a hint, not damage
+    (s.path(s.round_dir(2)) / "summary.sync-conflict-20261123-101010-ABCDEFG.yaml").write_text("x")
     hinted = run("verify", "--share", str(share), "--json")
     found = json.loads(hinted.stdout)["findings"]
     assert hinted.returncode == 0 and {f["level"] for f in found} == {"hint"} and len(found) == 2
 
-    damaged = bytearray(s.update_tensors(1, "w1").read_bytes())
+    damaged = bytearray(s.path(s.update_tensors(1, "w1")).read_bytes())
     damaged[-1] ^= 1
-    s.update_tensors(1, "w1").write_bytes(bytes(damaged))
-    s.global_model(2).unlink()
+    s.path(s.update_tensors(1, "w1")).write_bytes(bytes(damaged))
+    s.path(s.global_model(2)).unlink()
     bad = run("verify", "--share", str(share))
     assert bad.returncode == 8, bad.stdout
     assert "error: 0001/updates/w1.safetensors: hash_mismatch" in bad.stdout

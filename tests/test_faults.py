@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from fedsync.storage.markers import FinalMarker, Summary, parse
-from fedsync.storage.share import Share, read_yaml
+from fedsync.storage.share import Share
 
 from .conftest import finish, run, start
 
@@ -24,16 +24,17 @@ def worker_args(share: Path, name: str) -> tuple[str, ...]:
 
 
 def closed_summaries(s: Share) -> dict[int, tuple[int, bytes]]:
-    return {r: (s.summary(r).stat().st_ino, s.summary(r).read_bytes()) for r in s.rounds() if s.summary(r).exists()}
+    return {r: (s.path(s.summary(r)).stat().st_ino, s.path(s.summary(r)).read_bytes())
+            for r in s.rounds() if s.exists(s.summary(r))}
 
 
 def check_complete(s: Share) -> None:
-    final = parse(FinalMarker, read_yaml(s.final_marker), "final")
+    final = parse(FinalMarker, s.read_yaml(s.final_marker), "final")
     assert final.round == ROUNDS and final.test_accuracy > 0.8
-    rows = [int(r["round"]) for r in csv.DictReader(s.metrics.open())]
+    rows = [int(r["round"]) for r in csv.DictReader(s.path(s.metrics).open())]
     assert rows == list(range(1, ROUNDS + 1))
     for r in range(1, ROUNDS + 1):
-        summary = parse(Summary, read_yaml(s.summary(r)), "s")
+        summary = parse(Summary, s.read_yaml(s.summary(r)), "s")
         assert sorted(a.worker for a in summary.accepted) == ["w1", "w2"], (r, summary)
     leftovers = [p for p in s.root.rglob("*") if p.name.endswith(".tmp")]
     assert not leftovers, leftovers
@@ -74,7 +75,7 @@ def test_worker_killed_mid_upload_and_restarted(share: Path, fault: str) -> None
     doomed = start(*worker_args(share, "w1"), fault=fault)
     out = finish(doomed, timeout=120)
     assert doomed.returncode == -signal.SIGKILL, f"the fault {fault} was never reached:\n{out}"
-    assert not s.update_marker(2, "w1").exists()  # nothing of the partial upload counts
+    assert not s.exists(s.update_marker(2, "w1"))  # nothing of the partial upload counts
     w1 = start(*worker_args(share, "w1"))
     outs = [finish(coord, timeout=120), finish(w1, timeout=60), finish(w2, timeout=60)]
     assert coord.returncode == 0 and w1.returncode == 0 and w2.returncode == 0, "".join(outs)

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from fedsync.aggregation.tensors import layout_of
 from fedsync.fedavg import WeightedSum, apply_mean, delta
-from fedsync.aggregation.tensorfile import layout_of
 
 
 def _random_state(g: torch.Generator) -> dict[str, torch.Tensor]:

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from fedsync.storage.local import atomic_write
 from fedsync.storage.markers import FinalMarker, Summary, parse
-from fedsync.storage.share import Share, atomic_write, read_yaml
-from fedsync.storage.watch import ShareWatcher, filesystem_type
+from fedsync.storage.medium import filesystem_type
+from fedsync.storage.share import Share
+from fedsync.storage.watch import ShareWatcher
 
 from .conftest import finish, require, start
 from .sshfs import SshfsMount
@@ -28,7 +30,7 @@ def mounted(tmp_path: Path):
 def test_inotify_is_blind_on_fuse_and_polling_is_not(mounted) -> None:
     source, mount = mounted
     assert filesystem_type(mount) == "fuse.sshfs"
-    with ShareWatcher(mount, "events") as events, ShareWatcher(mount, "poll", poll_interval=0.3) as poll:
+    with ShareWatcher(Share(mount), "events") as events, ShareWatcher(Share(mount), "poll", poll_interval=0.3) as poll:
         atomic_write(source / "fedsync.yaml", b"format: 1\n")  # another machine writes, as seen from the mount
         assert (mount / "fedsync.yaml").exists()
         assert poll.wait(5), "polling must see the other side's write"
@@ -46,5 +48,5 @@ def test_polling_carries_a_run_over_sshfs(mounted) -> None:
     assert "[worker remote] watching the share by polling every 1 s (" in outs and "fuse.sshfs" in outs
     s = Share(source)
     for r in (1, 2, 3):
-        assert sorted(x.worker for x in parse(Summary, read_yaml(s.summary(r)), "s").accepted) == ["remote", "w1"]
-    assert parse(FinalMarker, read_yaml(s.final_marker), "f").round == 3
+        assert sorted(x.worker for x in parse(Summary, s.read_yaml(s.summary(r)), "s").accepted) == ["remote", "w1"]
+    assert parse(FinalMarker, s.read_yaml(s.final_marker), "f").round == 3

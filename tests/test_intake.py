@@ -7,12 +7,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fedsync.fedavg import WeightedSum, apply_mean
 from fedsync.aggregation.intake import PIECE_BYTES, Aggregator, Candidate
+from fedsync.aggregation.optimizers import NoOptimizer
+from fedsync.aggregation.rules import FedAvg
+from fedsync.aggregation.tensors import layout_of
+from fedsync.fedavg import WeightedSum, apply_mean
+from fedsync.storage.hashing import hash_bytes
+from fedsync.storage.local import LocalStore
 from fedsync.storage.markers import FileRef
 from fedsync.storage.reasons import Reason
-from fedsync.storage.share import hash_bytes
-from fedsync.aggregation.tensorfile import layout_of
 
 G = torch.Generator().manual_seed(0)
 # One tensor spans several read pieces, so a fault can land after part of the file was already summed.
@@ -32,7 +35,7 @@ def _write(path: Path, tensors: dict[str, torch.Tensor]) -> FileRef:
 
 def _candidate(tmp: Path, name: str, tensors: dict, weight: float = 10.0) -> Candidate:
     path = tmp / f"{name}.safetensors"
-    return Candidate(name, path, _write(path, tensors), weight)
+    return Candidate(name, path.name, _write(path, tensors), weight)
 
 
 def _expected(updates: list[tuple[dict, float]]) -> dict[str, torch.Tensor]:
@@ -42,8 +45,13 @@ def _expected(updates: list[tuple[dict, float]]) -> dict[str, torch.Tensor]:
     return apply_mean(BASE, s)
 
 
+def _result(agg: Aggregator) -> dict[str, torch.Tensor]:
+    """The next global model through the seam the coordinator uses: FedAvg's delta, the plain server step."""
+    return NoOptimizer().step(BASE, FedAvg().aggregate(agg.collected(frozenset())).delta, {})
+
+
 def _reason(tmp: Path, cand: Candidate) -> Reason | None:
-    agg = Aggregator(layout_of(BASE))
+    agg = Aggregator(layout_of(BASE), LocalStore(tmp))
     try:
         (outcome,) = agg.take([cand])
     finally:
@@ -53,11 +61,11 @@ def _reason(tmp: Path, cand: Candidate) -> Reason | None:
 
 def test_good_updates_give_the_reference_mean(tmp_path: Path) -> None:
     ups = [(_update(), float(w)) for w in (5, 10, 20, 7, 3)]
-    agg = Aggregator(layout_of(BASE))
+    agg = Aggregator(layout_of(BASE), LocalStore(tmp_path))
     outcomes = agg.take([_candidate(tmp_path, f"w{i}", u, w) for i, (u, w) in enumerate(ups[:2])])
     outcomes += agg.take([_candidate(tmp_path, f"w{i}", u, w) for i, (u, w) in enumerate(ups[2:], 2)])
     assert all(o.problem is None for o in outcomes) and len(agg.accepted) == 5
-    result = agg.result(BASE)
+    result = _result(agg)
     for k, v in _expected(ups).items():
         torch.testing.assert_close(result[k], v)
 
@@ -106,16 +114,16 @@ def test_bad_file_is_rejected_with_its_reason(tmp_path: Path, case: str) -> None
     if case == "truncated":
         ref = FileRef(path.name, ref.blake3, len(data) + 100)
         reason = Reason.SIZE_MISMATCH
-    assert _reason(tmp_path, Candidate("bad", path, ref, 1.0)) == reason
+    assert _reason(tmp_path, Candidate("bad", path.name, ref, 1.0)) == reason
 
 
 def test_hash_mismatch_and_missing_file_may_still_sync(tmp_path: Path) -> None:
     good = _candidate(tmp_path, "w", _update())
-    flipped = bytearray(good.path.read_bytes())
+    flipped = bytearray((tmp_path / good.name).read_bytes())
     flipped[-1] ^= 0xFF
-    good.path.write_bytes(bytes(flipped))
+    (tmp_path / good.name).write_bytes(bytes(flipped))
     assert _reason(tmp_path, good) == Reason.HASH_MISMATCH
-    missing = Candidate("m", tmp_path / "absent.safetensors", good.ref, 1.0)
+    missing = Candidate("m", "absent.safetensors", good.ref, 1.0)
     assert _reason(tmp_path, missing) == Reason.MISSING_FILE
     assert Reason.HASH_MISMATCH.may_still_sync and not Reason.NON_FINITE.may_still_sync
 
@@ -125,7 +133,7 @@ def test_header_garbage_with_wrong_hash_waits_instead_of_rejecting(tmp_path: Pat
     path = tmp_path / "w.safetensors"
     path.write_bytes(b"\0" * 4096)  # what NFS can show before the content arrives
     ref = FileRef(path.name, "cd" * 32, 4096)
-    assert _reason(tmp_path, Candidate("w", path, ref, 1.0)) == Reason.HASH_MISMATCH
+    assert _reason(tmp_path, Candidate("w", path.name, ref, 1.0)) == Reason.HASH_MISMATCH
 
 
 def test_partly_added_bad_files_leave_exactly_the_valid_aggregate(tmp_path: Path) -> None:
@@ -133,17 +141,17 @@ def test_partly_added_bad_files_leave_exactly_the_valid_aggregate(tmp_path: Path
     nan_late = _update()
     nan_late["big"][-1] = float("nan")  # found after most of 'big' was summed into its lane
     corrupted = _candidate(tmp_path, "corrupt", _update(), 50.0)
-    raw = bytearray(corrupted.path.read_bytes())
+    raw = bytearray((tmp_path / corrupted.name).read_bytes())
     raw[-3] ^= 0x01  # the hash fails only at the very end, after everything was summed
-    corrupted.path.write_bytes(bytes(raw))
-    agg = Aggregator(layout_of(BASE))
+    (tmp_path / corrupted.name).write_bytes(bytes(raw))
+    agg = Aggregator(layout_of(BASE), LocalStore(tmp_path))
     cands = [_candidate(tmp_path, "g0", *good[0]), _candidate(tmp_path, "nan", nan_late, 30.0), corrupted,
              _candidate(tmp_path, "g1", *good[1]), _candidate(tmp_path, "g2", *good[2])]
     outcomes = {o.candidate.worker: o for o in agg.take(cands)}
     assert outcomes["nan"].problem.reason == Reason.NON_FINITE
     assert outcomes["corrupt"].problem.reason == Reason.HASH_MISMATCH
     assert sorted(c.worker for c in agg.accepted) == ["g0", "g1", "g2"]
-    result = agg.result(BASE)
+    result = _result(agg)
     assert all(torch.isfinite(v.float()).all() for v in result.values())
     for k, v in _expected(good).items():
         torch.testing.assert_close(result[k], v)
@@ -151,15 +159,30 @@ def test_partly_added_bad_files_leave_exactly_the_valid_aggregate(tmp_path: Path
 
 def test_update_changed_after_acceptance_is_dropped_on_rebuild(tmp_path: Path) -> None:
     a, b = _update(), _update()
-    agg = Aggregator(layout_of(BASE), lanes=1)
+    agg = Aggregator(layout_of(BASE), LocalStore(tmp_path), lanes=1)
     first = _candidate(tmp_path, "a", a, 2.0)
     assert agg.take([first])[0].problem is None
-    first.path.write_bytes(b"changed under us")  # its writer broke the one-writer rule
+    (tmp_path / first.name).write_bytes(b"changed under us")  # its writer broke the one-writer rule
     bad = _update()
     bad["small"][0, 0] = float("nan")
     outcomes = agg.take([_candidate(tmp_path, "nan", bad), _candidate(tmp_path, "b", b, 3.0)])
     # the NaN file forces a rebuild of the lane, which finds that 'a' no longer verifies
     assert [o.candidate.worker for o in outcomes if o.problem] == ["nan", "a"]
-    result = agg.result(BASE)
+    result = _result(agg)
     for k, v in _expected([(b, 3.0)]).items():
         torch.testing.assert_close(result[k], v)
+
+
+def test_coordinate_rules_read_aligned_slices_of_every_accepted_file(tmp_path: Path) -> None:
+    """The seam a median or trimmed mean reads through: element i of every accepted update, a slice at a time."""
+    ups = [_update() for _ in range(3)]
+    agg = Aggregator(layout_of(BASE), LocalStore(tmp_path))
+    agg.take([_candidate(tmp_path, f"w{i}", u) for i, u in enumerate(ups)])
+    slices = agg.collected(frozenset()).slices
+    order = [int(c.worker[1:]) for c in agg.accepted]
+    assert slices.count() == 3
+    start, length = PIECE_BYTES // 4 - 3, 1000  # across a read piece's edge
+    got = slices.read("big", start, length)
+    assert torch.equal(got, torch.stack([ups[i]["big"][start:start + length] for i in order]))
+    assert torch.equal(slices.read("small", 4, 8), torch.stack([ups[i]["small"].view(-1)[4:] for i in order]))
+    assert torch.equal(slices.read("n", 0, 1), torch.stack([ups[i]["n"].view(1) for i in order]))

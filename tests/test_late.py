@@ -9,15 +9,24 @@ import pytest
 import torch
 
 from fedsync.aggregation.rules import FedAvg
-from fedsync.run.config import load_config
+from fedsync.aggregation.tensors import load_verified, save_state
 from fedsync.fedavg import staleness_weight
+from fedsync.run.config import load_config
 from fedsync.run.ledger import LateLedger
-from fedsync.storage.manifest import open_run
-from fedsync.storage.markers import FORMAT_VERSION, Accepted, Assignment, Summary, UpdateMarker, WorkerTask, parse, to_dict
-from fedsync.storage.share import Share, read_yaml, write_yaml
-from fedsync.aggregation.tensorfile import load_verified, save_state
+from fedsync.run.start import open_run
+from fedsync.storage.markers import (
+    FORMAT_VERSION,
+    Accepted,
+    Assignment,
+    Summary,
+    UpdateMarker,
+    WorkerTask,
+    parse,
+    to_dict,
+)
+from fedsync.storage.share import Share
 
-from .conftest import finish, killed_on_error, register_worker, start, submit_update, wait_until
+from .conftest import finish, killed_on_error, register_worker, start, submit_update, wait_until, write_yaml
 
 
 def _random_delta(base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -26,13 +35,13 @@ def _random_delta(base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _round(s: Share, r: int) -> tuple[Assignment, dict[str, torch.Tensor]]:
-    a = parse(Assignment, read_yaml(s.assignment(r)), f"a{r}")
-    return a, load_verified(s.global_model(r), a.model)
+    a = parse(Assignment, s.read_yaml(s.assignment(r)), f"a{r}")
+    return a, load_verified(s, s.global_model(r), a.model)
 
 
 def _update(s: Share, r: int, worker: str) -> tuple[int, dict[str, torch.Tensor]]:
-    m = parse(UpdateMarker, read_yaml(s.update_marker(r, worker)), "m")
-    return m.samples, load_verified(s.update_tensors(r, worker), m.tensors)
+    m = parse(UpdateMarker, s.read_yaml(s.update_marker(r, worker)), "m")
+    return m.samples, load_verified(s, s.update_tensors(r, worker), m.tensors)
 
 
 def _assert_aggregate(after: dict[str, torch.Tensor], base: dict[str, torch.Tensor],
@@ -60,20 +69,20 @@ def test_late_update_dropped(share: Path) -> None:
                   "--set", "round_timeout=3", "--set", "late_policy=drop", "--set", "worker_timeout=60")
     fast = start("worker", "--share", str(share), "--name", "fast", "--device", "cpu", "--wait-for-run", "60")
     with killed_on_error(coord, fast):
-        wait_until(lambda: s.assignment(2).exists(), 90, "round 1 to close at its deadline and round 2 to open")
+        wait_until(lambda: s.exists(s.assignment(2)), 90, "round 1 to close at its deadline and round 2 to open")
         a1, base1 = _round(s, 1)
         submit_update(s, a1, "slow", _random_delta(base1), samples=300)
     out = finish(coord, timeout=90)
     finish(fast, timeout=30)
     assert coord.returncode == 0, out
 
-    s1 = parse(Summary, read_yaml(s.summary(1)), "s1")
+    s1 = parse(Summary, s.read_yaml(s.summary(1)), "s1")
     assert s1.closed_because == "deadline" and s1.missing == ["slow"]
-    s2 = parse(Summary, read_yaml(s.summary(2)), "s2")
+    s2 = parse(Summary, s.read_yaml(s.summary(2)), "s2")
     assert [(x.worker, x.round, x.outcome, x.weight) for x in s2.late] == [("slow", 1, "dropped", 0.0)]
     assert [x.worker for x in s2.accepted] == ["fast"]
     n2, fast_delta = _update(s, 2, "fast")
-    _assert_aggregate(load_verified(s.final_model, s2.model), _round(s, 2)[1], [(fast_delta, n2)])
+    _assert_aggregate(load_verified(s, s.final_model, s2.model), _round(s, 2)[1], [(fast_delta, n2)])
 
 
 def test_two_rounds_late_is_folded_by_its_age_and_past_max_staleness_is_never_read(share: Path) -> None:
@@ -88,20 +97,20 @@ def test_two_rounds_late_is_folded_by_its_age_and_past_max_staleness_is_never_re
                   "--set", "worker_timeout=120")
     fast = start("worker", "--share", str(share), "--name", "fast", "--device", "cpu", "--wait-for-run", "60")
     with killed_on_error(coord, fast):
-        wait_until(lambda: s.assignment(3).exists(), 90, "round 3 to open")
+        wait_until(lambda: s.exists(s.assignment(3)), 90, "round 3 to open")
         late = {}
         for r, samples in ((1, 300), (2, 200)):
             a, base = _round(s, r)
             late[r] = _random_delta(base)
             submit_update(s, a, "slow", late[r], samples=samples)
-        wait_until(lambda: s.assignment(4).exists(), 60, "round 4 to open")
+        wait_until(lambda: s.exists(s.assignment(4)), 60, "round 4 to open")
         a1, base1 = _round(s, 1)
         submit_update(s, a1, "stale", _random_delta(base1), samples=300)
         out = finish(coord, timeout=90)
         finish(fast, timeout=30)
     assert coord.returncode == 0, out
 
-    s3 = parse(Summary, read_yaml(s.summary(3)), "s3")
+    s3 = parse(Summary, s.read_yaml(s.summary(3)), "s3")
     assert [(x.worker, x.round, x.outcome) for x in s3.late] == [("slow", 1, "folded"), ("slow", 2, "folded")]
     w1, w2 = 300 / 3 ** 0.5, 200 / 2 ** 0.5  # samples x (1 + rounds late) ** -0.5
     assert [x.weight for x in s3.late] == [pytest.approx(w1, abs=1e-4), pytest.approx(w2, abs=1e-4)]
@@ -109,11 +118,11 @@ def test_two_rounds_late_is_folded_by_its_age_and_past_max_staleness_is_never_re
     n3, fast3 = _update(s, 3, "fast")
     _assert_aggregate(_round(s, 4)[1], base3, [(fast3, n3), (late[1], w1), (late[2], w2)])
 
-    s4 = parse(Summary, read_yaml(s.summary(4)), "s4")
+    s4 = parse(Summary, s.read_yaml(s.summary(4)), "s4")
     assert s4.late == [] and s4.missing == ["slow", "stale"], s4
     _, base4 = _round(s, 4)
     n4, fast4 = _update(s, 4, "fast")
-    _assert_aggregate(load_verified(s.final_model, s4.model), base4, [(fast4, n4)])
+    _assert_aggregate(load_verified(s, s.final_model, s4.model), base4, [(fast4, n4)])
 
 
 def test_late_ledger_weighs_by_age_and_looks_back_max_staleness_rounds(tmp_path: Path) -> None:
@@ -125,12 +134,12 @@ def test_late_ledger_weighs_by_age_and_looks_back_max_staleness_rounds(tmp_path:
     open_run(s, cfg, "coordinator")
     model = {"w": torch.zeros(3)}
     for r in range(1, 6):
-        ref = save_state(s.global_model(r), model)
+        ref = save_state(s.store.write, s.global_model(r), model)
         a = Assignment(format=FORMAT_VERSION, run_id="x", round=r, rounds=9, model=ref, num_shards=2,
                        time_budget_s=5.0, workers={w: WorkerTask(shard=i, local_epochs=1)
                                                    for i, w in enumerate(("on-time", "late"))})
-        write_yaml(s.assignment(r), to_dict(a))
-        write_yaml(s.summary(r), to_dict(Summary(
+        write_yaml(s.path(s.assignment(r)), to_dict(a))
+        write_yaml(s.path(s.summary(r)), to_dict(Summary(
             format=FORMAT_VERSION, round=r, closed_because="deadline", seconds=5.0, model=ref,
             accepted=[Accepted("on-time", 100, 3, 100.0, 0.5, 1.0, "cpu")], rejected=[], missing=["late"],
             ignored=[], late=[], aggregation="fedavg", step_scale=1.0, metrics={}, timings={})))

@@ -11,13 +11,23 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedsync.aggregation.tensors import load_verified
 from fedsync.base.errors import ShareError
 from fedsync.storage.lease import Lease
 from fedsync.storage.markers import FORMAT_VERSION, Assignment, CoordinatorLease, Summary, parse, to_dict
-from fedsync.storage.share import Share, read_yaml, write_yaml
-from fedsync.aggregation.tensorfile import load_verified
+from fedsync.storage.share import Share
 
-from .conftest import finish, killed_on_error, register_worker, run, start, submit_update, wait_until
+from .conftest import (
+    finish,
+    killed_on_error,
+    read_yaml,
+    register_worker,
+    run,
+    start,
+    submit_update,
+    wait_until,
+    write_yaml,
+)
 
 FAST_LEASE = ("--set", "heartbeat=1", "--set", "worker_timeout=3")
 
@@ -108,11 +118,11 @@ def test_round_extended_at_its_deadline_shows_in_status(share: Path) -> None:
         wait_until(extended, 90, "the round to be extended")
         text = run("status", "--share", str(share)).stdout
         assert "extended: deadline passed" in text and "min_updates=2" in text
-        a = parse(Assignment, read_yaml(s.assignment(1)), "a")  # the laptop wakes up and submits
-        base = load_verified(s.global_model(1), a.model)
+        a = parse(Assignment, s.read_yaml(s.assignment(1)), "a")  # the laptop wakes up and submits
+        base = load_verified(s, s.global_model(1), a.model)
         submit_update(s, a, "sleepy", {k: torch.zeros_like(v) for k, v in base.items()}, samples=50)
     out = finish(coord, timeout=60)
     finish(worker, timeout=30)
     assert coord.returncode == 0, out
-    summary = parse(Summary, read_yaml(s.summary(1)), "s")
+    summary = parse(Summary, s.read_yaml(s.summary(1)), "s")
     assert sorted(x.worker for x in summary.accepted) == ["sleepy", "w1"]

@@ -8,7 +8,7 @@ import signal
 from pathlib import Path
 
 from fedsync.storage.markers import Assignment, Summary, parse
-from fedsync.storage.share import Share, read_yaml
+from fedsync.storage.share import Share
 
 from .conftest import finish, killed_on_error, start, wait_until
 
@@ -26,7 +26,7 @@ def test_training_longer_than_the_timeout_never_looks_dead(share: Path) -> None:
     out = finish(coord, timeout=180)
     [finish(w, timeout=30) for w in workers]
     assert coord.returncode == 0, out
-    s = parse(Summary, read_yaml(Share(share).summary(1)), "s")
+    s = parse(Summary, Share(share).read_yaml(Share.summary(1)), "s")
     assert max(x.seconds for x in s.accepted) > 3, "training must outlast worker_timeout for this test to mean much"
     assert sorted(x.worker for x in s.accepted) == ["w1", "w2"] and s.closed_because == "quorum"
 
@@ -37,13 +37,13 @@ def test_frozen_worker_gets_no_work_and_rejoins_when_it_wakes(share: Path) -> No
     workers = {n: _worker(share, n) for n in ("w1", "w2", "w3")}
 
     def assigned(r: int) -> list[str]:
-        return sorted(parse(Assignment, read_yaml(s.assignment(r)), "a").workers)
+        return sorted(parse(Assignment, s.read_yaml(s.assignment(r)), "a").workers)
 
     def closed_with_w3() -> int | None:
-        return next((r for r in s.rounds() if s.summary(r).exists() and "w3" in assigned(r)), None)
+        return next((r for r in s.rounds() if s.exists(s.summary(r)) and "w3" in assigned(r)), None)
 
     def opened_without_w3(after: int) -> int | None:
-        return next((r for r in s.rounds() if r > after and s.assignment(r).exists() and "w3" not in assigned(r)),
+        return next((r for r in s.rounds() if r > after and s.exists(s.assignment(r)) and "w3" not in assigned(r)),
                     None)
 
     with killed_on_error(coord, *workers.values()):

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from fedsync.storage.markers import Assignment, Summary, UpdateMarker, WorkerInfo, parse
-from fedsync.storage.share import Share, read_yaml
+from fedsync.storage.share import Share
 
 from .conftest import finish, killed_on_error, run, start
 from .test_device import CU130, GTX1080, as_env, facts
@@ -29,7 +29,7 @@ def test_throughput_balance_and_a_pascal_worker_falling_back(share: Path) -> Non
     assert fast.returncode == 0 and slow.returncode == 0, outs
 
     s = Share(share)
-    info = parse(WorkerInfo, read_yaml(s.worker_file("slow")), "slow")
+    info = parse(WorkerInfo, s.read_yaml(s.worker_file("slow")), "slow")
     assert info.device == "cpu" and info.device_fallback and "GTX 1080" in info.device_fallback
     assert "WARNING" in outs[1] and "WARNING: worker slow trains on the CPU" in out
     status = run("status", "--share", str(share))
@@ -39,11 +39,11 @@ def test_throughput_balance_and_a_pascal_worker_falling_back(share: Path) -> Non
 
     balanced = 0
     for r in range(1, ROUNDS + 1):
-        a = parse(Assignment, read_yaml(s.assignment(r)), "a")
-        summary = parse(Summary, read_yaml(s.summary(r)), "s")
+        a = parse(Assignment, s.read_yaml(s.assignment(r)), "a")
+        summary = parse(Summary, s.read_yaml(s.summary(r)), "s")
         assert sorted(x.worker for x in summary.accepted) == ["fast", "slow"] and summary.aggregation == "fedavg"
         for x in summary.accepted:
-            m = parse(UpdateMarker, read_yaml(s.update_marker(r, x.worker)), "m")
+            m = parse(UpdateMarker, s.read_yaml(s.update_marker(r, x.worker)), "m")
             assert x.steps == m.steps and x.samples == m.samples
             if a.workers[x.worker].local_steps is not None:
                 assert m.steps == a.workers[x.worker].local_steps
@@ -53,4 +53,4 @@ def test_throughput_balance_and_a_pascal_worker_falling_back(share: Path) -> Non
             assert fast_steps > 2 * slow_steps, (r, fast_steps, slow_steps)
             assert summary.step_scale == 1.0
     assert balanced == ROUNDS, "every round was sized by the speeds published at registration"
-    assert parse(Summary, read_yaml(s.summary(ROUNDS)), "s").metrics["test_accuracy"] >= 0.85
+    assert parse(Summary, s.read_yaml(s.summary(ROUNDS)), "s").metrics["test_accuracy"] >= 0.85

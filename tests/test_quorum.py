@@ -12,7 +12,7 @@ import pytest
 
 from fedsync.coordinator import quorum_target
 from fedsync.storage.markers import Summary, parse
-from fedsync.storage.share import Share, read_yaml
+from fedsync.storage.share import Share
 
 from .conftest import finish, killed_on_error, register_worker, start, wait_until
 
@@ -42,12 +42,12 @@ def test_quorum_closes_the_round_before_every_live_worker_reports(share: Path, q
     workers = [start("worker", "--share", str(share), "--name", n, "--device", "cpu", "--wait-for-run", "60")
                for n in ("w1", "w2")]
     with killed_on_error(coord, *workers):
-        wait_until(lambda: s.assignment(1).exists(), 60, "round 1 to open")
-        wait_until(lambda: s.summary(1).exists(), CLOSE_S, "the quorum to close round 1 long before its deadline")
+        wait_until(lambda: s.exists(s.assignment(1)), 60, "round 1 to open")
+        wait_until(lambda: s.exists(s.summary(1)), CLOSE_S, "the quorum to close round 1 long before its deadline")
         out = finish(coord, timeout=60)
         outs = [finish(w, timeout=30) for w in workers]
     assert coord.returncode == 0, out + "".join(outs)
-    summary = parse(Summary, read_yaml(s.summary(1)), "summary")
+    summary = parse(Summary, s.read_yaml(s.summary(1)), "summary")
     assert summary.closed_because == "quorum", summary
     assert sorted(x.worker for x in summary.accepted) == ["w1", "w2"]
     assert summary.missing == names and summary.seconds < DEADLINE_S

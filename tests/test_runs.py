@@ -7,15 +7,23 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from fedsync.storage.markers import FORMAT_VERSION, Assignment, FileRef, FinalMarker, Summary, UpdateMarker, parse, to_dict
-from fedsync.storage.share import Share, read_yaml, write_yaml
+from fedsync.storage.markers import (
+    FORMAT_VERSION,
+    Assignment,
+    FileRef,
+    FinalMarker,
+    Summary,
+    UpdateMarker,
+    parse,
+    to_dict,
+)
+from fedsync.storage.share import Share
 
-from .conftest import finish, register_worker, run, start, wait_until
-
+from .conftest import finish, register_worker, run, start, wait_until, write_yaml
 
 
 def summary(share: Share, r: int) -> Summary:
-    return parse(Summary, read_yaml(share.summary(r)), "summary")
+    return parse(Summary, share.read_yaml(share.summary(r)), "summary")
 
 
 def test_late_worker_joins_next_round_and_foreign_files_are_reported(share: Path) -> None:
@@ -24,13 +32,13 @@ def test_late_worker_joins_next_round_and_foreign_files_are_reported(share: Path
     w1 = start("worker", "--share", str(share), "--name", "w1", "--device", "cpu", "--wait-for-run", "60")
     w2 = None
     try:
-        wait_until(lambda: s.summary(1).exists(), 90, "round 1 to close")
+        wait_until(lambda: s.exists(s.summary(1)), 90, "round 1 to close")
         os.kill(w1.pid, signal.SIGSTOP)  # hold round 2 open while the second worker arrives
-        wait_until(lambda: s.assignment(2).exists(), 30, "round 2 to open")
+        wait_until(lambda: s.exists(s.assignment(2)), 30, "round 2 to open")
         w2 = start("worker", "--share", str(share), "--name", "w2", "--device", "cpu", "--wait-for-run", "60")
-        wait_until(lambda: s.worker_file("w2").exists(), 60, "w2 to register")
-        updates = s.updates_dir(2)
-        a = parse(Assignment, read_yaml(s.assignment(2)), "a")
+        wait_until(lambda: s.exists(s.worker_file("w2")), 60, "w2 to register")
+        updates = s.path(s.updates_dir(2))
+        a = parse(Assignment, s.read_yaml(s.assignment(2)), "a")
         ref = FileRef("intruder.safetensors", "00" * 32, 3)
         (updates / "intruder.safetensors").write_bytes(b"abc")
         write_yaml(updates / "intruder.yaml", to_dict(UpdateMarker(
@@ -44,8 +52,8 @@ def test_late_worker_joins_next_round_and_foreign_files_are_reported(share: Path
     outs = [finish(w1, timeout=30)] + ([finish(w2, timeout=30)] if w2 else [])
     assert coord.returncode == 0, out + "".join(outs)
 
-    assert list(parse(Assignment, read_yaml(s.assignment(2)), "a").workers) == ["w1"]
-    assert sorted(parse(Assignment, read_yaml(s.assignment(3)), "a").workers) == ["w1", "w2"]
+    assert list(parse(Assignment, s.read_yaml(s.assignment(2)), "a").workers) == ["w1"]
+    assert sorted(parse(Assignment, s.read_yaml(s.assignment(3)), "a").workers) == ["w1", "w2"]
     s2 = summary(s, 2)
     assert [(x.worker, x.reason) for x in s2.rejected] == [("intruder", "not_assigned")]
     assert s2.ignored == ["updates/notes.txt", "updates/w1.sync-conflict-20261123-101010-ABCDEFG.yaml"]
@@ -73,21 +81,21 @@ def test_finished_run_continues_with_more_rounds_and_never_redoes_one(share: Pat
     w = start("worker", "--share", str(share), "--name", "w1", "--device", "cpu", "--wait-for-run", "60")
     assert finish(coord, 120) and coord.returncode == 0
     finish(w, 30)
-    closed = {r: s.summary(r).read_bytes() for r in (1, 2)}
+    closed = {r: s.path(s.summary(r)).read_bytes() for r in (1, 2)}
 
     fewer = run("coordinator", "--share", str(share), "--rounds", "1")
     assert fewer.returncode == 3 and "at least 2" in fewer.stderr
 
     coord = start("coordinator", "--share", str(share), "--rounds", "3")
-    wait_until(lambda: not s.final_marker.exists(), 60, "the coordinator to reopen the run")
+    wait_until(lambda: not s.exists(s.final_marker), 60, "the coordinator to reopen the run")
     w = start("worker", "--share", str(share), "--name", "w1", "--device", "cpu", "--wait-for-run", "60")
     out = finish(coord, 120)
     finish(w, 30)
     assert coord.returncode == 0, out
-    assert {r: s.summary(r).read_bytes() for r in (1, 2)} == closed
-    assert parse(FinalMarker, read_yaml(s.final_marker), "final").round == 3
+    assert {r: s.path(s.summary(r)).read_bytes() for r in (1, 2)} == closed
+    assert parse(FinalMarker, s.read_yaml(s.final_marker), "final").round == 3
     assert summary(s, 3).accepted[0].worker == "w1"
-    assert len(s.metrics.read_text().splitlines()) == 1 + 3
+    assert len(s.path(s.metrics).read_text().splitlines()) == 1 + 3
 
 
 def test_other_format_versions_are_refused_by_every_role(share: Path) -> None:

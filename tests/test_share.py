@@ -5,10 +5,20 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedsync.storage.markers import (FORMAT_VERSION, FileRef, FormatMismatch, MarkerError, PathOutsideFolder,
-                             UpdateMarker, parse, to_dict)
-from fedsync.storage.share import (OversizeError, Share, atomic_write, check_worker_name, is_conflict_copy,
-                           is_temporary, read_yaml)
+from fedsync.storage.local import atomic_write
+from fedsync.storage.markers import (
+    FORMAT_VERSION,
+    FileRef,
+    FormatMismatch,
+    MarkerError,
+    PathOutsideFolder,
+    UpdateMarker,
+    parse,
+    to_dict,
+)
+from fedsync.storage.names import check_worker_name, is_conflict_copy, is_temporary
+from fedsync.storage.share import Share
+from fedsync.storage.store import OversizeError
 
 HASH = "ab" * 32
 
@@ -51,21 +61,23 @@ def test_reader_name_rules() -> None:
 
 def test_share_layout_names() -> None:
     s = Share(Path("/mnt/fed"))
-    assert s.update_marker(3, "w1") == Path("/mnt/fed/0003/updates/w1.yaml")
-    assert s.model_after(3, 20) == Path("/mnt/fed/0004/global.safetensors")
-    assert s.model_after(20, 20) == Path("/mnt/fed/final.safetensors")
+    assert s.update_marker(3, "w1") == "0003/updates/w1.yaml"
+    assert s.path(s.update_marker(3, "w1")) == Path("/mnt/fed/0003/updates/w1.yaml")
+    assert s.model_after(3, 20) == "0004/global.safetensors"
+    assert s.model_after(20, 20) == "final.safetensors"
 
 
 def test_read_yaml_refuses_oversize_and_aliases(tmp_path: Path) -> None:
     big = tmp_path / "big.yaml"
     big.write_bytes(b"a: " + b"x" * 2000)
+    share = Share(tmp_path)
     with pytest.raises(OversizeError):
-        read_yaml(big, limit=1000)
+        share.read_yaml("big.yaml", limit=1000)
     bomb = tmp_path / "bomb.yaml"
     bomb.write_text('a: &a ["lol","lol"]\nb: &b [*a,*a,*a]\nc: &c [*b,*b,*b]\n')
     with pytest.raises(yaml.YAMLError, match="aliases"):
-        read_yaml(bomb)
-    assert read_yaml(tmp_path / "big.yaml", limit=4096) == {"a": "x" * 2000}
+        share.read_yaml(bomb.name)
+    assert share.read_yaml("big.yaml", limit=4096) == {"a": "x" * 2000}
 
 
 def test_marker_round_trip_and_strict_types() -> None:

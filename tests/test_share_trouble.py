@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from fedsync.storage.markers import FinalMarker, parse
-from fedsync.storage.share import Share, read_yaml
+from fedsync.storage.share import Share
 
 from .conftest import finish, killed_on_error, missing, run, start, wait_until
 
@@ -108,7 +108,7 @@ def test_share_trouble_of_every_kind_mid_run_is_survived(mounted_share: tuple[Pa
                    wrap=wrap)
     with killed_on_error(coord, worker):
         for r, trouble in enumerate(troubles, 1):
-            wait_until(lambda: s.summary(r).exists(), 90, f"round {r} to close")
+            wait_until(lambda: s.exists(s.summary(r)), 90, f"round {r} to close")
             trouble.start(share)
             time.sleep(OUTAGE_S)
             gave_up = [p.communicate()[0] for p in (coord, worker) if p.poll() is not None]
@@ -126,7 +126,7 @@ def test_share_trouble_of_every_kind_mid_run_is_survived(mounted_share: tuple[Pa
             assert lines, f"the {role} did not report '{trouble.words}':\n{text}"
             assert len(lines) <= 8, f"the {role} reported '{trouble.words}' {len(lines)} times instead of backing off"
             assert all(str(share) in line for line in lines), lines  # each line names the file it failed on
-    assert parse(FinalMarker, read_yaml(s.final_marker), "final").round == rounds
+    assert parse(FinalMarker, s.read_yaml(s.final_marker), "final").round == rounds
     verified = run("verify", "--share", str(share))
     assert verified.returncode == 0 and "0 error(s)" in verified.stdout, verified.stdout
     assert not [p for p in share.rglob("*") if p.name.endswith(".tmp")]

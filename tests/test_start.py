@@ -11,11 +11,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from fedsync.run.config import load_config
-from fedsync.storage.manifest import new_manifest, open_run
+from fedsync.run.start import open_run
+from fedsync.storage.manifest import new_manifest
 from fedsync.storage.markers import Manifest, parse, to_dict
-from fedsync.storage.share import Share, dump_yaml, read_yaml
+from fedsync.storage.share import Share
+from fedsync.storage.yamlfile import dump_yaml
 
-from .conftest import finish, run, start, wait_until
+from .conftest import finish, read_yaml, run, start, wait_until
 from .test_lease import foreign_lease_refreshed
 
 Tree = dict[str, tuple[bytes | None, int, int, int]]
@@ -42,8 +44,8 @@ def a_run(share: Path, config: str = "digits", **overrides: object) -> Share:
 def closed_rounds(share: Path) -> None:
     s = a_run(share)
     for r in (1, 2):
-        s.round_dir(r).mkdir()
-        (s.summary(r)).write_text("round: closed\n")  # only its presence counts for --rounds
+        s.path(s.round_dir(r)).mkdir()
+        s.path(s.summary(r)).write_text("round: closed\n")  # only its presence counts for --rounds
 
 
 NO_DATA = ("--config", "cifar10", "--set", "data_root=/nonexistent/data")
@@ -58,7 +60,7 @@ def newer_format(share: Path) -> None:
 
 
 def unknown_key(share: Path) -> None:
-    manifest = to_dict(new_manifest(load_config("digits"), "coordinator"))
+    manifest = to_dict(new_manifest(load_config("digits").as_dict(), "coordinator"))
     manifest["config"]["colour"] = "blue"
     (share / "fedsync.yaml").write_bytes(dump_yaml(manifest))
 

@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 
 from fedsync.storage.markers import FinalMarker, Summary, WorkerInfo, parse
-from fedsync.storage.share import Share, read_yaml
+from fedsync.storage.share import Share
 
 from .conftest import finish, killed_on_error, require, run, start, wait_until
 from .syncthing import SyncthingPair
-
 
 
 @pytest.fixture(autouse=True)
@@ -28,7 +27,7 @@ def _conflicts(*folders: Path) -> list[Path]:
 def _training(share: Share, name: str, r: int) -> bool:
     """The worker's own heartbeat (on its copy) says it is training round r or has just finished it."""
     try:
-        info = parse(WorkerInfo, read_yaml(share.worker_file(name)), "w")
+        info = parse(WorkerInfo, share.read_yaml(share.worker_file(name)), "w")
     except Exception:  # noqa: BLE001 - not written yet
         return False
     return info.round == r
@@ -50,11 +49,11 @@ def test_a_run_across_two_synced_copies(tmp_path: Path, nudged: bool) -> None:
         assert coord.returncode == 0 and w1.returncode == 0 and w2.returncode == 0, out + outs + pair.logs()
     s = Share(a)
     for r in (1, 2, 3):
-        summary = parse(Summary, read_yaml(s.summary(r)), "s")
+        summary = parse(Summary, s.read_yaml(s.summary(r)), "s")
         assert sorted(x.worker for x in summary.accepted) == ["w1", "w2"], summary
     assert not _conflicts(a, b)
     assert run("verify", "--share", str(a)).returncode == 0
-    assert parse(FinalMarker, read_yaml(Share(b).final_marker), "f").round == 3  # synced back to the worker
+    assert parse(FinalMarker, Share(b).read_yaml(Share.final_marker), "f").round == 3  # synced back to the worker
 
 
 def test_a_partition_longer_than_the_deadline(tmp_path: Path) -> None:
@@ -68,7 +67,7 @@ def test_a_partition_longer_than_the_deadline(tmp_path: Path) -> None:
         with killed_on_error(coord, w1, w2):
             wait_until(lambda: _training(sb, "w2", 2), 120, "w2 to start round 2 on the far copy")
             pair.pause()  # w2 has its round; its update cannot come back
-            wait_until(lambda: sa.summary(2).exists(), 60, "round 2 to close at its deadline")
+            wait_until(lambda: sa.exists(sa.summary(2)), 60, "round 2 to close at its deadline")
             time.sleep(1)
             pair.resume()
             pair.wait_connected(60)
@@ -76,11 +75,11 @@ def test_a_partition_longer_than_the_deadline(tmp_path: Path) -> None:
         out = finish(coord, timeout=240)
         outs = finish(w1, timeout=60) + finish(w2, timeout=90)
         assert coord.returncode == 0, out + outs + pair.logs()
-    s2 = parse(Summary, read_yaml(sa.summary(2)), "s2")
+    s2 = parse(Summary, sa.read_yaml(sa.summary(2)), "s2")
     assert s2.closed_because == "deadline" and [x.worker for x in s2.accepted] == ["w1"]
-    late = [x for r in range(3, 7) for x in parse(Summary, read_yaml(sa.summary(r)), "s").late]
+    late = [x for r in range(3, 7) for x in parse(Summary, sa.read_yaml(sa.summary(r)), "s").late]
     assert [(x.worker, x.round, x.outcome) for x in late] == [("w2", 2, "folded")], (late, out, outs)
-    assert parse(FinalMarker, read_yaml(sa.final_marker), "f").round == 6
+    assert parse(FinalMarker, sa.read_yaml(sa.final_marker), "f").round == 6
     assert not _conflicts(a, b)
 
 

@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from fedsync.storage.local import atomic_write
 from fedsync.storage.markers import FinalMarker, parse
-from fedsync.storage.share import Share, atomic_write, read_yaml
-from fedsync.storage.watch import ShareWatcher, choose_mode, filesystem_type
+from fedsync.storage.medium import choose_mode, filesystem_type
+from fedsync.storage.share import Share
+from fedsync.storage.watch import ShareWatcher
 
 from .conftest import finish, start
 
@@ -37,7 +39,7 @@ def test_auto_mode_follows_the_mount(path: str, fstype: str, mode: str) -> None:
 @pytest.mark.parametrize("mode", ["events", "poll"])
 def test_watchers_wake_on_whole_files_not_temporaries(tmp_path: Path, mode: str) -> None:
     (tmp_path / "workers").mkdir()
-    with ShareWatcher(tmp_path, mode, poll_interval=0.2) as w:
+    with ShareWatcher(Share(tmp_path), mode, poll_interval=0.2) as w:
         (tmp_path / "workers" / ".w1.yaml.abc.tmp").write_text("partial")
         assert not w.wait(0.8), "a temporary file must not wake anyone"
         atomic_write(tmp_path / "workers" / "w1.yaml", b"name: w1\n")
@@ -55,4 +57,4 @@ def test_a_run_carried_by_polling_alone(share: Path) -> None:
     wout = finish(worker, timeout=60)
     assert coord.returncode == 0 and worker.returncode == 0, out + wout
     assert "polling every 1 s" in out and "polling every 1 s" in wout
-    assert parse(FinalMarker, read_yaml(Share(share).final_marker), "f").round == 2
+    assert parse(FinalMarker, Share(share).read_yaml(Share.final_marker), "f").round == 2

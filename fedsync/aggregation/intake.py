@@ -9,22 +9,21 @@ is always the aggregate of exactly the valid updates, and a bad file costs time,
 
 from __future__ import annotations
 
-import errno
-import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import BinaryIO
 
-import blake3
 import torch
 
-from fedsync.fedavg import Layout, WeightedSum, apply_mean
+from fedsync.aggregation.rules import Collected
+from fedsync.aggregation.tensors import DTYPES, SPELLING, file_layout
+from fedsync.fedavg import Layout, WeightedSum
+from fedsync.storage.hashing import Hasher
 from fedsync.storage.markers import FileRef
 from fedsync.storage.reasons import Reason, Unusable
-from fedsync.aggregation.tensorfile import TensorSpec, check_layout, header_length, parse_header
+from fedsync.storage.store import LinkRefused, Reader, Store, read_upto
+from fedsync.storage.tensorfile import FileLayout, TensorSpec, check_layout, header_length, parse_header
 
 PIECE_BYTES = 1 << 20  # fits in L2 with room to spare; a multiple of every dtype's size
 LANES = 2  # one running sum each: extra memory is LANES model sizes, whatever the number of updates
@@ -35,7 +34,7 @@ class Candidate:
     """An update whose marker passed its checks; its tensor file is what remains to verify."""
 
     worker: str
-    path: Path
+    name: str  # the tensor file's name in the share
     ref: FileRef
     weight: float
     round: int = 0  # the round the update was trained for (a late one's is older than the open round's)
@@ -61,13 +60,9 @@ class _Lane:
         return self.sums
 
 
-def _read_exact(f: BinaryIO, view: memoryview) -> None:
-    got = 0
-    while got < len(view):
-        n = f.readinto(view[got:])  # type: ignore[attr-defined]
-        if not n:
-            raise Unusable(Reason.SIZE_MISMATCH, "the file ended early (truncated while being read)")
-        got += n
+def _read_exact(f: Reader, view: memoryview) -> None:
+    if read_upto(f, view) < len(view):
+        raise Unusable(Reason.SIZE_MISMATCH, "the file ended early (truncated while being read)")
 
 
 def _all_finite(values: torch.Tensor) -> bool:
@@ -76,21 +71,22 @@ def _all_finite(values: torch.Tensor) -> bool:
     return bool(torch.isfinite(values.sum())) or bool(torch.isfinite(values).all())
 
 
-def fold(c: Candidate, layout: Layout, sums: WeightedSum, piece: bytearray) -> bool:
+def fold(c: Candidate, store: Store, layout: FileLayout, sums: WeightedSum, piece: bytearray) -> bool:
     """Read c's tensor file once, adding it to `sums`; raise Unusable if it does not count.
 
     Returns whether anything was added, so a failure after that tells the caller to rebuild `sums`.
     """
     added = False
-    hasher = blake3.blake3()
+    short = c.name.rsplit("/", 1)[-1]
+    hasher = Hasher()
     view = memoryview(piece)
     try:
-        # O_NOFOLLOW: a symbolic link could point anywhere, outside the share included
-        with open(os.open(c.path, os.O_RDONLY | os.O_NOFOLLOW), "rb", buffering=0) as f:
-            size = os.fstat(f.fileno()).st_size
+        with store.open(c.name, follow_links=False) as f:
+            size = f.size
             if size != c.ref.bytes:
                 raise Unusable(Reason.SIZE_MISMATCH, f"{size} bytes, the marker says {c.ref.bytes}")
-            prefix = f.read(8)
+            first = bytearray(8)
+            prefix = bytes(first[:read_upto(f, memoryview(first))])
             hasher.update(prefix)
             problem: Unusable | None = None
             specs: list[TensorSpec] = []
@@ -100,12 +96,13 @@ def fold(c: Candidate, layout: Layout, sums: WeightedSum, piece: bytearray) -> b
                 _read_exact(f, memoryview(header))
                 hasher.update(header)
                 specs = parse_header(bytes(header), size - 8 - n)
-                check_layout(specs, layout)
+                check_layout(specs, layout, SPELLING)
             except Unusable as e:
                 problem, specs = e, []
             remaining = size - f.tell()
             for spec in specs:
-                itemsize = spec.dtype.itemsize
+                dtype = DTYPES[spec.dtype]
+                itemsize = dtype.itemsize
                 offset, left = 0, spec.end - spec.start
                 while left:
                     m = min(PIECE_BYTES, left)
@@ -115,8 +112,8 @@ def fold(c: Candidate, layout: Layout, sums: WeightedSum, piece: bytearray) -> b
                     remaining -= m
                     if problem is not None:
                         continue  # keep hashing: a hash mismatch means "not synced yet", not "bad"
-                    values = torch.frombuffer(piece, dtype=spec.dtype, count=m // itemsize)
-                    if spec.dtype.is_floating_point and not _all_finite(values):
+                    values = torch.frombuffer(piece, dtype=dtype, count=m // itemsize)
+                    if dtype.is_floating_point and not _all_finite(values):
                         problem = Unusable(Reason.NON_FINITE, f"{spec.name} holds NaN or infinite values")
                         continue
                     sums.add_piece(spec.name, offset, values, c.weight)
@@ -128,14 +125,14 @@ def fold(c: Candidate, layout: Layout, sums: WeightedSum, piece: bytearray) -> b
                 hasher.update(view[:m])
                 remaining -= m
     except FileNotFoundError:
-        raise Unusable(Reason.MISSING_FILE, f"{c.path.name} is not there (yet)") from None
+        raise Unusable(Reason.MISSING_FILE, f"{short} is not there (yet)") from None
+    except LinkRefused:
+        raise Unusable(Reason.BAD_PATH, f"{short} is a symbolic link") from None
     except Unusable as e:
         e.added = added
         raise
     except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise Unusable(Reason.BAD_PATH, f"{c.path.name} is a symbolic link") from None
-        err = Unusable(Reason.IO_ERROR, f"{c.path.name}: {e.strerror or e}")
+        err = Unusable(Reason.IO_ERROR, f"{short}: {e.strerror or e}")
         err.added = added
         raise err from None
     if hasher.hexdigest() != c.ref.blake3:
@@ -159,10 +156,11 @@ def _torch_threads(n: int) -> Iterator[None]:
 
 
 class Aggregator:
-    """Streaming FedAvg over the updates of one round, fed in batches as their markers appear."""
+    """Streaming intake of one round's updates, fed in batches as their markers appear: each verified and added
+    to a weighted sum with its rule weight."""
 
-    def __init__(self, layout: Layout, lanes: int = LANES) -> None:
-        self.layout = layout
+    def __init__(self, layout: Layout, store: Store, lanes: int = LANES) -> None:
+        self.layout, self.store, self.file_layout = layout, store, file_layout(layout)
         self.lanes = [_Lane(layout) for _ in range(lanes)]
         self.pool = ThreadPoolExecutor(lanes, thread_name_prefix="intake")
 
@@ -184,7 +182,7 @@ class Aggregator:
         outcomes, dirty = [], False
         for c in batch:
             try:
-                fold(c, self.layout, lane.running_sum(), lane.piece)
+                fold(c, self.store, self.file_layout, lane.running_sum(), lane.piece)
                 lane.accepted.append(c)
                 outcomes.append(Outcome(c))
             except Unusable as e:
@@ -202,7 +200,7 @@ class Aggregator:
             sums.clear()
             for c in lane.accepted:
                 try:
-                    fold(c, self.layout, sums, lane.piece)
+                    fold(c, self.store, self.file_layout, sums, lane.piece)
                 except Unusable as e:
                     lane.accepted.remove(c)
                     dropped.append(Outcome(c, e))
@@ -210,16 +208,52 @@ class Aggregator:
             else:
                 return dropped
 
-    def result(self, base: Mapping[str, torch.Tensor], scale: float = 1.0,
-               scaled: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
-        """The new global model (see fedavg.apply_mean for `scale`); the aggregator is spent afterwards."""
+    def collected(self, parameters: frozenset[str]) -> Collected:
+        """Everything taken in, for the rule (fedsync/aggregation/rules.py); the aggregator is spent afterwards."""
         used = [lane.sums for lane in self.lanes if lane.sums is not None and lane.sums.count]
         if not used:
             raise ValueError("no accepted updates to aggregate")
         for other in used[1:]:
             used[0].merge(other)
         self.pool.shutdown(wait=False)
-        return apply_mean(base, used[0], scale, scaled)
+        accepted = self.accepted
+        return Collected(used[0], [(c.weight, c.steps) for c in accepted], parameters,
+                         UpdateSlices(self.store, accepted, self.file_layout))
 
     def close(self) -> None:
         self.pool.shutdown(wait=False)
+
+
+class UpdateSlices:
+    """Aligned slices of accepted update files, read from the share when a coordinate-wise rule asks: memory
+    O(updates x slice), never O(updates x model). The files were verified whole when they were taken in."""
+
+    def __init__(self, store: Store, accepted: list[Candidate], layout: FileLayout) -> None:
+        self.store, self.accepted, self.layout = store, accepted, layout
+        self.offsets: list[dict[str, int]] | None = None  # per file: tensor name -> its first byte in the file
+
+    def count(self) -> int:
+        return len(self.accepted)
+
+    def read(self, tensor: str, start: int, length: int) -> torch.Tensor:
+        dtype = DTYPES[self.layout[tensor][0]]
+        offsets = self._offsets()
+        out = torch.empty((len(self.accepted), length), dtype=dtype)
+        for i, c in enumerate(self.accepted):
+            with self.store.open(c.name, follow_links=False) as f:
+                f.seek(offsets[i][tensor] + start * dtype.itemsize)
+                _read_exact(f, memoryview(out[i].view(torch.uint8).numpy()))
+        return out
+
+    def _offsets(self) -> list[dict[str, int]]:
+        if self.offsets is None:
+            self.offsets = []
+            for c in self.accepted:
+                with self.store.open(c.name, follow_links=False) as f:
+                    prefix = bytearray(8)
+                    _read_exact(f, memoryview(prefix))
+                    header = bytearray(header_length(bytes(prefix), f.size))
+                    _read_exact(f, memoryview(header))
+                    specs = parse_header(bytes(header), f.size - 8 - len(header))
+                self.offsets.append({s.name: 8 + len(header) + s.start for s in specs})
+        return self.offsets

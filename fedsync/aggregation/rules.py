@@ -1,7 +1,11 @@
-"""Aggregation rules: how much each accepted update counts, one class per rule behind a narrow interface.
+"""Aggregation rules: how the accepted updates of a round become one delta, one class per rule behind a narrow
+interface (docs/DESIGN.md, "Aggregation").
 
-The coordinator streams updates into a weighted sum (fedavg.WeightedSum); a rule says each update's stream
-weight from its samples and local steps, and by how much the parameters' mean is scaled at the end.
+A rule says each update's stream weight (from its samples and local steps) while the coordinator reads the
+updates, and at the close turns what was collected into the aggregated delta. Collected holds the streamed
+weighted sum (memory O(model), for weighted means) and a reader of aligned slices of every accepted update
+file (memory O(updates x slice), for coordinate-wise rules such as a median). A server optimizer
+(fedsync/aggregation/optimizers.py) then turns the delta into the next global model.
 
 - FedAvg (McMahan et al. 2017): weight = samples; scale 1. With `balance: throughput` workers take different
   numbers of steps, and `samples` counts the distinct examples each actually trained on.
@@ -18,9 +22,41 @@ statistic.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
+import torch
+
+from fedsync.base.errors import ConfigError
+from fedsync.fedavg import WeightedSum, mean_delta
+
 Part = tuple[float, int]  # (stream weight, local steps) of one accepted update
+
+
+class Slices(Protocol):
+    """Aligned pieces of every accepted update file, for coordinate-wise rules."""
+
+    def count(self) -> int: ...
+
+    def read(self, tensor: str, start: int, length: int) -> torch.Tensor:
+        """Elements [start, start + length) of `tensor`, flattened, from every accepted update: (updates, length)."""
+        ...
+
+
+@dataclass
+class Collected:
+    """What a round took in, for the rule to turn into one delta."""
+
+    sums: WeightedSum          # the accepted deltas streamed into a sum with the rule's weights
+    parts: list[Part]          # (stream weight, local steps) of each accepted update
+    parameters: frozenset[str] # trained parameters; the other tensors are buffers (BatchNorm statistics)
+    slices: Slices             # the accepted update files themselves, read in aligned slices
+
+
+@dataclass
+class Aggregate:
+    delta: dict[str, torch.Tensor]
+    step_scale: float = 1.0    # what the parameters' mean was scaled by (FedNova); 1 for rules that do not scale
 
 
 class Rule(Protocol):
@@ -28,7 +64,7 @@ class Rule(Protocol):
 
     def weight(self, samples: float, steps: int) -> float: ...
 
-    def scale(self, parts: list[Part]) -> float: ...
+    def aggregate(self, collected: Collected) -> Aggregate: ...
 
 
 class FedAvg:
@@ -37,8 +73,8 @@ class FedAvg:
     def weight(self, samples: float, steps: int) -> float:
         return samples
 
-    def scale(self, parts: list[Part]) -> float:
-        return 1.0
+    def aggregate(self, collected: Collected) -> Aggregate:
+        return Aggregate(mean_delta(collected.sums))
 
 
 class FedNova:
@@ -62,9 +98,18 @@ class FedNova:
         w = [x for x, _ in parts]
         return sum(wi * ai * ai for wi, ai in zip(w, a)) * sum(w) / sum(wi * ai for wi, ai in zip(w, a)) ** 2
 
+    def aggregate(self, collected: Collected) -> Aggregate:
+        scale = self.scale(collected.parts)
+        return Aggregate(mean_delta(collected.sums, scale, collected.parameters), scale)
+
 
 RULES = ("fedavg", "fednova")
 
 
 def make_rule(name: str, momentum: float) -> Rule:
-    return FedNova(momentum) if name == "fednova" else FedAvg()
+    """The rule a config names; an unknown name is a config error, never a silent fallback."""
+    if name == "fedavg":
+        return FedAvg()
+    if name == "fednova":
+        return FedNova(momentum)
+    raise ConfigError(f"aggregation {name!r} is not one of {', '.join(RULES)}")

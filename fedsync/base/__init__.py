@@ -1,1 +1,3 @@
-"""What every layer may use: errors with exit statuses, crash points for tests, log lines. Imports nothing of fedsync."""
+"""What every layer may use: errors with exit statuses, crash points for tests, log lines.
+
+Imports nothing of fedsync."""

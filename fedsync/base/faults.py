@@ -4,21 +4,17 @@ there, exactly as a power cut or `kill -9` would, so the tests can prove each po
 Points: `coordinator:collecting:<r>` (round r has taken in its first update), `coordinator:after-summary:<r>`
 (round r's summary is written, the metrics and next round are not), and `write:<share-relative path>`
 (half of that file's bytes are in its temporary file; it is never renamed into place).
-Unset in normal use: then each check is one dictionary lookup.
-
-`FEDSYNC_SLOWDOWN=<factor>` makes a worker train `factor` times slower (it sleeps after each step for
-factor - 1 times the step's own time), so tests and benchmarks can run a slow machine beside fast ones.
+Unset in normal use: then each check is one dictionary lookup. (FEDSYNC_SLOWDOWN, a slow machine on demand,
+is fedsync/learning/pace.py.)
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
 
 ENV = "FEDSYNC_FAULT"
-SLOWDOWN_ENV = "FEDSYNC_SLOWDOWN"
 
 
 def die() -> None:
@@ -34,22 +30,3 @@ def crashes_writing(path: Path) -> bool:
     """True when the write of this file should die half-way (its path ends with the point's path)."""
     target = os.environ.get(ENV, "")
     return target.startswith("write:") and path.as_posix().endswith(target[len("write:"):])
-
-
-class Pace:
-    """Stretches each training step by FEDSYNC_SLOWDOWN; does nothing (one comparison) when it is unset."""
-
-    def __init__(self, device: str) -> None:
-        self.factor = float(os.environ.get(SLOWDOWN_ENV) or 1)
-        self.device = device
-        self.mark = time.perf_counter()
-
-    def step(self) -> None:
-        if self.factor <= 1:
-            return
-        if self.device.startswith("cuda"):
-            import torch
-
-            torch.cuda.synchronize(self.device)
-        time.sleep((self.factor - 1) * (time.perf_counter() - self.mark))
-        self.mark = time.perf_counter()

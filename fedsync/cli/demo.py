@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedsync.run.config import load_config
 from fedsync.base.errors import FedsyncError, ShareError
-from fedsync.storage.lease import LEASE_FILE
 from fedsync.base.logs import Log
-from fedsync.storage.manifest import open_run, read_manifest
-from fedsync.storage.markers import FinalMarker, parse
-from fedsync.storage.share import Share, read_yaml
+from fedsync.run.config import load_config
+from fedsync.run.start import open_run
+from fedsync.storage import names
+from fedsync.storage.manifest import read_manifest
+from fedsync.storage.markers import FinalMarker
+from fedsync.storage.share import Share
 
 DEMO_TIMEOUT_S = 900.0
 
@@ -29,20 +29,20 @@ class DemoResult:
 
 def clear_demo_run(share: Share) -> None:
     """Remove a previous demo run's files (and only the protocol's files); refuse to touch any other run."""
-    if not share.manifest.exists():
+    if not share.exists(share.manifest):
         if share.rounds():
-            raise ShareError(f"{share.root} holds round folders but no fedsync.yaml; the demo will not touch it: "
+            raise ShareError(f"{share.where()} holds round folders but no fedsync.yaml; the demo will not touch it: "
                              "use --share with another folder")
         return
     manifest = read_manifest(share)
     if manifest.created_by != "demo":
-        raise ShareError(f"{share.root} holds run {manifest.run_id}, started by `fedsync {manifest.created_by}`; "
+        raise ShareError(f"{share.where()} holds run {manifest.run_id}, started by `fedsync {manifest.created_by}`; "
                          "the demo replaces only its own runs: use --share with another folder")
     for r in share.rounds():
-        shutil.rmtree(share.round_dir(r))
-    shutil.rmtree(share.workers_dir, ignore_errors=True)
-    for path in (share.metrics, share.final_model, share.final_marker, share.root / LEASE_FILE, share.manifest):
-        path.unlink(missing_ok=True)
+        share.remove(share.round_dir(r))
+    share.remove(share.workers_dir)
+    for name in sorted(names.COORDINATOR_ROOT_FILES - {names.MANIFEST}) + [names.MANIFEST]:  # fedsync.yaml last
+        share.remove(name)
 
 
 def run_demo(share_root: Path, workers: int, rounds: int, config_name: str, log: Log) -> DemoResult:
@@ -71,7 +71,7 @@ def run_demo(share_root: Path, workers: int, rounds: int, config_name: str, log:
             except subprocess.TimeoutExpired:
                 p.kill()
     seconds = time.monotonic() - started
-    final = parse(FinalMarker, read_yaml(share.final_marker), "final.yaml")
+    final = share.read_record(FinalMarker, share.final_marker)
     return DemoResult(final, seconds)
 
 

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from fedsync.base.errors import EXIT_CODES, FedsyncError
-from fedsync.storage.watch import WATCH_MODES
+from fedsync.storage.medium import WATCH_MODES, describe_modes
 
 EXIT_HELP = "\n\n".join(f"{code}: {text}" for code, text in EXIT_CODES.items())
 app = typer.Typer(
@@ -30,9 +30,10 @@ SyncthingOpt = Annotated[str | None, typer.Option(
                         "on every hop. Needs the API key.")]
 SyncthingKeyOpt = Annotated[str | None, typer.Option(
     "--syncthing-key", help="That Syncthing's API key (or set FEDSYNC_SYNCTHING_KEY).")]
-WatchOpt = Annotated[str, typer.Option(
-    "--watch", help=f"How to notice changes: {' | '.join(WATCH_MODES)}. events uses inotify (local disks); "
-                    "poll rescans every second (network filesystems); auto picks events.")]
+WatchOpt = Annotated[str, typer.Option("--watch", help=describe_modes())]
+DataRootOpt = Annotated[str | None, typer.Option(
+    "--data-root", help="Where the task's data is on this machine (e.g. the folder holding "
+                        "cifar-10-batches-py/); default: the run config's data_root. Each machine gives its own.")]
 
 
 def _check_watch(value: str) -> str:
@@ -50,6 +51,7 @@ def coordinator(
     set_: Annotated[list[str], typer.Option("--set", help="Override one config key, KEY=VALUE (repeatable), "
                                                           "e.g. --set quorum=0.5 --set local_epochs=1.")] = [],
     watch: WatchOpt = "auto",
+    data_root: DataRootOpt = None,
     syncthing: SyncthingOpt = None,
     syncthing_key: SyncthingKeyOpt = None,
 ) -> None:
@@ -57,14 +59,15 @@ def coordinator(
 
     Example: fedsync coordinator --rounds 20 --share /mnt/fed --set min_workers=3
     """
-    from fedsync.run.config import load_config, parse_overrides
     from fedsync.coordinator import CoordinatorOptions, run_coordinator
+    from fedsync.run.config import load_config, parse_overrides
+    from fedsync.storage.share import Share
 
     cfg = load_config(config, parse_overrides(set_))
     final = run_coordinator(CoordinatorOptions(share=share, config=cfg, rounds=rounds, watch=_check_watch(watch),
-                                               syncthing=syncthing, syncthing_key=syncthing_key))
+                                               data_root=data_root, syncthing=syncthing, syncthing_key=syncthing_key))
     typer.echo(f"final test accuracy {final.test_accuracy:.4f} after {final.round} rounds: "
-               f"{share / 'final.safetensors'}")
+               f"{Share(share).where(Share.final_model)}")
 
 
 @app.command()
@@ -76,6 +79,7 @@ def worker(
                                              "passed over a GPU); an explicit device that cannot train fails at "
                                              "once with `fedsync doctor`'s diagnosis.")] = "auto",
     watch: WatchOpt = "auto",
+    data_root: DataRootOpt = None,
     wait_for_run: Annotated[float | None, typer.Option(help="Give up if no run appears in the share within "
                                                             "this many seconds (default: wait forever).")] = None,
     syncthing: SyncthingOpt = None,
@@ -87,7 +91,7 @@ def worker(
     """
     import socket
 
-    from fedsync.storage.share import check_worker_name
+    from fedsync.storage.names import check_worker_name
     from fedsync.worker import WorkerOptions, run_worker
 
     try:
@@ -95,7 +99,8 @@ def worker(
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--name") from None
     run_worker(WorkerOptions(share=share, name=name, device=device, watch=_check_watch(watch),
-                             wait_for_run=wait_for_run, syncthing=syncthing, syncthing_key=syncthing_key))
+                             data_root=data_root, wait_for_run=wait_for_run, syncthing=syncthing,
+                             syncthing_key=syncthing_key))
 
 
 @app.command()
@@ -107,8 +112,8 @@ def status(
 
     Example: fedsync status --share /mnt/fed --json
     """
-    from fedsync.storage.share import Share
     from fedsync.cli.status import collect_status, format_status
+    from fedsync.storage.share import Share
 
     st = collect_status(Share(share))
     typer.echo(json.dumps(st, indent=2) if as_json else format_status(st))
@@ -126,8 +131,8 @@ def verify(
     """
     from dataclasses import asdict
 
-    from fedsync.storage.share import Share
     from fedsync.cli.verify import verify as verify_share
+    from fedsync.storage.share import Share
 
     report = verify_share(Share(share))
     if as_json:
@@ -171,8 +176,8 @@ def demo(
 
     Example: fedsync demo --workers 3 --rounds 20
     """
-    from fedsync.cli.demo import run_demo
     from fedsync.base.logs import make_log
+    from fedsync.cli.demo import run_demo
 
     result = run_demo(share, workers, rounds, config, make_log("demo"))
     typer.echo(f"demo finished: {result.final.round} rounds, {workers} workers, final test accuracy "

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
-from fedsync.storage.lease import LEASE_FILE
+from fedsync.storage import names
+from fedsync.storage.lease import read_lease
 from fedsync.storage.manifest import finished, read_manifest
-from fedsync.storage.markers import Assignment, CoordinatorLease, Summary, WorkerInfo, parse
-from fedsync.storage.share import Share, is_conflict_copy, is_temporary, read_yaml
+from fedsync.storage.markers import Assignment, CoordinatorLease, Summary, WorkerInfo
+from fedsync.storage.share import Share
 
 
-def _load(cls: type, path: os.PathLike[str] | str, where: str) -> Any:
+def _load(share: Share, cls: type, name: str) -> Any:
     try:
-        return parse(cls, read_yaml(path), where)  # type: ignore[arg-type]
+        return share.read_record(cls, name)
     except Exception:  # noqa: BLE001 - absent, or not synced whole yet: status reports what it can
         return None
+
+
+def _markers(share: Share, folder: str) -> dict[str, float]:
+    """Marker files in a folder by owner, with their modification times (file time, as seen from here)."""
+    found = {owner: e.modified for e in share.list(folder) if (owner := names.marker_owner(e.name)) is not None}
+    return dict(sorted(found.items()))
 
 
 def collect_status(share: Share) -> dict[str, Any]:
@@ -24,25 +30,21 @@ def collect_status(share: Share) -> dict[str, Any]:
     rounds = share.rounds()
     current = rounds[-1] if rounds else None
     status: dict[str, Any] = {
-        "share": str(share.root), "run_id": manifest.run_id, "created": manifest.created,
+        "share": share.where(), "run_id": manifest.run_id, "created": manifest.created,
         "task": manifest.config["task"], "model": manifest.config["model"],
         "round": current, "rounds": None, "state": "waiting for workers", "assigned": [], "submitted": [],
         "last_closed": None, "workers": [], "final": None, "coordinator": None,
     }
     if current is not None:
-        a: Assignment | None = _load(Assignment, share.assignment(current), "assignment")
+        a: Assignment | None = _load(share, Assignment, share.assignment(current))
         if a is not None:
             status["rounds"] = a.rounds
             status["assigned"] = sorted(a.workers)
             status["state"] = "collecting updates"
-        try:
-            status["submitted"] = sorted(n[:-5] for n in os.listdir(share.updates_dir(current))
-                                         if n.endswith(".yaml") and not is_temporary(n) and not is_conflict_copy(n))
-        except FileNotFoundError:
-            pass
+        status["submitted"] = list(_markers(share, share.updates_dir(current)))
         closed = share.closed_rounds()
         if closed:
-            s: Summary | None = _load(Summary, share.summary(closed[-1]), "summary")
+            s: Summary | None = _load(share, Summary, share.summary(closed[-1]))
             if s is not None:
                 status["last_closed"] = {
                     "round": s.round, "closed_because": s.closed_because, "seconds": s.seconds,
@@ -51,12 +53,10 @@ def collect_status(share: Share) -> dict[str, Any]:
                     "missing": s.missing, **s.metrics}
             if closed[-1] == current:
                 status["state"] = "closed; next round not open yet"
-    lease: CoordinatorLease | None = _load(CoordinatorLease, share.root / LEASE_FILE, LEASE_FILE)
+    lease: CoordinatorLease | None = read_lease(share)
     if lease is not None:
-        try:
-            age: float | None = round(time.time() - os.stat(share.root / LEASE_FILE).st_mtime, 1)
-        except FileNotFoundError:
-            age = None
+        modified = {e.name: e.modified for e in share.list("")}.get(share.lease)
+        age: float | None = None if modified is None else round(time.time() - modified, 1)
         status["coordinator"] = {"owner": lease.owner, "host": lease.host, "pid": lease.pid, "state": lease.state,
                                  "round": lease.round, "note": lease.note, "last_refresh_s": age}
         if lease.state == "extended":
@@ -66,20 +66,12 @@ def collect_status(share: Share) -> dict[str, Any]:
         status["final"] = {"round": final.round, "test_accuracy": final.test_accuracy}
         status["state"] = "finished"
     now = time.time()
-    try:
-        names = sorted(n[:-5] for n in os.listdir(share.workers_dir)
-                       if n.endswith(".yaml") and not is_temporary(n) and not is_conflict_copy(n))
-    except FileNotFoundError:
-        names = []
-    for name in names:
-        info: WorkerInfo | None = _load(WorkerInfo, share.worker_file(name), "worker")
+    for name, modified in _markers(share, share.workers_dir).items():
+        info: WorkerInfo | None = _load(share, WorkerInfo, share.worker_file(name))
         if info is None:
             status["workers"].append({"name": name, "problem": "registration unreadable"})
             continue
-        try:
-            age = now - os.stat(share.worker_file(name)).st_mtime
-        except FileNotFoundError:
-            age = None
+        age = now - modified
         status["workers"].append({
             "name": name, "device": info.device, "device_name": info.device_name, "torch": info.torch,
             "cuda_capability": info.cuda_capability, "precision": info.precision,

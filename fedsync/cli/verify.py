@@ -7,10 +7,10 @@ final model); hints are harmless leftovers. Every finding names its file and wha
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from fedsync.storage.lease import LEASE_FILE
+from fedsync.storage import names
 from fedsync.storage.manifest import read_manifest
 from fedsync.storage.markers import (
     Assignment,
@@ -20,10 +20,10 @@ from fedsync.storage.markers import (
     Summary,
     UpdateMarker,
     WorkerInfo,
-    parse,
 )
 from fedsync.storage.reasons import Unusable
-from fedsync.storage.share import Share, is_conflict_copy, read_verified, read_yaml
+from fedsync.storage.share import Share
+from fedsync.storage.yamlfile import MAX_YAML_BYTES
 
 
 @dataclass(frozen=True)
@@ -51,11 +51,12 @@ def verify(share: Share) -> Report:
     report = Report()
     read_manifest(share)  # a missing or foreign-format manifest is an error the caller reports
     report.checked += 1
-    _record(report, share, share.root / LEASE_FILE, CoordinatorLease, required=False,
+    _record(report, share, share.lease, CoordinatorLease, required=False,
             fix="the coordinator rewrites it at its next start")
-    for path in sorted(share.workers_dir.glob("*.yaml")) if share.workers_dir.is_dir() else []:
-        _record(report, share, path, WorkerInfo, required=True, level="hint",
-                fix="the worker rewrites it at its next heartbeat; restart that worker")
+    for e in sorted(share.list(share.workers_dir), key=lambda e: e.name):
+        if e.name.endswith(names.MARKER_SUFFIX) and not e.name.startswith("."):
+            _record(report, share, names.join(share.workers_dir, e.name), WorkerInfo, required=True, level="hint",
+                    fix="the worker rewrites it at its next heartbeat; restart that worker")
     closed = 0
     for r in share.rounds():
         a = _record(report, share, share.assignment(r), Assignment, required=True,
@@ -65,16 +66,14 @@ def verify(share: Share) -> Report:
         s = _record(report, share, share.summary(r), Summary, required=False, fix=RESTORE)
         if s is not None:
             closed = r
-            _file(report, share, share.root / s.model.file, s.model, f"round {r}'s aggregate: {RESTORE}")
+            _file(report, share, s.model.file, s.model, f"round {r}'s aggregate: {RESTORE}")
             for x in s.accepted:
                 _update(report, share, r, x.worker, f"accepted in round {r}")
             for late in s.late:
                 if late.outcome == "folded":
                     _update(report, share, late.round, late.worker, f"folded into round {r}")
-        for path in share.round_dir(r).rglob("*"):
-            _leftovers(report, share, path)
-    for path in share.root.iterdir():
-        _leftovers(report, share, path)
+        _leftovers(report, share, share.round_dir(r), recursive=True)
+    _leftovers(report, share, "", recursive=False)
     if closed:
         _metrics(report, share, closed)
     final = _record(report, share, share.final_marker, FinalMarker, required=False, fix=RESTORE)
@@ -83,32 +82,28 @@ def verify(share: Share) -> Report:
     return report
 
 
-def _rel(share: Share, path: Path) -> str:
-    return path.relative_to(share.root).as_posix()
-
-
-def _record(report: Report, share: Share, path: Path, cls: type, required: bool, fix: str,
+def _record(report: Report, share: Share, name: str, cls: type, required: bool, fix: str,
             level: str = "error"):  # type: ignore[no-untyped-def]
-    if not path.exists():
+    if not share.exists(name):
         if required:
-            report.findings.append(Finding(level, _rel(share, path), "missing", fix))
+            report.findings.append(Finding(level, name, "missing", fix))
         return None
     report.checked += 1
     try:
-        return parse(cls, read_yaml(path), _rel(share, path))
+        return share.read_record(cls, name)
     except Exception as e:  # noqa: BLE001 - any unreadable marker is one finding
-        report.findings.append(Finding(level, _rel(share, path), f"unreadable: {e}", fix))
+        report.findings.append(Finding(level, name, f"unreadable: {e}", fix))
         return None
 
 
-def _file(report: Report, share: Share, path: Path, ref: FileRef, fix: str) -> None:
+def _file(report: Report, share: Share, name: str, ref: FileRef, fix: str) -> None:
     report.checked += 1
     try:
-        read_verified(path, ref)
+        share.read_verified(name, ref)
     except Unusable as e:
-        report.findings.append(Finding("error", _rel(share, path), f"{e.reason.value}: {e.detail}", fix))
+        report.findings.append(Finding("error", name, f"{e.reason.value}: {e.detail}", fix))
     except OSError as e:
-        report.findings.append(Finding("error", _rel(share, path), f"unreadable: {e.strerror or e}", fix))
+        report.findings.append(Finding("error", name, f"unreadable: {e.strerror or e}", fix))
 
 
 def _update(report: Report, share: Share, r: int, worker: str, why: str) -> None:
@@ -119,21 +114,26 @@ def _update(report: Report, share: Share, r: int, worker: str, why: str) -> None
               f"this update was {why} and has changed since; {RESTORE}")
 
 
-def _leftovers(report: Report, share: Share, path: Path) -> None:
-    if path.name.startswith(".") and path.name.endswith(".tmp"):
-        report.findings.append(Finding("hint", _rel(share, path), "temporary file left by an interrupted writer",
-                                       "harmless; its owner deletes it at its next start, or delete it"))
-    elif is_conflict_copy(path.name):
-        report.findings.append(Finding("hint", _rel(share, path), "sync conflict copy",
-                                       "two machines wrote one file; fedsync never reads it: delete it"))
+def _leftovers(report: Report, share: Share, folder: str, recursive: bool) -> None:
+    for e in share.list(folder):
+        name = names.join(folder, e.name)
+        if e.name.startswith(".") and e.name.endswith(".tmp"):
+            report.findings.append(Finding("hint", name, "temporary file left by an interrupted writer",
+                                           "harmless; its owner deletes it at its next start, or delete it"))
+        elif names.is_conflict_copy(e.name):
+            report.findings.append(Finding("hint", name, "sync conflict copy",
+                                           "two machines wrote one file; fedsync never reads it: delete it"))
+        if e.folder and recursive:
+            _leftovers(report, share, name, recursive)
 
 
 def _metrics(report: Report, share: Share, closed: int) -> None:
     report.checked += 1
     try:
-        rounds = [int(row["round"]) for row in csv.DictReader(share.metrics.open())]
+        text = share.store.read(share.metrics, 16 * MAX_YAML_BYTES).decode()
+        rounds = [int(row["round"]) for row in csv.DictReader(io.StringIO(text))]
     except (OSError, KeyError, ValueError):
         rounds = []
     if rounds != list(range(1, closed + 1)):
-        report.findings.append(Finding("hint", "metrics.csv", f"does not list rounds 1..{closed}",
+        report.findings.append(Finding("hint", share.metrics, f"does not list rounds 1..{closed}",
                                        "derived from the summaries: the coordinator rewrites it at its next start"))

@@ -40,15 +40,6 @@ class Dataset:
     num_classes: int
 
 
-def load_dataset(task: str, data_root: str | None, seed: int, test_fraction: float,
-                 verify_checksums: bool = True) -> Dataset:
-    if task == "digits":
-        return load_digits(seed, test_fraction)
-    if task == "cifar10":
-        return load_cifar10(Path(data_root or "./data"), verify_checksums)
-    raise DataError(f"unknown task {task!r}: use digits or cifar10")
-
-
 def load_digits(seed: int, test_fraction: float) -> Dataset:
     """scikit-learn's bundled 1,797 8x8 digits, pixel values 0..16 scaled to 0..1, a seeded held-out split."""
     if not 0.0 < test_fraction < 1.0:

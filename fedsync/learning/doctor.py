@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fedsync.learning.device import MODERN, DeviceChoice, DeviceFacts, choose_precision, gpu_fix, gpu_problem
 from fedsync.base.errors import DeviceError
+from fedsync.learning.device import MODERN, DeviceChoice, DeviceFacts, choose_precision, gpu_fix, gpu_problem
 from fedsync.learning.train import AUTOCAST
 
 

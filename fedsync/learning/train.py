@@ -8,6 +8,7 @@ for the device until the round's last step. Mixed precision is autocast (bf16, o
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -15,9 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedsync.learning.data import Split
-from fedsync.base.faults import Pace
+from fedsync.learning.pace import Pace
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,7 @@ class TrainSettings:
     lr: float
     momentum: float
     weight_decay: float
-    augment: bool
+    augment: Augment | None  # the task's augmentation of a batch on the device, or None for none
     steps: int | None = None     # optimizer steps to take instead of `epochs` passes (balance: throughput)
     prox_mu: float = 0.0         # FedProx: pull towards the round's global model with (mu / 2) * ||w - w0||^2
     precision: str = "fp32"      # fp32 | bf16 | fp16, already resolved for the device
@@ -45,22 +47,6 @@ class TrainResult:
     @property
     def samples_per_s(self) -> float:
         return self.processed / self.seconds if self.seconds > 0 else 0.0
-
-
-def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random crop after 4-pixel zero padding, and random horizontal flip, vectorised on x's device
-    (`generator` must live on that device too, so no random number crosses from the host)."""
-    b, c, h, w = x.shape
-    padded = F.pad(x, (4, 4, 4, 4))
-    dy = torch.randint(0, 9, (b,), generator=generator, device=x.device)
-    dx = torch.randint(0, 9, (b,), generator=generator, device=x.device)
-    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
-    batch = torch.arange(b, device=x.device)[:, None, None, None]
-    chan = torch.arange(c, device=x.device)[None, :, None, None]
-    out = padded[batch, chan, rows, cols]
-    flip = (torch.rand(b, generator=generator, device=x.device) < 0.5)[:, None, None, None]
-    return torch.where(flip, out.flip(3), out)
 
 
 def fits_on(device: str, nbytes: int) -> bool:
@@ -108,8 +94,8 @@ def local_train(model: nn.Module, data: Split, settings: TrainSettings, device: 
         idx = order[start:start + settings.batch_size]
         xb = data.x[idx].to(device, non_blocking=True)
         yb = data.y[idx].to(device, non_blocking=True)
-        if settings.augment:
-            xb = augment_batch(xb, generator)
+        if settings.augment is not None:
+            xb = settings.augment(xb, generator)
         xb = xb.contiguous(memory_format=memory_format)
         with torch.autocast(kind, dtype=AUTOCAST.get(settings.precision), enabled=settings.precision in AUTOCAST):
             loss = F.cross_entropy(model(xb), yb)

@@ -13,23 +13,24 @@ from pathlib import Path
 from typing import Any
 
 from fedsync.aggregation.rules import RULES
-from fedsync.learning.balance import BALANCE
 from fedsync.base.errors import ConfigError
+from fedsync.learning.balance import BALANCE
+from fedsync.learning.device import PRECISIONS
+from fedsync.learning.models import REGISTRY as MODELS
+from fedsync.learning.tasks import TASKS, DataOptions
 from fedsync.storage.markers import MarkerError, parse_record
-from fedsync.storage.share import parse_yaml
+from fedsync.storage.yamlfile import parse_yaml
 
-BUILTIN = ("digits", "cifar10")
-MODELS = ("digits_cnn", "resnet18_cifar")  # fedsync.learning.models.REGISTRY's names (a test keeps them equal): no torch here
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # auto: each worker picks for its device (fedsync.device)
+BUILTIN = ("digits", "cifar10")  # the config files shipped in fedsync.configs (configs/ in the repository)
 
 
 @dataclass(frozen=True)
 class RunConfig:
     """Every knob of a run; units are in the names' comments of configs/digits.yaml."""
 
-    task: str                 # digits | cifar10
-    model: str                # one of MODELS
-    data_root: str | None     # cifar10: the folder holding cifar-10-batches-py/
+    task: str                 # a registered task (fedsync/learning/tasks.py): digits | cifar10
+    model: str                # a registered model (fedsync/learning/models.py)
+    data_root: str | None     # where the task's data is, unless a machine gives its own with --data-root
     verify_checksums: bool    # torchvision's MD5 check of CIFAR-10; false only for fabricated data
     seed: int                 # initial weights, data split and shards all follow from it
     test_fraction: float      # digits: held-out share for the coordinator's evaluation
@@ -58,10 +59,10 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.task not in BUILTIN:
-            problems.append(f"task {self.task!r} is not one of {', '.join(BUILTIN)}")
+        if self.task not in TASKS:
+            problems.append(f"task {self.task!r} is not one of {', '.join(sorted(TASKS))}")
         if self.model not in MODELS:
-            problems.append(f"model {self.model!r} is not one of {', '.join(MODELS)}")
+            problems.append(f"model {self.model!r} is not one of {', '.join(sorted(MODELS))}")
         if self.late_policy not in ("drop", "fold"):
             problems.append(f"late_policy {self.late_policy!r} is not drop or fold")
         if self.max_staleness < 1 or self.staleness_exponent < 0:
@@ -92,6 +93,9 @@ class RunConfig:
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def data_options(self) -> DataOptions:
+        return DataOptions(seed=self.seed, test_fraction=self.test_fraction, verify_checksums=self.verify_checksums)
 
 
 def _builtin_text(name: str) -> bytes:

@@ -4,13 +4,13 @@ synced yet), duplicated or stray, and which updates of closed rounds arrived lat
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 
-from fedsync.aggregation.rules import Rule
-from fedsync.run.config import RunConfig
-from fedsync.fedavg import staleness_weight
 from fedsync.aggregation.intake import Candidate, Outcome
+from fedsync.aggregation.rules import Rule
+from fedsync.fedavg import staleness_weight
+from fedsync.run.config import RunConfig
+from fedsync.storage import names
 from fedsync.storage.markers import (
     Accepted,
     Assignment,
@@ -24,7 +24,8 @@ from fedsync.storage.markers import (
     parse,
 )
 from fedsync.storage.reasons import Reason, Unusable
-from fedsync.storage.share import Share, is_conflict_copy, is_temporary, read_yaml
+from fedsync.storage.share import Share
+from fedsync.storage.store import LinkRefused
 
 
 class RoundLedger:
@@ -37,7 +38,7 @@ class RoundLedger:
         self.pending: dict[str, tuple[tuple[object, ...], Unusable]] = {}
         self.ignored: set[str] = set()
         self.markers: dict[str, UpdateMarker] = {}  # checked markers whose tensors are being verified
-        self.signatures: dict[str, tuple[object, ...]] = {}  # files' state when last looked at, before reading
+        self.signatures: dict[str, tuple[object, ...]] = {}  # files' signatures when last looked at, before reading
         self.duplicates: dict[str, Rejected] = {}
         self.settled: set[str] = set()  # decided in an earlier life of this round (late intake): skipped
 
@@ -45,25 +46,20 @@ class RoundLedger:
         """Markers not decided yet whose files changed since last look, checked up to their tensor file."""
         candidates: list[Candidate] = []
         self._note_strays()
-        try:
-            names = os.listdir(self.share.updates_dir(self.r))
-        except FileNotFoundError:
-            return candidates
-        for name in sorted(names):
-            if is_temporary(name):
+        for name in sorted(e.name for e in self.share.list(self.share.updates_dir(self.r))):
+            if names.is_temporary(name):
                 continue
-            if is_conflict_copy(name) or not (name.endswith(".yaml") or name.endswith(".safetensors")):
-                self.ignored.add(f"updates/{name}")
-                continue
-            if name.endswith(".safetensors"):
-                continue  # read through its marker
-            worker = name[:-len(".yaml")]
+            worker = names.marker_owner(name)
+            if worker is None:
+                if names.is_conflict_copy(name) or not name.endswith(names.TENSORS_SUFFIX):
+                    self.ignored.add(names.join(names.UPDATES, name))
+                continue  # a tensor file is read through its marker
             if worker in self.settled:
                 continue
             signature = self._signature(worker)
             if worker in self.accepted or worker in self.rejected:
                 if signature != self.signatures[worker] and worker not in self.duplicates:
-                    self.duplicates[worker] = Rejected(worker, f"updates/{name}", Reason.DUPLICATE.value,
+                    self.duplicates[worker] = Rejected(worker, names.join(names.UPDATES, name), Reason.DUPLICATE.value,
                                                        "its files changed after the update was decided")
                 continue
             if worker in self.pending and self.pending[worker][0] == signature:
@@ -77,31 +73,30 @@ class RoundLedger:
 
     def _note_strays(self) -> None:
         """Anything in the round folder that the protocol does not put there is reported, never read."""
-        expected = {"global.safetensors", "assignment.yaml", "updates", "summary.yaml"}
-        for name in os.listdir(self.share.round_dir(self.r)):
-            if name not in expected and not is_temporary(name):
-                self.ignored.add(name)
+        for e in self.share.list(self.share.round_dir(self.r)):
+            if e.name not in names.ROUND_FILES and not names.is_temporary(e.name):
+                self.ignored.add(e.name)
 
     def _signature(self, worker: str) -> tuple[object, ...]:
         out: list[object] = []
-        for path in (self.share.update_marker(self.r, worker), self.share.update_tensors(self.r, worker)):
+        for name in (self.share.update_marker(self.r, worker), self.share.update_tensors(self.r, worker)):
             try:
-                st = os.stat(path)
-                out.append((st.st_mtime_ns, st.st_size, st.st_ino))
+                out.append(self.share.signature(name))
             except OSError:
                 out.append(None)
         return tuple(out)
 
     def _check_marker(self, worker: str) -> Candidate:
-        path = self.share.update_marker(self.r, worker)
-        if path.is_symlink():
-            raise Unusable(Reason.BAD_PATH, f"{path.name} is a symbolic link")
+        name = self.share.update_marker(self.r, worker)
+        short = name.rsplit("/", 1)[-1]
         try:
-            data = read_yaml(path)
+            data = self.share.read_yaml(name, follow_links=False)
+        except LinkRefused:
+            raise Unusable(Reason.BAD_PATH, f"{short} is a symbolic link") from None
         except Exception as e:  # noqa: BLE001 - OSError, YAMLError, OversizeError: all 'unreadable'
-            raise Unusable(Reason.MARKER_UNREADABLE, f"{path.name}: {e}") from None
+            raise Unusable(Reason.MARKER_UNREADABLE, f"{short}: {e}") from None
         try:
-            m = parse(UpdateMarker, data, path.name)
+            m = parse(UpdateMarker, data, short)
         except FormatMismatch as e:
             raise Unusable(Reason.FORMAT_MISMATCH, str(e)) from None
         except PathOutsideFolder as e:
@@ -111,13 +106,13 @@ class RoundLedger:
         if worker not in self.a.workers:
             raise Unusable(Reason.NOT_ASSIGNED, f"{worker} has no task in round {self.r}")
         if m.worker != worker:
-            raise Unusable(Reason.WRONG_WORKER, f"{path.name} says it is from {m.worker!r}")
+            raise Unusable(Reason.WRONG_WORKER, f"{short} says it is from {m.worker!r}")
         if m.round != self.r:
-            raise Unusable(Reason.WRONG_ROUND, f"{path.name} is for round {m.round}, found in round {self.r}")
+            raise Unusable(Reason.WRONG_ROUND, f"{short} is for round {m.round}, found in round {self.r}")
         if m.base != self.a.model.blake3:
-            raise Unusable(Reason.WRONG_BASE, f"{path.name} was trained from model {m.base[:12]}…")
-        if m.tensors.file != f"{worker}.safetensors":
-            raise Unusable(Reason.BAD_PATH, f"{path.name} names {m.tensors.file!r}")
+            raise Unusable(Reason.WRONG_BASE, f"{short} was trained from model {m.base[:12]}…")
+        if m.tensors.file != names.update_tensors_name(worker):
+            raise Unusable(Reason.BAD_PATH, f"{short} names {m.tensors.file!r}")
         if not 0 < m.samples <= self.train_size:
             raise Unusable(Reason.BAD_SAMPLES, f"samples={m.samples}, the training set has {self.train_size}")
         if m.steps < 1:
@@ -143,7 +138,8 @@ class RoundLedger:
             self.pending[worker] = (self.signatures[worker], problem)  # retried on change, rejected at close
         else:
             self.pending.pop(worker, None)
-            self.rejected[worker] = Rejected(worker, f"updates/{worker}.yaml", problem.reason.value, problem.detail)
+            self.rejected[worker] = Rejected(worker, names.update_marker_in_round(worker), problem.reason.value,
+                                             problem.detail)
 
     def all_reported(self) -> bool:
         return all(w in self.accepted or w in self.rejected for w in self.a.workers)
@@ -155,7 +151,7 @@ class RoundLedger:
                 for w, m in sorted(self.accepted.items())]
 
     def rejected_records(self) -> list[Rejected]:
-        late = [Rejected(w, f"updates/{w}.yaml", p.reason.value, f"still at the close: {p.detail}")
+        late = [Rejected(w, names.update_marker_in_round(w), p.reason.value, f"still at the close: {p.detail}")
                 for w, (_, p) in sorted(self.pending.items())]
         return sorted([*self.rejected.values(), *self.duplicates.values()], key=lambda x: x.worker) + late
 
@@ -172,9 +168,9 @@ class LateLedger:
         self.rounds: dict[int, RoundLedger] = {}
         self.found: dict[tuple[int, str], Late] = {}
         window = range(max(1, r - cfg.max_staleness), r)
-        summaries = {c: load_summary(share, c) for c in window if share.summary(c).exists()}
+        summaries = {c: load_summary(share, c) for c in window if share.exists(share.summary(c))}
         for c, s in summaries.items():
-            a = parse(Assignment, read_yaml(share.assignment(c)), str(share.assignment(c)))
+            a = share.read_record(Assignment, share.assignment(c))
             ri = RoundLedger(share, c, a, train_size, rule)
             ri.settled = {x.worker for x in s.accepted} | {x.worker for x in s.rejected}
             self.rounds[c] = ri
@@ -221,4 +217,4 @@ class LateLedger:
 
 
 def load_summary(share: Share, r: int) -> Summary:
-    return parse(Summary, read_yaml(share.summary(r)), str(share.summary(r)))
+    return share.read_record(Summary, share.summary(r))

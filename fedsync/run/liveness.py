@@ -1,4 +1,4 @@
-"""Which workers are alive, judged by the coordinator's own clock (DESIGN invariant 5).
+"""Which workers are alive, judged by the coordinator's own clock (docs/DESIGN.md, invariant 5).
 
 A worker is seen alive when its workers/<name>.yaml changes: a heartbeat rewrites it (a new file by rename,
 so the inode changes even where mtimes are coarse). The time of a change is when *this* process noticed it;
@@ -7,12 +7,13 @@ timestamps written by other machines are never compared with ours.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 
-from fedsync.storage.markers import MarkerError, WorkerInfo, parse
-from fedsync.storage.share import Share, check_worker_name, is_conflict_copy, is_temporary, read_yaml
+from fedsync.storage import names
+from fedsync.storage.markers import MarkerError, WorkerInfo
+from fedsync.storage.share import Share
+from fedsync.storage.store import Signature
 
 
 class Liveness:
@@ -20,7 +21,7 @@ class Liveness:
         self.share = share
         self.timeout = timeout
         self.clock = clock
-        self.seen: dict[str, tuple[tuple[int, int, int], float]] = {}
+        self.seen: dict[str, tuple[Signature, float]] = {}
         self.info: dict[str, WorkerInfo] = {}
         self.problems: dict[str, str] = {}
 
@@ -28,19 +29,11 @@ class Liveness:
         """Look at every registration file; return the names seen for the first time."""
         now = self.clock()
         new = []
-        try:
-            entries = list(os.scandir(self.share.workers_dir))
-        except FileNotFoundError:
-            return new
-        for entry in entries:
-            if is_temporary(entry.name) or is_conflict_copy(entry.name) or not entry.name.endswith(".yaml"):
+        for entry in self.share.list(self.share.workers_dir):
+            name = names.marker_owner(entry.name)
+            if name is None:
                 continue
-            name = entry.name[:-5]
-            try:
-                st = entry.stat()
-            except FileNotFoundError:
-                continue  # replaced between listing and stat: the next scan sees the new one
-            signature = (st.st_mtime_ns, st.st_size, st.st_ino)
+            signature = entry.signature
             previous = self.seen.get(name)
             if previous is not None and previous[0] == signature:
                 continue
@@ -52,10 +45,10 @@ class Liveness:
 
     def _read(self, name: str) -> bool:
         try:
-            check_worker_name(name)
-            info = parse(WorkerInfo, read_yaml(self.share.worker_file(name)), f"workers/{name}.yaml")
+            names.check_worker_name(name)
+            info = self.share.read_record(WorkerInfo, self.share.worker_file(name))
             if info.name != name:
-                raise MarkerError(f"workers/{name}.yaml names itself {info.name!r}")
+                raise MarkerError(f"{self.share.worker_file(name)} names itself {info.name!r}")
         except Exception as e:  # noqa: BLE001 - OSError, YAMLError, MarkerError: retried on the file's next change
             self.problems[name] = str(e)
             return False

@@ -1,8 +1,8 @@
 """The coordinator's lease on a share: coordinator.yaml, refreshed by its owner, so a second coordinator
-refuses instead of writing beside the first (two writers would break DESIGN invariant 1).
+refuses instead of writing beside the first (two writers would break docs/DESIGN.md, invariant 1).
 
 On one host the local file lock decides at once. Across hosts, a coordinator that finds another's lease
-watches the file for `timeout` seconds by its own clock (DESIGN invariant 5): a change means the owner is
+watches the file for `timeout` seconds by its own clock (docs/DESIGN.md, invariant 5): a change means the owner is
 alive and it refuses; no change means the owner died and it takes over.
 """
 
@@ -17,25 +17,17 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from fedsync.base.errors import ShareError
-from fedsync.storage.markers import FORMAT_VERSION, CoordinatorLease, parse, to_dict
-from fedsync.storage.share import RepeatedWrite, Share, read_yaml
+from fedsync.storage.markers import FORMAT_VERSION, CoordinatorLease, to_dict
+from fedsync.storage.share import Share
+from fedsync.storage.trouble import RepeatedWrite
 
-LEASE_FILE = "coordinator.yaml"
 
-
-def _read(share: Share) -> CoordinatorLease | None:
+def read_lease(share: Share) -> CoordinatorLease | None:
+    """The lease in the share; None when absent or not synced whole (no live lease can be proven from it)."""
     try:
-        return parse(CoordinatorLease, read_yaml(share.root / LEASE_FILE), LEASE_FILE)
-    except Exception:  # noqa: BLE001 - absent, or not synced whole: no live lease can be proven from it
+        return share.read_record(CoordinatorLease, share.lease)
+    except Exception:  # noqa: BLE001 - absent, unreadable or malformed: all mean "no lease to respect"
         return None
-
-
-def _signature(share: Share) -> tuple[int, int, int] | None:
-    try:
-        st = os.stat(share.root / LEASE_FILE)
-    except FileNotFoundError:
-        return None
-    return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
 class Lease:
@@ -45,7 +37,7 @@ class Lease:
         self.lost = threading.Event()
         self.lock = threading.Lock()
         self.stopped = threading.Event()
-        self.writes = RepeatedWrite(log, LEASE_FILE, f"every {refresh:g} s")
+        self.writes = RepeatedWrite(log, share.lease, f"every {refresh:g} s")
         self.record = CoordinatorLease(format=FORMAT_VERSION, run_id=run_id,
                                        owner=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
                                        host=socket.gethostname(), pid=os.getpid(), heartbeat=0, state="starting",
@@ -54,17 +46,17 @@ class Lease:
 
     def check(self) -> None:
         """Refuse (ShareError) while another host's coordinator keeps its lease fresh; reads only."""
-        other = _read(self.share)
+        other = read_lease(self.share)
         if other is None or other.state == "stopped" or other.host == self.record.host:
             return  # same host: the caller holds the local lock, so the previous owner on this host is gone
         # Another host's coordinator may be alive: watch its lease for one timeout, by our clock.
         self.log(f"share has a lease from coordinator {other.owner}; watching it for {self.timeout:.0f} s")
-        seen = _signature(self.share)
+        seen = self.share.signature(self.share.lease)
         end = time.monotonic() + self.timeout
         while time.monotonic() < end:
             time.sleep(min(0.5, self.refresh))
-            if _signature(self.share) != seen:
-                now = _read(self.share)
+            if self.share.signature(self.share.lease) != seen:
+                now = read_lease(self.share)
                 raise ShareError(f"{self.share.root} is driven by coordinator {(now or other).owner} on host "
                                  f"{(now or other).host}, which is refreshing its lease: stop it first")
         self.log(f"coordinator {other.owner} on {other.host} did not refresh its lease for "
@@ -89,12 +81,12 @@ class Lease:
 
     def _write(self) -> None:
         with self.lock:
-            current = _read(self.share)
+            current = read_lease(self.share)
             if current is not None and current.owner != self.record.owner and self.record.heartbeat > 0:
                 self.lost.set()  # someone took over (we were presumed dead): stop writing to this share
                 return
             self.record = replace(self.record, heartbeat=self.record.heartbeat + 1)
-            self.share.write_yaml(self.share.root / LEASE_FILE, to_dict(self.record))
+            self.share.write_yaml(self.share.lease, to_dict(self.record))
 
     def _refresh(self) -> None:
         self.writes.attempt(self._write)

@@ -44,9 +44,8 @@ class SyncthingNudge:
                 return str(folder["id"])
         raise ShareError(f"the Syncthing at {self.url} shares no folder at {self.share}")
 
-    def scan(self, path: Path) -> None:
-        """Ask Syncthing to scan `path` (a file or folder inside the share) at once."""
-        sub = path.resolve().relative_to(self.share).as_posix()
+    def scan(self, sub: str) -> None:
+        """Ask Syncthing to scan `sub` (a file or folder of the share, by its name in it) at once."""
         query = urllib.parse.urlencode({"folder": self.folder, "sub": sub})
         try:
             self._call(f"/rest/db/scan?{query}", "POST")

@@ -1,7 +1,6 @@
-"""safetensors files in the share: written whole with their hash, read back only after verifying it.
-
-Files are read into memory, never memory-mapped: on a network filesystem a mapped file that changes under
-the reader kills the process with SIGBUS instead of raising an error.
+"""The safetensors format as the share holds it, read without torch: the header's length prefix, the JSON header
+(tensor names, dtypes, shapes, byte offsets) and the check that an update holds exactly the global model's
+tensors. The tensors themselves are read in pieces by fedsync/aggregation/intake.py.
 """
 
 from __future__ import annotations
@@ -9,39 +8,25 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
-import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
-
-from fedsync.storage.markers import FileRef
 from fedsync.storage.reasons import Reason, Unusable
-from fedsync.storage.share import atomic_write, hash_bytes, read_verified
 
 MAX_HEADER_BYTES = 16 << 20
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+ITEMSIZE: dict[str, int] = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+                            "U8": 1, "BOOL": 1}
 
-Layout = dict[str, tuple[torch.dtype, tuple[int, ...]]]
+FileLayout = Mapping[str, tuple[str, tuple[int, ...]]]  # tensor name -> (safetensors dtype code, shape)
 
 
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
-    dtype: torch.dtype
+    dtype: str  # safetensors dtype code: F32, BF16, I64, ...
     shape: tuple[int, ...]
     start: int  # byte offsets into the data section, which begins after the header
     end: int
-
-
-def layout_of(state: Mapping[str, torch.Tensor]) -> Layout:
-    return {k: (v.dtype, tuple(v.shape)) for k, v in state.items()}
 
 
 def header_length(prefix: bytes, file_size: int) -> int:
@@ -67,12 +52,12 @@ def parse_header(header: bytes, data_size: int) -> list[TensorSpec]:
         if name == "__metadata__":
             continue
         try:
-            dtype = DTYPES[info["dtype"]]
+            dtype = info["dtype"]
+            itemsize = ITEMSIZE[dtype]
             shape = tuple(int(s) for s in info["shape"])
             start, end = (int(o) for o in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise Unusable(Reason.NOT_SAFETENSORS, f"tensor {name!r} has a malformed header entry") from None
-        itemsize = torch.empty((), dtype=dtype).element_size()
         if any(s < 0 for s in shape) or end - start != math.prod(shape) * itemsize:
             raise Unusable(Reason.NOT_SAFETENSORS, f"tensor {name!r}: offsets do not match shape and dtype")
         specs.append(TensorSpec(name, dtype, shape, start, end))
@@ -87,8 +72,10 @@ def parse_header(header: bytes, data_size: int) -> list[TensorSpec]:
     return specs
 
 
-def check_layout(specs: list[TensorSpec], expected: Layout) -> None:
-    """The update must hold exactly the global model's tensors, with the same shapes and dtypes."""
+def check_layout(specs: list[TensorSpec], expected: FileLayout, dtype_names: Mapping[str, str] | None = None) -> None:
+    """The update must hold exactly the global model's tensors, with the same shapes and dtypes (`dtype_names`
+    spells dtype codes in messages the way the reader's framework does)."""
+    spell = dtype_names or {}
     found = {s.name: s for s in specs}
     missing = sorted(set(expected) - set(found))
     if missing:
@@ -101,21 +88,5 @@ def check_layout(specs: list[TensorSpec], expected: Layout) -> None:
         if s.shape != shape:
             raise Unusable(Reason.WRONG_SHAPE, f"{name}: shape {list(s.shape)}, expected {list(shape)}")
         if s.dtype != dtype:
-            raise Unusable(Reason.WRONG_DTYPE, f"{name}: {s.dtype}, expected {dtype}")
-
-
-def save_state(path: Path, state: Mapping[str, torch.Tensor], ref_name: str | None = None,
-               write: Callable[[Path, bytes], None] = atomic_write) -> FileRef:
-    """Write tensors whole (with `write`: a share's own, in a run) and return the reference a marker records
-    (file name relative to its folder)."""
-    data = st_save({k: v.detach().contiguous().cpu() for k, v in state.items()})
-    write(path, data)
-    return FileRef(file=ref_name or path.name, blake3=hash_bytes(data), bytes=len(data))
-
-
-def load_verified(path: Path, ref: FileRef) -> dict[str, torch.Tensor]:
-    data = read_verified(path, ref)
-    try:
-        return st_load(data)
-    except Exception as e:  # the library reports malformed files with several exception types
-        raise Unusable(Reason.NOT_SAFETENSORS, f"{path.name}: {e}") from None
+            raise Unusable(Reason.WRONG_DTYPE, f"{name}: {spell.get(s.dtype, s.dtype)}, expected "
+                                               f"{spell.get(dtype, dtype)}")

@@ -1,0 +1,107 @@
+"""Every name in the share, in one place: docs/PROTOCOL.md section 2 is the same list in words.
+
+Names are '/'-separated and relative to the share's root, whatever the medium (a folder today, an object
+store's keys later); only a Store turns them into paths.
+"""
+
+from __future__ import annotations
+
+import re
+
+MANIFEST = "fedsync.yaml"
+LEASE = "coordinator.yaml"
+WORKERS = "workers"
+METRICS = "metrics.csv"
+FINAL_MODEL = "final.safetensors"
+FINAL_MARKER = "final.yaml"
+GLOBAL_MODEL = "global.safetensors"
+ASSIGNMENT = "assignment.yaml"
+UPDATES = "updates"
+SUMMARY = "summary.yaml"
+TENSORS_SUFFIX = ".safetensors"
+MARKER_SUFFIX = ".yaml"
+
+ROUND_FILES = frozenset({GLOBAL_MODEL, ASSIGNMENT, UPDATES, SUMMARY})  # anything else in a round folder is stray
+COORDINATOR_ROOT_FILES = frozenset({MANIFEST, LEASE, METRICS, FINAL_MODEL, FINAL_MARKER})
+COORDINATOR_ROUND_FILES = frozenset({GLOBAL_MODEL, ASSIGNMENT, SUMMARY})
+
+ROUND_DIR = re.compile(r"^\d{4,9}$")
+WORKER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def join(*parts: str) -> str:
+    return "/".join(p for p in parts if p)
+
+
+def round_dir(r: int) -> str:
+    return f"{r:04d}"
+
+
+def worker_file(name: str) -> str:
+    return join(WORKERS, name + MARKER_SUFFIX)
+
+
+def global_model(r: int) -> str:
+    return join(round_dir(r), GLOBAL_MODEL)
+
+
+def assignment(r: int) -> str:
+    return join(round_dir(r), ASSIGNMENT)
+
+
+def summary(r: int) -> str:
+    return join(round_dir(r), SUMMARY)
+
+
+def updates_dir(r: int) -> str:
+    return join(round_dir(r), UPDATES)
+
+
+def update_tensors_name(worker: str) -> str:
+    """The update's tensor file as its marker names it (relative to the updates folder)."""
+    return worker + TENSORS_SUFFIX
+
+
+def update_marker_in_round(worker: str) -> str:
+    """The marker's name relative to its round folder, as summaries record it."""
+    return join(UPDATES, worker + MARKER_SUFFIX)
+
+
+def update_tensors(r: int, worker: str) -> str:
+    return join(updates_dir(r), update_tensors_name(worker))
+
+
+def update_marker(r: int, worker: str) -> str:
+    return join(round_dir(r), update_marker_in_round(worker))
+
+
+def model_after(r: int, last_round: int) -> str:
+    """Where the aggregate of round r lives: the next round's global model, or the final one."""
+    return FINAL_MODEL if r >= last_round else global_model(r + 1)
+
+
+def marker_owner(file_name: str) -> str | None:
+    """The worker a marker file (`<worker>.yaml`) in workers/ or updates/ belongs to; None for any other file."""
+    if is_temporary(file_name) or is_conflict_copy(file_name) or not file_name.endswith(MARKER_SUFFIX):
+        return None
+    return file_name[:-len(MARKER_SUFFIX)]
+
+
+def is_temporary(name: str) -> bool:
+    """Files still being written (ours or a sync tool's): never read them."""
+    return name.startswith(".") or name.endswith(".tmp") or name.startswith("~syncthing~")
+
+
+def is_conflict_copy(name: str) -> bool:
+    """Syncthing's copy of a file two machines changed: reported, never read."""
+    return ".sync-conflict-" in name
+
+
+def check_worker_name(name: str) -> str:
+    """Worker names become file names in the share, so they are restricted to a portable alphabet."""
+    if not WORKER_NAME.match(name):
+        raise ValueError(
+            f"worker name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
