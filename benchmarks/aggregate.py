@@ -133,7 +133,7 @@ def main(n: int = 32) -> None:
     fed, base_axpy = statistics.median(rates), statistics.median(axpy)
     print(f"aggregate: {n} updates x {params / 1e6:.1f} M params ({model_bytes / 1e6:.1f} MB each, "
           f"{total / 1e9:.2f} GB), torch threads {torch.get_num_threads()}")
-    print(f"  streaming FedAvg (read + BLAKE3 + finite check + sum): {fed:.2f} GB/s "
+    print(f"  streaming FedAvg (read + BLAKE3 + finite check and norm + sum): {fed:.2f} GB/s "
           f"(runs {', '.join(f'{r:.2f}' for r in rates)})")
     print(f"  baseline axpy in memory: {base_axpy:.2f} GB/s -> ratio {fed / base_axpy:.2f}x")
     for lanes, rate in sha.items():

@@ -16,13 +16,15 @@ from pathlib import Path
 import torch
 from filelock import Timeout
 
-from fedsync.aggregation.intake import Aggregator
+from fedsync.aggregation.intake import Aggregator, Outcome
 from fedsync.aggregation.optimizers import PLAIN, make_optimizer
 from fedsync.aggregation.rules import make_rule
+from fedsync.aggregation.screening import outliers
 from fedsync.aggregation.tensors import layout_of, load_verified, save_state
 from fedsync.base.errors import ConfigError, ShareError
 from fedsync.base.faults import crash_point
 from fedsync.base.logs import Log, make_log
+from fedsync.fedavg import l2_norm
 from fedsync.learning.balance import plan_steps
 from fedsync.learning.data import Dataset
 from fedsync.learning.partition import partition
@@ -47,7 +49,7 @@ from fedsync.storage.markers import (
     WorkerTask,
     to_dict,
 )
-from fedsync.storage.reasons import Unusable
+from fedsync.storage.reasons import Reason, Unusable
 from fedsync.storage.share import Share
 from fedsync.storage.syncthing import SyncthingNudge
 from fedsync.storage.trouble import Backoff
@@ -240,6 +242,7 @@ class Coordinator:
         late = self.backoff.run(lambda: LateLedger(self.share, r, self.cfg, len(self.dataset.train), self.rule),
                                 f"reading the rounds before round {r}")
         aggregator = Aggregator(layout_of(state), self.share.store)
+        model_norm = l2_norm(state)
         reason = ""
         extended = False
         timings = {"final_intake_s": 0.0, "aggregate_s": 0.0, "evaluate_s": 0.0}
@@ -253,9 +256,8 @@ class Coordinator:
                     continue
                 if candidates:
                     t = time.perf_counter()
-                    outcomes = aggregator.take(candidates)
-                    intake.record([o for o in outcomes if o.candidate.round == r])
-                    late.record([o for o in outcomes if o.candidate.round != r])
+                    self._record(r, aggregator.take(candidates), intake, late)
+                    self._screen(r, aggregator, model_norm, intake, late)
                     timings["final_intake_s"] = time.perf_counter() - t
                     if intake.accepted:
                         crash_point(f"coordinator:collecting:{r}")
@@ -277,17 +279,44 @@ class Coordinator:
                     self.lease.update("extended", r, note)
                     self.log(f"round {r}: {note}")
                 if reason:
-                    break
+                    t = time.perf_counter()
+                    result = self.rule.aggregate(aggregator.collected(self.parameters))
+                    new_state = self.optimizer.step(state, result.delta, self.server_state)
+                    timings["aggregate_s"] = time.perf_counter() - t
+                    if all(bool(torch.isfinite(v).all()) for v in new_state.values() if v.is_floating_point()):
+                        break
+                    self._take_out_largest(r, aggregator, intake, late)
+                    reason = ""
+                    continue  # the closing rules again, without it
                 remaining = a.time_budget_s - elapsed
                 self._wait(min(self.opts.rescan, remaining) if remaining > 0 else self.opts.rescan)
-            t = time.perf_counter()
-            result = self.rule.aggregate(aggregator.collected(self.parameters))
-            new_state = self.optimizer.step(state, result.delta, self.server_state)
-            timings["aggregate_s"] = time.perf_counter() - t
         finally:
             aggregator.close()
         self._close(r, a, intake, late.records(), new_state, reason, time.monotonic() - opened, timings,
                     result.step_scale)
+
+    @staticmethod
+    def _record(r: int, outcomes: list[Outcome], intake: RoundLedger, late: LateLedger) -> None:
+        intake.record([o for o in outcomes if o.candidate.round == r])
+        late.record([o for o in outcomes if o.candidate.round != r])
+
+    def _screen(self, r: int, aggregator: Aggregator, model_norm: float, intake: RoundLedger,
+                late: LateLedger) -> None:
+        """Reject accepted updates too large to be honest (fedsync/aggregation/screening.py), judged again as
+        more arrive: the median moves."""
+        found = outliers(aggregator.norms, model_norm, self.cfg.screen_factor, self.cfg.screen_max_ratio)
+        if found:
+            self._record(r, aggregator.drop({c: Unusable(Reason.NORM_OUTLIER, why) for c, why in found.items()}),
+                         intake, late)
+
+    def _take_out_largest(self, r: int, aggregator: Aggregator, intake: RoundLedger, late: LateLedger) -> None:
+        """The aggregate is not finite: reject the largest accepted update and rebuild the sums without it."""
+        norms = aggregator.norms
+        worst = max(norms, key=lambda c: norms[c])
+        problem = Unusable(Reason.SPOILS_AGGREGATE, f"with it (L2 norm {norms[worst]:.4g}, the largest) the new "
+                                                    "global model was not finite")
+        self._record(r, aggregator.drop({worst: problem}) + aggregator.rebuild(), intake, late)
+        self.log(f"round {r}: the aggregate was not finite; {worst.worker}'s update taken out, aggregating again")
 
     # -- closing -------------------------------------------------------------------------------------------
 

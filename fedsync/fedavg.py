@@ -17,6 +17,7 @@ were a delta from that round's model, with its weight reduced by staleness_weigh
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -96,6 +97,11 @@ def apply_mean(base: Mapping[str, torch.Tensor], summed: WeightedSum, scale: flo
                scaled: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
     """The new global model under plain FedAvg: base + the weighted mean of the deltas (see mean_delta)."""
     return apply_delta(base, mean_delta(summed, scale, scaled))
+
+
+def l2_norm(tensors: Mapping[str, torch.Tensor]) -> float:
+    """The L2 norm over a model's (or an update's) floating tensors, summed in float64."""
+    return math.sqrt(sum(float(v.double().square().sum()) for v in tensors.values() if v.is_floating_point()))
 
 
 def staleness_weight(samples: float, rounds_late: int, exponent: float) -> float:

@@ -1,6 +1,6 @@
-"""Taking in updates: each file is read once, in pieces, and each piece is hashed, checked and added while
-it is still in the CPU cache. That single pass is what lets a 2-core machine aggregate faster than it can
-hash with SHA-256 (see docs/BENCHMARKS.md).
+"""Taking in updates: each file is read once, in pieces, and each piece is hashed, checked, measured (its share
+of the L2 norm screening uses) and added while it is still in the CPU cache. That single pass is what lets a
+2-core machine aggregate faster than it can hash with SHA-256 (see docs/BENCHMARKS.md).
 
 Adding before the whole-file hash is known is speculative: a lane (one thread with its own running sum)
 that added part of a file which then fails is rebuilt from its accepted updates, re-verified. So the result
@@ -9,6 +9,7 @@ is always the aggregate of exactly the valid updates, and a bad file costs time,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -52,6 +53,7 @@ class _Lane:
     layout: Layout
     sums: WeightedSum | None = None
     accepted: list[Candidate] = field(default_factory=list)
+    norms: dict[Candidate, float] = field(default_factory=dict)
     piece: bytearray = field(default_factory=lambda: bytearray(PIECE_BYTES))
 
     def running_sum(self) -> WeightedSum:
@@ -65,18 +67,21 @@ def _read_exact(f: Reader, view: memoryview) -> None:
         raise Unusable(Reason.SIZE_MISMATCH, "the file ended early (truncated while being read)")
 
 
-def _all_finite(values: torch.Tensor) -> bool:
-    # A sum is one cheap pass over cache-hot data and is NaN/inf whenever any element is; only then is the
-    # exact element-wise check paid for (a sum can also overflow on huge but finite values).
-    return bool(torch.isfinite(values.sum())) or bool(torch.isfinite(values).all())
+def _square_sum(values: torch.Tensor) -> float:
+    """The piece's sum of squares, for the update's L2 norm: one pass over cache-hot data. NaN when an element is
+    NaN or infinite (checked element-wise only when the fast sum is not finite); inf when finite values are so
+    large that their squares overflow, which screening then rejects as an outlier."""
+    v = values if values.dtype in (torch.float32, torch.float64) else values.float()
+    square = float(torch.dot(v, v))
+    return square if math.isfinite(square) or bool(torch.isfinite(values).all()) else math.nan
 
 
-def fold(c: Candidate, store: Store, layout: FileLayout, sums: WeightedSum, piece: bytearray) -> bool:
-    """Read c's tensor file once, adding it to `sums`; raise Unusable if it does not count.
-
-    Returns whether anything was added, so a failure after that tells the caller to rebuild `sums`.
-    """
+def fold(c: Candidate, store: Store, layout: FileLayout, sums: WeightedSum, piece: bytearray) -> float:
+    """Read c's tensor file once, adding it to `sums`; raise Unusable if it does not count, with `added` set
+    when part of it was summed already (the caller then rebuilds `sums`). Returns the update's L2 norm over its
+    floating tensors."""
     added = False
+    squares = 0.0
     short = c.name.rsplit("/", 1)[-1]
     hasher = Hasher()
     view = memoryview(piece)
@@ -113,9 +118,11 @@ def fold(c: Candidate, store: Store, layout: FileLayout, sums: WeightedSum, piec
                     if problem is not None:
                         continue  # keep hashing: a hash mismatch means "not synced yet", not "bad"
                     values = torch.frombuffer(piece, dtype=dtype, count=m // itemsize)
-                    if dtype.is_floating_point and not _all_finite(values):
+                    square = _square_sum(values) if dtype.is_floating_point else 0.0
+                    if math.isnan(square):
                         problem = Unusable(Reason.NON_FINITE, f"{spec.name} holds NaN or infinite values")
                         continue
+                    squares += square
                     sums.add_piece(spec.name, offset, values, c.weight)
                     added = True
                     offset += values.numel()
@@ -141,7 +148,7 @@ def fold(c: Candidate, store: Store, layout: FileLayout, sums: WeightedSum, piec
         problem.added = added
         raise problem
     sums.add_weight(c.weight)
-    return added
+    return math.sqrt(squares)
 
 
 @contextmanager
@@ -168,6 +175,11 @@ class Aggregator:
     def accepted(self) -> list[Candidate]:
         return [c for lane in self.lanes for c in lane.accepted]
 
+    @property
+    def norms(self) -> dict[Candidate, float]:
+        """Each accepted update's L2 norm, measured while it was read."""
+        return {c: lane.norms[c] for lane in self.lanes for c in lane.accepted}
+
     def take(self, candidates: list[Candidate]) -> list[Outcome]:
         """Verify and add each candidate; the outcomes say which were added and why the others were not."""
         plan: list[list[Candidate]] = [[] for _ in self.lanes]
@@ -182,7 +194,7 @@ class Aggregator:
         outcomes, dirty = [], False
         for c in batch:
             try:
-                fold(c, self.store, self.file_layout, lane.running_sum(), lane.piece)
+                lane.norms[c] = fold(c, self.store, self.file_layout, lane.running_sum(), lane.piece)
                 lane.accepted.append(c)
                 outcomes.append(Outcome(c))
             except Unusable as e:
@@ -200,7 +212,7 @@ class Aggregator:
             sums.clear()
             for c in lane.accepted:
                 try:
-                    fold(c, self.store, self.file_layout, sums, lane.piece)
+                    lane.norms[c] = fold(c, self.store, self.file_layout, sums, lane.piece)
                 except Unusable as e:
                     lane.accepted.remove(c)
                     dropped.append(Outcome(c, e))
@@ -208,14 +220,31 @@ class Aggregator:
             else:
                 return dropped
 
+    def drop(self, rejected: dict[Candidate, Unusable]) -> list[Outcome]:
+        """Take accepted updates back out (screened out, or found to spoil the aggregate): each lane that held
+        one is rebuilt from its other updates, so the sum is again exactly that of the updates still accepted."""
+        outcomes = [Outcome(c, problem) for c, problem in rejected.items()]
+        for lane in self.lanes:
+            if any(c in rejected for c in lane.accepted):
+                lane.accepted = [c for c in lane.accepted if c not in rejected]
+                outcomes.extend(self._rebuild(lane))
+        return outcomes
+
+    def rebuild(self) -> list[Outcome]:
+        """Every lane's sum again from its files (after `collected` consumed them); updates that no longer
+        verify are dropped."""
+        with _torch_threads(1):
+            results = list(self.pool.map(self._rebuild, self.lanes))
+        return [o for lane_outcomes in results for o in lane_outcomes]
+
     def collected(self, parameters: frozenset[str]) -> Collected:
-        """Everything taken in, for the rule (fedsync/aggregation/rules.py); the aggregator is spent afterwards."""
+        """Everything taken in, for the rule (fedsync/aggregation/rules.py). The lanes' sums are merged and the
+        rule consumes them: `rebuild` before collecting again."""
         used = [lane.sums for lane in self.lanes if lane.sums is not None and lane.sums.count]
         if not used:
             raise ValueError("no accepted updates to aggregate")
         for other in used[1:]:
             used[0].merge(other)
-        self.pool.shutdown(wait=False)
         accepted = self.accepted
         return Collected(used[0], [(c.weight, c.steps) for c in accepted], parameters,
                          UpdateSlices(self.store, accepted, self.file_layout))

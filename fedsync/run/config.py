@@ -46,6 +46,8 @@ class RunConfig:
     prox_mu: float            # FedProx proximal weight; 0 is plain local SGD
     balance: str              # equal | throughput: how the coordinator sizes each worker's work
     aggregation: str          # fedavg | fednova
+    screen_factor: float      # reject an update over this x the round's median norm (3+ updates); 0: off
+    screen_max_ratio: float   # reject an update over this x the global model's norm; 0: off
     quorum: Any               # float in (0, 1]: fraction of live assigned workers; int >= 1: a count
     min_updates: int          # a round never closes with fewer accepted updates
     min_workers: int          # a round opens once this many workers are live
@@ -72,6 +74,8 @@ class RunConfig:
                 problems.append(f"{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
         if self.prox_mu < 0:
             problems.append("prox_mu must not be negative")
+        if self.screen_factor < 0 or self.screen_max_ratio < 0:
+            problems.append("screen_factor and screen_max_ratio must not be negative (0 turns a bound off)")
         if self.partition not in ("iid", "dirichlet"):
             problems.append(f"partition {self.partition!r} is not iid or dirichlet")
         q = self.quorum

@@ -16,6 +16,11 @@ HEX64 = re.compile(r"^[0-9a-f]{64}$")
 T = TypeVar("T")
 
 
+class Measure(float):
+    """A float that may be NaN or infinite: a test metric of a model that diverged is recorded, not refused.
+    Every other float in the share must be finite."""
+
+
 class MarkerError(ValueError):
     """A YAML file in the share does not match its schema."""
 
@@ -192,7 +197,7 @@ class Summary:
     late: list[Late]
     aggregation: str    # fedavg | fednova
     step_scale: float   # fednova's effective step count applied to the parameters' mean; 1 for fedavg
-    metrics: dict[str, float]
+    metrics: dict[str, Measure]
     timings: dict[str, float]
 
 
@@ -256,6 +261,9 @@ def _value(tp: Any, value: Any, where: str) -> Any:
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+    elif tp is Measure:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)

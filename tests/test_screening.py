@@ -1,0 +1,95 @@
+"""Screening and a model that never becomes non-finite: the norms the intake measures while it reads, the
+bounds that reject outliers, taking an accepted update back out, and metrics that may be NaN."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedsync.aggregation.intake import Aggregator, Candidate
+from fedsync.aggregation.optimizers import NoOptimizer
+from fedsync.aggregation.rules import FedAvg
+from fedsync.aggregation.screening import outliers
+from fedsync.aggregation.tensors import layout_of, save_state
+from fedsync.fedavg import l2_norm
+from fedsync.storage.local import LocalStore
+from fedsync.storage.markers import FORMAT_VERSION, FileRef, Summary, parse, to_dict
+from fedsync.storage.reasons import Reason, Unusable
+from fedsync.storage.yamlfile import dump_yaml, parse_yaml
+
+G = torch.Generator().manual_seed(1)
+BASE = {"w": torch.randn(3000, generator=G), "b": torch.randn(10, generator=G), "n": torch.tensor(4)}
+
+
+def _update(scale: float = 0.01) -> dict[str, torch.Tensor]:
+    return {"w": torch.randn(3000, generator=G) * scale, "b": torch.randn(10, generator=G) * scale,
+            "n": torch.tensor(2)}
+
+
+def test_bounds() -> None:
+    honest = {"a": 1.0, "b": 1.3, "c": 0.8}
+    assert outliers(honest, model_norm=10.0, factor=5.0, max_ratio=10.0) == {}
+    assert set(outliers({**honest, "x": 6.0}, 10.0, 5.0, 10.0)) == {"x"}  # 6 > 5 x median 1.15
+    assert "screen_max_ratio" in outliers({"a": 1.0, "x": 101.0}, 10.0, 5.0, 10.0)["x"]  # two updates: absolute
+    assert set(outliers({"a": 1.0, "x": math.inf}, 10.0, 5.0, 10.0)) == {"x"}
+    assert outliers({"a": 1.0, "x": 101.0}, 10.0, 5.0, 0.0) == {}  # 0 turns a bound off
+    assert outliers({**honest, "x": 6.0}, 10.0, 0.0, 10.0) == {}
+
+
+def _candidates(tmp: Path, updates: dict[str, dict[str, torch.Tensor]]) -> list[Candidate]:
+    store = LocalStore(tmp)
+    return [Candidate(w, f"{w}.safetensors", save_state(store.write, f"{w}.safetensors", u), 10.0)
+            for w, u in updates.items()]
+
+
+def _model(agg: Aggregator) -> dict[str, torch.Tensor]:
+    return NoOptimizer().step(BASE, FedAvg().aggregate(agg.collected(frozenset())).delta, {})
+
+
+@pytest.mark.parametrize("bad", ["scaled", "huge"])
+def test_an_outlier_taken_back_out_leaves_exactly_the_others(tmp_path: Path, bad: str) -> None:
+    honest = {f"h{i}": _update() for i in range(3)}
+    attack = {k: v * 1000 for k, v in _update().items()} if bad == "scaled" else \
+        {k: torch.full_like(v, 1e38) if v.is_floating_point() else v for k, v in _update().items()}
+    agg = Aggregator(layout_of(BASE), LocalStore(tmp_path))
+    outcomes = agg.take(_candidates(tmp_path, {**honest, "bad": attack}))
+    assert all(o.problem is None for o in outcomes)  # well-formed and finite: the intake takes it
+    norms = {c.worker: n for c, n in agg.norms.items()}
+    for w, u in honest.items():
+        assert norms[w] == pytest.approx(l2_norm(u), rel=1e-5)
+    found = outliers(agg.norms, l2_norm(BASE), 5.0, 10.0)
+    assert [c.worker for c in found] == ["bad"]
+    dropped = agg.drop({c: Unusable(Reason.NORM_OUTLIER, why) for c, why in found.items()})
+    assert [(o.candidate.worker, o.problem.reason) for o in dropped] == [("bad", Reason.NORM_OUTLIER)]
+    reference = Aggregator(layout_of(BASE), LocalStore(tmp_path))
+    reference.take(_candidates(tmp_path, honest))
+    got, expected = _model(agg), _model(reference)
+    for k in BASE:
+        assert torch.isfinite(got[k].double()).all() and torch.equal(got[k], expected[k])
+    agg.close(), reference.close()
+
+
+def test_rebuild_after_collecting_gives_the_same_sums_again(tmp_path: Path) -> None:
+    agg = Aggregator(layout_of(BASE), LocalStore(tmp_path))
+    agg.take(_candidates(tmp_path, {f"h{i}": _update() for i in range(4)}))
+    first = _model(agg)  # consumes the lanes' sums
+    assert agg.rebuild() == []
+    again = _model(agg)
+    assert all(torch.equal(first[k], again[k]) for k in BASE)
+    agg.close()
+
+
+def test_metrics_may_be_nan_or_infinite_everything_else_may_not() -> None:
+    s = Summary(format=FORMAT_VERSION, round=1, closed_because="quorum", seconds=1.0,
+                model=FileRef("0002/global.safetensors", "ab" * 32, 10), accepted=[], rejected=[], missing=[],
+                ignored=[], late=[], aggregation="fedavg", step_scale=1.0,
+                metrics={"test_accuracy": 0.1, "test_loss": math.nan, "train_loss": math.inf}, timings={})
+    back = parse(Summary, parse_yaml(dump_yaml(to_dict(s))), "summary")
+    assert math.isnan(back.metrics["test_loss"]) and back.metrics["train_loss"] == math.inf
+    data = to_dict(s)
+    data["seconds"] = math.nan
+    with pytest.raises(ValueError, match="seconds"):
+        parse(Summary, parse_yaml(dump_yaml(data)), "summary")
