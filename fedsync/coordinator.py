@@ -21,7 +21,7 @@ from fedsync.aggregation.optimizers import PLAIN, make_optimizer
 from fedsync.aggregation.rules import make_rule
 from fedsync.aggregation.screening import outliers
 from fedsync.aggregation.tensors import layout_of, load_verified, save_state
-from fedsync.base.errors import ConfigError, ShareError
+from fedsync.base.errors import ConfigError, RunStuck, ShareError
 from fedsync.base.faults import crash_point
 from fedsync.base.logs import Log, make_log
 from fedsync.fedavg import l2_norm
@@ -133,7 +133,7 @@ class Coordinator:
         self.backoff = Backoff(self.log)
         self.model = get_task(self.cfg.task).build_model(self.cfg.model, seed=self.cfg.seed)
         self.parameters = frozenset(name for name, _ in self.model.named_parameters())
-        self.rule = make_rule(self.cfg.aggregation, self.cfg.momentum)
+        self.rule = make_rule(self.cfg.aggregation, self.cfg.momentum, self.cfg.trim)
         self.optimizer = make_optimizer(PLAIN)
         self.server_state: dict[str, torch.Tensor] = {}  # the optimizer's own; none for plain FedAvg
         self.metrics: list[dict[str, object]] = []
@@ -245,6 +245,7 @@ class Coordinator:
         model_norm = l2_norm(state)
         reason = ""
         extended = False
+        reported: set[str] = set()
         timings = {"final_intake_s": 0.0, "aggregate_s": 0.0, "evaluate_s": 0.0}
         try:
             while True:
@@ -261,6 +262,7 @@ class Coordinator:
                     timings["final_intake_s"] = time.perf_counter() - t
                     if intake.accepted:
                         crash_point(f"coordinator:collecting:{r}")
+                self._report_rejections(r, intake, reported)
                 live = set(self.liveness.live())
                 live_assigned = [w for w in a.workers if w in live]
                 target = quorum_target(self.cfg.quorum, len(live_assigned), self.cfg.min_updates)
@@ -272,11 +274,13 @@ class Coordinator:
                     reason = "all_reported"
                 elif elapsed >= a.time_budget_s and enough:
                     reason = "deadline"
+                elif live_assigned and all(w in intake.rejected for w in live_assigned):
+                    raise RunStuck(self._stuck(r, intake, live_assigned))
                 elif elapsed >= a.time_budget_s and not extended:
                     extended = True
                     note = (f"deadline passed with {len(intake.accepted)} accepted update(s), fewer than "
                             f"min_updates={self.cfg.min_updates}; the round stays open until enough arrive")
-                    self.lease.update("extended", r, note)
+                    self.lease.update("extended", r, note, intake.rejected_records())
                     self.log(f"round {r}: {note}")
                 if reason:
                     t = time.perf_counter()
@@ -292,8 +296,33 @@ class Coordinator:
                 self._wait(min(self.opts.rescan, remaining) if remaining > 0 else self.opts.rescan)
         finally:
             aggregator.close()
+        self._report_rejections(r, intake, reported, closing=True)
         self._close(r, a, intake, late.records(), new_state, reason, time.monotonic() - opened, timings,
                     result.step_scale)
+
+    def _report_rejections(self, r: int, intake: RoundLedger, reported: set[str], closing: bool = False) -> None:
+        """Each rejection in one line as soon as it is decided; those still waiting for their files when the round
+        closes, at the close."""
+        new = False
+        for x in intake.rejected_records():
+            key = f"{x.worker}/{x.reason}"
+            if key not in reported and (closing or x.worker not in intake.pending):
+                reported.add(key)
+                new = True
+                self.log(f"round {r}: rejected {x.worker} ({x.reason}): {x.detail}")
+        if new and not closing:  # `fedsync status` shows them from the lease while the round is open
+            decided = [x for x in intake.rejected_records() if x.worker not in intake.pending]
+            self.lease.update(self.lease.record.state, r, self.lease.record.note, decided)
+
+    @staticmethod
+    def _stuck(r: int, intake: RoundLedger, workers: list[str]) -> str:
+        why = "; ".join(f"{w}: {intake.rejected[w].reason} ({intake.rejected[w].detail})" for w in workers)
+        diverged = {Reason.NON_FINITE.value, Reason.NORM_OUTLIER.value, Reason.SPOILS_AGGREGATE.value,
+                    Reason.DIVERGED.value}
+        advice = ("training diverged or an update is far too large: start a new share with a lower lr "
+                  "(--set lr=...)" if any(intake.rejected[w].reason in diverged for w in workers)
+                  else "fix what the reasons name on those workers, then start this coordinator again")
+        return f"round {r} cannot close: every live assigned worker's update was rejected ({why}); {advice}"
 
     @staticmethod
     def _record(r: int, outcomes: list[Outcome], intake: RoundLedger, late: LateLedger) -> None:
@@ -351,8 +380,6 @@ class Coordinator:
         self.log(f"round {r}/{self.opts.rounds} closed ({reason}): {len(accepted)} accepted, "
                  f"{len(summary.rejected)} rejected, {len(summary.missing)} missing; test accuracy {test_acc:.4f}, "
                  f"test loss {test_loss:.4f}, {seconds:.2f} s")
-        for rej in summary.rejected:
-            self.log(f"round {r}: rejected {rej.worker} ({rej.reason}): {rej.detail}")
         for x in late:
             self.log(f"round {r}: late update from {x.worker} for round {x.round} {x.outcome} ({x.detail})")
 

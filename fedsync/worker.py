@@ -7,6 +7,7 @@ model, train, and write the update followed by its marker (the marker last: docs
 from __future__ import annotations
 
 import hashlib
+import math
 import socket
 import threading
 import time
@@ -217,13 +218,18 @@ class Worker:
         result = local_train(model, shard, settings, self.device, seed=_seed(self.cfg.seed, r, self.name))
         update = delta(model.state_dict(), base)
         seconds = time.monotonic() - started
-        ref = self.backoff.run(lambda: save_state(self.share.write, self.share.update_tensors(r, self.name), update),
-                               f"writing the update for round {r}")
-        crash_point(f"worker:after-tensors:{r}")
+        diverged = _divergence(result.train_loss, update)
+        ref = None
+        if diverged is None:
+            ref = self.backoff.run(lambda: save_state(self.share.write, self.share.update_tensors(r, self.name),
+                                                      update), f"writing the update for round {r}")
+            crash_point(f"worker:after-tensors:{r}")
+        else:
+            self.log(f"round {r}: WARNING: training diverged ({diverged}); not uploading the update: the run "
+                     "needs a lower lr")
         marker = UpdateMarker(format=FORMAT_VERSION, round=r, worker=self.name, base=a.model.blake3, tensors=ref,
                               samples=result.samples, steps=result.steps, train_loss=result.train_loss,
-                              seconds=round(seconds, 3),
-                              device=self.device)
+                              seconds=round(seconds, 3), device=self.device, diverged=diverged)
         self.backoff.run(lambda: self.share.write_yaml(self.share.update_marker(r, self.name), to_dict(marker)),
                          f"writing the marker for round {r}")  # last: the update counts from here
         if self.nudge:
@@ -253,6 +259,15 @@ class Worker:
             self.shards[num_shards] = partition(train.y.numpy(), num_shards, self.cfg.partition, self.cfg.seed,
                                                 self.cfg.dirichlet_alpha)
         return train.subset(self.shards[num_shards][index])
+
+
+def _divergence(train_loss: float, update: dict[str, torch.Tensor]) -> str | None:
+    """Why an update is garbage (a non-finite loss, NaN or infinite values), or None when it is not."""
+    bad = [k for k, v in update.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if math.isfinite(train_loss) and not bad:
+        return None
+    values = f"NaN or infinite values in {', '.join(bad[:3])}{' …' if len(bad) > 3 else ''}" if bad else ""
+    return "; ".join(x for x in (f"train loss {train_loss}" if not math.isfinite(train_loss) else "", values) if x)
 
 
 def _seed(seed: int, r: int, name: str) -> int:

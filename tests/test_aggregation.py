@@ -95,9 +95,10 @@ def test_fedprox_keeps_local_weights_near_the_global_model() -> None:
 
 
 def test_unknown_rules_and_optimizers_are_config_errors() -> None:
-    assert make_rule("fednova", 0.9).name == "fednova" and make_rule("fedavg", 0.9).name == "fedavg"
-    with pytest.raises(ConfigError, match="median"):
-        make_rule("median", 0.9)
+    for name in ("fedavg", "fednova", "median", "trimmed_mean"):
+        assert make_rule(name, 0.9, 0.1).name == name
+    with pytest.raises(ConfigError, match="krum"):
+        make_rule("krum", 0.9, 0.1)
     assert make_optimizer("none").name == "none"
     with pytest.raises(ConfigError, match="fedadam"):
         make_optimizer("fedadam")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
@@ -107,3 +108,27 @@ def test_other_format_versions_are_refused_by_every_role(share: Path) -> None:
     for args, out in zip(commands, outs):
         assert out.returncode == 4, (args, out.stderr)
         assert "newer fedsync" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_diverging_run_stops_with_the_reasons_and_what_to_do(share: Path) -> None:
+    """lr=1000: both workers' updates blow up and are rejected; the coordinator says why in one line and stops
+    (exit 9) instead of waiting for updates that will never come. Rejections are logged when they happen."""
+    coord = start("coordinator", "--share", str(share), "--rounds", "3", "--set", "lr=1000", "--set", "min_workers=2",
+                  "--set", "round_timeout=600")
+    workers = [start("worker", "--share", str(share), "--name", w, "--device", "cpu", "--wait-for-run", "60")
+               for w in ("w1", "w2")]
+    try:
+        out = finish(coord, timeout=120)
+    finally:
+        for w in workers:
+            w.terminate()
+        worker_out = "".join(finish(w, timeout=30) for w in workers)
+    assert coord.returncode == 9, out + worker_out
+    stuck = [line for line in out.splitlines() if "round 1 cannot close" in line]
+    assert len(stuck) == 1 and "w1: " in stuck[0] and "w2: " in stuck[0] and "lower lr" in stuck[0], out
+    assert out.count("round 1: rejected w") == 2, out  # each rejection reported when it was decided
+    assert "Traceback" not in out
+    st = json.loads(run("status", "--share", str(share), "--json").stdout)  # the open round's, from the lease
+    assert sorted(x["worker"] for x in st["rejected_open_round"]) == ["w1", "w2"], st
+    assert all(x["reason"] in ("diverged", "non_finite", "norm_outlier") for x in st["rejected_open_round"]), st
+    assert worker_out.count("training diverged") == 2, worker_out  # each worker says so instead of uploading

@@ -11,7 +11,7 @@ import torch
 
 from fedsync.aggregation.intake import Aggregator, Candidate
 from fedsync.aggregation.optimizers import NoOptimizer
-from fedsync.aggregation.rules import FedAvg
+from fedsync.aggregation.rules import SLICE, FedAvg, Median, TrimmedMean
 from fedsync.aggregation.screening import outliers
 from fedsync.aggregation.tensors import layout_of, save_state
 from fedsync.fedavg import l2_norm
@@ -93,3 +93,30 @@ def test_metrics_may_be_nan_or_infinite_everything_else_may_not() -> None:
     data["seconds"] = math.nan
     with pytest.raises(ValueError, match="seconds"):
         parse(Summary, parse_yaml(dump_yaml(data)), "summary")
+
+
+@pytest.mark.parametrize("rule", [Median(), TrimmedMean(0.25)])
+@pytest.mark.parametrize("n", [4, 5])
+def test_coordinate_rules_combine_every_coordinate_across_the_files(tmp_path: Path, rule, n: int) -> None:
+    """Median and trimmed mean through the seam the coordinator uses, against torch on the whole tensors; the
+    tensor spans several slices, so slice edges are crossed."""
+    base = {"w": torch.zeros(2 * SLICE + 7), "n": torch.tensor(0)}
+    updates = {f"u{i}": {"w": torch.randn(2 * SLICE + 7, generator=G), "n": torch.tensor(i)} for i in range(n)}
+    store = LocalStore(tmp_path)
+    cands = [Candidate(w, f"{w}.safetensors", save_state(store.write, f"{w}.safetensors", u), float(10 * (i + 1)))
+             for i, (w, u) in enumerate(updates.items())]
+    agg = Aggregator(layout_of(base), store)
+    agg.take(cands)
+    got = NoOptimizer().step(base, rule.aggregate(agg.collected(frozenset({"w"}))).delta, {})
+    agg.close()
+    for name in ("w", "n"):
+        stacked = torch.stack([u[name].double().reshape(-1) for u in updates.values()]).sort(dim=0).values
+        if isinstance(rule, Median):
+            expected = stacked[n // 2] if n % 2 else (stacked[n // 2 - 1] + stacked[n // 2]) / 2
+        else:
+            cut = int(0.25 * n)
+            expected = stacked[cut:n - cut].mean(dim=0)
+        if name == "n":  # an integer buffer: the combined value, rounded, in its own dtype
+            assert got["n"].dtype == torch.int64 and int(got["n"]) == int(expected.round())
+        else:  # samples do not weigh: each update counts once
+            torch.testing.assert_close(got["w"].double(), expected, rtol=1e-6, atol=1e-6)

@@ -103,13 +103,73 @@ class FedNova:
         return Aggregate(mean_delta(collected.sums, scale, collected.parameters), scale)
 
 
-RULES = ("fedavg", "fednova")
+SLICE = 1 << 16  # elements per tensor slice a coordinate-wise rule holds for every update at once
 
 
-def make_rule(name: str, momentum: float) -> Rule:
+class CoordinateWise:
+    """Rules that combine each coordinate's values across the accepted updates (Yin et al. 2018, "Byzantine-
+    Robust Distributed Learning: Towards Optimal Statistical Rates", arXiv:1803.01498): each update counts
+    once, whatever its samples, so one update cannot pull a coordinate further than the others allow. They read
+    aligned slices of the update files (memory O(updates x SLICE)) and write the result into the stream sum's
+    buffers, which they do not otherwise use (no model-sized memory of their own)."""
+
+    name = ""
+
+    def weight(self, samples: float, steps: int) -> float:
+        return samples  # the stream sum's weight, unused by the rule's result
+
+    def combine(self, ordered: torch.Tensor) -> torch.Tensor:
+        """One slice: (updates, k) values sorted along the updates -> k values."""
+        raise NotImplementedError
+
+    def aggregate(self, collected: Collected) -> Aggregate:
+        out = {}
+        for name, acc in collected.sums.sums.items():
+            flat = acc.view(-1)
+            for start in range(0, flat.numel(), SLICE):
+                k = min(SLICE, flat.numel() - start)
+                values = collected.slices.read(name, start, k).to(flat.dtype)
+                flat[start:start + k] = self.combine(values.sort(dim=0).values)
+            if name in collected.sums.integer:
+                acc.round_()
+            out[name] = acc
+        collected.sums.count = 0  # its buffers now hold the result
+        return Aggregate(out)
+
+
+class Median(CoordinateWise):
+    name = "median"
+
+    def combine(self, ordered: torch.Tensor) -> torch.Tensor:
+        n = ordered.shape[0]
+        return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+
+
+class TrimmedMean(CoordinateWise):
+    """The mean after cutting the `trim` fraction of values at each end (at least one value stays)."""
+
+    name = "trimmed_mean"
+
+    def __init__(self, trim: float) -> None:
+        self.trim = trim
+
+    def combine(self, ordered: torch.Tensor) -> torch.Tensor:
+        n = ordered.shape[0]
+        cut = min(int(self.trim * n), (n - 1) // 2)
+        return ordered[cut:n - cut].mean(dim=0)
+
+
+RULES = ("fedavg", "fednova", "median", "trimmed_mean")
+
+
+def make_rule(name: str, momentum: float, trim: float) -> Rule:
     """The rule a config names; an unknown name is a config error, never a silent fallback."""
     if name == "fedavg":
         return FedAvg()
     if name == "fednova":
         return FedNova(momentum)
+    if name == "median":
+        return Median()
+    if name == "trimmed_mean":
+        return TrimmedMean(trim)
     raise ConfigError(f"aggregation {name!r} is not one of {', '.join(RULES)}")

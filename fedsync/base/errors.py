@@ -39,6 +39,13 @@ class DeviceError(FedsyncError):
     exit_code = 7
 
 
+class RunStuck(FedsyncError):
+    """A round cannot close: every live assigned worker's update was rejected (the message says why and what to
+    change)."""
+
+    exit_code = 9
+
+
 EXIT_CODES: dict[int, str] = {
     0: "success",
     1: "unexpected error (a bug: please report it with the message)",
@@ -49,5 +56,6 @@ EXIT_CODES: dict[int, str] = {
     6: DataError.__doc__ or "",
     7: DeviceError.__doc__ or "",
     8: "fedsync verify found damage: a file the run relies on is missing or differs from its marker",
+    9: RunStuck.__doc__ or "",
     130: "interrupted (Ctrl-C)",
 }

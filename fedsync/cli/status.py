@@ -33,7 +33,7 @@ def collect_status(share: Share) -> dict[str, Any]:
         "share": share.where(), "run_id": manifest.run_id, "created": manifest.created,
         "task": manifest.config["task"], "model": manifest.config["model"],
         "round": current, "rounds": None, "state": "waiting for workers", "assigned": [], "submitted": [],
-        "last_closed": None, "workers": [], "final": None, "coordinator": None,
+        "last_closed": None, "rejected_open_round": [], "workers": [], "final": None, "coordinator": None,
     }
     if current is not None:
         a: Assignment | None = _load(share, Assignment, share.assignment(current))
@@ -61,6 +61,9 @@ def collect_status(share: Share) -> dict[str, Any]:
                                  "round": lease.round, "note": lease.note, "last_refresh_s": age}
         if lease.state == "extended":
             status["state"] = f"extended: {lease.note}"
+        if lease.round == current and current not in share.closed_rounds():
+            status["rejected_open_round"] = [{"worker": x.worker, "reason": x.reason, "detail": x.detail}
+                                             for x in lease.rejected]
     final = finished(share, manifest.run_id)
     if final is not None:
         status["final"] = {"round": final.round, "test_accuracy": final.test_accuracy}
@@ -85,6 +88,8 @@ def format_status(st: dict[str, Any]) -> str:
              f"round {st['round'] or '-'} of {st['rounds'] or '-'}: {st['state']}"]
     if st["assigned"]:
         lines.append(f"  assigned: {', '.join(st['assigned'])}; submitted: {', '.join(st['submitted']) or 'none'}")
+    for x in st["rejected_open_round"]:
+        lines.append(f"  rejected so far: {x['worker']} ({x['reason']}): {x['detail']}")
     last = st["last_closed"]
     if last:
         lines.append(f"last closed round {last['round']} ({last['closed_because']}, {last['seconds']} s): "

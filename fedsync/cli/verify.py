@@ -109,7 +109,10 @@ def _file(report: Report, share: Share, name: str, ref: FileRef, fix: str) -> No
 def _update(report: Report, share: Share, r: int, worker: str, why: str) -> None:
     m = _record(report, share, share.update_marker(r, worker), UpdateMarker, required=True,
                 fix=f"the update was {why}; {RESTORE}")
-    if m is not None:
+    if m is not None and m.tensors is None:
+        report.findings.append(Finding("error", share.update_marker(r, worker), "names no tensors",
+                                       f"the update was {why}; {RESTORE}"))
+    elif m is not None:
         _file(report, share, share.update_tensors(r, worker), m.tensors,
               f"this update was {why} and has changed since; {RESTORE}")
 

@@ -45,7 +45,8 @@ class RunConfig:
     precision: str            # auto | fp32 | bf16 | fp16: each worker resolves auto for its own device
     prox_mu: float            # FedProx proximal weight; 0 is plain local SGD
     balance: str              # equal | throughput: how the coordinator sizes each worker's work
-    aggregation: str          # fedavg | fednova
+    aggregation: str          # fedavg | fednova | median | trimmed_mean
+    trim: float               # trimmed_mean: the fraction of values cut at each end of every coordinate
     screen_factor: float      # reject an update over this x the round's median norm (3+ updates); 0: off
     screen_max_ratio: float   # reject an update over this x the global model's norm; 0: off
     quorum: Any               # float in (0, 1]: fraction of live assigned workers; int >= 1: a count
@@ -74,6 +75,8 @@ class RunConfig:
                 problems.append(f"{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
         if self.prox_mu < 0:
             problems.append("prox_mu must not be negative")
+        if not 0 <= self.trim < 0.5:
+            problems.append("trim must be at least 0 and below 0.5")
         if self.screen_factor < 0 or self.screen_max_ratio < 0:
             problems.append("screen_factor and screen_max_ratio must not be negative (0 turns a bound off)")
         if self.partition not in ("iid", "dirichlet"):

@@ -4,6 +4,7 @@ synced yet), duplicated or stray, and which updates of closed rounds arrived lat
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 from fedsync.aggregation.intake import Candidate, Outcome
@@ -111,6 +112,12 @@ class RoundLedger:
             raise Unusable(Reason.WRONG_ROUND, f"{short} is for round {m.round}, found in round {self.r}")
         if m.base != self.a.model.blake3:
             raise Unusable(Reason.WRONG_BASE, f"{short} was trained from model {m.base[:12]}…")
+        if m.diverged is not None:
+            raise Unusable(Reason.DIVERGED, m.diverged)
+        if m.tensors is None:
+            raise Unusable(Reason.MARKER_INVALID, f"{short} names no tensors and does not say it diverged")
+        if not math.isfinite(m.train_loss):
+            raise Unusable(Reason.NON_FINITE, f"train_loss is {m.train_loss}")
         if m.tensors.file != names.update_tensors_name(worker):
             raise Unusable(Reason.BAD_PATH, f"{short} names {m.tensors.file!r}")
         if not 0 < m.samples <= self.train_size:

@@ -13,11 +13,11 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from fedsync.base.errors import ShareError
-from fedsync.storage.markers import FORMAT_VERSION, CoordinatorLease, to_dict
+from fedsync.storage.markers import FORMAT_VERSION, CoordinatorLease, Rejected, to_dict
 from fedsync.storage.share import Share
 from fedsync.storage.trouble import RepeatedWrite
 
@@ -67,9 +67,10 @@ class Lease:
         self._write()
         self.thread.start()
 
-    def update(self, state: str, round: int | None = None, note: str = "") -> None:
+    def update(self, state: str, round: int | None = None, note: str = "",
+               rejected: Sequence[Rejected] = ()) -> None:
         with self.lock:
-            self.record = replace(self.record, state=state, round=round, note=note)
+            self.record = replace(self.record, state=state, round=round, note=note, rejected=list(rejected))
         self._refresh()
 
     def release(self, state: str = "stopped") -> None:
@@ -77,7 +78,7 @@ class Lease:
         if self.thread.is_alive():
             self.thread.join(timeout=5)
         if not self.lost.is_set():
-            self.update(state, self.record.round, self.record.note)
+            self.update(state, self.record.round, self.record.note, self.record.rejected)
 
     def _write(self) -> None:
         with self.lock:

@@ -92,6 +92,7 @@ class CoordinatorLease:
     state: str
     round: int | None
     note: str
+    rejected: list[Rejected] = dataclasses.field(default_factory=list)  # the open round's, as they are decided
 
 
 @dataclass
@@ -123,12 +124,13 @@ class UpdateMarker:
     round: int
     worker: str
     base: str
-    tensors: FileRef
+    tensors: FileRef | None  # None only with `diverged`: nothing was uploaded
     samples: int       # distinct examples trained on this round: the update's FedAvg weight
     steps: int         # optimizer steps taken: FedNova's normalisation
-    train_loss: float
+    train_loss: Measure  # NaN or infinite only with `diverged`
     seconds: float
     device: str
+    diverged: str | None = None  # why the worker did not upload its update (its training diverged)
 
 
 @dataclass
@@ -195,7 +197,7 @@ class Summary:
     missing: list[str]
     ignored: list[str]
     late: list[Late]
-    aggregation: str    # fedavg | fednova
+    aggregation: str    # fedavg | fednova | median | trimmed_mean
     step_scale: float   # fednova's effective step count applied to the parameters' mean; 1 for fedavg
     metrics: dict[str, Measure]
     timings: dict[str, float]

@@ -25,6 +25,7 @@ class Reason(str, Enum):
     WRONG_DTYPE = "wrong_dtype"
     NON_FINITE = "non_finite"
     NORM_OUTLIER = "norm_outlier"
+    DIVERGED = "diverged"
     SPOILS_AGGREGATE = "spoils_aggregate"
     DUPLICATE = "duplicate"
     IO_ERROR = "io_error"
@@ -62,6 +63,8 @@ HELP: dict[Reason, str] = {
     Reason.NON_FINITE: "the update holds NaN or infinite values",
     Reason.NORM_OUTLIER: "the update is far larger than the round's others or than the model itself (screening: "
                          "screen_factor, screen_max_ratio); a diverging worker: lower lr",
+    Reason.DIVERGED: "the worker's local training diverged (non-finite loss or values) and it uploaded nothing; "
+                     "lower lr",
     Reason.SPOILS_AGGREGATE: "with this update (the largest) the new global model would not be finite",
     Reason.DUPLICATE: "the worker's files changed after its update was decided; the first decision stands",
     Reason.IO_ERROR: "the file could not be read at the deadline (permissions, vanished, share unmounted)",
