@@ -154,7 +154,7 @@ CASES: dict[str, Case] = {
     "scaled x1000": Case(lambda rd: rd.submit("bad", rd.delta(1.0)), "norm_outlier"),
     "diverged marker": Case(lambda rd: rd.submit("bad", tensors=None, diverged="train loss nan"), "diverged"),
     "no tensors": Case(lambda rd: rd.submit("bad", tensors=None), "marker_invalid"),
-    "nan train loss": Case(lambda rd: rd.submit("bad", train_loss=float("nan")), "non_finite"),
+    "nan train loss": Case(lambda rd: rd.submit("bad", train_loss=float("nan")), "marker_invalid"),
     "hash mismatch": Case(lambda rd: _hash_mismatch(rd), "hash_mismatch"),
     "marker for another round": Case(lambda rd: rd.submit("bad", round=rd.r + 1), "wrong_round"),
     "path with ..": Case(lambda rd: rd.submit("bad", tensors={"file": "../global.safetensors",
@@ -190,7 +190,7 @@ def bad_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Share, dict[str, 
     share.root.mkdir()
     names = list(CASES)
     coord = start("coordinator", "--share", str(share.root), "--rounds", str(len(names)), "--set", "min_workers=2",
-                  "--set", "round_timeout=3", "--set", "worker_timeout=120", "--set", "heartbeat=5")
+                  "--set", "round_timeout=2", "--set", "worker_timeout=120", "--set", "heartbeat=5")
     rounds: dict[str, Round] = {}
     with killed_on_error(coord):
         for r, name in enumerate(names, 1):

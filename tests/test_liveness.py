@@ -21,7 +21,7 @@ def _worker(share: Path, name: str):
 
 def test_training_longer_than_the_timeout_never_looks_dead(share: Path) -> None:
     coord = start("coordinator", "--share", str(share), "--rounds", "1", "--set", "min_workers=2",
-                  "--set", "local_epochs=60", *FAST)
+                  "--set", "local_epochs=40", *FAST)
     workers = [_worker(share, n) for n in ("w1", "w2")]
     out = finish(coord, timeout=180)
     [finish(w, timeout=30) for w in workers]

@@ -4,7 +4,6 @@ synced yet), duplicated or stray, and which updates of closed rounds arrived lat
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 from fedsync.aggregation.intake import Candidate, Outcome
@@ -116,8 +115,6 @@ class RoundLedger:
             raise Unusable(Reason.DIVERGED, m.diverged)
         if m.tensors is None:
             raise Unusable(Reason.MARKER_INVALID, f"{short} names no tensors and does not say it diverged")
-        if not math.isfinite(m.train_loss):
-            raise Unusable(Reason.NON_FINITE, f"train_loss is {m.train_loss}")
         if m.tensors.file != names.update_tensors_name(worker):
             raise Unusable(Reason.BAD_PATH, f"{short} names {m.tensors.file!r}")
         if not 0 < m.samples <= self.train_size:

@@ -132,6 +132,10 @@ class UpdateMarker:
     device: str
     diverged: str | None = None  # why the worker did not upload its update (its training diverged)
 
+    def __post_init__(self) -> None:
+        if self.diverged is None and not math.isfinite(self.train_loss):
+            raise MarkerError(f"train_loss: {self.train_loss} (NaN or infinite only when the marker says diverged)")
+
 
 @dataclass
 class WorkerInfo:
