@@ -1,5 +1,6 @@
-# Two entry points for a fresh machine: `make demo` and `make test`. Both create .venv when missing
-# (--no-compile: byte-compiling all of torch at install costs 45 s; imports compile what they use).
+# Two entry points for a fresh machine: `make demo` and `make test`. Both create .venv when missing.
+# pip byte-compiles at install on purpose: where PYTHONDONTWRITEBYTECODE is set (as on CI) nothing is
+# compiled later, and every process would compile torch again at import.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -9,7 +10,7 @@ STAMP := $(VENV)/.fedsync-installed
 
 $(STAMP): pyproject.toml requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check --no-compile -r requirements.txt
+	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements.txt
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -e .
 	touch $(STAMP)
 
