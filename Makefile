@@ -1,6 +1,6 @@
 # Two entry points for a fresh machine: `make demo` and `make test`. Both create .venv when missing.
-# pip byte-compiles at install on purpose: where PYTHONDONTWRITEBYTECODE is set (as on CI) nothing is
-# compiled later, and every process would compile torch again at import.
+# pip byte-compiles at install on purpose: where PYTHONDONTWRITEBYTECODE is set (it is on these machines)
+# nothing is compiled later, and every process would compile torch again at import.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
