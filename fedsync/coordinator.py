@@ -303,16 +303,13 @@ class Coordinator:
     def _report_rejections(self, r: int, intake: RoundLedger, reported: set[str], closing: bool = False) -> None:
         """Each rejection in one line as soon as it is decided; those still waiting for their files when the round
         closes, at the close."""
-        new = False
-        for x in intake.rejected_records():
-            key = f"{x.worker}/{x.reason}"
-            if key not in reported and (closing or x.worker not in intake.pending):
-                reported.add(key)
-                new = True
-                self.log(f"round {r}: rejected {x.worker} ({x.reason}): {x.detail}")
+        shown = [x for x in intake.rejected_records() if closing or x.worker not in intake.pending]
+        new = [x for x in shown if f"{x.worker}/{x.reason}" not in reported]
+        for x in new:
+            reported.add(f"{x.worker}/{x.reason}")
+            self.log(f"round {r}: rejected {x.worker} ({x.reason}): {x.detail}")
         if new and not closing:  # `fedsync status` shows them from the lease while the round is open
-            decided = [x for x in intake.rejected_records() if x.worker not in intake.pending]
-            self.lease.update(self.lease.record.state, r, self.lease.record.note, decided)
+            self.lease.update(self.lease.record.state, r, self.lease.record.note, shown)
 
     @staticmethod
     def _stuck(r: int, intake: RoundLedger, workers: list[str]) -> str:
@@ -344,7 +341,7 @@ class Coordinator:
         worst = max(norms, key=lambda c: norms[c])
         problem = Unusable(Reason.SPOILS_AGGREGATE, f"with it (L2 norm {norms[worst]:.4g}, the largest) the new "
                                                     "global model was not finite")
-        self._record(r, aggregator.drop({worst: problem}) + aggregator.rebuild(), intake, late)
+        self._record(r, aggregator.drop({worst: problem}), intake, late)
         self.log(f"round {r}: the aggregate was not finite; {worst.worker}'s update taken out, aggregating again")
 
     # -- closing -------------------------------------------------------------------------------------------

@@ -151,7 +151,7 @@ class Worker:
     def run(self) -> FinalMarker | None:
         # the data is checked before the first change to the share: a failed start leaves it as it was
         self.dataset = self.task.load(self.opts.data_root or self.cfg.data_root, self.cfg.data_options())
-        own = {names.update_tensors_name(self.name), self.name + names.MARKER_SUFFIX}
+        own = {names.update_tensors_name(self.name), names.update_marker_name(self.name)}
         for r in self.share.rounds():
             self.share.remove_temporaries(self.share.updates_dir(r), own)  # left by a crash of this worker
         if self.cfg.balance == "throughput":  # the first round is sized by it; later rounds by measured rounds

@@ -20,6 +20,7 @@ import torch
 from fedsync.aggregation.rules import Collected
 from fedsync.aggregation.tensors import DTYPES, SPELLING, file_layout
 from fedsync.fedavg import Layout, WeightedSum
+from fedsync.storage import names
 from fedsync.storage.hashing import Hasher
 from fedsync.storage.markers import FileRef
 from fedsync.storage.reasons import Reason, Unusable
@@ -82,7 +83,7 @@ def fold(c: Candidate, store: Store, layout: FileLayout, sums: WeightedSum, piec
     floating tensors."""
     added = False
     squares = 0.0
-    short = c.name.rsplit("/", 1)[-1]
+    short = names.basename(c.name)
     hasher = Hasher()
     view = memoryview(piece)
     try:
@@ -170,6 +171,7 @@ class Aggregator:
         self.layout, self.store, self.file_layout = layout, store, file_layout(layout)
         self.lanes = [_Lane(layout) for _ in range(lanes)]
         self.pool = ThreadPoolExecutor(lanes, thread_name_prefix="intake")
+        self.spent = False  # `collected` merged and handed out the lanes' sums: every lane needs rebuilding
 
     @property
     def accepted(self) -> list[Candidate]:
@@ -222,29 +224,26 @@ class Aggregator:
 
     def drop(self, rejected: dict[Candidate, Unusable]) -> list[Outcome]:
         """Take accepted updates back out (screened out, or found to spoil the aggregate): each lane that held
-        one is rebuilt from its other updates, so the sum is again exactly that of the updates still accepted."""
+        one, or every lane once `collected` spent their sums, is rebuilt from its remaining files, so the sum is
+        again exactly that of the updates still accepted (any that no longer verify are dropped too)."""
         outcomes = [Outcome(c, problem) for c, problem in rejected.items()]
         for lane in self.lanes:
-            if any(c in rejected for c in lane.accepted):
-                lane.accepted = [c for c in lane.accepted if c not in rejected]
+            held = any(c in rejected for c in lane.accepted)
+            lane.accepted = [c for c in lane.accepted if c not in rejected]
+            if held or self.spent:
                 outcomes.extend(self._rebuild(lane))
+        self.spent = False
         return outcomes
-
-    def rebuild(self) -> list[Outcome]:
-        """Every lane's sum again from its files (after `collected` consumed them); updates that no longer
-        verify are dropped."""
-        with _torch_threads(1):
-            results = list(self.pool.map(self._rebuild, self.lanes))
-        return [o for lane_outcomes in results for o in lane_outcomes]
 
     def collected(self, parameters: frozenset[str]) -> Collected:
         """Everything taken in, for the rule (fedsync/aggregation/rules.py). The lanes' sums are merged and the
-        rule consumes them: `rebuild` before collecting again."""
+        rule consumes them: `drop` (of nothing, if need be) before collecting again."""
         used = [lane.sums for lane in self.lanes if lane.sums is not None and lane.sums.count]
         if not used:
             raise ValueError("no accepted updates to aggregate")
         for other in used[1:]:
             used[0].merge(other)
+        self.spent = True
         accepted = self.accepted
         return Collected(used[0], [(c.weight, c.steps) for c in accepted], parameters,
                          UpdateSlices(self.store, accepted, self.file_layout))

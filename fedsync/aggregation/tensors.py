@@ -14,6 +14,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from fedsync.fedavg import Layout
+from fedsync.storage import names
 from fedsync.storage.hashing import hash_bytes
 from fedsync.storage.markers import FileRef
 from fedsync.storage.reasons import Reason, Unusable
@@ -43,7 +44,7 @@ def save_state(write: Callable[[str, bytes], None], name: str, state: Mapping[st
     records (by default the file's name relative to its folder)."""
     data = st_save({k: v.detach().contiguous().cpu() for k, v in state.items()})
     write(name, data)
-    return FileRef(file=ref_name or name.rsplit("/", 1)[-1], blake3=hash_bytes(data), bytes=len(data))
+    return FileRef(file=ref_name or names.basename(name), blake3=hash_bytes(data), bytes=len(data))
 
 
 def load_verified(share: Share, name: str, ref: FileRef) -> dict[str, torch.Tensor]:
@@ -51,4 +52,4 @@ def load_verified(share: Share, name: str, ref: FileRef) -> dict[str, torch.Tens
     try:
         return st_load(data)
     except Exception as e:  # the library reports malformed files with several exception types
-        raise Unusable(Reason.NOT_SAFETENSORS, f"{name.rsplit('/', 1)[-1]}: {e}") from None
+        raise Unusable(Reason.NOT_SAFETENSORS, f"{names.basename(name)}: {e}") from None

@@ -88,7 +88,7 @@ class RoundLedger:
 
     def _check_marker(self, worker: str) -> Candidate:
         name = self.share.update_marker(self.r, worker)
-        short = name.rsplit("/", 1)[-1]
+        short = names.basename(name)
         try:
             data = self.share.read_yaml(name, follow_links=False)
         except LinkRefused:

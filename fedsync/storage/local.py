@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from fedsync.base import faults
+from fedsync.storage import names
 from fedsync.storage.store import Entry, LinkRefused, OversizeError, Signature, read_upto
 
 
@@ -86,11 +87,11 @@ class LocalStore:
     def read(self, name: str, limit: int, follow_links: bool = True) -> bytes:
         with self.open(name, follow_links) as f:
             if f.size > limit:
-                raise OversizeError(f"{Path(name).name} is {f.size} bytes, over the {limit}-byte limit")
+                raise OversizeError(f"{names.basename(name)} is {f.size} bytes, over the {limit}-byte limit")
             data = bytearray(limit + 1)
             got = read_upto(f, memoryview(data))
         if got > limit:
-            raise OversizeError(f"{Path(name).name} grew past the {limit}-byte limit while being read")
+            raise OversizeError(f"{names.basename(name)} grew past the {limit}-byte limit while being read")
         return bytes(data[:got])
 
     @contextlib.contextmanager
@@ -100,7 +101,8 @@ class LocalStore:
             fd = os.open(self.path(name), flags)
         except OSError as e:
             if e.errno == errno.ELOOP and not follow_links:
-                raise LinkRefused(errno.ELOOP, f"{Path(name).name} is a symbolic link", str(self.path(name))) from None
+                raise LinkRefused(errno.ELOOP, f"{names.basename(name)} is a symbolic link",
+                                  str(self.path(name))) from None
             raise
         with open(fd, "rb", buffering=0) as f:
             yield _FileReader(f, os.fstat(fd).st_size)

@@ -33,6 +33,11 @@ def join(*parts: str) -> str:
     return "/".join(p for p in parts if p)
 
 
+def basename(name: str) -> str:
+    """The last part of a name: what messages call a file."""
+    return name.rsplit("/", 1)[-1]
+
+
 def round_dir(r: int) -> str:
     return f"{r:04d}"
 
@@ -62,9 +67,14 @@ def update_tensors_name(worker: str) -> str:
     return worker + TENSORS_SUFFIX
 
 
+def update_marker_name(worker: str) -> str:
+    """The update's marker as it sits in the updates folder."""
+    return worker + MARKER_SUFFIX
+
+
 def update_marker_in_round(worker: str) -> str:
     """The marker's name relative to its round folder, as summaries record it."""
-    return join(UPDATES, worker + MARKER_SUFFIX)
+    return join(UPDATES, update_marker_name(worker))
 
 
 def update_tensors(r: int, worker: str) -> str:

@@ -79,7 +79,7 @@ class Share:
 
     def read_verified(self, name: str, ref: FileRef) -> bytes:
         """The file's bytes, only if they are exactly what the marker describes."""
-        short = Path(name).name
+        short = names.basename(name)
         try:
             with self.store.open(name) as f:
                 if f.size != ref.bytes:
