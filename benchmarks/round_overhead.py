@@ -20,8 +20,10 @@ import torch
 
 from fedsync import __version__
 from fedsync.aggregation.tensors import load_verified, save_state
+from fedsync.storage.keys import load_identity, worker_key_path
 from fedsync.storage.markers import FORMAT_VERSION, Assignment, Summary, UpdateMarker, WorkerInfo, parse, to_dict
 from fedsync.storage.share import Share
+from fedsync.storage.signing import update_message
 
 WORKERS = ("bench-a", "bench-b")
 
@@ -39,11 +41,13 @@ def wait_for(path: Path, timeout: float = 30.0) -> float:
 def register(share: Share, name: str, beat: int) -> None:
     share.write_yaml(share.worker_file(name), to_dict(WorkerInfo(
         format=FORMAT_VERSION, name=name, host=socket.gethostname(), fedsync=__version__, torch=str(torch.__version__),
-        device="cpu", device_name="CPU", cuda_capability=None, state="idle", round=None, heartbeat=beat)))
+        device="cpu", device_name="CPU", cuda_capability=None, state="idle", round=None, heartbeat=beat,
+        public_key=load_identity(worker_key_path(name))[0].public)))
 
 
 def main(rounds: int = 30) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory() as keys:
+        os.environ["FEDSYNC_KEY_DIR"] = keys  # this process signs as the workers; the coordinator signs too
         share = Share(Path(tmp))
         coord = subprocess.Popen([sys.executable, "-m", "fedsync", "coordinator", "--share", tmp, "--rounds",
                                   str(rounds), "--set", "min_workers=2"], stdout=subprocess.DEVNULL,
@@ -63,6 +67,7 @@ def main(rounds: int = 30) -> None:
                     ref = save_state(share.write, share.update_tensors(r, name), update)
                     marker = UpdateMarker(format=FORMAT_VERSION, round=r, worker=name, base=a.model.blake3,
                                           tensors=ref, samples=100, steps=1, train_loss=1.0, seconds=0.0, device="cpu")
+                    marker.signature = load_identity(worker_key_path(name))[0].sign(update_message(a.run_id, marker))
                     share.write_yaml(share.update_marker(r, name), to_dict(marker))
                     if i == 0:
                         time.sleep(0.05)  # the first update is taken in before the quorum-completing one

@@ -33,24 +33,29 @@ from fedsync.learning.train import evaluate
 from fedsync.run.config import RunConfig
 from fedsync.run.ledger import LateLedger, RoundLedger, load_summary
 from fedsync.run.liveness import Liveness
-from fedsync.run.start import check_run
+from fedsync.run.start import check_coordinator_key, check_run
+from fedsync.run.trust import Trust
 from fedsync.storage import names
+from fedsync.storage.keys import Identity, coordinator_key_path, load_identity
 from fedsync.storage.lease import Lease, read_lease
 from fedsync.storage.locks import local_lock
 from fedsync.storage.manifest import new_manifest, write_manifest
 from fedsync.storage.markers import (
     FORMAT_VERSION,
+    Accepted,
     Assignment,
     FileRef,
     FinalMarker,
     Late,
     Manifest,
+    MarkerError,
     Summary,
     WorkerTask,
     to_dict,
 )
 from fedsync.storage.reasons import Reason, Unusable
 from fedsync.storage.share import Share
+from fedsync.storage.signing import assignment_message, final_message, verify
 from fedsync.storage.syncthing import SyncthingNudge
 from fedsync.storage.trouble import Backoff
 from fedsync.storage.watch import ShareWatcher
@@ -70,6 +75,7 @@ class CoordinatorOptions:
     data_root: str | None = None   # where the task's test data is on this machine; None: the config's data_root
     syncthing: str | None = None   # URL of this machine's Syncthing API, to be nudged after each write
     syncthing_key: str | None = None
+    key: Path | None = None        # this coordinator's private key; None: coordinator.pem in the key folder
     log: Log = field(default_factory=lambda: make_log("coordinator"))
 
 
@@ -95,21 +101,27 @@ def run_coordinator(opts: CoordinatorOptions) -> FinalMarker:
         # leaves the share byte for byte as it was (PROTOCOL.md section 6, step 1).
         nudge = SyncthingNudge(opts.syncthing, opts.syncthing_key, share.root, opts.log) if opts.syncthing else None
         existing = check_run(share, opts.config)
+        identity, created = load_identity(opts.key or coordinator_key_path())
+        if existing is not None:
+            check_coordinator_key(share, existing, identity)
         closed = share.closed_rounds()
         if closed and closed[-1] > opts.rounds:
             raise ConfigError(f"the run in {share.where()} already closed {closed[-1]} rounds: "
                               f"--rounds must be at least {closed[-1]}")
         dataset = get_task(opts.config.task).load(opts.data_root or opts.config.data_root, opts.config.data_options())
-        manifest = existing or new_manifest(opts.config.as_dict(), opts.created_by)
+        manifest = existing or new_manifest(opts.config.as_dict(), opts.created_by, identity.public)
         lease = Lease(share, manifest.run_id, opts.config.heartbeat, opts.config.worker_timeout, opts.log)
         lease.check()
         if existing is None:
             write_manifest(share, manifest)
         lease.acquire()
+        opts.log(f"coordinator key {identity.path}{' (created now)' if created else ''}: fingerprint "
+                 f"{identity.fingerprint}; workers pin it at first contact (or pass --coordinator-key "
+                 f"{identity.public})")
         finished = False
         try:
             with ShareWatcher(share, opts.watch) as watcher:
-                final = Coordinator(share, manifest, opts, dataset, watcher, lease, nudge).run()
+                final = Coordinator(share, manifest, opts, dataset, watcher, lease, identity, nudge).run()
                 finished = True
                 return final
         finally:
@@ -125,11 +137,12 @@ def _lease_holder(share: Share) -> str:
 
 class Coordinator:
     def __init__(self, share: Share, manifest: Manifest, opts: CoordinatorOptions, dataset: Dataset,
-                 watcher: ShareWatcher, lease: Lease, nudge: SyncthingNudge | None = None) -> None:
+                 watcher: ShareWatcher, lease: Lease, identity: Identity, nudge: SyncthingNudge | None = None) -> None:
         self.share, self.manifest, self.opts, self.cfg = share, manifest, opts, opts.config
         self.dataset, self.watcher, self.lease, self.log = dataset, watcher, lease, opts.log
-        self.nudge = nudge
+        self.identity, self.nudge = identity, nudge
         self.liveness = Liveness(share, self.cfg.worker_timeout)
+        self.trust = Trust(share, manifest.run_id, identity, self.cfg.trust, self.liveness.public_key, self.log)
         self.backoff = Backoff(self.log)
         self.model = get_task(self.cfg.task).build_model(self.cfg.model, seed=self.cfg.seed)
         self.parameters = frozenset(name for name, _ in self.model.named_parameters())
@@ -164,8 +177,9 @@ class Coordinator:
     def _open_round(self, r: int) -> tuple[Assignment, dict[str, torch.Tensor]]:
         """The round's assignment and global model: read back if already written, else written now."""
         if self.share.exists(self.share.assignment(r)):
-            a = self.share.read_record(Assignment, self.share.assignment(r))
-            return a, load_verified(self.share, self.share.global_model(r), a.model)
+            a = self._own_assignment(r)
+            if a is not None:
+                return a, load_verified(self.share, self.share.global_model(r), a.model)
         if r == 1:
             state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             model_ref = save_state(self.share.write, self.share.global_model(1), state)
@@ -182,12 +196,27 @@ class Coordinator:
         a = Assignment(format=FORMAT_VERSION, run_id=self.manifest.run_id, round=r, rounds=self.opts.rounds,
                        model=model_ref, num_shards=len(workers), time_budget_s=float(self.cfg.round_timeout),
                        workers=self._tasks(r, workers))
+        a.signature = self.identity.sign(assignment_message(a))
         self.share.make_folder(self.share.updates_dir(r))
         self.share.write_yaml(self.share.assignment(r), to_dict(a))  # last: the round is open from here on
         if self.nudge:
             self.nudge.scan(self.share.round_dir(r))
         self.log(f"round {r}/{self.opts.rounds} open: {len(workers)} worker(s) {', '.join(workers)}")
         return a, state
+
+    def _own_assignment(self, r: int) -> Assignment | None:
+        """Round r's assignment if this coordinator wrote it (a restart); None, said, when someone else did: the round
+        is opened again over it, and workers never trained on it (they check the signature)."""
+        try:
+            a = self.share.read_record(Assignment, self.share.assignment(r))
+            if verify(self.identity.public, assignment_message(a), a.signature):
+                return a
+            why = "it is not signed by this coordinator"
+        except MarkerError as e:
+            why = str(e)
+        self.log(f"round {r}: WARNING: {self.share.where(self.share.assignment(r))} was not written by this "
+                 f"coordinator ({why}): opening the round over it")
+        return None
 
     def _tasks(self, r: int, workers: list[str]) -> dict[str, WorkerTask]:
         """Shard i to the i-th worker; with balance: throughput, steps sized by each worker's published speed."""
@@ -225,7 +254,8 @@ class Coordinator:
                 if info.device_fallback:
                     self.log(f"WARNING: worker {name} trains on the CPU although it has a GPU: "
                              f"{info.device_fallback}")
-            live = self.liveness.live()
+            self.trust.refresh()
+            live = [w for w in self.liveness.live() if self.trust.admit(w)]
             if len(live) >= self.cfg.min_workers:
                 return live
             if not announced:
@@ -238,8 +268,9 @@ class Coordinator:
     def _collect_and_close(self, r: int, a: Assignment, state: dict[str, torch.Tensor]) -> None:
         opened = time.monotonic()
         self.lease.update("collecting", r)
-        intake = RoundLedger(self.share, r, a, len(self.dataset.train), self.rule)
-        late = self.backoff.run(lambda: LateLedger(self.share, r, self.cfg, len(self.dataset.train), self.rule),
+        intake = RoundLedger(self.share, r, a, len(self.dataset.train), self.rule, self.trust)
+        late = self.backoff.run(lambda: LateLedger(self.share, r, self.cfg, len(self.dataset.train), self.rule,
+                                                   self.trust),
                                 f"reading the rounds before round {r}")
         aggregator = Aggregator(layout_of(state), self.share.store)
         model_norm = l2_norm(state)
@@ -251,6 +282,7 @@ class Coordinator:
             while True:
                 try:
                     self.liveness.scan()
+                    self.trust.refresh()
                     candidates = intake.scan() + late.scan()
                 except OSError as e:
                     self._wait(self.backoff.failed(e, f"looking for round {r}'s updates"))
@@ -259,6 +291,8 @@ class Coordinator:
                     t = time.perf_counter()
                     self._record(r, aggregator.take(candidates), intake, late)
                     self._screen(r, aggregator, model_norm, intake, late)
+                    if self.cfg.clip_norm > 0:
+                        self._record(r, aggregator.clip(self.cfg.clip_norm), intake, late)
                     timings["final_intake_s"] = time.perf_counter() - t
                     if intake.accepted:
                         crash_point(f"coordinator:collecting:{r}")
@@ -294,11 +328,16 @@ class Coordinator:
                     continue  # the closing rules again, without it
                 remaining = a.time_budget_s - elapsed
                 self._wait(min(self.opts.rescan, remaining) if remaining > 0 else self.opts.rescan)
+            norms = {c.worker: n for c, n in aggregator.norms.items() if c.round == r}
+            clipped = {c.worker for c in aggregator.scales if c.round == r}
         finally:
             aggregator.close()
         self._report_rejections(r, intake, reported, closing=True)
-        self._close(r, a, intake, late.records(), new_state, reason, time.monotonic() - opened, timings,
-                    result.step_scale)
+        if clipped:
+            self.log(f"round {r}: clipped to L2 norm {self.cfg.clip_norm:g}: " + ", ".join(
+                f"{w} ({norms[w]:.4g})" for w in sorted(clipped)))
+        self._close(r, a, intake.accepted_records(norms, clipped), intake, late.records(), new_state, reason,
+                    time.monotonic() - opened, timings, result.step_scale)
 
     def _report_rejections(self, r: int, intake: RoundLedger, reported: set[str], closing: bool = False) -> None:
         """Each rejection in one line as soon as it is decided; those still waiting for their files when the round
@@ -346,7 +385,7 @@ class Coordinator:
 
     # -- closing -------------------------------------------------------------------------------------------
 
-    def _close(self, r: int, a: Assignment, intake: RoundLedger, late: list[Late],
+    def _close(self, r: int, a: Assignment, accepted: list[Accepted], intake: RoundLedger, late: list[Late],
                new_state: dict[str, torch.Tensor], reason: str, seconds: float, timings: dict[str, float],
                step_scale: float) -> None:
         # 1. the aggregate, where the next round (or the end of the run) will look for it
@@ -357,7 +396,6 @@ class Coordinator:
         self.model.load_state_dict(new_state)
         test_loss, test_acc = evaluate(self.model, self.dataset.test, self.cfg.eval_batch_size)
         timings["evaluate_s"] = time.perf_counter() - t
-        accepted = intake.accepted_records()
         total = sum(x.samples for x in accepted)
         train_loss = sum(x.train_loss * x.samples for x in accepted) / total
         # 3. the decision, written last: the round is closed from here on
@@ -385,6 +423,7 @@ class Coordinator:
         final = FinalMarker(format=FORMAT_VERSION, run_id=self.manifest.run_id, round=self.opts.rounds,
                             model=FileRef(names.FINAL_MODEL, last.model.blake3, last.model.bytes),
                             test_accuracy=last.metrics["test_accuracy"])
+        final.signature = self.identity.sign(final_message(final))
         self.backoff.run(lambda: self.share.write_yaml(self.share.final_marker, to_dict(final)), "writing final.yaml")
         self.log(f"run {self.manifest.run_id} finished after {final.round} rounds: test accuracy "
                  f"{final.test_accuracy:.4f}; model in {self.share.where(self.share.final_model)}")

@@ -32,11 +32,13 @@ from fedsync.learning.tasks import Task, get_task
 from fedsync.learning.train import TrainSettings, local_train, measure_throughput, place
 from fedsync.run.config import RunConfig, config_from_dict
 from fedsync.storage import names
+from fedsync.storage.keys import Identity, load_identity, pinned_coordinator, worker_key_path
 from fedsync.storage.locks import local_lock
 from fedsync.storage.manifest import finished, read_manifest
 from fedsync.storage.markers import FORMAT_VERSION, Assignment, FinalMarker, Manifest, UpdateMarker, WorkerInfo, to_dict
 from fedsync.storage.reasons import Unusable
 from fedsync.storage.share import Share
+from fedsync.storage.signing import assignment_message, fingerprint, update_message, verify
 from fedsync.storage.syncthing import SyncthingNudge
 from fedsync.storage.trouble import Backoff, RepeatedWrite
 from fedsync.storage.watch import ShareWatcher
@@ -53,6 +55,8 @@ class WorkerOptions:
     data_root: str | None = None        # where the task's data is on this machine; None: the run config's data_root
     syncthing: str | None = None        # URL of this machine's Syncthing API, to be nudged after each update
     syncthing_key: str | None = None
+    key: Path | None = None             # this worker's private key; None: worker-<name>.pem in the key folder
+    coordinator_key: str | None = None  # the coordinator's public key; None: pinned from the run at first contact
     log: Log | None = None
 
 
@@ -96,6 +100,8 @@ def run_worker(opts: WorkerOptions) -> FinalMarker | None:
     facts = DeviceFacts.probe()
     choice = choose_device(opts.device, facts)  # an explicit device this build cannot drive fails here, at once
     nudge = SyncthingNudge(opts.syncthing, opts.syncthing_key, share.root, log) if opts.syncthing else None
+    identity, created = load_identity(opts.key or worker_key_path(name))
+    log(f"worker key {identity.path}{' (created now)' if created else ''}: fingerprint {identity.fingerprint}")
     lock = local_lock(share.root, f"worker-{name}")
     try:
         lock.acquire()
@@ -105,7 +111,12 @@ def run_worker(opts: WorkerOptions) -> FinalMarker | None:
     try:
         with ShareWatcher(share, opts.watch) as watcher:
             manifest = _wait_for_run(share, watcher, opts, log)
-            return Worker(share, name, choice, facts, manifest, watcher, opts, log, nudge).run()
+            coordinator_key, pinned = pinned_coordinator(manifest.run_id, manifest.coordinator_key,
+                                                         opts.coordinator_key)
+            log(f"{'pinned' if pinned else 'trusting'} coordinator key {fingerprint(coordinator_key)} for run "
+                f"{manifest.run_id}")
+            return Worker(share, name, choice, facts, manifest, watcher, opts, log, identity, coordinator_key,
+                          nudge).run()
     finally:
         lock.release()
 
@@ -126,8 +137,11 @@ def _wait_for_run(share: Share, watcher: ShareWatcher, opts: WorkerOptions, log:
 
 class Worker:
     def __init__(self, share: Share, name: str, choice: DeviceChoice, facts: DeviceFacts, manifest: Manifest,
-                 watcher: ShareWatcher, opts: WorkerOptions, log: Log, nudge: SyncthingNudge | None = None) -> None:
+                 watcher: ShareWatcher, opts: WorkerOptions, log: Log, identity: Identity, coordinator_key: str,
+                 nudge: SyncthingNudge | None = None) -> None:
         self.share, self.name, self.manifest = share, name, manifest
+        self.identity, self.coordinator_key = identity, coordinator_key
+        self.refused: set[tuple[int, str | None]] = set()  # assignments not the coordinator's: said once
         self.nudge = nudge
         self.watcher, self.opts, self.log = watcher, opts, log
         self.cfg: RunConfig = config_from_dict(manifest.config, share.where(share.manifest))
@@ -141,7 +155,7 @@ class Worker:
         info = WorkerInfo(format=FORMAT_VERSION, name=name, host=socket.gethostname(), fedsync=__version__,
                           torch=str(torch.__version__), device=self.device, device_name=device_name,
                           cuda_capability=capability, state="starting", round=None, heartbeat=0,
-                          precision=self.precision, device_fallback=choice.fallback)
+                          precision=self.precision, device_fallback=choice.fallback, public_key=identity.public)
         self.heartbeat = Heartbeat(share, info, self.cfg.heartbeat, log)
         self.backoff = Backoff(log)
         self.dataset: Dataset | None = None
@@ -169,7 +183,7 @@ class Worker:
         try:
             while True:
                 try:
-                    final = finished(self.share, self.manifest.run_id)
+                    final = finished(self.share, self.manifest.run_id, self.coordinator_key)
                     if final is not None:
                         self.log(f"run finished after round {final.round} (test accuracy "
                                  f"{final.test_accuracy:.4f})")
@@ -186,20 +200,43 @@ class Worker:
             self.heartbeat.stop()
 
     def _pending_round(self) -> tuple[int, Assignment] | None:
-        """The newest open round that gives this worker a task it has not submitted yet."""
-        rounds = self.share.rounds()
-        if not rounds:
-            return None
-        r = rounds[-1]
-        if self.share.exists(self.share.summary(r)) or self.share.exists(self.share.update_marker(r, self.name)):
-            return None  # closed, or already submitted (also after a restart)
+        """The newest open round that gives this worker a task it has not submitted yet. A round folder whose
+        assignment the coordinator did not sign is passed over (said once), so a forged later round cannot hide
+        the real one."""
+        for r in reversed(self.share.rounds()):
+            if self.share.exists(self.share.summary(r)):
+                return None  # the newest closed round: nothing before it is open
+            try:
+                a = self.share.read_record(Assignment, self.share.assignment(r))
+            except Exception:  # noqa: BLE001 - not written or not synced whole yet
+                return None
+            if not verify(self.coordinator_key, assignment_message(a), a.signature):
+                if (r, a.signature) not in self.refused:
+                    self.refused.add((r, a.signature))
+                    self.log(f"round {r}: WARNING: assignment.yaml is not signed by the run's coordinator (key "
+                             f"{fingerprint(self.coordinator_key)}): someone else wrote it; not training on it")
+                continue
+            if a.run_id != self.manifest.run_id or self.name not in a.workers or self._submitted(r, a):
+                return None
+            return r, a
+        return None
+
+    def _submitted(self, r: int, a: Assignment) -> bool:
+        """Whether this worker's own update marker for the round exists (also after a restart). A marker under its
+        name that it did not sign is someone else's: said, and replaced by training the round."""
+        name = self.share.update_marker(r, self.name)
+        if not self.share.exists(name):
+            return False
         try:
-            a = self.share.read_record(Assignment, self.share.assignment(r))
-        except Exception:  # noqa: BLE001 - not written or not synced whole yet
-            return None
-        if a.run_id != self.manifest.run_id or self.name not in a.workers:
-            return None
-        return r, a
+            m = self.share.read_record(UpdateMarker, name)
+            own = (m.round == r and m.worker == self.name and m.base == a.model.blake3
+                   and verify(self.identity.public, update_message(self.manifest.run_id, m), m.signature))
+        except Exception:  # noqa: BLE001 - unreadable or malformed: not what this worker writes
+            own = False
+        if not own:
+            self.log(f"round {r}: WARNING: updates/{names.basename(name)} is not this worker's (its signature does "
+                     "not verify with this worker's key): training the round and replacing it")
+        return own
 
     def _train_round(self, r: int, a: Assignment) -> None:
         try:
@@ -230,6 +267,7 @@ class Worker:
         marker = UpdateMarker(format=FORMAT_VERSION, round=r, worker=self.name, base=a.model.blake3, tensors=ref,
                               samples=result.samples, steps=result.steps, train_loss=result.train_loss,
                               seconds=round(seconds, 3), device=self.device, diverged=diverged)
+        marker.signature = self.identity.sign(update_message(self.manifest.run_id, marker))
         self.backoff.run(lambda: self.share.write_yaml(self.share.update_marker(r, self.name), to_dict(marker)),
                          f"writing the marker for round {r}")  # last: the update counts from here
         if self.nudge:

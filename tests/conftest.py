@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +18,11 @@ import torch
 
 from fedsync import __version__
 from fedsync.aggregation.tensors import save_state
+from fedsync.storage.keys import Identity, coordinator_key_path, load_identity, worker_key_path
 from fedsync.storage.local import atomic_write
 from fedsync.storage.markers import FORMAT_VERSION, Assignment, FileRef, UpdateMarker, WorkerInfo, to_dict
 from fedsync.storage.share import Share
+from fedsync.storage.signing import update_message
 from fedsync.storage.yamlfile import dump_yaml, parse_yaml
 
 FEDSYNC = [sys.executable, "-m", "fedsync"]
@@ -32,7 +36,25 @@ def read_yaml(path: Path) -> Any:
 def write_yaml(path: Path, obj: Any) -> None:
     """Write a YAML file whole into a local share, as a forger or a test's fake worker would."""
     atomic_write(path, dump_yaml(obj))
+# Keys of every process the tests start (and of the tests acting as workers) live here, never in ~/.config.
+os.environ.setdefault("FEDSYNC_KEY_DIR", tempfile.mkdtemp(prefix="fedsync-test-keys-"))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def worker_identity(name: str) -> Identity:
+    """The key a worker process named `name` would use on this machine (created on first use)."""
+    return load_identity(worker_key_path(name))[0]
+
+
+def coordinator_identity() -> Identity:
+    """The key a coordinator process started by the tests signs with."""
+    return load_identity(coordinator_key_path())[0]
+
+
+def signed(marker: UpdateMarker, run_id: str, key: Identity | None = None) -> dict[str, Any]:
+    """The marker as its worker writes it: signed with that worker's key (or `key`, as a forger would)."""
+    ident = key or worker_identity(marker.worker)
+    return to_dict(replace(marker, signature=ident.sign(update_message(run_id, marker))))
 
 
 def start(*args: str, fault: str | None = None, env: dict[str, str] | None = None,
@@ -83,11 +105,12 @@ def share(tmp_path: Path) -> Path:
     return path
 
 
-def register_worker(share: Share, name: str, beat: int = 1) -> None:
-    """Write a worker's registration (a heartbeat when repeated), as a worker process would."""
+def register_worker(share: Share, name: str, beat: int = 1, key: Identity | None = None) -> None:
+    """Write a worker's registration (a heartbeat when repeated) with its public key, as a worker process would."""
     write_yaml(share.path(share.worker_file(name)), to_dict(WorkerInfo(
         format=FORMAT_VERSION, name=name, host="test-host", fedsync=__version__, torch=str(torch.__version__),
-        device="cpu", device_name="CPU", cuda_capability=None, state="idle", round=None, heartbeat=beat)))
+        device="cpu", device_name="CPU", cuda_capability=None, state="idle", round=None, heartbeat=beat,
+        public_key=(key or worker_identity(name)).public)))
 
 
 def wait_until(check: Callable[[], object], timeout: float, what: str) -> None:
@@ -102,9 +125,9 @@ def submit_update(share: Share, a: Assignment, worker: str, update: dict[str, to
                   samples: int = 100, steps: int = 1) -> FileRef:
     """Write an update and then its marker for round `a.round`, as a worker process does."""
     ref = save_state(share.store.write, share.update_tensors(a.round, worker), update)
-    write_yaml(share.path(share.update_marker(a.round, worker)), to_dict(UpdateMarker(
+    write_yaml(share.path(share.update_marker(a.round, worker)), signed(UpdateMarker(
         format=FORMAT_VERSION, round=a.round, worker=worker, base=a.model.blake3, tensors=ref, samples=samples,
-        steps=steps, train_loss=1.0, seconds=1.0, device="cpu")))
+        steps=steps, train_loss=1.0, seconds=1.0, device="cpu"), a.run_id))
     return ref
 
 

@@ -34,7 +34,7 @@ class Mutant:
 MUTANTS = [
     Mutant("the hash check is skipped", "fedsync/aggregation/intake.py",
            "if hasher.hexdigest() != c.ref.blake3:", "if False:",
-           ("tests/test_intake.py::test_hash_mismatch_and_missing_file_may_still_sync",)),
+           ("tests/test_intake.py::test_hash_mismatch_and_missing_file_waits",)),
     Mutant("the finite check is skipped", "fedsync/aggregation/intake.py",
            "if math.isnan(square):", "if False:",
            ("tests/test_intake.py::test_bad_file_is_rejected_with_its_reason",)),
@@ -61,7 +61,7 @@ MUTANTS = [
     Mutant("the run is written before the data is checked", "fedsync/coordinator.py",
            "existing = check_run(share, opts.config)",
            "existing = check_run(share, opts.config) or write_manifest(share, new_manifest(opts.config.as_dict(), "
-           "opts.created_by))",
+           "opts.created_by, 'ed25519:mutant'))",
            ("tests/test_start.py::test_a_refused_start_leaves_the_share_as_it_was",)),
 ]
 

@@ -15,10 +15,30 @@ import torch
 
 from fedsync.aggregation.tensors import load_verified, save_state
 from fedsync.storage.hashing import hash_bytes
-from fedsync.storage.markers import FORMAT_VERSION, Assignment, FileRef, Summary, UpdateMarker, parse, to_dict
+from fedsync.storage.keys import Identity, load_identity
+from fedsync.storage.markers import (
+    FORMAT_VERSION,
+    Assignment,
+    FileRef,
+    MarkerError,
+    Summary,
+    UpdateMarker,
+    parse,
+    to_dict,
+)
 from fedsync.storage.share import Share
 
-from .conftest import finish, killed_on_error, register_worker, start, wait_until, write_yaml
+from .conftest import (
+    finish,
+    killed_on_error,
+    read_yaml,
+    register_worker,
+    signed,
+    start,
+    wait_until,
+    worker_identity,
+    write_yaml,
+)
 
 
 @dataclass
@@ -33,19 +53,28 @@ class Round:
         return {k: (torch.randn(v.shape) * scale).to(v.dtype) if v.is_floating_point() else torch.zeros_like(v)
                 for k, v in self.base.items()}
 
-    def marker(self, worker: str, ref: FileRef, /, **changes: object) -> dict:
+    def marker(self, worker: str, ref: FileRef, /, key: Identity | None = None, **changes: object) -> dict:
+        """The marker `worker` would write, with `changes`, signed with its key after them (a worker's own mistake)
+        or with `key` (a forger's); `signature=None` among the changes leaves it unsigned."""
         m = to_dict(UpdateMarker(format=FORMAT_VERSION, round=self.r, worker=worker, base=self.a.model.blake3,
                                  tensors=ref, samples=100, steps=3, train_loss=0.5, seconds=0.1, device="cpu"))
         m.update(changes)
+        try:
+            parsed = parse(UpdateMarker, m, "marker")
+        except MarkerError:
+            return m  # malformed on purpose: nothing to sign
+        if "signature" not in changes:
+            m["signature"] = signed(parsed, self.a.run_id, key)["signature"]
         return m
 
     def submit(self, worker: str, update: dict[str, torch.Tensor] | None = None, counts: bool = False, /,
-               **changes: object) -> FileRef:
+               key: Identity | None = None, **changes: object) -> FileRef:
         """Write an update and then its marker (with `changes` to its fields), as a worker does; `counts` if
         it should be aggregated."""
         update = self.delta() if update is None else update
         ref = save_state(self.share.store.write, self.share.update_tensors(self.r, worker), update)
-        write_yaml(self.share.path(self.share.update_marker(self.r, worker)), self.marker(worker, ref, **changes))
+        write_yaml(self.share.path(self.share.update_marker(self.r, worker)),
+                   self.marker(worker, ref, key, **changes))
         if counts:
             self.valid.append((update, float(changes.get("samples", 100))))
         return ref
@@ -119,6 +148,42 @@ def _duplicate(rd: Round) -> None:
     rd.good()
 
 
+def _replayed(edit: bool) -> Callable[[Round], None]:
+    """The bad worker's accepted update of round 1 copied into this round, its round and base edited or not."""
+    def act(rd: Round) -> None:
+        old = rd.share.path(rd.share.round_dir(1)) / "updates"
+        new = rd.share.path(rd.share.updates_dir(rd.r))
+        (new / "bad.safetensors").write_bytes((old / "bad.safetensors").read_bytes())
+        marker = read_yaml(old / "bad.yaml")
+        if edit:
+            marker.update(round=rd.r, base=rd.a.model.blake3)
+        write_yaml(new / "bad.yaml", marker)
+    return act
+
+
+def _renamed(rd: Round) -> None:
+    """The good worker's signed marker and tensors presented as the bad worker's."""
+    ref = save_state(rd.share.store.write, rd.share.update_tensors(rd.r, "bad"), rd.delta())
+    forged = rd.marker("good", ref, worker_identity("good"))  # good's own, signed by good ...
+    forged["worker"] = "bad"  # ... with its name edited afterwards
+    write_yaml(rd.share.path(rd.share.update_marker(rd.r, "bad")), forged)
+
+
+def _rekeyed(rd: Round) -> None:
+    """The bad worker comes back with a new key (pinned: the old one) and signs with it."""
+    new_key = load_identity(rd.share.root.parent / "rekeyed.pem")[0]
+    register_worker(rd.share, "bad", beat=1000 + rd.r, key=new_key)
+    time.sleep(0.5)  # the coordinator reads the new registration before the marker
+    rd.submit("bad", None, False, new_key)
+
+
+def _forged_then_real(rd: Round) -> None:
+    """A forger writes under the good worker's name first; the good worker's own update replaces it and counts."""
+    rd.submit("good", rd.delta(0.5), False, worker_identity("bad"))
+    time.sleep(0.7)
+    rd.good()
+
+
 def _stranger(rd: Round) -> None:
     rd.submit("stranger")
 
@@ -174,6 +239,16 @@ CASES: dict[str, Case] = {
     "other format": Case(lambda rd: rd.submit("bad", format=FORMAT_VERSION + 1), "format_mismatch"),
     "wrong base model": Case(lambda rd: rd.submit("bad", base="ab" * 32), "wrong_base"),
     "zero samples": Case(lambda rd: rd.submit("bad", samples=0), "bad_samples"),
+    "sign-flipped x1000": Case(lambda rd: rd.submit("bad", {k: -v for k, v in rd.delta(1.0).items()}),
+                               "norm_outlier"),
+    "unsigned": Case(lambda rd: rd.submit("bad", signature=None), "unsigned"),
+    "signed with another key": Case(lambda rd: rd.submit("bad", None, False, worker_identity("good")),
+                                    "bad_signature"),
+    "replayed unchanged": Case(_replayed(edit=False), "wrong_round"),
+    "replayed with round and base edited": Case(_replayed(edit=True), "bad_signature"),
+    "renamed from another worker": Case(_renamed, "bad_signature"),
+    "forged under another name, then the real one": Case(_forged_then_real, None, good_first=False),
+    "re-keyed worker": Case(_rekeyed, "untrusted_key"),  # last: the bad worker's registration changes
 }
 
 

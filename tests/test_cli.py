@@ -16,9 +16,9 @@ from fedsync.storage.medium import POLL_INTERVAL_S, POLLED_FILESYSTEMS, choose_m
 from fedsync.storage.share import Share
 from fedsync.storage.watch import ShareWatcher
 
-from .conftest import run
+from .conftest import coordinator_identity, run
 
-COMMANDS = ["coordinator", "worker", "status", "verify", "demo", "doctor"]
+COMMANDS = ["coordinator", "worker", "trust", "status", "verify", "demo", "doctor"]
 NO_SHARE = {"doctor"}  # looks at this machine only
 
 
@@ -71,7 +71,8 @@ def test_data_root_help_names_the_fallback(command: str) -> None:
 
 def test_errors_are_one_line_with_their_status(tmp_path: Path) -> None:
     cifar = tmp_path / "cifar-share"
-    open_run(Share(cifar), load_config("cifar10"), "coordinator")  # a run whose data this machine lacks
+    # a run whose data this machine lacks
+    open_run(Share(cifar), load_config("cifar10"), "coordinator", coordinator_identity().public)
     cases = [
         (["coordinator", "--share", str(tmp_path / "c"), "--config", "cifar10", "--data-root",
           str(tmp_path / "mine")], 6, f"{tmp_path / 'mine'}/cifar-10-batches-py lacks"),

@@ -13,6 +13,8 @@ from fedsync.run.config import differences, load_config, parse_overrides
 from fedsync.run.start import open_run
 from fedsync.storage.share import Share
 
+from .conftest import coordinator_identity
+
 
 def test_builtin_configs_and_overrides() -> None:
     digits = load_config("digits")
@@ -39,10 +41,10 @@ def test_bad_configs_are_refused_with_the_key(pair: str, words: str) -> None:
 
 def test_a_share_keeps_its_config(tmp_path: Path) -> None:
     share = Share(tmp_path)
-    first = open_run(share, load_config("digits"), "coordinator")
-    assert open_run(share, load_config("digits"), "coordinator").run_id == first.run_id
+    first = open_run(share, load_config("digits"), "coordinator", coordinator_identity().public)
+    assert open_run(share, load_config("digits"), "coordinator", coordinator_identity().public).run_id == first.run_id
     with pytest.raises(ConfigError, match="seed"):
-        open_run(share, load_config("digits", {"seed": 7}), "coordinator")
+        open_run(share, load_config("digits", {"seed": 7}), "coordinator", coordinator_identity().public)
 
 
 def test_commands_that_only_read_the_share_never_import_torch() -> None:

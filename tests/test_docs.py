@@ -16,12 +16,14 @@ from fedsync.storage.markers import (
     FinalMarker,
     Manifest,
     Summary,
+    TrustList,
     UpdateMarker,
     WorkerInfo,
     parse,
     to_dict,
 )
 from fedsync.storage.reasons import Reason
+from fedsync.storage.signing import assignment_message, final_message, trust_message, update_message, verify
 from fedsync.storage.yamlfile import parse_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,7 +31,8 @@ PROTOCOL = (ROOT / "docs" / "PROTOCOL.md").read_text()
 README = (ROOT / "README.md").read_text()
 RECORDS = {"fedsync.yaml": Manifest, "coordinator.yaml": CoordinatorLease, "workers/<name>.yaml": WorkerInfo,
            "assignment.yaml": Assignment,
-           "updates/<name>.yaml": UpdateMarker, "summary.yaml": Summary, "final.yaml": FinalMarker}
+           "updates/<name>.yaml": UpdateMarker, "summary.yaml": Summary, "final.yaml": FinalMarker,
+           "trust.yaml": TrustList}
 
 
 def _examples() -> dict[str, str]:
@@ -48,6 +51,27 @@ def test_protocol_examples_parse_and_cover_every_key(name: str) -> None:
     assert set(to_dict(record)) == set(data), "the example shows exactly the keys fedsync writes"
 
 
+def test_the_examples_signatures_verify_as_section_5_10_says() -> None:
+    """Someone implementing the protocol from the document alone can check their signing against it."""
+    ex = {name: parse(cls, parse_yaml(_examples()[name].encode()), name) for name, cls in RECORDS.items()}
+    manifest, trust = ex["fedsync.yaml"], ex["trust.yaml"]
+    coordinator = manifest.coordinator_key
+    assert read_trust_entries(trust, coordinator) == {n: (e.key, e.state) for n, e in trust.workers.items()}
+    assert verify(coordinator, assignment_message(ex["assignment.yaml"]), ex["assignment.yaml"].signature)
+    assert verify(coordinator, final_message(ex["final.yaml"]), ex["final.yaml"].signature)
+    marker = ex["updates/<name>.yaml"]
+    message = update_message(manifest.run_id, marker)
+    assert verify(trust.workers[marker.worker].key, message, marker.signature)
+    assert f"```\n{message.decode()}```" in PROTOCOL  # the message written out in section 5.10 is this one
+    assert not verify(trust.workers["gtx1080-box"].key, message, marker.signature)  # another worker's key
+
+
+def read_trust_entries(trust: TrustList, coordinator: str) -> dict[str, tuple[str, str]]:
+    entries = {n: (e.key, e.state) for n, e in trust.workers.items()}
+    assert verify(coordinator, trust_message(trust.run_id, entries), trust.signature)
+    return entries
+
+
 def test_manifest_example_holds_a_valid_config() -> None:
     data = parse_yaml(_examples()["fedsync.yaml"].encode())
     assert set(data["config"]) == {f.name for f in dataclasses.fields(RunConfig)}
@@ -58,7 +82,7 @@ def test_every_reason_is_documented_with_help() -> None:
         assert reason.help
         row = re.search(rf"^\| {reason.value} \| (yes|no) \|", PROTOCOL, re.M)
         assert row, f"{reason.value} missing from PROTOCOL.md section 7"
-        assert (row.group(1) == "yes") == reason.may_still_sync, reason
+        assert (row.group(1) == "yes") == reason.waits, reason
 
 
 def test_every_config_key_is_in_the_readme_with_its_default() -> None:

@@ -117,7 +117,7 @@ def test_bad_file_is_rejected_with_its_reason(tmp_path: Path, case: str) -> None
     assert _reason(tmp_path, Candidate("bad", path.name, ref, 1.0)) == reason
 
 
-def test_hash_mismatch_and_missing_file_may_still_sync(tmp_path: Path) -> None:
+def test_hash_mismatch_and_missing_file_waits(tmp_path: Path) -> None:
     good = _candidate(tmp_path, "w", _update())
     flipped = bytearray((tmp_path / good.name).read_bytes())
     flipped[-1] ^= 0xFF
@@ -125,7 +125,7 @@ def test_hash_mismatch_and_missing_file_may_still_sync(tmp_path: Path) -> None:
     assert _reason(tmp_path, good) == Reason.HASH_MISMATCH
     missing = Candidate("m", "absent.safetensors", good.ref, 1.0)
     assert _reason(tmp_path, missing) == Reason.MISSING_FILE
-    assert Reason.HASH_MISMATCH.may_still_sync and not Reason.NON_FINITE.may_still_sync
+    assert Reason.HASH_MISMATCH.waits and not Reason.NON_FINITE.waits
 
 
 def test_header_garbage_with_wrong_hash_waits_instead_of_rejecting(tmp_path: Path) -> None:

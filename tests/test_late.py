@@ -14,6 +14,7 @@ from fedsync.fedavg import staleness_weight
 from fedsync.run.config import load_config
 from fedsync.run.ledger import LateLedger
 from fedsync.run.start import open_run
+from fedsync.run.trust import Trust
 from fedsync.storage.markers import (
     FORMAT_VERSION,
     Accepted,
@@ -26,7 +27,17 @@ from fedsync.storage.markers import (
 )
 from fedsync.storage.share import Share
 
-from .conftest import finish, killed_on_error, register_worker, start, submit_update, wait_until, write_yaml
+from .conftest import (
+    coordinator_identity,
+    finish,
+    killed_on_error,
+    register_worker,
+    start,
+    submit_update,
+    wait_until,
+    worker_identity,
+    write_yaml,
+)
 
 
 def _random_delta(base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -131,7 +142,7 @@ def test_late_ledger_weighs_by_age_and_looks_back_max_staleness_rounds(tmp_path:
     weighed by their own age; the one 4 rounds late is past the cut-off and never looked at."""
     s = Share(tmp_path)
     cfg = load_config("digits", {"late_policy": "fold", "max_staleness": 3})
-    open_run(s, cfg, "coordinator")
+    open_run(s, cfg, "coordinator", coordinator_identity().public)
     model = {"w": torch.zeros(3)}
     for r in range(1, 6):
         ref = save_state(s.store.write, s.global_model(r), model)
@@ -144,6 +155,8 @@ def test_late_ledger_weighs_by_age_and_looks_back_max_staleness_rounds(tmp_path:
             accepted=[Accepted("on-time", 100, 3, 100.0, 0.5, 1.0, "cpu")], rejected=[], missing=["late"],
             ignored=[], late=[], aggregation="fedavg", step_scale=1.0, metrics={}, timings={})))
         submit_update(s, a, "late", {"w": torch.ones(3)}, samples=300)
-    ledger = LateLedger(s, 6, cfg, train_size=1000, rule=FedAvg())
+    trust = Trust(s, "x", coordinator_identity(), "tofu", lambda n: worker_identity(n).public, print)
+    assert trust.admit("late")  # pinned, as when the round was assigned
+    ledger = LateLedger(s, 6, cfg, train_size=1000, rule=FedAvg(), trust=trust)
     weights = {c.round: c.weight for c in ledger.scan()}
     assert weights == {5: pytest.approx(300 / 2 ** 0.5), 4: pytest.approx(300 / 3 ** 0.5), 3: pytest.approx(150.0)}

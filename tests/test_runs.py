@@ -8,6 +8,10 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import torch
+
+from fedsync.aggregation.tensors import save_state
+from fedsync.storage.keys import load_identity
 from fedsync.storage.markers import (
     FORMAT_VERSION,
     Assignment,
@@ -15,12 +19,14 @@ from fedsync.storage.markers import (
     FinalMarker,
     Summary,
     UpdateMarker,
+    WorkerTask,
     parse,
     to_dict,
 )
 from fedsync.storage.share import Share
+from fedsync.storage.signing import assignment_message
 
-from .conftest import finish, register_worker, run, start, wait_until, write_yaml
+from .conftest import finish, killed_on_error, read_yaml, register_worker, run, start, wait_until, write_yaml
 
 
 def summary(share: Share, r: int) -> Summary:
@@ -132,3 +138,40 @@ def test_a_diverging_run_stops_with_the_reasons_and_what_to_do(share: Path) -> N
     assert sorted(x["worker"] for x in st["rejected_open_round"]) == ["w1", "w2"], st
     assert all(x["reason"] in ("diverged", "non_finite", "norm_outlier") for x in st["rejected_open_round"]), st
     assert worker_out.count("training diverged") == 2, worker_out  # each worker says so instead of uploading
+
+
+def test_a_forged_round_is_passed_over_by_workers_and_opened_again_by_the_coordinator(share: Path) -> None:
+    """Someone with write access but no key plants round 2 (a zeroed model, an assignment signed with their own key)
+    before any worker starts. The worker refuses it and trains round 1; the coordinator opens round 2 over the
+    forgery; the run finishes on real models. Then a trust.yaml replaced by a forger stops the coordinator's
+    restart (exit 10) and changes nothing."""
+    s = Share(share)
+    coord = start("coordinator", "--share", str(share), "--rounds", "2", "--set", "round_timeout=60")
+    with killed_on_error(coord):
+        wait_until(lambda: s.exists(s.manifest), 60, "the run to start")
+        forger = load_identity(share.parent / "forger.pem")[0]
+        model = {"w": torch.zeros(3)}
+        ref = save_state(s.write, s.global_model(2), model)
+        forged = Assignment(format=FORMAT_VERSION, run_id=read_yaml(share / "fedsync.yaml")["run_id"], round=2,
+                            rounds=2, model=ref, num_shards=1, time_budget_s=60.0,
+                            workers={"w1": WorkerTask(shard=0, local_epochs=1)})
+        forged.signature = forger.sign(assignment_message(forged))
+        s.make_folder(s.updates_dir(2))
+        write_yaml(share / s.assignment(2), to_dict(forged))
+        worker = start("worker", "--share", str(share), "--name", "w1", "--device", "cpu", "--wait-for-run", "60")
+        out = finish(coord, timeout=120)
+        worker_out = finish(worker, timeout=30)
+    assert coord.returncode == 0 and worker.returncode == 0, out + worker_out
+    assert "round 2: WARNING: assignment.yaml is not signed by the run's coordinator" in worker_out, worker_out
+    assert "was not written by this coordinator (it is not signed by this coordinator): opening the round over it" \
+        in out, out
+    assert [x.worker for x in summary(s, 1).accepted] == ["w1"] and [x.worker for x in summary(s, 2).accepted] == ["w1"]
+    final = parse(FinalMarker, s.read_yaml(s.final_marker), "final")
+    assert final.test_accuracy > 0.5, final  # trained from the real models, not the zeroed one
+    trust = read_yaml(share / "trust.yaml")
+    trust["workers"]["w1"]["key"] = forger.public  # a forger swaps in their own key for w1
+    write_yaml(share / "trust.yaml", trust)
+    before = {p: p.read_bytes() for p in share.rglob("*") if p.is_file()}
+    again = run("coordinator", "--share", str(share), "--rounds", "3", "--set", "round_timeout=60")
+    assert again.returncode == 10 and "trust.yaml is not signed by this run's coordinator key" in again.stderr, again
+    assert {p: p.read_bytes() for p in share.rglob("*") if p.is_file()} == before

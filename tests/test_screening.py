@@ -120,3 +120,29 @@ def test_coordinate_rules_combine_every_coordinate_across_the_files(tmp_path: Pa
             assert got["n"].dtype == torch.int64 and int(got["n"]) == int(expected.round())
         else:  # samples do not weigh: each update counts once
             torch.testing.assert_close(got["w"].double(), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("rule", [FedAvg(), Median()])
+def test_clipping_scales_each_large_update_to_the_bound_and_survives_a_rebuild(tmp_path: Path, rule) -> None:
+    """With clip_norm, an update over the bound counts as itself x bound / norm (floating tensors only; integer
+    buffers untouched), for the streamed mean and the coordinate rules alike, also after its lane is rebuilt."""
+    updates = {"small": _update(0.01), "big": _update(1.0), "other": _update(0.01), "gone": _update(0.01)}
+    norms = {w: l2_norm(u) for w, u in updates.items()}
+    bound = 3 * norms["small"]
+    assert norms["big"] > bound > max(norms["small"], norms["other"])
+    agg = Aggregator(layout_of(BASE), LocalStore(tmp_path))
+    cands = {c.worker: c for c in _candidates(tmp_path, updates)}
+    agg.take(list(cands.values()))
+    assert agg.clip(bound) == [] and [c.worker for c in agg.scales] == ["big"]
+    assert agg.clip(bound) == []  # clipped once, not again
+    agg.drop({cands["gone"]: Unusable(Reason.NORM_OUTLIER, "test")})  # rebuilds the lane that held it
+    kept = {w: u for w, u in updates.items() if w != "gone"}
+    scaled = {w: {k: v * (bound / norms[w]) if v.is_floating_point() and norms[w] > bound else v
+                  for k, v in u.items()} for w, u in kept.items()}
+    got = NoOptimizer().step(BASE, rule.aggregate(agg.collected(frozenset({"w", "b"}))).delta, {})
+    agg.close()
+    for k in ("w", "b"):
+        stacked = torch.stack([u[k].double() for u in scaled.values()])
+        expected = stacked.mean(dim=0) if isinstance(rule, FedAvg) else stacked.median(dim=0).values
+        torch.testing.assert_close(got[k].double(), BASE[k].double() + expected, rtol=1e-5, atol=1e-6)
+    assert int(got["n"]) == int(BASE["n"]) + 2  # the buffer: every update says 2, clipped or not

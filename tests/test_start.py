@@ -17,7 +17,7 @@ from fedsync.storage.markers import Manifest, parse, to_dict
 from fedsync.storage.share import Share
 from fedsync.storage.yamlfile import dump_yaml
 
-from .conftest import finish, read_yaml, run, start, wait_until
+from .conftest import coordinator_identity, finish, read_yaml, run, start, wait_until
 from .test_lease import foreign_lease_refreshed
 
 Tree = dict[str, tuple[bytes | None, int, int, int]]
@@ -37,7 +37,7 @@ def tree(root: Path) -> Tree | None:
 
 def a_run(share: Path, config: str = "digits", **overrides: object) -> Share:
     s = Share(share)
-    open_run(s, load_config(config, overrides), "coordinator")
+    open_run(s, load_config(config, overrides), "coordinator", coordinator_identity().public)
     return s
 
 
@@ -60,7 +60,7 @@ def newer_format(share: Path) -> None:
 
 
 def unknown_key(share: Path) -> None:
-    manifest = to_dict(new_manifest(load_config("digits").as_dict(), "coordinator"))
+    manifest = to_dict(new_manifest(load_config("digits").as_dict(), "coordinator", coordinator_identity().public))
     manifest["config"]["colour"] = "blue"
     (share / "fedsync.yaml").write_bytes(dump_yaml(manifest))
 

@@ -55,6 +55,7 @@ class _Lane:
     sums: WeightedSum | None = None
     accepted: list[Candidate] = field(default_factory=list)
     norms: dict[Candidate, float] = field(default_factory=dict)
+    scales: dict[Candidate, float] = field(default_factory=dict)  # clipped updates: their floats count x scale
     piece: bytearray = field(default_factory=lambda: bytearray(PIECE_BYTES))
 
     def running_sum(self) -> WeightedSum:
@@ -77,10 +78,12 @@ def _square_sum(values: torch.Tensor) -> float:
     return square if math.isfinite(square) or bool(torch.isfinite(values).all()) else math.nan
 
 
-def fold(c: Candidate, store: Store, layout: FileLayout, sums: WeightedSum, piece: bytearray) -> float:
-    """Read c's tensor file once, adding it to `sums`; raise Unusable if it does not count, with `added` set
-    when part of it was summed already (the caller then rebuilds `sums`). Returns the update's L2 norm over its
-    floating tensors."""
+def fold(c: Candidate, store: Store, layout: FileLayout, sums: WeightedSum, piece: bytearray, scale: float = 1.0,
+         whole: bool = True) -> float:
+    """Read c's tensor file once, adding it to `sums` (its floating tensors times `scale`; without `whole` only
+    those, and it is not counted again: a correction of an update already added); raise Unusable if it does not
+    count, with `added` set when part of it was summed already (the caller then rebuilds `sums`). Returns the
+    update's L2 norm over its floating tensors, unscaled."""
     added = False
     squares = 0.0
     short = names.basename(c.name)
@@ -124,7 +127,10 @@ def fold(c: Candidate, store: Store, layout: FileLayout, sums: WeightedSum, piec
                         problem = Unusable(Reason.NON_FINITE, f"{spec.name} holds NaN or infinite values")
                         continue
                     squares += square
-                    sums.add_piece(spec.name, offset, values, c.weight)
+                    if dtype.is_floating_point:
+                        sums.add_piece(spec.name, offset, values, c.weight * scale)
+                    elif whole:
+                        sums.add_piece(spec.name, offset, values, c.weight)
                     added = True
                     offset += values.numel()
             while remaining:  # only when the header was unusable: hash the rest to tell corrupt from unsynced
@@ -148,7 +154,8 @@ def fold(c: Candidate, store: Store, layout: FileLayout, sums: WeightedSum, piec
     if problem is not None:
         problem.added = added
         raise problem
-    sums.add_weight(c.weight)
+    if whole:
+        sums.add_weight(c.weight)
     return math.sqrt(squares)
 
 
@@ -214,9 +221,10 @@ class Aggregator:
             sums.clear()
             for c in lane.accepted:
                 try:
-                    lane.norms[c] = fold(c, self.store, self.file_layout, sums, lane.piece)
+                    lane.norms[c] = fold(c, self.store, self.file_layout, sums, lane.piece, lane.scales.get(c, 1.0))
                 except Unusable as e:
                     lane.accepted.remove(c)
+                    lane.scales.pop(c, None)
                     dropped.append(Outcome(c, e))
                     break
             else:
@@ -230,9 +238,34 @@ class Aggregator:
         for lane in self.lanes:
             held = any(c in rejected for c in lane.accepted)
             lane.accepted = [c for c in lane.accepted if c not in rejected]
+            lane.scales = {c: s for c, s in lane.scales.items() if c not in rejected}
             if held or self.spent:
                 outcomes.extend(self._rebuild(lane))
         self.spent = False
+        return outcomes
+
+    @property
+    def scales(self) -> dict[Candidate, float]:
+        """The clipped updates and what their floating tensors count times."""
+        return {c: s for lane in self.lanes for c, s in lane.scales.items()}
+
+    def clip(self, bound: float) -> list[Outcome]:
+        """Scale every accepted update whose L2 norm is over `bound` down to it: one more read of each such file
+        adds the difference, (bound / norm - 1) x its floats. A file that changed in between is dropped (outcome)
+        and its lane rebuilt."""
+        outcomes: list[Outcome] = []
+        for lane in self.lanes:
+            while over := [c for c in lane.accepted if c not in lane.scales and lane.norms[c] > bound]:
+                c = over[0]
+                scale = bound / lane.norms[c]
+                try:
+                    with _torch_threads(1):
+                        fold(c, self.store, self.file_layout, lane.running_sum(), lane.piece, scale - 1.0, whole=False)
+                    lane.scales[c] = scale
+                except Unusable as e:
+                    lane.accepted.remove(c)
+                    outcomes.append(Outcome(c, e))
+                    outcomes.extend(self._rebuild(lane))
         return outcomes
 
     def collected(self, parameters: frozenset[str]) -> Collected:
@@ -246,7 +279,7 @@ class Aggregator:
         self.spent = True
         accepted = self.accepted
         return Collected(used[0], [(c.weight, c.steps) for c in accepted], parameters,
-                         UpdateSlices(self.store, accepted, self.file_layout))
+                         UpdateSlices(self.store, accepted, self.file_layout, self.scales))
 
     def close(self) -> None:
         self.pool.shutdown(wait=False)
@@ -256,8 +289,10 @@ class UpdateSlices:
     """Aligned slices of accepted update files, read from the share when a coordinate-wise rule asks: memory
     O(updates x slice), never O(updates x model). The files were verified whole when they were taken in."""
 
-    def __init__(self, store: Store, accepted: list[Candidate], layout: FileLayout) -> None:
+    def __init__(self, store: Store, accepted: list[Candidate], layout: FileLayout,
+                 scales: dict[Candidate, float] | None = None) -> None:
         self.store, self.accepted, self.layout = store, accepted, layout
+        self.scales = scales or {}  # clipped updates: their floating tensors read times this
         self.offsets: list[dict[str, int]] | None = None  # per file: tensor name -> its first byte in the file
 
     def count(self) -> int:
@@ -271,6 +306,8 @@ class UpdateSlices:
             with self.store.open(c.name, follow_links=False) as f:
                 f.seek(offsets[i][tensor] + start * dtype.itemsize)
                 _read_exact(f, memoryview(out[i].view(torch.uint8).numpy()))
+            if c in self.scales and dtype.is_floating_point:
+                out[i] *= self.scales[c]
         return out
 
     def _offsets(self) -> list[dict[str, int]]:

@@ -46,6 +46,14 @@ class RunStuck(FedsyncError):
     exit_code = 9
 
 
+class TrustError(FedsyncError):
+    """A key does not match: this coordinator's key is not the one that started the run, the run's coordinator key
+    differs from the one this worker pinned or was given, trust.yaml is not signed by the coordinator, or a key
+    file is unusable."""
+
+    exit_code = 10
+
+
 EXIT_CODES: dict[int, str] = {
     0: "success",
     1: "unexpected error (a bug: please report it with the message)",
@@ -57,5 +65,6 @@ EXIT_CODES: dict[int, str] = {
     7: DeviceError.__doc__ or "",
     8: "fedsync verify found damage: a file the run relies on is missing or differs from its marker",
     9: RunStuck.__doc__ or "",
+    10: TrustError.__doc__ or "",
     130: "interrupted (Ctrl-C)",
 }

@@ -14,6 +14,7 @@ from fedsync.base.logs import Log
 from fedsync.run.config import load_config
 from fedsync.run.start import open_run
 from fedsync.storage import names
+from fedsync.storage.keys import coordinator_key_path, load_identity
 from fedsync.storage.manifest import read_manifest
 from fedsync.storage.markers import FinalMarker
 from fedsync.storage.share import Share
@@ -49,7 +50,8 @@ def run_demo(share_root: Path, workers: int, rounds: int, config_name: str, log:
     share = Share(share_root)
     clear_demo_run(share)
     overrides = {"min_workers": workers}
-    open_run(share, load_config(config_name, overrides), created_by="demo")
+    identity, _ = load_identity(coordinator_key_path())  # the coordinator started below signs with this key
+    open_run(share, load_config(config_name, overrides), "demo", identity.public)
     base = [sys.executable, "-m", "fedsync"]
     # One torch thread per worker: the workers already run side by side on the machine's cores.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

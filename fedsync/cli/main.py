@@ -35,6 +35,11 @@ DataRootOpt = Annotated[str | None, typer.Option(
     "--data-root", help="Where the task's data is on this machine (e.g. the folder holding "
                         "cifar-10-batches-py/); default: the run config's data_root. Each machine gives its own.")]
 
+KeyOpt = Annotated[Path | None, typer.Option(
+    "--key", help="This process's private key (PEM, Ed25519, mode 0600), created there on first start when absent. "
+                  "Default: coordinator.pem or worker-NAME.pem in $FEDSYNC_KEY_DIR, else "
+                  "$XDG_CONFIG_HOME/fedsync/keys, else ~/.config/fedsync/keys. Never put it in the share.")]
+
 
 def _check_watch(value: str) -> str:
     if value not in WATCH_MODES:
@@ -54,8 +59,10 @@ def coordinator(
     data_root: DataRootOpt = None,
     syncthing: SyncthingOpt = None,
     syncthing_key: SyncthingKeyOpt = None,
+    key: KeyOpt = None,
 ) -> None:
-    """Start a run in SHARE, or continue the one there, and drive it round by round.
+    """Start a run in SHARE, or continue the one there, and drive it round by round. It signs every assignment with
+    its key; only the key that started a run continues it.
 
     Example: fedsync coordinator --rounds 20 --share /mnt/fed --set min_workers=3
     """
@@ -65,7 +72,8 @@ def coordinator(
 
     cfg = load_config(config, parse_overrides(set_))
     final = run_coordinator(CoordinatorOptions(share=share, config=cfg, rounds=rounds, watch=_check_watch(watch),
-                                               data_root=data_root, syncthing=syncthing, syncthing_key=syncthing_key))
+                                               data_root=data_root, syncthing=syncthing, syncthing_key=syncthing_key,
+                                               key=key))
     typer.echo(f"final test accuracy {final.test_accuracy:.4f} after {final.round} rounds: "
                f"{Share(share).where(Share.final_model)}")
 
@@ -84,8 +92,14 @@ def worker(
                                                             "this many seconds (default: wait forever).")] = None,
     syncthing: SyncthingOpt = None,
     syncthing_key: SyncthingKeyOpt = None,
+    key: KeyOpt = None,
+    coordinator_key: Annotated[str | None, typer.Option(
+        "--coordinator-key", help="The coordinator's public key (ed25519:..., printed when the coordinator starts). "
+                                  "Default: the key in the run's fedsync.yaml, pinned on this machine the first "
+                                  "time it sees the run; a changed key then stops the worker.")] = None,
 ) -> None:
-    """Train for the run in SHARE: register, then take each round assigned to this worker until the run ends.
+    """Train for the run in SHARE: register, then take each round assigned to this worker until the run ends. It
+    publishes its public key, trains only on assignments the coordinator signed, and signs its updates.
 
     Example: fedsync worker --share /mnt/fed --device cuda
     """
@@ -100,7 +114,29 @@ def worker(
         raise typer.BadParameter(str(e), param_hint="--name") from None
     run_worker(WorkerOptions(share=share, name=name, device=device, watch=_check_watch(watch),
                              data_root=data_root, wait_for_run=wait_for_run, syncthing=syncthing,
-                             syncthing_key=syncthing_key))
+                             syncthing_key=syncthing_key, key=key, coordinator_key=coordinator_key))
+
+
+@app.command()
+def trust(
+    name: Annotated[str, typer.Argument(help="The worker's name, as `fedsync status` lists it.")],
+    share: ShareOpt = Path("rounds"),
+    fingerprint: Annotated[str | None, typer.Option(
+        help="Approve only if the worker's key has this fingerprint (compare it with what the worker printed when "
+             "it started).")] = None,
+    key: KeyOpt = None,
+) -> None:
+    """Approve the key worker NAME registered with: its updates count from now on (needed with trust: explicit, and
+    under trust: tofu after a worker's key changed). Run it on the coordinator's machine: it signs trust.yaml with
+    the coordinator's key.
+
+    Example: fedsync trust gtx1080-box --share /mnt/fed --fingerprint 3f2a-9c1b-0d4e-77aa
+    """
+    from fedsync.run.trust import approve_registered
+    from fedsync.storage.share import Share
+
+    approved = approve_registered(Share(share), name, key, fingerprint)
+    typer.echo(f"approved {name}: key {approved}; its updates count from the coordinator's next look at the share")
 
 
 @app.command()

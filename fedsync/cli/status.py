@@ -5,11 +5,14 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from fedsync.base.errors import TrustError
+from fedsync.run.trust import read_trust, trust_state
 from fedsync.storage import names
 from fedsync.storage.lease import read_lease
 from fedsync.storage.manifest import finished, read_manifest
-from fedsync.storage.markers import Assignment, CoordinatorLease, Summary, WorkerInfo
+from fedsync.storage.markers import Assignment, CoordinatorLease, Summary, TrustedKey, WorkerInfo
 from fedsync.storage.share import Share
+from fedsync.storage.signing import fingerprint
 
 
 def _load(share: Share, cls: type, name: str) -> Any:
@@ -64,10 +67,16 @@ def collect_status(share: Share) -> dict[str, Any]:
         if lease.round == current and current not in share.closed_rounds():
             status["rejected_open_round"] = [{"worker": x.worker, "reason": x.reason, "detail": x.detail}
                                              for x in lease.rejected]
-    final = finished(share, manifest.run_id)
+    final = finished(share, manifest.run_id, manifest.coordinator_key)
     if final is not None:
         status["final"] = {"round": final.round, "test_accuracy": final.test_accuracy}
         status["state"] = "finished"
+    status["coordinator_key"] = fingerprint(manifest.coordinator_key)
+    try:
+        trusted = read_trust(share, manifest.run_id, manifest.coordinator_key)
+    except TrustError as e:
+        trusted, status["trust_problem"] = {}, str(e)
+    mode = manifest.config.get("trust", "tofu")
     now = time.time()
     for name, modified in _markers(share, share.workers_dir).items():
         info: WorkerInfo | None = _load(share, WorkerInfo, share.worker_file(name))
@@ -79,8 +88,18 @@ def collect_status(share: Share) -> dict[str, Any]:
             "name": name, "device": info.device, "device_name": info.device_name, "torch": info.torch,
             "cuda_capability": info.cuda_capability, "precision": info.precision,
             "samples_per_s": info.samples_per_s, "device_fallback": info.device_fallback, "state": info.state,
-            "round": info.round, "last_heartbeat_s": None if age is None else round(age, 1)})
+            "round": info.round, "last_heartbeat_s": None if age is None else round(age, 1),
+            "key": fingerprint(info.public_key) if info.public_key else None,
+            "trust": _trust(name, info.public_key, trusted.get(name), mode)})
     return status
+
+
+def _trust(name: str, key: str | None, entry: TrustedKey | None, mode: str) -> str:
+    """pinned | approved | new (pinned when first assigned) | why its updates do not count."""
+    problem = trust_state(name, key, entry, mode)
+    if problem is not None:
+        return problem
+    return entry.state if entry is not None else "new: its key is pinned when it is first assigned work"
 
 
 def format_status(st: dict[str, Any]) -> str:
@@ -105,6 +124,9 @@ def format_status(st: dict[str, Any]) -> str:
     if c:
         lines.append(f"coordinator {c['owner']}: {c['state']}, lease refreshed {c['last_refresh_s']} s ago "
                      "(file time, as seen from here)")
+    lines.append(f"coordinator key {st['coordinator_key']}")
+    if st.get("trust_problem"):
+        lines.append(f"  WARNING: {st['trust_problem']}")
     lines.append(f"workers ({len(st['workers'])}):")
     for w in st["workers"]:
         if "problem" in w:
@@ -114,6 +136,7 @@ def format_status(st: dict[str, Any]) -> str:
         speed = f", {w['samples_per_s']:.0f} samples/s" if w["samples_per_s"] else ""
         lines.append(f"  {w['name']}: {w['state']}, {w['device']} ({w['device_name']}{cap}, {w['precision']}{speed}), "
                      f"torch {w['torch']}, heartbeat {w['last_heartbeat_s']} s ago (file time, as seen from here)")
+        lines.append(f"    key {w['key'] or 'none'}: {w['trust']}")
         if w["device_fallback"]:
             lines.append(f"    WARNING: on the CPU although a GPU is present: {w['device_fallback']}")
     return "\n".join(lines)

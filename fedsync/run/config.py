@@ -21,6 +21,7 @@ from fedsync.learning.tasks import TASKS, DataOptions
 from fedsync.storage.markers import MarkerError, parse_record
 from fedsync.storage.yamlfile import parse_yaml
 
+TRUST_MODES = ("tofu", "explicit")
 BUILTIN = ("digits", "cifar10")  # the config files shipped in fedsync.configs (configs/ in the repository)
 
 
@@ -49,6 +50,8 @@ class RunConfig:
     trim: float               # trimmed_mean: the fraction of values cut at each end of every coordinate
     screen_factor: float      # reject an update over this x the round's median norm (3+ updates); 0: off
     screen_max_ratio: float   # reject an update over this x the global model's norm; 0: off
+    clip_norm: float          # scale every update with a larger L2 norm down to this norm; 0: off
+    trust: str                # tofu | explicit: which workers' keys count (fedsync/run/trust.py)
     quorum: Any               # float in (0, 1]: fraction of live assigned workers; int >= 1: a count
     min_updates: int          # a round never closes with fewer accepted updates
     min_workers: int          # a round opens once this many workers are live
@@ -79,6 +82,10 @@ class RunConfig:
             problems.append("trim must be at least 0 and below 0.5")
         if self.screen_factor < 0 or self.screen_max_ratio < 0:
             problems.append("screen_factor and screen_max_ratio must not be negative (0 turns a bound off)")
+        if self.clip_norm < 0:
+            problems.append("clip_norm must not be negative (0 turns clipping off)")
+        if self.trust not in TRUST_MODES:
+            problems.append(f"trust {self.trust!r} is not one of {', '.join(TRUST_MODES)}")
         if self.partition not in ("iid", "dirichlet"):
             problems.append(f"partition {self.partition!r} is not iid or dirichlet")
         q = self.quorum

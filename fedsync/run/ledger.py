@@ -10,6 +10,7 @@ from fedsync.aggregation.intake import Candidate, Outcome
 from fedsync.aggregation.rules import Rule
 from fedsync.fedavg import staleness_weight
 from fedsync.run.config import RunConfig
+from fedsync.run.trust import Trust
 from fedsync.storage import names
 from fedsync.storage.markers import (
     Accepted,
@@ -31,8 +32,8 @@ from fedsync.storage.store import LinkRefused
 class RoundLedger:
     """The bookkeeping of one round's updates: which markers were seen, accepted, rejected or still pending."""
 
-    def __init__(self, share: Share, r: int, a: Assignment, train_size: int, rule: Rule) -> None:
-        self.share, self.r, self.a, self.train_size, self.rule = share, r, a, train_size, rule
+    def __init__(self, share: Share, r: int, a: Assignment, train_size: int, rule: Rule, trust: Trust) -> None:
+        self.share, self.r, self.a, self.train_size, self.rule, self.trust = share, r, a, train_size, rule, trust
         self.accepted: dict[str, UpdateMarker] = {}
         self.rejected: dict[str, Rejected] = {}
         self.pending: dict[str, tuple[tuple[object, ...], Unusable]] = {}
@@ -105,12 +106,7 @@ class RoundLedger:
             raise Unusable(Reason.MARKER_INVALID, str(e)) from None
         if worker not in self.a.workers:
             raise Unusable(Reason.NOT_ASSIGNED, f"{worker} has no task in round {self.r}")
-        if m.worker != worker:
-            raise Unusable(Reason.WRONG_WORKER, f"{short} says it is from {m.worker!r}")
-        if m.round != self.r:
-            raise Unusable(Reason.WRONG_ROUND, f"{short} is for round {m.round}, found in round {self.r}")
-        if m.base != self.a.model.blake3:
-            raise Unusable(Reason.WRONG_BASE, f"{short} was trained from model {m.base[:12]}…")
+        self.trust.check_update(self.a, worker, m, short)  # from here on the marker is the worker's own
         if m.diverged is not None:
             raise Unusable(Reason.DIVERGED, m.diverged)
         if m.tensors is None:
@@ -138,7 +134,7 @@ class RoundLedger:
 
     def settle(self, worker: str, problem: Unusable) -> None:
         """A problem that may be an unsynced copy waits for the files to change; any other is a rejection."""
-        if problem.reason.may_still_sync:
+        if problem.reason.waits:
             self.pending[worker] = (self.signatures[worker], problem)  # retried on change, rejected at close
         else:
             self.pending.pop(worker, None)
@@ -148,10 +144,12 @@ class RoundLedger:
     def all_reported(self) -> bool:
         return all(w in self.accepted or w in self.rejected for w in self.a.workers)
 
-    def accepted_records(self) -> list[Accepted]:
+    def accepted_records(self, norms: dict[str, float], clipped: set[str]) -> list[Accepted]:
+        """The accepted updates for summary.yaml, with the norms they were read with and whether they were clipped."""
         return [Accepted(worker=w, samples=m.samples, steps=m.steps,
                          weight=round(self.rule.weight(m.samples, m.steps), 6),
-                         train_loss=m.train_loss, seconds=m.seconds, device=m.device)
+                         train_loss=m.train_loss, seconds=m.seconds, device=m.device,
+                         norm=round(norms[w], 6) if w in norms else None, clipped=w in clipped)
                 for w, m in sorted(self.accepted.items())]
 
     def rejected_records(self) -> list[Rejected]:
@@ -167,7 +165,7 @@ class RoundLedger:
 class LateLedger:
     """Updates for closed rounds (at most max_staleness back) that arrived after their round closed."""
 
-    def __init__(self, share: Share, r: int, cfg: RunConfig, train_size: int, rule: Rule) -> None:
+    def __init__(self, share: Share, r: int, cfg: RunConfig, train_size: int, rule: Rule, trust: Trust) -> None:
         self.r, self.cfg = r, cfg
         self.rounds: dict[int, RoundLedger] = {}
         self.found: dict[tuple[int, str], Late] = {}
@@ -175,7 +173,7 @@ class LateLedger:
         summaries = {c: load_summary(share, c) for c in window if share.exists(share.summary(c))}
         for c, s in summaries.items():
             a = share.read_record(Assignment, share.assignment(c))
-            ri = RoundLedger(share, c, a, train_size, rule)
+            ri = RoundLedger(share, c, a, train_size, rule, trust)
             ri.settled = {x.worker for x in s.accepted} | {x.worker for x in s.rejected}
             self.rounds[c] = ri
         for s in summaries.values():  # recorded as late by an earlier round: decided, never again
@@ -204,7 +202,7 @@ class LateLedger:
             if o.problem is None:
                 self._decide(ri, Late(o.candidate.worker, c, "folded", round(o.candidate.weight, 6),
                                       f"{self.r - c} round(s) late"))
-            elif o.problem.reason.may_still_sync:
+            elif o.problem.reason.waits:
                 self.found.pop((c, o.candidate.worker), None)  # retried, in this round or the next
                 ri.settled.discard(o.candidate.worker)
                 ri.settle(o.candidate.worker, o.problem)

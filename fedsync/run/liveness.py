@@ -56,6 +56,11 @@ class Liveness:
         self.info[name] = info
         return True
 
+    def public_key(self, name: str) -> str | None:
+        """The key `name` registered with, or None (not seen, or registered without one)."""
+        info = self.info.get(name)
+        return info.public_key if info else None
+
     def live(self) -> list[str]:
         now = self.clock()
         return sorted(n for n, (_, t) in self.seen.items()

@@ -1,4 +1,4 @@
-"""A lock that stops two processes on this machine acting as the same role on one share."""
+"""Locks between processes of this machine on one share: one per role, and one around trust.yaml's changes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 from filelock import FileLock
 
 
-def local_lock(root: Path, role: str) -> FileLock:
+def local_lock(root: Path, role: str, timeout: float = 0) -> FileLock:
     """A lock that stops two processes on this machine acting as the same role on one share.
 
     It lives in the local temp folder, never in the share: file locks are not reliable across machines
@@ -18,4 +18,4 @@ def local_lock(root: Path, role: str) -> FileLock:
     key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
     folder = Path(tempfile.gettempdir()) / "fedsync-locks"
     folder.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(folder / f"{key}-{role}.lock"), timeout=0)
+    return FileLock(str(folder / f"{key}-{role}.lock"), timeout=timeout)

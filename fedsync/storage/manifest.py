@@ -9,12 +9,14 @@ from typing import Any
 from fedsync.base.errors import FormatError, ShareError
 from fedsync.storage.markers import FORMAT_VERSION, FinalMarker, FormatMismatch, Manifest, MarkerError, to_dict
 from fedsync.storage.share import Share
+from fedsync.storage.signing import final_message, verify
 
 
-def new_manifest(config: dict[str, Any], created_by: str) -> Manifest:
+def new_manifest(config: dict[str, Any], created_by: str, coordinator_key: str) -> Manifest:
     now = datetime.now(timezone.utc)
     return Manifest(format=FORMAT_VERSION, run_id=f"{now:%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}",
-                    created=now.isoformat(timespec="seconds"), created_by=created_by, config=config)
+                    created=now.isoformat(timespec="seconds"), created_by=created_by,
+                    coordinator_key=coordinator_key, config=config)
 
 
 def write_manifest(share: Share, manifest: Manifest) -> Manifest:
@@ -32,11 +34,14 @@ def read_manifest(share: Share) -> Manifest:
         raise ShareError(f"{share.where(share.manifest)} is unreadable: {e}") from None
 
 
-def finished(share: Share, run_id: str) -> FinalMarker | None:
-    """final.yaml, if it names this run and a round at least as new as the newest round folder (PROTOCOL 7.4)."""
+def finished(share: Share, run_id: str, coordinator_key: str) -> FinalMarker | None:
+    """final.yaml, if the run's coordinator signed it and it names this run and a round at least as new as the
+    newest round folder (PROTOCOL 7.4)."""
     try:
         final = share.read_record(FinalMarker, share.final_marker)
     except Exception:  # noqa: BLE001 - absent or not synced whole yet: the run is not over
+        return None
+    if not verify(coordinator_key, final_message(final), final.signature):
         return None
     rounds = share.rounds()
     newest = rounds[-1] if rounds else 0

@@ -76,6 +76,7 @@ class Manifest:
     run_id: str
     created: str
     created_by: str
+    coordinator_key: str  # the public key that signs this run's assignments, trust.yaml and final.yaml
     config: dict[str, Any]
 
 
@@ -114,6 +115,7 @@ class Assignment:
     num_shards: int
     time_budget_s: float
     workers: dict[str, WorkerTask]
+    signature: str | None = None  # the coordinator's, over signing.assignment_message
 
 
 @dataclass
@@ -131,6 +133,7 @@ class UpdateMarker:
     seconds: float
     device: str
     diverged: str | None = None  # why the worker did not upload its update (its training diverged)
+    signature: str | None = None  # the worker's, over signing.update_message
 
     def __post_init__(self) -> None:
         if self.diverged is None and not math.isfinite(self.train_loss):
@@ -155,6 +158,7 @@ class WorkerInfo:
     precision: str = "fp32"
     samples_per_s: float | None = None  # measured training speed on the run's model; throughput balancing reads it
     device_fallback: str | None = None  # why --device auto trains on the CPU although a GPU is present
+    public_key: str | None = None  # the key its update markers are signed with (ed25519:...)
 
 
 @dataclass
@@ -166,6 +170,8 @@ class Accepted:
     train_loss: float
     seconds: float
     device: str
+    norm: float | None = None  # the update's L2 norm over its floating tensors, as read
+    clipped: bool = False      # scaled down to clip_norm before aggregating
 
 
 @dataclass
@@ -216,6 +222,23 @@ class FinalMarker:
     round: int
     model: FileRef
     test_accuracy: float
+    signature: str | None = None  # the coordinator's, over signing.final_message
+
+
+@dataclass
+class TrustedKey:
+    key: str    # ed25519:...
+    state: str  # pinned (first key seen, trust: tofu) | approved (by `fedsync trust`)
+
+
+@dataclass
+class TrustList:
+    """trust.yaml: the worker keys the coordinator accepts updates from; signed by the coordinator's key."""
+
+    format: int
+    run_id: str
+    workers: dict[str, TrustedKey]
+    signature: str
 
 
 def to_dict(record: Any) -> dict[str, Any]:

@@ -14,6 +14,7 @@ WORKERS = "workers"
 METRICS = "metrics.csv"
 FINAL_MODEL = "final.safetensors"
 FINAL_MARKER = "final.yaml"
+TRUST = "trust.yaml"
 GLOBAL_MODEL = "global.safetensors"
 ASSIGNMENT = "assignment.yaml"
 UPDATES = "updates"
@@ -22,7 +23,7 @@ TENSORS_SUFFIX = ".safetensors"
 MARKER_SUFFIX = ".yaml"
 
 ROUND_FILES = frozenset({GLOBAL_MODEL, ASSIGNMENT, UPDATES, SUMMARY})  # anything else in a round folder is stray
-COORDINATOR_ROOT_FILES = frozenset({MANIFEST, LEASE, METRICS, FINAL_MODEL, FINAL_MARKER})
+COORDINATOR_ROOT_FILES = frozenset({MANIFEST, LEASE, METRICS, FINAL_MODEL, FINAL_MARKER, TRUST})
 COORDINATOR_ROUND_FILES = frozenset({GLOBAL_MODEL, ASSIGNMENT, SUMMARY})
 
 ROUND_DIR = re.compile(r"^\d{4,9}$")

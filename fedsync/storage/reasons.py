@@ -14,6 +14,9 @@ class Reason(str, Enum):
     WRONG_BASE = "wrong_base"
     BAD_PATH = "bad_path"
     NOT_ASSIGNED = "not_assigned"
+    UNTRUSTED_KEY = "untrusted_key"
+    UNSIGNED = "unsigned"
+    BAD_SIGNATURE = "bad_signature"
     BAD_SAMPLES = "bad_samples"
     MISSING_FILE = "missing_file"
     SIZE_MISMATCH = "size_mismatch"
@@ -35,10 +38,14 @@ class Reason(str, Enum):
         return HELP[self]
 
     @property
-    def may_still_sync(self) -> bool:
-        """True when the bytes may simply not have arrived yet: wait until the deadline before rejecting."""
-        return self in (Reason.MARKER_UNREADABLE, Reason.MARKER_INVALID, Reason.MISSING_FILE,
-                        Reason.SIZE_MISMATCH, Reason.HASH_MISMATCH, Reason.IO_ERROR)
+    def waits(self) -> bool:
+        """True when the bytes may not have arrived yet, or the marker may not be its worker's own (decided before
+        its signature is checked): a later change may still bring the real update, so it is rejected only at the
+        close. A forger writing under a worker's name must not shut that worker out of the round."""
+        return self in (Reason.MARKER_UNREADABLE, Reason.MARKER_INVALID, Reason.FORMAT_MISMATCH, Reason.BAD_PATH,
+                        Reason.WRONG_ROUND, Reason.WRONG_WORKER, Reason.WRONG_BASE, Reason.UNTRUSTED_KEY,
+                        Reason.UNSIGNED, Reason.BAD_SIGNATURE, Reason.MISSING_FILE, Reason.SIZE_MISMATCH,
+                        Reason.HASH_MISMATCH, Reason.IO_ERROR)
 
 
 HELP: dict[Reason, str] = {
@@ -51,6 +58,11 @@ HELP: dict[Reason, str] = {
     Reason.BAD_PATH: "the marker names a file other than updates/<worker>.safetensors ('..', absolute), or a "
                      "file of the update is a symbolic link",
     Reason.NOT_ASSIGNED: "the worker was not assigned work in this round (unknown, or joined after it opened)",
+    Reason.UNTRUSTED_KEY: "the worker's key is not the one trusted for its name (changed since it was pinned, or "
+                          "not approved under trust: explicit); `fedsync trust NAME` approves its current key",
+    Reason.UNSIGNED: "the marker carries no signature (an older or hand-made worker)",
+    Reason.BAD_SIGNATURE: "the marker's signature does not verify with the worker's trusted key: forged, replayed, "
+                          "renamed, or edited after signing",
     Reason.BAD_SAMPLES: "the sample count is not a positive integer no larger than the training set",
     Reason.MISSING_FILE: "the tensor file the marker names never arrived before the deadline",
     Reason.SIZE_MISMATCH: "the tensor file's size differs from the marker's (truncated or not synced)",

@@ -34,6 +34,7 @@ class Share:
     # -- names (fedsync/storage/names.py) ------------------------------------------------------------------
 
     manifest = names.MANIFEST
+    trust = names.TRUST
     lease = names.LEASE
     workers_dir = names.WORKERS
     metrics = names.METRICS

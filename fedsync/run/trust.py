@@ -1,0 +1,168 @@
+"""Which workers' updates count: each worker name's key, pinned the first time the coordinator sees it (trust: tofu)
+or approved by a person with `fedsync trust NAME` (trust: explicit), listed in trust.yaml, which only the
+coordinator's key signs (docs/PROTOCOL.md section 5.9)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from fedsync.base.errors import TrustError
+from fedsync.base.logs import Log
+from fedsync.storage.keys import Identity, coordinator_key_path, load_identity
+from fedsync.storage.locks import local_lock
+from fedsync.storage.manifest import read_manifest
+from fedsync.storage.markers import (
+    FORMAT_VERSION,
+    Assignment,
+    MarkerError,
+    TrustedKey,
+    TrustList,
+    UpdateMarker,
+    WorkerInfo,
+    to_dict,
+)
+from fedsync.storage.names import check_worker_name
+from fedsync.storage.reasons import Reason, Unusable
+from fedsync.storage.share import Share
+from fedsync.storage.signing import fingerprint, trust_message, update_message, verify
+
+Entries = dict[str, TrustedKey]
+
+
+def read_trust(share: Share, run_id: str, coordinator_key: str) -> Entries:
+    """trust.yaml's entries ({} while it does not exist); TrustError when the coordinator did not sign it."""
+    if not share.exists(share.trust):
+        return {}
+    where = share.where(share.trust)
+    try:
+        t = share.read_record(TrustList, share.trust)
+    except (MarkerError, ValueError) as e:
+        raise TrustError(f"{where} is unreadable: {e}") from None
+    message = trust_message(t.run_id, {n: (e.key, e.state) for n, e in t.workers.items()})
+    if t.run_id != run_id or not verify(coordinator_key, message, t.signature):
+        raise TrustError(f"{where} is not signed by this run's coordinator key ({fingerprint(coordinator_key)}): "
+                         "someone else wrote it. Restore it from a backup, or move it aside to pin every worker's "
+                         "key again (trust: tofu) or approve them again (trust: explicit)")
+    return t.workers
+
+
+def amend_trust(share: Share, run_id: str, identity: Identity, change: Callable[[Entries], None]) -> Entries:
+    """Read trust.yaml, apply `change`, sign and write it; under a lock of this machine, so the coordinator pinning a
+    key and `fedsync trust` approving one never lose each other's change (both need the coordinator's key, so both
+    run on its machine)."""
+    with local_lock(share.root, "trust", timeout=30):
+        entries = dict(read_trust(share, run_id, identity.public))
+        change(entries)
+        entries = dict(sorted(entries.items()))
+        message = trust_message(run_id, {n: (e.key, e.state) for n, e in entries.items()})
+        share.write_yaml(share.trust, to_dict(TrustList(format=FORMAT_VERSION, run_id=run_id, workers=entries,
+                                                        signature=identity.sign(message))))
+    return entries
+
+
+def approve(share: Share, run_id: str, identity: Identity, name: str, key: str) -> Entries:
+    """`fedsync trust NAME`: the worker's current key counts from now on, replacing any key pinned before."""
+    return amend_trust(share, run_id, identity, lambda e: e.__setitem__(name, TrustedKey(key, "approved")))
+
+
+def approve_registered(share: Share, name: str, key_path: Path | None, expected: str | None) -> str:
+    """`fedsync trust NAME`: approve the key in workers/NAME.yaml, signed with the coordinator's key; its
+    fingerprint. Refuses when this machine's key did not start the run or the fingerprint differs."""
+    manifest = read_manifest(share)
+    identity, _ = load_identity(key_path or coordinator_key_path(), create=False)
+    if identity.public != manifest.coordinator_key:
+        raise TrustError(f"{identity.path} is not the key of run {manifest.run_id}'s coordinator "
+                         f"({fingerprint(manifest.coordinator_key)}): run this on the coordinator's machine, or pass "
+                         "its key with --key")
+    try:
+        info = share.read_record(WorkerInfo, share.worker_file(check_worker_name(name)))
+    except (OSError, ValueError) as e:
+        raise TrustError(f"no readable registration for worker {name!r} in {share.where()}: {e}") from None
+    if info.public_key is None:
+        raise TrustError(f"worker {name} registered without a public key: upgrade fedsync on that machine")
+    found = fingerprint(info.public_key)
+    if expected is not None and expected != found:
+        raise TrustError(f"worker {name}'s registered key has fingerprint {found}, not {expected}: someone else may "
+                         "have registered under that name; nothing approved")
+    approve(share, manifest.run_id, identity, name, info.public_key)
+    return found
+
+
+def trust_state(name: str, registered: str | None, entry: TrustedKey | None, mode: str) -> str | None:
+    """None when `name`'s registered key counts, else why not, in words a person can act on."""
+    if registered is None:
+        return "registered without a public key (an older or hand-made worker): its updates cannot be checked"
+    if entry is None:
+        return None if mode == "tofu" else (
+            f"waits for approval of key {fingerprint(registered)}: `fedsync trust {name} --share SHARE`")
+    if entry.key != registered:
+        return (f"its key changed from {fingerprint(entry.key)} to {fingerprint(registered)}: not trusted; if this "
+                f"worker really has a new key, approve it with `fedsync trust {name} --share SHARE`")
+    return None
+
+
+class Trust:
+    """The coordinator's side: whom to assign work to, and whether an update marker is its worker's own."""
+
+    def __init__(self, share: Share, run_id: str, identity: Identity, mode: str,
+                 registered: Callable[[str], str | None], log: Log) -> None:
+        self.share, self.run_id, self.identity, self.mode, self.log = share, run_id, identity, mode, log
+        self.registered = registered
+        self.entries = read_trust(share, run_id, identity.public)  # forged: TrustError, the start is refused
+        self.seen = share.signature(share.trust)
+        self.told: set[str] = set()
+
+    def refresh(self) -> None:
+        """Re-read trust.yaml when it changed (`fedsync trust` approved a key); a forged one is reported and not
+        used."""
+        now = self.share.signature(self.share.trust)
+        if now == self.seen:
+            return
+        self.seen = now
+        try:
+            self.entries = read_trust(self.share, self.run_id, self.identity.public)
+        except TrustError as e:
+            self._tell(f"WARNING: {e}; keeping the keys trusted so far")
+
+    def admit(self, name: str) -> bool:
+        """Whether `name` may be given work; under tofu a name seen for the first time has its key pinned now."""
+        key = self.registered(name)
+        problem = trust_state(name, key, self.entries.get(name), self.mode)
+        if problem is not None:
+            self._tell(f"worker {name} {problem}")
+            return False
+        if name not in self.entries and key is not None:
+            self.entries = amend_trust(self.share, self.run_id, self.identity,
+                                       lambda e: e.setdefault(name, TrustedKey(key, "pinned")))
+            self.seen = self.share.signature(self.share.trust)
+            self.log(f"worker {name}: pinned its key {fingerprint(key)} (trust: tofu)")
+        return True
+
+    def check_update(self, a: Assignment, worker: str, m: UpdateMarker, short: str) -> None:
+        """Unusable unless the marker is signed by `worker`'s trusted key for this run, round and base model. Each of
+        these waits (a forger must not shut the real worker out): the real worker's marker may still replace it."""
+        if m.worker != worker:
+            raise Unusable(Reason.WRONG_WORKER, f"{short} says it is from {m.worker!r}")
+        if m.round != a.round:
+            raise Unusable(Reason.WRONG_ROUND, f"{short} is for round {m.round}, found in round {a.round}")
+        if m.base != a.model.blake3:
+            raise Unusable(Reason.WRONG_BASE, f"{short} was trained from model {m.base[:12]}…")
+        entry = self.entries.get(worker)
+        if entry is None:
+            raise Unusable(Reason.UNTRUSTED_KEY, f"{worker} has no trusted key in this run")
+        if m.signature is None:
+            raise Unusable(Reason.UNSIGNED, f"{short} carries no signature")
+        if verify(entry.key, update_message(self.run_id, m), m.signature):
+            return
+        registered = self.registered(worker)
+        if registered is not None and registered != entry.key:
+            raise Unusable(Reason.UNTRUSTED_KEY, f"{worker} now registers key {fingerprint(registered)}, not the "
+                                                 f"trusted {fingerprint(entry.key)}")
+        raise Unusable(Reason.BAD_SIGNATURE, f"{short}'s signature does not verify with {worker}'s key "
+                                             f"{fingerprint(entry.key)}: forged, replayed, or changed after signing")
+
+    def _tell(self, line: str) -> None:
+        if line not in self.told:
+            self.told.add(line)
+            self.log(line)

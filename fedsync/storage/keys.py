@@ -1,0 +1,109 @@
+"""This machine's keys, kept outside the share: its own private key (created on first start, mode 0600) and the
+coordinator keys its workers pinned at first contact, one file per run."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from fedsync.base.errors import TrustError
+from fedsync.storage.local import atomic_write
+from fedsync.storage.signing import check_public, fingerprint, public_text, sign
+
+
+def key_dir() -> Path:
+    """$FEDSYNC_KEY_DIR, else $XDG_CONFIG_HOME/fedsync/keys, else ~/.config/fedsync/keys."""
+    if os.environ.get("FEDSYNC_KEY_DIR"):
+        return Path(os.environ["FEDSYNC_KEY_DIR"])
+    config = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(config) / "fedsync" / "keys"
+
+
+def worker_key_path(name: str) -> Path:
+    return key_dir() / f"worker-{name}.pem"
+
+
+def coordinator_key_path() -> Path:
+    return key_dir() / "coordinator.pem"
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A private key and the public key the share shows for it."""
+
+    key: Ed25519PrivateKey
+    public: str
+    path: Path
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.public)
+
+    def sign(self, message: bytes) -> str:
+        return sign(self.key, message)
+
+
+def load_identity(path: Path, create: bool = True) -> tuple[Identity, bool]:
+    """The key at `path`, created (mode 0600, folder 0700) when absent and `create`; whether it was created."""
+    created = False
+    if not path.exists():
+        if not create:
+            raise TrustError(f"no key at {path}: start the coordinator on this machine first, or pass --key")
+        _create(path)
+        created = True
+    if os.name == "posix" and path.stat().st_mode & 0o077:
+        raise TrustError(f"{path} can be read by other users of this machine: `chmod 600 {path}`")
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (ValueError, TypeError) as e:
+        raise TrustError(f"{path} is not a fedsync key (a PEM Ed25519 private key without password): {e}") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise TrustError(f"{path} holds a {type(key).__name__}, not an Ed25519 key")
+    return Identity(key, public_text(key), path), created
+
+
+def _create(path: Path) -> None:
+    """Write a new key under a temporary name and link it into place, so two starts never swap keys."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    pem = Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, pem)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass  # another process made it first: use that one
+    finally:
+        tmp.unlink()
+
+
+def pinned_coordinator(run_id: str, offered: str, given: str | None) -> tuple[str, bool]:
+    """The coordinator key a worker trusts for `run_id`: `given` (--coordinator-key) when set, else the one pinned
+    at first contact (pinned now from `offered` when this machine never saw the run); whether it was pinned now.
+    A fedsync.yaml whose key differs is a TrustError: someone other than the coordinator wrote it."""
+    if given is not None:
+        check_public(given)
+        if offered != given:
+            raise TrustError(f"fedsync.yaml names coordinator key {fingerprint(offered)}, not the "
+                             f"{fingerprint(given)} given with --coordinator-key: this is not your coordinator's run")
+        return given, False
+    pin = key_dir() / "coordinators" / f"{run_id}.pub"
+    if pin.exists():
+        known = pin.read_text().strip()
+        if known != offered:
+            raise TrustError(f"fedsync.yaml of run {run_id} names coordinator key {fingerprint(offered)}, but this "
+                             f"machine pinned {fingerprint(known)} when it first saw the run ({pin}): someone "
+                             "rewrote fedsync.yaml. If the coordinator's key really changed, delete that file")
+        return known, False
+    pin.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    atomic_write(pin, (offered + "\n").encode())
+    return offered, True
