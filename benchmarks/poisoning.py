@@ -41,6 +41,7 @@ from fedsync.storage.local import LocalStore
 from fedsync.storage.reasons import Reason, Unusable
 
 WORKERS = 5
+CLIP_NORM = 5.0  # about the honest updates' median norm here (summary.yaml lists each accepted update's norm)
 State = dict[str, torch.Tensor]
 Attack = Callable[[State, list[State]], State]
 
@@ -71,16 +72,19 @@ class Setup:
     aggregation: str = "fedavg"
     screen: bool = True
     clip: bool = False
+    screen_factor: float | None = None  # None: the config's
 
 
 SETUPS = [Setup("FedAvg, no screening", screen=False), Setup("FedAvg + screening (default)"),
+          Setup("FedAvg + screening, screen_factor 4", screen_factor=4.0),
           Setup("FedAvg + screening + clip_norm", clip=True), Setup("trimmed mean 0.2 + screening", "trimmed_mean"),
           Setup("median + screening", "median")]
 
 
 def run(cfg: RunConfig, setup: Setup, attack: Attack | None, rounds: int, clip_norm: float,
-        data, shards, norms_seen: list[float] | None = None) -> float:
-    """One federated run in-process; the final test accuracy."""
+        data, shards, ratios: list[float] | None = None) -> tuple[float, int | None]:
+    """One federated run in-process: the final test accuracy, and the round in which it stopped because no update
+    was usable (every one non-finite after a poisoned round: the coordinator stops with exit 9 there), or None."""
     task = get_task(cfg.task)
     model = task.build_model(cfg.model, seed=cfg.seed)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -107,13 +111,17 @@ def run(cfg: RunConfig, setup: Setup, attack: Attack | None, rounds: int, clip_n
             try:
                 agg.take(cands)
                 if setup.screen:
-                    found = outliers(agg.norms, l2_norm(state), cfg.screen_factor, cfg.screen_max_ratio)
+                    found = outliers(agg.norms, l2_norm(state), setup.screen_factor or cfg.screen_factor,
+                                     cfg.screen_max_ratio)
                     agg.drop({c: Unusable(Reason.NORM_OUTLIER, why) for c, why in found.items()})
-                if norms_seen is not None:
-                    norms_seen.extend(n for c, n in agg.norms.items() if c.worker != "w0" or attack is None)
+                if ratios is not None:
+                    ratios.append(max(agg.norms.values()) / statistics.median(agg.norms.values()))
                 if setup.clip:
                     agg.clip(clip_norm)
                 while True:  # the coordinator's fallback: never a non-finite model
+                    if not agg.accepted:  # every update rejected: the coordinator stops here (exit 9)
+                        model.load_state_dict(state)
+                        return evaluate(model, data.test, cfg.eval_batch_size)[1], r
                     new = NoOptimizer().step(state, rule.aggregate(agg.collected(parameters)).delta, {})
                     if all(bool(torch.isfinite(v).all()) for v in new.values() if v.is_floating_point()):
                         break
@@ -123,7 +131,7 @@ def run(cfg: RunConfig, setup: Setup, attack: Attack | None, rounds: int, clip_n
                 agg.close()
             state = new
     model.load_state_dict(state)
-    return evaluate(model, data.test, cfg.eval_batch_size)[1]
+    return evaluate(model, data.test, cfg.eval_batch_size)[1], None
 
 
 def main(rounds: int = 10) -> None:
@@ -133,18 +141,19 @@ def main(rounds: int = 10) -> None:
         cfg = load_config("digits", {"partition": part, "dirichlet_alpha": 0.5})
         data = get_task(cfg.task).load(None, cfg.data_options())
         shards = partition(data.train.y.numpy(), WORKERS, cfg.partition, cfg.seed, cfg.dirichlet_alpha)
-        norms: list[float] = []
-        clean = run(cfg, SETUPS[1], None, rounds, 0.0, data, shards, norms)
-        clip_norm = statistics.median(norms)  # the honest updates' median norm, as a user reads it in summaries
-        print(f"\n{part}: clean run (default setup) {clean:.4f}; clip_norm = median honest norm {clip_norm:.3f}")
+        ratios: list[float] = []
+        clean, _ = run(cfg, SETUPS[1], None, rounds, 0.0, data, shards, ratios)
+        print(f"\n{part}: clean run (default setup) {clean:.4f}; largest honest norm / the round's median: "
+              f"{max(ratios):.2f} (screen_factor {cfg.screen_factor:g}); clip_norm {CLIP_NORM:g}")
         print("| setup | " + " | ".join(ATTACKS) + " |")
         print("|---|" + "---|" * len(ATTACKS))
         for setup in SETUPS:
             cells = []
             for name, attack in ATTACKS.items():
-                acc = clean if (setup == SETUPS[1] and attack is None) else \
-                    run(cfg, setup, attack, rounds, clip_norm, data, shards)
-                cells.append(f"{acc:.3f} ({100 * (acc - clean):+.1f})" if math.isfinite(acc) else "nan")
+                acc, stopped = (clean, None) if (setup == SETUPS[1] and attack is None) else \
+                    run(cfg, setup, attack, rounds, CLIP_NORM, data, shards)
+                cell = f"{acc:.3f} ({100 * (acc - clean):+.1f})" if math.isfinite(acc) else "nan"
+                cells.append(cell + (f", stopped in round {stopped}" if stopped else ""))
             print(f"| {setup.name} | " + " | ".join(cells) + " |", flush=True)
     print(f"\n{rounds} rounds, {WORKERS} workers (w0 attacks every round); accuracy (points against the clean "
           f"default run); {time.perf_counter() - started:.0f} s")

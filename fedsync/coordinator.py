@@ -282,7 +282,11 @@ class Coordinator:
             while True:
                 try:
                     self.liveness.scan()
-                    self.trust.refresh()
+                    for w in self.liveness.live():
+                        self.trust.admit(w)  # a changed or unapproved key is said when it appears, not next round
+                    if self.trust.refresh():  # a key approved: updates waiting on it are judged again
+                        intake.recheck()
+                        late.recheck()
                     candidates = intake.scan() + late.scan()
                 except OSError as e:
                     self._wait(self.backoff.failed(e, f"looking for round {r}'s updates"))
@@ -347,6 +351,12 @@ class Coordinator:
         for x in new:
             reported.add(f"{x.worker}/{x.reason}")
             self.log(f"round {r}: rejected {x.worker} ({x.reason}): {x.detail}")
+        for worker, (_, problem) in sorted(intake.pending.items()):  # not the worker's own (yet): said at once
+            said = f"{worker}/{problem.reason.value}/waits"
+            if not closing and not problem.reason.syncing and said not in reported:
+                reported.add(said)
+                self.log(f"round {r}: {worker}'s update does not count yet ({problem.reason.value}): {problem.detail}; "
+                         "waiting for a marker that does until the round closes")
         if new and not closing:  # `fedsync status` shows them from the lease while the round is open
             self.lease.update(self.lease.record.state, r, self.lease.record.note, shown)
 

@@ -20,7 +20,7 @@ from filelock import Timeout
 
 from fedsync import __version__
 from fedsync.aggregation.tensors import load_verified, save_state
-from fedsync.base.errors import ShareError
+from fedsync.base.errors import ShareError, TrustError
 from fedsync.base.faults import crash_point
 from fedsync.base.logs import Log, make_log
 from fedsync.fedavg import delta
@@ -31,6 +31,7 @@ from fedsync.learning.partition import partition
 from fedsync.learning.tasks import Task, get_task
 from fedsync.learning.train import TrainSettings, local_train, measure_throughput, place
 from fedsync.run.config import RunConfig, config_from_dict
+from fedsync.run.trust import read_trust
 from fedsync.storage import names
 from fedsync.storage.keys import Identity, load_identity, pinned_coordinator, worker_key_path
 from fedsync.storage.locks import local_lock
@@ -142,6 +143,7 @@ class Worker:
         self.share, self.name, self.manifest = share, name, manifest
         self.identity, self.coordinator_key = identity, coordinator_key
         self.refused: set[tuple[int, str | None]] = set()  # assignments not the coordinator's: said once
+        self.trust_seen: object = None  # trust.yaml's signature when last checked
         self.nudge = nudge
         self.watcher, self.opts, self.log = watcher, opts, log
         self.cfg: RunConfig = config_from_dict(manifest.config, share.where(share.manifest))
@@ -183,6 +185,7 @@ class Worker:
         try:
             while True:
                 try:
+                    self._check_trusted()
                     final = finished(self.share, self.manifest.run_id, self.coordinator_key)
                     if final is not None:
                         self.log(f"run finished after round {final.round} (test accuracy "
@@ -220,6 +223,23 @@ class Worker:
                 return None
             return r, a
         return None
+
+    def _check_trusted(self) -> None:
+        """Say once when the coordinator trusts another key for this worker's name (this machine's key was
+        re-created, or someone else registered the name first): no work comes until a person approves this key."""
+        seen = self.share.signature(self.share.trust)
+        if seen == self.trust_seen:
+            return
+        self.trust_seen = seen
+        try:
+            entry = read_trust(self.share, self.manifest.run_id, self.coordinator_key).get(self.name)
+        except TrustError as e:
+            self.log(f"WARNING: {e}")
+            return
+        if entry is not None and entry.key != self.identity.public:
+            self.log(f"WARNING: the coordinator trusts key {fingerprint(entry.key)} for {self.name}, not this "
+                     f"worker's {self.identity.fingerprint}: no work comes until its operator runs `fedsync trust "
+                     f"{self.name} --share SHARE --fingerprint {self.identity.fingerprint}`")
 
     def _submitted(self, r: int, a: Assignment) -> bool:
         """Whether this worker's own update marker for the round exists (also after a restart). A marker under its

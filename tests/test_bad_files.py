@@ -142,9 +142,9 @@ def _marker_text(text: str | bytes) -> Callable[[Round], None]:
 
 def _duplicate(rd: Round) -> None:
     rd.submit("bad", None, True)  # accepted first ...
-    time.sleep(0.7)
+    time.sleep(0.45)
     rd.submit("bad")  # ... then rewritten: recorded as a duplicate, the first stands
-    time.sleep(0.7)
+    time.sleep(0.45)
     rd.good()
 
 
@@ -180,7 +180,7 @@ def _rekeyed(rd: Round) -> None:
 def _forged_then_real(rd: Round) -> None:
     """A forger writes under the good worker's name first; the good worker's own update replaces it and counts."""
     rd.submit("good", rd.delta(0.5), False, worker_identity("bad"))
-    time.sleep(0.7)
+    time.sleep(0.45)
     rd.good()
 
 
@@ -265,7 +265,7 @@ def bad_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Share, dict[str, 
     share.root.mkdir()
     names = list(CASES)
     coord = start("coordinator", "--share", str(share.root), "--rounds", str(len(names)), "--set", "min_workers=2",
-                  "--set", "round_timeout=2", "--set", "worker_timeout=120", "--set", "heartbeat=5")
+                  "--set", "round_timeout=1.5", "--set", "worker_timeout=120", "--set", "heartbeat=5")
     rounds: dict[str, Round] = {}
     with killed_on_error(coord):
         for r, name in enumerate(names, 1):

@@ -42,24 +42,36 @@ def check_complete(s: Share) -> None:
     assert verified.returncode == 0 and "0 error(s), 0 hint(s)" in verified.stdout, verified.stdout
 
 
-@pytest.mark.parametrize("fault", [
+COORDINATOR_FAULTS = [  # in the order a run meets them
     "coordinator:collecting:2",          # waiting for updates, one already taken in
     "write:0003/global.safetensors",     # in the middle of writing round 2's aggregate
-    "coordinator:after-summary:2",       # between the summary and the next round
     "write:0002/summary.yaml",           # in the middle of writing the decision itself
-    "write:final.safetensors",          # in the middle of writing the final model
-])
-def test_coordinator_killed_and_restarted(share: Path, fault: str) -> None:
+    "coordinator:after-summary:2",       # between the summary and the next round
+    "write:final.safetensors",           # in the middle of writing the final model
+]
+
+
+def test_coordinator_killed_at_each_point_and_restarted(share: Path) -> None:
+    """One run, its coordinator killed at each point in turn and started again with the same command each time (the
+    workers stay up throughout): every restart goes on from the share, and no closed round is aggregated again."""
     s = Share(share)
     workers = [start(*worker_args(share, n)) for n in ("w1", "w2")]
-    doomed = start(*COORD[:1], "--share", str(share), *COORD[1:], fault=fault)
-    out = finish(doomed, timeout=120)
-    assert doomed.returncode == -signal.SIGKILL, f"the fault {fault} was never reached:\n{out}"
-    before = closed_summaries(s)
-    restarted_at = time.monotonic()
-    coord = start(*COORD[:1], "--share", str(share), *COORD[1:])
-    out = finish(coord, timeout=120)
-    outs = [finish(w, timeout=60) for w in workers]
+    try:
+        for fault in COORDINATOR_FAULTS:
+            before = closed_summaries(s)
+            doomed = start(*COORD[:1], "--share", str(share), *COORD[1:], fault=fault)
+            out = finish(doomed, timeout=120)
+            assert doomed.returncode == -signal.SIGKILL, f"the fault {fault} was never reached:\n{out}"
+            after = closed_summaries(s)
+            assert {r: after[r] for r in before} == before, f"a closed round was aggregated again before {fault}"
+        before = closed_summaries(s)
+        restarted_at = time.monotonic()
+        coord = start(*COORD[:1], "--share", str(share), *COORD[1:])
+        out = finish(coord, timeout=120)
+        outs = [finish(w, timeout=60) for w in workers]
+    finally:
+        for w in workers:
+            w.kill()
     assert coord.returncode == 0 and all(w.returncode == 0 for w in workers), out + "".join(outs)
     assert time.monotonic() - restarted_at < 60
     after = closed_summaries(s)

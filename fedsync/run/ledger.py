@@ -121,6 +121,10 @@ class RoundLedger:
         return Candidate(worker, self.share.update_tensors(self.r, worker), m.tensors,
                          self.rule.weight(m.samples, m.steps), self.r, m.steps)
 
+    def recheck(self) -> None:
+        """Look again at every update still waiting, although its files did not change: the trusted keys did."""
+        self.pending.clear()
+
     def record(self, outcomes: list[Outcome]) -> None:
         """Apply the intake's verdicts; a later verdict on the same worker (a lane rebuild) overrides."""
         for o in outcomes:
@@ -195,6 +199,10 @@ class LateLedger:
                 self._decide(ri, Late(w, c, "rejected", 0.0, f"{rej.reason}: {rej.detail}"))
                 del ri.rejected[w]
         return out
+
+    def recheck(self) -> None:
+        for ri in self.rounds.values():
+            ri.recheck()
 
     def record(self, outcomes: list[Outcome]) -> None:
         for o in outcomes:

@@ -113,17 +113,20 @@ class Trust:
         self.seen = share.signature(share.trust)
         self.told: set[str] = set()
 
-    def refresh(self) -> None:
-        """Re-read trust.yaml when it changed (`fedsync trust` approved a key); a forged one is reported and not
-        used."""
+    def refresh(self) -> bool:
+        """Re-read trust.yaml when it changed (`fedsync trust` approved a key); whether the trusted keys changed. A
+        forged one is reported and not used."""
         now = self.share.signature(self.share.trust)
         if now == self.seen:
-            return
+            return False
         self.seen = now
         try:
-            self.entries = read_trust(self.share, self.run_id, self.identity.public)
+            entries = read_trust(self.share, self.run_id, self.identity.public)
         except TrustError as e:
             self._tell(f"WARNING: {e}; keeping the keys trusted so far")
+            return False
+        changed, self.entries = entries != self.entries, entries
+        return changed
 
     def admit(self, name: str) -> bool:
         """Whether `name` may be given work; under tofu a name seen for the first time has its key pinned now."""

@@ -38,6 +38,12 @@ class Reason(str, Enum):
         return HELP[self]
 
     @property
+    def syncing(self) -> bool:
+        """True when the bytes may simply not have arrived yet (the usual reason to wait, not worth a line)."""
+        return self in (Reason.MARKER_UNREADABLE, Reason.MARKER_INVALID, Reason.MISSING_FILE, Reason.SIZE_MISMATCH,
+                        Reason.HASH_MISMATCH, Reason.IO_ERROR)
+
+    @property
     def waits(self) -> bool:
         """True when the bytes may not have arrived yet, or the marker may not be its worker's own (decided before
         its signature is checked): a later change may still bring the real update, so it is rejected only at the
