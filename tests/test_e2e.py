@@ -10,7 +10,7 @@ from fedsync.storage.hashing import hash_bytes
 from fedsync.storage.markers import Assignment, FinalMarker, Summary, UpdateMarker, parse
 from fedsync.storage.share import Share
 
-from .conftest import finish, run, start
+from .conftest import finish, read_yaml, run, start, write_yaml
 
 ROUNDS = 6
 
@@ -91,3 +91,13 @@ def test_verify_reports_intact_runs_and_names_damage(share: Path) -> None:
     assert "error: 0001/updates/w1.safetensors: hash_mismatch" in bad.stdout
     assert "error: 0002/global.safetensors: missing_file" in bad.stdout
     assert bad.stdout.count("error:") == 3  # the global model of round 2 is also round 1's aggregate
+
+    assignment = read_yaml(s.path(s.assignment(1)))
+    assignment["workers"]["w1"]["local_epochs"] = 50  # edited after the coordinator signed it
+    write_yaml(s.path(s.assignment(1)), assignment)
+    trust = read_yaml(s.path(s.trust))
+    trust["workers"]["w1"]["state"] = "approved"
+    write_yaml(s.path(s.trust), trust)
+    forged = run("verify", "--share", str(share))
+    assert "error: 0001/assignment.yaml: not signed by the run's coordinator key" in forged.stdout, forged.stdout
+    assert "error: trust.yaml: " in forged.stdout and forged.stdout.count("error:") == 5, forged.stdout

@@ -10,6 +10,8 @@ import csv
 import io
 from dataclasses import dataclass, field
 
+from fedsync.base.errors import TrustError
+from fedsync.run.trust import read_trust
 from fedsync.storage import names
 from fedsync.storage.manifest import read_manifest
 from fedsync.storage.markers import (
@@ -23,6 +25,8 @@ from fedsync.storage.markers import (
 )
 from fedsync.storage.reasons import Unusable
 from fedsync.storage.share import Share
+from fedsync.storage.signing import assignment_message, final_message
+from fedsync.storage.signing import verify as verify_signature
 from fedsync.storage.yamlfile import MAX_YAML_BYTES
 
 
@@ -49,8 +53,15 @@ RESTORE = "restore it from a backup or a sync peer; rounds after it cannot be re
 
 def verify(share: Share) -> Report:
     report = Report()
-    read_manifest(share)  # a missing or foreign-format manifest is an error the caller reports
+    manifest = read_manifest(share)  # a missing or foreign-format manifest is an error the caller reports
     report.checked += 1
+    key = manifest.coordinator_key
+    if share.exists(share.trust):
+        report.checked += 1
+        try:
+            read_trust(share, manifest.run_id, key)
+        except TrustError as e:
+            report.findings.append(Finding("error", share.trust, str(e), "the coordinator refuses to start on it"))
     _record(report, share, share.lease, CoordinatorLease, required=False,
             fix="the coordinator rewrites it at its next start")
     for e in sorted(share.list(share.workers_dir), key=lambda e: e.name):
@@ -62,6 +73,7 @@ def verify(share: Share) -> Report:
         a = _record(report, share, share.assignment(r), Assignment, required=True,
                     fix="the round was never opened whole; delete its folder if it holds nothing else")
         if a is not None:
+            _signed(report, share.assignment(r), verify_signature(key, assignment_message(a), a.signature))
             _file(report, share, share.global_model(r), a.model, f"round {r}'s global model: {RESTORE}")
         s = _record(report, share, share.summary(r), Summary, required=False, fix=RESTORE)
         if s is not None:
@@ -78,8 +90,15 @@ def verify(share: Share) -> Report:
         _metrics(report, share, closed)
     final = _record(report, share, share.final_marker, FinalMarker, required=False, fix=RESTORE)
     if final is not None:
+        _signed(report, share.final_marker, verify_signature(key, final_message(final), final.signature))
         _file(report, share, share.final_model, final.model, f"the final model: {RESTORE}")
     return report
+
+
+def _signed(report: Report, name: str, valid: bool) -> None:
+    if not valid:
+        report.findings.append(Finding("error", name, "not signed by the run's coordinator key (fedsync.yaml)",
+                                       f"someone else wrote it: {RESTORE}"))
 
 
 def _record(report: Report, share: Share, name: str, cls: type, required: bool, fix: str,
