@@ -36,7 +36,8 @@ DataRootOpt = Annotated[str | None, typer.Option(
                         "cifar-10-batches-py/); default: the run config's data_root. Each machine gives its own.")]
 
 KeyOpt = Annotated[Path | None, typer.Option(
-    "--key", help="This process's private key (PEM, Ed25519, mode 0600), created there on first start when absent. "
+    "--key", help="The private key (PEM, Ed25519, mode 0600): the coordinator and workers create theirs on first "
+                  "start when absent; `trust` signs with the coordinator's. "
                   "Default: coordinator.pem or worker-NAME.pem in $FEDSYNC_KEY_DIR, else "
                   "$XDG_CONFIG_HOME/fedsync/keys, else ~/.config/fedsync/keys. Never put it in the share.")]
 
