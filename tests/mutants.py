@@ -58,6 +58,9 @@ MUTANTS = [
     Mutant("a lease that is being refreshed is taken over", "fedsync/storage/lease.py",
            "if self.share.signature(self.share.lease) != seen:", "if False:",
            ("tests/test_lease.py::test_lease_check_refuses_a_lease_that_is_being_refreshed",)),
+    Mutant("an update's signature is not checked", "fedsync/run/trust.py",
+           "if verify(entry.key, update_message(self.run_id, m), m.signature):", "if True:",
+           ("tests/test_trust.py::test_an_update_counts_only_when_signed_by_the_trusted_key_for_this_round",)),
     Mutant("the run is written before the data is checked", "fedsync/coordinator.py",
            "existing = check_run(share, opts.config)",
            "existing = check_run(share, opts.config) or write_manifest(share, new_manifest(opts.config.as_dict(), "

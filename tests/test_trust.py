@@ -13,8 +13,12 @@ from pathlib import Path
 import pytest
 
 from fedsync.base.errors import TrustError
+from fedsync.run.config import load_config
+from fedsync.run.start import open_run
+from fedsync.run.trust import Trust, read_trust
 from fedsync.storage.keys import load_identity, pinned_coordinator
-from fedsync.storage.markers import FORMAT_VERSION, FileRef, FinalMarker, UpdateMarker, parse
+from fedsync.storage.markers import FORMAT_VERSION, Assignment, FileRef, FinalMarker, UpdateMarker, WorkerTask, parse
+from fedsync.storage.reasons import Unusable
 from fedsync.storage.share import Share
 from fedsync.storage.signing import fingerprint, update_message, verify
 
@@ -107,3 +111,34 @@ def test_explicit_trust_approval_and_a_worker_that_comes_back_with_a_new_key(sha
     final = parse(FinalMarker, s.read_yaml(s.final_marker), "final")
     assert final.round == 2 and final.test_accuracy > 0.5
     assert _trust_of(share, "w1") == "approved"
+
+
+def test_an_update_counts_only_when_signed_by_the_trusted_key_for_this_round(tmp_path: Path) -> None:
+    """The coordinator's check, alone: each way a marker can fail to be its worker's own, with its reason."""
+    share = Share(tmp_path / "share")
+    coordinator = load_identity(tmp_path / "c.pem")[0]
+    run_id = open_run(share, load_config("digits"), "coordinator", coordinator.public).run_id
+    own, forger = load_identity(tmp_path / "w1.pem")[0], load_identity(tmp_path / "x.pem")[0]
+    registered = {"w1": own.public}
+    trust = Trust(share, run_id, coordinator, "tofu", registered.get, lambda line: None)
+    assert trust.admit("w1") and read_trust(share, run_id, coordinator.public)["w1"].state == "pinned"
+    a = Assignment(format=FORMAT_VERSION, run_id=run_id, round=2, rounds=3, model=FileRef("global.safetensors",
+                   "ab" * 32, 10), num_shards=1, time_budget_s=5.0, workers={"w1": WorkerTask(0, 1)})
+
+    def reason(m: UpdateMarker, key=own) -> str | None:
+        signed_m = replace(m, signature=key.sign(update_message(run_id, m)) if key else None)
+        try:
+            trust.check_update(a, "w1", signed_m, "w1.yaml")
+        except Unusable as e:
+            assert e.reason.waits  # decided before the marker is the worker's own: it waits for the real one
+            return e.reason.value
+        return None
+
+    assert reason(MARKER) is None
+    assert reason(MARKER, forger) == "bad_signature"
+    assert reason(MARKER, None) == "unsigned"
+    assert reason(replace(MARKER, round=1)) == "wrong_round"  # a replay of an earlier round, as signed
+    assert reason(replace(MARKER, worker="w2"), forger) == "wrong_worker"
+    registered["w1"] = forger.public  # w1 comes back with another key and signs with it
+    assert reason(MARKER, forger) == "untrusted_key"
+    assert not trust.admit("w1")  # and gets no work until a person approves the new key
