@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedsync.storage.markers import Summary, parse
+from fedsync.storage.markers import Evaluation, Summary, parse
 from fedsync.storage.share import Share
 
 SETTINGS = {"equal shards (baseline)": ["balance=equal"],
@@ -25,7 +25,7 @@ SETTINGS = {"equal shards (baseline)": ["balance=equal"],
 
 
 def one_run(share: Path, rounds: int, epochs: int, slowdown: float, sets: list[str]
-            ) -> tuple[float, float, list[Summary]]:
+            ) -> tuple[float, float, list[Summary], list[Evaluation]]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     fed = [sys.executable, "-m", "fedsync"]
     overrides = [a for s in ["min_workers=2", f"local_epochs={epochs}", *sets] for a in ("--set", s)]
@@ -42,7 +42,8 @@ def one_run(share: Path, rounds: int, epochs: int, slowdown: float, sets: list[s
         sys.exit("a process failed:\n" + "\n".join(outs))
     s = Share(share)
     summaries = [parse(Summary, s.read_yaml(s.summary(r)), "summary") for r in range(1, rounds + 1)]
-    return statistics.median(x.seconds for x in summaries[1:]), wall, summaries
+    evaluations = [parse(Evaluation, s.read_yaml(s.evaluation(r)), "evaluation") for r in range(1, rounds + 1)]
+    return statistics.median(x.seconds for x in summaries[1:]), wall, summaries, evaluations
 
 
 def main() -> None:
@@ -56,13 +57,14 @@ def main() -> None:
     base = None
     for label, sets in SETTINGS.items():
         with tempfile.TemporaryDirectory() as tmp:
-            median, wall, summaries = one_run(Path(tmp), args.rounds, args.local_epochs, args.slowdown, sets)
+            median, wall, summaries, evaluations = one_run(Path(tmp), args.rounds, args.local_epochs, args.slowdown,
+                                                           sets)
         base = base or median
         steps = " / ".join(f"{x.worker} {x.steps}" for x in summaries[-1].accepted)
         print(f"  {label:31s} median round {median:6.2f} s ({median / base:.2f}x baseline), run {wall:5.1f} s, "
-              f"final test accuracy {summaries[-1].metrics['test_accuracy']:.4f}; last round's steps: {steps}")
+              f"final test accuracy {evaluations[-1].test_accuracy:.4f}; last round's steps: {steps}")
         print("    per round, test loss (step scale): " + ", ".join(
-            f"{x.metrics['test_loss']:.2f} ({x.step_scale:.2f})" for x in summaries))
+            f"{e.test_loss:.2f} ({x.step_scale:.2f})" for x, e in zip(summaries, evaluations)))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,10 +28,11 @@ from fedsync.base.logs import Log, make_log
 from fedsync.fedavg import l2_norm
 from fedsync.learning.balance import plan_steps
 from fedsync.learning.data import Dataset
+from fedsync.learning.device import DeviceChoice, DeviceFacts, choose_device
 from fedsync.learning.partition import partition
 from fedsync.learning.tasks import get_task
-from fedsync.learning.train import evaluate
 from fedsync.run.config import RunConfig
+from fedsync.run.evaluation import Evaluator, due
 from fedsync.run.ledger import LateLedger, RoundLedger, load_summary
 from fedsync.run.liveness import Liveness
 from fedsync.run.start import check_coordinator_key, check_run
@@ -44,6 +46,7 @@ from fedsync.storage.markers import (
     FORMAT_VERSION,
     Accepted,
     Assignment,
+    Evaluation,
     FileRef,
     FinalMarker,
     Late,
@@ -76,6 +79,7 @@ class CoordinatorOptions:
     syncthing: str | None = None   # URL of this machine's Syncthing API, to be nudged after each write
     syncthing_key: str | None = None
     key: Path | None = None        # this coordinator's private key; None: coordinator.pem in the key folder
+    device: str = "auto"           # where it evaluates: auto | cpu | cuda | cuda:N | mps
     log: Log = field(default_factory=lambda: make_log("coordinator"))
 
 
@@ -101,6 +105,7 @@ def run_coordinator(opts: CoordinatorOptions) -> FinalMarker:
         # leaves the share byte for byte as it was (PROTOCOL.md section 6, step 1).
         nudge = SyncthingNudge(opts.syncthing, opts.syncthing_key, share.root, opts.log) if opts.syncthing else None
         existing = check_run(share, opts.config)
+        choice = choose_device(opts.device, DeviceFacts.probe())  # an explicit device that is absent fails here
         identity, created = load_identity(opts.key or coordinator_key_path())
         if existing is not None:
             check_coordinator_key(share, existing, identity)
@@ -121,7 +126,7 @@ def run_coordinator(opts: CoordinatorOptions) -> FinalMarker:
         finished = False
         try:
             with ShareWatcher(share, opts.watch) as watcher:
-                final = Coordinator(share, manifest, opts, dataset, watcher, lease, identity, nudge).run()
+                final = Coordinator(share, manifest, opts, dataset, watcher, lease, identity, choice, nudge).run()
                 finished = True
                 return final
         finally:
@@ -137,7 +142,8 @@ def _lease_holder(share: Share) -> str:
 
 class Coordinator:
     def __init__(self, share: Share, manifest: Manifest, opts: CoordinatorOptions, dataset: Dataset,
-                 watcher: ShareWatcher, lease: Lease, identity: Identity, nudge: SyncthingNudge | None = None) -> None:
+                 watcher: ShareWatcher, lease: Lease, identity: Identity, device: DeviceChoice,
+                 nudge: SyncthingNudge | None = None) -> None:
         self.share, self.manifest, self.opts, self.cfg = share, manifest, opts, opts.config
         self.dataset, self.watcher, self.lease, self.log = dataset, watcher, lease, opts.log
         self.identity, self.nudge = identity, nudge
@@ -149,15 +155,35 @@ class Coordinator:
         self.rule = make_rule(self.cfg.aggregation, self.cfg.momentum, self.cfg.trim)
         self.optimizer = make_optimizer(PLAIN)
         self.server_state: dict[str, torch.Tensor] = {}  # the optimizer's own; none for plain FedAvg
-        self.metrics: list[dict[str, object]] = []
+        self.rows: dict[int, dict[str, object]] = {}  # metrics.csv by round: the summary's, then its evaluation's
+        self.rows_lock = threading.Lock()  # the evaluation thread writes metrics.csv too
+        if device.fallback:
+            self.log(f"WARNING: evaluating on the CPU although a GPU is present: {device.fallback}")
+        self.evaluator = Evaluator(share, get_task(self.cfg.task), self.cfg, dataset.test, device.device, self.log,
+                                   self._landed)
 
     def run(self) -> FinalMarker:
+        try:
+            return self._run()
+        finally:
+            self.evaluator.close()
+
+    def _run(self) -> FinalMarker:
         # Resume: the first round without a summary is the one to work on.
         closed = self.share.closed_rounds()
-        self.metrics = [self._metrics_row(load_summary(self.share, r)) for r in closed]
-        if closed:  # a crash may have left it a row short
-            self.backoff.run(lambda: self.share.write(self.share.metrics, self._metrics_csv()), "writing metrics.csv")
         self._remove_stale_temps()
+        unevaluated = []
+        for r in closed:
+            summary = load_summary(self.share, r)
+            self.rows[r] = self._metrics_row(summary)
+            if self.share.exists(self.share.evaluation(r)):
+                self.rows[r].update(self._evaluation_row(self.share.read_record(Evaluation, self.share.evaluation(r))))
+            elif due(r, self.opts.rounds, self.cfg.eval_every):  # its evaluation was cut short: done now
+                unevaluated.append((r, summary.model))
+        if closed:  # a crash may have left it a row short
+            self._write_metrics()
+        for r, model in unevaluated:
+            self.evaluator.submit(r, model)
         r = (closed[-1] + 1) if closed else 1
         if r <= self.opts.rounds:
             self.share.remove(self.share.final_marker)  # continuing a finished run: it is not finished
@@ -301,6 +327,7 @@ class Coordinator:
                     if intake.accepted:
                         crash_point(f"coordinator:collecting:{r}")
                 self._report_rejections(r, intake, reported)
+                self.evaluator.check()
                 live = set(self.liveness.live())
                 live_assigned = [w for w in a.workers if w in live]
                 target = quorum_target(self.cfg.quorum, len(live_assigned), self.cfg.min_updates)
@@ -401,38 +428,46 @@ class Coordinator:
         # 1. the aggregate, where the next round (or the end of the run) will look for it
         name = self.share.model_after(r, self.opts.rounds)
         ref = self.backoff.run(lambda: save_state(self.share.write, name, new_state, name), f"writing {name}")
-        # 2. its quality on the held-out set
-        t = time.perf_counter()
-        self.model.load_state_dict(new_state)
-        test_loss, test_acc = evaluate(self.model, self.dataset.test, self.cfg.eval_batch_size)
-        timings["evaluate_s"] = time.perf_counter() - t
         total = sum(x.samples for x in accepted)
         train_loss = sum(x.train_loss * x.samples for x in accepted) / total
-        # 3. the decision, written last: the round is closed from here on
+        # 2. the decision, written last: the round is closed from here on
         summary = Summary(format=FORMAT_VERSION, round=r, closed_because=reason, seconds=round(seconds, 3),
                           model=ref, accepted=accepted, rejected=intake.rejected_records(),
                           missing=intake.missing(), ignored=sorted(intake.ignored), late=late,
                           aggregation=self.rule.name, step_scale=round(step_scale, 6),
-                          metrics={"test_accuracy": test_acc, "test_loss": test_loss, "train_loss": train_loss},
+                          metrics={"train_loss": train_loss},
                           timings={k: round(v, 6) for k, v in timings.items()})
         self.backoff.run(lambda: self.share.write_yaml(self.share.summary(r), to_dict(summary)),
                          f"writing round {r}'s summary")
         crash_point(f"coordinator:after-summary:{r}")
         if self.nudge:
             self.nudge.scan(self.share.summary(r))
-        self.metrics.append(self._metrics_row(summary))
-        self.backoff.run(lambda: self.share.write(self.share.metrics, self._metrics_csv()), "writing metrics.csv")
+        # 3. its quality on the held-out set, measured beside the next round
+        if due(r, self.opts.rounds, self.cfg.eval_every):
+            self.evaluator.submit(r, ref, new_state)
+        with self.rows_lock:
+            self.rows[r] = self._metrics_row(summary)
+        self._write_metrics()
         self.log(f"round {r}/{self.opts.rounds} closed ({reason}): {len(accepted)} accepted, "
-                 f"{len(summary.rejected)} rejected, {len(summary.missing)} missing; test accuracy {test_acc:.4f}, "
-                 f"test loss {test_loss:.4f}, {seconds:.2f} s")
+                 f"{len(summary.rejected)} rejected, {len(summary.missing)} missing; train loss {train_loss:.4f}, "
+                 f"{seconds:.2f} s")
         for x in late:
             self.log(f"round {r}: late update from {x.worker} for round {x.round} {x.outcome} ({x.detail})")
 
+    def _landed(self, ev: Evaluation) -> None:
+        """A round's evaluation is written (called in the evaluation thread): into metrics.csv and the log."""
+        with self.rows_lock:
+            self.rows[ev.round].update(self._evaluation_row(ev))
+        self._write_metrics()
+        self.log(f"round {ev.round}: test accuracy {ev.test_accuracy:.4f}, test loss {ev.test_loss:.4f} "
+                 f"({ev.samples} examples on {ev.device}, {ev.seconds:.2f} s)")
+
     def _finish(self) -> FinalMarker:
         last = self.backoff.run(lambda: load_summary(self.share, self.opts.rounds), "reading the last summary")
+        evaluated = self.evaluator.wait(self.opts.rounds)
         final = FinalMarker(format=FORMAT_VERSION, run_id=self.manifest.run_id, round=self.opts.rounds,
                             model=FileRef(names.FINAL_MODEL, last.model.blake3, last.model.bytes),
-                            test_accuracy=last.metrics["test_accuracy"])
+                            test_accuracy=evaluated.test_accuracy)
         final.signature = self.identity.sign(final_message(final))
         self.backoff.run(lambda: self.share.write_yaml(self.share.final_marker, to_dict(final)), "writing final.yaml")
         self.log(f"run {self.manifest.run_id} finished after {final.round} rounds: test accuracy "
@@ -449,13 +484,20 @@ class Coordinator:
 
     @staticmethod
     def _metrics_row(s: Summary) -> dict[str, object]:
-        return {"round": s.round, "test_accuracy": f"{s.metrics['test_accuracy']:.6f}",
-                "test_loss": f"{s.metrics['test_loss']:.6f}", "train_loss": f"{s.metrics['train_loss']:.6f}",
+        """A round's row before its evaluation lands: the test columns stay empty until then."""
+        return {"round": s.round, "test_accuracy": "", "test_loss": "", "train_loss": f"{s.metrics['train_loss']:.6f}",
                 "updates_accepted": len(s.accepted), "updates_rejected": len(s.rejected), "seconds": s.seconds}
 
-    def _metrics_csv(self) -> bytes:
-        out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=METRICS_COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(self.metrics)
-        return out.getvalue().encode()
+    @staticmethod
+    def _evaluation_row(ev: Evaluation) -> dict[str, object]:
+        return {"test_accuracy": f"{ev.test_accuracy:.6f}", "test_loss": f"{ev.test_loss:.6f}"}
+
+    def _write_metrics(self) -> None:
+        """metrics.csv, whole, from the rows known now; both threads call it, one at a time."""
+        with self.rows_lock:
+            out = io.StringIO()
+            writer = csv.DictWriter(out, fieldnames=METRICS_COLUMNS, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(self.rows[r] for r in sorted(self.rows))
+            self.backoff.run(lambda: self.share.write(self.share.metrics, out.getvalue().encode()),
+                             "writing metrics.csv")

@@ -13,6 +13,7 @@ from fedsync.run.config import RunConfig, load_config
 from fedsync.storage.markers import (
     Assignment,
     CoordinatorLease,
+    Evaluation,
     FinalMarker,
     Manifest,
     Summary,
@@ -32,7 +33,7 @@ README = (ROOT / "README.md").read_text()
 RECORDS = {"fedsync.yaml": Manifest, "coordinator.yaml": CoordinatorLease, "workers/<name>.yaml": WorkerInfo,
            "assignment.yaml": Assignment,
            "updates/<name>.yaml": UpdateMarker, "summary.yaml": Summary, "final.yaml": FinalMarker,
-           "trust.yaml": TrustList}
+           "trust.yaml": TrustList, "evaluation.yaml": Evaluation}
 
 
 def _examples() -> dict[str, str]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fedsync.storage.markers import Assignment, Summary, UpdateMarker, WorkerInfo, parse
+from fedsync.storage.markers import Assignment, Evaluation, Summary, UpdateMarker, WorkerInfo, parse
 from fedsync.storage.share import Share
 
 from .conftest import finish, killed_on_error, run, start
@@ -53,4 +53,4 @@ def test_throughput_balance_and_a_pascal_worker_falling_back(share: Path) -> Non
             assert fast_steps > 2 * slow_steps, (r, fast_steps, slow_steps)
             assert summary.step_scale == 1.0
     assert balanced == ROUNDS, "every round was sized by the speeds published at registration"
-    assert parse(Summary, s.read_yaml(s.summary(ROUNDS)), "s").metrics["test_accuracy"] >= 0.85
+    assert parse(Evaluation, s.read_yaml(s.evaluation(ROUNDS)), "e").test_accuracy >= 0.85

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ from fedsync.storage.keys import load_identity
 from fedsync.storage.markers import (
     FORMAT_VERSION,
     Assignment,
+    Evaluation,
     FileRef,
     FinalMarker,
     Summary,
@@ -175,3 +177,30 @@ def test_a_forged_round_is_passed_over_by_workers_and_opened_again_by_the_coordi
     again = run("coordinator", "--share", str(share), "--rounds", "3", "--set", "round_timeout=60")
     assert again.returncode == 10 and "trust.yaml is not signed by this run's coordinator key" in again.stderr, again
     assert {p: p.read_bytes() for p in share.rglob("*") if p.is_file()} == before
+
+
+def test_evaluation_runs_beside_the_next_round_and_a_crash_in_it_loses_nothing(share: Path) -> None:
+    """A coordinator that evaluates slowly (FEDSYNC_SLOWDOWN) opens round 2 before round 1's evaluation lands; killed
+    when it starts evaluating round 2, it is started again and evaluates what is missing; the run finishes with
+    every round's metrics."""
+    s = Share(share)
+    args = ("coordinator", "--share", str(share), "--rounds", "3", "--set", "eval_batch_size=16")
+    doomed = start(*args, fault="coordinator:evaluating:2", env={"FEDSYNC_SLOWDOWN": "150"})
+    worker = start("worker", "--share", str(share), "--name", "w1", "--device", "cpu", "--wait-for-run", "60")
+    with killed_on_error(doomed, worker):
+        out = finish(doomed, timeout=120)
+        assert doomed.returncode == -signal.SIGKILL, f"the fault was never reached:\n{out}"
+        assert s.exists(s.evaluation(1)) and not s.exists(s.evaluation(2))
+        opened_2 = s.path(s.assignment(2)).stat().st_mtime_ns
+        assert opened_2 < s.path(s.evaluation(1)).stat().st_mtime_ns, "round 2 waited for round 1's evaluation"
+        coord = start(*args)
+        out = finish(coord, timeout=120)
+        finish(worker, timeout=30)
+    assert coord.returncode == 0, out
+    for r in (1, 2, 3):
+        ev = parse(Evaluation, s.read_yaml(s.evaluation(r)), "e")
+        assert ev.model == summary(s, r).model.blake3 and ev.samples == 359 and ev.device == "cpu"
+    rows = list(csv.DictReader(s.path(s.metrics).open()))
+    assert [int(x["round"]) for x in rows] == [1, 2, 3] and all(x["test_accuracy"] for x in rows), rows
+    final = parse(FinalMarker, s.read_yaml(s.final_marker), "final")
+    assert final.test_accuracy == parse(Evaluation, s.read_yaml(s.evaluation(3)), "e").test_accuracy > 0.8

@@ -2,7 +2,8 @@
 there, exactly as a power cut or `kill -9` would, so the tests can prove each point is survivable.
 
 Points: `coordinator:collecting:<r>` (round r has taken in its first update), `coordinator:after-summary:<r>`
-(round r's summary is written, the metrics and next round are not), and `write:<share-relative path>`
+(round r's summary is written, the metrics and next round are not), `coordinator:evaluating:<r>` (round r's
+evaluation starts, in its thread, while a later round may be collecting), and `write:<share-relative path>`
 (half of that file's bytes are in its temporary file; it is never renamed into place).
 Unset in normal use: then each check is one dictionary lookup. (FEDSYNC_SLOWDOWN, a slow machine on demand,
 is fedsync/learning/pace.py.)

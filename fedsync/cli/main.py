@@ -61,6 +61,9 @@ def coordinator(
     syncthing: SyncthingOpt = None,
     syncthing_key: SyncthingKeyOpt = None,
     key: KeyOpt = None,
+    device: Annotated[str, typer.Option(help="Where the coordinator evaluates each round's model, beside the next "
+                                             "round: auto | cpu | cuda | cuda:N | mps. auto picks as for workers; an "
+                                             "explicit device that cannot run fails at once.")] = "auto",
 ) -> None:
     """Start a run in SHARE, or continue the one there, and drive it round by round. It signs every assignment with
     its key; only the key that started a run continues it.
@@ -74,7 +77,7 @@ def coordinator(
     cfg = load_config(config, parse_overrides(set_))
     final = run_coordinator(CoordinatorOptions(share=share, config=cfg, rounds=rounds, watch=_check_watch(watch),
                                                data_root=data_root, syncthing=syncthing, syncthing_key=syncthing_key,
-                                               key=key))
+                                               key=key, device=device))
     typer.echo(f"final test accuracy {final.test_accuracy:.4f} after {final.round} rounds: "
                f"{Share(share).where(Share.final_model)}")
 

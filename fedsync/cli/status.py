@@ -10,7 +10,7 @@ from fedsync.run.trust import read_trust, trust_state
 from fedsync.storage import names
 from fedsync.storage.lease import read_lease
 from fedsync.storage.manifest import finished, read_manifest
-from fedsync.storage.markers import Assignment, CoordinatorLease, Summary, TrustedKey, WorkerInfo
+from fedsync.storage.markers import Assignment, CoordinatorLease, Evaluation, Summary, TrustedKey, WorkerInfo
 from fedsync.storage.share import Share
 from fedsync.storage.signing import fingerprint
 
@@ -53,7 +53,12 @@ def collect_status(share: Share) -> dict[str, Any]:
                     "round": s.round, "closed_because": s.closed_because, "seconds": s.seconds,
                     "accepted": [x.worker for x in s.accepted],
                     "rejected": [{"worker": x.worker, "reason": x.reason, "detail": x.detail} for x in s.rejected],
-                    "missing": s.missing, **s.metrics}
+                    "missing": s.missing, **s.metrics, "test_accuracy": None, "test_loss": None,
+                    "evaluation": "pending"}
+                ev: Evaluation | None = _load(share, Evaluation, share.evaluation(closed[-1]))
+                if ev is not None:
+                    status["last_closed"].update(test_accuracy=ev.test_accuracy, test_loss=ev.test_loss,
+                                                 evaluation=f"{ev.samples} examples on {ev.device}, {ev.seconds} s")
             if closed[-1] == current:
                 status["state"] = "closed; next round not open yet"
     lease: CoordinatorLease | None = read_lease(share)
@@ -111,10 +116,11 @@ def format_status(st: dict[str, Any]) -> str:
         lines.append(f"  rejected so far: {x['worker']} ({x['reason']}): {x['detail']}")
     last = st["last_closed"]
     if last:
+        quality = (f"test accuracy {last['test_accuracy']:.4f}, test loss {last['test_loss']:.4f}"
+                   if last["test_accuracy"] is not None else "its evaluation is pending (or skipped by eval_every)")
         lines.append(f"last closed round {last['round']} ({last['closed_because']}, {last['seconds']} s): "
-                     f"test accuracy {last['test_accuracy']:.4f}, test loss {last['test_loss']:.4f}, "
-                     f"{len(last['accepted'])} accepted, {len(last['rejected'])} rejected, "
-                     f"{len(last['missing'])} missing")
+                     f"{quality}, train loss {last['train_loss']:.4f}, {len(last['accepted'])} accepted, "
+                     f"{len(last['rejected'])} rejected, {len(last['missing'])} missing")
         for r in last["rejected"]:
             lines.append(f"  rejected {r['worker']}: {r['reason']} ({r['detail']})")
     if st["final"]:

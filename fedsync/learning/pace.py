@@ -1,5 +1,6 @@
-"""`FEDSYNC_SLOWDOWN=<factor>` makes a worker train `factor` times slower (it sleeps after each step for
-factor - 1 times the step's own time), so tests and benchmarks can run a slow machine beside fast ones."""
+"""`FEDSYNC_SLOWDOWN=<factor>` makes a worker train, or a coordinator evaluate, `factor` times slower (it sleeps
+after each step or batch for factor - 1 times its own time), so tests and benchmarks can run a slow machine beside
+fast ones."""
 
 from __future__ import annotations
 

@@ -132,10 +132,12 @@ def evaluate(model: nn.Module, data: Split, batch_size: int, device: str = "cpu"
     """(mean cross-entropy, accuracy) over the split."""
     model.to(device).eval()
     loss_sum, correct = 0.0, 0
+    pace = Pace(device)
     for start in range(0, len(data), batch_size):
         xb = data.x[start:start + batch_size].to(device)
         yb = data.y[start:start + batch_size].to(device)
         logits = model(xb)
         loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
         correct += int((logits.argmax(1) == yb).sum())
+        pace.step()
     return loss_sum / len(data), correct / len(data)

@@ -62,6 +62,8 @@ class RunConfig:
     heartbeat: float          # seconds between a worker's heartbeats
     worker_timeout: float     # seconds without a heartbeat before a worker counts as gone
     eval_batch_size: int
+    eval_every: int           # the coordinator evaluates every this many rounds, and always the last
+    eval_samples: int | None  # evaluate on the first this many test examples; None: all of them
 
     def __post_init__(self) -> None:
         problems = []
@@ -92,7 +94,9 @@ class RunConfig:
         if isinstance(q, bool) or not isinstance(q, (int, float)) or not math.isfinite(q) \
                 or (isinstance(q, int) and q < 1) or (isinstance(q, float) and not 0 < q <= 1):
             problems.append(f"quorum {q!r} must be a count (integer >= 1) or a fraction (0 < q <= 1.0)")
-        for name in ("local_epochs", "batch_size", "min_updates", "min_workers", "eval_batch_size"):
+        if self.eval_samples is not None and self.eval_samples < 1:
+            problems.append("eval_samples must be at least 1, or null for the whole test set")
+        for name in ("local_epochs", "batch_size", "min_updates", "min_workers", "eval_batch_size", "eval_every"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
         for name in ("lr", "round_timeout", "heartbeat", "worker_timeout", "dirichlet_alpha"):

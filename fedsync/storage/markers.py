@@ -214,6 +214,20 @@ class Summary:
 
 
 @dataclass
+class Evaluation:
+    """<round>/evaluation.yaml: the test metrics of the model a round produced, measured beside the next round."""
+
+    format: int
+    round: int
+    model: str            # the blake3 of the model evaluated: the summary's aggregate
+    test_accuracy: Measure
+    test_loss: Measure
+    samples: int          # test examples evaluated (eval_samples, or the whole test set)
+    seconds: float
+    device: str
+
+
+@dataclass
 class FinalMarker:
     """final.yaml: the run ended; final.safetensors holds the model trained through `round`."""
 
@@ -221,7 +235,7 @@ class FinalMarker:
     run_id: str
     round: int
     model: FileRef
-    test_accuracy: float
+    test_accuracy: Measure  # the last round's evaluation (NaN when its model was not finite)
     signature: str | None = None  # the coordinator's, over signing.final_message
 
 

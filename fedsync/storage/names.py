@@ -19,12 +19,14 @@ GLOBAL_MODEL = "global.safetensors"
 ASSIGNMENT = "assignment.yaml"
 UPDATES = "updates"
 SUMMARY = "summary.yaml"
+EVALUATION = "evaluation.yaml"
 TENSORS_SUFFIX = ".safetensors"
 MARKER_SUFFIX = ".yaml"
 
-ROUND_FILES = frozenset({GLOBAL_MODEL, ASSIGNMENT, UPDATES, SUMMARY})  # anything else in a round folder is stray
+# anything else in a round folder is stray
+ROUND_FILES = frozenset({GLOBAL_MODEL, ASSIGNMENT, UPDATES, SUMMARY, EVALUATION})
 COORDINATOR_ROOT_FILES = frozenset({MANIFEST, LEASE, METRICS, FINAL_MODEL, FINAL_MARKER, TRUST})
-COORDINATOR_ROUND_FILES = frozenset({GLOBAL_MODEL, ASSIGNMENT, SUMMARY})
+COORDINATOR_ROUND_FILES = frozenset({GLOBAL_MODEL, ASSIGNMENT, SUMMARY, EVALUATION})
 
 ROUND_DIR = re.compile(r"^\d{4,9}$")
 WORKER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -57,6 +59,10 @@ def assignment(r: int) -> str:
 
 def summary(r: int) -> str:
     return join(round_dir(r), SUMMARY)
+
+
+def evaluation(r: int) -> str:
+    return join(round_dir(r), EVALUATION)
 
 
 def updates_dir(r: int) -> str:

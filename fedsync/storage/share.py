@@ -49,6 +49,7 @@ class Share:
     update_tensors = staticmethod(names.update_tensors)
     update_marker = staticmethod(names.update_marker)
     summary = staticmethod(names.summary)
+    evaluation = staticmethod(names.evaluation)
     model_after = staticmethod(names.model_after)
 
     def where(self, name: str = "") -> str:

@@ -1,0 +1,99 @@
+"""The coordinator's evaluation, off the critical path: each closed round's model is evaluated in a thread of its
+own on the coordinator's device while the next round already collects updates, and its metrics land in
+<round>/evaluation.yaml and metrics.csv when done. A crash mid-evaluation loses nothing: the next start evaluates
+every due round that has no evaluation.yaml (docs/PROTOCOL.md section 6, step 6)."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+
+from fedsync.aggregation.tensors import load_verified
+from fedsync.base.faults import crash_point
+from fedsync.base.logs import Log
+from fedsync.learning.data import Split
+from fedsync.learning.tasks import Task
+from fedsync.learning.train import evaluate
+from fedsync.run.config import RunConfig
+from fedsync.storage.markers import FORMAT_VERSION, Evaluation, FileRef, to_dict
+from fedsync.storage.share import Share
+from fedsync.storage.trouble import Backoff
+
+Job = tuple[int, FileRef, "dict[str, torch.Tensor] | None"]
+
+
+def due(r: int, rounds: int, every: int) -> bool:
+    """Rounds whose model is evaluated: every `every`-th, and always the last."""
+    return r % every == 0 or r == rounds
+
+
+class Evaluator:
+    """One thread that evaluates submitted rounds in order; `landed` is called (in that thread) with each result,
+    after its evaluation.yaml is written."""
+
+    def __init__(self, share: Share, task: Task, cfg: RunConfig, test: Split, device: str, log: Log,
+                 landed: Callable[[Evaluation], None]) -> None:
+        self.share, self.task, self.cfg, self.device, self.log, self.landed = share, task, cfg, device, log, landed
+        self.test = test if cfg.eval_samples is None else Split(test.x[:cfg.eval_samples], test.y[:cfg.eval_samples])
+        self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.results: dict[int, Evaluation] = {}
+        self.error: BaseException | None = None
+        self.changed = threading.Condition()
+        self.backoff = Backoff(log)
+        self.thread = threading.Thread(target=self._work, name="evaluation", daemon=True)
+        self.thread.start()
+
+    def submit(self, r: int, model: FileRef, state: dict[str, torch.Tensor] | None = None) -> None:
+        """Evaluate round r's model: `state` if given (just aggregated), else read from the share and verified."""
+        self.jobs.put((r, model, state))
+
+    def check(self) -> None:
+        """Raise, in the caller's thread, what made the evaluation thread fail."""
+        if self.error is not None:
+            raise self.error
+
+    def wait(self, r: int) -> Evaluation:
+        """Round r's evaluation: read back when an earlier start wrote it, else waited for."""
+        with self.changed:
+            while r not in self.results:
+                if self.share.exists(self.share.evaluation(r)):
+                    return self.share.read_record(Evaluation, self.share.evaluation(r))
+                self.check()
+                self.changed.wait(1.0)
+        return self.results[r]
+
+    def close(self) -> None:
+        """Stop after the evaluation under way; rounds still queued are evaluated at the next start."""
+        self.jobs.put(None)
+        self.thread.join(timeout=60)
+
+    def _work(self) -> None:
+        try:
+            while (job := self.jobs.get()) is not None:
+                result = self._evaluate(*job)
+                self.landed(result)
+                with self.changed:
+                    self.results[result.round] = result
+                    self.changed.notify_all()
+        except BaseException as e:  # noqa: BLE001 - handed to the coordinator's thread by check() and wait()
+            with self.changed:
+                self.error = e
+                self.changed.notify_all()
+
+    def _evaluate(self, r: int, ref: FileRef, state: dict[str, torch.Tensor] | None) -> Evaluation:
+        started = time.perf_counter()
+        if state is None:
+            state = self.backoff.run(lambda: load_verified(self.share, ref.file, ref), f"reading round {r}'s model")
+        model = self.task.build_model(self.cfg.model)
+        model.load_state_dict(state)
+        crash_point(f"coordinator:evaluating:{r}")
+        loss, accuracy = evaluate(model, self.test, self.cfg.eval_batch_size, self.device)
+        result = Evaluation(format=FORMAT_VERSION, round=r, model=ref.blake3, test_accuracy=accuracy, test_loss=loss,
+                            samples=len(self.test), seconds=round(time.perf_counter() - started, 3), device=self.device)
+        self.backoff.run(lambda: self.share.write_yaml(self.share.evaluation(r), to_dict(result)),
+                         f"writing round {r}'s evaluation")
+        return result
