@@ -155,6 +155,7 @@ class Coordinator:
         self.rule = make_rule(self.cfg.aggregation, self.cfg.momentum, self.cfg.trim)
         self.optimizer = make_optimizer(PLAIN)
         self.server_state: dict[str, torch.Tensor] = {}  # the optimizer's own; none for plain FedAvg
+        self.carried: tuple[str, dict[str, torch.Tensor]] | None = None  # the aggregate just written: its hash, state
         self.rows: dict[int, dict[str, object]] = {}  # metrics.csv by round: the summary's, then its evaluation's
         self.rows_lock = threading.Lock()  # the evaluation thread writes metrics.csv too
         if device.fallback:
@@ -217,7 +218,11 @@ class Coordinator:
             if previous.model.file != self.share.global_model(r):
                 data = self.share.read_verified(previous.model.file, previous.model)
                 self.share.write(self.share.global_model(r), data)
-            state = load_verified(self.share, self.share.global_model(r), model_ref)
+            if self.carried is not None and self.carried[0] == model_ref.blake3:
+                state = self.carried[1]  # written by this process a moment ago: not read back
+            else:
+                state = load_verified(self.share, self.share.global_model(r), model_ref)
+            self.carried = None
         workers = self._wait_for_workers(r)
         a = Assignment(format=FORMAT_VERSION, run_id=self.manifest.run_id, round=r, rounds=self.opts.rounds,
                        model=model_ref, num_shards=len(workers), time_budget_s=float(self.cfg.round_timeout),
@@ -442,9 +447,10 @@ class Coordinator:
         crash_point(f"coordinator:after-summary:{r}")
         if self.nudge:
             self.nudge.scan(self.share.summary(r))
-        # 3. its quality on the held-out set, measured beside the next round
+        # 3. its quality on the held-out set, measured beside the next round (which starts from it as is)
         if due(r, self.opts.rounds, self.cfg.eval_every):
             self.evaluator.submit(r, ref, new_state)
+        self.carried = (ref.blake3, new_state)
         with self.rows_lock:
             self.rows[r] = self._metrics_row(summary)
         self._write_metrics()

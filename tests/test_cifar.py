@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from fedsync.base.errors import DataError
@@ -13,26 +11,8 @@ from fedsync.learning.data import load_cifar10
 from fedsync.storage.markers import FinalMarker, Summary, parse
 from fedsync.storage.share import Share
 
+from .cifar_files import PER_BATCH, fabricate_cifar10
 from .conftest import finish, start
-
-PER_BATCH = 16
-
-
-def fabricate_cifar10(root: Path, per_batch: int = PER_BATCH, seed: int = 0) -> None:
-    """The 'python version' layout: five train batches, a test batch and batches.meta, pickled dicts with
-    str keys (the real files were pickled by Python 2; torchvision loads them with encoding='latin1')."""
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    for name in names:
-        batch = {"batch_label": name, "labels": rng.integers(0, 10, per_batch).tolist(),
-                 "data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
-                 "filenames": [f"{name}_{i}.png" for i in range(per_batch)]}
-        (folder / name).write_bytes(pickle.dumps(batch))
-    meta = {"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
-                            "truck"], "num_vis": 3072}
-    (folder / "batches.meta").write_bytes(pickle.dumps(meta))
 
 
 def test_missing_data_says_what_to_put_where(tmp_path: Path) -> None:

@@ -75,3 +75,4 @@ def test_delta_keeps_dtypes() -> None:
     d = delta(local, base)
     assert d["n"].dtype == torch.int64 and int(d["n"]) == 4
     torch.testing.assert_close(d["w"], torch.full((2,), 0.5))
+

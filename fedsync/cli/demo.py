@@ -56,6 +56,8 @@ def run_demo(share_root: Path, workers: int, rounds: int, config_name: str, log:
     # One torch thread per worker: the workers already run side by side on the machine's cores.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     started = time.monotonic()
+    log(f"starting a coordinator and {workers} worker processes on {share.where()} ({config_name}, {rounds} rounds); "
+        "each loads torch first, which takes a few seconds")
     procs = [subprocess.Popen(base + ["coordinator", "--share", str(share_root), "--rounds", str(rounds),
                                       "--config", config_name, "--set", f"min_workers={workers}"], env=env)]
     procs += [subprocess.Popen(base + ["worker", "--share", str(share_root), "--name", f"demo-worker-{i}",

@@ -17,6 +17,7 @@ from torch import nn
 
 from fedsync.learning.data import Split
 from fedsync.learning.pace import Pace
+from fedsync.learning.sgd import ForeachSGD
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
@@ -74,8 +75,11 @@ def local_train(model: nn.Module, data: Split, settings: TrainSettings, device: 
     memory_format = torch.channels_last if settings.channels_last else torch.preserve_format
     model.to(device, memory_format=memory_format).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum,
-                                weight_decay=settings.weight_decay, fused=kind == "cuda" or None)
+    if kind == "cuda" or settings.precision == "fp16":  # fused: one kernel per step; fp16's GradScaler needs torch's
+        optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum,
+                                    weight_decay=settings.weight_decay, fused=kind == "cuda" or None)
+    else:  # the same update without importing torch._dynamo (fedsync/learning/sgd.py)
+        optimizer = ForeachSGD(params, settings.lr, settings.momentum, settings.weight_decay)
     scaler = torch.amp.GradScaler(kind, enabled=settings.precision == "fp16")
     anchors = [p.detach().clone() for p in params] if settings.prox_mu > 0 else []
     generator = torch.Generator(device=device).manual_seed(seed)
