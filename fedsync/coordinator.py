@@ -35,8 +35,8 @@ from fedsync.run.config import RunConfig
 from fedsync.run.evaluation import Evaluator, due
 from fedsync.run.ledger import LateLedger, RoundLedger, load_summary
 from fedsync.run.liveness import Liveness
-from fedsync.run.start import check_coordinator_key, check_run
-from fedsync.run.trust import Trust
+from fedsync.run.start import check_run
+from fedsync.run.trust import Trust, check_coordinator_key
 from fedsync.storage import names
 from fedsync.storage.keys import Identity, coordinator_key_path, load_identity
 from fedsync.storage.lease import Lease, read_lease

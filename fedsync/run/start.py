@@ -3,14 +3,11 @@ leaves the share as it was (docs/PROTOCOL.md section 6, step 1)."""
 
 from __future__ import annotations
 
-from fedsync.base.errors import ConfigError, ShareError, TrustError
+from fedsync.base.errors import ConfigError, ShareError
 from fedsync.run.config import RunConfig, config_from_dict, differences
-from fedsync.run.trust import read_trust
-from fedsync.storage.keys import Identity
 from fedsync.storage.manifest import new_manifest, read_manifest, write_manifest
 from fedsync.storage.markers import Manifest
 from fedsync.storage.share import Share
-from fedsync.storage.signing import fingerprint
 
 
 def check_run(share: Share, config: RunConfig) -> Manifest | None:
@@ -36,11 +33,3 @@ def open_run(share: Share, config: RunConfig, created_by: str, coordinator_key: 
     return check_run(share, config) or write_manifest(share, new_manifest(config.as_dict(), created_by,
                                                                           coordinator_key))
 
-
-def check_coordinator_key(share: Share, manifest: Manifest, identity: Identity) -> None:
-    """Only the key that started a run continues it: workers check every assignment against that key."""
-    if manifest.coordinator_key != identity.public:
-        raise TrustError(f"run {manifest.run_id} in {share.where()} was started with coordinator key "
-                         f"{fingerprint(manifest.coordinator_key)}; this one ({identity.path}) is "
-                         f"{identity.fingerprint}: copy the key file that started the run here, or pass it with --key")
-    read_trust(share, manifest.run_id, identity.public)  # a forged trust.yaml refuses the start

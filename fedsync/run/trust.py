@@ -15,6 +15,7 @@ from fedsync.storage.manifest import read_manifest
 from fedsync.storage.markers import (
     FORMAT_VERSION,
     Assignment,
+    Manifest,
     MarkerError,
     TrustedKey,
     TrustList,
@@ -66,15 +67,22 @@ def approve(share: Share, run_id: str, identity: Identity, name: str, key: str) 
     return amend_trust(share, run_id, identity, lambda e: e.__setitem__(name, TrustedKey(key, "approved")))
 
 
+def check_coordinator_key(share: Share, manifest: Manifest, identity: Identity) -> None:
+    """Only the key that started a run continues it (workers check every assignment against that key) or amends its
+    trust.yaml; a forged trust.yaml refuses too."""
+    if manifest.coordinator_key != identity.public:
+        raise TrustError(f"run {manifest.run_id} in {share.where()} was started with coordinator key "
+                         f"{fingerprint(manifest.coordinator_key)}; this one ({identity.path}) is "
+                         f"{identity.fingerprint}: copy the key file that started the run here, or pass it with --key")
+    read_trust(share, manifest.run_id, identity.public)
+
+
 def approve_registered(share: Share, name: str, key_path: Path | None, expected: str | None) -> str:
     """`fedsync trust NAME`: approve the key in workers/NAME.yaml, signed with the coordinator's key; its
     fingerprint. Refuses when this machine's key did not start the run or the fingerprint differs."""
     manifest = read_manifest(share)
     identity, _ = load_identity(key_path or coordinator_key_path(), create=False)
-    if identity.public != manifest.coordinator_key:
-        raise TrustError(f"{identity.path} is not the key of run {manifest.run_id}'s coordinator "
-                         f"({fingerprint(manifest.coordinator_key)}): run this on the coordinator's machine, or pass "
-                         "its key with --key")
+    check_coordinator_key(share, manifest, identity)
     try:
         info = share.read_record(WorkerInfo, share.worker_file(check_worker_name(name)))
     except (OSError, ValueError) as e:
