@@ -1,6 +1,7 @@
 """Rounds end to end: a coordinator and two workers (real processes) on CIFAR-10-shaped data, fabricated in the real
-on-disk format, resnet18_cifar, three rounds. Per round it prints each worker's training time, the time between
-rounds (assignment to next assignment), the coordinator's evaluation time, the ratio round time / training time,
+on-disk format, resnet18_cifar, three rounds. Per round it prints the workers' training time and their hand-off
+times (assignment seen to training start; training end to update written), the time between rounds (assignment
+to next assignment), the coordinator's evaluation time, the ratio round time / training time,
 and how long after the round's last update the next round opened: with the evaluation beside the next round, that
 gap does not grow with the evaluation's cost.
 
@@ -66,11 +67,14 @@ def main() -> None:
         for r in range(1, ROUNDS + 1):
             a = parse(Assignment, s.read_yaml(s.assignment(r)), "a")
             markers = [parse(UpdateMarker, s.read_yaml(s.update_marker(r, w)), "m") for w in a.workers]
-            train = max(m.seconds for m in markers)
+            train = max(m.timings["train_s"] for m in markers)
+            prepare = max(m.timings["prepare_s"] for m in markers)
+            publish = max(m.timings["publish_s"] for m in markers)
             last_update = max(mtime(s.update_marker(r, w)) for w in a.workers)
             summary = parse(Summary, s.read_yaml(s.summary(r)), "s")
             ev = parse(Evaluation, s.read_yaml(s.evaluation(r)), "e")
-            line = (f"  round {r}: training {train:.2f} s (slowest worker), evaluation {ev.seconds:.2f} s "
+            line = (f"  round {r}: training {train:.2f} s (slowest worker; assignment to training {prepare:.2f} s, "
+                    f"training to update written and signed {publish:.2f} s), evaluation {ev.seconds:.2f} s "
                     f"({ev.samples} images, landed {mtime(s.evaluation(r)) - mtime(s.summary(r)):.2f} s after the "
                     f"close), round collected for {summary.seconds:.2f} s")
             if r < ROUNDS:

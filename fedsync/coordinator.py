@@ -29,10 +29,10 @@ from fedsync.fedavg import l2_norm
 from fedsync.learning.balance import plan_steps
 from fedsync.learning.data import Dataset
 from fedsync.learning.device import DeviceChoice, DeviceFacts, choose_device
-from fedsync.learning.partition import partition
+from fedsync.learning.partition import hold_out, partition
 from fedsync.learning.tasks import get_task
 from fedsync.run.config import RunConfig
-from fedsync.run.evaluation import Evaluator, due
+from fedsync.run.evaluation import Evaluator, due, federated_mean
 from fedsync.run.ledger import LateLedger, RoundLedger, load_summary
 from fedsync.run.liveness import Liveness
 from fedsync.run.start import check_run
@@ -64,7 +64,7 @@ from fedsync.storage.trouble import Backoff
 from fedsync.storage.watch import ShareWatcher
 
 METRICS_COLUMNS = ("round", "test_accuracy", "test_loss", "train_loss", "updates_accepted", "updates_rejected",
-                   "seconds")
+                   "seconds", "federated_accuracy", "federated_loss")
 
 
 @dataclass
@@ -259,8 +259,8 @@ class Coordinator:
         if unknown:
             self.log(f"round {r}: equal work: no measured speed from {', '.join(unknown)} yet")
             return equal
-        shards = partition(self.dataset.train.y.numpy(), len(workers), self.cfg.partition, self.cfg.seed,
-                           self.cfg.dirichlet_alpha)
+        shards = [hold_out(s, self.cfg.federated_eval)[0] for s in partition(
+            self.dataset.train.y.numpy(), len(workers), self.cfg.partition, self.cfg.seed, self.cfg.dirichlet_alpha)]
         steps = plan_steps({w: len(shards[i]) for i, w in enumerate(workers)}, speeds,  # type: ignore[arg-type]
                            self.cfg.local_epochs, self.cfg.batch_size, self.cfg.round_timeout)
         self.log(f"round {r}: steps by throughput: " + ", ".join(
@@ -441,7 +441,8 @@ class Coordinator:
                           missing=intake.missing(), ignored=sorted(intake.ignored), late=late,
                           aggregation=self.rule.name, step_scale=round(step_scale, 6),
                           metrics={"train_loss": train_loss},
-                          timings={k: round(v, 6) for k, v in timings.items()})
+                          timings={k: round(v, 6) for k, v in timings.items()},
+                          federated=federated_mean([x.evaluation for x in accepted if x.evaluation]))
         self.backoff.run(lambda: self.share.write_yaml(self.share.summary(r), to_dict(summary)),
                          f"writing round {r}'s summary")
         crash_point(f"coordinator:after-summary:{r}")
@@ -454,9 +455,11 @@ class Coordinator:
         with self.rows_lock:
             self.rows[r] = self._metrics_row(summary)
         self._write_metrics()
+        held = (f"; its global model on the workers' {summary.federated.samples} held-out examples: accuracy "
+                f"{summary.federated.accuracy:.4f}") if summary.federated else ""
         self.log(f"round {r}/{self.opts.rounds} closed ({reason}): {len(accepted)} accepted, "
                  f"{len(summary.rejected)} rejected, {len(summary.missing)} missing; train loss {train_loss:.4f}, "
-                 f"{seconds:.2f} s")
+                 f"{seconds:.2f} s{held}")
         for x in late:
             self.log(f"round {r}: late update from {x.worker} for round {x.round} {x.outcome} ({x.detail})")
 
@@ -490,9 +493,13 @@ class Coordinator:
 
     @staticmethod
     def _metrics_row(s: Summary) -> dict[str, object]:
-        """A round's row before its evaluation lands: the test columns stay empty until then."""
+        """A round's row before its evaluation lands: the test columns stay empty until then. The federated
+        columns measure the model the round started from, on the workers' held-out parts."""
+        fed = s.federated
         return {"round": s.round, "test_accuracy": "", "test_loss": "", "train_loss": f"{s.metrics['train_loss']:.6f}",
-                "updates_accepted": len(s.accepted), "updates_rejected": len(s.rejected), "seconds": s.seconds}
+                "updates_accepted": len(s.accepted), "updates_rejected": len(s.rejected), "seconds": s.seconds,
+                "federated_accuracy": f"{fed.accuracy:.6f}" if fed else "",
+                "federated_loss": f"{fed.loss:.6f}" if fed else ""}
 
     @staticmethod
     def _evaluation_row(ev: Evaluation) -> dict[str, object]:

@@ -24,19 +24,29 @@ from fedsync.base.errors import ShareError, TrustError
 from fedsync.base.faults import crash_point
 from fedsync.base.logs import Log, make_log
 from fedsync.fedavg import delta
+from fedsync.learning.capture import capture, plan_capture
 from fedsync.learning.data import Dataset, Split
 from fedsync.learning.device import DeviceChoice, DeviceFacts, choose_device, describe
 from fedsync.learning.doctor import start_check
-from fedsync.learning.partition import partition
+from fedsync.learning.partition import hold_out, partition
 from fedsync.learning.tasks import Task, get_task
-from fedsync.learning.train import TrainSettings, local_train, measure_throughput, place
+from fedsync.learning.train import TrainSettings, evaluate, local_train, measure_throughput, place
 from fedsync.run.config import RunConfig, config_from_dict
 from fedsync.run.trust import read_trust
 from fedsync.storage import names
 from fedsync.storage.keys import Identity, load_identity, pinned_coordinator, worker_key_path
 from fedsync.storage.locks import local_lock
 from fedsync.storage.manifest import finished, read_manifest
-from fedsync.storage.markers import FORMAT_VERSION, Assignment, FinalMarker, Manifest, UpdateMarker, WorkerInfo, to_dict
+from fedsync.storage.markers import (
+    FORMAT_VERSION,
+    Assignment,
+    FinalMarker,
+    HeldOut,
+    Manifest,
+    UpdateMarker,
+    WorkerInfo,
+    to_dict,
+)
 from fedsync.storage.reasons import Unusable
 from fedsync.storage.share import Share
 from fedsync.storage.signing import assignment_message, fingerprint, update_message, verify
@@ -58,6 +68,7 @@ class WorkerOptions:
     syncthing_key: str | None = None
     key: Path | None = None             # this worker's private key; None: worker-<name>.pem in the key folder
     coordinator_key: str | None = None  # the coordinator's public key; None: pinned from the run at first contact
+    capture: str = "auto"               # auto: CUDA graphs where the GPU supports them (fedsync/learning/capture.py)
     log: Log | None = None
 
 
@@ -160,9 +171,12 @@ class Worker:
                           precision=self.precision, device_fallback=choice.fallback, public_key=identity.public)
         self.heartbeat = Heartbeat(share, info, self.cfg.heartbeat, log)
         self.backoff = Backoff(log)
+        self.plan = plan_capture(opts.capture, self.device, facts)
+        self.model = self.task.build_model(self.cfg.model)  # kept for the worker's life: each round loads into it
+        self.captured: torch.nn.Module | None = None
         self.dataset: Dataset | None = None
         self.shards: dict[int, list[np.ndarray]] = {}
-        self.placed: tuple[tuple[int, int], Split] | None = None  # the last shard, kept on the device
+        self.placed: tuple[tuple[int, int], tuple[Split, Split]] | None = None  # the last shard, on the device
 
     def run(self) -> FinalMarker | None:
         # the data is checked before the first change to the share: a failed start leaves it as it was
@@ -170,11 +184,12 @@ class Worker:
         own = {names.update_tensors_name(self.name), names.update_marker_name(self.name)}
         for r in self.share.rounds():
             self.share.remove_temporaries(self.share.updates_dir(r), own)  # left by a crash of this worker
+        self._warm_up()
         if self.cfg.balance == "throughput":  # the first round is sized by it; later rounds by measured rounds
             train, sample = self.dataset.train, 16 * self.cfg.batch_size  # enough batches to time, little to copy
-            speed = measure_throughput(self.task.build_model(self.cfg.model),
-                                       Split(train.x[:sample], train.y[:sample]),
-                                       self._settings(self.cfg.local_epochs, None), self.device)
+            speed = measure_throughput(self.model, Split(train.x[:sample], train.y[:sample]),
+                                       self._settings(self.cfg.local_epochs, None), self.device,
+                                       captured=self.captured)
             self.heartbeat.info = replace(self.heartbeat.info, samples_per_s=round(speed, 1))
         self.heartbeat.start()
         self.log(f"watching the share by {self.watcher.describe}")
@@ -259,6 +274,7 @@ class Worker:
         return own
 
     def _train_round(self, r: int, a: Assignment) -> None:
+        seen = time.monotonic()
         try:
             base = load_verified(self.share, self.share.global_model(r), a.model)
         except Unusable as e:
@@ -267,14 +283,16 @@ class Worker:
             return
         task = a.workers[self.name]
         self.heartbeat.update(state="training", round=r)
-        started = time.monotonic()
-        shard = self._on_device(a.num_shards, task.shard)
-        model = self.task.build_model(self.cfg.model)
-        model.load_state_dict(base)
+        shard, held_out = self._on_device(a.num_shards, task.shard)
+        self.model.load_state_dict(base)  # in place: a captured step keeps using the same tensors
+        ready = time.monotonic()
+        evaluation = self._evaluate(held_out)
+        evaluated = time.monotonic()
         settings = self._settings(task.local_epochs, task.local_steps)
-        result = local_train(model, shard, settings, self.device, seed=_seed(self.cfg.seed, r, self.name))
-        update = delta(model.state_dict(), base)
-        seconds = time.monotonic() - started
+        result = local_train(self.model, shard, settings, self.device, seed=_seed(self.cfg.seed, r, self.name),
+                             captured=self.captured)
+        trained = time.monotonic()
+        update = delta(self.model.state_dict(), base)
         diverged = _divergence(result.train_loss, update)
         ref = None
         if diverged is None:
@@ -284,18 +302,49 @@ class Worker:
         else:
             self.log(f"round {r}: WARNING: training diverged ({diverged}); not uploading the update: the run "
                      "needs a lower lr")
+        signed = time.monotonic()
+        timings = {"prepare_s": ready - seen, "evaluate_s": evaluated - ready, "train_s": trained - evaluated,
+                   "publish_s": signed - trained}
         marker = UpdateMarker(format=FORMAT_VERSION, round=r, worker=self.name, base=a.model.blake3, tensors=ref,
                               samples=result.samples, steps=result.steps, train_loss=result.train_loss,
-                              seconds=round(seconds, 3), device=self.device, diverged=diverged)
+                              seconds=round(signed - seen, 3), device=self.device, diverged=diverged,
+                              evaluation=evaluation, timings={k: round(v, 4) for k, v in timings.items()})
         marker.signature = self.identity.sign(update_message(self.manifest.run_id, marker))
         self.backoff.run(lambda: self.share.write_yaml(self.share.update_marker(r, self.name), to_dict(marker)),
                          f"writing the marker for round {r}")  # last: the update counts from here
+        written = time.monotonic()
         if self.nudge:
             self.nudge.scan(self.share.updates_dir(r))
         self.heartbeat.update(state="idle", round=r, samples_per_s=round(result.samples_per_s, 1))
+        held = (f"; the round's model on {evaluation.samples} held-out examples: accuracy "
+                f"{evaluation.accuracy:.4f}, loss {evaluation.loss:.4f}") if evaluation else ""
         self.log(f"round {r}: trained shard {task.shard}/{a.num_shards} ({result.steps} steps over "
-                 f"{result.samples} examples, {result.samples_per_s:.0f} samples/s) in {seconds:.2f} s, "
-                 f"train loss {result.train_loss:.4f}")
+                 f"{result.samples} examples, {result.samples_per_s:.0f} samples/s) in {trained - evaluated:.2f} s, "
+                 f"train loss {result.train_loss:.4f}{held}; assignment to training {ready - seen:.2f} s, training "
+                 f"to marker written {written - trained:.2f} s")
+
+    def _warm_up(self) -> None:
+        """A few training steps on the first examples before registering, so round 1 runs at full speed: the first
+        call of every kernel, and the capture of the step in CUDA graphs (compiled once for this process, timed and
+        said). A capture that fails falls back to eager, said with its reason. The weights are overwritten by each
+        round's global model."""
+        self.log(self.plan.why)
+        train, k = self.dataset.train, 3 * self.cfg.batch_size  # type: ignore[union-attr]
+        sample, settings = Split(train.x[:k], train.y[:k]), self._settings(1, 3)
+        if self.plan.capture:
+            started = time.monotonic()
+            self.log("compiling the training step (once per process; round 1 waits for it)")
+            try:
+                self.captured = capture(self.model)
+                local_train(self.model, sample, settings, self.device, seed=0, captured=self.captured)
+                self.log(f"training step compiled and captured in {time.monotonic() - started:.1f} s")
+                self.heartbeat.info = replace(self.heartbeat.info, training_step="cuda-graphs",
+                                              compile_s=round(time.monotonic() - started, 3))
+                return
+            except Exception as e:  # noqa: BLE001 - whatever the compiler raises, eager still trains
+                self.captured = None
+                self.log(f"WARNING: capturing the training step failed ({type(e).__name__}: {e}); training eagerly")
+        local_train(self.model, sample, settings, self.device, seed=0)
 
     def _settings(self, epochs: int, steps: int | None) -> TrainSettings:
         return TrainSettings(epochs=epochs, batch_size=self.cfg.batch_size, lr=self.cfg.lr,
@@ -304,19 +353,26 @@ class Worker:
                              steps=steps, prox_mu=self.cfg.prox_mu, precision=self.precision,
                              channels_last=self.device.startswith("cuda"))
 
-    def _on_device(self, num_shards: int, index: int) -> Split:
-        """The shard, placed on the training device once and kept there while the assignment stays the same."""
+    def _evaluate(self, held_out: Split) -> HeldOut | None:
+        """Federated evaluation: the round's global model (just loaded) on this worker's held-out examples."""
+        if not len(held_out):
+            return None
+        loss, accuracy = evaluate(self.model, held_out, self.cfg.eval_batch_size, self.device)
+        return HeldOut(loss=loss, accuracy=accuracy, samples=len(held_out))
+
+    def _on_device(self, num_shards: int, index: int) -> tuple[Split, Split]:
+        """The shard's training and held-out parts (federated_eval), placed on the device once and kept there while
+        the assignment stays the same."""
         if self.placed is None or self.placed[0] != (num_shards, index):
             self.placed = None  # free the old copy first
-            self.placed = ((num_shards, index), place(self._shard(num_shards, index), self.device))
+            train = self.dataset.train  # type: ignore[union-attr]
+            if num_shards not in self.shards:
+                self.shards[num_shards] = partition(train.y.numpy(), num_shards, self.cfg.partition, self.cfg.seed,
+                                                    self.cfg.dirichlet_alpha)
+            kept, held = hold_out(self.shards[num_shards][index], self.cfg.federated_eval)
+            self.placed = ((num_shards, index), (place(train.subset(kept), self.device),
+                                                 place(train.subset(held), self.device)))
         return self.placed[1]
-
-    def _shard(self, num_shards: int, index: int) -> Split:
-        train = self.dataset.train  # type: ignore[union-attr]
-        if num_shards not in self.shards:
-            self.shards[num_shards] = partition(train.y.numpy(), num_shards, self.cfg.partition, self.cfg.seed,
-                                                self.cfg.dirichlet_alpha)
-        return train.subset(self.shards[num_shards][index])
 
 
 def _divergence(train_loss: float, update: dict[str, torch.Tensor]) -> str | None:

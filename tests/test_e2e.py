@@ -13,18 +13,21 @@ from fedsync.storage.share import Share
 from .conftest import finish, read_yaml, run, start, write_yaml
 
 ROUNDS = 6
+CONFIG = ("--set", "min_workers=2", "--set", "federated_eval=0.2")  # each worker also evaluates on a fifth of its shard
 
 
 def test_two_workers_reach_real_accuracy(share: Path) -> None:
-    coord = start("coordinator", "--share", str(share), "--rounds", str(ROUNDS), "--set", "min_workers=2")
+    coord = start("coordinator", "--share", str(share), "--rounds", str(ROUNDS), *CONFIG)
     workers = [start("worker", "--share", str(share), "--name", f"w{i}", "--device", "cpu",
                      "--wait-for-run", "60") for i in (1, 2)]
     out = finish(coord, timeout=180)
     outs = [finish(w, timeout=30) for w in workers]
     assert coord.returncode == 0, out
     assert all(w.returncode == 0 for w in workers), outs
+    assert all("eager training step: CUDA graphs need a CUDA GPU, and this worker trains on cpu" in o for o in outs)
 
     s = Share(share)
+    federated: list[float] = []
     final = parse(FinalMarker, s.read_yaml(s.final_marker), "final")
     assert final.round == ROUNDS and final.test_accuracy >= 0.93, out
     assert hash_bytes(s.path(s.final_model).read_bytes()) == final.model.blake3
@@ -35,14 +38,24 @@ def test_two_workers_reach_real_accuracy(share: Path) -> None:
         summary = parse(Summary, s.read_yaml(s.summary(r)), "s")
         assert sorted(x.worker for x in summary.accepted) == ["w1", "w2"]
         assert summary.rejected == [] and summary.missing == []
+        held = []
         for w in ("w1", "w2"):
             m = parse(UpdateMarker, s.read_yaml(s.update_marker(r, w)), "m")
             assert m.base == a.model.blake3 and m.round == r
             assert hash_bytes(s.path(s.update_tensors(r, w)).read_bytes()) == m.tensors.blake3
+            # 1,438 training images in two shards of 719: a fifth of each (143) held out, the rest trained on
+            assert m.evaluation.samples == 143 and m.samples == 719 - 143
+            held.append(m.evaluation)
+        fed = summary.federated
+        assert fed.samples == sum(e.samples for e in held)
+        assert abs(fed.accuracy - sum(e.accuracy * e.samples for e in held) / fed.samples) < 1e-9
+        federated.append(fed.accuracy)
+    assert federated[0] < 0.3 and federated[-1] >= 0.9, federated  # round 1 starts from random weights
     rows = list(csv.DictReader(s.path(s.metrics).open()))
     assert [int(r["round"]) for r in rows] == list(range(1, ROUNDS + 1))
     assert {"round", "test_accuracy", "test_loss", "train_loss", "updates_accepted", "seconds"} <= set(rows[0])
     assert abs(float(rows[-1]["test_accuracy"]) - final.test_accuracy) < 1e-6
+    assert [round(float(row["federated_accuracy"]), 6) for row in rows] == [round(f, 6) for f in federated]
     assert not [p for p in share.rglob("*") if p.name.endswith(".tmp")]
 
     # status reads the same story back, as text and as JSON
@@ -54,7 +67,7 @@ def test_two_workers_reach_real_accuracy(share: Path) -> None:
     assert {w["name"] for w in st["workers"]} == {"w1", "w2"}
 
     # the same command again continues the finished run without redoing any round
-    again = run("coordinator", "--share", str(share), "--rounds", str(ROUNDS), "--set", "min_workers=2")
+    again = run("coordinator", "--share", str(share), "--rounds", str(ROUNDS), *CONFIG)
     assert again.returncode == 0, again.stdout + again.stderr
     assert len(list(csv.DictReader(s.path(s.metrics).open()))) == ROUNDS
 

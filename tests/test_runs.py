@@ -13,6 +13,7 @@ import torch
 
 from fedsync.aggregation.tensors import save_state
 from fedsync.storage.keys import load_identity
+from fedsync.storage.lease import read_lease
 from fedsync.storage.markers import (
     FORMAT_VERSION,
     Assignment,
@@ -150,7 +151,8 @@ def test_a_forged_round_is_passed_over_by_workers_and_opened_again_by_the_coordi
     s = Share(share)
     coord = start("coordinator", "--share", str(share), "--rounds", "2", "--set", "round_timeout=60")
     with killed_on_error(coord):
-        wait_until(lambda: s.exists(s.manifest), 60, "the run to start")
+        # after its start-up sweep of temporary files, which would take the forger's half-written files too
+        wait_until(lambda: getattr(read_lease(s), "state", None) == "waiting for workers", 60, "the run to start")
         forger = load_identity(share.parent / "forger.pem")[0]
         model = {"w": torch.zeros(3)}
         ref = save_state(s.write, s.global_model(2), model)

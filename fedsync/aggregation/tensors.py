@@ -7,6 +7,7 @@ the reader kills the process with SIGBUS instead of raising an error.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping
 
 import torch
@@ -43,8 +44,14 @@ def save_state(write: Callable[[str, bytes], None], name: str, state: Mapping[st
     """Write tensors whole under `name` with `write` (a Share's, in a run) and return the reference a marker
     records (by default the file's name relative to its folder)."""
     data = st_save({k: v.detach().contiguous().cpu() for k, v in state.items()})
-    write(name, data)
-    return FileRef(file=ref_name or names.basename(name), blake3=hash_bytes(data), bytes=len(data))
+    digest: list[str] = []
+    hashing = threading.Thread(target=lambda: digest.append(hash_bytes(data)), name="hash")
+    hashing.start()  # beside the write: BLAKE3 runs without the GIL
+    try:
+        write(name, data)
+    finally:
+        hashing.join()
+    return FileRef(file=ref_name or names.basename(name), blake3=digest[0], bytes=len(data))
 
 
 def load_verified(share: Share, name: str, ref: FileRef) -> dict[str, torch.Tensor]:

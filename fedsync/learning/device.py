@@ -10,6 +10,7 @@ checks before training, never in the middle of a round.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -45,6 +46,7 @@ class DeviceFacts:
     arch_list: tuple[str, ...]    # torch.cuda.get_arch_list(): the architectures the build has kernels for
     gpus: tuple[Gpu, ...]
     mps: bool
+    triton: bool = False          # Triton importable: torch.compile can generate GPU kernels
     injected: bool = False        # True when FEDSYNC_DEVICE_FACTS replaced the real facts (no kernel is run)
 
     @staticmethod
@@ -58,13 +60,15 @@ class DeviceFacts:
             arch_list=tuple(torch.cuda.get_arch_list()),
             gpus=tuple(Gpu(i, torch.cuda.get_device_name(i), torch.cuda.get_device_capability(i)) for i in range(n)),
             mps=bool(mps_backend and mps_backend.is_available()),
+            triton=importlib.util.find_spec("triton") is not None,
         )
 
 
 def facts_from_json(text: str) -> DeviceFacts:
     d = json.loads(text)
     return DeviceFacts(torch=d.get("torch", str(torch.__version__)), cuda_build=d.get("cuda_build"),
-                       arch_list=tuple(d.get("arch_list", ())), mps=bool(d.get("mps", False)), injected=True,
+                       arch_list=tuple(d.get("arch_list", ())), mps=bool(d.get("mps", False)),
+                       triton=bool(d.get("triton", False)), injected=True,
                        gpus=tuple(Gpu(i, g["name"], (int(g["capability"][0]), int(g["capability"][1])))
                                   for i, g in enumerate(d.get("gpus", ()))))
 

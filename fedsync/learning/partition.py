@@ -53,6 +53,15 @@ def partition(labels: np.ndarray, num_shards: int, scheme: str, seed: int, alpha
     raise ValueError(f"unknown partition {scheme!r}: use iid or dirichlet")
 
 
+def hold_out(shard: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(training part, held-out part) of a shard for federated evaluation: floor(len * fraction) examples spread
+    evenly through it, the i-th held out when floor((i + 1) * fraction) > floor(i * fraction). No random draw: any
+    implementation finds the same examples."""
+    i = np.arange(len(shard))
+    held = np.floor((i + 1) * fraction) > np.floor(i * fraction)
+    return shard[~held], shard[held]
+
+
 def label_skew(labels: np.ndarray, shards: list[np.ndarray]) -> float:
     """Mean total-variation distance between each shard's label distribution and the whole set's (0..1)."""
     labels = np.asarray(labels)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedsync.learning.capture import begin_step
 from fedsync.learning.data import Split
 from fedsync.learning.pace import Pace
 from fedsync.learning.sgd import ForeachSGD
@@ -68,8 +69,10 @@ def place(data: Split, device: str) -> Split:
     return Split(data.x.pin_memory() if pin else data.x, data.y.pin_memory() if pin else data.y)
 
 
-def local_train(model: nn.Module, data: Split, settings: TrainSettings, device: str, seed: int) -> TrainResult:
-    """SGD over the shard for `settings.steps` steps, or `settings.epochs` passes, from the model's weights."""
+def local_train(model: nn.Module, data: Split, settings: TrainSettings, device: str, seed: int,
+                captured: nn.Module | None = None) -> TrainResult:
+    """SGD over the shard for `settings.steps` steps, or `settings.epochs` passes, from the model's weights.
+    `captured` (fedsync/learning/capture.py) runs the full batches; partial ones run eagerly on `model`."""
     started = time.perf_counter()
     kind = device.split(":")[0]
     memory_format = torch.channels_last if settings.channels_last else torch.preserve_format
@@ -101,8 +104,11 @@ def local_train(model: nn.Module, data: Split, settings: TrainSettings, device: 
         if settings.augment is not None:
             xb = settings.augment(xb, generator)
         xb = xb.contiguous(memory_format=memory_format)
+        full = captured is not None and len(idx) == settings.batch_size
+        if full:
+            begin_step()
         with torch.autocast(kind, dtype=AUTOCAST.get(settings.precision), enabled=settings.precision in AUTOCAST):
-            loss = F.cross_entropy(model(xb), yb)
+            loss = F.cross_entropy((captured if full else model)(xb), yb)  # type: ignore[operator]
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if anchors:  # FedProx's gradient term mu * (w - w0), added to the unscaled gradients
@@ -119,13 +125,13 @@ def local_train(model: nn.Module, data: Split, settings: TrainSettings, device: 
 
 
 def measure_throughput(model: nn.Module, data: Split, settings: TrainSettings, device: str,
-                       seconds: float = 0.5) -> float:
+                       seconds: float = 0.5, captured: nn.Module | None = None) -> float:
     """Training samples per second on this device: one warm-up step, then doubling step counts until a run
-    lasts `seconds`. Trains `model` in place: pass a throwaway copy."""
-    local_train(model, data, replace(settings, steps=1), device, seed=0)
+    lasts `seconds`. Trains `model` in place: its weights are not worth keeping afterwards."""
+    local_train(model, data, replace(settings, steps=1), device, seed=0, captured=captured)
     steps = 2
     while True:
-        result = local_train(model, data, replace(settings, steps=steps), device, seed=steps)
+        result = local_train(model, data, replace(settings, steps=steps), device, seed=steps, captured=captured)
         if result.seconds >= seconds or steps >= 256:
             return result.samples_per_s
         steps *= 2

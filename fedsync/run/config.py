@@ -64,6 +64,7 @@ class RunConfig:
     eval_batch_size: int
     eval_every: int           # the coordinator evaluates every this many rounds, and always the last
     eval_samples: int | None  # evaluate on the first this many test examples; None: all of them
+    federated_eval: float     # fraction of each shard a worker holds out to evaluate each round's model; 0: off
 
     def __post_init__(self) -> None:
         problems = []
@@ -94,6 +95,8 @@ class RunConfig:
         if isinstance(q, bool) or not isinstance(q, (int, float)) or not math.isfinite(q) \
                 or (isinstance(q, int) and q < 1) or (isinstance(q, float) and not 0 < q <= 1):
             problems.append(f"quorum {q!r} must be a count (integer >= 1) or a fraction (0 < q <= 1.0)")
+        if not 0 <= self.federated_eval <= 0.5:
+            problems.append("federated_eval must be between 0 (off) and 0.5 (half of each shard held out)")
         if self.eval_samples is not None and self.eval_samples < 1:
             problems.append("eval_samples must be at least 1, or null for the whole test set")
         for name in ("local_epochs", "batch_size", "min_updates", "min_workers", "eval_batch_size", "eval_every"):

@@ -19,11 +19,20 @@ from fedsync.learning.data import Split
 from fedsync.learning.tasks import Task
 from fedsync.learning.train import evaluate
 from fedsync.run.config import RunConfig
-from fedsync.storage.markers import FORMAT_VERSION, Evaluation, FileRef, to_dict
+from fedsync.storage.markers import FORMAT_VERSION, Evaluation, FileRef, HeldOut, to_dict
 from fedsync.storage.share import Share
 from fedsync.storage.trouble import Backoff
 
 Job = tuple[int, FileRef, "dict[str, torch.Tensor] | None"]
+
+
+def federated_mean(evaluations: list[HeldOut]) -> HeldOut | None:
+    """The workers' evaluations of one model as one: loss and accuracy weighted by their held-out counts."""
+    total = sum(e.samples for e in evaluations)
+    if not total:
+        return None
+    return HeldOut(loss=sum(e.loss * e.samples for e in evaluations) / total,  # type: ignore[arg-type]
+                   accuracy=min(1.0, sum(e.accuracy * e.samples for e in evaluations) / total), samples=total)
 
 
 def due(r: int, rounds: int, every: int) -> bool:

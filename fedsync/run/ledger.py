@@ -117,6 +117,9 @@ class RoundLedger:
             raise Unusable(Reason.BAD_SAMPLES, f"samples={m.samples}, the training set has {self.train_size}")
         if m.steps < 1:
             raise Unusable(Reason.BAD_SAMPLES, f"steps={m.steps}: an update comes from at least one step")
+        if m.evaluation is not None and m.samples + m.evaluation.samples > self.train_size:
+            raise Unusable(Reason.BAD_SAMPLES, f"samples={m.samples} trained and {m.evaluation.samples} held out, "
+                                               f"the training set has {self.train_size}")
         self.markers[worker] = m
         return Candidate(worker, self.share.update_tensors(self.r, worker), m.tensors,
                          self.rule.weight(m.samples, m.steps), self.r, m.steps)
@@ -153,7 +156,8 @@ class RoundLedger:
         return [Accepted(worker=w, samples=m.samples, steps=m.steps,
                          weight=round(self.rule.weight(m.samples, m.steps), 6),
                          train_loss=m.train_loss, seconds=m.seconds, device=m.device,
-                         norm=round(norms[w], 6) if w in norms else None, clipped=w in clipped)
+                         norm=round(norms[w], 6) if w in norms else None, clipped=w in clipped,
+                         evaluation=m.evaluation)
                 for w, m in sorted(self.accepted.items())]
 
     def rejected_records(self) -> list[Rejected]:

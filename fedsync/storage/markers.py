@@ -118,6 +118,20 @@ class Assignment:
     signature: str | None = None  # the coordinator's, over signing.assignment_message
 
 
+@dataclass(frozen=True)
+class HeldOut:
+    """A model's loss and accuracy on a worker's held-out examples (federated evaluation), or their mean over
+    workers weighted by `samples`."""
+
+    loss: Measure      # mean cross-entropy (NaN or infinite when the model was not finite)
+    accuracy: float
+    samples: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.accuracy <= 1 or self.samples < 1:
+            raise MarkerError(f"accuracy {self.accuracy} must lie in [0, 1] and samples {self.samples} be at least 1")
+
+
 @dataclass
 class UpdateMarker:
     """<round>/updates/<worker>.yaml: the update counts once this exists and its tensors have the named hash."""
@@ -134,6 +148,8 @@ class UpdateMarker:
     device: str
     diverged: str | None = None  # why the worker did not upload its update (its training diverged)
     signature: str | None = None  # the worker's, over signing.update_message
+    evaluation: HeldOut | None = None  # federated_eval: the round's global model on the worker's held-out part
+    timings: dict[str, float] | None = None  # seconds: prepare_s, evaluate_s, train_s, publish_s (informational)
 
     def __post_init__(self) -> None:
         if self.diverged is None and not math.isfinite(self.train_loss):
@@ -159,6 +175,8 @@ class WorkerInfo:
     samples_per_s: float | None = None  # measured training speed on the run's model; throughput balancing reads it
     device_fallback: str | None = None  # why --device auto trains on the CPU although a GPU is present
     public_key: str | None = None  # the key its update markers are signed with (ed25519:...)
+    training_step: str = "eager"   # eager | cuda-graphs: whether its training step is captured
+    compile_s: float | None = None  # seconds it took to compile and capture that step, once per process
 
 
 @dataclass
@@ -172,6 +190,7 @@ class Accepted:
     device: str
     norm: float | None = None  # the update's L2 norm over its floating tensors, as read
     clipped: bool = False      # scaled down to clip_norm before aggregating
+    evaluation: HeldOut | None = None  # its federated evaluation of the round's global model
 
 
 @dataclass
@@ -211,6 +230,7 @@ class Summary:
     step_scale: float   # fednova's effective step count applied to the parameters' mean; 1 for fedavg
     metrics: dict[str, Measure]
     timings: dict[str, float]
+    federated: HeldOut | None = None  # the accepted workers' evaluations of the round's global model, weighted mean
 
 
 @dataclass
