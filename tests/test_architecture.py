@@ -19,7 +19,7 @@ FILE_MODULES = {"os", "shutil", "io", "gzip", "tempfile"}  # any call of theirs 
 PATH_METHODS = {"open", "stat", "lstat", "iterdir", "glob", "rglob", "read_bytes", "read_text", "write_bytes",
                 "write_text", "exists", "is_file", "is_dir", "is_symlink", "touch", "symlink_to", "unlink", "mkdir",
                 "rmdir", "rename", "replace"}
-NOT_FILES = {"environ", "getpid", "kill", "cpu_count", "fspath", "getenv", "StringIO", "BytesIO"}
+NOT_FILES = {"environ", "getpid", "kill", "cpu_count", "fspath", "getenv", "StringIO", "BytesIO", "setpriority"}
 SHARE_FILES = ("fedsync.yaml", "coordinator.yaml", "metrics.csv", "final.safetensors", "final.yaml",
                "global.safetensors", "assignment.yaml", "summary.yaml")
 SHARE_FOLDERS = ("workers", "updates")

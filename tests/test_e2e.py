@@ -45,6 +45,8 @@ def test_two_workers_reach_real_accuracy(share: Path) -> None:
             assert hash_bytes(s.path(s.update_tensors(r, w)).read_bytes()) == m.tensors.blake3
             # 1,438 training images in two shards of 719: a fifth of each (143) held out, the rest trained on
             assert m.evaluation.samples == 143 and m.samples == 719 - 143
+            assert set(m.timings) == {"prepare_s", "evaluate_s", "train_s", "publish_s"}
+            assert all(v >= 0 for v in m.timings.values()) and sum(m.timings.values()) <= m.seconds + 0.01
             held.append(m.evaluation)
         fed = summary.federated
         assert fed.samples == sum(e.samples for e in held)

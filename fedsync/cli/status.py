@@ -93,6 +93,7 @@ def collect_status(share: Share) -> dict[str, Any]:
             "name": name, "device": info.device, "device_name": info.device_name, "torch": info.torch,
             "cuda_capability": info.cuda_capability, "precision": info.precision,
             "samples_per_s": info.samples_per_s, "device_fallback": info.device_fallback, "state": info.state,
+            "training_step": info.training_step, "compile_s": info.compile_s,
             "round": info.round, "last_heartbeat_s": None if age is None else round(age, 1),
             "key": fingerprint(info.public_key) if info.public_key else None,
             "trust": _trust(name, info.public_key, trusted.get(name), mode)})
@@ -140,6 +141,9 @@ def format_status(st: dict[str, Any]) -> str:
             continue
         cap = f", sm {w['cuda_capability']}" if w["cuda_capability"] else ""
         speed = f", {w['samples_per_s']:.0f} samples/s" if w["samples_per_s"] else ""
+        if w["training_step"] != "eager":
+            compiled = f" (compiled in {w['compile_s']:.0f} s)" if w["compile_s"] is not None else ""
+            speed += f", {w['training_step']}{compiled}"
         lines.append(f"  {w['name']}: {w['state']}, {w['device']} ({w['device_name']}{cap}, {w['precision']}{speed}), "
                      f"torch {w['torch']}, heartbeat {w['last_heartbeat_s']} s ago (file time, as seen from here)")
         lines.append(f"    key {w['key'] or 'none'}: {w['trust']}")
