@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -12,11 +13,12 @@ from fedsync.base.errors import EXIT_CODES
 from fedsync.cli.main import app
 from fedsync.run.config import load_config
 from fedsync.run.start import open_run
+from fedsync.storage.markers import CoordinatorLease, Summary, WorkerInfo
 from fedsync.storage.medium import POLL_INTERVAL_S, POLLED_FILESYSTEMS, choose_mode, describe_modes
 from fedsync.storage.share import Share
 from fedsync.storage.watch import ShareWatcher
 
-from .conftest import coordinator_identity, run
+from .conftest import coordinator_identity, finish, run, start
 
 COMMANDS = ["coordinator", "worker", "trust", "status", "verify", "demo", "doctor"]
 NO_SHARE = {"doctor"}  # looks at this machine only
@@ -92,3 +94,20 @@ def test_errors_are_one_line_with_their_status(tmp_path: Path) -> None:
     for (args, status, words), out in zip(cases, outs):
         assert out.returncode == status, (args, out.stdout, out.stderr)
         assert words in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
+
+
+def test_the_demo_runs_its_processes_and_reaches_real_accuracy(share: Path) -> None:
+    """`fedsync demo`, as the README's first command runs it (fewer rounds): a coordinator and workers, each a
+    process of its own (on Linux forked after torch was imported once), over a local share."""
+    demo = start("demo", "--share", str(share), "--rounds", "4", "--workers", "2")
+    out = finish(demo, timeout=120)
+    assert demo.returncode == 0, out
+    m = re.search(r"demo finished: 4 rounds, 2 workers, final test accuracy ([\d.]+)", out)
+    assert m and float(m.group(1)) >= 0.9, out
+    s = Share(share)
+    lease = s.read_record(CoordinatorLease, s.lease)
+    assert lease.state == "finished" and lease.pid != demo.pid  # the coordinator ran in a process of its own
+    workers = {p.stem: s.read_record(WorkerInfo, f"workers/{p.name}") for p in (share / "workers").glob("*.yaml")}
+    assert sorted(workers) == ["demo-worker-1", "demo-worker-2"] and all(w.state == "stopped" for w in workers.values())
+    for r in range(1, 5):
+        assert len(s.read_record(Summary, s.summary(r)).accepted) == 2
