@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from fedsync.learning.partition import dirichlet_partition, iid_partition, label_skew, partition
+from fedsync.learning.partition import dirichlet_partition, hold_out, iid_partition, label_skew, partition
 
 
 def _labels(n: int = 1000, classes: int = 10, seed: int = 0) -> np.ndarray:
@@ -43,3 +43,16 @@ def test_impossible_partitions_are_clear_errors() -> None:
         dirichlet_partition(_labels(), 3, alpha=0.0, seed=0)
     with pytest.raises(ValueError, match="unknown partition"):
         partition(_labels(), 3, "sorted", seed=0, alpha=1.0)
+
+
+@pytest.mark.parametrize("n, fraction", [(719, 0.2), (100, 0.1), (7, 0.5), (3, 0.0), (1000, 0.57)])
+def test_hold_out_takes_floor_n_f_spread_evenly_without_a_random_draw(n: int, fraction: float) -> None:
+    shard = np.sort(np.random.default_rng(0).choice(10 * n, n, replace=False))
+    kept, held = hold_out(shard, fraction)
+    assert len(held) == int(np.floor(n * fraction))  # the rule's counts telescope to floor(n * f), in doubles
+    assert sorted([*kept, *held]) == list(shard) and not set(kept) & set(held)
+    positions = np.flatnonzero(np.isin(shard, held))
+    assert all(np.floor((i + 1) * fraction) > np.floor(i * fraction) for i in positions)  # the documented rule
+    if len(held) > 1:  # evenly spread: gaps between held-out positions differ by at most one
+        gaps = np.diff(positions)
+        assert gaps.max() - gaps.min() <= 1
