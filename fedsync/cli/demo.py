@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import runpy
 import sys
 import time
 from dataclasses import dataclass
@@ -98,15 +99,13 @@ def _start(roles: list[list[str]], log: Log) -> list[tuple[list[str], BaseProces
 
 
 def _fedsync(args: list[str]) -> None:
-    """A process of the demo: the same as `fedsync ARGS` on the command line."""
+    """A process of the demo: the same as `python -m fedsync ARGS` on the command line."""
     import torch
-
-    from fedsync.cli.main import main
 
     torch.set_num_threads(1)
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     sys.argv = ["fedsync", *args]
-    main()
+    runpy.run_module("fedsync", run_name="__main__", alter_sys=True)
 
 
 def _supervise(procs: list[tuple[list[str], BaseProcess]], started: float) -> None:
