@@ -35,7 +35,7 @@ from fedsync.run.config import RunConfig
 from fedsync.run.evaluation import Evaluator, due, federated_mean
 from fedsync.run.ledger import LateLedger, RoundLedger, load_summary
 from fedsync.run.liveness import Liveness
-from fedsync.run.start import check_run
+from fedsync.run.start import check_run, task_record
 from fedsync.run.trust import Trust, check_coordinator_key
 from fedsync.storage import names
 from fedsync.storage.keys import Identity, coordinator_key_path, load_identity
@@ -114,7 +114,8 @@ def run_coordinator(opts: CoordinatorOptions) -> FinalMarker:
             raise ConfigError(f"the run in {share.where()} already closed {closed[-1]} rounds: "
                               f"--rounds must be at least {closed[-1]}")
         dataset = get_task(opts.config.task).load(opts.data_root or opts.config.data_root, opts.config.data_options())
-        manifest = existing or new_manifest(opts.config.as_dict(), opts.created_by, identity.public)
+        manifest = existing or new_manifest(opts.config.as_dict(), opts.created_by, identity.public,
+                                            task_record(opts.config))
         lease = Lease(share, manifest.run_id, opts.config.heartbeat, opts.config.worker_timeout, opts.log)
         lease.check()
         if existing is None:

@@ -32,6 +32,7 @@ from fedsync.learning.partition import hold_out, partition
 from fedsync.learning.tasks import Task, get_task
 from fedsync.learning.train import TrainSettings, evaluate, local_train, measure_throughput, place
 from fedsync.run.config import RunConfig, config_from_dict
+from fedsync.run.start import check_task
 from fedsync.run.trust import read_trust
 from fedsync.storage import names
 from fedsync.storage.keys import Identity, load_identity, pinned_coordinator, worker_key_path
@@ -159,6 +160,7 @@ class Worker:
         self.watcher, self.opts, self.log = watcher, opts, log
         self.cfg: RunConfig = config_from_dict(manifest.config, share.where(share.manifest))
         self.task: Task = get_task(self.cfg.task)
+        check_task(manifest, self.cfg)  # another version or layout of the task: refused before anything is written
         # checked before registering: nothing found here can fail the worker in the middle of a round
         choice, self.precision = start_check(opts.device, choice, self.cfg.precision, facts)
         self.device = choice.device
@@ -351,7 +353,7 @@ class Worker:
                              momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay,
                              augment=self.task.augment if self.cfg.augment else None,
                              steps=steps, prox_mu=self.cfg.prox_mu, precision=self.precision,
-                             channels_last=self.device.startswith("cuda"))
+                             channels_last=self.device.startswith("cuda") and len(self.task.input_shape) == 3)
 
     def _evaluate(self, held_out: Split) -> HeldOut | None:
         """Federated evaluation: the round's global model (just loaded) on this worker's held-out examples."""

@@ -64,7 +64,7 @@ MUTANTS = [
     Mutant("the run is written before the data is checked", "fedsync/coordinator.py",
            "existing = check_run(share, opts.config)",
            "existing = check_run(share, opts.config) or write_manifest(share, new_manifest(opts.config.as_dict(), "
-           "opts.created_by, 'ed25519:mutant'))",
+           "opts.created_by, 'ed25519:mutant', task_record(opts.config)))",
            ("tests/test_start.py::test_a_refused_start_leaves_the_share_as_it_was",)),
 ]
 

@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 
 from fedsync.base.errors import EXIT_CODES
+from fedsync.learning.tasks import get_task
 from fedsync.run.config import RunConfig, load_config
+from fedsync.run.start import task_record
+from fedsync.storage.hashing import hash_bytes
 from fedsync.storage.markers import (
     Assignment,
     CoordinatorLease,
@@ -65,6 +68,16 @@ def test_the_examples_signatures_verify_as_section_5_10_says() -> None:
     assert verify(trust.workers[marker.worker].key, message, marker.signature)
     assert f"```\n{message.decode()}```" in PROTOCOL  # the message written out in section 5.10 is this one
     assert not verify(trust.workers["gtx1080-box"].key, message, marker.signature)  # another worker's key
+
+
+def test_the_example_task_record_is_the_digits_task_as_section_5_1_computes_it() -> None:
+    manifest = parse(Manifest, parse_yaml(_examples()["fedsync.yaml"].encode()), "fedsync.yaml")
+    cfg = load_config("digits")
+    assert manifest.task == task_record(cfg)
+    state = get_task("digits").build_model(cfg.model).state_dict()
+    lines = "".join(f"{k} {str(v.dtype).removeprefix('torch.')} {list(v.shape)}\n" for k, v in sorted(state.items()))
+    assert "0.weight float32 [32, 1, 3, 3]\n" in lines and "1.num_batches_tracked int64 []\n" in lines
+    assert hash_bytes(lines.encode()) == manifest.task.layout  # the lines as the section spells them
 
 
 def read_trust_entries(trust: TrustList, coordinator: str) -> dict[str, tuple[str, str]]:

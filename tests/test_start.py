@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from fedsync.run.config import load_config
-from fedsync.run.start import open_run
+from fedsync.run.start import open_run, task_record
 from fedsync.storage.manifest import new_manifest
 from fedsync.storage.markers import Manifest, parse, to_dict
 from fedsync.storage.share import Share
@@ -60,7 +60,8 @@ def newer_format(share: Path) -> None:
 
 
 def unknown_key(share: Path) -> None:
-    manifest = to_dict(new_manifest(load_config("digits").as_dict(), "coordinator", coordinator_identity().public))
+    cfg = load_config("digits")
+    manifest = to_dict(new_manifest(cfg.as_dict(), "coordinator", coordinator_identity().public, task_record(cfg)))
     manifest["config"]["colour"] = "blue"
     (share / "fedsync.yaml").write_bytes(dump_yaml(manifest))
 

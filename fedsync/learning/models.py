@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -19,13 +19,15 @@ def register(name: str) -> Callable[[ModelFactory], ModelFactory]:
     return wrap
 
 
-def build_model(name: str, num_classes: int, seed: int | None = None) -> nn.Module:
-    """A fresh model; with a seed, the same initial weights on every machine."""
-    if name not in REGISTRY:
-        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(sorted(REGISTRY))}")
+def build_model(name: str, num_classes: int, seed: int | None = None,
+                registry: Mapping[str, ModelFactory] = REGISTRY) -> nn.Module:
+    """A fresh model from `registry` (fedsync's own, or a task's); with a seed, the same initial weights on every
+    machine."""
+    if name not in registry:
+        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(sorted(registry))}")
     if seed is not None:
         torch.manual_seed(seed)
-    return REGISTRY[name](num_classes)
+    return registry[name](num_classes)
 
 
 @register("digits_cnn")

@@ -16,8 +16,7 @@ from fedsync.aggregation.rules import RULES
 from fedsync.base.errors import ConfigError
 from fedsync.learning.balance import BALANCE
 from fedsync.learning.device import PRECISIONS
-from fedsync.learning.models import REGISTRY as MODELS
-from fedsync.learning.tasks import TASKS, DataOptions
+from fedsync.learning.tasks import DataOptions, get_task
 from fedsync.storage.markers import MarkerError, parse_record
 from fedsync.storage.yamlfile import parse_yaml
 
@@ -29,8 +28,8 @@ BUILTIN = ("digits", "cifar10")  # the config files shipped in fedsync.configs (
 class RunConfig:
     """Every knob of a run; units are in the names' comments of configs/digits.yaml."""
 
-    task: str                 # a registered task (fedsync/learning/tasks.py): digits | cifar10
-    model: str                # a registered model (fedsync/learning/models.py)
+    task: str                 # digits | cifar10 | an installed task: package.module:name or its entry-point name
+    model: str                # one of the task's models (the built-in tasks: fedsync/learning/models.py)
     data_root: str | None     # where the task's data is, unless a machine gives its own with --data-root
     verify_checksums: bool    # torchvision's MD5 check of CIFAR-10; false only for fabricated data
     seed: int                 # initial weights, data split and shards all follow from it
@@ -68,10 +67,12 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.task not in TASKS:
-            problems.append(f"task {self.task!r} is not one of {', '.join(sorted(TASKS))}")
-        if self.model not in MODELS:
-            problems.append(f"model {self.model!r} is not one of {', '.join(sorted(MODELS))}")
+        try:
+            known = get_task(self.task).model_names()
+            if self.model not in known:
+                problems.append(f"model {self.model!r} is not one of task {self.task}'s: {', '.join(known)}")
+        except ConfigError as e:
+            problems.append(str(e))
         if self.late_policy not in ("drop", "fold"):
             problems.append(f"late_policy {self.late_policy!r} is not drop or fold")
         if self.max_staleness < 1 or self.staleness_exponent < 0:

@@ -7,16 +7,24 @@ from datetime import datetime, timezone
 from typing import Any
 
 from fedsync.base.errors import FormatError, ShareError
-from fedsync.storage.markers import FORMAT_VERSION, FinalMarker, FormatMismatch, Manifest, MarkerError, to_dict
+from fedsync.storage.markers import (
+    FORMAT_VERSION,
+    FinalMarker,
+    FormatMismatch,
+    Manifest,
+    MarkerError,
+    TaskRecord,
+    to_dict,
+)
 from fedsync.storage.share import Share
 from fedsync.storage.signing import final_message, verify
 
 
-def new_manifest(config: dict[str, Any], created_by: str, coordinator_key: str) -> Manifest:
+def new_manifest(config: dict[str, Any], created_by: str, coordinator_key: str, task: TaskRecord) -> Manifest:
     now = datetime.now(timezone.utc)
     return Manifest(format=FORMAT_VERSION, run_id=f"{now:%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}",
                     created=now.isoformat(timespec="seconds"), created_by=created_by,
-                    coordinator_key=coordinator_key, config=config)
+                    coordinator_key=coordinator_key, config=config, task=task)
 
 
 def write_manifest(share: Share, manifest: Manifest) -> Manifest:

@@ -68,6 +68,20 @@ class FileRef:
             raise MarkerError(f"bytes: {self.bytes} is negative")
 
 
+@dataclass(frozen=True)
+class TaskRecord:
+    """What every machine of a run must have installed: the task (as the config names it), its version, and the
+    layout of the model it builds (docs/PROTOCOL.md section 5.1)."""
+
+    name: str
+    version: str
+    layout: str  # BLAKE3 of the model's tensor names, dtypes and shapes
+
+    def __post_init__(self) -> None:
+        if not HEX64.match(self.layout):
+            raise MarkerError(f"layout: {self.layout!r} is not 64 lowercase hex digits")
+
+
 @dataclass
 class Manifest:
     """fedsync.yaml: the run's identity and resolved config, written once by the coordinator."""
@@ -78,6 +92,7 @@ class Manifest:
     created_by: str
     coordinator_key: str  # the public key that signs this run's assignments, trust.yaml and final.yaml
     config: dict[str, Any]
+    task: TaskRecord | None = None  # None only in shares of fedsync before task records
 
 
 @dataclass
