@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -29,11 +30,17 @@ def test_fabricated_data_fails_the_real_md5_check_and_loads_without_it(tmp_path:
     assert abs(float(ds.train.x.mean())) < 0.5  # normalised with CIFAR's channel statistics
 
 
-def test_one_round_of_resnet18_over_the_share(tmp_path: Path, share: Path) -> None:
-    fabricate_cifar10(tmp_path / "data")
-    sets = ["--set", f"data_root={tmp_path / 'data'}", "--set", "verify_checksums=false", "--set", "batch_size=40"]
-    coord = start("coordinator", "--share", str(share), "--config", "cifar10", "--rounds", "1", *sets)
-    worker = start("worker", "--share", str(share), "--name", "gpu-box", "--device", "cpu", "--wait-for-run", "60")
+def test_one_round_of_resnet18_over_the_share_with_data_at_each_machines_own_path(tmp_path: Path,
+                                                                                    share: Path) -> None:
+    """The coordinator's copy and the worker's sit at different paths (a MacBook and a Linux box): each names its
+    own with --data-root; the run's config holds neither, so the worker could not have used the coordinator's."""
+    fabricate_cifar10(tmp_path / "mac" / "data")
+    shutil.copytree(tmp_path / "mac" / "data", tmp_path / "linux" / "data")
+    sets = ["--set", "verify_checksums=false", "--set", "batch_size=40"]
+    coord = start("coordinator", "--share", str(share), "--config", "cifar10", "--rounds", "1", *sets,
+                  "--data-root", str(tmp_path / "mac" / "data"))
+    worker = start("worker", "--share", str(share), "--name", "gpu-box", "--device", "cpu", "--wait-for-run", "60",
+                   "--data-root", str(tmp_path / "linux" / "data"))
     out = finish(coord, timeout=240)
     wout = finish(worker, timeout=60)
     assert coord.returncode == 0 and worker.returncode == 0, out + wout

@@ -53,3 +53,10 @@ def test_commands_that_only_read_the_share_never_import_torch() -> None:
             "assert 'torch' not in sys.modules, 'torch imported'")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+def test_where_a_machine_keeps_its_data_is_not_part_of_the_run() -> None:
+    a, b = load_config("cifar10", {"data_root": "/Users/me/data"}), load_config("cifar10", {"data_root": "/home/me"})
+    assert differences(a, b) == []
+    assert differences(a, load_config("cifar10", {"data_root": "/home/me", "seed": 7})) == [
+        "seed: 0 in the share, 7 now"]

@@ -170,6 +170,10 @@ def config_from_dict(values: dict[str, Any], where: str) -> RunConfig:
         raise ConfigError(str(e)) from None
 
 
+MACHINE_LOCAL = ("data_root",)  # where one machine keeps its data: a default, not part of what the run is
+
+
 def differences(a: RunConfig, b: RunConfig) -> list[str]:
+    """The keys in which two configs describe different runs; where a machine keeps its data is not one."""
     da, db = a.as_dict(), b.as_dict()
-    return [f"{k}: {da[k]!r} in the share, {db[k]!r} now" for k in da if da[k] != db[k]]
+    return [f"{k}: {da[k]!r} in the share, {db[k]!r} now" for k in da if da[k] != db[k] and k not in MACHINE_LOCAL]
