@@ -1,3 +1,3 @@
 """fedsync: federated training over one shared folder."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from filelock import Timeout
 
@@ -21,7 +22,7 @@ from fedsync.aggregation.intake import Aggregator, Outcome
 from fedsync.aggregation.optimizers import PLAIN, make_optimizer
 from fedsync.aggregation.rules import make_rule
 from fedsync.aggregation.screening import outliers
-from fedsync.aggregation.tensors import layout_of, load_verified, save_state
+from fedsync.aggregation.tensors import layout_of, load_verified, save_state, state_bytes
 from fedsync.base.errors import ConfigError, RunStuck, ShareError
 from fedsync.base.faults import crash_point
 from fedsync.base.logs import Log, make_log
@@ -38,6 +39,7 @@ from fedsync.run.liveness import Liveness
 from fedsync.run.start import check_run, task_record
 from fedsync.run.trust import Trust, check_coordinator_key
 from fedsync.storage import names
+from fedsync.storage.hashing import hash_bytes
 from fedsync.storage.keys import Identity, coordinator_key_path, load_identity
 from fedsync.storage.lease import Lease, read_lease
 from fedsync.storage.locks import local_lock
@@ -156,6 +158,7 @@ class Coordinator:
         self.rule = make_rule(self.cfg.aggregation, self.cfg.momentum, self.cfg.trim)
         self.optimizer = make_optimizer(PLAIN)
         self.server_state: dict[str, torch.Tensor] = {}  # the optimizer's own; none for plain FedAvg
+        self.shard_lists: set[FileRef] = set()  # shard lists known to be in the share as written
         self.carried: tuple[str, dict[str, torch.Tensor]] | None = None  # the aggregate just written: its hash, state
         self.rows: dict[int, dict[str, object]] = {}  # metrics.csv by round: the summary's, then its evaluation's
         self.rows_lock = threading.Lock()  # the evaluation thread writes metrics.csv too
@@ -225,9 +228,10 @@ class Coordinator:
                 state = load_verified(self.share, self.share.global_model(r), model_ref)
             self.carried = None
         workers = self._wait_for_workers(r)
+        shards = self._shards(len(workers))
         a = Assignment(format=FORMAT_VERSION, run_id=self.manifest.run_id, round=r, rounds=self.opts.rounds,
                        model=model_ref, num_shards=len(workers), time_budget_s=float(self.cfg.round_timeout),
-                       workers=self._tasks(r, workers))
+                       workers=self._tasks(r, workers, shards), shards=self._shard_list(shards))
         a.signature = self.identity.sign(assignment_message(a))
         self.share.make_folder(self.share.updates_dir(r))
         self.share.write_yaml(self.share.assignment(r), to_dict(a))  # last: the round is open from here on
@@ -250,7 +254,29 @@ class Coordinator:
                  f"coordinator ({why}): opening the round over it")
         return None
 
-    def _tasks(self, r: int, workers: list[str]) -> dict[str, WorkerTask]:
+    def _shards(self, num_shards: int) -> list[np.ndarray]:
+        """The training set cut `num_shards` ways (positions in this machine's training split)."""
+        return partition(self.dataset.train.y.numpy(), num_shards, self.cfg.partition, self.cfg.seed,
+                         self.cfg.dirichlet_alpha)
+
+    def _shard_list(self, shards: list[np.ndarray]) -> FileRef:
+        """shards/NNN.safetensors, written when absent or not what it should be: each shard's examples by their
+        index in the task's whole data (PROTOCOL.md 5.4), so a worker needs no random generator to find them."""
+        canonical = self.dataset.canonical()
+        state = {str(i): torch.as_tensor(canonical[part], dtype=torch.int64) for i, part in enumerate(shards)}
+        data = state_bytes(state)
+        name = names.shard_list(len(shards))
+        ref = FileRef(name, hash_bytes(data), len(data))
+        if ref not in self.shard_lists:
+            try:
+                self.share.read_verified(name, ref)
+            except Unusable:  # absent, or not this list: written (again) now
+                self.share.make_folder(names.SHARDS)
+                self.share.write(name, data)
+            self.shard_lists.add(ref)
+        return ref
+
+    def _tasks(self, r: int, workers: list[str], shards: list[np.ndarray]) -> dict[str, WorkerTask]:
         """Shard i to the i-th worker; with balance: throughput, steps sized by each worker's published speed."""
         equal = {w: WorkerTask(shard=i, local_epochs=self.cfg.local_epochs) for i, w in enumerate(workers)}
         if self.cfg.balance != "throughput":
@@ -260,9 +286,8 @@ class Coordinator:
         if unknown:
             self.log(f"round {r}: equal work: no measured speed from {', '.join(unknown)} yet")
             return equal
-        shards = [hold_out(s, self.cfg.federated_eval)[0] for s in partition(
-            self.dataset.train.y.numpy(), len(workers), self.cfg.partition, self.cfg.seed, self.cfg.dirichlet_alpha)]
-        steps = plan_steps({w: len(shards[i]) for i, w in enumerate(workers)}, speeds,  # type: ignore[arg-type]
+        trained = [hold_out(part, self.cfg.federated_eval)[0] for part in shards]
+        steps = plan_steps({w: len(trained[i]) for i, w in enumerate(workers)}, speeds,  # type: ignore[arg-type]
                            self.cfg.local_epochs, self.cfg.batch_size, self.cfg.round_timeout)
         self.log(f"round {r}: steps by throughput: " + ", ".join(
             f"{w} {steps[w]} ({speeds[w]:.0f} samples/s)" for w in workers))

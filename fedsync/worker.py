@@ -20,7 +20,7 @@ from filelock import Timeout
 
 from fedsync import __version__
 from fedsync.aggregation.tensors import load_verified, save_state
-from fedsync.base.errors import ShareError, TrustError
+from fedsync.base.errors import DataError, ShareError, TrustError
 from fedsync.base.faults import crash_point
 from fedsync.base.logs import Log, make_log
 from fedsync.fedavg import delta
@@ -28,7 +28,7 @@ from fedsync.learning.capture import capture, plan_capture
 from fedsync.learning.data import Dataset, Split
 from fedsync.learning.device import DeviceChoice, DeviceFacts, choose_device, describe
 from fedsync.learning.doctor import start_check
-from fedsync.learning.partition import hold_out, partition
+from fedsync.learning.partition import hold_out
 from fedsync.learning.tasks import Task, get_task
 from fedsync.learning.train import TrainSettings, evaluate, local_train, measure_throughput, place
 from fedsync.run.config import RunConfig, config_from_dict
@@ -41,6 +41,7 @@ from fedsync.storage.manifest import finished, read_manifest
 from fedsync.storage.markers import (
     FORMAT_VERSION,
     Assignment,
+    FileRef,
     FinalMarker,
     HeldOut,
     Manifest,
@@ -177,7 +178,6 @@ class Worker:
         self.model = self.task.build_model(self.cfg.model)  # kept for the worker's life: each round loads into it
         self.captured: torch.nn.Module | None = None
         self.dataset: Dataset | None = None
-        self.shards: dict[int, list[np.ndarray]] = {}
         self.placed: tuple[tuple[int, int], tuple[Split, Split]] | None = None  # the last shard, on the device
 
     def run(self) -> FinalMarker | None:
@@ -277,15 +277,15 @@ class Worker:
 
     def _train_round(self, r: int, a: Assignment) -> None:
         seen = time.monotonic()
+        task = a.workers[self.name]
         try:
             base = load_verified(self.share, self.share.global_model(r), a.model)
+            shard, held_out = self._on_device(a.shards, task.shard)
         except Unusable as e:
-            self.log(f"round {r}: global model not usable yet ({e.detail}); waiting")
+            self.log(f"round {r}: its files are not usable yet ({e.detail}); waiting")
             self.watcher.wait(self.opts.rescan)
             return
-        task = a.workers[self.name]
         self.heartbeat.update(state="training", round=r)
-        shard, held_out = self._on_device(a.num_shards, task.shard)
         self.model.load_state_dict(base)  # in place: a captured step keeps using the same tensors
         ready = time.monotonic()
         evaluation = self._evaluate(held_out)
@@ -362,19 +362,32 @@ class Worker:
         loss, accuracy = evaluate(self.model, held_out, self.cfg.eval_batch_size, self.device)
         return HeldOut(loss=loss, accuracy=accuracy, samples=len(held_out))
 
-    def _on_device(self, num_shards: int, index: int) -> tuple[Split, Split]:
+    def _on_device(self, shards: FileRef, index: int) -> tuple[Split, Split]:
         """The shard's training and held-out parts (federated_eval), placed on the device once and kept there while
         the assignment stays the same."""
-        if self.placed is None or self.placed[0] != (num_shards, index):
+        if self.placed is None or self.placed[0] != (shards.blake3, index):
             self.placed = None  # free the old copy first
             train = self.dataset.train  # type: ignore[union-attr]
-            if num_shards not in self.shards:
-                self.shards[num_shards] = partition(train.y.numpy(), num_shards, self.cfg.partition, self.cfg.seed,
-                                                    self.cfg.dirichlet_alpha)
-            kept, held = hold_out(self.shards[num_shards][index], self.cfg.federated_eval)
-            self.placed = ((num_shards, index), (place(train.subset(kept), self.device),
-                                                 place(train.subset(held), self.device)))
+            kept, held = hold_out(self._shard_rows(shards, index), self.cfg.federated_eval)
+            self.placed = ((shards.blake3, index), (place(train.subset(kept), self.device),
+                                                    place(train.subset(held), self.device)))
         return self.placed[1]
+
+    def _shard_rows(self, shards: FileRef, index: int) -> np.ndarray:
+        """Shard `index` of the coordinator's list, as rows of this machine's training data (the list names examples
+        by their index in the task's whole data, PROTOCOL.md 5.4)."""
+        listed = load_verified(self.share, shards.file, shards).get(str(index))
+        if listed is None or listed.dtype != torch.int64 or listed.dim() != 1:
+            raise DataError(f"{shards.file} has no int64 list for shard {index}: the coordinator's fedsync differs")
+        canonical = self.dataset.canonical()  # type: ignore[union-attr]
+        order = np.argsort(canonical)
+        wanted = listed.numpy()
+        at = np.searchsorted(canonical, wanted, sorter=order).clip(0, len(order) - 1)
+        rows = order[at]
+        if not np.array_equal(canonical[rows], wanted):
+            raise DataError(f"{shards.file} lists examples for shard {index} that this machine's training data does "
+                            "not hold: the task's data differs from the coordinator's (another version or copy)")
+        return rows  # in the list's order: the held-out rule counts positions in it
 
 
 def _divergence(train_loss: float, update: dict[str, torch.Tensor]) -> str | None:

@@ -190,7 +190,7 @@ def _stranger(rd: Round) -> None:
 
 def _conflict_and_temp(rd: Round) -> None:
     updates = rd.share.path(rd.share.updates_dir(rd.r))
-    (updates / "bad.sync-conflict-20261123-101010-ABCDEFG.yaml").write_text("format: 1\n")
+    (updates / "bad.sync-conflict-20261123-101010-ABCDEFG.yaml").write_text("format: 2\n")
     (updates / ".syncthing.bad.safetensors.tmp").write_bytes(b"partial")
 
 

@@ -6,6 +6,7 @@ import csv
 import json
 from pathlib import Path
 
+from fedsync.aggregation.tensors import load_verified
 from fedsync.storage.hashing import hash_bytes
 from fedsync.storage.markers import Assignment, FinalMarker, Summary, UpdateMarker, parse
 from fedsync.storage.share import Share
@@ -35,6 +36,11 @@ def test_two_workers_reach_real_accuracy(share: Path) -> None:
         a = parse(Assignment, s.read_yaml(s.assignment(r)), "a")
         assert sorted(a.workers) == ["w1", "w2"] and a.num_shards == 2
         assert hash_bytes(s.path(s.global_model(r)).read_bytes()) == a.model.blake3
+        lists = load_verified(s, a.shards.file, a.shards)  # the shards, listed by index in load_digits()' order
+        assert a.shards.file == "shards/002.safetensors" and sorted(lists) == ["0", "1"]
+        listed = [set(lists[k].tolist()) for k in ("0", "1")]
+        assert not listed[0] & listed[1] and len(listed[0] | listed[1]) == 1438  # of 1,797: the rest is the test set
+        assert listed[0] | listed[1] <= set(range(1797))
         summary = parse(Summary, s.read_yaml(s.summary(r)), "s")
         assert sorted(x.worker for x in summary.accepted) == ["w1", "w2"]
         assert summary.rejected == [] and summary.missing == []

@@ -19,6 +19,7 @@ from fedsync.storage.markers import (
     FORMAT_VERSION,
     Accepted,
     Assignment,
+    FileRef,
     Summary,
     UpdateMarker,
     WorkerTask,
@@ -148,7 +149,8 @@ def test_late_ledger_weighs_by_age_and_looks_back_max_staleness_rounds(tmp_path:
         ref = save_state(s.store.write, s.global_model(r), model)
         a = Assignment(format=FORMAT_VERSION, run_id="x", round=r, rounds=9, model=ref, num_shards=2,
                        time_budget_s=5.0, workers={w: WorkerTask(shard=i, local_epochs=1)
-                                                   for i, w in enumerate(("on-time", "late"))})
+                                                   for i, w in enumerate(("on-time", "late"))},
+                       shards=FileRef("shards/002.safetensors", "cd" * 32, 10))
         write_yaml(s.path(s.assignment(r)), to_dict(a))
         write_yaml(s.path(s.summary(r)), to_dict(Summary(
             format=FORMAT_VERSION, round=r, closed_because="deadline", seconds=5.0, model=ref,

@@ -108,15 +108,23 @@ def test_finished_run_continues_with_more_rounds_and_never_redoes_one(share: Pat
     assert len(s.path(s.metrics).read_text().splitlines()) == 1 + 3
 
 
-def test_other_format_versions_are_refused_by_every_role(share: Path) -> None:
-    (share / "fedsync.yaml").write_text("format: 2\nrun_id: x\ncreated: x\ncreated_by: coordinator\nconfig: {}\n")
+def test_other_format_versions_are_refused_by_every_role(share: Path, tmp_path: Path) -> None:
+    """A newer format by every role; a format-1 share (shards derived with NumPy's generators) as an older run."""
+    manifest = "format: {}\nrun_id: x\ncreated: x\ncreated_by: coordinator\nconfig: {{}}\n"
+    (share / "fedsync.yaml").write_text(manifest.format(FORMAT_VERSION + 1))
+    old = tmp_path / "format-1"
+    old.mkdir()
+    (old / "fedsync.yaml").write_text(manifest.format(1))
     commands = (["coordinator", "--share", str(share)], ["worker", "--share", str(share), "--name", "w"],
-                ["status", "--share", str(share)])
-    with ThreadPoolExecutor(3) as pool:
+                ["status", "--share", str(share)], ["coordinator", "--share", str(old)])
+    with ThreadPoolExecutor(4) as pool:
         outs = list(pool.map(lambda args: run(*args), commands))
     for args, out in zip(commands, outs):
         assert out.returncode == 4, (args, out.stderr)
-        assert "newer fedsync" in out.stderr and "Traceback" not in out.stderr
+        assert "Traceback" not in out.stderr, (args, out.stderr)
+    assert all("newer fedsync" in out.stderr for out in outs[:3])
+    assert "older share format 1" in outs[3].stderr and "finish that run with the fedsync that started it" \
+        in outs[3].stderr
 
 
 def test_a_diverging_run_stops_with_the_reasons_and_what_to_do(share: Path) -> None:
@@ -158,7 +166,8 @@ def test_a_forged_round_is_passed_over_by_workers_and_opened_again_by_the_coordi
         ref = save_state(s.write, s.global_model(2), model)
         forged = Assignment(format=FORMAT_VERSION, run_id=read_yaml(share / "fedsync.yaml")["run_id"], round=2,
                             rounds=2, model=ref, num_shards=1, time_budget_s=60.0,
-                            workers={"w1": WorkerTask(shard=0, local_epochs=1)})
+                            workers={"w1": WorkerTask(shard=0, local_epochs=1)},
+                            shards=FileRef("shards/001.safetensors", "cd" * 32, 10))
         forged.signature = forger.sign(assignment_message(forged))
         s.make_folder(s.updates_dir(2))
         write_yaml(share / s.assignment(2), to_dict(forged))

@@ -13,7 +13,7 @@ from pathlib import Path
 from fedsync.run.config import load_config
 from fedsync.run.start import open_run, task_record
 from fedsync.storage.manifest import new_manifest
-from fedsync.storage.markers import Manifest, parse, to_dict
+from fedsync.storage.markers import FORMAT_VERSION, Manifest, parse, to_dict
 from fedsync.storage.share import Share
 from fedsync.storage.yamlfile import dump_yaml
 
@@ -56,7 +56,8 @@ def cifar_run(share: Path) -> None:
 
 
 def newer_format(share: Path) -> None:
-    (share / "fedsync.yaml").write_text("format: 2\nrun_id: x\ncreated: x\ncreated_by: coordinator\nconfig: {}\n")
+    (share / "fedsync.yaml").write_text(f"format: {FORMAT_VERSION + 1}\nrun_id: x\ncreated: x\n"
+                                        "created_by: coordinator\nconfig: {}\n")
 
 
 def unknown_key(share: Path) -> None:

@@ -123,7 +123,8 @@ def test_an_update_counts_only_when_signed_by_the_trusted_key_for_this_round(tmp
     trust = Trust(share, run_id, coordinator, "tofu", registered.get, lambda line: None)
     assert trust.admit("w1") and read_trust(share, run_id, coordinator.public)["w1"].state == "pinned"
     a = Assignment(format=FORMAT_VERSION, run_id=run_id, round=2, rounds=3, model=FileRef("global.safetensors",
-                   "ab" * 32, 10), num_shards=1, time_budget_s=5.0, workers={"w1": WorkerTask(0, 1)})
+                   "ab" * 32, 10), num_shards=1, time_budget_s=5.0, workers={"w1": WorkerTask(0, 1)},
+                   shards=FileRef("shards/001.safetensors", "cd" * 32, 10))
 
     def reason(m: UpdateMarker, key=own) -> str | None:
         signed_m = replace(m, signature=key.sign(update_message(run_id, m)) if key else None)

@@ -27,7 +27,7 @@ def test_what_fedsync_writes_reads_back_the_same() -> None:
 
 
 def test_a_marker_written_as_go_or_javascript_writes_it_is_read_and_non_finite_stays_refused() -> None:
-    marker = (b"format: 1\nround: 1\nworker: w\nbase: " + b"ab" * 32 + b"\ntensors: null\nsamples: 10\nsteps: 1\n"
+    marker = (b"format: 2\nround: 1\nworker: w\nbase: " + b"ab" * 32 + b"\ntensors: null\nsamples: 10\nsteps: 1\n"
               b"train_loss: 5e-05\nseconds: 1E-1\ndevice: cpu\ndiverged: loss\n")
     m = parse(UpdateMarker, parse_yaml(marker), "m")
     assert m.train_loss == 5e-05 and m.seconds == 0.1

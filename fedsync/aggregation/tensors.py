@@ -39,11 +39,16 @@ def file_layout(layout: Layout) -> FileLayout:
     return {k: (CODES[dtype], shape) for k, (dtype, shape) in layout.items()}
 
 
+def state_bytes(state: Mapping[str, torch.Tensor]) -> bytes:
+    """Tensors as a safetensors file's bytes."""
+    return st_save({k: v.detach().contiguous().cpu() for k, v in state.items()})
+
+
 def save_state(write: Callable[[str, bytes], None], name: str, state: Mapping[str, torch.Tensor],
                ref_name: str | None = None) -> FileRef:
     """Write tensors whole under `name` with `write` (a Share's, in a run) and return the reference a marker
     records (by default the file's name relative to its folder)."""
-    data = st_save({k: v.detach().contiguous().cpu() for k, v in state.items()})
+    data = state_bytes(state)
     digest: list[str] = []
     hashing = threading.Thread(target=lambda: digest.append(hash_bytes(data)), name="hash")
     hashing.start()  # beside the write: BLAKE3 runs without the GIL

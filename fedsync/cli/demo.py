@@ -44,6 +44,7 @@ def clear_demo_run(share: Share) -> None:
     for r in share.rounds():
         share.remove(share.round_dir(r))
     share.remove(share.workers_dir)
+    share.remove(names.SHARDS)
     for name in sorted(names.COORDINATOR_ROOT_FILES - {names.MANIFEST}) + [names.MANIFEST]:  # fedsync.yaml last
         share.remove(name)
 

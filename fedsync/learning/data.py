@@ -38,6 +38,12 @@ class Dataset:
     train: Split
     test: Split
     num_classes: int
+    train_index: np.ndarray | None = None  # each training row's place in the task's whole data; None: 0, 1, 2, ...
+
+    def canonical(self) -> np.ndarray:
+        """Each training row's index in the task's data as its loader defines the order (PROTOCOL.md 5.4): what
+        shard lists name, so that a worker needs no random generator to find its examples."""
+        return np.arange(len(self.train)) if self.train_index is None else self.train_index
 
 
 def load_digits(seed: int, test_fraction: float) -> Dataset:
@@ -51,7 +57,7 @@ def load_digits(seed: int, test_fraction: float) -> Dataset:
     order = torch.as_tensor(np.random.default_rng(seed).permutation(len(y)))
     n_test = int(round(len(y) * test_fraction))
     test, train = order[:n_test], order[n_test:]
-    return Dataset(Split(x[train], y[train]), Split(x[test], y[test]), num_classes=10)
+    return Dataset(Split(x[train], y[train]), Split(x[test], y[test]), num_classes=10, train_index=train.numpy())
 
 
 def digits_file() -> Path:

@@ -10,7 +10,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 T = TypeVar("T")
@@ -130,6 +130,7 @@ class Assignment:
     num_shards: int
     time_budget_s: float
     workers: dict[str, WorkerTask]
+    shards: FileRef  # shards/NNN.safetensors: every shard's examples, listed (share-relative path)
     signature: str | None = None  # the coordinator's, over signing.assignment_message
 
 

@@ -20,6 +20,7 @@ ASSIGNMENT = "assignment.yaml"
 UPDATES = "updates"
 SUMMARY = "summary.yaml"
 EVALUATION = "evaluation.yaml"
+SHARDS = "shards"
 TENSORS_SUFFIX = ".safetensors"
 MARKER_SUFFIX = ".yaml"
 
@@ -90,6 +91,11 @@ def update_tensors(r: int, worker: str) -> str:
 
 def update_marker(r: int, worker: str) -> str:
     return join(round_dir(r), update_marker_in_round(worker))
+
+
+def shard_list(num_shards: int) -> str:
+    """The coordinator's list of every shard's examples when the training set is cut `num_shards` ways."""
+    return join(SHARDS, f"{num_shards:03d}.safetensors")
 
 
 def model_after(r: int, last_round: int) -> str:

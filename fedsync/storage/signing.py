@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from fedsync.storage.markers import Assignment, FinalMarker, MarkerError, UpdateMarker
+from fedsync.storage.markers import FORMAT_VERSION, Assignment, FinalMarker, MarkerError, UpdateMarker
 
 PREFIX = "ed25519:"
 KEY_BYTES = 32
@@ -68,7 +68,7 @@ def verify(public: str, message: bytes, signature: str | None) -> bool:
 
 
 def _message(kind: str, fields: Iterable[tuple[str, object]]) -> bytes:
-    lines = [f"fedsync {kind} v1"]
+    lines = [f"fedsync {kind} v{FORMAT_VERSION}"]  # the share format: a signature never carries over to another
     for key, value in fields:
         text = "-" if value is None else str(value)
         if "\n" in text or " " in text:
@@ -89,7 +89,8 @@ def assignment_message(a: Assignment) -> bytes:
     """What the coordinator signs when it opens a round: the model to start from and every worker's task."""
     fields: list[tuple[str, object]] = [
         ("run", a.run_id), ("round", a.round), ("rounds", a.rounds), ("model", a.model.blake3),
-        ("bytes", a.model.bytes), ("num_shards", a.num_shards), ("time_budget_ms", round(a.time_budget_s * 1000))]
+        ("bytes", a.model.bytes), ("num_shards", a.num_shards), ("shards", a.shards.blake3),
+        ("time_budget_ms", round(a.time_budget_s * 1000))]
     for name in sorted(a.workers):
         t = a.workers[name]
         steps = "-" if t.local_steps is None else t.local_steps
