@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 from fedsync.aggregation.tensors import load_verified
@@ -11,9 +14,10 @@ from fedsync.storage.hashing import hash_bytes
 from fedsync.storage.markers import Assignment, FinalMarker, Summary, UpdateMarker, parse
 from fedsync.storage.share import Share
 
-from .conftest import finish, read_yaml, run, start, write_yaml
+from .conftest import finish, killed_on_error, read_yaml, run, start, write_yaml
 
 ROUNDS = 6
+OUTSIDER = Path(__file__).resolve().parent / "independent_worker.py"
 CONFIG = ("--set", "min_workers=2", "--set", "federated_eval=0.2")  # each worker also evaluates on a fifth of its shard
 
 
@@ -87,16 +91,27 @@ def test_two_workers_reach_real_accuracy(share: Path) -> None:
     assert s.path(s.manifest).read_bytes() == before
 
 
-def test_verify_reports_intact_runs_and_names_damage(share: Path) -> None:
-    coord = start("coordinator", "--share", str(share), "--rounds", "2")
+def test_an_outsiders_worker_is_accepted_and_verify_reports_intact_runs_and_names_damage(share: Path,
+                                                                                          tmp_path: Path) -> None:
+    """Beside a fedsync worker, tests/independent_worker.py, written from docs/PROTOCOL.md alone (it imports nothing
+    from fedsync: the test that keeps the document complete), has its update accepted every round; `fedsync verify`
+    then checks the whole run, the outsider's files included, and names each kind of damage."""
+    assert not re.search(r"^\s*(from|import)\s+(fedsync|tests)\b", OUTSIDER.read_text(), re.M)
+    coord = start("coordinator", "--share", str(share), "--rounds", "2", "--set", "min_workers=2")
     worker = start("worker", "--share", str(share), "--name", "w1", "--device", "cpu", "--wait-for-run", "60")
-    out = finish(coord, timeout=120)
-    finish(worker, timeout=30)
-    assert coord.returncode == 0, out
+    outsider = subprocess.Popen([sys.executable, str(OUTSIDER), str(share), "outsider", str(tmp_path / "outsider.pem")],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    with killed_on_error(coord, worker, outsider):
+        out = finish(coord, timeout=180)
+        outs = finish(worker, timeout=30) + finish(outsider, timeout=30)
+    assert coord.returncode == 0 and outsider.returncode == 0, out + outs
+    s = Share(share)
+    for r in (1, 2):
+        assert [x.worker for x in parse(Summary, s.read_yaml(s.summary(r)), "s").accepted] == ["outsider", "w1"], out
+    assert parse(FinalMarker, s.read_yaml(s.final_marker), "f").test_accuracy >= 0.85, out
     ok = run("verify", "--share", str(share))
     assert ok.returncode == 0 and "0 error(s)" in ok.stdout, ok.stdout
 
-    s = Share(share)
     (s.path(s.updates_dir(1)) / ".w1.safetensors.abc.tmp").write_bytes(b"x")  # a leftover: a hint, not damage
     (s.path(s.round_dir(2)) / "summary.sync-conflict-20261123-101010-ABCDEFG.yaml").write_text("x")
     hinted = run("verify", "--share", str(share), "--json")

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -39,7 +40,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 def test_the_example_task_trains_from_its_installed_package_and_another_version_is_refused(
         installed: dict[str, str], share: Path, tmp_path: Path) -> None:
-    coord = start("coordinator", "--share", str(share), "--rounds", "4", "--config", CONFIG, "--set",
+    coord = start("coordinator", "--share", str(share), "--rounds", "3", "--config", CONFIG, "--set",
                   "min_workers=2", env=installed)
     with killed_on_error(coord):
         wait_until(lambda: (share / "fedsync.yaml").exists(), 60, "the run to start")
@@ -59,13 +60,13 @@ def test_the_example_task_trains_from_its_installed_package_and_another_version_
     code = (other / "fedsync_wine" / "__init__.py").read_text()
     (other / "fedsync_wine" / "__init__.py").write_text(
         code.replace('__version__ = "0.1.0"', '__version__ = "0.2.0"').replace("HIDDEN = 32", "HIDDEN = 64"))
-    refused = run("worker", "--share", str(share), "--name", "w3", "--device", "cpu",
-                  env=install(other, tmp_path / "site-0.2"))
+    other_env = install(other, tmp_path / "site-0.2")
+    with ThreadPoolExecutor(2) as pool:  # and a machine without the package at all
+        refused, missing = pool.map(lambda env: run("worker", "--share", str(share), "--name", "w3" if env else "w4",
+                                                    "--device", "cpu", env=env), [other_env, {}])
     assert refused.returncode == 3, refused.stderr
     assert "task 'wine' on this machine differs from run" in refused.stderr and "'0.2.0'" in refused.stderr
     assert not (share / "workers" / "w3.yaml").exists()
-    # and a machine without the package at all says what to install
-    missing = run("worker", "--share", str(share), "--name", "w4", "--device", "cpu")
     assert missing.returncode == 3 and "task 'wine' is not one of cifar10, digits" in missing.stderr
 
 
