@@ -105,7 +105,7 @@ def local_train(model: nn.Module, data: Split, settings: TrainSettings, device: 
             xb = settings.augment(xb, generator)
         xb = xb.contiguous(memory_format=memory_format)
         full = captured is not None and len(idx) == settings.batch_size
-        if full:
+        if full and xb.is_cuda:  # CUDA graphs exist only there (and the call imports the graph machinery)
             begin_step()
         with torch.autocast(kind, dtype=AUTOCAST.get(settings.precision), enabled=settings.precision in AUTOCAST):
             loss = F.cross_entropy((captured if full else model)(xb), yb)  # type: ignore[operator]
