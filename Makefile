@@ -1,8 +1,6 @@
 # Two entry points for a fresh machine: `make demo` and `make test`. Both create .venv when missing.
-# Byte-code: where PYTHONDONTWRITEBYTECODE is set (it is on these machines) nothing is compiled later, and every
-# process would compile torch again at import. So the install compiles exactly what fedsync's processes import (one
-# warm-up import, about a third of what compiling every installed file costs), and `make test` lets its first
-# processes cache whatever else they import, once.
+# pip byte-compiles at install on purpose: where PYTHONDONTWRITEBYTECODE is set (it is on these machines)
+# nothing is compiled later, and every process would compile torch again at import.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -12,18 +10,15 @@ STAMP := $(VENV)/.fedsync-installed
 
 $(STAMP): pyproject.toml requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check --no-compile -r requirements.txt
-	$(BIN)/python -m pip install -q --disable-pip-version-check --no-compile --no-deps -e .
-	PYTHONDONTWRITEBYTECODE= $(BIN)/python -c "import fedsync.cli.main, fedsync.coordinator, fedsync.worker, \
-	  fedsync.cli.demo, fedsync.cli.status, fedsync.cli.verify, torchvision.models, torchvision.datasets, \
-	  torch._dynamo, pytest"
+	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements.txt
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -e .
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/fedsync demo
 
 test: $(STAMP)
-	PYTHONDONTWRITEBYTECODE= $(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/hash_speed.py
