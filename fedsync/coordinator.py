@@ -158,7 +158,7 @@ class Coordinator:
         self.rule = make_rule(self.cfg.aggregation, self.cfg.momentum, self.cfg.trim)
         self.optimizer = make_optimizer(PLAIN)
         self.server_state: dict[str, torch.Tensor] = {}  # the optimizer's own; none for plain FedAvg
-        self.shard_lists: set[FileRef] = set()  # shard lists known to be in the share as written
+        self.cuts: dict[int, tuple[list[np.ndarray], FileRef]] = {}  # by shard count: the shards and their list
         self.carried: tuple[str, dict[str, torch.Tensor]] | None = None  # the aggregate just written: its hash, state
         self.rows: dict[int, dict[str, object]] = {}  # metrics.csv by round: the summary's, then its evaluation's
         self.rows_lock = threading.Lock()  # the evaluation thread writes metrics.csv too
@@ -228,10 +228,10 @@ class Coordinator:
                 state = load_verified(self.share, self.share.global_model(r), model_ref)
             self.carried = None
         workers = self._wait_for_workers(r)
-        shards = self._shards(len(workers))
+        shards, shard_list = self._cut(len(workers))
         a = Assignment(format=FORMAT_VERSION, run_id=self.manifest.run_id, round=r, rounds=self.opts.rounds,
                        model=model_ref, num_shards=len(workers), time_budget_s=float(self.cfg.round_timeout),
-                       workers=self._tasks(r, workers, shards), shards=self._shard_list(shards))
+                       workers=self._tasks(r, workers, shards), shards=shard_list)
         a.signature = self.identity.sign(assignment_message(a))
         self.share.make_folder(self.share.updates_dir(r))
         self.share.write_yaml(self.share.assignment(r), to_dict(a))  # last: the round is open from here on
@@ -254,27 +254,26 @@ class Coordinator:
                  f"coordinator ({why}): opening the round over it")
         return None
 
-    def _shards(self, num_shards: int) -> list[np.ndarray]:
-        """The training set cut `num_shards` ways (positions in this machine's training split)."""
-        return partition(self.dataset.train.y.numpy(), num_shards, self.cfg.partition, self.cfg.seed,
-                         self.cfg.dirichlet_alpha)
-
-    def _shard_list(self, shards: list[np.ndarray]) -> FileRef:
-        """shards/NNN.safetensors, written when absent or not what it should be: each shard's examples by their
-        index in the task's whole data (PROTOCOL.md 5.4), so a worker needs no random generator to find them."""
-        canonical = self.dataset.canonical()
-        state = {str(i): torch.as_tensor(canonical[part], dtype=torch.int64) for i, part in enumerate(shards)}
-        data = state_bytes(state)
-        name = names.shard_list(len(shards))
-        ref = FileRef(name, hash_bytes(data), len(data))
-        if ref not in self.shard_lists:
+    def _cut(self, num_shards: int) -> tuple[list[np.ndarray], FileRef]:
+        """The training set cut `num_shards` ways (positions in this machine's training split), and its list
+        shards/NNN.safetensors, written when absent or not what it should be: each shard's examples by their index
+        in the task's whole data (PROTOCOL.md 5.4), so a worker needs no random generator to find them. Once per
+        shard count and process: the cut follows from the config alone."""
+        if num_shards not in self.cuts:
+            shards = partition(self.dataset.train.y.numpy(), num_shards, self.cfg.partition, self.cfg.seed,
+                               self.cfg.dirichlet_alpha)
+            canonical = self.dataset.canonical()
+            data = state_bytes({str(i): torch.as_tensor(canonical[part], dtype=torch.int64)
+                                for i, part in enumerate(shards)})
+            name = names.shard_list(num_shards)
+            ref = FileRef(name, hash_bytes(data), len(data))
             try:
                 self.share.read_verified(name, ref)
             except Unusable:  # absent, or not this list: written (again) now
                 self.share.make_folder(names.SHARDS)
                 self.share.write(name, data)
-            self.shard_lists.add(ref)
-        return ref
+            self.cuts[num_shards] = (shards, ref)
+        return self.cuts[num_shards]
 
     def _tasks(self, r: int, workers: list[str], shards: list[np.ndarray]) -> dict[str, WorkerTask]:
         """Shard i to the i-th worker; with balance: throughput, steps sized by each worker's published speed."""

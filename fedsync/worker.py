@@ -178,7 +178,7 @@ class Worker:
         self.model = self.task.build_model(self.cfg.model)  # kept for the worker's life: each round loads into it
         self.captured: torch.nn.Module | None = None
         self.dataset: Dataset | None = None
-        self.placed: tuple[tuple[int, int], tuple[Split, Split]] | None = None  # the last shard, on the device
+        self.placed: tuple[tuple[str, int], tuple[Split, Split]] | None = None  # (list hash, shard): on the device
 
     def run(self) -> FinalMarker | None:
         # the data is checked before the first change to the share: a failed start leaves it as it was
@@ -339,9 +339,10 @@ class Worker:
             try:
                 self.captured = capture(self.model)
                 local_train(self.model, sample, settings, self.device, seed=0, captured=self.captured)
-                self.log(f"training step compiled and captured in {time.monotonic() - started:.1f} s")
+                seconds = time.monotonic() - started
+                self.log(f"training step compiled and captured in {seconds:.1f} s")
                 self.heartbeat.info = replace(self.heartbeat.info, training_step="cuda-graphs",
-                                              compile_s=round(time.monotonic() - started, 3))
+                                              compile_s=round(seconds, 3))
                 return
             except Exception as e:  # noqa: BLE001 - whatever the compiler raises, eager still trains
                 self.captured = None

@@ -63,12 +63,16 @@ class Task:
                                 f"{self.num_classes}")
         return data
 
+    @property
+    def registry(self) -> Mapping[str, models.ModelFactory]:
+        """The models this task builds: its own, or fedsync's built-in ones."""
+        return self.models if self.models is not None else models.REGISTRY
+
     def model_names(self) -> list[str]:
-        return sorted(self.models if self.models is not None else models.REGISTRY)
+        return sorted(self.registry)
 
     def build_model(self, name: str, seed: int | None = None) -> nn.Module:
-        registry = self.models if self.models is not None else models.REGISTRY
-        return models.build_model(name, self.num_classes, seed, registry)
+        return models.build_model(name, self.num_classes, seed, self.registry)
 
 
 TASKS: dict[str, Task] = {}
