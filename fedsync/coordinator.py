@@ -11,7 +11,7 @@ import io
 import math
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +28,9 @@ from fedsync.base.faults import crash_point
 from fedsync.base.logs import Log, make_log
 from fedsync.fedavg import l2_norm
 from fedsync.learning.balance import plan_steps
-from fedsync.learning.data import Dataset
+from fedsync.learning.data import Dataset, Source
 from fedsync.learning.device import DeviceChoice, DeviceFacts, choose_device
 from fedsync.learning.partition import hold_out, partition
-from fedsync.learning.tasks import get_task
 from fedsync.run.config import RunConfig
 from fedsync.run.evaluation import Evaluator, due, federated_mean
 from fedsync.run.ledger import LateLedger, RoundLedger, load_summary
@@ -115,7 +114,7 @@ def run_coordinator(opts: CoordinatorOptions) -> FinalMarker:
         if closed and closed[-1] > opts.rounds:
             raise ConfigError(f"the run in {share.where()} already closed {closed[-1]} rounds: "
                               f"--rounds must be at least {closed[-1]}")
-        dataset = get_task(opts.config.task).load(opts.data_root or opts.config.data_root, opts.config.data_options())
+        dataset, test = load_data(opts.config, opts.data_root or opts.config.data_root, opts.log)
         manifest = existing or new_manifest(opts.config.as_dict(), opts.created_by, identity.public,
                                             task_record(opts.config))
         lease = Lease(share, manifest.run_id, opts.config.heartbeat, opts.config.worker_timeout, opts.log)
@@ -129,7 +128,8 @@ def run_coordinator(opts: CoordinatorOptions) -> FinalMarker:
         finished = False
         try:
             with ShareWatcher(share, opts.watch) as watcher:
-                final = Coordinator(share, manifest, opts, dataset, watcher, lease, identity, choice, nudge).run()
+                final = Coordinator(share, manifest, opts, dataset, test, watcher, lease, identity, choice,
+                                    nudge).run()
                 finished = True
                 return final
         finally:
@@ -138,22 +138,35 @@ def run_coordinator(opts: CoordinatorOptions) -> FinalMarker:
         lock.release()
 
 
+def load_data(cfg: RunConfig, location: str | None, log: Log) -> tuple[Dataset | None, Source]:
+    """A shared task's data set (its training part is cut into shards) and its test part; for a private task, no
+    training data and this machine's own test data."""
+    task = cfg.resolved_task()
+    if task.private:
+        return None, task.load_own(location, cfg.data_options(log))
+    dataset = task.load(location, cfg.data_options(log))
+    return dataset, dataset.test
+
+
 def _lease_holder(share: Share) -> str:
     lease = read_lease(share)
     return f" (pid {lease.pid})" if lease else ""
 
 
 class Coordinator:
-    def __init__(self, share: Share, manifest: Manifest, opts: CoordinatorOptions, dataset: Dataset,
-                 watcher: ShareWatcher, lease: Lease, identity: Identity, device: DeviceChoice,
+    def __init__(self, share: Share, manifest: Manifest, opts: CoordinatorOptions, dataset: Dataset | None,
+                 test: Source, watcher: ShareWatcher, lease: Lease, identity: Identity, device: DeviceChoice,
                  nudge: SyncthingNudge | None = None) -> None:
         self.share, self.manifest, self.opts, self.cfg = share, manifest, opts, opts.config
         self.dataset, self.watcher, self.lease, self.log = dataset, watcher, lease, opts.log
+        self.task = self.cfg.resolved_task()
+        self.train_size = len(dataset.train) if dataset is not None else 0  # a private task's data is the workers'
+        self.unequipped: set[str] = set()  # workers of a private task that registered no data of their own: said
         self.identity, self.nudge = identity, nudge
         self.liveness = Liveness(share, self.cfg.worker_timeout)
         self.trust = Trust(share, manifest.run_id, identity, self.cfg.trust, self.liveness.public_key, self.log)
         self.backoff = Backoff(self.log)
-        self.model = get_task(self.cfg.task).build_model(self.cfg.model, seed=self.cfg.seed)
+        self.model = self.task.build_model(self.cfg.model, seed=self.cfg.seed)
         self.parameters = frozenset(name for name, _ in self.model.named_parameters())
         self.rule = make_rule(self.cfg.aggregation, self.cfg.momentum, self.cfg.trim)
         self.optimizer = make_optimizer(PLAIN)
@@ -164,7 +177,7 @@ class Coordinator:
         self.rows_lock = threading.Lock()  # the evaluation thread writes metrics.csv too
         if device.fallback:
             self.log(f"WARNING: evaluating on the CPU although a GPU is present: {device.fallback}")
-        self.evaluator = Evaluator(share, get_task(self.cfg.task), self.cfg, dataset.test, device.device, self.log,
+        self.evaluator = Evaluator(share, self.task, self.cfg, test, device.device, self.log,
                                    self._landed)
 
     def run(self) -> FinalMarker:
@@ -228,9 +241,9 @@ class Coordinator:
                 state = load_verified(self.share, self.share.global_model(r), model_ref)
             self.carried = None
         workers = self._wait_for_workers(r)
-        shards, shard_list = self._cut(len(workers))
+        shards, shard_list = self._cut(len(workers)) if self.dataset is not None else ([], None)
         a = Assignment(format=FORMAT_VERSION, run_id=self.manifest.run_id, round=r, rounds=self.opts.rounds,
-                       model=model_ref, num_shards=len(workers), time_budget_s=float(self.cfg.round_timeout),
+                       model=model_ref, num_shards=len(shards), time_budget_s=float(self.cfg.round_timeout),
                        workers=self._tasks(r, workers, shards), shards=shard_list)
         a.signature = self.identity.sign(assignment_message(a))
         self.share.make_folder(self.share.updates_dir(r))
@@ -260,9 +273,11 @@ class Coordinator:
         in the task's whole data (PROTOCOL.md 5.4), so a worker needs no random generator to find them. Once per
         shard count and process: the cut follows from the config alone."""
         if num_shards not in self.cuts:
-            shards = partition(self.dataset.train.y.numpy(), num_shards, self.cfg.partition, self.cfg.seed,
+            dataset = self.dataset
+            assert dataset is not None  # a shared task's coordinator holds its data
+            shards = partition(dataset.train.y.numpy(), num_shards, self.cfg.partition, self.cfg.seed,
                                self.cfg.dirichlet_alpha)
-            canonical = self.dataset.canonical()
+            canonical = dataset.canonical()
             data = state_bytes({str(i): torch.as_tensor(canonical[part], dtype=torch.int64)
                                 for i, part in enumerate(shards)})
             name = names.shard_list(num_shards)
@@ -276,8 +291,15 @@ class Coordinator:
         return self.cuts[num_shards]
 
     def _tasks(self, r: int, workers: list[str], shards: list[np.ndarray]) -> dict[str, WorkerTask]:
-        """Shard i to the i-th worker; with balance: throughput, steps sized by each worker's published speed."""
-        equal = {w: WorkerTask(shard=i, local_epochs=self.cfg.local_epochs) for i, w in enumerate(workers)}
+        """Shard i to the i-th worker, or for a private task each worker's own data (its registered sample count
+        bounds what it may claim); with balance: throughput, steps sized by each worker's published speed."""
+        if self.task.private:
+            owned = {w: self.liveness.info[w].own_samples or 0 for w in workers}
+            equal = {w: WorkerTask(shard=None, local_epochs=self.cfg.local_epochs, samples=owned[w]) for w in workers}
+            sizes = {w: np.arange(owned[w]) for w in workers}
+        else:
+            equal = {w: WorkerTask(shard=i, local_epochs=self.cfg.local_epochs) for i, w in enumerate(workers)}
+            sizes = {w: shards[i] for i, w in enumerate(workers)}
         if self.cfg.balance != "throughput":
             return equal
         speeds = {w: self.liveness.info[w].samples_per_s for w in workers}
@@ -285,13 +307,12 @@ class Coordinator:
         if unknown:
             self.log(f"round {r}: equal work: no measured speed from {', '.join(unknown)} yet")
             return equal
-        trained = [hold_out(part, self.cfg.federated_eval)[0] for part in shards]
-        steps = plan_steps({w: len(trained[i]) for i, w in enumerate(workers)}, speeds,  # type: ignore[arg-type]
+        trained = {w: len(hold_out(rows, self.cfg.federated_eval)[0]) for w, rows in sizes.items()}
+        steps = plan_steps(trained, speeds,  # type: ignore[arg-type]
                            self.cfg.local_epochs, self.cfg.batch_size, self.cfg.round_timeout)
         self.log(f"round {r}: steps by throughput: " + ", ".join(
             f"{w} {steps[w]} ({speeds[w]:.0f} samples/s)" for w in workers))
-        return {w: WorkerTask(shard=t.shard, local_epochs=t.local_epochs, local_steps=steps[w])
-                for w, t in equal.items()}
+        return {w: replace(t, local_steps=steps[w]) for w, t in equal.items()}
 
     def _wait(self, seconds: float) -> None:
         """Sleep until the share changes or `seconds` pass; stop if another coordinator took the share."""
@@ -311,7 +332,7 @@ class Coordinator:
                     self.log(f"WARNING: worker {name} trains on the CPU although it has a GPU: "
                              f"{info.device_fallback}")
             self.trust.refresh()
-            live = [w for w in self.liveness.live() if self.trust.admit(w)]
+            live = [w for w in self.liveness.live() if self.trust.admit(w) and self._equipped(w)]
             if len(live) >= self.cfg.min_workers:
                 return live
             if not announced:
@@ -319,13 +340,23 @@ class Coordinator:
                 announced = True
             self._wait(self.opts.rescan)
 
+    def _equipped(self, worker: str) -> bool:
+        """Whether the worker can train: for a private task, it registered data of its own (said once if not)."""
+        if not self.task.private or self.liveness.info[worker].own_samples:
+            return True
+        if worker not in self.unequipped:
+            self.unequipped.add(worker)
+            self.log(f"WARNING: worker {worker} registered no data of its own; task {self.cfg.task} trains on each "
+                     "worker's own folder (fedsync worker --data DIR): it gets no work")
+        return False
+
     # -- collecting ----------------------------------------------------------------------------------------
 
     def _collect_and_close(self, r: int, a: Assignment, state: dict[str, torch.Tensor]) -> None:
         opened = time.monotonic()
         self.lease.update("collecting", r)
-        intake = RoundLedger(self.share, r, a, len(self.dataset.train), self.rule, self.trust)
-        late = self.backoff.run(lambda: LateLedger(self.share, r, self.cfg, len(self.dataset.train), self.rule,
+        intake = RoundLedger(self.share, r, a, self.train_size, self.rule, self.trust)
+        late = self.backoff.run(lambda: LateLedger(self.share, r, self.cfg, self.train_size, self.rule,
                                                    self.trust),
                                 f"reading the rounds before round {r}")
         aggregator = Aggregator(layout_of(state), self.share.store)

@@ -25,11 +25,11 @@ from fedsync.base.faults import crash_point
 from fedsync.base.logs import Log, make_log
 from fedsync.fedavg import delta
 from fedsync.learning.capture import capture, plan_capture
-from fedsync.learning.data import Dataset, Split
+from fedsync.learning.data import Dataset, Source
 from fedsync.learning.device import DeviceChoice, DeviceFacts, choose_device, describe
 from fedsync.learning.doctor import start_check
 from fedsync.learning.partition import hold_out
-from fedsync.learning.tasks import Task, get_task
+from fedsync.learning.tasks import Task
 from fedsync.learning.train import TrainSettings, evaluate, local_train, measure_throughput, place
 from fedsync.run.config import RunConfig, config_from_dict
 from fedsync.run.start import check_task
@@ -66,6 +66,7 @@ class WorkerOptions:
     rescan: float = 2.0                 # seconds between full rescans when no event arrives
     wait_for_run: float | None = None   # seconds to wait for fedsync.yaml to appear; None: forever
     data_root: str | None = None        # where the task's data is on this machine; None: the run config's data_root
+    memory_budget: int | None = None    # bytes of its own decoded images kept in memory; beyond: streamed; None: auto
     syncthing: str | None = None        # URL of this machine's Syncthing API, to be nudged after each update
     syncthing_key: str | None = None
     key: Path | None = None             # this worker's private key; None: worker-<name>.pem in the key folder
@@ -160,7 +161,7 @@ class Worker:
         self.nudge = nudge
         self.watcher, self.opts, self.log = watcher, opts, log
         self.cfg: RunConfig = config_from_dict(manifest.config, share.where(share.manifest))
-        self.task: Task = get_task(self.cfg.task)
+        self.task: Task = self.cfg.resolved_task()
         check_task(manifest, self.cfg)  # another version or layout of the task: refused before anything is written
         # checked before registering: nothing found here can fail the worker in the middle of a round
         choice, self.precision = start_check(opts.device, choice, self.cfg.precision, facts)
@@ -177,20 +178,20 @@ class Worker:
         self.plan = plan_capture(opts.capture, self.device, facts)
         self.model = self.task.build_model(self.cfg.model)  # kept for the worker's life: each round loads into it
         self.captured: torch.nn.Module | None = None
-        self.dataset: Dataset | None = None
-        self.placed: tuple[tuple[str, int], tuple[Split, Split]] | None = None  # (list hash, shard): on the device
+        self.dataset: Dataset | None = None  # a shared task's data set: shards are cut from its training part
+        self.own: Source | None = None       # a private task's data: this machine's own, all of it trained on
+        self.placed: tuple[tuple[str, int], tuple[Source, Source]] | None = None  # (list hash, shard): on the device
 
     def run(self) -> FinalMarker | None:
         # the data is checked before the first change to the share: a failed start leaves it as it was
-        self.dataset = self.task.load(self.opts.data_root or self.cfg.data_root, self.cfg.data_options())
+        train = self._load_data()
         own = {names.update_tensors_name(self.name), names.update_marker_name(self.name)}
         for r in self.share.rounds():
             self.share.remove_temporaries(self.share.updates_dir(r), own)  # left by a crash of this worker
-        self._warm_up()
+        self._warm_up(train)
         if self.cfg.balance == "throughput":  # the first round is sized by it; later rounds by measured rounds
-            train, sample = self.dataset.train, 16 * self.cfg.batch_size  # enough batches to time, little to copy
-            speed = measure_throughput(self.model, Split(train.x[:sample], train.y[:sample]),
-                                       self._settings(self.cfg.local_epochs, None), self.device,
+            sample = _first(train, 16 * self.cfg.batch_size)  # enough batches to time, little to copy
+            speed = measure_throughput(self.model, sample, self._settings(self.cfg.local_epochs, None), self.device,
                                        captured=self.captured)
             self.heartbeat.info = replace(self.heartbeat.info, samples_per_s=round(speed, 1))
         self.heartbeat.start()
@@ -198,7 +199,7 @@ class Worker:
         speed_note = f", {self.heartbeat.info.samples_per_s:.0f} samples/s" if self.heartbeat.info.samples_per_s else ""
         self.log(f"registered for run {self.manifest.run_id} on {self.device} "
                  f"({self.heartbeat.info.device_name}, {self.precision}{speed_note}); "
-                 f"{len(self.dataset.train)} training examples")
+                 f"{len(train)} training examples{' of its own' if self.own is not None else ''}")
         try:
             while True:
                 try:
@@ -218,6 +219,18 @@ class Worker:
                 self.watcher.wait(self.opts.rescan)
         finally:
             self.heartbeat.stop()
+
+    def _load_data(self) -> Source:
+        """The data this worker trains on: for a private task its own (registered by count, never sent), else the
+        shared data set whose training part the coordinator's shard lists index."""
+        location = self.opts.data_root or self.cfg.data_root
+        options = self.cfg.data_options(self.log, self.opts.memory_budget)
+        if self.task.private:
+            self.own = self.task.load_own(location, options)
+            self.heartbeat.info = replace(self.heartbeat.info, own_samples=len(self.own))
+            return self.own
+        self.dataset = self.task.load(location, options)
+        return self.dataset.train
 
     def _pending_round(self) -> tuple[int, Assignment] | None:
         """The newest open round that gives this worker a task it has not submitted yet. A round folder whose
@@ -320,19 +333,19 @@ class Worker:
         self.heartbeat.update(state="idle", round=r, samples_per_s=round(result.samples_per_s, 1))
         held = (f"; the round's model on {evaluation.samples} held-out examples: accuracy "
                 f"{evaluation.accuracy:.4f}, loss {evaluation.loss:.4f}") if evaluation else ""
-        self.log(f"round {r}: trained shard {task.shard}/{a.num_shards} ({result.steps} steps over "
+        what = "its own data" if task.shard is None else f"shard {task.shard}/{a.num_shards}"
+        self.log(f"round {r}: trained {what} ({result.steps} steps over "
                  f"{result.samples} examples, {result.samples_per_s:.0f} samples/s) in {trained - evaluated:.2f} s, "
                  f"train loss {result.train_loss:.4f}{held}; assignment to training {ready - seen:.2f} s, training "
                  f"to marker written {written - trained:.2f} s")
 
-    def _warm_up(self) -> None:
+    def _warm_up(self, train: Source) -> None:
         """A few training steps on the first examples before registering, so round 1 runs at full speed: the first
         call of every kernel, and the capture of the step in CUDA graphs (compiled once for this process, timed and
         said). A capture that fails falls back to eager, said with its reason. The weights are overwritten by each
         round's global model."""
         self.log(self.plan.why)
-        train, k = self.dataset.train, 3 * self.cfg.batch_size  # type: ignore[union-attr]
-        sample, settings = Split(train.x[:k], train.y[:k]), self._settings(1, 3)
+        sample, settings = _first(train, 3 * self.cfg.batch_size), self._settings(1, 3)
         if self.plan.capture:
             started = time.monotonic()
             self.log("compiling the training step (once per process; round 1 waits for it)")
@@ -352,26 +365,35 @@ class Worker:
     def _settings(self, epochs: int, steps: int | None) -> TrainSettings:
         return TrainSettings(epochs=epochs, batch_size=self.cfg.batch_size, lr=self.cfg.lr,
                              momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay,
-                             augment=self.task.augment if self.cfg.augment else None,
+                             augment=self.task.augmentation(self.cfg.augment),
                              steps=steps, prox_mu=self.cfg.prox_mu, precision=self.precision,
                              channels_last=self.device.startswith("cuda") and len(self.task.input_shape) == 3)
 
-    def _evaluate(self, held_out: Split) -> HeldOut | None:
+    def _evaluate(self, held_out: Source) -> HeldOut | None:
         """Federated evaluation: the round's global model (just loaded) on this worker's held-out examples."""
         if not len(held_out):
             return None
         loss, accuracy = evaluate(self.model, held_out, self.cfg.eval_batch_size, self.device)
         return HeldOut(loss=loss, accuracy=accuracy, samples=len(held_out))
 
-    def _on_device(self, shards: FileRef, index: int) -> tuple[Split, Split]:
-        """The shard's training and held-out parts (federated_eval), placed on the device once and kept there while
-        the assignment stays the same."""
-        if self.placed is None or self.placed[0] != (shards.blake3, index):
+    def _on_device(self, shards: FileRef | None, index: int | None) -> tuple[Source, Source]:
+        """The training and held-out parts (federated_eval) of the shard, or of this worker's own data, placed on the
+        device once and kept there while the assignment stays the same."""
+        key = ("own", -1) if index is None or shards is None else (shards.blake3, index)
+        if self.placed is None or self.placed[0] != key:
             self.placed = None  # free the old copy first
-            train = self.dataset.train  # type: ignore[union-attr]
-            kept, held = hold_out(self._shard_rows(shards, index), self.cfg.federated_eval)
-            self.placed = ((shards.blake3, index), (place(train.subset(kept), self.device),
-                                                    place(train.subset(held), self.device)))
+            if index is None:
+                if self.own is None:
+                    raise DataError(f"task {self.cfg.task}'s data is shared, yet the assignment gives this worker "
+                                    "no shard: the coordinator's fedsync differs")
+                data, rows = self.own, np.arange(len(self.own))
+            elif shards is None or self.dataset is None:
+                raise DataError(f"task {self.cfg.task} trains on each worker's own data, yet the assignment gives this "
+                                f"worker shard {index}: the coordinator's fedsync differs")
+            else:
+                data, rows = self.dataset.train, self._shard_rows(shards, index)
+            kept, held = hold_out(rows, self.cfg.federated_eval)
+            self.placed = (key, (place(data.subset(kept), self.device), place(data.subset(held), self.device)))
         return self.placed[1]
 
     def _shard_rows(self, shards: FileRef, index: int) -> np.ndarray:
@@ -389,6 +411,10 @@ class Worker:
             raise DataError(f"{shards.file} lists examples for shard {index} that this machine's training data does "
                             "not hold: the task's data differs from the coordinator's (another version or copy)")
         return rows  # in the list's order: the held-out rule counts positions in it
+
+
+def _first(data: Source, n: int) -> Source:
+    return data.subset(np.arange(min(n, len(data))))
 
 
 def _divergence(train_loss: float, update: dict[str, torch.Tensor]) -> str | None:

@@ -14,6 +14,7 @@ LAYERS = {"base": 0, "storage": 1, "learning": 2, "aggregation": 2, "run": 3, "c
 TOP_LEVEL = {"coordinator": "run", "worker": "run", "fedavg": "aggregation", "__main__": "cli", "__init__": "base"}
 # Files that read what is not the share: each machine's own data and the user's own config file.
 NOT_THE_SHARE = {"fedsync/learning/data.py": "datasets on this machine",
+                 "fedsync/learning/imagefolder.py": "a machine's own image folder, and its free memory",
                  "fedsync/run/config.py": "the user's config file"}
 FILE_MODULES = {"os", "shutil", "io", "gzip", "tempfile"}  # any call of theirs on a path is file I/O
 PATH_METHODS = {"open", "stat", "lstat", "iterdir", "glob", "rglob", "read_bytes", "read_text", "write_bytes",

@@ -68,7 +68,7 @@ def test_watch_help_says_what_watching_does(command: str, tmp_path: Path) -> Non
 
 @pytest.mark.parametrize("command", ["coordinator", "worker"])
 def test_data_root_help_names_the_fallback(command: str) -> None:
-    assert "--data-root" in _help(command) and "default: the run config's data_root" in _help(command)
+    assert "--data-root" in _help(command) and "Default: the run config's data_root" in _help(command)
 
 
 def test_errors_are_one_line_with_their_status(tmp_path: Path) -> None:

@@ -32,8 +32,10 @@ SyncthingKeyOpt = Annotated[str | None, typer.Option(
     "--syncthing-key", help="That Syncthing's API key (or set FEDSYNC_SYNCTHING_KEY).")]
 WatchOpt = Annotated[str, typer.Option("--watch", help=describe_modes())]
 DataRootOpt = Annotated[str | None, typer.Option(
-    "--data-root", help="Where the task's data is on this machine (e.g. the folder holding "
-                        "cifar-10-batches-py/); default: the run config's data_root. Each machine gives its own.")]
+    "--data-root", "--data", help="Where the task's data is on this machine: the folder holding "
+                                  "cifar-10-batches-py/, or for imagefolder this machine's own image folder "
+                                  "(DIR/<class>/<image>: a worker's training images, the coordinator's test images). "
+                                  "Default: the run config's data_root. Each machine gives its own.")]
 
 KeyOpt = Annotated[Path | None, typer.Option(
     "--key", help="The private key (PEM, Ed25519, mode 0600): the coordinator and workers create theirs on first "
@@ -92,6 +94,10 @@ def worker(
                                              "once with `fedsync doctor`'s diagnosis.")] = "auto",
     watch: WatchOpt = "auto",
     data_root: DataRootOpt = None,
+    data_memory: Annotated[float | None, typer.Option(
+        "--data-memory", help="MiB of its own decoded images (imagefolder) this worker keeps in memory; a larger "
+                              "folder is streamed from disk batch by batch every pass. Default: a quarter of the "
+                              "memory this machine has free.")] = None,
     wait_for_run: Annotated[float | None, typer.Option(help="Give up if no run appears in the share within "
                                                             "this many seconds (default: wait forever).")] = None,
     syncthing: SyncthingOpt = None,
@@ -123,12 +129,15 @@ def worker(
         name = check_worker_name(name or socket.gethostname())
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--name") from None
+    if data_memory is not None and data_memory < 0:
+        raise typer.BadParameter("must not be negative (0 streams every folder)", param_hint="--data-memory")
     if capture not in CAPTURE_SETTINGS:
         raise typer.BadParameter(f"{capture!r} is not one of {', '.join(CAPTURE_SETTINGS)}", param_hint="--capture")
     run_worker(WorkerOptions(share=share, name=name, device=device, watch=_check_watch(watch),
                              data_root=data_root, wait_for_run=wait_for_run, syncthing=syncthing,
                              syncthing_key=syncthing_key, key=key, coordinator_key=coordinator_key,
-                             capture=capture))
+                             capture=capture,
+                             memory_budget=None if data_memory is None else int(data_memory * 2**20)))
 
 
 @app.command()

@@ -93,7 +93,7 @@ def collect_status(share: Share) -> dict[str, Any]:
             "name": name, "device": info.device, "device_name": info.device_name, "torch": info.torch,
             "cuda_capability": info.cuda_capability, "precision": info.precision,
             "samples_per_s": info.samples_per_s, "device_fallback": info.device_fallback, "state": info.state,
-            "training_step": info.training_step, "compile_s": info.compile_s,
+            "training_step": info.training_step, "compile_s": info.compile_s, "own_samples": info.own_samples,
             "round": info.round, "last_heartbeat_s": None if age is None else round(age, 1),
             "key": fingerprint(info.public_key) if info.public_key else None,
             "trust": _trust(name, info.public_key, trusted.get(name), mode)})
@@ -146,7 +146,8 @@ def format_status(st: dict[str, Any]) -> str:
             speed += f", {w['training_step']}{compiled}"
         lines.append(f"  {w['name']}: {w['state']}, {w['device']} ({w['device_name']}{cap}, {w['precision']}{speed}), "
                      f"torch {w['torch']}, heartbeat {w['last_heartbeat_s']} s ago (file time, as seen from here)")
-        lines.append(f"    key {w['key'] or 'none'}: {w['trust']}")
+        own = f"; trains on {w['own_samples']} examples of its own" if w["own_samples"] is not None else ""
+        lines.append(f"    key {w['key'] or 'none'}: {w['trust']}{own}")
         if w["device_fallback"]:
             lines.append(f"    WARNING: on the CPU although a GPU is present: {w['device_fallback']}")
     return "\n".join(lines)

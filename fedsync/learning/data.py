@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -28,9 +30,38 @@ class Split:
     def __len__(self) -> int:
         return len(self.y)
 
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
     def subset(self, idx: np.ndarray) -> Split:
         index = torch.as_tensor(idx, dtype=torch.long)
         return Split(self.x[index], self.y[index])
+
+    def epoch(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor,
+                                                                                                torch.Tensor]]:
+        """One pass in batches: shuffled by `generator` (on the split's device, so the order never leaves it), or in
+        order without one."""
+        n = len(self.y)
+        order = None if generator is None else torch.randperm(n, generator=generator, device=self.x.device)
+        for start in range(0, n, batch_size):
+            idx = slice(start, start + batch_size) if order is None else order[start:start + batch_size]
+            yield self.x[idx], self.y[idx]
+
+
+class Source(Protocol):
+    """Examples a worker trains on or a coordinator evaluates on: a Split in memory, or a stream read from files
+    batch by batch (fedsync/learning/imagefolder.py) when they do not fit in memory."""
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def __len__(self) -> int: ...
+
+    def subset(self, idx: np.ndarray) -> Source: ...
+
+    def epoch(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor,
+                                                                                                torch.Tensor]]: ...
 
 
 @dataclass

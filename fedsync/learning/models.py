@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from functools import partial
 
 import torch
 from torch import nn
@@ -44,11 +45,31 @@ def digits_cnn(num_classes: int) -> nn.Module:
 
 
 @register("resnet18_cifar")
-def resnet18_cifar(num_classes: int) -> nn.Module:
+def resnet18_cifar(num_classes: int, channels: int = 3) -> nn.Module:
     """ResNet-18 for 32x32 inputs: a 3x3 stride-1 stem and no max-pool, as usual for CIFAR (11.2 M params)."""
     from torchvision.models import resnet18
 
     model = resnet18(num_classes=num_classes)
-    model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    model.conv1 = nn.Conv2d(channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()
     return model
+
+
+def image_cnn(channels: int, num_classes: int) -> nn.Module:
+    """digits_cnn for any image size and channel count: an adaptive average pool brings the map to 4x4 (at 8x8 it
+    changes nothing)."""
+    return nn.Sequential(
+        nn.Conv2d(channels, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.AdaptiveAvgPool2d(4),
+        nn.Flatten(),
+        nn.Linear(64 * 4 * 4, 128), nn.ReLU(),
+        nn.Linear(128, num_classes),
+    )
+
+
+def image_models(channels: int) -> dict[str, ModelFactory]:
+    """The imagefolder task's models for images of `channels` channels."""
+    return {"image_cnn": partial(image_cnn, channels),
+            "resnet18": lambda num_classes: resnet18_cifar(num_classes, channels)}

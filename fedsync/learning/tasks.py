@@ -1,6 +1,11 @@
 """Tasks: what is learned, bundled so that a run names it in one word. A task knows how to load its data on
-*this* machine (from a location that machine gives: `--data-root`, else the run config's `data_root`), its
+*this* machine (from a location that machine gives: `--data-root`/`--data`, else the run config's `data_root`), its
 classes and input shape, the models it builds and its augmentation.
+
+A task's data is either shared or private. Shared (digits, cifar10): every machine holds the same data set, the
+coordinator cuts its training part into shards and lists them, and evaluates on its test part. Private
+(imagefolder): each worker trains on all of its own data and the coordinator evaluates on its own; no example leaves
+its machine, and the run's config fixes what the machines must agree on (the class names, the input shape).
 
 A task can live outside fedsync (README, "Your own task"): a config names it as `package.module:name` (a `Task`
 object in an installed module) or by the name an installed package registers under the entry-point group
@@ -12,7 +17,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 
@@ -20,8 +25,9 @@ from torch import nn
 
 from fedsync.base.errors import ConfigError, DataError
 from fedsync.learning import models
-from fedsync.learning.augment import crop_and_flip
-from fedsync.learning.data import Dataset, load_cifar10, load_digits
+from fedsync.learning.augment import NAMED, crop_and_flip
+from fedsync.learning.data import Dataset, Source, Split, load_cifar10, load_digits
+from fedsync.learning.imagefolder import ImageSpec, load_folder
 from fedsync.learning.train import Augment
 
 ENTRY_POINTS = "fedsync.tasks"
@@ -30,14 +36,27 @@ BUILTIN_VERSION = "fedsync-1"  # the built-in tasks' version: changes when a bui
 
 @dataclass(frozen=True)
 class DataOptions:
-    """The run config's say in how data is loaded; the location is each machine's own."""
+    """How data is loaded: the run config's say, and this machine's memory budget; the location is each machine's
+    own."""
 
     seed: int                # the digits held-out split follows from it
     test_fraction: float     # tasks without their own test set hold this share of the data out
     verify_checksums: bool   # check published checksums (false only for fabricated test data)
+    memory_budget: int | None = None  # bytes of decoded private data kept in memory, beyond: streamed; None: auto
+    note: Callable[[str], None] = print  # where a loader says what it skipped (the process's log)
+
+
+@dataclass(frozen=True)
+class TaskSettings:
+    """What a run's config fixes for a task whose shape it sets (imagefolder); None where it says nothing."""
+
+    classes: tuple[str, ...] | None = None
+    image_size: int | None = None
+    channels: int | None = None
 
 
 Loader = Callable[[Path | None, DataOptions], Dataset]
+OwnLoader = Callable[[Path, DataOptions], Source]
 
 
 @dataclass(frozen=True)
@@ -45,23 +64,63 @@ class Task:
     name: str
     num_classes: int
     input_shape: tuple[int, ...]      # one example, channels first
-    load_data: Loader                 # training data (the worker's) and test data (the coordinator's)
+    load_data: Loader | None          # shared data: training (cut into shards) and test (the coordinator's)
     default_location: str | None      # where its data is looked for when no location is given; None: built in
     augment: Augment | None = None    # applied to each training batch when the config's `augment` is true
     models: Mapping[str, models.ModelFactory] | None = None  # its own models by name; None: fedsync's built-in ones
     version: str = BUILTIN_VERSION    # recorded in the run: machines with another version of the task refuse
+    own_data: OwnLoader | None = None  # private data instead: the examples at one machine's own location
+    configure: Callable[[Task, TaskSettings], Task] | None = None  # the task as the config's settings shape it
+
+    @property
+    def private(self) -> bool:
+        """Whether each machine brings its own data (workers train on all of it; no shards)."""
+        return self.own_data is not None
+
+    def configured(self, settings: TaskSettings) -> Task:
+        """The task as a run's config shapes it; settings a task does not take are a config error."""
+        if self.configure is not None:
+            return self.configure(self, settings)
+        given = [k for k, v in vars(settings).items() if v is not None]
+        if given:
+            raise ConfigError(f"task {self.name} fixes its own classes and input shape: {', '.join(given)} "
+                              "apply to tasks such as imagefolder; leave them null")
+        return self
 
     def load(self, location: str | None, options: DataOptions) -> Dataset:
-        """The task's data from `location` on this machine (or its default), checked against what the task
+        """A shared task's data from `location` on this machine (or its default), checked against what the task
         declares, so a loader that returns something else fails here and not in the middle of a round."""
+        if self.load_data is None:
+            raise DataError(f"task {self.name} has no shared data set: each machine brings its own (--data DIR)")
         where = location or self.default_location
         data = self.load_data(Path(where) if where else None, options)
         for split, part in (("training", data.train), ("test", data.test)):
-            if tuple(part.x.shape[1:]) != self.input_shape or data.num_classes != self.num_classes:
-                raise DataError(f"task {self.name}: its {split} data holds {tuple(part.x.shape[1:])} examples of "
-                                f"{data.num_classes} classes; the task declares {self.input_shape} and "
-                                f"{self.num_classes}")
+            self._check(part, data.num_classes, split)
         return data
+
+    def load_own(self, location: str | None, options: DataOptions) -> Source:
+        """A private task's examples at this machine's `location`: a worker's training data, or the coordinator's
+        test data."""
+        if self.own_data is None:
+            raise DataError(f"task {self.name}'s data is shared: it is cut into shards by the coordinator")
+        if not location:
+            raise DataError(f"task {self.name} trains on each machine's own data: give its folder with --data DIR "
+                            "(or data_root in the config)")
+        data = self.own_data(Path(location), options)
+        if isinstance(data, Split):
+            self._check(data, self.num_classes, "own")
+        return data
+
+    def augmentation(self, setting: bool | str) -> Augment | None:
+        """The config's `augment`: false, true (the task's own), or one of fedsync/learning/augment.py's NAMED."""
+        if isinstance(setting, str):
+            return NAMED[setting]
+        return self.augment if setting else None
+
+    def _check(self, part: Split, num_classes: int, split: str) -> None:
+        if tuple(part.x.shape[1:]) != self.input_shape or num_classes != self.num_classes:
+            raise DataError(f"task {self.name}: its {split} data holds {tuple(part.x.shape[1:])} examples of "
+                            f"{num_classes} classes; the task declares {self.input_shape} and {self.num_classes}")
 
     @property
     def registry(self) -> Mapping[str, models.ModelFactory]:
@@ -126,9 +185,43 @@ def _by_entry_point(name: str) -> Task:
     return task
 
 
-BUILTIN = ("digits", "cifar10")
+def _shaped_by_config(root: Path, options: DataOptions) -> Source:
+    raise ConfigError("task imagefolder is shaped by its run's config (classes, image_size, channels): load it through "
+                      "the config")
+
+
+def _image_task(task: Task, settings: TaskSettings) -> Task:
+    """imagefolder as a run's config shapes it: its classes, image size and channels are the config's."""
+    classes, size, channels = settings.classes, settings.image_size, settings.channels
+    if classes is None or size is None or channels is None:
+        missing = [k for k, v in vars(settings).items() if v is None]
+        raise ConfigError(f"task imagefolder needs {', '.join(missing)} in the config: classes (the class folder "
+                          "names, in the order that fixes their indices), image_size (pixels; images are resized to "
+                          "it) and channels (1: greyscale, 3: RGB)")
+    problems = []
+    if len(classes) < 2 or len(set(classes)) != len(classes):
+        problems.append("classes must name at least 2 different classes")
+    bad = [c for c in classes if not c or c.startswith(".") or "/" in c or "\\" in c]
+    if bad:
+        problems.append(f"classes {bad} are not folder names")
+    if not 4 <= size <= 1024:
+        problems.append("image_size must be between 4 and 1024 pixels")
+    if channels not in (1, 3):
+        problems.append("channels must be 1 (greyscale) or 3 (RGB)")
+    if problems:
+        raise ConfigError("task imagefolder: " + "; ".join(problems))
+    spec = ImageSpec(tuple(classes), size, channels)
+    return replace(task, num_classes=len(classes), input_shape=(channels, size, size),
+                   models=models.image_models(channels),
+                   own_data=lambda root, o: load_folder(root, spec, o.memory_budget, o.note))
+
+
+BUILTIN = ("digits", "cifar10", "imagefolder")
 register(Task("digits", num_classes=10, input_shape=(1, 8, 8),
               load_data=lambda _, o: load_digits(o.seed, o.test_fraction), default_location=None))
 register(Task("cifar10", num_classes=10, input_shape=(3, 32, 32),
               load_data=lambda root, o: load_cifar10(root or Path("./data"), o.verify_checksums),
               default_location="./data", augment=crop_and_flip))
+register(Task("imagefolder", num_classes=0, input_shape=(), load_data=None, default_location=None,
+              augment=crop_and_flip, models=models.image_models(3), configure=_image_task,
+              own_data=_shaped_by_config))

@@ -8,15 +8,16 @@ for the device until the round's last step. Mixed precision is autocast (bf16, o
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedsync.base.errors import DataError
 from fedsync.learning.capture import begin_step
-from fedsync.learning.data import Split
+from fedsync.learning.data import Source, Split
 from fedsync.learning.pace import Pace
 from fedsync.learning.sgd import ForeachSGD
 
@@ -59,17 +60,18 @@ def fits_on(device: str, nbytes: int) -> bool:
     return True
 
 
-def place(data: Split, device: str) -> Split:
-    """The shard on the device when it fits there; else in pinned host memory, copied batch by batch."""
-    if data.x.device == torch.device(device):
-        return data  # placed already (the worker keeps its shard there across rounds)
+def place(data: Source, device: str) -> Source:
+    """The shard on the device when it fits there; else in pinned host memory, copied batch by batch. A stream
+    stays what it is: its batches are read from files as they are needed."""
+    if not isinstance(data, Split) or data.x.device == torch.device(device):
+        return data  # a stream, or placed already (the worker keeps its shard there across rounds)
     if fits_on(device, data.x.nbytes + data.y.nbytes):
         return Split(data.x.to(device), data.y.to(device))
     pin = device.startswith("cuda")
     return Split(data.x.pin_memory() if pin else data.x, data.y.pin_memory() if pin else data.y)
 
 
-def local_train(model: nn.Module, data: Split, settings: TrainSettings, device: str, seed: int,
+def local_train(model: nn.Module, data: Source, settings: TrainSettings, device: str, seed: int,
                 captured: nn.Module | None = None) -> TrainResult:
     """SGD over the shard for `settings.steps` steps, or `settings.epochs` passes, from the model's weights.
     `captured` (fedsync/learning/capture.py) runs the full batches; partial ones run eagerly on `model`."""
@@ -87,24 +89,25 @@ def local_train(model: nn.Module, data: Split, settings: TrainSettings, device: 
     anchors = [p.detach().clone() for p in params] if settings.prox_mu > 0 else []
     generator = torch.Generator(device=device).manual_seed(seed)
     data = place(data, device)
-    order_generator = generator if data.x.device.type == kind else torch.Generator().manual_seed(seed)
-    n = len(data.y)
-    per_epoch = -(-n // settings.batch_size)
-    total_steps = settings.steps if settings.steps is not None else settings.epochs * per_epoch
+    order_generator = generator if data.device.type == kind else torch.Generator().manual_seed(seed)
+    n = len(data)
+    total_steps = settings.steps if settings.steps is not None else settings.epochs * -(-n // settings.batch_size)
     loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per batch
     processed = 0
     pace = Pace(device)
-    for step in range(total_steps):
-        if step % per_epoch == 0:
-            order = torch.randperm(n, generator=order_generator, device=data.x.device)
-        start = (step % per_epoch) * settings.batch_size
-        idx = order[start:start + settings.batch_size]
-        xb = data.x[idx].to(device, non_blocking=True)
-        yb = data.y[idx].to(device, non_blocking=True)
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]] = iter(())
+    for _ in range(total_steps):
+        batch = next(batches, None)
+        if batch is None:  # the next pass over the data, in a new order
+            batches = data.epoch(settings.batch_size, order_generator)
+            batch = next(batches, None)
+            if batch is None:
+                raise DataError(f"no example of the {n} given could be read for training")
+        xb, yb = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
         if settings.augment is not None:
             xb = settings.augment(xb, generator)
         xb = xb.contiguous(memory_format=memory_format)
-        full = captured is not None and len(idx) == settings.batch_size
+        full = captured is not None and len(yb) == settings.batch_size
         if full and xb.is_cuda:  # CUDA graphs exist only there (and the call imports the graph machinery)
             begin_step()
         with torch.autocast(kind, dtype=AUTOCAST.get(settings.precision), enabled=settings.precision in AUTOCAST):
@@ -116,15 +119,15 @@ def local_train(model: nn.Module, data: Split, settings: TrainSettings, device: 
             torch._foreach_add_([p.grad for p in params], torch._foreach_sub(params, anchors), alpha=settings.prox_mu)
         scaler.step(optimizer)
         scaler.update()
-        loss_sum += loss.detach().float() * len(idx)
-        processed += len(idx)
+        loss_sum += loss.detach().float() * len(yb)
+        processed += len(yb)
         pace.step()
     train_loss = float(loss_sum) / max(processed, 1)  # the one wait for the device
     return TrainResult(samples=min(n, processed), steps=total_steps, processed=processed,
                        seconds=time.perf_counter() - started, train_loss=train_loss)
 
 
-def measure_throughput(model: nn.Module, data: Split, settings: TrainSettings, device: str,
+def measure_throughput(model: nn.Module, data: Source, settings: TrainSettings, device: str,
                        seconds: float = 0.5, captured: nn.Module | None = None) -> float:
     """Training samples per second on this device: one warm-up step, then doubling step counts until a run
     lasts `seconds`. Trains `model` in place: its weights are not worth keeping afterwards."""
@@ -138,16 +141,18 @@ def measure_throughput(model: nn.Module, data: Split, settings: TrainSettings, d
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Split, batch_size: int, device: str = "cpu") -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) over the split."""
+def evaluate(model: nn.Module, data: Source, batch_size: int, device: str = "cpu") -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) over the examples (of a stream: those that could be read)."""
     model.to(device).eval()
-    loss_sum, correct = 0.0, 0
+    loss_sum, correct, seen = 0.0, 0, 0
     pace = Pace(device)
-    for start in range(0, len(data), batch_size):
-        xb = data.x[start:start + batch_size].to(device)
-        yb = data.y[start:start + batch_size].to(device)
+    for x, y in data.epoch(batch_size):
+        xb, yb = x.to(device), y.to(device)
         logits = model(xb)
         loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
         correct += int((logits.argmax(1) == yb).sum())
+        seen += len(yb)
         pace.step()
-    return loss_sum / len(data), correct / len(data)
+    if not seen:
+        raise DataError(f"no example of the {len(data)} given could be read for evaluation")
+    return loss_sum / seen, correct / seen

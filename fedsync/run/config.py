@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -14,9 +15,10 @@ from typing import Any
 
 from fedsync.aggregation.rules import RULES
 from fedsync.base.errors import ConfigError
+from fedsync.learning.augment import NAMED
 from fedsync.learning.balance import BALANCE
 from fedsync.learning.device import PRECISIONS
-from fedsync.learning.tasks import DataOptions, get_task
+from fedsync.learning.tasks import DataOptions, Task, TaskSettings, get_task
 from fedsync.storage.markers import MarkerError, parse_record
 from fedsync.storage.yamlfile import parse_yaml
 
@@ -28,9 +30,12 @@ BUILTIN = ("digits", "cifar10")  # the config files shipped in fedsync.configs (
 class RunConfig:
     """Every knob of a run; units are in the names' comments of configs/digits.yaml."""
 
-    task: str                 # digits | cifar10 | an installed task: package.module:name or its entry-point name
+    task: str                 # digits | cifar10 | imagefolder | an installed task: package.module:name or its name
     model: str                # one of the task's models (the built-in tasks: fedsync/learning/models.py)
     data_root: str | None     # where the task's data is, unless a machine gives its own with --data-root
+    classes: list[str] | None # imagefolder: the class folder names; a class's index is its place in this list
+    image_size: int | None    # imagefolder: images are resized to image_size x image_size pixels
+    channels: int | None      # imagefolder: 1 (greyscale) or 3 (RGB)
     verify_checksums: bool    # torchvision's MD5 check of CIFAR-10; false only for fabricated data
     seed: int                 # initial weights, data split and shards all follow from it
     test_fraction: float      # digits: held-out share for the coordinator's evaluation
@@ -41,7 +46,7 @@ class RunConfig:
     lr: float
     momentum: float
     weight_decay: float
-    augment: bool             # cifar10: random crop (pad 4) and horizontal flip
+    augment: Any              # false | true (the task's own: cifar10, imagefolder crop+flip) | crop | flip | crop+flip
     precision: str            # auto | fp32 | bf16 | fp16: each worker resolves auto for its own device
     prox_mu: float            # FedProx proximal weight; 0 is plain local SGD
     balance: str              # equal | throughput: how the coordinator sizes each worker's work
@@ -68,11 +73,13 @@ class RunConfig:
     def __post_init__(self) -> None:
         problems = []
         try:
-            known = get_task(self.task).model_names()
+            known = self.resolved_task().model_names()
             if self.model not in known:
                 problems.append(f"model {self.model!r} is not one of task {self.task}'s: {', '.join(known)}")
         except ConfigError as e:
             problems.append(str(e))
+        if not isinstance(self.augment, bool) and self.augment not in NAMED:
+            problems.append(f"augment {self.augment!r} is not true, false or one of {', '.join(NAMED)}")
         if self.late_policy not in ("drop", "fold"):
             problems.append(f"late_policy {self.late_policy!r} is not drop or fold")
         if self.max_staleness < 1 or self.staleness_exponent < 0:
@@ -116,8 +123,16 @@ class RunConfig:
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def data_options(self) -> DataOptions:
-        return DataOptions(seed=self.seed, test_fraction=self.test_fraction, verify_checksums=self.verify_checksums)
+    def resolved_task(self) -> Task:
+        """The task this config names, shaped by its settings (imagefolder's classes and input shape)."""
+        classes = tuple(self.classes) if self.classes is not None else None
+        return get_task(self.task).configured(TaskSettings(classes, self.image_size, self.channels))
+
+    def data_options(self, note: Callable[[str], None] = print, memory_budget: int | None = None) -> DataOptions:
+        """How this machine loads the data: the config's settings, its memory budget (None: automatic), and its log
+        for what a loader skips."""
+        return DataOptions(seed=self.seed, test_fraction=self.test_fraction, verify_checksums=self.verify_checksums,
+                           memory_budget=memory_budget, note=note)
 
 
 def _builtin_text(name: str) -> bytes:

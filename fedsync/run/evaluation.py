@@ -12,12 +12,13 @@ import threading
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from fedsync.aggregation.tensors import load_verified
 from fedsync.base.faults import crash_point
 from fedsync.base.logs import Log
-from fedsync.learning.data import Split
+from fedsync.learning.data import Source
 from fedsync.learning.tasks import Task
 from fedsync.learning.train import evaluate
 from fedsync.run.config import RunConfig
@@ -47,10 +48,10 @@ class Evaluator:
     """One thread that evaluates submitted rounds in order; `landed` is called (in that thread) with each result,
     after its evaluation.yaml is written."""
 
-    def __init__(self, share: Share, task: Task, cfg: RunConfig, test: Split, device: str, log: Log,
+    def __init__(self, share: Share, task: Task, cfg: RunConfig, test: Source, device: str, log: Log,
                  landed: Callable[[Evaluation], None]) -> None:
         self.share, self.task, self.cfg, self.device, self.log, self.landed = share, task, cfg, device, log, landed
-        self.test = test if cfg.eval_samples is None else Split(test.x[:cfg.eval_samples], test.y[:cfg.eval_samples])
+        self.test = test if cfg.eval_samples is None else test.subset(np.arange(min(len(test), cfg.eval_samples)))
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.results: dict[int, Evaluation] = {}
         self.error: BaseException | None = None

@@ -113,13 +113,15 @@ class RoundLedger:
             raise Unusable(Reason.MARKER_INVALID, f"{short} names no tensors and does not say it diverged")
         if m.tensors.file != names.update_tensors_name(worker):
             raise Unusable(Reason.BAD_PATH, f"{short} names {m.tensors.file!r}")
-        if not 0 < m.samples <= self.train_size:
-            raise Unusable(Reason.BAD_SAMPLES, f"samples={m.samples}, the training set has {self.train_size}")
+        own = self.a.workers[worker].samples  # a private task: the examples the worker registered
+        bound, of = (self.train_size, "the training set has") if own is None else (own, f"{worker} registered")
+        if not 0 < m.samples <= bound:
+            raise Unusable(Reason.BAD_SAMPLES, f"samples={m.samples}, {of} {bound}")
         if m.steps < 1:
             raise Unusable(Reason.BAD_SAMPLES, f"steps={m.steps}: an update comes from at least one step")
-        if m.evaluation is not None and m.samples + m.evaluation.samples > self.train_size:
+        if m.evaluation is not None and m.samples + m.evaluation.samples > bound:
             raise Unusable(Reason.BAD_SAMPLES, f"samples={m.samples} trained and {m.evaluation.samples} held out, "
-                                               f"the training set has {self.train_size}")
+                                               f"{of} {bound}")
         self.markers[worker] = m
         return Candidate(worker, self.share.update_tensors(self.r, worker), m.tensors,
                          self.rule.weight(m.samples, m.steps), self.r, m.steps)

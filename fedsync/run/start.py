@@ -4,7 +4,6 @@ leaves the share as it was (docs/PROTOCOL.md section 6, step 1)."""
 from __future__ import annotations
 
 from fedsync.base.errors import ConfigError, ShareError
-from fedsync.learning.tasks import get_task
 from fedsync.run.config import RunConfig, config_from_dict, differences
 from fedsync.storage.hashing import hash_bytes
 from fedsync.storage.manifest import new_manifest, read_manifest, write_manifest
@@ -15,7 +14,7 @@ from fedsync.storage.share import Share
 def task_record(config: RunConfig) -> TaskRecord:
     """The run's task as this machine has it installed: its version and its model's layout, the BLAKE3 of one line
     `name dtype shape` per tensor of the model's state, sorted by name (docs/PROTOCOL.md section 5.1)."""
-    task = get_task(config.task)
+    task = config.resolved_task()
     state = task.build_model(config.model).state_dict()
     lines = "".join(f"{k} {str(v.dtype).removeprefix('torch.')} {list(v.shape)}\n" for k, v in sorted(state.items()))
     return TaskRecord(name=config.task, version=task.version, layout=hash_bytes(lines.encode()))

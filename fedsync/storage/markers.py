@@ -113,9 +113,14 @@ class CoordinatorLease:
 
 @dataclass
 class WorkerTask:
-    shard: int
+    shard: int | None               # the shard to train on; None: the worker's own data (a private task)
     local_epochs: int
     local_steps: int | None = None  # set by balance: throughput: optimizer steps to take instead of epochs
+    samples: int | None = None      # own data: the examples the worker registered, the bound on what it may claim
+
+    def __post_init__(self) -> None:
+        if (self.shard is None) == (self.samples is None):
+            raise MarkerError("a worker's task names either a shard or, for its own data, its samples")
 
 
 @dataclass
@@ -127,10 +132,10 @@ class Assignment:
     round: int
     rounds: int
     model: FileRef
-    num_shards: int
+    num_shards: int                 # workers that train on a shard (0 when all bring their own data)
     time_budget_s: float
     workers: dict[str, WorkerTask]
-    shards: FileRef  # shards/NNN.safetensors: every shard's examples, listed (share-relative path)
+    shards: FileRef | None  # shards/NNN.safetensors: every shard's examples, listed; None when no worker has a shard
     signature: str | None = None  # the coordinator's, over signing.assignment_message
 
 
@@ -193,6 +198,7 @@ class WorkerInfo:
     public_key: str | None = None  # the key its update markers are signed with (ed25519:...)
     training_step: str = "eager"   # eager | cuda-graphs: whether its training step is captured
     compile_s: float | None = None  # seconds it took to compile and capture that step, once per process
+    own_samples: int | None = None  # a private task's worker: the examples of its own it trains on (and holds out)
 
 
 @dataclass

@@ -89,12 +89,14 @@ def assignment_message(a: Assignment) -> bytes:
     """What the coordinator signs when it opens a round: the model to start from and every worker's task."""
     fields: list[tuple[str, object]] = [
         ("run", a.run_id), ("round", a.round), ("rounds", a.rounds), ("model", a.model.blake3),
-        ("bytes", a.model.bytes), ("num_shards", a.num_shards), ("shards", a.shards.blake3),
+        ("bytes", a.model.bytes), ("num_shards", a.num_shards), ("shards", a.shards.blake3 if a.shards else None),
         ("time_budget_ms", round(a.time_budget_s * 1000))]
     for name in sorted(a.workers):
         t = a.workers[name]
         steps = "-" if t.local_steps is None else t.local_steps
-        fields.append(("worker", f"{name}/{t.shard}/{t.local_epochs}/{steps}"))
+        fields.append(("worker", f"{name}/{'-' if t.shard is None else t.shard}/{t.local_epochs}/{steps}"))
+        if t.samples is not None:
+            fields.append(("own_samples", f"{name}/{t.samples}"))
     return _message("assignment", fields)
 
 
