@@ -36,8 +36,11 @@ def read_yaml(path: Path) -> Any:
 def write_yaml(path: Path, obj: Any) -> None:
     """Write a YAML file whole into a local share, as a forger or a test's fake worker would."""
     atomic_write(path, dump_yaml(obj))
-# Keys of every process the tests start (and of the tests acting as workers) live here, never in ~/.config.
-os.environ.setdefault("FEDSYNC_KEY_DIR", tempfile.mkdtemp(prefix="fedsync-test-keys-"))
+# Keys of every process the tests start (and of the tests acting as workers) live here, never in ~/.config. Each
+# pytest-xdist worker process gets its own folder (they inherit the controller's environment): two tests side by
+# side may start workers of the same name, and one key file for both would be a race.
+if "PYTEST_XDIST_WORKER" in os.environ or "FEDSYNC_KEY_DIR" not in os.environ:
+    os.environ["FEDSYNC_KEY_DIR"] = tempfile.mkdtemp(prefix="fedsync-test-keys-")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
