@@ -23,6 +23,7 @@ from fedsync.aggregation.optimizers import PLAIN, make_optimizer
 from fedsync.aggregation.rules import make_rule
 from fedsync.aggregation.screening import outliers
 from fedsync.aggregation.tensors import layout_of, load_verified, save_state, state_bytes
+from fedsync.base.clock import utc_stamp
 from fedsync.base.errors import ConfigError, RunStuck, ShareError
 from fedsync.base.faults import crash_point
 from fedsync.base.logs import Log, make_log
@@ -65,7 +66,7 @@ from fedsync.storage.trouble import Backoff
 from fedsync.storage.watch import ShareWatcher
 
 METRICS_COLUMNS = ("round", "test_accuracy", "test_loss", "train_loss", "updates_accepted", "updates_rejected",
-                   "seconds", "federated_accuracy", "federated_loss")
+                   "seconds", "federated_accuracy", "federated_loss", "closed_at")
 
 
 @dataclass
@@ -498,7 +499,8 @@ class Coordinator:
                           aggregation=self.rule.name, step_scale=round(step_scale, 6),
                           metrics={"train_loss": train_loss},
                           timings={k: round(v, 6) for k, v in timings.items()},
-                          federated=federated_mean([x.evaluation for x in accepted if x.evaluation]))
+                          federated=federated_mean([x.evaluation for x in accepted if x.evaluation]),
+                          closed_at=utc_stamp())
         self.backoff.run(lambda: self.share.write_yaml(self.share.summary(r), to_dict(summary)),
                          f"writing round {r}'s summary")
         crash_point(f"coordinator:after-summary:{r}")
@@ -555,7 +557,7 @@ class Coordinator:
         return {"round": s.round, "test_accuracy": "", "test_loss": "", "train_loss": f"{s.metrics['train_loss']:.6f}",
                 "updates_accepted": len(s.accepted), "updates_rejected": len(s.rejected), "seconds": s.seconds,
                 "federated_accuracy": f"{fed.accuracy:.6f}" if fed else "",
-                "federated_loss": f"{fed.loss:.6f}" if fed else ""}
+                "federated_loss": f"{fed.loss:.6f}" if fed else "", "closed_at": s.closed_at or ""}
 
     @staticmethod
     def _evaluation_row(ev: Evaluation) -> dict[str, object]:

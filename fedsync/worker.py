@@ -20,6 +20,7 @@ from filelock import Timeout
 
 from fedsync import __version__
 from fedsync.aggregation.tensors import load_verified, save_state
+from fedsync.base.clock import utc_stamp
 from fedsync.base.errors import DataError, ShareError, TrustError
 from fedsync.base.faults import crash_point
 from fedsync.base.logs import Log, make_log
@@ -92,7 +93,8 @@ class Heartbeat:
     def update(self, **changes: object) -> None:
         """Record a change and write it; share trouble is reported once and retried by the next beat."""
         with self.lock:
-            self.info = replace(self.info, heartbeat=self.info.heartbeat + 1, **changes)  # type: ignore[arg-type]
+            self.info = replace(self.info, heartbeat=self.info.heartbeat + 1, written_at=utc_stamp(),
+                                **changes)  # type: ignore[arg-type]
             self.writes.attempt(lambda: self.share.write_yaml(self.share.worker_file(self.info.name),
                                                               to_dict(self.info)))
 

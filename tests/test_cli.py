@@ -45,6 +45,43 @@ def test_top_level_help_lists_exit_statuses() -> None:
         assert f"{code}:" in out
 
 
+@pytest.mark.parametrize("command", COMMANDS)
+def test_options_show_what_they_take_and_flags_show_nothing(command: str) -> None:
+    """Every option that takes a value names it as people write it (DIR, N, KEY=VALUE), never a Python type; a flag
+    (--json, --help) shows no value at all, as if it took one."""
+    out = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "120"}).output
+    options = [line for line in out.splitlines() if line.startswith("│ --")]
+    assert options and not [o for o in options if re.search(r"<(bool|str|int|float|path|list\[str\])>", o)], out
+    for flag in ("--json", "--help"):
+        for line in out.splitlines():
+            if re.search(rf"{flag}\b", line) and "│ " + flag in line:
+                assert re.match(rf"│ {flag}\s+[A-Z][a-z]", line), line
+
+
+def test_set_rounds_and_share_read_like_their_use() -> None:
+    help_text = _help("coordinator")
+    assert "--set KEY=VALUE" in help_text and "--share DIR" in help_text and "--config NAME|FILE" in help_text
+    assert "The run's total number of rounds, not rounds to add" in help_text
+
+
+def test_the_command_list_has_one_line_per_command_and_the_version_is_there() -> None:
+    out = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "100"}).output
+    listed = [line for line in out.splitlines() if re.match(r"│ (" + "|".join(COMMANDS) + r")\s", line)]
+    assert len(listed) == len(COMMANDS) and all(line.rstrip(" │").endswith(".") for line in listed), listed
+    broken = [line for line in out.split("Options")[0].splitlines() if re.match(r" {2,}\S", line)]
+    assert not broken, broken  # the exit statuses' texts are not broken mid-sentence (an indented remainder)
+    version = run("--version")
+    assert version.returncode == 0 and re.fullmatch(r"fedsync \d+\.\d+\.\d+ \(share format \d+\)\n", version.stdout)
+
+
+@pytest.mark.parametrize("command", ["status", "verify"])
+def test_a_missing_share_or_one_without_a_run_is_said_plainly(command: str, tmp_path: Path) -> None:
+    gone = run(command, "--share", str(tmp_path / "gone"))
+    assert gone.returncode == 5 and "does not exist: mount or sync it first" in gone.stderr, gone.stderr
+    empty = run(command, "--share", str(tmp_path))
+    assert empty.returncode == 5 and "holds no fedsync run" in empty.stderr and "Errno" not in empty.stderr
+
+
 def _help(command: str) -> str:
     """`fedsync COMMAND --help` as one line of words, the table's borders and line breaks taken out."""
     out = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "100"}).output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from fedsync.run.config import load_config
 from fedsync.run.ledger import RoundLedger
 from fedsync.run.start import open_run
 from fedsync.run.trust import Trust
-from fedsync.storage.markers import FORMAT_VERSION, Assignment, Summary, WorkerTask, parse, to_dict
+from fedsync.storage.markers import FORMAT_VERSION, Assignment, Summary, WorkerInfo, WorkerTask, parse, to_dict
 from fedsync.storage.share import Share
 from fedsync.storage.signing import assignment_message
 
@@ -185,5 +186,8 @@ def test_two_workers_train_on_their_own_images_and_reach_090_in_10_rounds(tmp_pa
     accuracy = float(s.path(s.metrics).read_text().strip().splitlines()[-1].split(",")[1])
     assert accuracy >= 0.9, out
     assert not [p for p in share.rglob("*") if p.suffix == ".png"] and "skipped" not in outs
+    last = s.path(s.metrics).read_text().splitlines()
+    assert last[0].endswith(",closed_at") and datetime.fromisoformat(last[-1].rsplit(",", 1)[1]).tzinfo is not None
+    assert datetime.fromisoformat(s.read_record(WorkerInfo, s.worker_file("a")).written_at or "").year >= 2026
     status = run("status", "--share", str(share))
     assert f"trains on {counts['a']} examples of its own" in status.stdout, status.stdout + status.stderr

@@ -12,7 +12,7 @@ import typer
 from fedsync.base.errors import EXIT_CODES, FedsyncError
 from fedsync.storage.medium import WATCH_MODES, describe_modes
 
-EXIT_HELP = "\n\n".join(f"{code}: {text}" for code, text in EXIT_CODES.items())
+EXIT_HELP = "\n\n".join(f"{code}: {' '.join(text.split())}" for code, text in EXIT_CODES.items())
 app = typer.Typer(
     name="fedsync",
     help="Federated training across machines you already own, through one shared folder "
@@ -23,25 +23,43 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-ShareOpt = Annotated[Path, typer.Option("--share", help="The shared folder (a local path, mount or synced folder).")]
+ShareOpt = Annotated[Path, typer.Option("--share", help="The shared folder (a local path, mount or synced folder).",
+                                        metavar="DIR")]
 SyncthingOpt = Annotated[str | None, typer.Option(
     "--syncthing", help="URL of this machine's Syncthing API (e.g. http://127.0.0.1:8384) when SHARE is a "
                         "Syncthing folder: fedsync asks it to scan what it just wrote, saving the watcher delay "
-                        "on every hop. Needs the API key.")]
+                        "on every hop. Needs the API key.", metavar="URL")]
 SyncthingKeyOpt = Annotated[str | None, typer.Option(
-    "--syncthing-key", help="That Syncthing's API key (or set FEDSYNC_SYNCTHING_KEY).")]
-WatchOpt = Annotated[str, typer.Option("--watch", help=describe_modes())]
+    "--syncthing-key", help="That Syncthing's API key (or set FEDSYNC_SYNCTHING_KEY).", metavar="KEY")]
+WatchOpt = Annotated[str, typer.Option("--watch", help=describe_modes(), metavar="MODE")]
 DataRootOpt = Annotated[str | None, typer.Option(
     "--data-root", "--data", help="Where the task's data is on this machine: the folder holding "
                                   "cifar-10-batches-py/, or for imagefolder this machine's own image folder "
                                   "(DIR/<class>/<image>: a worker's training images, the coordinator's test images). "
-                                  "Default: the run config's data_root. Each machine gives its own.")]
+                                  "Default: the run config's data_root. Each machine gives its own.", metavar="DIR")]
 
 KeyOpt = Annotated[Path | None, typer.Option(
     "--key", help="The private key (PEM, Ed25519, mode 0600): the coordinator and workers create theirs on first "
                   "start when absent; `trust` signs with the coordinator's. "
                   "Default: coordinator.pem or worker-NAME.pem in $FEDSYNC_KEY_DIR, else "
-                  "$XDG_CONFIG_HOME/fedsync/keys, else ~/.config/fedsync/keys. Never put it in the share.")]
+                  "$XDG_CONFIG_HOME/fedsync/keys, else ~/.config/fedsync/keys. Never put it in the share.",
+                  metavar="FILE")]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from fedsync import __version__
+        from fedsync.storage.markers import FORMAT_VERSION
+
+        typer.echo(f"fedsync {__version__} (share format {FORMAT_VERSION})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option(
+        "--version", callback=_print_version, is_eager=True,
+        help="Print fedsync's version and the share format it reads and writes, and exit.")] = False) -> None:
+    pass
 
 
 def _check_watch(value: str) -> str:
@@ -50,14 +68,17 @@ def _check_watch(value: str) -> str:
     return value
 
 
-@app.command()
+@app.command(short_help="Start or continue the run in a share and drive it round by round.")
 def coordinator(
     share: ShareOpt = Path("rounds"),
-    rounds: Annotated[int, typer.Option(help="Rounds to run; a finished run started again with more continues.")] = 20,
+    rounds: Annotated[int, typer.Option(help="The run's total number of rounds, not rounds to add: a run continued "
+                                             "with a larger N runs the rounds up to N.", metavar="N")] = 20,
     config: Annotated[str, typer.Option(help="A built-in config (digits, cifar10) or a YAML file; keys it "
-                                             "leaves out come from configs/digits.yaml.")] = "digits",
+                                             "leaves out come from configs/digits.yaml.",
+                                             metavar="NAME|FILE")] = "digits",
     set_: Annotated[list[str], typer.Option("--set", help="Override one config key, KEY=VALUE (repeatable), "
-                                                          "e.g. --set quorum=0.5 --set local_epochs=1.")] = [],
+                                                          "e.g. --set quorum=0.5 --set local_epochs=1.",
+                                                          metavar="KEY=VALUE")] = [],
     watch: WatchOpt = "auto",
     data_root: DataRootOpt = None,
     syncthing: SyncthingOpt = None,
@@ -65,7 +86,8 @@ def coordinator(
     key: KeyOpt = None,
     device: Annotated[str, typer.Option(help="Where the coordinator evaluates each round's model, beside the next "
                                              "round: auto | cpu | cuda | cuda:N | mps. auto picks as for workers; an "
-                                             "explicit device that cannot run fails at once.")] = "auto",
+                                             "explicit device that cannot run fails at once.",
+                                             metavar="DEVICE")] = "auto",
 ) -> None:
     """Start a run in SHARE, or continue the one there, and drive it round by round. It signs every assignment with
     its key; only the key that started a run continues it.
@@ -84,35 +106,37 @@ def coordinator(
                f"{Share(share).where(Share.final_model)}")
 
 
-@app.command()
+@app.command(short_help="Train for the run in a share, each round this worker is assigned.")
 def worker(
     share: ShareOpt = Path("rounds"),
-    name: Annotated[str | None, typer.Option(help="This worker's name in the share (default: the host name).")] = None,
+    name: Annotated[str | None, typer.Option(help="This worker's name in the share (default: the host name).",
+                                                  metavar="NAME")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps. auto picks the first CUDA GPU "
                                              "this torch build can drive, then MPS, then the CPU (saying why it "
                                              "passed over a GPU); an explicit device that cannot train fails at "
-                                             "once with `fedsync doctor`'s diagnosis.")] = "auto",
+                                             "once with `fedsync doctor`'s diagnosis.", metavar="DEVICE")] = "auto",
     watch: WatchOpt = "auto",
     data_root: DataRootOpt = None,
     data_memory: Annotated[float | None, typer.Option(
         "--data-memory", help="MiB of its own decoded images (imagefolder) this worker keeps in memory; a larger "
                               "folder is streamed from disk batch by batch every pass. Default: a quarter of the "
-                              "memory this machine has free.")] = None,
+                              "memory this machine has free.", metavar="MB")] = None,
     wait_for_run: Annotated[float | None, typer.Option(help="Give up if no run appears in the share within "
-                                                            "this many seconds (default: wait forever).")] = None,
+                                                            "this many seconds (default: wait forever).",
+                                                            metavar="SECONDS")] = None,
     syncthing: SyncthingOpt = None,
     syncthing_key: SyncthingKeyOpt = None,
     key: KeyOpt = None,
     coordinator_key: Annotated[str | None, typer.Option(
         "--coordinator-key", help="The coordinator's public key (ed25519:..., printed when the coordinator starts). "
                                   "Default: the key in the run's fedsync.yaml, pinned on this machine the first "
-                                  "time it sees the run; a changed key then stops the worker.")] = None,
+                                  "time it sees the run; a changed key then stops the worker.", metavar="KEY")] = None,
     capture: Annotated[str, typer.Option(help="auto | off. auto captures the training step in CUDA graphs "
                                               "(torch.compile, mode reduce-overhead) on CUDA GPUs of compute "
                                               "capability 7.0 and newer: compiled once per process before "
                                               "registering, then about 3x the eager speed at batch 128. Elsewhere, "
                                               "or with off, the step runs eagerly; the worker says which and "
-                                              "why.")] = "auto",
+                                              "why.", metavar="MODE")] = "auto",
 ) -> None:
     """Train for the run in SHARE: register, then take each round assigned to this worker until the run ends. It
     publishes its public key, trains only on assignments the coordinator signed, and signs its updates.
@@ -140,13 +164,13 @@ def worker(
                              memory_budget=None if data_memory is None else int(data_memory * 2**20)))
 
 
-@app.command()
+@app.command(short_help="Approve a worker's key so that its updates count.")
 def trust(
-    name: Annotated[str, typer.Argument(help="The worker's name, as `fedsync status` lists it.")],
+    name: Annotated[str, typer.Argument(help="The worker's name, as `fedsync status` lists it.", metavar="NAME")],
     share: ShareOpt = Path("rounds"),
     fingerprint: Annotated[str | None, typer.Option(
         help="Approve only if the worker's key has this fingerprint (compare it with what the worker printed when "
-             "it started).")] = None,
+             "it started).", metavar="FINGERPRINT")] = None,
     key: KeyOpt = None,
 ) -> None:
     """Approve the key worker NAME registered with: its updates count from now on (needed with trust: explicit, and
@@ -162,7 +186,7 @@ def trust(
     typer.echo(f"approved {name}: key {approved}; its updates count from the coordinator's next look at the share")
 
 
-@app.command()
+@app.command(short_help="Show where the run in a share stands.")
 def status(
     share: ShareOpt = Path("rounds"),
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")] = False,
@@ -178,7 +202,7 @@ def status(
     typer.echo(json.dumps(st, indent=2) if as_json else format_status(st))
 
 
-@app.command()
+@app.command(short_help="Re-check every marker and hash of the run in a share.")
 def verify(
     share: ShareOpt = Path("rounds"),
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")] = False,
@@ -205,7 +229,7 @@ def verify(
         raise typer.Exit(8)
 
 
-@app.command()
+@app.command(short_help="Check what this machine can train on, and how to fix a GPU it cannot.")
 def doctor() -> None:
     """Check what this machine can train on: Python, torch and its CUDA build, each GPU's compute capability
     against the architectures the build carries kernels for, a tiny real training step on every device, bf16
@@ -222,12 +246,12 @@ def doctor() -> None:
         raise typer.Exit(code)
 
 
-@app.command()
+@app.command(short_help="Run a coordinator and local workers on a local share, then report.")
 def demo(
     share: ShareOpt = Path("rounds"),
-    workers: Annotated[int, typer.Option(help="Local worker processes to start.", min=1, max=16)] = 3,
-    rounds: Annotated[int, typer.Option(help="Rounds to run.", min=1)] = 20,
-    config: Annotated[str, typer.Option(help="Built-in config or YAML file.")] = "digits",
+    workers: Annotated[int, typer.Option(help="Local worker processes to start.", min=1, max=16, metavar="N")] = 3,
+    rounds: Annotated[int, typer.Option(help="Rounds to run.", min=1, metavar="N")] = 20,
+    config: Annotated[str, typer.Option(help="Built-in config or YAML file.", metavar="NAME|FILE")] = "digits",
 ) -> None:
     """Run a coordinator and WORKERS local workers as separate processes on SHARE, then report.
 

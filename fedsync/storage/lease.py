@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
+from fedsync.base.clock import utc_stamp
 from fedsync.base.errors import ShareError
 from fedsync.storage.markers import FORMAT_VERSION, CoordinatorLease, Rejected, to_dict
 from fedsync.storage.share import Share
@@ -86,7 +87,7 @@ class Lease:
             if current is not None and current.owner != self.record.owner and self.record.heartbeat > 0:
                 self.lost.set()  # someone took over (we were presumed dead): stop writing to this share
                 return
-            self.record = replace(self.record, heartbeat=self.record.heartbeat + 1)
+            self.record = replace(self.record, heartbeat=self.record.heartbeat + 1, written_at=utc_stamp())
             self.share.write_yaml(self.share.lease, to_dict(self.record))
 
     def _refresh(self) -> None:

@@ -21,7 +21,7 @@ from fedsync.storage.signing import final_message, verify
 
 
 def new_manifest(config: dict[str, Any], created_by: str, coordinator_key: str, task: TaskRecord) -> Manifest:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(timezone.utc)  # the run's name and `created` are the same instant
     return Manifest(format=FORMAT_VERSION, run_id=f"{now:%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}",
                     created=now.isoformat(timespec="seconds"), created_by=created_by,
                     coordinator_key=coordinator_key, config=config, task=task)
@@ -34,6 +34,12 @@ def write_manifest(share: Share, manifest: Manifest) -> Manifest:
 
 
 def read_manifest(share: Share) -> Manifest:
+    """The run's fedsync.yaml; a share folder that is absent, or holds no run, is said as such."""
+    if not share.exists(share.manifest):
+        if not share.exists(""):
+            raise ShareError(f"share folder {share.where()} does not exist: mount or sync it first, or fix --share")
+        raise ShareError(f"{share.where()} holds no fedsync run (no fedsync.yaml): start one with `fedsync "
+                         f"coordinator --share {share.where()}`, or fix --share")
     try:
         return share.read_record(Manifest, share.manifest)
     except FormatMismatch as e:

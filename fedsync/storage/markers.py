@@ -109,6 +109,7 @@ class CoordinatorLease:
     round: int | None
     note: str
     rejected: list[Rejected] = dataclasses.field(default_factory=list)  # the open round's, as they are decided
+    written_at: str | None = None  # UTC time of this write, for people: liveness counts by the reader's own clock
 
 
 @dataclass
@@ -199,6 +200,7 @@ class WorkerInfo:
     training_step: str = "eager"   # eager | cuda-graphs: whether its training step is captured
     compile_s: float | None = None  # seconds it took to compile and capture that step, once per process
     own_samples: int | None = None  # a private task's worker: the examples of its own it trains on (and holds out)
+    written_at: str | None = None   # UTC time of this write, for people: liveness counts by the reader's own clock
 
 
 @dataclass
@@ -253,6 +255,7 @@ class Summary:
     metrics: dict[str, Measure]
     timings: dict[str, float]
     federated: HeldOut | None = None  # the accepted workers' evaluations of the round's global model, weighted mean
+    closed_at: str | None = None      # UTC time the round closed, for people
 
 
 @dataclass
