@@ -32,7 +32,7 @@ from fedsync.learning.balance import plan_steps
 from fedsync.learning.data import Dataset, Source
 from fedsync.learning.device import DeviceChoice, DeviceFacts, choose_device
 from fedsync.learning.partition import hold_out, partition
-from fedsync.run.config import RunConfig
+from fedsync.run.config import RunConfig, load_data
 from fedsync.run.evaluation import Evaluator, due, federated_mean
 from fedsync.run.ledger import LateLedger, RoundLedger, load_summary
 from fedsync.run.liveness import Liveness
@@ -137,16 +137,6 @@ def run_coordinator(opts: CoordinatorOptions) -> FinalMarker:
             lease.release("finished" if finished else "stopped")
     finally:
         lock.release()
-
-
-def load_data(cfg: RunConfig, location: str | None, log: Log) -> tuple[Dataset | None, Source]:
-    """A shared task's data set (its training part is cut into shards) and its test part; for a private task, no
-    training data and this machine's own test data."""
-    task = cfg.resolved_task()
-    if task.private:
-        return None, task.load_own(location, cfg.data_options(log))
-    dataset = task.load(location, cfg.data_options(log))
-    return dataset, dataset.test
 
 
 def _lease_holder(share: Share) -> str:

@@ -20,7 +20,7 @@ from fedsync.storage.watch import ShareWatcher
 
 from .conftest import coordinator_identity, finish, run, start
 
-COMMANDS = ["coordinator", "worker", "trust", "status", "verify", "demo", "doctor"]
+COMMANDS = ["coordinator", "worker", "trust", "status", "verify", "eval", "export", "demo", "doctor"]
 NO_SHARE = {"doctor"}  # looks at this machine only
 
 

@@ -8,8 +8,11 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from fedsync.aggregation.tensors import load_verified
+from fedsync.learning.train import evaluate
+from fedsync.run.config import load_config, load_data
 from fedsync.storage.hashing import hash_bytes
 from fedsync.storage.markers import Assignment, FinalMarker, Summary, UpdateMarker, parse
 from fedsync.storage.share import Share
@@ -18,7 +21,9 @@ from .conftest import finish, killed_on_error, read_yaml, run, start, write_yaml
 
 ROUNDS = 6
 OUTSIDER = Path(__file__).resolve().parent / "independent_worker.py"
-CONFIG = ("--set", "min_workers=2", "--set", "federated_eval=0.2")  # each worker also evaluates on a fifth of its shard
+CONFIG_VALUES = {"min_workers": 2, "federated_eval": 0.2}  # each worker also evaluates on a fifth of its shard
+CONFIG = tuple(a for k, v in CONFIG_VALUES.items() for a in ("--set", f"{k}={v}"))
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def test_two_workers_reach_real_accuracy(share: Path) -> None:
@@ -77,6 +82,22 @@ def test_two_workers_reach_real_accuracy(share: Path) -> None:
     st = json.loads(js.stdout)
     assert st["state"] == "finished" and st["final"]["round"] == ROUNDS
     assert {w["name"] for w in st["workers"]} == {"w1", "w2"}
+
+    # eval reproduces a round's recorded accuracy; export writes the final model, and the README's lines load it
+    recorded = read_yaml(share / s.evaluation(2))["test_accuracy"]
+    scored = json.loads(run("eval", "--share", str(share), "--round", "2", "--json").stdout)
+    assert scored["round"] == 2 and abs(scored["test_accuracy"] - recorded) < 1e-9 and scored["device"] == "cpu"
+    exported = share.parent / "model.safetensors"
+    wrote = run("export", str(exported), "--share", str(share))
+    assert wrote.returncode == 0 and f"round {ROUNDS}" in wrote.stdout, wrote.stdout + wrote.stderr
+    block = re.search(r"```python\n(import json\nfrom safetensors.*?)```", README.read_text(), re.S)
+    assert block, "README.md shows how to load an exported model"
+    loaded: dict[str, Any] = {}
+    exec(block.group(1).replace('"model.safetensors"', repr(str(exported))), loaded)  # noqa: S102 - the README's
+    assert loaded["meta"]["fedsync.round"] == str(ROUNDS) and loaded["meta"]["fedsync.task"] == "digits"
+    cfg = load_config("digits", dict(CONFIG_VALUES))
+    test = load_data(cfg, None, print)[1]
+    assert abs(evaluate(loaded["model"], test, 1024)[1] - final.test_accuracy) < 1e-9
 
     # the same command again continues the finished run without redoing any round
     again = run("coordinator", "--share", str(share), "--rounds", str(ROUNDS), *CONFIG)

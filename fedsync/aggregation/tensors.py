@@ -39,9 +39,9 @@ def file_layout(layout: Layout) -> FileLayout:
     return {k: (CODES[dtype], shape) for k, (dtype, shape) in layout.items()}
 
 
-def state_bytes(state: Mapping[str, torch.Tensor]) -> bytes:
-    """Tensors as a safetensors file's bytes."""
-    return st_save({k: v.detach().contiguous().cpu() for k, v in state.items()})
+def state_bytes(state: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """Tensors as a safetensors file's bytes (with `metadata`, the header's string-to-string `__metadata__`)."""
+    return st_save({k: v.detach().contiguous().cpu() for k, v in state.items()}, metadata=metadata)
 
 
 def save_state(write: Callable[[str, bytes], None], name: str, state: Mapping[str, torch.Tensor],

@@ -229,6 +229,62 @@ def verify(
         raise typer.Exit(8)
 
 
+RoundOpt = Annotated[int | None, typer.Option(
+    "--round", help="A closed round: its aggregate, the model it produced. Default: the newest closed round (the "
+                    "final model once the run finished).", metavar="N")]
+
+
+@app.command("eval", short_help="Evaluate a round's model on this machine's test data for the task.")
+def eval_(
+    share: ShareOpt = Path("rounds"),
+    round_: RoundOpt = None,
+    data_root: DataRootOpt = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps: auto picks the best this machine "
+                                             "has.", metavar="DEVICE")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")] = False,
+) -> None:
+    """Evaluate round N's model (verified against its summary) on the task's test data on this machine: the same
+    examples the coordinator evaluates on (its eval_samples), so it reproduces the run's test accuracy.
+
+    Example: fedsync eval --share /mnt/fed --round 12
+    """
+    from dataclasses import asdict
+
+    from fedsync.base.logs import make_log
+    from fedsync.run.trained import evaluate_round
+    from fedsync.storage.share import Share
+
+    scored = evaluate_round(Share(share), round_, data_root, device, make_log("eval"))
+    if as_json:
+        typer.echo(json.dumps(asdict(scored), indent=2))
+        return
+    recorded = "" if scored.recorded_accuracy is None else f" (the run recorded {scored.recorded_accuracy:.4f})"
+    typer.echo(f"round {scored.round}: test accuracy {scored.test_accuracy:.4f}{recorded}, test loss "
+               f"{scored.test_loss:.4f} on {scored.samples} examples, {scored.device}, {scored.seconds:.2f} s")
+
+
+@app.command(short_help="Write a round's model to a safetensors file that says what it is.")
+def export(
+    out: Annotated[Path, typer.Argument(help="The file to write (OUT.safetensors), outside the share.",
+                                        metavar="OUT")],
+    share: ShareOpt = Path("rounds"),
+    round_: RoundOpt = None,
+) -> None:
+    """Write round N's model (verified against its summary) to OUT as safetensors, with the task, its version and
+    layout, the model's name, the round, its test accuracy, the run and its config in the file's metadata (keys
+    fedsync.*). README.md, "Using the trained model", shows the lines that load it for inference.
+
+    Example: fedsync export model.safetensors --share /mnt/fed
+    """
+    from fedsync.run.trained import export_round
+    from fedsync.storage.share import Share
+
+    meta = export_round(Share(share), round_, out)
+    accuracy = meta["fedsync.test_accuracy"] or "not evaluated"
+    typer.echo(f"wrote {out}: {meta['fedsync.task']}/{meta['fedsync.model']}, round {meta['fedsync.round']}, test "
+               f"accuracy {accuracy}")
+
+
 @app.command(short_help="Check what this machine can train on, and how to fix a GPU it cannot.")
 def doctor() -> None:
     """Check what this machine can train on: Python, torch and its CUDA build, each GPU's compute capability

@@ -17,6 +17,7 @@ from fedsync.aggregation.rules import RULES
 from fedsync.base.errors import ConfigError
 from fedsync.learning.augment import NAMED
 from fedsync.learning.balance import BALANCE
+from fedsync.learning.data import Dataset, Source
 from fedsync.learning.device import PRECISIONS
 from fedsync.learning.tasks import DataOptions, Task, TaskSettings, get_task
 from fedsync.storage.markers import MarkerError, parse_record
@@ -133,6 +134,16 @@ class RunConfig:
         for what a loader skips."""
         return DataOptions(seed=self.seed, test_fraction=self.test_fraction, verify_checksums=self.verify_checksums,
                            memory_budget=memory_budget, note=note)
+
+
+def load_data(cfg: RunConfig, location: str | None, note: Callable[[str], None]) -> tuple[Dataset | None, Source]:
+    """What a coordinator holds: a shared task's data set (its training part is cut into shards) and its test part;
+    for a private task, no training data and this machine's own test data."""
+    task = cfg.resolved_task()
+    if task.private:
+        return None, task.load_own(location, cfg.data_options(note))
+    dataset = task.load(location, cfg.data_options(note))
+    return dataset, dataset.test
 
 
 def _builtin_text(name: str) -> bytes:

@@ -1,0 +1,118 @@
+"""Using what a run trained: any closed round's model found and verified in the share, evaluated on this machine's
+test data (`fedsync eval`), or written out with what it is (`fedsync export`)."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedsync.aggregation.tensors import load_verified, state_bytes
+from fedsync.base.errors import ConfigError, ShareError
+from fedsync.base.logs import Log
+from fedsync.learning.device import DeviceFacts, choose_device
+from fedsync.learning.train import evaluate
+from fedsync.run.config import RunConfig, config_from_dict, load_data
+from fedsync.run.start import task_record
+from fedsync.storage.local import atomic_write
+from fedsync.storage.manifest import read_manifest
+from fedsync.storage.markers import Evaluation, FileRef, Manifest, Summary
+from fedsync.storage.reasons import Unusable
+from fedsync.storage.share import Share
+
+METADATA_PREFIX = "fedsync."
+
+
+@dataclass
+class RoundModel:
+    """A closed round's aggregate: the model it produced, read from the share and checked against its summary."""
+
+    manifest: Manifest
+    config: RunConfig
+    round: int
+    ref: FileRef
+    state: dict[str, torch.Tensor]
+    test_accuracy: float | None  # the coordinator's evaluation of it, when one was written
+
+    def model(self) -> torch.nn.Module:
+        model = self.config.resolved_task().build_model(self.config.model)
+        model.load_state_dict(self.state)
+        return model.eval()
+
+
+def round_model(share: Share, r: int | None) -> RoundModel:
+    """Round r's model (None: the newest closed round's, the final model once the run finished). Its summary names
+    it with its hash; after a run was continued the file it named may hold a later model, and the verified copy in
+    the next round's global.safetensors is read instead."""
+    manifest = read_manifest(share)
+    config = config_from_dict(manifest.config, share.where(share.manifest))
+    closed = share.closed_rounds()
+    if not closed:
+        raise ShareError(f"no round of run {manifest.run_id} in {share.where()} has closed yet: nothing to use")
+    r = closed[-1] if r is None else r
+    if r not in closed:
+        raise ConfigError(f"round {r} of run {manifest.run_id} has not closed (closed: {closed[0]}..{closed[-1]})")
+    summary = share.read_record(Summary, share.summary(r))
+    state = None
+    for name in dict.fromkeys((summary.model.file, share.global_model(r + 1))):
+        try:
+            state = load_verified(share, name, summary.model)
+            break
+        except Unusable:
+            continue
+    if state is None:
+        raise ShareError(f"round {r}'s model ({summary.model.file}, blake3 {summary.model.blake3[:12]}) is not in "
+                         f"{share.where()} with that hash any more: `fedsync verify` says what is damaged")
+    evaluation = share.read_record(Evaluation, share.evaluation(r)) if share.exists(share.evaluation(r)) else None
+    return RoundModel(manifest, config, r, summary.model, state,
+                      evaluation.test_accuracy if evaluation is not None else None)
+
+
+@dataclass(frozen=True)
+class Scored:
+    round: int
+    test_accuracy: float
+    test_loss: float
+    samples: int
+    device: str
+    seconds: float
+    recorded_accuracy: float | None  # what the coordinator measured for this round, for comparison
+
+
+def evaluate_round(share: Share, r: int | None, data_root: str | None, device: str, log: Log) -> Scored:
+    """Round r's model on this machine's test data for the task (the coordinator's choice of examples:
+    `eval_samples`), on `device` (auto: the best this machine has)."""
+    found = round_model(share, r)
+    choice = choose_device(device, DeviceFacts.probe())
+    if choice.fallback:
+        log(f"WARNING: evaluating on the CPU although a GPU is present: {choice.fallback}")
+    cfg = found.config
+    _, test = load_data(cfg, data_root or cfg.data_root, log)  # the coordinator's loading: the same test examples
+    if cfg.eval_samples is not None:
+        test = test.subset(np.arange(min(len(test), cfg.eval_samples)))
+    started = time.perf_counter()
+    loss, accuracy = evaluate(found.model(), test, cfg.eval_batch_size, choice.device)
+    return Scored(found.round, accuracy, loss, len(test), choice.device, time.perf_counter() - started,
+                  found.test_accuracy)
+
+
+def export_round(share: Share, r: int | None, out: Path) -> dict[str, str]:
+    """Write round r's model to `out` (a file of the user's, outside the share) as safetensors whose metadata says
+    what it is: task, model, round, test accuracy, the run and its config. Returns that metadata."""
+    found = round_model(share, r)
+    record = task_record(found.config)
+    if found.manifest.task is not None and record != found.manifest.task:
+        raise ConfigError(f"task {found.config.task!r} on this machine differs from the run's (layout "
+                          f"{record.layout[:12]} against {found.manifest.task.layout[:12]}): install the task the run "
+                          "was started with to export its model")
+    metadata = {"task": found.config.task, "task_version": record.version, "layout": record.layout,
+                "model": found.config.model, "round": str(found.round), "run_id": found.manifest.run_id,
+                "test_accuracy": "" if found.test_accuracy is None else repr(found.test_accuracy),
+                "blake3": found.ref.blake3, "config": json.dumps(found.config.as_dict(), sort_keys=True)}
+    metadata = {METADATA_PREFIX + k: v for k, v in metadata.items()}
+    atomic_write(out, state_bytes(found.state, metadata))
+    return metadata
