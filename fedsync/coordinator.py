@@ -55,6 +55,7 @@ from fedsync.storage.markers import (
     Manifest,
     MarkerError,
     Summary,
+    Traffic,
     WorkerTask,
     to_dict,
 )
@@ -66,7 +67,8 @@ from fedsync.storage.trouble import Backoff
 from fedsync.storage.watch import ShareWatcher
 
 METRICS_COLUMNS = ("round", "test_accuracy", "test_loss", "train_loss", "updates_accepted", "updates_rejected",
-                   "seconds", "federated_accuracy", "federated_loss", "closed_at")
+                   "seconds", "federated_accuracy", "federated_loss", "closed_at", "down_bytes", "up_bytes",
+                   "train_s")
 
 
 @dataclass
@@ -490,7 +492,8 @@ class Coordinator:
                           metrics={"train_loss": train_loss},
                           timings={k: round(v, 6) for k, v in timings.items()},
                           federated=federated_mean([x.evaluation for x in accepted if x.evaluation]),
-                          closed_at=utc_stamp())
+                          closed_at=utc_stamp(), traffic=self._traffic(a, accepted, intake),
+                          compute=self._compute(accepted))
         self.backoff.run(lambda: self.share.write_yaml(self.share.summary(r), to_dict(summary)),
                          f"writing round {r}'s summary")
         crash_point(f"coordinator:after-summary:{r}")
@@ -547,7 +550,27 @@ class Coordinator:
         return {"round": s.round, "test_accuracy": "", "test_loss": "", "train_loss": f"{s.metrics['train_loss']:.6f}",
                 "updates_accepted": len(s.accepted), "updates_rejected": len(s.rejected), "seconds": s.seconds,
                 "federated_accuracy": f"{fed.accuracy:.6f}" if fed else "",
-                "federated_loss": f"{fed.loss:.6f}" if fed else "", "closed_at": s.closed_at or ""}
+                "federated_loss": f"{fed.loss:.6f}" if fed else "", "closed_at": s.closed_at or "",
+                "down_bytes": s.traffic.down_bytes if s.traffic else "",
+                "up_bytes": s.traffic.up_bytes if s.traffic else "",
+                "train_s": round(sum(s.compute.values()), 4) if s.traffic else ""}
+
+    @staticmethod
+    def _traffic(a: Assignment, accepted: list[Accepted], intake: RoundLedger) -> Traffic:
+        """The round's model went down to every worker that answered (accepted or rejected); the accepted updates
+        came up."""
+        answered = {x.worker for x in accepted} | {x.worker for x in intake.rejected_records()}
+        return Traffic(model_bytes=a.model.bytes, down_bytes=a.model.bytes * len(answered & set(a.workers)),
+                       up_bytes=sum(x.bytes or 0 for x in accepted))
+
+    def _compute(self, accepted: list[Accepted]) -> dict[str, float]:
+        """The accepted updates' training seconds by device kind (the worker's registered device name)."""
+        seconds: dict[str, float] = {}
+        for x in accepted:
+            info = self.liveness.info.get(x.worker)
+            kind = info.device_name if info is not None else x.device
+            seconds[kind] = round(seconds.get(kind, 0.0) + (x.train_s or 0.0), 4)
+        return seconds
 
     @staticmethod
     def _evaluation_row(ev: Evaluation) -> dict[str, object]:

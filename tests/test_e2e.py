@@ -64,6 +64,11 @@ def test_two_workers_reach_real_accuracy(share: Path) -> None:
             assert all(v >= 0 for v in m.timings.values()) and sum(m.timings.values()) <= m.seconds + 0.01
             held.append(m.evaluation)
         fed = summary.federated
+        sizes = [s.path(s.update_tensors(r, w)).stat().st_size for w in ("w1", "w2")]
+        assert summary.traffic.model_bytes == a.model.bytes and summary.traffic.down_bytes == 2 * a.model.bytes
+        assert summary.traffic.up_bytes == sum(sizes) == sum(x.bytes for x in summary.accepted)
+        assert list(summary.compute) == ["CPU"] and abs(summary.compute["CPU"] - sum(
+            x.train_s for x in summary.accepted)) < 1e-3 and all(x.train_s > 0 for x in summary.accepted)
         assert fed.samples == sum(e.samples for e in held)
         assert abs(fed.accuracy - sum(e.accuracy * e.samples for e in held) / fed.samples) < 1e-9
         federated.append(fed.accuracy)
@@ -73,6 +78,7 @@ def test_two_workers_reach_real_accuracy(share: Path) -> None:
     assert {"round", "test_accuracy", "test_loss", "train_loss", "updates_accepted", "seconds"} <= set(rows[0])
     assert abs(float(rows[-1]["test_accuracy"]) - final.test_accuracy) < 1e-6
     assert [round(float(row["federated_accuracy"]), 6) for row in rows] == [round(f, 6) for f in federated]
+    assert all(int(row["up_bytes"]) > 0 and float(row["train_s"]) > 0 and row["closed_at"] for row in rows)
     assert not [p for p in share.rglob("*") if p.name.endswith(".tmp")]
 
     # status reads the same story back, as text and as JSON

@@ -159,7 +159,8 @@ class RoundLedger:
                          weight=round(self.rule.weight(m.samples, m.steps), 6),
                          train_loss=m.train_loss, seconds=m.seconds, device=m.device,
                          norm=round(norms[w], 6) if w in norms else None, clipped=w in clipped,
-                         evaluation=m.evaluation)
+                         evaluation=m.evaluation, bytes=m.tensors.bytes if m.tensors else None,
+                         train_s=(m.timings or {}).get("train_s"))
                 for w, m in sorted(self.accepted.items())]
 
     def rejected_records(self) -> list[Rejected]:

@@ -215,6 +215,8 @@ class Accepted:
     norm: float | None = None  # the update's L2 norm over its floating tensors, as read
     clipped: bool = False      # scaled down to clip_norm before aggregating
     evaluation: HeldOut | None = None  # its federated evaluation of the round's global model
+    bytes: int | None = None   # its tensor file's size: what it sent
+    train_s: float | None = None  # its training time, from its marker's timings
 
 
 @dataclass
@@ -237,6 +239,15 @@ class Late:
 
 
 @dataclass
+class Traffic:
+    """Tensor bytes a round moved through the share."""
+
+    model_bytes: int  # the round's global model
+    down_bytes: int   # the global model, once for each worker that answered the round
+    up_bytes: int     # the accepted updates' tensor files
+
+
+@dataclass
 class Summary:
     """<round>/summary.yaml: the coordinator's decision; a round is closed once this exists."""
 
@@ -256,6 +267,8 @@ class Summary:
     timings: dict[str, float]
     federated: HeldOut | None = None  # the accepted workers' evaluations of the round's global model, weighted mean
     closed_at: str | None = None      # UTC time the round closed, for people
+    traffic: Traffic | None = None    # tensor bytes that crossed the share this round
+    compute: dict[str, float] = dataclasses.field(default_factory=dict)  # training seconds by device kind
 
 
 @dataclass
