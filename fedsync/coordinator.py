@@ -36,6 +36,7 @@ from fedsync.run.config import RunConfig, load_data
 from fedsync.run.evaluation import Evaluator, due, federated_mean
 from fedsync.run.ledger import LateLedger, RoundLedger, load_summary
 from fedsync.run.liveness import Liveness
+from fedsync.run.report import Reporter
 from fedsync.run.start import check_run, task_record
 from fedsync.run.trust import Trust, check_coordinator_key
 from fedsync.storage import names
@@ -170,6 +171,7 @@ class Coordinator:
         self.rows_lock = threading.Lock()  # the evaluation thread writes metrics.csv too
         if device.fallback:
             self.log(f"WARNING: evaluating on the CPU although a GPU is present: {device.fallback}")
+        self.reporter = Reporter(share, self.log)
         self.evaluator = Evaluator(share, self.task, self.cfg, test, device.device, self.log,
                                    self._landed)
 
@@ -178,6 +180,7 @@ class Coordinator:
             return self._run()
         finally:
             self.evaluator.close()
+            self.reporter.close()  # drawn once more: the report shows the run as it ends
 
     def _run(self) -> FinalMarker:
         # Resume: the first round without a summary is the one to work on.
@@ -497,6 +500,7 @@ class Coordinator:
         self.backoff.run(lambda: self.share.write_yaml(self.share.summary(r), to_dict(summary)),
                          f"writing round {r}'s summary")
         crash_point(f"coordinator:after-summary:{r}")
+        self.reporter.refresh()
         if self.nudge:
             self.nudge.scan(self.share.summary(r))
         # 3. its quality on the held-out set, measured beside the next round (which starts from it as is)
@@ -519,6 +523,7 @@ class Coordinator:
         with self.rows_lock:
             self.rows[ev.round].update(self._evaluation_row(ev))
         self._write_metrics()
+        self.reporter.refresh()
         self.log(f"round {ev.round}: test accuracy {ev.test_accuracy:.4f}, test loss {ev.test_loss:.4f} "
                  f"({ev.samples} examples on {ev.device}, {ev.seconds:.2f} s)")
 

@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from fedsync.base.errors import EXIT_CODES
@@ -20,7 +21,7 @@ from fedsync.storage.watch import ShareWatcher
 
 from .conftest import coordinator_identity, finish, run, start
 
-COMMANDS = ["coordinator", "worker", "trust", "status", "verify", "eval", "export", "demo", "doctor"]
+COMMANDS = ["coordinator", "worker", "trust", "status", "verify", "results", "eval", "export", "demo", "doctor"]
 NO_SHARE = {"doctor"}  # looks at this machine only
 
 
@@ -148,3 +149,21 @@ def test_the_demo_runs_its_processes_and_reaches_real_accuracy(share: Path) -> N
     assert sorted(workers) == ["demo-worker-1", "demo-worker-2"] and all(w.state == "stopped" for w in workers.values())
     for r in range(1, 5):
         assert len(s.read_record(Summary, s.summary(r)).accepted) == 2
+    # the report a person browsing the share sees is current: the last round, its accuracy, its curve
+    report = (share / "report.md").read_text()
+    assert "## Round 4, the latest" in report and f"| 4 | {float(m.group(1)):.4f} |" in report, report
+    assert "![test accuracy, losses and training time per round](report.png)" in report
+    _check_plot(share / "report.png")
+    # results prints the same table and draws the same curves where it is asked to
+    shown = run("results", "--share", str(share), "--plot", str(share.parent / "curves.png"))
+    assert shown.returncode == 0 and len(re.findall(r"^\s+[1-4]\s+0\.\d{4}", shown.stdout, re.M)) == 4, shown.stdout
+    _check_plot(share.parent / "curves.png")
+
+
+def _check_plot(path: Path) -> None:
+    """A PNG of the three panels with real curves in it: the accuracy line's blue and the training loss's orange
+    (matplotlib's first two colours), not a blank canvas."""
+    with Image.open(path) as image:
+        assert image.size == (1200, 360)
+        colours = {c for _, c in image.convert("RGB").getcolors(maxcolors=1 << 20) or []}
+    assert (31, 119, 180) in colours and (255, 127, 14) in colours and len(colours) > 50

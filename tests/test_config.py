@@ -49,7 +49,7 @@ def test_a_share_keeps_its_config(tmp_path: Path) -> None:
 
 def test_commands_that_only_read_the_share_never_import_torch() -> None:
     """status, verify and --help answer in a fraction of a second: torch alone takes seconds to import."""
-    code = ("import sys, fedsync.cli.main, fedsync.cli.status, fedsync.cli.verify; "
+    code = ("import sys, fedsync.cli.main, fedsync.cli.status, fedsync.cli.verify, fedsync.run.report; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr

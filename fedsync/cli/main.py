@@ -229,6 +229,38 @@ def verify(
         raise typer.Exit(8)
 
 
+@app.command(short_help="The run's rounds as a table, and its curves as a PNG.")
+def results(
+    share: ShareOpt = Path("rounds"),
+    plot: Annotated[Path | None, typer.Option(help="Also draw test accuracy and loss per round and each worker's "
+                                                   "training time per round into this PNG file.",
+                                              metavar="FILE.png")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list, one object per round.")] = False,
+) -> None:
+    """Per closed round: test accuracy and loss (once evaluated), the workers' training loss, accepted and rejected
+    updates, seconds, megabytes moved down (the global model to each worker) and up (the accepted updates), and
+    each accepted worker's training time. The coordinator writes the same into report.md and report.png at the
+    share's root after every round.
+
+    Example: fedsync results --share /mnt/fed --plot run.png
+    """
+    from dataclasses import asdict
+
+    from fedsync.run.report import format_table, plot_png, read_rows
+    from fedsync.storage.local import atomic_write
+    from fedsync.storage.manifest import read_manifest
+    from fedsync.storage.share import Share
+
+    s = Share(share)
+    manifest = read_manifest(s)
+    rows = read_rows(s)
+    typer.echo(json.dumps([asdict(r) for r in rows], indent=2) if as_json else format_table(rows))
+    if plot is not None:
+        atomic_write(plot, plot_png(rows, f"fedsync run {manifest.run_id}"))
+        if not as_json:
+            typer.echo(f"plotted {len(rows)} round(s) into {plot}")
+
+
 RoundOpt = Annotated[int | None, typer.Option(
     "--round", help="A closed round: its aggregate, the model it produced. Default: the newest closed round (the "
                     "final model once the run finished).", metavar="N")]

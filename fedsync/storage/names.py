@@ -21,12 +21,14 @@ UPDATES = "updates"
 SUMMARY = "summary.yaml"
 EVALUATION = "evaluation.yaml"
 SHARDS = "shards"
+REPORT_MD = "report.md"    # for people browsing the share: refreshed by the coordinator after each round
+REPORT_PNG = "report.png"
 TENSORS_SUFFIX = ".safetensors"
 MARKER_SUFFIX = ".yaml"
 
 # anything else in a round folder is stray
 ROUND_FILES = frozenset({GLOBAL_MODEL, ASSIGNMENT, UPDATES, SUMMARY, EVALUATION})
-COORDINATOR_ROOT_FILES = frozenset({MANIFEST, LEASE, METRICS, FINAL_MODEL, FINAL_MARKER, TRUST})
+COORDINATOR_ROOT_FILES = frozenset({MANIFEST, LEASE, METRICS, FINAL_MODEL, FINAL_MARKER, TRUST, REPORT_MD, REPORT_PNG})
 COORDINATOR_ROUND_FILES = frozenset({GLOBAL_MODEL, ASSIGNMENT, SUMMARY, EVALUATION})
 
 ROUND_DIR = re.compile(r"^\d{4,9}$")

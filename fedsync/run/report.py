@@ -1,0 +1,182 @@
+"""A run at a glance, read from its summaries and evaluations alone: the per-round table (`fedsync results`), its
+curves as a PNG (`--plot`), and report.md with report.png, which the coordinator refreshes at the share's root after
+each round so that a person browsing the folder sees them without running anything."""
+
+from __future__ import annotations
+
+import io
+import threading
+from dataclasses import dataclass, field
+
+from fedsync.base.logs import Log
+from fedsync.storage import names
+from fedsync.storage.manifest import read_manifest
+from fedsync.storage.markers import Evaluation, Summary
+from fedsync.storage.share import Share
+from fedsync.storage.trouble import RepeatedWrite
+
+
+@dataclass
+class RoundRow:
+    round: int
+    closed_because: str
+    seconds: float
+    accepted: int
+    rejected: int
+    train_loss: float
+    test_accuracy: float | None   # None: not evaluated (yet, or eval_every skips it)
+    test_loss: float | None
+    down_bytes: int | None
+    up_bytes: int | None
+    closed_at: str | None
+    train_s: dict[str, float] = field(default_factory=dict)  # accepted workers' training seconds
+
+
+def read_rows(share: Share) -> list[RoundRow]:
+    """One row per closed round whose summary can be read, in order."""
+    rows = []
+    for r in share.closed_rounds():
+        try:
+            s = share.read_record(Summary, share.summary(r))
+        except Exception:  # noqa: BLE001 - not synced whole yet: the next look has it
+            continue
+        ev = None
+        if share.exists(share.evaluation(r)):
+            try:
+                ev = share.read_record(Evaluation, share.evaluation(r))
+            except Exception:  # noqa: BLE001 - as above
+                ev = None
+        rows.append(RoundRow(
+            round=r, closed_because=s.closed_because, seconds=s.seconds, accepted=len(s.accepted),
+            rejected=len(s.rejected), train_loss=float(s.metrics.get("train_loss", float("nan"))),
+            test_accuracy=float(ev.test_accuracy) if ev else None, test_loss=float(ev.test_loss) if ev else None,
+            down_bytes=s.traffic.down_bytes if s.traffic else None, up_bytes=s.traffic.up_bytes if s.traffic else None,
+            closed_at=s.closed_at, train_s={x.worker: x.train_s for x in s.accepted if x.train_s is not None}))
+    return rows
+
+
+def _mb(n: int | None) -> str:
+    return "" if n is None else f"{n / 1e6:.1f}"
+
+
+def _num(x: float | None, digits: int = 4) -> str:
+    return "" if x is None else f"{x:.{digits}f}"
+
+
+COLUMNS = ("round", "test acc", "test loss", "train loss", "accepted", "rejected", "seconds", "MB down", "MB up",
+           "training s by worker")
+
+
+def table(rows: list[RoundRow]) -> list[list[str]]:
+    """The rows as text cells, under COLUMNS."""
+    return [[str(x.round), _num(x.test_accuracy), _num(x.test_loss), _num(x.train_loss), str(x.accepted),
+             str(x.rejected), f"{x.seconds:.2f}", _mb(x.down_bytes), _mb(x.up_bytes),
+             ", ".join(f"{w} {s:.2f}" for w, s in sorted(x.train_s.items()))] for x in rows]
+
+
+def format_table(rows: list[RoundRow]) -> str:
+    cells = [list(COLUMNS), *table(rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+    return "\n".join("  ".join(c.ljust(w) if i == len(COLUMNS) - 1 else c.rjust(w)
+                               for i, (c, w) in enumerate(zip(row, widths))).rstrip() for row in cells)
+
+
+def plot_png(rows: list[RoundRow], title: str) -> bytes:
+    """Test accuracy, the losses, and each worker's training time per round, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: files only
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 3.6), dpi=100, layout="constrained")
+    acc, loss, times = fig.subplots(1, 3)
+    evaluated = [x for x in rows if x.test_accuracy is not None]
+    acc.plot([x.round for x in evaluated], [x.test_accuracy for x in evaluated], marker="o", color="tab:blue")
+    acc.set(title="test accuracy", xlabel="round", ylim=(0, 1))
+    acc.grid(alpha=0.3)
+    loss.plot([x.round for x in evaluated], [x.test_loss for x in evaluated], marker="o", label="test")
+    loss.plot([x.round for x in rows], [x.train_loss for x in rows], marker=".", label="train (workers' mean)")
+    loss.set(title="loss", xlabel="round", yscale="log" if rows and min(x.train_loss for x in rows) > 0 else "linear")
+    loss.legend()
+    loss.grid(alpha=0.3)
+    for worker in sorted({w for x in rows for w in x.train_s}):
+        points = [(x.round, x.train_s[worker]) for x in rows if worker in x.train_s]
+        times.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=worker)
+    times.set(title="training time per round (s)", xlabel="round", ylim=(0, None))
+    if any(x.train_s for x in rows):
+        times.legend(fontsize="small")
+    times.grid(alpha=0.3)
+    fig.suptitle(title)
+    out = io.BytesIO()
+    fig.savefig(out, format="png")
+    return out.getvalue()
+
+
+def markdown(share: Share, rows: list[RoundRow]) -> str:
+    """report.md: the run, its curve, its latest decisions and the per-round table."""
+    manifest = read_manifest(share)
+    cfg = manifest.config
+    lines = [f"# fedsync run {manifest.run_id}", "",
+             f"{cfg['task']}/{cfg['model']}, aggregation {cfg['aggregation']}, started {manifest.created}. "
+             "Written by the coordinator after each round; `fedsync results` prints the same table.", "",
+             f"![test accuracy, losses and training time per round]({names.REPORT_PNG})", ""]
+    if rows:
+        last = share.read_record(Summary, share.summary(rows[-1].round))
+        evaluated = [x for x in rows if x.test_accuracy is not None]
+        best = f"; latest test accuracy {evaluated[-1].test_accuracy:.4f} (round {evaluated[-1].round})" \
+            if evaluated else ""
+        lines += [f"## Round {last.round}, the latest", "",
+                  f"Closed by {last.closed_because} after {last.seconds:.2f} s{best}.", ""]
+        lines += [f"- accepted {x.worker}: {x.samples} samples, {x.steps} steps, train loss {x.train_loss:.4f}"
+                  for x in last.accepted]
+        lines += [f"- rejected {x.worker} ({x.reason}): {x.detail}" for x in last.rejected]
+        lines += [f"- missing {w}" for w in last.missing]
+        lines += [f"- late {x.worker} for round {x.round}: {x.outcome} ({x.detail})" for x in last.late]
+        lines += ["", "## Rounds", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+        lines += ["| " + " | ".join(row) + " |" for row in table(rows)]
+    else:
+        lines += ["No round has closed yet."]
+    return "\n".join(lines) + "\n"
+
+
+class Reporter:
+    """Refreshes report.md and report.png in a thread of its own, so drawing never holds up a round; requests that
+    come while it draws are folded into one more refresh."""
+
+    def __init__(self, share: Share, log: Log) -> None:
+        self.share, self.log = share, log
+        self.broken = False  # a drawing failure is said once: the run goes on without a report
+        self.writes = RepeatedWrite(log, "the report", "after the next round")
+        self.wanted = threading.Event()
+        self.stopped = False
+        self.thread = threading.Thread(target=self._work, name="report", daemon=True)
+        self.thread.start()
+
+    def refresh(self) -> None:
+        self.wanted.set()
+
+    def close(self) -> None:
+        """Draw what the share holds now, once more, and stop."""
+        self.stopped = True
+        self.wanted.set()
+        self.thread.join(timeout=60)
+
+    def _work(self) -> None:
+        while True:
+            self.wanted.wait()
+            self.wanted.clear()
+            last = self.stopped  # read before drawing: a close() during this drawing asks for one more
+            try:
+                self.writes.attempt(self._write)
+            except Exception as e:  # noqa: BLE001 - a report that cannot be drawn must never stop the run
+                if not self.broken:
+                    self.log(f"WARNING: report.md/report.png not refreshed ({type(e).__name__}: {e})")
+                self.broken = True
+            if last:
+                return
+
+    def _write(self) -> None:
+        rows = read_rows(self.share)
+        manifest = read_manifest(self.share)
+        self.share.write(names.REPORT_PNG, plot_png(rows, f"fedsync run {manifest.run_id}"))
+        self.share.write(names.REPORT_MD, markdown(self.share, rows).encode())
