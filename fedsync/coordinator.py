@@ -155,6 +155,7 @@ class Coordinator:
         self.dataset, self.watcher, self.lease, self.log = dataset, watcher, lease, opts.log
         self.task = self.cfg.resolved_task()
         self.train_size = len(dataset.train) if dataset is not None else 0  # a private task's data is the workers'
+        self.pruned = 0  # rounds up to this one have had their tensors removed by this process (keep_rounds)
         self.unequipped: set[str] = set()  # workers of a private task that registered no data of their own: said
         self.identity, self.nudge = identity, nudge
         self.liveness = Liveness(share, self.cfg.worker_timeout)
@@ -196,8 +197,12 @@ class Coordinator:
                 unevaluated.append((r, summary.model))
         if closed:  # a crash may have left it a row short
             self._write_metrics()
+            self._prune(closed[-1])  # a crash may have come between a summary and its pruning
         for r, model in unevaluated:
-            self.evaluator.submit(r, model)
+            if self.share.exists(model.file):
+                self.evaluator.submit(r, model)
+            else:
+                self.log(f"round {r}: its model was pruned (keep_rounds) before it was evaluated; not evaluated")
         r = (closed[-1] + 1) if closed else 1
         if r <= self.opts.rounds:
             self.share.remove(self.share.final_marker)  # continuing a finished run: it is not finished
@@ -335,6 +340,25 @@ class Coordinator:
                 self.log(f"waiting for {self.cfg.min_workers} live worker(s), {len(live)} so far")
                 announced = True
             self._wait(self.opts.rescan)
+
+    def _prune(self, last_closed: int) -> None:
+        """keep_rounds: remove the tensors (global model, updates) of rounds more than keep_rounds closed rounds back;
+        their markers, summaries and evaluations stay (PROTOCOL.md section 5.11). A round's aggregate is the next
+        round's global model, so it goes one round later. Idempotent: a restart finishes what a crash cut short."""
+        keep = self.cfg.keep_rounds
+        if keep is None:
+            return
+        for p in self.share.rounds():
+            if p > last_closed - keep:
+                break
+            if p <= self.pruned:
+                continue
+            updates = self.share.updates_dir(p)
+            for e in self.share.list(updates):
+                if e.name.endswith(names.TENSORS_SUFFIX):
+                    self.share.remove(names.join(updates, e.name))
+            self.share.remove(self.share.global_model(p))
+            self.pruned = p
 
     def _equipped(self, worker: str) -> bool:
         """Whether the worker can train: for a private task, it registered data of its own (said once if not)."""
@@ -501,6 +525,7 @@ class Coordinator:
                          f"writing round {r}'s summary")
         crash_point(f"coordinator:after-summary:{r}")
         self.reporter.refresh()
+        self._prune(r)
         if self.nudge:
             self.nudge.scan(self.share.summary(r))
         # 3. its quality on the held-out set, measured beside the next round (which starts from it as is)

@@ -219,12 +219,15 @@ def verify(
 
     report = verify_share(Share(share))
     if as_json:
-        typer.echo(json.dumps({"checked": report.checked, "findings": [asdict(f) for f in report.findings]}, indent=2))
+        typer.echo(json.dumps({"checked": report.checked, "pruned": report.pruned,
+                               "findings": [asdict(f) for f in report.findings]}, indent=2))
     else:
         for f in report.findings:
             typer.echo(f"{f.level}: {f.path}: {f.problem}\n  fix: {f.fix}")
+        pruned = (f"; {report.pruned} tensor file(s) of rounds 1..{report.pruned_through} removed by keep_rounds, "
+                  "as the run asks") if report.pruned else ""
         typer.echo(f"checked {report.checked} files: {len(report.errors)} error(s), "
-                   f"{len(report.findings) - len(report.errors)} hint(s)")
+                   f"{len(report.findings) - len(report.errors)} hint(s){pruned}")
     if report.errors:
         raise typer.Exit(8)
 

@@ -37,6 +37,7 @@ def collect_status(share: Share) -> dict[str, Any]:
         "task": manifest.config["task"], "model": manifest.config["model"],
         "round": current, "rounds": None, "state": "waiting for workers", "assigned": [], "submitted": [],
         "last_closed": None, "rejected_open_round": [], "workers": [], "final": None, "coordinator": None,
+        "keep_rounds": manifest.config.get("keep_rounds"), "tensors_removed_through": None,
     }
     if current is not None:
         a: Assignment | None = _load(share, Assignment, share.assignment(current))
@@ -46,6 +47,8 @@ def collect_status(share: Share) -> dict[str, Any]:
             status["state"] = "collecting updates"
         status["submitted"] = list(_markers(share, share.updates_dir(current)))
         closed = share.closed_rounds()
+        if closed and status["keep_rounds"] is not None and closed[-1] > status["keep_rounds"]:
+            status["tensors_removed_through"] = closed[-1] - status["keep_rounds"]
         if closed:
             s: Summary | None = _load(share, Summary, share.summary(closed[-1]))
             if s is not None:
@@ -115,6 +118,9 @@ def format_status(st: dict[str, Any]) -> str:
         lines.append(f"  assigned: {', '.join(st['assigned'])}; submitted: {', '.join(st['submitted']) or 'none'}")
     for x in st["rejected_open_round"]:
         lines.append(f"  rejected so far: {x['worker']} ({x['reason']}): {x['detail']}")
+    if st["tensors_removed_through"] is not None:
+        lines.append(f"  keep_rounds {st['keep_rounds']}: the tensors of rounds 1..{st['tensors_removed_through']} "
+                     "are removed (their markers and summaries stay)")
     last = st["last_closed"]
     if last:
         quality = (f"test accuracy {last['test_accuracy']:.4f}, test loss {last['test_loss']:.4f}"

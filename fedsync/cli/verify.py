@@ -42,6 +42,8 @@ class Finding:
 class Report:
     checked: int = 0
     findings: list[Finding] = field(default_factory=list)
+    pruned_through: int = 0  # keep_rounds: tensors of rounds up to this one may be gone on purpose
+    pruned: int = 0          # tensor files found removed so
 
     @property
     def errors(self) -> list[Finding]:
@@ -55,6 +57,9 @@ def verify(share: Share) -> Report:
     report = Report()
     manifest = read_manifest(share)  # a missing or foreign-format manifest is an error the caller reports
     report.checked += 1
+    keep, closed_rounds = manifest.config.get("keep_rounds"), share.closed_rounds()
+    if isinstance(keep, int) and closed_rounds:
+        report.pruned_through = closed_rounds[-1] - keep
     key = manifest.coordinator_key
     if share.exists(share.trust):
         report.checked += 1
@@ -74,11 +79,13 @@ def verify(share: Share) -> Report:
                     fix="the round was never opened whole; delete its folder if it holds nothing else")
         if a is not None:
             _signed(report, share.assignment(r), verify_signature(key, assignment_message(a), a.signature))
-            _file(report, share, share.global_model(r), a.model, f"round {r}'s global model: {RESTORE}")
+            _file(report, share, share.global_model(r), a.model, f"round {r}'s global model: {RESTORE}",
+                  pruned=r <= report.pruned_through)
         s = _record(report, share, share.summary(r), Summary, required=False, fix=RESTORE)
         if s is not None:
             closed = r
-            _file(report, share, s.model.file, s.model, f"round {r}'s aggregate: {RESTORE}")
+            _file(report, share, s.model.file, s.model, f"round {r}'s aggregate: {RESTORE}",
+                  pruned=r + 1 <= report.pruned_through and s.model.file == share.global_model(r + 1))
             for x in s.accepted:
                 _update(report, share, r, x.worker, f"accepted in round {r}")
             for late in s.late:
@@ -115,7 +122,11 @@ def _record(report: Report, share: Share, name: str, cls: type, required: bool, 
         return None
 
 
-def _file(report: Report, share: Share, name: str, ref: FileRef, fix: str) -> None:
+def _file(report: Report, share: Share, name: str, ref: FileRef, fix: str, pruned: bool = False) -> None:
+    """Check a file against its reference; one that keep_rounds removed (`pruned`) is counted, not a finding."""
+    if pruned and not share.exists(name):
+        report.pruned += 1
+        return
     report.checked += 1
     try:
         share.read_verified(name, ref)
@@ -133,7 +144,7 @@ def _update(report: Report, share: Share, r: int, worker: str, why: str) -> None
                                        f"the update was {why}; {RESTORE}"))
     elif m is not None:
         _file(report, share, share.update_tensors(r, worker), m.tensors,
-              f"this update was {why} and has changed since; {RESTORE}")
+              f"this update was {why} and has changed since; {RESTORE}", pruned=r <= report.pruned_through)
 
 
 def _leftovers(report: Report, share: Share, folder: str, recursive: bool) -> None:

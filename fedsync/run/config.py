@@ -64,6 +64,7 @@ class RunConfig:
     late_policy: str          # drop | fold: what becomes of an update that arrives after its round closed
     max_staleness: int        # late updates up to this many rounds old are recorded (and folded)
     staleness_exponent: float # fold weight = samples * (1 + rounds late) ** -staleness_exponent
+    keep_rounds: int | None   # keep the tensors of the last this many closed rounds (and the final model); None: all
     heartbeat: float          # seconds between a worker's heartbeats
     worker_timeout: float     # seconds without a heartbeat before a worker counts as gone
     eval_batch_size: int
@@ -85,6 +86,9 @@ class RunConfig:
             problems.append(f"late_policy {self.late_policy!r} is not drop or fold")
         if self.max_staleness < 1 or self.staleness_exponent < 0:
             problems.append("max_staleness must be at least 1 and staleness_exponent not negative")
+        if self.keep_rounds is not None and self.keep_rounds <= self.max_staleness:
+            problems.append(f"keep_rounds must exceed max_staleness ({self.max_staleness}): late updates that old "
+                            "are still read, or null to keep every round's tensors")
         for name, allowed in (("precision", PRECISIONS), ("balance", BALANCE), ("aggregation", RULES)):
             if getattr(self, name) not in allowed:
                 problems.append(f"{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}")

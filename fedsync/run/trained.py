@@ -64,6 +64,10 @@ def round_model(share: Share, r: int | None) -> RoundModel:
             break
         except Unusable:
             continue
+    if state is None and config.keep_rounds is not None and r + 1 <= closed[-1] - config.keep_rounds:
+        raise ShareError(f"round {r}'s model was removed by keep_rounds: {config.keep_rounds} (the run keeps the "
+                         f"tensors of its last {config.keep_rounds} closed rounds): choose round "
+                         f"{closed[-1] - config.keep_rounds} or later")
     if state is None:
         raise ShareError(f"round {r}'s model ({summary.model.file}, blake3 {summary.model.blake3[:12]}) is not in "
                          f"{share.where()} with that hash any more: `fedsync verify` says what is damaged")
