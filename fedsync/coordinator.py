@@ -26,7 +26,7 @@ from fedsync.aggregation.tensors import layout_of, load_verified, save_state, st
 from fedsync.base.clock import utc_stamp
 from fedsync.base.errors import ConfigError, RunStuck, ShareError
 from fedsync.base.faults import crash_point
-from fedsync.base.logs import Log, make_log
+from fedsync.base.logs import Log, Logger, make_log
 from fedsync.fedavg import l2_norm
 from fedsync.learning.balance import plan_steps
 from fedsync.learning.data import Dataset, Source
@@ -412,7 +412,9 @@ class Coordinator:
                 live = set(self.liveness.live())
                 live_assigned = [w for w in a.workers if w in live]
                 target = quorum_target(self.cfg.quorum, len(live_assigned), self.cfg.min_updates)
+                self.lease.progress(sorted(intake.accepted), target)
                 elapsed = time.monotonic() - opened
+                self._show_progress(r, intake, target, a.time_budget_s - elapsed)
                 enough = len(intake.accepted) >= self.cfg.min_updates
                 if len(intake.accepted) >= target:
                     reason = "quorum"
@@ -444,12 +446,20 @@ class Coordinator:
             clipped = {c.worker for c in aggregator.scales if c.round == r}
         finally:
             aggregator.close()
+        self._show_progress(r, intake, 0, 0.0)
         self._report_rejections(r, intake, reported, closing=True)
         if clipped:
             self.log(f"round {r}: clipped to L2 norm {self.cfg.clip_norm:g}: " + ", ".join(
                 f"{w} ({norms[w]:.4g})" for w in sorted(clipped)))
         self._close(r, a, intake.accepted_records(norms, clipped), intake, late.records(), new_state, reason,
                     time.monotonic() - opened, timings, result.step_scale)
+
+    def _show_progress(self, r: int, intake: RoundLedger, target: int, remaining: float) -> None:
+        """On a terminal, the open round's updates against the quorum in one line (gone once it closes: target 0)."""
+        if isinstance(self.log, Logger):
+            self.log.progress(f"round {r}: {len(intake.accepted)} of {target} updates accepted for the quorum, "
+                              f"{len(intake.rejected)} rejected, {max(0.0, remaining):.0f} s to the deadline"
+                              if target else "")
 
     def _report_rejections(self, r: int, intake: RoundLedger, reported: set[str], closing: bool = False) -> None:
         """Each rejection in one line as soon as it is decided; those still waiting for their files when the round

@@ -23,7 +23,7 @@ from fedsync.aggregation.tensors import load_verified, save_state
 from fedsync.base.clock import utc_stamp
 from fedsync.base.errors import DataError, ShareError, TrustError
 from fedsync.base.faults import crash_point
-from fedsync.base.logs import Log, make_log
+from fedsync.base.logs import Log, Logger, make_log
 from fedsync.fedavg import delta
 from fedsync.learning.capture import capture, plan_capture
 from fedsync.learning.data import Dataset, Source
@@ -31,7 +31,7 @@ from fedsync.learning.device import DeviceChoice, DeviceFacts, choose_device, de
 from fedsync.learning.doctor import start_check
 from fedsync.learning.partition import hold_out
 from fedsync.learning.tasks import Task
-from fedsync.learning.train import TrainSettings, evaluate, local_train, measure_throughput, place
+from fedsync.learning.train import Report, TrainSettings, evaluate, local_train, measure_throughput, place
 from fedsync.run.config import RunConfig, config_from_dict
 from fedsync.run.start import check_task
 from fedsync.run.trust import read_trust
@@ -73,6 +73,7 @@ class WorkerOptions:
     key: Path | None = None             # this worker's private key; None: worker-<name>.pem in the key folder
     coordinator_key: str | None = None  # the coordinator's public key; None: pinned from the run at first contact
     capture: str = "auto"               # auto: CUDA graphs where the GPU supports them (fedsync/learning/capture.py)
+    log_json: bool = False              # one JSON object per event instead of a line of text
     log: Log | None = None
 
 
@@ -111,7 +112,7 @@ class Heartbeat:
 def run_worker(opts: WorkerOptions) -> FinalMarker | None:
     share = Share(opts.share)
     name = names.check_worker_name(opts.name)
-    log = opts.log or make_log(f"worker {name}")
+    log = opts.log or make_log(f"worker {name}", opts.log_json)
     if not share.exists(""):
         raise ShareError(f"share folder {share.where()} does not exist: mount or sync it first, or fix --share")
     facts = DeviceFacts.probe()
@@ -306,9 +307,12 @@ class Worker:
         evaluation = self._evaluate(held_out)
         evaluated = time.monotonic()
         settings = self._settings(task.local_epochs, task.local_steps)
+        report = self._progress(r)
         result = local_train(self.model, shard, settings, self.device, seed=_seed(self.cfg.seed, r, self.name),
-                             captured=self.captured)
+                             captured=self.captured, report=report)
         trained = time.monotonic()
+        if report is not None:
+            report(0, 0, 0.0, 0.0)  # done: the progress line goes
         update = delta(self.model.state_dict(), base)
         diverged = _divergence(result.train_loss, update)
         ref = None
@@ -332,7 +336,8 @@ class Worker:
         written = time.monotonic()
         if self.nudge:
             self.nudge.scan(self.share.updates_dir(r))
-        self.heartbeat.update(state="idle", round=r, samples_per_s=round(result.samples_per_s, 1))
+        self.heartbeat.update(state="idle", round=r, samples_per_s=round(result.samples_per_s, 1),
+                              sent_bytes=self.heartbeat.info.sent_bytes + (ref.bytes if ref else 0))
         held = (f"; the round's model on {evaluation.samples} held-out examples: accuracy "
                 f"{evaluation.accuracy:.4f}, loss {evaluation.loss:.4f}") if evaluation else ""
         what = "its own data" if task.shard is None else f"shard {task.shard}/{a.num_shards}"
@@ -340,6 +345,20 @@ class Worker:
                  f"{result.samples} examples, {result.samples_per_s:.0f} samples/s) in {trained - evaluated:.2f} s, "
                  f"train loss {result.train_loss:.4f}{held}; assignment to training {ready - seen:.2f} s, training "
                  f"to marker written {written - trained:.2f} s")
+
+    def _progress(self, r: int) -> Report | None:
+        """On a terminal, round r's training in one line as it goes: steps, loss, speed, time left."""
+        log = self.log
+        if not isinstance(log, Logger) or not log.live:
+            return None
+        batch = self.cfg.batch_size
+
+        def show(step: int, total: int, loss: float, rate: float) -> None:
+            left = (total - step) * batch / rate if rate > 0 else 0.0
+            log.progress(f"round {r}: step {step}/{total}, loss {loss:.4f}, {rate:.0f} samples/s, ~{left:.0f} s left"
+                         if total else "")
+
+        return show
 
     def _warm_up(self, train: Source) -> None:
         """A few training steps on the first examples before registering, so round 1 runs at full speed: the first

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import pty
 import re
+import select
+import signal
+import subprocess
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,7 +25,7 @@ from fedsync.storage.medium import POLL_INTERVAL_S, POLLED_FILESYSTEMS, choose_m
 from fedsync.storage.share import Share
 from fedsync.storage.watch import ShareWatcher
 
-from .conftest import coordinator_identity, finish, run, start
+from .conftest import ENV, FEDSYNC, coordinator_identity, finish, run, start
 
 COMMANDS = ["coordinator", "worker", "trust", "status", "verify", "results", "eval", "export", "demo", "doctor"]
 NO_SHARE = {"doctor"}  # looks at this machine only
@@ -158,6 +164,26 @@ def test_the_demo_runs_its_processes_and_reaches_real_accuracy(share: Path) -> N
     shown = run("results", "--share", str(share), "--plot", str(share.parent / "curves.png"))
     assert shown.returncode == 0 and len(re.findall(r"^\s+[1-4]\s+0\.\d{4}", shown.stdout, re.M)) == 4, shown.stdout
     _check_plot(share.parent / "curves.png")
+    # the live view, under a pseudo-terminal as a person runs it, ends cleanly on Ctrl-C
+    screen, code = _watched(share)
+    assert code == 0 and "finished after round 4" in screen and "demo-worker-2" in screen, screen
+    assert "\x1b[" in screen and "samples/s" in screen and "heartbeat" in screen  # drawn, with its columns
+
+
+def _watched(share: Path) -> tuple[str, int]:
+    """`fedsync status --watch` on a pseudo-terminal until it has drawn the workers twice (a redraw), then Ctrl-C."""
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen([*FEDSYNC, "status", "--watch", "--share", str(share)], stdin=secondary,
+                            stdout=secondary, stderr=secondary, env={**ENV, "COLUMNS": "120", "TERM": "xterm"})
+    os.close(secondary)
+    screen, end = b"", time.monotonic() + 30
+    while screen.count(b"demo-worker-2") < 2 and time.monotonic() < end and proc.poll() is None:
+        if select.select([primary], [], [], 0.2)[0]:
+            screen += os.read(primary, 1 << 16)
+    proc.send_signal(signal.SIGINT)
+    code = proc.wait(timeout=15)
+    os.close(primary)
+    return screen.decode(errors="replace"), code
 
 
 def _check_plot(path: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import json
 from datetime import datetime
 from pathlib import Path
 
@@ -167,13 +169,16 @@ def test_two_workers_train_on_their_own_images_and_reach_090_in_10_rounds(tmp_pa
     a = start("worker", "--share", str(share), "--name", "a", "--device", "cpu", "--wait-for-run", "60",
               "--data", str(data / "a"))
     b = start("worker", "--share", str(share), "--name", "b", "--device", "cpu", "--wait-for-run", "60",
-              "--data", str(data / "b"), "--data-memory", "0")
+              "--data", str(data / "b"), "--data-memory", "0", "--log-json")
     with killed_on_error(coord, a, b):
         _write(tmp_path / "stranger" / "cat", "0.png", digits_images()[0][0])
         stranger = run("worker", "--share", str(share), "--name", "c", "--device", "cpu", "--wait-for-run", "60",
                        "--data", str(tmp_path / "stranger"))
         out = finish(coord, timeout=400)
-        outs = finish(a, timeout=60) + finish(b, timeout=60)
+        outs, bout = finish(a, timeout=60), finish(b, timeout=60)
+    events = [json.loads(line) for line in bout.splitlines()]  # --log-json: one object per event, nothing else
+    assert {e["role"] for e in events} == {"worker b"} and any("round 10: trained" in e["message"] for e in events)
+    outs += bout
     assert coord.returncode == 0 and a.returncode == 0 and b.returncode == 0, out + outs
     assert stranger.returncode == 6 and "cat that the run does not know" in stranger.stderr, stranger.stderr
     s = Share(share)
@@ -185,9 +190,9 @@ def test_two_workers_train_on_their_own_images_and_reach_090_in_10_rounds(tmp_pa
     assert {e.worker: e.samples for e in summary.accepted} == {"a": counts["a"], "b": counts["b"]}
     accuracy = float(s.path(s.metrics).read_text().strip().splitlines()[-1].split(",")[1])
     assert accuracy >= 0.9, out
-    assert not [p for p in share.rglob("*") if p.suffix == ".png"] and "skipped" not in outs
-    last = s.path(s.metrics).read_text().splitlines()
-    assert last[0].endswith(",closed_at") and datetime.fromisoformat(last[-1].rsplit(",", 1)[1]).tzinfo is not None
+    assert [p for p in share.rglob("*.png")] == [share / "report.png"] and "skipped" not in outs  # no image of theirs
+    last = list(csv.DictReader(s.path(s.metrics).open()))[-1]
+    assert datetime.fromisoformat(last["closed_at"]).tzinfo is not None and int(last["up_bytes"]) > 0
     assert datetime.fromisoformat(s.read_record(WorkerInfo, s.worker_file("a")).written_at or "").year >= 2026
     status = run("status", "--share", str(share))
     assert f"trains on {counts['a']} examples of its own" in status.stdout, status.stdout + status.stderr

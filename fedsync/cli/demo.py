@@ -12,7 +12,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 from fedsync.base.errors import FedsyncError, ShareError
-from fedsync.base.logs import Log
+from fedsync.base.logs import NO_PROGRESS, Log
 from fedsync.run.config import load_config
 from fedsync.run.start import open_run
 from fedsync.storage import names
@@ -89,6 +89,7 @@ def _start(roles: list[list[str]], log: Log) -> list[tuple[list[str], BaseProces
         log("each process loads torch first, which takes a few seconds")
         context = multiprocessing.get_context("spawn")
     os.environ["OMP_NUM_THREADS"] = "1"  # one torch thread each: the processes already share the machine's cores
+    os.environ[NO_PROGRESS] = "1"  # they share one terminal too: event lines only, no progress line each
     sys.stdout.flush()
     sys.stderr.flush()
     procs = []

@@ -38,6 +38,9 @@ DataRootOpt = Annotated[str | None, typer.Option(
                                   "(DIR/<class>/<image>: a worker's training images, the coordinator's test images). "
                                   "Default: the run config's data_root. Each machine gives its own.", metavar="DIR")]
 
+LogJsonOpt = Annotated[bool, typer.Option("--log-json", help="Write one JSON object per event (time, role, level, "
+                                                           "message) instead of a line of text, for log collectors; "
+                                                           "no progress line.")]
 KeyOpt = Annotated[Path | None, typer.Option(
     "--key", help="The private key (PEM, Ed25519, mode 0600): the coordinator and workers create theirs on first "
                   "start when absent; `trust` signs with the coordinator's. "
@@ -88,12 +91,14 @@ def coordinator(
                                              "round: auto | cpu | cuda | cuda:N | mps. auto picks as for workers; an "
                                              "explicit device that cannot run fails at once.",
                                              metavar="DEVICE")] = "auto",
+    log_json: LogJsonOpt = False,
 ) -> None:
     """Start a run in SHARE, or continue the one there, and drive it round by round. It signs every assignment with
     its key; only the key that started a run continues it.
 
     Example: fedsync coordinator --rounds 20 --share /mnt/fed --set min_workers=3
     """
+    from fedsync.base.logs import make_log
     from fedsync.coordinator import CoordinatorOptions, run_coordinator
     from fedsync.run.config import load_config, parse_overrides
     from fedsync.storage.share import Share
@@ -101,7 +106,7 @@ def coordinator(
     cfg = load_config(config, parse_overrides(set_))
     final = run_coordinator(CoordinatorOptions(share=share, config=cfg, rounds=rounds, watch=_check_watch(watch),
                                                data_root=data_root, syncthing=syncthing, syncthing_key=syncthing_key,
-                                               key=key, device=device))
+                                               key=key, device=device, log=make_log("coordinator", log_json)))
     typer.echo(f"final test accuracy {final.test_accuracy:.4f} after {final.round} rounds: "
                f"{Share(share).where(Share.final_model)}")
 
@@ -137,6 +142,7 @@ def worker(
                                               "registering, then about 3x the eager speed at batch 128. Elsewhere, "
                                               "or with off, the step runs eagerly; the worker says which and "
                                               "why.", metavar="MODE")] = "auto",
+    log_json: LogJsonOpt = False,
 ) -> None:
     """Train for the run in SHARE: register, then take each round assigned to this worker until the run ends. It
     publishes its public key, trains only on assignments the coordinator signed, and signs its updates.
@@ -160,7 +166,7 @@ def worker(
     run_worker(WorkerOptions(share=share, name=name, device=device, watch=_check_watch(watch),
                              data_root=data_root, wait_for_run=wait_for_run, syncthing=syncthing,
                              syncthing_key=syncthing_key, key=key, coordinator_key=coordinator_key,
-                             capture=capture,
+                             capture=capture, log_json=log_json,
                              memory_budget=None if data_memory is None else int(data_memory * 2**20)))
 
 
@@ -190,14 +196,26 @@ def trust(
 def status(
     share: ShareOpt = Path("rounds"),
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")] = False,
+    watch: Annotated[bool, typer.Option("--watch", help="Keep watching: a live view on a terminal, redrawn as the "
+                                                        "share changes (else every second); Ctrl-C ends it.")] = False,
 ) -> None:
-    """Show where the run in SHARE stands: round, workers, accepted and rejected updates, accuracy.
+    """Show where the run in SHARE stands: round and time left to its deadline, updates accepted against the quorum,
+    each worker's state, device, speed, heartbeat and bytes sent, rejections with their reasons, the last accuracy.
 
-    Example: fedsync status --share /mnt/fed --json
+    Example: fedsync status --share /mnt/fed --watch
     """
     from fedsync.cli.status import collect_status, format_status
     from fedsync.storage.share import Share
 
+    if watch:
+        if as_json:
+            raise typer.BadParameter("--watch draws for people; --json prints one snapshot for scripts",
+                                     param_hint="--watch")
+        from fedsync.cli.watch import watch as watch_share
+
+        collect_status(Share(share))  # a share without a run fails here, in one line, before the view starts
+        watch_share(Share(share))
+        return
     st = collect_status(Share(share))
     typer.echo(json.dumps(st, indent=2) if as_json else format_status(st))
 

@@ -38,6 +38,7 @@ def collect_status(share: Share) -> dict[str, Any]:
         "round": current, "rounds": None, "state": "waiting for workers", "assigned": [], "submitted": [],
         "last_closed": None, "rejected_open_round": [], "workers": [], "final": None, "coordinator": None,
         "keep_rounds": manifest.config.get("keep_rounds"), "tensors_removed_through": None,
+        "accepted_open_round": [], "quorum": None, "deadline_in_s": None,
     }
     if current is not None:
         a: Assignment | None = _load(share, Assignment, share.assignment(current))
@@ -45,6 +46,9 @@ def collect_status(share: Share) -> dict[str, Any]:
             status["rounds"] = a.rounds
             status["assigned"] = sorted(a.workers)
             status["state"] = "collecting updates"
+            opened = {e.name: e.modified for e in share.list(share.round_dir(current))}.get(names.ASSIGNMENT)
+            if opened is not None:  # by the assignment's file time as seen from here: an estimate
+                status["deadline_in_s"] = round(a.time_budget_s - (time.time() - opened), 1)
         status["submitted"] = list(_markers(share, share.updates_dir(current)))
         closed = share.closed_rounds()
         if closed and status["keep_rounds"] is not None and closed[-1] > status["keep_rounds"]:
@@ -75,6 +79,9 @@ def collect_status(share: Share) -> dict[str, Any]:
         if lease.round == current and current not in share.closed_rounds():
             status["rejected_open_round"] = [{"worker": x.worker, "reason": x.reason, "detail": x.detail}
                                              for x in lease.rejected]
+            status["accepted_open_round"], status["quorum"] = lease.accepted, lease.quorum
+        else:
+            status["deadline_in_s"] = None  # no round is collecting
     final = finished(share, manifest.run_id, manifest.coordinator_key)
     if final is not None:
         status["final"] = {"round": final.round, "test_accuracy": final.test_accuracy}
@@ -97,6 +104,7 @@ def collect_status(share: Share) -> dict[str, Any]:
             "cuda_capability": info.cuda_capability, "precision": info.precision,
             "samples_per_s": info.samples_per_s, "device_fallback": info.device_fallback, "state": info.state,
             "training_step": info.training_step, "compile_s": info.compile_s, "own_samples": info.own_samples,
+            "sent_bytes": info.sent_bytes,
             "round": info.round, "last_heartbeat_s": None if age is None else round(age, 1),
             "key": fingerprint(info.public_key) if info.public_key else None,
             "trust": _trust(name, info.public_key, trusted.get(name), mode)})

@@ -23,6 +23,8 @@ from fedsync.learning.sgd import ForeachSGD
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+Report = Callable[[int, int, float, float], None]  # (steps done, steps in all, mean loss so far, samples/s)
+REPORT_EVERY_S = 0.5  # a report reads the loss, which waits for the device: at most this often
 
 
 @dataclass(frozen=True)
@@ -72,9 +74,10 @@ def place(data: Source, device: str) -> Source:
 
 
 def local_train(model: nn.Module, data: Source, settings: TrainSettings, device: str, seed: int,
-                captured: nn.Module | None = None) -> TrainResult:
+                captured: nn.Module | None = None, report: Report | None = None) -> TrainResult:
     """SGD over the shard for `settings.steps` steps, or `settings.epochs` passes, from the model's weights.
-    `captured` (fedsync/learning/capture.py) runs the full batches; partial ones run eagerly on `model`."""
+    `captured` (fedsync/learning/capture.py) runs the full batches; partial ones run eagerly on `model`. `report`,
+    when given, hears how far it got every REPORT_EVERY_S seconds."""
     started = time.perf_counter()
     kind = device.split(":")[0]
     memory_format = torch.channels_last if settings.channels_last else torch.preserve_format
@@ -96,7 +99,8 @@ def local_train(model: nn.Module, data: Source, settings: TrainSettings, device:
     processed = 0
     pace = Pace(device)
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]] = iter(())
-    for _ in range(total_steps):
+    next_report = time.perf_counter() + REPORT_EVERY_S
+    for step in range(total_steps):
         batch = next(batches, None)
         if batch is None:  # the next pass over the data, in a new order
             batches = data.epoch(settings.batch_size, order_generator)
@@ -122,6 +126,10 @@ def local_train(model: nn.Module, data: Source, settings: TrainSettings, device:
         loss_sum += loss.detach().float() * len(yb)
         processed += len(yb)
         pace.step()
+        if report is not None and time.perf_counter() >= next_report:
+            elapsed = time.perf_counter() - started
+            report(step + 1, total_steps, float(loss_sum) / processed, processed / elapsed)
+            next_report = time.perf_counter() + REPORT_EVERY_S
     train_loss = float(loss_sum) / max(processed, 1)  # the one wait for the device
     return TrainResult(samples=min(n, processed), steps=total_steps, processed=processed,
                        seconds=time.perf_counter() - started, train_loss=train_loss)

@@ -71,7 +71,18 @@ class Lease:
     def update(self, state: str, round: int | None = None, note: str = "",
                rejected: Sequence[Rejected] = ()) -> None:
         with self.lock:
+            if round != self.record.round:
+                self.record = replace(self.record, accepted=[], quorum=None)  # a new round: no progress yet
             self.record = replace(self.record, state=state, round=round, note=note, rejected=list(rejected))
+        self._refresh()
+
+    def progress(self, accepted: list[str], quorum: int) -> None:
+        """The open round's accepted updates and the quorum target, for `fedsync status` (written when they
+        change)."""
+        with self.lock:
+            if (accepted, quorum) == (self.record.accepted, self.record.quorum):
+                return
+            self.record = replace(self.record, accepted=accepted, quorum=quorum)
         self._refresh()
 
     def release(self, state: str = "stopped") -> None:

@@ -110,6 +110,8 @@ class CoordinatorLease:
     note: str
     rejected: list[Rejected] = dataclasses.field(default_factory=list)  # the open round's, as they are decided
     written_at: str | None = None  # UTC time of this write, for people: liveness counts by the reader's own clock
+    accepted: list[str] = dataclasses.field(default_factory=list)  # the open round's accepted updates so far
+    quorum: int | None = None      # accepted updates that close the open round early, as of this write
 
 
 @dataclass
@@ -201,6 +203,7 @@ class WorkerInfo:
     compile_s: float | None = None  # seconds it took to compile and capture that step, once per process
     own_samples: int | None = None  # a private task's worker: the examples of its own it trains on (and holds out)
     written_at: str | None = None   # UTC time of this write, for people: liveness counts by the reader's own clock
+    sent_bytes: int = 0             # update bytes it has written into the share since it started
 
 
 @dataclass
