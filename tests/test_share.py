@@ -1,10 +1,13 @@
 """The share's primitives: whole-file writes, safe YAML, name rules and strict markers."""
 
+import errno
+import os
 from pathlib import Path
 
 import pytest
 import yaml
 
+from fedsync.storage import local
 from fedsync.storage.local import atomic_write
 from fedsync.storage.markers import (
     FORMAT_VERSION,
@@ -105,3 +108,24 @@ def test_newer_and_older_formats_are_different_errors() -> None:
         parse(UpdateMarker, _marker(format=FORMAT_VERSION + 1), "m")
     with pytest.raises(FormatMismatch, match="older share format"):
         parse(UpdateMarker, _marker(format=0), "m")
+
+
+def test_a_temporary_the_share_refused_to_delete_is_deleted_after_the_next_write(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write that fails once its temporary exists (the share turned read-only under it) cannot delete the temporary
+    either; the process deletes it after its next successful write, so a live writer leaves no junk."""
+    real_replace, real_unlink = os.replace, os.unlink
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(os, "replace", refused)
+    monkeypatch.setattr(os, "unlink", refused)
+    with pytest.raises(OSError):
+        local.atomic_write(tmp_path / "metrics.csv", b"round\n1\n")
+    left = [p.name for p in tmp_path.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".metrics.csv.") and left[0].endswith(".tmp")
+    monkeypatch.setattr(os, "replace", real_replace)
+    monkeypatch.setattr(os, "unlink", real_unlink)
+    local.atomic_write(tmp_path / "metrics.csv", b"round\n1\n2\n")
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.csv"] and not local.ORPHANS.paths

@@ -10,6 +10,7 @@ import contextlib
 import errno
 import os
 import shutil
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +20,33 @@ from typing import BinaryIO
 from fedsync.base import faults
 from fedsync.storage import names
 from fedsync.storage.store import Entry, LinkRefused, OversizeError, Signature, read_upto
+
+
+class _Orphans:
+    """Temporaries a failed write could not delete (the share had turned read-only or unwritable under it): deleted
+    after this process's next successful write, when the share takes writes again, so a live writer leaves none."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.paths: set[str] = set()
+
+    def add(self, path: str) -> None:
+        with self.lock:
+            self.paths.add(path)
+
+    def sweep(self) -> None:
+        with self.lock:
+            for p in list(self.paths):
+                try:
+                    os.unlink(p)
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    continue  # still refused: the next successful write tries again
+                self.paths.discard(p)
+
+
+ORPHANS = _Orphans()
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -42,8 +70,12 @@ def atomic_write(path: Path, data: bytes) -> None:
             # atomic on POSIX: a reader sees the old file or the new one
             os.replace(tmp, path.name, src_dir_fd=folder, dst_dir_fd=folder)
         except BaseException as e:
-            with contextlib.suppress(OSError):  # a share that refuses the write may refuse this too
+            try:
                 os.unlink(tmp, dir_fd=folder)
+            except FileNotFoundError:
+                pass  # never created
+            except OSError:  # a share that refuses the write may refuse this too: swept after a later write
+                ORPHANS.add(str(path.parent / tmp))
             if isinstance(e, OSError) and e.filename is None:
                 e.filename = str(path)  # a failed write() (a full disk) names no file; the report must
             elif isinstance(e, OSError):
@@ -53,6 +85,8 @@ def atomic_write(path: Path, data: bytes) -> None:
             os.fsync(folder)  # the rename itself survives a power cut
     finally:
         os.close(folder)
+    if ORPHANS.paths:
+        ORPHANS.sweep()
 
 
 def _signature(st: os.stat_result) -> Signature:
