@@ -163,6 +163,7 @@ def test_the_demo_runs_its_processes_and_reaches_real_accuracy(share: Path) -> N
     # results prints the same table and draws the same curves where it is asked to
     shown = run("results", "--share", str(share), "--plot", str(share.parent / "curves.png"))
     assert shown.returncode == 0 and len(re.findall(r"^\s+[1-4]\s+0\.\d{4}", shown.stdout, re.M)) == 4, shown.stdout
+    assert re.search(r"training time by device kind: CPU \d+\.\d s; tensors moved through the share: \d", shown.stdout)
     _check_plot(share.parent / "curves.png")
     # the live view, under a pseudo-terminal as a person runs it, ends cleanly on Ctrl-C
     screen, code = _watched(share)

@@ -5,9 +5,7 @@ every due round that has no evaluation.yaml (docs/PROTOCOL.md section 6, step 6)
 
 from __future__ import annotations
 
-import os
 import queue
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -21,13 +19,13 @@ from fedsync.base.logs import Log
 from fedsync.learning.data import Source
 from fedsync.learning.tasks import Task
 from fedsync.learning.train import evaluate
+from fedsync.run.background import yield_cpu
 from fedsync.run.config import RunConfig
 from fedsync.storage.markers import FORMAT_VERSION, Evaluation, FileRef, HeldOut, to_dict
 from fedsync.storage.share import Share
 from fedsync.storage.trouble import Backoff
 
 Job = tuple[int, FileRef, "dict[str, torch.Tensor] | None"]
-EVALUATION_NICE = 10
 
 
 def federated_mean(evaluations: list[HeldOut]) -> HeldOut | None:
@@ -85,7 +83,7 @@ class Evaluator:
         self.thread.join(timeout=60)
 
     def _work(self) -> None:
-        self._yield_cpu()
+        yield_cpu("the evaluation thread", self.log)
         try:
             while (job := self.jobs.get()) is not None:
                 result = self._evaluate(*job)
@@ -97,17 +95,6 @@ class Evaluator:
             with self.changed:
                 self.error = e
                 self.changed.notify_all()
-
-    def _yield_cpu(self) -> None:
-        """Lower this thread's priority (nice 10; Linux schedules each thread on its own, and the threads torch starts
-        from it inherit it), so the round's intake and aggregation, and workers on the same machine, come first: on
-        two cores the next round then opens about 0.5 s after the last update instead of up to 1.6 s."""
-        if not sys.platform.startswith("linux"):
-            return
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), EVALUATION_NICE)
-        except OSError as e:
-            self.log(f"WARNING: could not lower the evaluation thread's priority ({e}); it competes with the round")
 
     def _evaluate(self, r: int, ref: FileRef, state: dict[str, torch.Tensor] | None) -> Evaluation:
         started = time.perf_counter()

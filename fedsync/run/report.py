@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import io
 import threading
+import time
 from dataclasses import dataclass, field
 
 from fedsync.base.logs import Log
+from fedsync.run.background import yield_cpu
 from fedsync.storage import names
 from fedsync.storage.manifest import read_manifest
 from fedsync.storage.markers import Evaluation, Summary
@@ -30,6 +32,7 @@ class RoundRow:
     up_bytes: int | None
     closed_at: str | None
     train_s: dict[str, float] = field(default_factory=dict)  # accepted workers' training seconds
+    compute: dict[str, float] = field(default_factory=dict)  # those seconds by device kind
 
 
 def read_rows(share: Share) -> list[RoundRow]:
@@ -51,7 +54,8 @@ def read_rows(share: Share) -> list[RoundRow]:
             rejected=len(s.rejected), train_loss=float(s.metrics.get("train_loss", float("nan"))),
             test_accuracy=float(ev.test_accuracy) if ev else None, test_loss=float(ev.test_loss) if ev else None,
             down_bytes=s.traffic.down_bytes if s.traffic else None, up_bytes=s.traffic.up_bytes if s.traffic else None,
-            closed_at=s.closed_at, train_s={x.worker: x.train_s for x in s.accepted if x.train_s is not None}))
+            closed_at=s.closed_at, train_s={x.worker: x.train_s for x in s.accepted if x.train_s is not None},
+            compute=dict(s.compute)))
     return rows
 
 
@@ -74,11 +78,23 @@ def table(rows: list[RoundRow]) -> list[list[str]]:
              ", ".join(f"{w} {s:.2f}" for w, s in sorted(x.train_s.items()))] for x in rows]
 
 
+def totals(rows: list[RoundRow]) -> str:
+    """The run's training seconds by device kind (GPU-seconds for GPUs) and the bytes it moved."""
+    kinds: dict[str, float] = {}
+    for x in rows:
+        for kind, seconds in x.compute.items():
+            kinds[kind] = kinds.get(kind, 0.0) + seconds
+    moved = sum((x.down_bytes or 0) + (x.up_bytes or 0) for x in rows)
+    by_kind = ", ".join(f"{k} {v:.1f} s" for k, v in sorted(kinds.items())) or "none recorded"
+    return f"training time by device kind: {by_kind}; tensors moved through the share: {moved / 1e6:.1f} MB"
+
+
 def format_table(rows: list[RoundRow]) -> str:
     cells = [list(COLUMNS), *table(rows)]
     widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
-    return "\n".join("  ".join(c.ljust(w) if i == len(COLUMNS) - 1 else c.rjust(w)
-                               for i, (c, w) in enumerate(zip(row, widths))).rstrip() for row in cells)
+    lines = ["  ".join(c.ljust(w) if i == len(COLUMNS) - 1 else c.rjust(w)
+                       for i, (c, w) in enumerate(zip(row, widths))).rstrip() for row in cells]
+    return "\n".join([*lines, totals(rows)])
 
 
 def plot_png(rows: list[RoundRow], title: str) -> bytes:
@@ -88,7 +104,7 @@ def plot_png(rows: list[RoundRow], title: str) -> bytes:
     matplotlib.use("Agg")  # no display: files only
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(12, 3.6), dpi=100, layout="constrained")
+    fig = Figure(figsize=(12, 3.6), dpi=100)  # laid out by hand: the solver doubles the drawing's time
     acc, loss, times = fig.subplots(1, 3)
     evaluated = [x for x in rows if x.test_accuracy is not None]
     acc.plot([x.round for x in evaluated], [x.test_accuracy for x in evaluated], marker="o", color="tab:blue")
@@ -107,6 +123,7 @@ def plot_png(rows: list[RoundRow], title: str) -> bytes:
         times.legend(fontsize="small")
     times.grid(alpha=0.3)
     fig.suptitle(title)
+    fig.subplots_adjust(left=0.05, right=0.985, bottom=0.14, top=0.84, wspace=0.22)
     out = io.BytesIO()
     fig.savefig(out, format="png")
     return out.getvalue()
@@ -132,23 +149,30 @@ def markdown(share: Share, rows: list[RoundRow]) -> str:
         lines += [f"- rejected {x.worker} ({x.reason}): {x.detail}" for x in last.rejected]
         lines += [f"- missing {w}" for w in last.missing]
         lines += [f"- late {x.worker} for round {x.round}: {x.outcome} ({x.detail})" for x in last.late]
-        lines += ["", "## Rounds", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+        lines += ["", "## Rounds", "", totals(rows) + ".", "", "| " + " | ".join(COLUMNS) + " |",
+                  "|" + "---|" * len(COLUMNS)]
         lines += ["| " + " | ".join(row) + " |" for row in table(rows)]
     else:
         lines += ["No round has closed yet."]
     return "\n".join(lines) + "\n"
 
 
+MIN_GAP_S = 10.0  # between two refreshes; and at least 9x the last drawing's time: at most a tenth of a core
+
+
 class Reporter:
-    """Refreshes report.md and report.png in a thread of its own, so drawing never holds up a round; requests that
-    come while it draws are folded into one more refresh."""
+    """Refreshes report.md and report.png in a thread of its own at low priority, so drawing never holds up a round:
+    after each round, but at most every MIN_GAP_S seconds (requests in between are folded into one), and once more
+    when the run stops, so the report shows how it ended."""
 
     def __init__(self, share: Share, log: Log) -> None:
         self.share, self.log = share, log
         self.broken = False  # a drawing failure is said once: the run goes on without a report
         self.writes = RepeatedWrite(log, "the report", "after the next round")
         self.wanted = threading.Event()
+        self.stopping = threading.Event()  # cuts a wait between refreshes short
         self.stopped = False
+        self.ready_at = 0.0  # monotonic time before which no refresh starts (unless stopping)
         self.thread = threading.Thread(target=self._work, name="report", daemon=True)
         self.thread.start()
 
@@ -158,20 +182,25 @@ class Reporter:
     def close(self) -> None:
         """Draw what the share holds now, once more, and stop."""
         self.stopped = True
+        self.stopping.set()
         self.wanted.set()
         self.thread.join(timeout=60)
 
     def _work(self) -> None:
+        yield_cpu("the report thread", self.log)
         while True:
             self.wanted.wait()
+            self.stopping.wait(max(0.0, self.ready_at - time.monotonic()))
             self.wanted.clear()
             last = self.stopped  # read before drawing: a close() during this drawing asks for one more
+            started = time.monotonic()
             try:
                 self.writes.attempt(self._write)
             except Exception as e:  # noqa: BLE001 - a report that cannot be drawn must never stop the run
                 if not self.broken:
                     self.log(f"WARNING: report.md/report.png not refreshed ({type(e).__name__}: {e})")
                 self.broken = True
+            self.ready_at = time.monotonic() + max(MIN_GAP_S, 9 * (time.monotonic() - started))
             if last:
                 return
 
