@@ -55,6 +55,7 @@ from fedsync.storage.markers import (
     Late,
     Manifest,
     MarkerError,
+    Rejected,
     Summary,
     Traffic,
     WorkerTask,
@@ -172,7 +173,7 @@ class Coordinator:
         self.rows_lock = threading.Lock()  # the evaluation thread writes metrics.csv too
         if device.fallback:
             self.log(f"WARNING: evaluating on the CPU although a GPU is present: {device.fallback}")
-        self.reporter = Reporter(share, self.log)
+        self.reporter = Reporter(share, manifest, self.log)
         self.evaluator = Evaluator(share, self.task, self.cfg, test, device.device, self.log,
                                    self._landed)
 
@@ -522,14 +523,15 @@ class Coordinator:
         total = sum(x.samples for x in accepted)
         train_loss = sum(x.train_loss * x.samples for x in accepted) / total
         # 2. the decision, written last: the round is closed from here on
+        rejected = intake.rejected_records()
         summary = Summary(format=FORMAT_VERSION, round=r, closed_because=reason, seconds=round(seconds, 3),
-                          model=ref, accepted=accepted, rejected=intake.rejected_records(),
+                          model=ref, accepted=accepted, rejected=rejected,
                           missing=intake.missing(), ignored=sorted(intake.ignored), late=late,
                           aggregation=self.rule.name, step_scale=round(step_scale, 6),
                           metrics={"train_loss": train_loss},
                           timings={k: round(v, 6) for k, v in timings.items()},
                           federated=federated_mean([x.evaluation for x in accepted if x.evaluation]),
-                          closed_at=utc_stamp(), traffic=self._traffic(a, accepted, intake),
+                          closed_at=utc_stamp(), traffic=self._traffic(a, accepted, rejected),
                           compute=self._compute(accepted))
         self.backoff.run(lambda: self.share.write_yaml(self.share.summary(r), to_dict(summary)),
                          f"writing round {r}'s summary")
@@ -596,10 +598,10 @@ class Coordinator:
                 "train_s": round(sum(s.compute.values()), 4) if s.traffic else ""}
 
     @staticmethod
-    def _traffic(a: Assignment, accepted: list[Accepted], intake: RoundLedger) -> Traffic:
+    def _traffic(a: Assignment, accepted: list[Accepted], rejected: list[Rejected]) -> Traffic:
         """The round's model went down to every worker that answered (accepted or rejected); the accepted updates
         came up."""
-        answered = {x.worker for x in accepted} | {x.worker for x in intake.rejected_records()}
+        answered = {x.worker for x in accepted} | {x.worker for x in rejected}
         return Traffic(model_bytes=a.model.bytes, down_bytes=a.model.bytes * len(answered & set(a.workers)),
                        up_bytes=sum(x.bytes or 0 for x in accepted))
 

@@ -26,7 +26,7 @@ from fedsync.base.faults import crash_point
 from fedsync.base.logs import Log, Logger, make_log
 from fedsync.fedavg import delta
 from fedsync.learning.capture import capture, plan_capture
-from fedsync.learning.data import Dataset, Source
+from fedsync.learning.data import Dataset, Source, first
 from fedsync.learning.device import DeviceChoice, DeviceFacts, choose_device, describe
 from fedsync.learning.doctor import start_check
 from fedsync.learning.partition import hold_out
@@ -193,7 +193,7 @@ class Worker:
             self.share.remove_temporaries(self.share.updates_dir(r), own)  # left by a crash of this worker
         self._warm_up(train)
         if self.cfg.balance == "throughput":  # the first round is sized by it; later rounds by measured rounds
-            sample = _first(train, 16 * self.cfg.batch_size)  # enough batches to time, little to copy
+            sample = first(train, 16 * self.cfg.batch_size)  # enough batches to time, little to copy
             speed = measure_throughput(self.model, sample, self._settings(self.cfg.local_epochs, None), self.device,
                                        captured=self.captured)
             self.heartbeat.info = replace(self.heartbeat.info, samples_per_s=round(speed, 1))
@@ -366,7 +366,7 @@ class Worker:
         said). A capture that fails falls back to eager, said with its reason. The weights are overwritten by each
         round's global model."""
         self.log(self.plan.why)
-        sample, settings = _first(train, 3 * self.cfg.batch_size), self._settings(1, 3)
+        sample, settings = first(train, 3 * self.cfg.batch_size), self._settings(1, 3)
         if self.plan.capture:
             started = time.monotonic()
             self.log("compiling the training step (once per process; round 1 waits for it)")
@@ -432,10 +432,6 @@ class Worker:
             raise DataError(f"{shards.file} lists examples for shard {index} that this machine's training data does "
                             "not hold: the task's data differs from the coordinator's (another version or copy)")
         return rows  # in the list's order: the held-out rule counts positions in it
-
-
-def _first(data: Source, n: int) -> Source:
-    return data.subset(np.arange(min(n, len(data))))
 
 
 def _divergence(train_loss: float, update: dict[str, torch.Tensor]) -> str | None:

@@ -28,6 +28,11 @@ def _markers(share: Share, folder: str) -> dict[str, float]:
     return dict(sorted(found.items()))
 
 
+def _modified(share: Share, folder: str, name: str) -> float | None:
+    """A file's modification time (file time, as seen from here), or None when it is absent."""
+    return {e.name: e.modified for e in share.list(folder)}.get(name)
+
+
 def collect_status(share: Share) -> dict[str, Any]:
     manifest = read_manifest(share)
     rounds = share.rounds()
@@ -46,7 +51,7 @@ def collect_status(share: Share) -> dict[str, Any]:
             status["rounds"] = a.rounds
             status["assigned"] = sorted(a.workers)
             status["state"] = "collecting updates"
-            opened = {e.name: e.modified for e in share.list(share.round_dir(current))}.get(names.ASSIGNMENT)
+            opened = _modified(share, share.round_dir(current), names.ASSIGNMENT)
             if opened is not None:  # by the assignment's file time as seen from here: an estimate
                 status["deadline_in_s"] = round(a.time_budget_s - (time.time() - opened), 1)
         status["submitted"] = list(_markers(share, share.updates_dir(current)))
@@ -70,7 +75,7 @@ def collect_status(share: Share) -> dict[str, Any]:
                 status["state"] = "closed; next round not open yet"
     lease: CoordinatorLease | None = read_lease(share)
     if lease is not None:
-        modified = {e.name: e.modified for e in share.list("")}.get(share.lease)
+        modified = _modified(share, "", share.lease)
         age: float | None = None if modified is None else round(time.time() - modified, 1)
         status["coordinator"] = {"owner": lease.owner, "host": lease.host, "pid": lease.pid, "state": lease.state,
                                  "round": lease.round, "note": lease.note, "last_refresh_s": age}

@@ -49,6 +49,11 @@ class Split:
             yield self.x[idx], self.y[idx]
 
 
+def first(data: Source, n: int) -> Source:
+    """The first n examples (all of them when there are fewer)."""
+    return data.subset(np.arange(min(n, len(data))))
+
+
 class Source(Protocol):
     """Examples a worker trains on or a coordinator evaluates on: a Split in memory, or a stream read from files
     batch by batch (fedsync/learning/imagefolder.py) when they do not fit in memory."""

@@ -10,13 +10,12 @@ import threading
 import time
 from collections.abc import Callable
 
-import numpy as np
 import torch
 
 from fedsync.aggregation.tensors import load_verified
 from fedsync.base.faults import crash_point
 from fedsync.base.logs import Log
-from fedsync.learning.data import Source
+from fedsync.learning.data import Source, first
 from fedsync.learning.tasks import Task
 from fedsync.learning.train import evaluate
 from fedsync.run.background import yield_cpu
@@ -37,6 +36,11 @@ def federated_mean(evaluations: list[HeldOut]) -> HeldOut | None:
                    accuracy=min(1.0, sum(e.accuracy * e.samples for e in evaluations) / total), samples=total)
 
 
+def test_examples(test: Source, cfg: RunConfig) -> Source:
+    """What the coordinator evaluates a model on: the first `eval_samples` test examples, or all of them."""
+    return test if cfg.eval_samples is None else first(test, cfg.eval_samples)
+
+
 def due(r: int, rounds: int, every: int) -> bool:
     """Rounds whose model is evaluated: every `every`-th, and always the last."""
     return r % every == 0 or r == rounds
@@ -49,7 +53,7 @@ class Evaluator:
     def __init__(self, share: Share, task: Task, cfg: RunConfig, test: Source, device: str, log: Log,
                  landed: Callable[[Evaluation], None]) -> None:
         self.share, self.task, self.cfg, self.device, self.log, self.landed = share, task, cfg, device, log, landed
-        self.test = test if cfg.eval_samples is None else test.subset(np.arange(min(len(test), cfg.eval_samples)))
+        self.test = test_examples(test, cfg)
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.results: dict[int, Evaluation] = {}
         self.error: BaseException | None = None

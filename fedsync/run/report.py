@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 from fedsync.base.logs import Log
 from fedsync.run.background import yield_cpu
 from fedsync.storage import names
-from fedsync.storage.manifest import read_manifest
-from fedsync.storage.markers import Evaluation, Summary
+from fedsync.storage.markers import Evaluation, Manifest, Summary
 from fedsync.storage.share import Share
 from fedsync.storage.trouble import RepeatedWrite
 
@@ -129,9 +128,8 @@ def plot_png(rows: list[RoundRow], title: str) -> bytes:
     return out.getvalue()
 
 
-def markdown(share: Share, rows: list[RoundRow]) -> str:
+def markdown(share: Share, manifest: Manifest, rows: list[RoundRow]) -> str:
     """report.md: the run, its curve, its latest decisions and the per-round table."""
-    manifest = read_manifest(share)
     cfg = manifest.config
     lines = [f"# fedsync run {manifest.run_id}", "",
              f"{cfg['task']}/{cfg['model']}, aggregation {cfg['aggregation']}, started {manifest.created}. "
@@ -165,8 +163,8 @@ class Reporter:
     after each round, but at most every MIN_GAP_S seconds (requests in between are folded into one), and once more
     when the run stops, so the report shows how it ended."""
 
-    def __init__(self, share: Share, log: Log) -> None:
-        self.share, self.log = share, log
+    def __init__(self, share: Share, manifest: Manifest, log: Log) -> None:
+        self.share, self.manifest, self.log = share, manifest, log  # fedsync.yaml is written once: read it once
         self.broken = False  # a drawing failure is said once: the run goes on without a report
         self.writes = RepeatedWrite(log, "the report", "after the next round")
         self.wanted = threading.Event()
@@ -206,6 +204,5 @@ class Reporter:
 
     def _write(self) -> None:
         rows = read_rows(self.share)
-        manifest = read_manifest(self.share)
-        self.share.write(names.REPORT_PNG, plot_png(rows, f"fedsync run {manifest.run_id}"))
-        self.share.write(names.REPORT_MD, markdown(self.share, rows).encode())
+        self.share.write(names.REPORT_PNG, plot_png(rows, f"fedsync run {self.manifest.run_id}"))
+        self.share.write(names.REPORT_MD, markdown(self.share, self.manifest, rows).encode())

@@ -8,7 +8,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from fedsync.aggregation.tensors import load_verified, state_bytes
@@ -17,6 +16,7 @@ from fedsync.base.logs import Log
 from fedsync.learning.device import DeviceFacts, choose_device
 from fedsync.learning.train import evaluate
 from fedsync.run.config import RunConfig, config_from_dict, load_data
+from fedsync.run.evaluation import test_examples
 from fedsync.run.start import task_record
 from fedsync.storage.local import atomic_write
 from fedsync.storage.manifest import read_manifest
@@ -95,9 +95,7 @@ def evaluate_round(share: Share, r: int | None, data_root: str | None, device: s
     if choice.fallback:
         log(f"WARNING: evaluating on the CPU although a GPU is present: {choice.fallback}")
     cfg = found.config
-    _, test = load_data(cfg, data_root or cfg.data_root, log)  # the coordinator's loading: the same test examples
-    if cfg.eval_samples is not None:
-        test = test.subset(np.arange(min(len(test), cfg.eval_samples)))
+    test = test_examples(load_data(cfg, data_root or cfg.data_root, log)[1], cfg)  # the coordinator's very examples
     started = time.perf_counter()
     loss, accuracy = evaluate(found.model(), test, cfg.eval_batch_size, choice.device)
     return Scored(found.round, accuracy, loss, len(test), choice.device, time.perf_counter() - started,
