@@ -28,10 +28,9 @@ from safetensors.torch import load as st_load
 from torchvision.models import resnet18
 
 from fedsync.aggregation.intake import LANES, PIECE_BYTES, Aggregator, Candidate
-from fedsync.aggregation.optimizers import NoOptimizer
 from fedsync.aggregation.rules import SLICE, FedAvg, Median, TrimmedMean
 from fedsync.aggregation.tensors import layout_of, save_state
-from fedsync.fedavg import WeightedSum
+from fedsync.fedavg import WeightedSum, apply_delta
 from fedsync.storage.local import LocalStore
 
 REPEATS = 3
@@ -107,7 +106,7 @@ def main(n: int = 32) -> None:
             t = time.perf_counter()
             agg = Aggregator(layout_of(base), store)
             outcomes = agg.take(cands)
-            result = NoOptimizer().step(base, FedAvg().aggregate(agg.collected(frozenset(base))).delta, {})
+            result = apply_delta(base, FedAvg().aggregate(agg.collected(frozenset(base))).delta)
             rates.append(total / (time.perf_counter() - t) / 1e9)
             extras.append((rss_kib("VmHWM") - before) * 1024 / model_bytes)
             assert all(o.problem is None for o in outcomes) and all(torch.isfinite(v.float()).all()
@@ -120,7 +119,7 @@ def main(n: int = 32) -> None:
             t = time.perf_counter()
             agg = Aggregator(layout_of(base), store)
             agg.take(cands)
-            result = NoOptimizer().step(base, rule.aggregate(agg.collected(frozenset(base))).delta, {})
+            result = apply_delta(base, rule.aggregate(agg.collected(frozenset(base))).delta)
             agg.close()
             robust[rule.name] = time.perf_counter() - t
             assert all(torch.isfinite(v.float()).all() for v in result.values())

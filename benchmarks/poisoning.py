@@ -28,11 +28,10 @@ from pathlib import Path
 import torch
 
 from fedsync.aggregation.intake import Aggregator, Candidate
-from fedsync.aggregation.optimizers import NoOptimizer
 from fedsync.aggregation.rules import make_rule
 from fedsync.aggregation.screening import outliers
 from fedsync.aggregation.tensors import layout_of, save_state
-from fedsync.fedavg import delta, l2_norm
+from fedsync.fedavg import apply_delta, delta, l2_norm
 from fedsync.learning.partition import partition
 from fedsync.learning.tasks import get_task
 from fedsync.learning.train import TrainSettings, evaluate, local_train
@@ -122,7 +121,7 @@ def run(cfg: RunConfig, setup: Setup, attack: Attack | None, rounds: int, clip_n
                     if not agg.accepted:  # every update rejected: the coordinator stops here (exit 9)
                         model.load_state_dict(state)
                         return evaluate(model, data.test, cfg.eval_batch_size)[1], r
-                    new = NoOptimizer().step(state, rule.aggregate(agg.collected(parameters)).delta, {})
+                    new = apply_delta(state, rule.aggregate(agg.collected(parameters)).delta)
                     if all(bool(torch.isfinite(v).all()) for v in new.values() if v.is_floating_point()):
                         break
                     worst = max(agg.norms, key=lambda c: agg.norms[c])

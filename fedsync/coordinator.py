@@ -19,7 +19,7 @@ import torch
 from filelock import Timeout
 
 from fedsync.aggregation.intake import Aggregator, Outcome
-from fedsync.aggregation.optimizers import PLAIN, make_optimizer
+from fedsync.aggregation.optimizers import make_optimizer
 from fedsync.aggregation.rules import make_rule
 from fedsync.aggregation.screening import outliers
 from fedsync.aggregation.tensors import layout_of, load_verified, save_state, state_bytes
@@ -165,8 +165,8 @@ class Coordinator:
         self.model = self.task.build_model(self.cfg.model, seed=self.cfg.seed)
         self.parameters = frozenset(name for name, _ in self.model.named_parameters())
         self.rule = make_rule(self.cfg.aggregation, self.cfg.momentum, self.cfg.trim)
-        self.optimizer = make_optimizer(PLAIN)
-        self.server_state: dict[str, torch.Tensor] = {}  # the optimizer's own; none for plain FedAvg
+        self.optimizer = make_optimizer(self.cfg.server_settings(), self.parameters)
+        self.server_state: dict[str, torch.Tensor] = {}  # the optimizer's, after the last closed round; none: stateless
         self.cuts: dict[int, tuple[list[np.ndarray], FileRef]] = {}  # by shard count: the shards and their list
         self.carried: tuple[str, dict[str, torch.Tensor]] | None = None  # the aggregate just written: its hash, state
         self.rows: dict[int, dict[str, object]] = {}  # metrics.csv by round: the summary's, then its evaluation's
@@ -197,6 +197,7 @@ class Coordinator:
             elif due(r, self.opts.rounds, self.cfg.eval_every):  # its evaluation was cut short: done now
                 unevaluated.append((r, summary.model))
         if closed:  # a crash may have left it a row short
+            self.server_state = self._server_state(load_summary(self.share, closed[-1]))
             self._write_metrics()
             self._prune(closed[-1])  # a crash may have come between a summary and its pruning
         for r, model in unevaluated:
@@ -297,10 +298,12 @@ class Coordinator:
         bounds what it may claim); with balance: throughput, steps sized by each worker's published speed."""
         if self.task.private:
             owned = {w: self.liveness.info[w].own_samples or 0 for w in workers}
-            equal = {w: WorkerTask(shard=None, local_epochs=self.cfg.local_epochs, samples=owned[w]) for w in workers}
+            equal = {w: WorkerTask(shard=None, local_epochs=self.cfg.local_epochs, samples=owned[w],
+                                   local_steps=self.cfg.local_steps) for w in workers}
             sizes = {w: np.arange(owned[w]) for w in workers}
         else:
-            equal = {w: WorkerTask(shard=i, local_epochs=self.cfg.local_epochs) for i, w in enumerate(workers)}
+            equal = {w: WorkerTask(shard=i, local_epochs=self.cfg.local_epochs, local_steps=self.cfg.local_steps)
+                     for i, w in enumerate(workers)}
             sizes = {w: shards[i] for i, w in enumerate(workers)}
         if self.cfg.balance != "throughput":
             return equal
@@ -311,7 +314,7 @@ class Coordinator:
             return equal
         trained = {w: len(hold_out(rows, self.cfg.federated_eval)[0]) for w, rows in sizes.items()}
         steps = plan_steps(trained, speeds,  # type: ignore[arg-type]
-                           self.cfg.local_epochs, self.cfg.batch_size, self.cfg.round_timeout)
+                           self.cfg.local_epochs, self.cfg.batch_size, self.cfg.round_timeout, self.cfg.local_steps)
         self.log(f"round {r}: steps by throughput: " + ", ".join(
             f"{w} {steps[w]} ({speeds[w]:.0f} samples/s)" for w in workers))
         return {w: replace(t, local_steps=steps[w]) for w, t in equal.items()}
@@ -359,7 +362,22 @@ class Coordinator:
                 if e.name.endswith(names.TENSORS_SUFFIX):
                     self.share.remove(names.join(updates, e.name))
             self.share.remove(self.share.global_model(p))
+            if p < last_closed:  # the last closed round's optimizer state is the one the run goes on from
+                self.share.remove(self.share.server_state(p))
             self.pruned = p
+
+    def _server_state(self, summary: Summary) -> dict[str, torch.Tensor]:
+        """The optimizer's state after a closed round, read back (verified) to go on exactly from it."""
+        if not self.optimizer.stateful:
+            return {}
+        if summary.server_state is None:
+            raise ShareError(f"round {summary.round}'s summary names no {names.SERVER_STATE}, but the run's "
+                             f"server_optimizer {self.optimizer.name} keeps state: the share was edited")
+        try:
+            return load_verified(self.share, self.share.server_state(summary.round), summary.server_state)
+        except Unusable as e:
+            raise ShareError(f"{self.share.where(self.share.server_state(summary.round))} cannot be used ({e.detail}); "
+                             "the run cannot continue exactly without it") from None
 
     def _equipped(self, worker: str) -> bool:
         """Whether the worker can train: for a private task, it registered data of its own (said once if not)."""
@@ -380,7 +398,7 @@ class Coordinator:
         late = self.backoff.run(lambda: LateLedger(self.share, r, self.cfg, self.train_size, self.rule,
                                                    self.trust),
                                 f"reading the rounds before round {r}")
-        aggregator = Aggregator(layout_of(state), self.share.store)
+        aggregator = Aggregator(layout_of(state), self.share.store, round=r)
         model_norm = l2_norm(state)
         reason = ""
         extended = False
@@ -434,7 +452,10 @@ class Coordinator:
                 if reason:
                     t = time.perf_counter()
                     result = self.rule.aggregate(aggregator.collected(self.parameters))
-                    new_state = self.optimizer.step(state, result.delta, self.server_state)
+                    on_time = None  # late updates move the model once; the optimizer's state learns without them
+                    if self.optimizer.stateful and aggregator.has_late:
+                        on_time = self.rule.aggregate(aggregator.collected(self.parameters, late=False)).delta
+                    new_state, server_state = self.optimizer.step(state, result.delta, self.server_state, on_time)
                     timings["aggregate_s"] = time.perf_counter() - t
                     if all(bool(torch.isfinite(v).all()) for v in new_state.values() if v.is_floating_point()):
                         break
@@ -452,8 +473,8 @@ class Coordinator:
         if clipped:
             self.log(f"round {r}: clipped to L2 norm {self.cfg.clip_norm:g}: " + ", ".join(
                 f"{w} ({norms[w]:.4g})" for w in sorted(clipped)))
-        self._close(r, a, intake.accepted_records(norms, clipped), intake, late.records(), new_state, reason,
-                    time.monotonic() - opened, timings, result.step_scale)
+        self._close(r, a, intake.accepted_records(norms, clipped), intake, late.records(), new_state, server_state,
+                    reason, time.monotonic() - opened, timings, result.step_scale)
 
     def _show_progress(self, r: int, intake: RoundLedger, target: int, remaining: float) -> None:
         """On a terminal, the open round's updates against the quorum in one line (gone once it closes: target 0)."""
@@ -515,11 +536,16 @@ class Coordinator:
     # -- closing -------------------------------------------------------------------------------------------
 
     def _close(self, r: int, a: Assignment, accepted: list[Accepted], intake: RoundLedger, late: list[Late],
-               new_state: dict[str, torch.Tensor], reason: str, seconds: float, timings: dict[str, float],
-               step_scale: float) -> None:
-        # 1. the aggregate, where the next round (or the end of the run) will look for it
+               new_state: dict[str, torch.Tensor], server_state: dict[str, torch.Tensor], reason: str, seconds: float,
+               timings: dict[str, float], step_scale: float) -> None:
+        # 1. the aggregate, where the next round (or the end of the run) will look for it, and the optimizer's state
         name = self.share.model_after(r, self.opts.rounds)
         ref = self.backoff.run(lambda: save_state(self.share.write, name, new_state, name), f"writing {name}")
+        state_ref = None
+        if self.optimizer.stateful:
+            state_name = self.share.server_state(r)
+            state_ref = self.backoff.run(lambda: save_state(self.share.write, state_name, server_state),
+                                         f"writing {state_name}")
         total = sum(x.samples for x in accepted)
         train_loss = sum(x.train_loss * x.samples for x in accepted) / total
         # 2. the decision, written last: the round is closed from here on
@@ -532,10 +558,12 @@ class Coordinator:
                           timings={k: round(v, 6) for k, v in timings.items()},
                           federated=federated_mean([x.evaluation for x in accepted if x.evaluation]),
                           closed_at=utc_stamp(), traffic=self._traffic(a, accepted, rejected),
-                          compute=self._compute(accepted))
+                          compute=self._compute(accepted), server_optimizer=self.optimizer.name,
+                          server_state=state_ref)
         self.backoff.run(lambda: self.share.write_yaml(self.share.summary(r), to_dict(summary)),
                          f"writing round {r}'s summary")
         crash_point(f"coordinator:after-summary:{r}")
+        self.server_state = server_state
         self.reporter.refresh()
         self._prune(r)
         if self.nudge:

@@ -19,6 +19,7 @@ import torch
 from filelock import Timeout
 
 from fedsync import __version__
+from fedsync.aggregation.encoding import NONE, encode
 from fedsync.aggregation.tensors import load_verified, save_state
 from fedsync.base.clock import utc_stamp
 from fedsync.base.errors import DataError, ShareError, TrustError
@@ -33,6 +34,7 @@ from fedsync.learning.partition import hold_out
 from fedsync.learning.tasks import Task
 from fedsync.learning.train import Report, TrainSettings, evaluate, local_train, measure_throughput, place
 from fedsync.run.config import RunConfig, config_from_dict
+from fedsync.run.feedback import ErrorFeedback, residual_path
 from fedsync.run.start import check_task
 from fedsync.run.trust import read_trust
 from fedsync.storage import names
@@ -317,8 +319,9 @@ class Worker:
         diverged = _divergence(result.train_loss, update)
         ref = None
         if diverged is None:
+            written = self._encoded(r, update)
             ref = self.backoff.run(lambda: save_state(self.share.write, self.share.update_tensors(r, self.name),
-                                                      update), f"writing the update for round {r}")
+                                                      written), f"writing the update for round {r}")
             crash_point(f"worker:after-tensors:{r}")
         else:
             self.log(f"round {r}: WARNING: training diverged ({diverged}); not uploading the update: the run "
@@ -329,7 +332,8 @@ class Worker:
         marker = UpdateMarker(format=FORMAT_VERSION, round=r, worker=self.name, base=a.model.blake3, tensors=ref,
                               samples=result.samples, steps=result.steps, train_loss=result.train_loss,
                               seconds=round(signed - seen, 3), device=self.device, diverged=diverged,
-                              evaluation=evaluation, timings={k: round(v, 4) for k, v in timings.items()})
+                              evaluation=evaluation, timings={k: round(v, 4) for k, v in timings.items()},
+                              encoding=self.cfg.compression)
         marker.signature = self.identity.sign(update_message(self.manifest.run_id, marker))
         self.backoff.run(lambda: self.share.write_yaml(self.share.update_marker(r, self.name), to_dict(marker)),
                          f"writing the marker for round {r}")  # last: the update counts from here
@@ -345,6 +349,15 @@ class Worker:
                  f"{result.samples} examples, {result.samples_per_s:.0f} samples/s) in {trained - evaluated:.2f} s, "
                  f"train loss {result.train_loss:.4f}{held}; assignment to training {ready - seen:.2f} s, training "
                  f"to marker written {written - trained:.2f} s")
+
+    def _encoded(self, r: int, update: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The tensors to write: the update in the run's compression, with what earlier ones lost (error feedback)."""
+        if self.cfg.compression == NONE:
+            return update
+        if not self.cfg.error_feedback:
+            return encode(update, self.cfg.compression)
+        feedback = ErrorFeedback(residual_path(self.manifest.run_id, self.name), self.manifest.run_id, self.log)
+        return feedback.encode(r, update, self.cfg.compression)
 
     def _progress(self, r: int) -> Report | None:
         """On a terminal, round r's training in one line as it goes: steps, loss, speed, time left."""

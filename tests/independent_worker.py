@@ -66,6 +66,26 @@ def verify(public: str, msg: bytes, signature: str | None) -> bool:
         return False
 
 
+def encode(delta: dict[str, torch.Tensor], encoding: str) -> dict[str, torch.Tensor]:
+    """Section 5.13: integer tensors as they are; floating ones as bf16, or as int8 blocks of 256 with a float32
+    scale each (max |x| / 127), written as T#scale beside T. (Error feedback, section 7, is optional: not done.)"""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in delta.items():
+        if encoding == "none" or not t.is_floating_point():
+            out[name] = t
+        elif encoding == "bf16":
+            out[name] = t.to(torch.bfloat16)
+        else:
+            flat = t.reshape(-1).float()
+            n, blocks = flat.numel(), -(-flat.numel() // 256)
+            rows = torch.cat([flat, torch.zeros(blocks * 256 - n)]).view(blocks, 256)
+            scale = rows.abs().amax(dim=1) / 127
+            q = torch.where(scale[:, None] > 0, torch.round(rows / scale[:, None]), torch.zeros_like(rows))
+            out[name] = q.clamp(-127, 127).to(torch.int8).reshape(-1)[:n].reshape(t.shape).contiguous()
+            out[name + "#scale"] = scale.contiguous()
+    return out
+
+
 def digits_cnn() -> nn.Module:
     """Section 5.4, "Built-in models": digits_cnn, layer by layer."""
     return nn.Sequential(
@@ -187,28 +207,36 @@ class Worker:
         bs, n = self.cfg["batch_size"], len(rows)
         gen = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(f"{r}/{self.name}".encode()).digest()[:4],
                                                            "little"))
-        steps, loss_sum, seen = 0, 0.0, 0
-        for _ in range(task["local_epochs"]):
+        steps, loss_sum, seen, distinct = 0, 0.0, 0, set()
+        # section 5.4: exactly local_steps steps when it is set (passes repeat), else local_epochs passes
+        total = task.get("local_steps") or task["local_epochs"] * -(-n // bs)
+        while steps < total:
             order = rows[torch.randperm(n, generator=gen)]
             for start in range(0, n, bs):
+                if steps == total:
+                    break
                 idx = order[start:start + bs]
                 loss = F.cross_entropy(model(self.x[idx]), self.y[idx])
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
                 steps, loss_sum, seen = steps + 1, loss_sum + float(loss.detach()) * len(idx), seen + len(idx)
+                distinct.update(idx.tolist())
         trained = model.state_dict()
         delta = {k: (trained[k] - v).to(v.dtype).contiguous() for k, v in base.items()}
-        data = st_save(delta)
+        encoding = self.cfg["compression"]
+        data = st_save(encode(delta, encoding))
         write_whole(folder / "updates" / f"{self.name}.safetensors", data)
         tensors = {"file": f"{self.name}.safetensors", "blake3": blake3.blake3(data).hexdigest(), "bytes": len(data)}
         marker = {"format": FORMAT, "round": r, "worker": self.name, "base": a["model"]["blake3"], "tensors": tensors,
-                  "samples": n, "steps": steps, "train_loss": loss_sum / seen,
-                  "seconds": round(time.monotonic() - started, 3), "device": "cpu", "diverged": None}
-        marker["signature"] = self.sign(message("update", [
-            ("run", self.run_id), ("round", r), ("worker", self.name), ("base", a["model"]["blake3"]),
-            ("tensors", tensors["blake3"]), ("bytes", tensors["bytes"]), ("samples", n), ("steps", steps),
-            ("diverged", "no")]))
+                  "samples": len(distinct), "steps": steps, "train_loss": loss_sum / seen,
+                  "seconds": round(time.monotonic() - started, 3), "device": "cpu", "diverged": None,
+                  "encoding": encoding}
+        signed = [("run", self.run_id), ("round", r), ("worker", self.name), ("base", a["model"]["blake3"]),
+                  ("tensors", tensors["blake3"]), ("bytes", tensors["bytes"]), ("samples", len(distinct)),
+                  ("steps", steps), ("diverged", "no")]
+        marker["signature"] = self.sign(message("update", signed + ([("encoding", encoding)] if encoding != "none"
+                                                                     else [])))
         write_whole(folder / "updates" / f"{self.name}.yaml", yaml.safe_dump(marker, sort_keys=False).encode())
         self.state = "idle"
         print(f"round {r}: trained {n} examples in {steps} steps, train loss {loss_sum / seen:.4f}", flush=True)

@@ -13,6 +13,7 @@ from typing import Any
 from fedsync.aggregation.tensors import load_verified
 from fedsync.learning.train import evaluate
 from fedsync.run.config import load_config, load_data
+from fedsync.run.feedback import residual_path
 from fedsync.storage.hashing import hash_bytes
 from fedsync.storage.markers import Assignment, FinalMarker, Summary, UpdateMarker, parse
 from fedsync.storage.share import Share
@@ -124,7 +125,9 @@ def test_an_outsiders_worker_is_accepted_and_verify_reports_intact_runs_and_name
     from fedsync: the test that keeps the document complete), has its update accepted every round; `fedsync verify`
     then checks the whole run, the outsider's files included, and names each kind of damage."""
     assert not re.search(r"^\s*(from|import)\s+(fedsync|tests)\b", OUTSIDER.read_text(), re.M)
-    coord = start("coordinator", "--share", str(share), "--rounds", "2", "--set", "min_workers=2")
+    # DiLoCo's recipe with int8 updates: the outsider encodes them from section 5.13 alone, the coordinator decodes
+    coord = start("coordinator", "--share", str(share), "--rounds", "2", "--set", "min_workers=2",
+                  "--preset", "diloco", "--set", "local_steps=45", "--set", "compression=int8")
     worker = start("worker", "--share", str(share), "--name", "w1", "--device", "cpu", "--wait-for-run", "60")
     outsider = subprocess.Popen([sys.executable, str(OUTSIDER), str(share), "outsider", str(tmp_path / "outsider.pem")],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
@@ -136,6 +139,16 @@ def test_an_outsiders_worker_is_accepted_and_verify_reports_intact_runs_and_name
     for r in (1, 2):
         assert [x.worker for x in parse(Summary, s.read_yaml(s.summary(r)), "s").accepted] == ["outsider", "w1"], out
     assert parse(FinalMarker, s.read_yaml(s.final_marker), "f").test_accuracy >= 0.85, out
+    for r in (1, 2):
+        summary = parse(Summary, s.read_yaml(s.summary(r)), "s")
+        assert summary.server_optimizer == "nesterov" and summary.server_state is not None
+        assert summary.traffic is not None and summary.traffic.up_bytes <= 0.27 * 2 * summary.traffic.model_bytes
+        for w in ("outsider", "w1"):
+            marker = parse(UpdateMarker, s.read_yaml(s.update_marker(r, w)), "m")
+            assert marker.encoding == "int8" and marker.steps == 45, marker
+    run_id = read_yaml(s.path(s.manifest))["run_id"]
+    assert residual_path(run_id, "w1").is_file()  # w1's error feedback, on its own disk, not in the share
+    assert not list(share.rglob("*residual*"))
     ok = run("verify", "--share", str(share))
     assert ok.returncode == 0 and "0 error(s)" in ok.stdout, ok.stdout
 

@@ -8,10 +8,9 @@ import torch
 from safetensors.torch import save_file
 
 from fedsync.aggregation.intake import PIECE_BYTES, Aggregator, Candidate
-from fedsync.aggregation.optimizers import NoOptimizer
 from fedsync.aggregation.rules import FedAvg
 from fedsync.aggregation.tensors import layout_of
-from fedsync.fedavg import WeightedSum, apply_mean
+from fedsync.fedavg import WeightedSum, apply_delta, apply_mean
 from fedsync.storage.hashing import hash_bytes
 from fedsync.storage.local import LocalStore
 from fedsync.storage.markers import FileRef
@@ -47,7 +46,7 @@ def _expected(updates: list[tuple[dict, float]]) -> dict[str, torch.Tensor]:
 
 def _result(agg: Aggregator) -> dict[str, torch.Tensor]:
     """The next global model through the seam the coordinator uses: FedAvg's delta, the plain server step."""
-    return NoOptimizer().step(BASE, FedAvg().aggregate(agg.collected(frozenset())).delta, {})
+    return apply_delta(BASE, FedAvg().aggregate(agg.collected(frozenset())).delta)
 
 
 def _reason(tmp: Path, cand: Candidate) -> Reason | None:

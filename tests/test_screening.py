@@ -10,11 +10,10 @@ import pytest
 import torch
 
 from fedsync.aggregation.intake import Aggregator, Candidate
-from fedsync.aggregation.optimizers import NoOptimizer
 from fedsync.aggregation.rules import SLICE, FedAvg, Median, TrimmedMean
 from fedsync.aggregation.screening import outliers
 from fedsync.aggregation.tensors import layout_of, save_state
-from fedsync.fedavg import l2_norm
+from fedsync.fedavg import apply_delta, l2_norm
 from fedsync.storage.local import LocalStore
 from fedsync.storage.markers import FORMAT_VERSION, FileRef, Summary, parse, to_dict
 from fedsync.storage.reasons import Reason, Unusable
@@ -46,7 +45,7 @@ def _candidates(tmp: Path, updates: dict[str, dict[str, torch.Tensor]]) -> list[
 
 
 def _model(agg: Aggregator) -> dict[str, torch.Tensor]:
-    return NoOptimizer().step(BASE, FedAvg().aggregate(agg.collected(frozenset())).delta, {})
+    return apply_delta(BASE, FedAvg().aggregate(agg.collected(frozenset())).delta)
 
 
 @pytest.mark.parametrize("bad", ["scaled", "huge"])
@@ -107,7 +106,7 @@ def test_coordinate_rules_combine_every_coordinate_across_the_files(tmp_path: Pa
              for i, (w, u) in enumerate(updates.items())]
     agg = Aggregator(layout_of(base), store)
     agg.take(cands)
-    got = NoOptimizer().step(base, rule.aggregate(agg.collected(frozenset({"w"}))).delta, {})
+    got = apply_delta(base, rule.aggregate(agg.collected(frozenset({"w"}))).delta)
     agg.close()
     for name in ("w", "n"):
         stacked = torch.stack([u[name].double().reshape(-1) for u in updates.values()]).sort(dim=0).values
@@ -139,7 +138,7 @@ def test_clipping_scales_each_large_update_to_the_bound_and_survives_a_rebuild(t
     kept = {w: u for w, u in updates.items() if w != "gone"}
     scaled = {w: {k: v * (bound / norms[w]) if v.is_floating_point() and norms[w] > bound else v
                   for k, v in u.items()} for w, u in kept.items()}
-    got = NoOptimizer().step(BASE, rule.aggregate(agg.collected(frozenset({"w", "b"}))).delta, {})
+    got = apply_delta(BASE, rule.aggregate(agg.collected(frozenset({"w", "b"}))).delta)
     agg.close()
     for k in ("w", "b"):
         stacked = torch.stack([u[k].double() for u in scaled.values()])

@@ -17,6 +17,16 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fedsync.aggregation.encoding import (
+    BLOCK,
+    ENCODINGS,
+    NONE,
+    SCALE_SUFFIX,
+    blocks,
+    dequantize,
+    encoded_layout,
+    scale_name,
+)
 from fedsync.aggregation.rules import Collected
 from fedsync.aggregation.tensors import DTYPES, SPELLING, file_layout
 from fedsync.fedavg import Layout, WeightedSum
@@ -41,6 +51,7 @@ class Candidate:
     weight: float
     round: int = 0  # the round the update was trained for (a late one's is older than the open round's)
     steps: int = 1  # local optimizer steps, for rules that normalise by them (FedNova)
+    encoding: str = NONE  # how the file holds the delta (fedsync/aggregation/encoding.py)
 
 
 @dataclass
@@ -52,16 +63,17 @@ class Outcome:
 @dataclass
 class _Lane:
     layout: Layout
-    sums: WeightedSum | None = None
+    groups: dict[bool, WeightedSum] = field(default_factory=dict)  # late? -> the running sum of those updates
     accepted: list[Candidate] = field(default_factory=list)
     norms: dict[Candidate, float] = field(default_factory=dict)
     scales: dict[Candidate, float] = field(default_factory=dict)  # clipped updates: their floats count x scale
     piece: bytearray = field(default_factory=lambda: bytearray(PIECE_BYTES))
+    floats: torch.Tensor = field(default_factory=lambda: torch.empty(PIECE_BYTES, dtype=torch.float32))  # int8, decoded
 
-    def running_sum(self) -> WeightedSum:
-        if self.sums is None:
-            self.sums = WeightedSum(self.layout)
-        return self.sums
+    def running_sum(self, late: bool) -> WeightedSum:
+        if late not in self.groups:
+            self.groups[late] = WeightedSum(self.layout)
+        return self.groups[late]
 
 
 def _read_exact(f: Reader, view: memoryview) -> None:
@@ -78,12 +90,21 @@ def _square_sum(values: torch.Tensor) -> float:
     return square if math.isfinite(square) or bool(torch.isfinite(values).all()) else math.nan
 
 
-def fold(c: Candidate, store: Store, layout: FileLayout, sums: WeightedSum, piece: bytearray, scale: float = 1.0,
-         whole: bool = True) -> float:
-    """Read c's tensor file once, adding it to `sums` (its floating tensors times `scale`; without `whole` only
-    those, and it is not counted again: a correction of an update already added); raise Unusable if it does not
-    count, with `added` set when part of it was summed already (the caller then rebuilds `sums`). Returns the
-    update's L2 norm over its floating tensors, unscaled."""
+def _scales(data: bytearray, name: str) -> torch.Tensor:
+    """An int8 tensor's block scales, which must be finite and not negative."""
+    scales = torch.frombuffer(data, dtype=torch.float32) if data else torch.empty(0)
+    if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
+        raise Unusable(Reason.BAD_ENCODING, f"{name} holds negative, NaN or infinite scales")
+    return scales
+
+
+def fold(c: Candidate, store: Store, layout: FileLayout, sums: WeightedSum, piece: bytearray,
+         floats: torch.Tensor, scale: float = 1.0, whole: bool = True) -> float:
+    """Read c's tensor file once (`layout`: what its encoding holds), adding the decoded delta to `sums` (its floating
+    tensors times `scale`; without `whole` only those, and it is not counted again: a correction of an update
+    already added); raise Unusable if it does not count, with `added` set when part of it was summed already (the
+    caller then rebuilds `sums`). Returns the update's L2 norm over its floating tensors (decoded), unscaled.
+    `floats` holds an int8 piece's decoded values."""
     added = False
     squares = 0.0
     short = names.basename(c.name)
@@ -109,10 +130,15 @@ def fold(c: Candidate, store: Store, layout: FileLayout, sums: WeightedSum, piec
             except Unusable as e:
                 problem, specs = e, []
             remaining = size - f.tell()
+            scales: dict[str, torch.Tensor] = {}  # int8: each tensor's block scales, read before its values
             for spec in specs:
                 dtype = DTYPES[spec.dtype]
                 itemsize = dtype.itemsize
                 offset, left = 0, spec.end - spec.start
+                scale_of = spec.name[:-len(SCALE_SUFFIX)] if c.encoding == "int8" and spec.name.endswith(
+                    SCALE_SUFFIX) else None
+                quantized = c.encoding == "int8" and scale_name(spec.name) in layout
+                scale_bytes = bytearray()
                 while left:
                     m = min(PIECE_BYTES, left)
                     _read_exact(f, view[:m])
@@ -121,18 +147,32 @@ def fold(c: Candidate, store: Store, layout: FileLayout, sums: WeightedSum, piec
                     remaining -= m
                     if problem is not None:
                         continue  # keep hashing: a hash mismatch means "not synced yet", not "bad"
+                    if scale_of is not None:
+                        scale_bytes += view[:m]
+                        continue
                     values = torch.frombuffer(piece, dtype=dtype, count=m // itemsize)
-                    square = _square_sum(values) if dtype.is_floating_point else 0.0
+                    if quantized:
+                        if spec.name not in scales:
+                            problem = Unusable(Reason.BAD_ENCODING, f"{spec.name}'s int8 values come before its "
+                                                                    f"scales {scale_name(spec.name)}")
+                            continue
+                        values = dequantize(values, scales[spec.name][offset // BLOCK:], floats)
+                    square = _square_sum(values) if values.is_floating_point() else 0.0
                     if math.isnan(square):
                         problem = Unusable(Reason.NON_FINITE, f"{spec.name} holds NaN or infinite values")
                         continue
                     squares += square
-                    if dtype.is_floating_point:
+                    if values.is_floating_point():
                         sums.add_piece(spec.name, offset, values, c.weight * scale)
                     elif whole:
                         sums.add_piece(spec.name, offset, values, c.weight)
                     added = True
                     offset += values.numel()
+                if scale_of is not None and problem is None:
+                    try:
+                        scales[scale_of] = _scales(scale_bytes, spec.name)
+                    except Unusable as e:
+                        problem = e
             while remaining:  # only when the header was unusable: hash the rest to tell corrupt from unsynced
                 m = min(PIECE_BYTES, remaining)
                 _read_exact(f, view[:m])
@@ -171,14 +211,15 @@ def _torch_threads(n: int) -> Iterator[None]:
 
 
 class Aggregator:
-    """Streaming intake of one round's updates, fed in batches as their markers appear: each verified and added
-    to a weighted sum with its rule weight."""
+    """Streaming intake of round `round`'s updates, fed in batches as their markers appear: each verified and added
+    to a weighted sum with its rule weight. Late updates (trained for an earlier round) are summed apart, so the
+    round's aggregate can be taken with them or without (a server optimizer's state learns from the on-time ones)."""
 
-    def __init__(self, layout: Layout, store: Store, lanes: int = LANES) -> None:
-        self.layout, self.store, self.file_layout = layout, store, file_layout(layout)
+    def __init__(self, layout: Layout, store: Store, lanes: int = LANES, round: int = 0) -> None:
+        self.layout, self.store, self.file_layout, self.round = layout, store, file_layout(layout), round
+        self.layouts = {e: encoded_layout(self.file_layout, e) for e in ENCODINGS}  # what each encoding's file holds
         self.lanes = [_Lane(layout) for _ in range(lanes)]
         self.pool = ThreadPoolExecutor(lanes, thread_name_prefix="intake")
-        self.spent = False  # `collected` merged and handed out the lanes' sums: every lane needs rebuilding
 
     @property
     def accepted(self) -> list[Candidate]:
@@ -203,7 +244,8 @@ class Aggregator:
         outcomes, dirty = [], False
         for c in batch:
             try:
-                lane.norms[c] = fold(c, self.store, self.file_layout, lane.running_sum(), lane.piece)
+                lane.norms[c] = fold(c, self.store, self.layouts[c.encoding], lane.running_sum(self.late(c)),
+                                     lane.piece, lane.floats)
                 lane.accepted.append(c)
                 outcomes.append(Outcome(c))
             except Unusable as e:
@@ -217,11 +259,12 @@ class Aggregator:
         """Recompute a lane's sum from its accepted updates; any that no longer verify are dropped."""
         dropped: list[Outcome] = []
         while True:
-            sums = lane.running_sum()
-            sums.clear()
+            for sums in lane.groups.values():
+                sums.clear()
             for c in lane.accepted:
                 try:
-                    lane.norms[c] = fold(c, self.store, self.file_layout, sums, lane.piece, lane.scales.get(c, 1.0))
+                    lane.norms[c] = fold(c, self.store, self.layouts[c.encoding], lane.running_sum(self.late(c)),
+                                         lane.piece, lane.floats, lane.scales.get(c, 1.0))
                 except Unusable as e:
                     lane.accepted.remove(c)
                     lane.scales.pop(c, None)
@@ -230,18 +273,24 @@ class Aggregator:
             else:
                 return dropped
 
+    def late(self, c: Candidate) -> bool:
+        return c.round != self.round
+
+    @property
+    def has_late(self) -> bool:
+        return any(self.late(c) for c in self.accepted)
+
     def drop(self, rejected: dict[Candidate, Unusable]) -> list[Outcome]:
         """Take accepted updates back out (screened out, or found to spoil the aggregate): each lane that held
-        one, or every lane once `collected` spent their sums, is rebuilt from its remaining files, so the sum is
-        again exactly that of the updates still accepted (any that no longer verify are dropped too)."""
+        one is rebuilt from its remaining files, so the sum is again exactly that of the updates still accepted (any
+        that no longer verify are dropped too)."""
         outcomes = [Outcome(c, problem) for c, problem in rejected.items()]
         for lane in self.lanes:
             held = any(c in rejected for c in lane.accepted)
             lane.accepted = [c for c in lane.accepted if c not in rejected]
             lane.scales = {c: s for c, s in lane.scales.items() if c not in rejected}
-            if held or self.spent:
+            if held:
                 outcomes.extend(self._rebuild(lane))
-        self.spent = False
         return outcomes
 
     @property
@@ -260,7 +309,8 @@ class Aggregator:
                 scale = bound / lane.norms[c]
                 try:
                     with _torch_threads(1):
-                        fold(c, self.store, self.file_layout, lane.running_sum(), lane.piece, scale - 1.0, whole=False)
+                        fold(c, self.store, self.layouts[c.encoding], lane.running_sum(self.late(c)), lane.piece,
+                             lane.floats, scale - 1.0, whole=False)
                     lane.scales[c] = scale
                 except Unusable as e:
                     lane.accepted.remove(c)
@@ -268,17 +318,19 @@ class Aggregator:
                     outcomes.extend(self._rebuild(lane))
         return outcomes
 
-    def collected(self, parameters: frozenset[str]) -> Collected:
-        """Everything taken in, for the rule (fedsync/aggregation/rules.py). The lanes' sums are merged and the
-        rule consumes them: `drop` (of nothing, if need be) before collecting again."""
-        used = [lane.sums for lane in self.lanes if lane.sums is not None and lane.sums.count]
+    def collected(self, parameters: frozenset[str], late: bool = True) -> Collected:
+        """What was taken in (with the late updates, or the on-time ones alone), for the rule
+        (fedsync/aggregation/rules.py), which consumes it: the lanes' sums are merged into a new one (one model's
+        memory), so collecting again gives the same."""
+        groups = (False, True) if late else (False,)
+        used = [lane.groups[g] for lane in self.lanes for g in groups if g in lane.groups and lane.groups[g].count]
         if not used:
             raise ValueError("no accepted updates to aggregate")
-        for other in used[1:]:
-            used[0].merge(other)
-        self.spent = True
-        accepted = self.accepted
-        return Collected(used[0], [(c.weight, c.steps) for c in accepted], parameters,
+        total = WeightedSum(self.layout)
+        for part in used:
+            total.merge(part)
+        accepted = [c for c in self.accepted if late or not self.late(c)]
+        return Collected(total, [(c.weight, c.steps) for c in accepted], parameters,
                          UpdateSlices(self.store, accepted, self.file_layout, self.scales))
 
     def close(self) -> None:
@@ -287,7 +339,8 @@ class Aggregator:
 
 class UpdateSlices:
     """Aligned slices of accepted update files, read from the share when a coordinate-wise rule asks: memory
-    O(updates x slice), never O(updates x model). The files were verified whole when they were taken in."""
+    O(updates x slice), never O(updates x model), decoded from each file's encoding. The files were verified whole
+    when they were taken in."""
 
     def __init__(self, store: Store, accepted: list[Candidate], layout: FileLayout,
                  scales: dict[Candidate, float] | None = None) -> None:
@@ -304,8 +357,22 @@ class UpdateSlices:
         out = torch.empty((len(self.accepted), length), dtype=dtype)
         for i, c in enumerate(self.accepted):
             with self.store.open(c.name, follow_links=False) as f:
-                f.seek(offsets[i][tensor] + start * dtype.itemsize)
-                _read_exact(f, memoryview(out[i].view(torch.uint8).numpy()))
+                if not dtype.is_floating_point or c.encoding == NONE:
+                    f.seek(offsets[i][tensor] + start * dtype.itemsize)
+                    _read_exact(f, memoryview(out[i].view(torch.uint8).numpy()))
+                elif c.encoding == "bf16":
+                    values = torch.empty(length, dtype=torch.bfloat16)
+                    f.seek(offsets[i][tensor] + start * 2)
+                    _read_exact(f, memoryview(values.view(torch.uint8).numpy()))
+                    out[i] = values
+                else:  # int8: the values and the scales of the blocks they lie in (start is a multiple of BLOCK)
+                    q = torch.empty(length, dtype=torch.int8)
+                    f.seek(offsets[i][tensor] + start)
+                    _read_exact(f, memoryview(q.numpy()))
+                    scales = torch.empty(blocks(length), dtype=torch.float32)
+                    f.seek(offsets[i][scale_name(tensor)] + start // BLOCK * 4)
+                    _read_exact(f, memoryview(scales.view(torch.uint8).numpy()))
+                    out[i] = dequantize(q, scales)
             if c in self.scales and dtype.is_floating_point:
                 out[i] *= self.scales[c]
         return out

@@ -82,6 +82,10 @@ def coordinator(
     set_: Annotated[list[str], typer.Option("--set", help="Override one config key, KEY=VALUE (repeatable), "
                                                           "e.g. --set quorum=0.5 --set local_epochs=1.",
                                                           metavar="KEY=VALUE")] = [],
+    preset: Annotated[str | None, typer.Option(
+        help="A named recipe: fedavg (local epochs, plain mean; the default), fedsgd (one local step per round, "
+             "averaged gradients), diloco (100 local steps, then an outer Nesterov step, lr 0.7, momentum 0.9). "
+             "Keys given with --set or in the config file win over the preset's.", metavar="NAME")] = None,
     watch: WatchOpt = "auto",
     data_root: DataRootOpt = None,
     syncthing: SyncthingOpt = None,
@@ -97,13 +101,14 @@ def coordinator(
     its key; only the key that started a run continues it.
 
     Example: fedsync coordinator --rounds 20 --share /mnt/fed --set min_workers=3
+    Over a slow link: fedsync coordinator --rounds 20 --preset diloco --set compression=int8
     """
     from fedsync.base.logs import make_log
     from fedsync.coordinator import CoordinatorOptions, run_coordinator
     from fedsync.run.config import load_config, parse_overrides
     from fedsync.storage.share import Share
 
-    cfg = load_config(config, parse_overrides(set_))
+    cfg = load_config(config, {**({"preset": preset} if preset else {}), **parse_overrides(set_)})
     final = run_coordinator(CoordinatorOptions(share=share, config=cfg, rounds=rounds, watch=_check_watch(watch),
                                                data_root=data_root, syncthing=syncthing, syncthing_key=syncthing_key,
                                                key=key, device=device, log=make_log("coordinator", log_json)))

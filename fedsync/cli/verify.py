@@ -86,6 +86,9 @@ def verify(share: Share) -> Report:
             closed = r
             _file(report, share, s.model.file, s.model, f"round {r}'s aggregate: {RESTORE}",
                   pruned=r + 1 <= report.pruned_through and s.model.file == share.global_model(r + 1))
+            if s.server_state is not None:  # the last closed round's is never pruned: the run goes on from it
+                _file(report, share, share.server_state(r), s.server_state,
+                      f"the server optimizer's state after round {r}: {RESTORE}", pruned=r <= report.pruned_through)
             for x in s.accepted:
                 _update(report, share, r, x.worker, f"accepted in round {r}")
             for late in s.late:

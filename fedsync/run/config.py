@@ -13,6 +13,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from fedsync.aggregation.encoding import ENCODINGS
+from fedsync.aggregation.optimizers import ServerSettings, check_settings
 from fedsync.aggregation.rules import RULES
 from fedsync.base.errors import ConfigError
 from fedsync.learning.augment import NAMED
@@ -25,6 +27,17 @@ from fedsync.storage.yamlfile import parse_yaml
 
 TRUST_MODES = ("tofu", "explicit")
 BUILTIN = ("digits", "cifar10")  # the config files shipped in fedsync.configs (configs/ in the repository)
+
+# Named recipes: the keys each sets, under whatever a user's file or --set gives (README, "Fewer, smaller rounds").
+PRESETS: dict[str, dict[str, Any]] = {
+    # McMahan et al. 2017: local epochs, the plain mean of the deltas (the default)
+    "fedavg": {"server_optimizer": "none", "local_steps": None},
+    # one local step per round: every worker's delta is -lr x one minibatch gradient, so the mean is a gradient
+    # averaged over the workers' batches (synchronous data-parallel SGD; McMahan et al.'s FedSGD baseline)
+    "fedsgd": {"server_optimizer": "none", "local_steps": 1},
+    # Douillard et al. 2023 (DiLoCo): H local steps, then the outer Nesterov step, lr 0.7, momentum 0.9
+    "diloco": {"server_optimizer": "nesterov", "server_lr": 0.7, "server_momentum": 0.9, "local_steps": 100},
+}
 
 
 @dataclass(frozen=True)
@@ -42,7 +55,9 @@ class RunConfig:
     test_fraction: float      # digits: held-out share for the coordinator's evaluation
     partition: str            # iid | dirichlet
     dirichlet_alpha: float    # label skew of dirichlet shards (smaller = more skewed)
+    preset: str               # fedavg | fedsgd | diloco: a named recipe (PRESETS), laid under the keys a user sets
     local_epochs: int         # passes over its shard a worker makes per round
+    local_steps: int | None   # optimizer steps a worker takes per round instead of local_epochs passes; None: epochs
     batch_size: int
     lr: float
     momentum: float
@@ -52,6 +67,13 @@ class RunConfig:
     prox_mu: float            # FedProx proximal weight; 0 is plain local SGD
     balance: str              # equal | throughput: how the coordinator sizes each worker's work
     aggregation: str          # fedavg | fednova | median | trimmed_mean
+    server_optimizer: str     # none | fedavgm | nesterov | fedadam | fedyogi (fedsync/aggregation/optimizers.py)
+    server_lr: float | None   # the server optimizer's step size; None: its default (none 1, nesterov 0.7, ...)
+    server_momentum: float | None  # fedavgm, nesterov: momentum; None: 0.9
+    server_betas: list[float] | None  # fedadam, fedyogi: (b1, b2); None: (0.9, 0.99)
+    server_eps: float | None  # fedadam, fedyogi: added to sqrt(v); None: 0.001
+    compression: str          # none | bf16 | int8: how workers encode their updates (fedsync/aggregation/encoding.py)
+    error_feedback: bool      # a worker keeps what lossy compression left out and adds it to its next update
     trim: float               # trimmed_mean: the fraction of values cut at each end of every coordinate
     screen_factor: float      # reject an update over this x the round's median norm (3+ updates); 0: off
     screen_max_ratio: float   # reject an update over this x the global model's norm; 0: off
@@ -92,6 +114,13 @@ class RunConfig:
         for name, allowed in (("precision", PRECISIONS), ("balance", BALANCE), ("aggregation", RULES)):
             if getattr(self, name) not in allowed:
                 problems.append(f"{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        problems.extend(check_settings(self.server_settings()))
+        if self.compression not in ENCODINGS:
+            problems.append(f"compression {self.compression!r} is not one of {', '.join(ENCODINGS)}")
+        if self.preset not in PRESETS:
+            problems.append(f"preset {self.preset!r} is not one of {', '.join(PRESETS)}")
+        if self.local_steps is not None and self.local_steps < 1:
+            problems.append("local_steps must be at least 1, or null for local_epochs passes")
         if self.prox_mu < 0:
             problems.append("prox_mu must not be negative")
         if not 0 <= self.trim < 0.5:
@@ -127,6 +156,11 @@ class RunConfig:
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def server_settings(self) -> ServerSettings:
+        betas = tuple(self.server_betas) if self.server_betas is not None else None
+        return ServerSettings(self.server_optimizer, self.server_lr, self.server_momentum, betas,  # type: ignore[arg-type]
+                              self.server_eps)
 
     def resolved_task(self) -> Task:
         """The task this config names, shaped by its settings (imagefolder's classes and input shape)."""
@@ -178,14 +212,19 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 def load_config(source: str = "digits", overrides: dict[str, Any] | None = None) -> RunConfig:
     """A built-in name (digits, cifar10) or a YAML file; keys it leaves out come from configs/digits.yaml."""
     merged = _load_mapping(_builtin_text("digits"), "configs/digits.yaml")
+    given: dict[str, Any] = {}  # what the user set: a preset lies under it, over the built-in defaults
     if source in BUILTIN:
         merged.update(_load_mapping(_builtin_text(source), f"configs/{source}.yaml"))
     else:
         path = Path(source)
         if not path.is_file():
             raise ConfigError(f"config {source!r} is neither a built-in ({', '.join(BUILTIN)}) nor a file")
-        merged.update(_load_mapping(path.read_bytes(), str(path)))
-    merged.update(overrides or {})
+        given.update(_load_mapping(path.read_bytes(), str(path)))
+    given.update(overrides or {})
+    preset = given.get("preset", merged.get("preset"))
+    if isinstance(preset, str) and preset in PRESETS:  # an unknown one is reported with the other problems
+        merged.update(PRESETS[preset])
+    merged.update(given)
     return config_from_dict(merged, f"config {source}")
 
 

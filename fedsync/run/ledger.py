@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from fedsync.aggregation.encoding import ENCODINGS
 from fedsync.aggregation.intake import Candidate, Outcome
 from fedsync.aggregation.rules import Rule
 from fedsync.fedavg import staleness_weight
@@ -122,9 +123,11 @@ class RoundLedger:
         if m.evaluation is not None and m.samples + m.evaluation.samples > bound:
             raise Unusable(Reason.BAD_SAMPLES, f"samples={m.samples} trained and {m.evaluation.samples} held out, "
                                                f"{of} {bound}")
+        if m.encoding not in ENCODINGS:
+            raise Unusable(Reason.BAD_ENCODING, f"encoding {m.encoding!r} is not one of {', '.join(ENCODINGS)}")
         self.markers[worker] = m
         return Candidate(worker, self.share.update_tensors(self.r, worker), m.tensors,
-                         self.rule.weight(m.samples, m.steps), self.r, m.steps)
+                         self.rule.weight(m.samples, m.steps), self.r, m.steps, m.encoding)
 
     def recheck(self) -> None:
         """Look again at every update still waiting, although its files did not change: the trusted keys did."""

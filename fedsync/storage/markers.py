@@ -174,6 +174,7 @@ class UpdateMarker:
     signature: str | None = None  # the worker's, over signing.update_message
     evaluation: HeldOut | None = None  # federated_eval: the round's global model on the worker's held-out part
     timings: dict[str, float] | None = None  # seconds: prepare_s, evaluate_s, train_s, publish_s (informational)
+    encoding: str = "none"  # how the tensor file holds the delta: none | bf16 | int8 (PROTOCOL.md section 5.13)
 
     def __post_init__(self) -> None:
         if self.diverged is None and not math.isfinite(self.train_loss):
@@ -272,6 +273,8 @@ class Summary:
     closed_at: str | None = None      # UTC time the round closed, for people
     traffic: Traffic | None = None    # tensor bytes that crossed the share this round
     compute: dict[str, float] = dataclasses.field(default_factory=dict)  # training seconds by device kind
+    server_optimizer: str = "none"    # what turned the aggregate into the next model (PROTOCOL.md section 5.12)
+    server_state: FileRef | None = None  # its state after this round (<round>/server_state.safetensors); None: none
 
 
 @dataclass

@@ -20,6 +20,7 @@ ASSIGNMENT = "assignment.yaml"
 UPDATES = "updates"
 SUMMARY = "summary.yaml"
 EVALUATION = "evaluation.yaml"
+SERVER_STATE = "server_state.safetensors"  # the server optimizer's state after the round (momentum, moments)
 SHARDS = "shards"
 REPORT_MD = "report.md"    # for people browsing the share: refreshed by the coordinator after each round
 REPORT_PNG = "report.png"
@@ -27,9 +28,9 @@ TENSORS_SUFFIX = ".safetensors"
 MARKER_SUFFIX = ".yaml"
 
 # anything else in a round folder is stray
-ROUND_FILES = frozenset({GLOBAL_MODEL, ASSIGNMENT, UPDATES, SUMMARY, EVALUATION})
+ROUND_FILES = frozenset({GLOBAL_MODEL, ASSIGNMENT, UPDATES, SUMMARY, EVALUATION, SERVER_STATE})
 COORDINATOR_ROOT_FILES = frozenset({MANIFEST, LEASE, METRICS, FINAL_MODEL, FINAL_MARKER, TRUST, REPORT_MD, REPORT_PNG})
-COORDINATOR_ROUND_FILES = frozenset({GLOBAL_MODEL, ASSIGNMENT, SUMMARY, EVALUATION})
+COORDINATOR_ROUND_FILES = frozenset({GLOBAL_MODEL, ASSIGNMENT, SUMMARY, EVALUATION, SERVER_STATE})
 
 ROUND_DIR = re.compile(r"^\d{4,9}$")
 WORKER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -66,6 +67,10 @@ def summary(r: int) -> str:
 
 def evaluation(r: int) -> str:
     return join(round_dir(r), EVALUATION)
+
+
+def server_state(r: int) -> str:
+    return join(round_dir(r), SERVER_STATE)
 
 
 def updates_dir(r: int) -> str:

@@ -27,6 +27,7 @@ class Reason(str, Enum):
     WRONG_SHAPE = "wrong_shape"
     WRONG_DTYPE = "wrong_dtype"
     NON_FINITE = "non_finite"
+    BAD_ENCODING = "bad_encoding"
     NORM_OUTLIER = "norm_outlier"
     DIVERGED = "diverged"
     SPOILS_AGGREGATE = "spoils_aggregate"
@@ -79,6 +80,8 @@ HELP: dict[Reason, str] = {
     Reason.WRONG_SHAPE: "a tensor's shape differs from the global model's",
     Reason.WRONG_DTYPE: "a tensor's dtype differs from the global model's",
     Reason.NON_FINITE: "the update holds NaN or infinite values",
+    Reason.BAD_ENCODING: "the marker names an encoding this coordinator does not know, or an int8 update's scales are "
+                         "negative, not finite, or come after their values (PROTOCOL.md section 5.13)",
     Reason.NORM_OUTLIER: "the update is far larger than the round's others or than the model itself (screening: "
                          "screen_factor, screen_max_ratio); a diverging worker: lower lr",
     Reason.DIVERGED: "the worker's local training diverged (non-finite loss or values) and it uploaded nothing; "

@@ -50,6 +50,7 @@ class Share:
     update_marker = staticmethod(names.update_marker)
     summary = staticmethod(names.summary)
     evaluation = staticmethod(names.evaluation)
+    server_state = staticmethod(names.server_state)
     model_after = staticmethod(names.model_after)
 
     def where(self, name: str = "") -> str:

@@ -78,11 +78,15 @@ def _message(kind: str, fields: Iterable[tuple[str, object]]) -> bytes:
 
 
 def update_message(run_id: str, m: UpdateMarker) -> bytes:
-    """What a worker signs: whose update, for which run, round and base model, which bytes, and its weight."""
-    return _message("update", [
+    """What a worker signs: whose update, for which run, round and base model, which bytes, its weight, and (when not
+    none) how the bytes encode the delta."""
+    fields: list[tuple[str, object]] = [
         ("run", run_id), ("round", m.round), ("worker", m.worker), ("base", m.base),
         ("tensors", m.tensors.blake3 if m.tensors else None), ("bytes", m.tensors.bytes if m.tensors else None),
-        ("samples", m.samples), ("steps", m.steps), ("diverged", "yes" if m.diverged is not None else "no")])
+        ("samples", m.samples), ("steps", m.steps), ("diverged", "yes" if m.diverged is not None else "no")]
+    if m.encoding != "none":
+        fields.append(("encoding", m.encoding))
+    return _message("update", fields)
 
 
 def assignment_message(a: Assignment) -> bytes:
