@@ -15,7 +15,8 @@ TOP_LEVEL = {"coordinator": "run", "worker": "run", "fedavg": "aggregation", "__
 # Files that read what is not the share: each machine's own data and the user's own config file.
 NOT_THE_SHARE = {"fedsync/learning/data.py": "datasets on this machine",
                  "fedsync/learning/imagefolder.py": "a machine's own image folder, and its free memory",
-                 "fedsync/run/config.py": "the user's config file"}
+                 "fedsync/run/config.py": "the user's config file",
+                 "fedsync/run/feedback.py": "a worker's error-feedback residual, on its own disk beside its key"}
 FILE_MODULES = {"os", "shutil", "io", "gzip", "tempfile"}  # any call of theirs on a path is file I/O
 PATH_METHODS = {"open", "stat", "lstat", "iterdir", "glob", "rglob", "read_bytes", "read_text", "write_bytes",
                 "write_text", "exists", "is_file", "is_dir", "is_symlink", "touch", "symlink_to", "unlink", "mkdir",
