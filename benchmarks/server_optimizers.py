@@ -7,7 +7,8 @@ rule and server optimizer. fedavg takes `local_epochs: 2` (30 steps a round on a
 diloco takes 100 local steps a round for ROUNDS x 30 / 100 rounds: the same local steps in all, a third of the
 rounds (a third of the bytes moved).
 
-Usage: python benchmarks/server_optimizers.py [ROUNDS] [DATASET ...]   (default 20; digits digits32)
+Usage: python benchmarks/server_optimizers.py [ROUNDS] [DATASET] [SETUP ...]
+(default: 20 rounds, both data sets, every setup; a setup by its first word: fedavg fedavgm fedadam diloco ...)
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ SETUPS: dict[str, dict[str, object]] = {
 }
 
 
-def main(rounds: int = 20, datasets: tuple[str, ...] = DATASETS) -> None:
+def main(rounds: int = 20, datasets: tuple[str, ...] = DATASETS, only: tuple[str, ...] = ()) -> None:
+    setups = {k: v for k, v in SETUPS.items() if not only or k.split()[0] in only}
     torch.set_num_threads(1)
     started = time.perf_counter()
     print("| data | shards | setup | rounds | local steps | final acc | round reaching fedavg's final "
@@ -44,7 +46,7 @@ def main(rounds: int = 20, datasets: tuple[str, ...] = DATASETS) -> None:
     for dataset in datasets:
         for part in ("iid", "dirichlet"):
             target = None
-            for name, keys in SETUPS.items():
+            for name, keys in setups.items():
                 n = rounds * STEPS_PER_ROUND // 100 if keys.get("preset") == "diloco" else rounds
                 cfg = load_config("digits", {"partition": part, "dirichlet_alpha": 0.5, **keys})
                 trace = simulate(cfg, dataset, WORKERS, n)
@@ -57,4 +59,4 @@ def main(rounds: int = 20, datasets: tuple[str, ...] = DATASETS) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 20, tuple(sys.argv[2:]) or DATASETS)
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 20, tuple(sys.argv[2:3]) or DATASETS, tuple(sys.argv[3:]))

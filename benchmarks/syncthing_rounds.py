@@ -25,14 +25,15 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 DEFAULT_DELAY_ROUNDS = 4  # rounds of the run with Syncthing's default watcher delay (about 20 s each)
 
 
-def run(coord_share: Path, worker_shares: list[Path], rounds: int, apis: dict[Path, list[str]] | None = None
-        ) -> list[float]:
-    """A whole run; `apis` maps a share copy to the --syncthing options of the processes using it."""
+def run(coord_share: Path, worker_shares: list[Path], rounds: int, apis: dict[Path, list[str]] | None = None,
+        settings: tuple[str, ...] = ()) -> list[float]:
+    """A whole run; `apis` maps a share copy to the --syncthing options of the processes using it; `settings` are
+    more coordinator options (--config, --set)."""
     def extra(share: Path) -> list[str]:
         return (apis or {}).get(share, [])
 
     procs = [subprocess.Popen(FEDSYNC + ["coordinator", "--share", str(coord_share), "--rounds", str(rounds),
-                                         "--set", "min_workers=2", *extra(coord_share)],
+                                         "--set", "min_workers=2", *settings, *extra(coord_share)],
                               env=ENV, stdout=subprocess.DEVNULL)]
     procs += [subprocess.Popen(FEDSYNC + ["worker", "--share", str(s), "--name", f"w{i}", "--device", "cpu",
                                           "--wait-for-run", "120", *extra(s)], env=ENV, stdout=subprocess.DEVNULL)

@@ -66,6 +66,22 @@ MUTANTS = [
            "existing = check_run(share, opts.config) or write_manifest(share, new_manifest(opts.config.as_dict(), "
            "opts.created_by, 'ed25519:mutant', task_record(opts.config)))",
            ("tests/test_start.py::test_a_refused_start_leaves_the_share_as_it_was",)),
+    Mutant("the outer Nesterov step reads the delta the wrong way round", "fedsync/aggregation/optimizers.py",
+           "return (d + m * self.momentum) * self.lr", "return (m * self.momentum - d) * self.lr",
+           ("tests/test_server_optimizers.py::test_momentum_optimizers_are_torch_sgd_on_the_negative_delta",)),
+    Mutant("late updates enter the momentum", "fedsync/aggregation/optimizers.py",
+           'new_state[f"m/{name}"] = m + d_on', 'new_state[f"m/{name}"] = m + d',
+           ("tests/test_server_optimizers.py::test_late_updates_move_the_model_once_and_never_enter_the_state",)),
+    Mutant("a restarted coordinator forgets the optimizer's state", "fedsync/coordinator.py",
+           "self.server_state = self._server_state(load_summary(self.share, closed[-1]))", "pass",
+           ("tests/test_server_state.py::test_a_killed_and_restarted_coordinator_ends_with_the_uninterrupted_model",)),
+    Mutant("int8 pieces past the first are read with the first blocks' scales", "fedsync/aggregation/intake.py",
+           "values = dequantize(values, scales[spec.name][offset // BLOCK:], floats)",
+           "values = dequantize(values, scales[spec.name], floats)",
+           ("tests/test_compression.py::test_the_intake_and_the_median_see_the_decoded_values",)),
+    Mutant("a redone round starts from the residual its first try left", "fedsync/run/feedback.py",
+           'part = "in/" if kept == r else "out/"', 'part = "out/"',
+           ("tests/test_compression.py::test_error_feedback_delays_what_int8_loses_and_survives_a_restart",)),
 ]
 
 

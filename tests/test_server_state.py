@@ -21,7 +21,7 @@ from .conftest import finish, killed_on_error, register_worker, start, submit_up
 
 ROUNDS = 3
 WORKERS = ("a", "b")
-FAULTS = ["write:0002/server_state.safetensors", "write:0002/summary.yaml", "coordinator:after-summary:2"]
+FAULTS = ["write:0002/server_state.safetensors", "coordinator:after-summary:2"]
 
 
 def _delta(s: Share, a: Assignment, worker: str) -> dict[str, torch.Tensor]:
