@@ -1,10 +1,13 @@
 """Round time over a real Syncthing pair (127.0.0.1, fedsync's --syncthing nudges) with a ResNet-18 model
 (resnet18_cifar, 11.2 M parameters, a 44.7 MB update in float32): int8 updates against uncompressed, and both
-against the same run on one local share, measured in the same run. Both workers sit on the far copy, so every
+against the same run on one local share, measured in the same run. Syncthing's own rate limit holds each
+instance to RATE_KIB_S each way (6,400 KiB/s, about 52 Mbit/s: a home uplink or a tailnet between two houses),
+since a link over loopback is faster than any real one. Both workers sit on the far copy, so every
 update crosses Syncthing; the global model crosses in float32 either way. Training is one step of 8 fabricated
 CIFAR-10 images a round (tests/cifar_files.py), so the round time is the files' time.
 
-Usage: python benchmarks/compressed_rounds.py [ROUNDS]   (default 5; prints medians of rounds 2..ROUNDS)
+Usage: python benchmarks/compressed_rounds.py [ROUNDS] [RATE_KIB_S]   (default 5 and 6400, 0 for no limit;
+prints medians of rounds 2..ROUNDS)
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from tests.cifar_files import fabricate_cifar10  # noqa: E402
 from tests.syncthing import SyncthingPair  # noqa: E402
 
 
-def main(rounds: int = 5) -> None:
+def main(rounds: int = 5, rate_kib_s: int = 6400) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
         fabricate_cifar10(t / "cifar")
@@ -35,11 +38,12 @@ def main(rounds: int = 5) -> None:
             local = t / f"local-{encoding}"
             times[f"local {encoding}"] = run(local, [local, local], rounds, settings=settings)
             a, b = t / f"A-{encoding}", t / f"B-{encoding}"
-            with SyncthingPair(t / f"pair-{encoding}", a, b) as pair:
+            with SyncthingPair(t / f"pair-{encoding}", a, b, rate_kib_s=rate_kib_s) as pair:
                 apis = {copy: inst.fedsync_args() for copy, inst in zip((a, b), pair.instances)}
                 times[f"syncthing {encoding}"] = run(a, [b, b], rounds, apis, settings)
         m = {k: statistics.median(v) for k, v in times.items()}
-        print(f"round time, ResNet-18 (resnet18_cifar), 2 workers on the far copy, rounds 2..{rounds}, medians:")
+        print(f"round time, ResNet-18 (resnet18_cifar), 2 workers on the far copy, Syncthing limited to "
+              f"{rate_kib_s or 'no'} KiB/s, rounds 2..{rounds}, medians:")
         for k, v in m.items():
             print(f"  {k}: {v:.2f} s  ({' '.join(f'{x:.2f}' for x in times[k])})")
         added = {e: m[f"syncthing {e}"] - m[f"local {e}"] for e in ("none", "int8")}
@@ -49,4 +53,4 @@ def main(rounds: int = 5) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 5)
+    main(*(int(a) for a in sys.argv[1:3]))

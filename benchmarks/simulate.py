@@ -77,7 +77,7 @@ def simulate(cfg: RunConfig, dataset: str, workers: int, rounds: int) -> Trace:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         store = LocalStore(Path(tmp))
-        feedback = [ErrorFeedback(Path(tmp) / "residuals" / f"w{i}.safetensors", "bench", print)
+        feedback = [ErrorFeedback(Path(tmp) / "residuals", "bench", f"w{i}", print)
                     for i in range(workers)]
         for r in range(1, rounds + 1):
             candidates = []

@@ -34,7 +34,7 @@ from fedsync.learning.partition import hold_out
 from fedsync.learning.tasks import Task
 from fedsync.learning.train import Report, TrainSettings, evaluate, local_train, measure_throughput, place
 from fedsync.run.config import RunConfig, config_from_dict
-from fedsync.run.feedback import ErrorFeedback, residual_path
+from fedsync.run.feedback import ErrorFeedback, residual_dir
 from fedsync.run.start import check_task
 from fedsync.run.trust import read_trust
 from fedsync.storage import names
@@ -186,6 +186,7 @@ class Worker:
         self.dataset: Dataset | None = None  # a shared task's data set: shards are cut from its training part
         self.own: Source | None = None       # a private task's data: this machine's own, all of it trained on
         self.placed: tuple[tuple[str, int], tuple[Source, Source]] | None = None  # (list hash, shard): on the device
+        self.feedback = ErrorFeedback(residual_dir(), manifest.run_id, name, log)  # compression's residuals
 
     def run(self) -> FinalMarker | None:
         # the data is checked before the first change to the share: a failed start leaves it as it was
@@ -356,8 +357,7 @@ class Worker:
             return update
         if not self.cfg.error_feedback:
             return encode(update, self.cfg.compression)
-        feedback = ErrorFeedback(residual_path(self.manifest.run_id, self.name), self.manifest.run_id, self.log)
-        return feedback.encode(r, update, self.cfg.compression)
+        return self.feedback.encode(r, update, self.cfg.compression)
 
     def _progress(self, r: int) -> Report | None:
         """On a terminal, round r's training in one line as it goes: steps, loss, speed, time left."""

@@ -80,7 +80,8 @@ MUTANTS = [
            "values = dequantize(values, scales[spec.name], floats)",
            ("tests/test_compression.py::test_the_intake_and_the_median_see_the_decoded_values",)),
     Mutant("a redone round starts from the residual its first try left", "fedsync/run/feedback.py",
-           'part = "in/" if kept == r else "out/"', 'part = "out/"',
+           "for p in reversed([k for k in self._rounds() if k < r]):",
+           "for p in reversed([k for k in self._rounds() if k <= r]):",
            ("tests/test_compression.py::test_error_feedback_delays_what_int8_loses_and_survives_a_restart",)),
 ]
 

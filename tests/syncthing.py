@@ -56,8 +56,10 @@ class Instance:
 class SyncthingPair:
     """`with SyncthingPair(tmp, a_dir, b_dir) as pair:` keeps a_dir and b_dir in sync until the block ends."""
 
-    def __init__(self, base: Path, folder_a: Path, folder_b: Path, watcher_delay_s: int = 1) -> None:
+    def __init__(self, base: Path, folder_a: Path, folder_b: Path, watcher_delay_s: int = 1,
+                 rate_kib_s: int = 0) -> None:
         self.watcher_delay_s = watcher_delay_s  # fsWatcherDelayS: Syncthing's own default is 10
+        self.rate_kib_s = rate_kib_s  # each instance's send and receive limit in KiB/s (a slow link); 0: none
         self.instances = [self._generate(base / f"st-{n}", n, f) for n, f in (("a", folder_a), ("b", folder_b))]
 
     def _generate(self, home: Path, name: str, folder: Path) -> Instance:
@@ -82,7 +84,8 @@ class SyncthingPair:
                           ("localAnnounceEnabled", "false"), ("relaysEnabled", "false"), ("natEnabled", "false"),
                           ("startBrowser", "false"), ("urAccepted", "-1"), ("autoUpgradeIntervalH", "0"),
                           ("crashReportingEnabled", "false"), ("reconnectionIntervalS", "1"),
-                          ("setLowPriority", "false")):
+                          ("setLowPriority", "false"), ("maxSendKbps", str(self.rate_kib_s)),
+                          ("maxRecvKbps", str(self.rate_kib_s)), ("limitBandwidthInLan", "true")):
             _set(opts, tag, text)
         device = ET.SubElement(root, "device", id=peer.device_id, name=peer.name, compression="metadata",
                                introducer="false")

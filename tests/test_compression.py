@@ -119,25 +119,22 @@ def test_forged_int8_files_are_rejected_with_their_reason(tmp_path: Path) -> Non
 
 
 def test_error_feedback_delays_what_int8_loses_and_survives_a_restart(tmp_path: Path) -> None:
-    path = tmp_path / "residuals" / "run-w1.safetensors"
+    folder = tmp_path / "residuals"
     said: list[str] = []
-    feedback = ErrorFeedback(path, "run", said.append)
+    feedback = ErrorFeedback(folder, "run", "w1", said.append)
     meant = [_update(0.01) for _ in range(4)]
-    sent = []
-    for r, u in enumerate(meant, 1):
-        sent.append(decode(feedback.encode(r, u, "int8"), "int8", BASE))
-    left = ErrorFeedback(path, "run", said.append).carried(5)  # a new process reads what the last one left
-    # everything meant arrived, but for the last residual: sum(sent) + left == sum(meant)
-    for k in ("big", "small"):
-        total = sum(s[k] for s in sent) + left[k]
-        torch.testing.assert_close(total, sum(u[k] for u in meant), rtol=0, atol=1e-6)
+    sent = [decode(feedback.encode(r, u, "int8"), "int8", BASE) for r, u in enumerate(meant, 1)]
+    assert sorted(p.name for p in folder.iterdir()) == ["run-w1-r000003.safetensors", "run-w1-r000004.safetensors"]
+    _, left = ErrorFeedback(folder, "run", "w1", said.append).carried(5)  # a new process reads what was left
+    for k in ("big", "small"):  # everything meant arrived but the last residual: sum(sent) + left == sum(meant)
+        torch.testing.assert_close(sum(s[k] for s in sent) + left[k], sum(u[k] for u in meant), rtol=0, atol=1e-6)
     without = sum(decode(encode(u, "int8"), "int8", BASE)["big"] for u in meant)
     assert float((without - sum(u["big"] for u in meant)).abs().max()) > 1e-5  # without feedback the error stays
     # round 4 redone after a crash (its update never got out): it starts again from the residual it started from
-    redo = decode(ErrorFeedback(path, "run", said.append).encode(4, meant[3], "int8"), "int8", BASE)
+    redo = decode(ErrorFeedback(folder, "run", "w1", said.append).encode(4, meant[3], "int8"), "int8", BASE)
     torch.testing.assert_close(redo["big"], sent[3]["big"])
-    # another run's residual, or a damaged file, is said and not used
-    assert ErrorFeedback(path, "other-run", said.append).carried(5) == {}
-    path.write_bytes(b"not safetensors")
-    assert ErrorFeedback(path, "run", said.append).carried(5) == {}
-    assert len(said) == 2 and "belongs to run run" in said[0] and "cannot be used" in said[1]
+    # another run's files are not this run's; a damaged file is said and the one before it used
+    assert ErrorFeedback(folder, "other-run", "w1", said.append).carried(5) == (None, {})
+    (folder / "run-w1-r000004.safetensors").write_bytes(b"not safetensors")
+    assert ErrorFeedback(folder, "run", "w1", said.append).carried(5)[0] == 3
+    assert len(said) == 1 and "run-w1-r000004.safetensors cannot be used" in said[0]

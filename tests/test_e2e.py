@@ -13,7 +13,7 @@ from typing import Any
 from fedsync.aggregation.tensors import load_verified
 from fedsync.learning.train import evaluate
 from fedsync.run.config import load_config, load_data
-from fedsync.run.feedback import residual_path
+from fedsync.run.feedback import residual_dir
 from fedsync.storage.hashing import hash_bytes
 from fedsync.storage.markers import Assignment, FinalMarker, Summary, UpdateMarker, parse
 from fedsync.storage.share import Share
@@ -147,7 +147,8 @@ def test_an_outsiders_worker_is_accepted_and_verify_reports_intact_runs_and_name
             marker = parse(UpdateMarker, s.read_yaml(s.update_marker(r, w)), "m")
             assert marker.encoding == "int8" and marker.steps == 45, marker
     run_id = read_yaml(s.path(s.manifest))["run_id"]
-    assert residual_path(run_id, "w1").is_file()  # w1's error feedback, on its own disk, not in the share
+    kept = sorted(p.name for p in residual_dir().glob(f"{run_id}-w1-r*.safetensors"))
+    assert kept == [f"{run_id}-w1-r000001.safetensors", f"{run_id}-w1-r000002.safetensors"]  # on its own disk
     assert not list(share.rglob("*residual*"))
     ok = run("verify", "--share", str(share))
     assert ok.returncode == 0 and "0 error(s)" in ok.stdout, ok.stdout

@@ -2,16 +2,16 @@
 next, so nothing a worker learned is lost for good, only delayed (fedsync/aggregation/encoding.py).
 
 The residual lives on the worker's own disk beside its key, never in the share: it is private to the worker and
-changes every round. One file per run and worker holds the residual the last update started from (`in`) and the
-one it left (`out`), tagged with that update's round, written whole before the update itself. A worker restarted
-after a crash therefore continues exactly: redoing round r (its update never got out) it starts again from `in`;
-at a later round it takes `out`.
+changes every round. Each update leaves one file, `RUN-WORKER-rNNNNNN.safetensors` (the residual after round N's
+update), written whole before the update itself. An update for round r starts from the newest file of an earlier
+round, so a worker restarted after a crash continues exactly: redoing round r (its update never got out) it starts
+again from the same residual, whether or not round r's file was written. The two newest files are kept; the
+process keeps the last residual in memory, so a round reads nothing back.
 """
 
 from __future__ import annotations
 
-import json
-import struct
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -27,48 +27,49 @@ from fedsync.storage.local import atomic_write
 Tensors = dict[str, torch.Tensor]
 
 
-def residual_path(run_id: str, worker: str) -> Path:
-    """Beside this machine's keys ($FEDSYNC_KEY_DIR, else ~/.config/fedsync/keys): residuals/RUN-WORKER.safetensors."""
-    return key_dir() / "residuals" / f"{run_id}-{worker}.safetensors"
+def residual_dir() -> Path:
+    """Beside this machine's keys ($FEDSYNC_KEY_DIR, else ~/.config/fedsync/keys): residuals/."""
+    return key_dir() / "residuals"
 
 
 class ErrorFeedback:
-    def __init__(self, path: Path, run_id: str, log: Log) -> None:
-        self.path, self.run_id, self.log = path, run_id, log
+    def __init__(self, folder: Path, run_id: str, worker: str, log: Log) -> None:
+        self.folder, self.prefix, self.log = folder, f"{run_id}-{worker}-r", log
+        self.pattern = re.compile(re.escape(self.prefix) + r"(\d{6})\.safetensors$")
+        self.memory: tuple[int, Tensors] | None = None  # (round, residual) this process wrote last
 
-    def carried(self, r: int) -> Tensors:
-        """The residual an update for round r starts from (empty: none yet). A file that cannot be read is said and
-        set aside: the update then starts from zero, which loses that residual but nothing else."""
-        try:
-            data = self.path.read_bytes()
-        except FileNotFoundError:
-            return {}
-        try:
-            tensors = st_load(data)
-            meta = _metadata(data)
-            kept = int(meta["round"])
-            if meta.get("run") != self.run_id:
-                raise ValueError(f"it belongs to run {meta.get('run')}")
-        except Exception as e:  # noqa: BLE001 - a damaged local file of any kind: said, not fatal
-            self.log(f"WARNING: the error-feedback residual {self.path} cannot be used ({e}); starting from zero")
-            return {}
-        part = "in/" if kept == r else "out/"  # kept == r: this round's update was cut short; it is redone
-        return {k[len(part):]: v for k, v in tensors.items() if k.startswith(part)}
+    def path(self, r: int) -> Path:
+        return self.folder / f"{self.prefix}{r:06d}.safetensors"
+
+    def _rounds(self) -> list[int]:
+        """The rounds whose residual files exist, oldest first."""
+        if not self.folder.is_dir():
+            return []
+        return sorted(int(m.group(1)) for p in self.folder.iterdir() if (m := self.pattern.match(p.name)))
+
+    def carried(self, r: int) -> tuple[int | None, Tensors]:
+        """The round and residual an update for round r starts from: the newest of an earlier round (none: zero).
+        A file that cannot be read is said and skipped: that residual is lost, nothing else."""
+        if self.memory is not None and self.memory[0] < r:
+            return self.memory
+        for p in reversed([k for k in self._rounds() if k < r]):
+            try:
+                return p, st_load(self.path(p).read_bytes())
+            except Exception as e:  # noqa: BLE001 - a damaged local file of any kind: said, not fatal
+                self.log(f"WARNING: the error-feedback residual {self.path(p)} cannot be used ({e}); skipped")
+        return None, {}
 
     def encode(self, r: int, update: Mapping[str, torch.Tensor], encoding: str) -> Tensors:
         """The tensors to write for round r's update: the update plus the carried residual, encoded; the residual it
-        leaves is saved first."""
-        start = self.carried(r)
+        leaves is saved first, and files older than the one it started from are removed."""
+        started_from, start = self.carried(r)
         meant = {k: (v + start[k].to(v.dtype)) if k in start and v.is_floating_point() else v
                  for k, v in update.items()}
         written = encode(meant, encoding)
         left = residual(meant, written, encoding)
-        state = {**{f"in/{k}": v for k, v in start.items()}, **{f"out/{k}": v for k, v in left.items()}}
-        atomic_write(self.path, state_bytes(state, {"run": self.run_id, "round": str(r)}))
+        atomic_write(self.path(r), state_bytes(left))
+        self.memory = (r, left)
+        for old in self._rounds():
+            if started_from is not None and old < started_from:
+                self.path(old).unlink(missing_ok=True)
         return written
-
-
-def _metadata(data: bytes) -> dict[str, str]:
-    """The `__metadata__` of a safetensors file's header (st_load drops it)."""
-    (n,) = struct.unpack("<Q", data[:8])
-    return dict(json.loads(data[8:8 + n]).get("__metadata__") or {})
