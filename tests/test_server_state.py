@@ -5,11 +5,13 @@ the same updates. Late updates move the model but stay out of the state (the int
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 
 import torch
 
 from fedsync.aggregation.intake import Aggregator, Candidate
+from fedsync.aggregation.optimizers import ServerSettings, make_optimizer
 from fedsync.aggregation.rules import FedAvg
 from fedsync.aggregation.tensors import layout_of, load_verified, save_state
 from fedsync.fedavg import WeightedSum, mean_delta
@@ -17,7 +19,7 @@ from fedsync.storage.local import LocalStore
 from fedsync.storage.markers import Assignment, Summary, parse
 from fedsync.storage.share import Share
 
-from .conftest import finish, killed_on_error, register_worker, start, submit_update
+from .conftest import finish, killed_on_error, register_worker, start, submit_update, wait_until
 
 ROUNDS = 3
 WORKERS = ("a", "b")
@@ -104,3 +106,49 @@ def test_the_intake_keeps_late_updates_apart_for_the_optimizer(tmp_path: Path) -
             torch.testing.assert_close(got["w"], expected[late])
     finally:
         agg.close()
+
+
+def test_a_late_update_moves_the_model_but_not_the_momentum(share: Path) -> None:
+    """Round 1 closes on a quorum of a and b; c's round-1 update arrives while round 2 is open and is folded into it.
+    The new model is Nesterov's step from the whole aggregate, the momentum it keeps the on-time aggregate's."""
+    s = Share(share)
+    for w in (*WORKERS, "c"):
+        register_worker(s, w)
+    proc = start("coordinator", "--share", str(share), "--rounds", "2", "--set", "min_workers=3", "--set", "quorum=2",
+                 "--set", "server_optimizer=nesterov", "--set", "late_policy=fold", "--set", "worker_timeout=300",
+                 "--set", "eval_samples=64")
+    with killed_on_error(proc):
+        wait_until(lambda: s.exists(s.assignment(1)), 60, "round 1")
+        a1 = parse(Assignment, s.read_yaml(s.assignment(1)), "a1")
+        for w in WORKERS:
+            submit_update(s, a1, w, _delta(s, a1, w), samples=100)
+        wait_until(lambda: s.exists(s.assignment(2)), 60, "round 2")
+        late = {k: v * 3 for k, v in _delta(s, a1, "b").items()}
+        submit_update(s, a1, "c", late, samples=200)
+        time.sleep(2.0)  # the coordinator takes the late update in (on its file event) before the round's own arrive
+        a2 = parse(Assignment, s.read_yaml(s.assignment(2)), "a2")
+        own = {w: _delta(s, a2, w) for w in WORKERS}
+        for w in WORKERS:
+            submit_update(s, a2, w, own[w], samples=100)
+        out = finish(proc, timeout=120)
+    assert proc.returncode == 0, out
+    s2 = parse(Summary, s.read_yaml(s.summary(2)), "s2")
+    assert [(x.worker, x.outcome) for x in s2.late] == [("c", "folded")], s2.late
+    s1 = parse(Summary, s.read_yaml(s.summary(1)), "s1")
+    base = load_verified(s, s.global_model(2), a2.model)
+    before = load_verified(s, s.server_state(1), s1.server_state)
+    weight = 200 * 2 ** -0.5
+    on_time = {k: (own["a"][k].double() + own["b"][k].double()) / 2 for k in base}
+    whole = {k: (100 * own["a"][k].double() + 100 * own["b"][k].double() + weight * late[k].double())
+             / (200 + weight) for k in base}
+    parameters = frozenset(k.removeprefix("m/") for k in before)
+    opt = make_optimizer(ServerSettings("nesterov"), parameters)
+    want_model, want_state = opt.step(base, {k: v.float() for k, v in whole.items()}, before,
+                                      {k: v.float() for k, v in on_time.items()})
+    got_model = load_verified(s, s.final_model, s2.model)
+    got_state = load_verified(s, s.server_state(2), s2.server_state)
+    for k in parameters:
+        torch.testing.assert_close(got_model[k], want_model[k], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got_state[f"m/{k}"], want_state[f"m/{k}"], rtol=1e-5, atol=1e-6)
+    carried_late = opt.step(base, {k: v.float() for k, v in whole.items()}, before)[1]
+    assert any(not torch.allclose(got_state[k], carried_late[k]) for k in got_state)
