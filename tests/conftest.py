@@ -43,17 +43,6 @@ if "PYTEST_XDIST_WORKER" in os.environ or "FEDSYNC_KEY_DIR" not in os.environ:
     os.environ["FEDSYNC_KEY_DIR"] = tempfile.mkdtemp(prefix="fedsync-test-keys-")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
-# The longest test files (docs/BENCHMARKS.md lists the suite's slowest tests), run first: pytest-xdist hands out
-# whole files (--dist loadfile) in collection order, and a long file handed out last keeps one worker busy while the
-# other has nothing left to do.
-LONGEST_FIRST = ("test_syncthing.py", "test_faults.py", "test_bad_files.py", "test_e2e.py", "test_liveness.py",
-                 "test_runs.py", "test_share_trouble.py", "test_imagefolder.py")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))  # stable: the rest keep their order
-
 
 def worker_identity(name: str) -> Identity:
     """The key a worker process named `name` would use on this machine (created on first use)."""

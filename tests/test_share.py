@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fedsync.base.errors import ShareError
 from fedsync.storage import local
 from fedsync.storage.local import atomic_write
 from fedsync.storage.markers import (
@@ -60,6 +61,13 @@ def test_reader_name_rules() -> None:
     for bad in ("../x", "", ".hidden", "a/b", "x" * 65):
         with pytest.raises(ValueError):
             check_worker_name(bad)
+
+
+@pytest.mark.parametrize("url", ["s3://bucket/run", "gs://b/p", "https://host/share"])
+def test_a_url_is_refused_as_a_share_and_a_drive_letter_is_not(url: str, tmp_path: Path) -> None:
+    with pytest.raises(ShareError, match=f"share {url} is a URL; a share is a folder"):
+        Share(Path(url))
+    assert Share(Path("C:/fed")).root == Path("C:/fed")  # a Windows drive, or a folder named C: here
 
 
 def test_share_layout_names() -> None:

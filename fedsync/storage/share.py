@@ -4,10 +4,12 @@ Store. Knows nothing of training."""
 from __future__ import annotations
 
 import errno
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from fedsync.base.errors import ShareError
 from fedsync.storage import names
 from fedsync.storage.hashing import hash_bytes
 from fedsync.storage.local import LocalStore
@@ -17,6 +19,7 @@ from fedsync.storage.store import Entry, Signature, Store, read_upto
 from fedsync.storage.yamlfile import MAX_YAML_BYTES, dump_yaml, parse_yaml
 
 T = TypeVar("T")
+URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")  # s3://, gs://, https://: a scheme of two letters or more (not C:/)
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,10 @@ class Share:
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
         if self.store is None:
+            if URL.match(str(self.root)):  # Path() has already folded its '//' into '/'
+                raise ShareError(f"share {str(self.root).replace(':/', '://', 1)} is a URL; a share is a folder (a "
+                                 "local disk, an NFS, SMB or sshfs mount, a Syncthing folder): object stores are not "
+                                 "supported yet")
             object.__setattr__(self, "store", LocalStore(self.root))
 
     # -- names (fedsync/storage/names.py) ------------------------------------------------------------------
