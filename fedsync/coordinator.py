@@ -337,7 +337,7 @@ class Coordinator:
                     self.log(f"WARNING: worker {name} trains on the CPU although it has a GPU: "
                              f"{info.device_fallback}")
             self.trust.refresh()
-            live = [w for w in self.liveness.live() if self.trust.admit(w) and self._equipped(w)]
+            live = [w for w in self.trust.admit_all(self.liveness.live()) if self._equipped(w)]
             if len(live) >= self.cfg.min_workers:
                 return live
             if not announced:
@@ -408,8 +408,7 @@ class Coordinator:
             while True:
                 try:
                     self.liveness.scan()
-                    for w in self.liveness.live():
-                        self.trust.admit(w)  # a changed or unapproved key is said when it appears, not next round
+                    self.trust.admit_all(self.liveness.live())  # a changed or unapproved key is said when it appears
                     if self.trust.refresh():  # a key approved: updates waiting on it are judged again
                         intake.recheck()
                         late.recheck()

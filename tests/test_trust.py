@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from fedsync.base.errors import TrustError
+from fedsync.run import trust as trust_module
 from fedsync.run.config import load_config
 from fedsync.run.start import open_run
 from fedsync.run.trust import Trust, read_trust
@@ -143,3 +144,25 @@ def test_an_update_counts_only_when_signed_by_the_trusted_key_for_this_round(tmp
     registered["w1"] = forger.public  # w1 comes back with another key and signs with it
     assert reason(MARKER, forger) == "untrusted_key"
     assert not trust.admit("w1")  # and gets no work until a person approves the new key
+
+
+def test_workers_seen_together_are_pinned_in_one_amendment_of_trust_yaml(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pinning one worker at a time rewrote trust.yaml (which grows with the workers) once per worker: quadratic in
+    the workers (docs/BENCHMARKS.md, benchmarks/scale_workers.py). Those seen in one scan are pinned together."""
+    share = Share(tmp_path / "share")
+    coordinator = load_identity(tmp_path / "c.pem")[0]
+    run_id = open_run(share, load_config("digits"), "coordinator", coordinator.public).run_id
+    keys = {f"w{i}": load_identity(tmp_path / f"w{i}.pem")[0].public for i in range(5)}
+    keys["nokey"] = None  # type: ignore[assignment]  # registered without a key: no work, nothing pinned
+    amendments: list[int] = []
+    real = trust_module.amend_trust
+    monkeypatch.setattr(trust_module, "amend_trust", lambda *a: amendments.append(1) or real(*a))
+    said: list[str] = []
+    trust = Trust(share, run_id, coordinator, "tofu", keys.get, said.append)
+    assert trust.admit_all(sorted(keys)) == sorted(k for k in keys if k != "nokey")
+    assert len(amendments) == 1
+    entries = read_trust(share, run_id, coordinator.public)
+    assert {n: e.key for n, e in entries.items()} == {n: k for n, k in keys.items() if k}
+    assert trust.admit_all(sorted(keys)) and len(amendments) == 1  # known now: nothing written again
+    assert sum("pinned its key" in line for line in said) == 5
