@@ -106,7 +106,7 @@ def run(cfg: RunConfig, setup: Setup, attack: Attack | None, rounds: int, clip_n
             cands = [Candidate(f"w{i}", f"{r}-w{i}.safetensors",
                                save_state(store.write, f"{r}-w{i}.safetensors", d), float(samples[i]), r)
                      for i, d in enumerate(deltas)]
-            agg = Aggregator(layout_of(state), store)
+            agg = Aggregator(layout_of(state), store, round=r)
             try:
                 agg.take(cands)
                 if setup.screen:

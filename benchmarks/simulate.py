@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch.nn.functional as F
 
-from fedsync.aggregation.encoding import NONE, encode
 from fedsync.aggregation.intake import Aggregator, Candidate
 from fedsync.aggregation.optimizers import make_optimizer
 from fedsync.aggregation.rules import make_rule
@@ -28,7 +27,7 @@ from fedsync.learning.partition import partition
 from fedsync.learning.tasks import Task, TaskSettings, get_task
 from fedsync.learning.train import TrainSettings, evaluate, local_train
 from fedsync.run.config import RunConfig
-from fedsync.run.feedback import ErrorFeedback
+from fedsync.run.feedback import ErrorFeedback, encoded_update
 from fedsync.storage.local import LocalStore
 
 DATASETS = ("digits", "digits32")
@@ -87,8 +86,7 @@ def simulate(cfg: RunConfig, dataset: str, workers: int, rounds: int) -> Trace:
                 result = local_train(local, data.train.subset(np.asarray(shard)), settings, "cpu", seed=1000 * r + i)
                 trace.steps += result.steps
                 d = delta(local.state_dict(), state)
-                written = (d if cfg.compression == NONE else feedback[i].encode(r, d, cfg.compression)
-                           if cfg.error_feedback else encode(d, cfg.compression))
+                written = encoded_update(r, d, cfg.compression, feedback[i] if cfg.error_feedback else None)
                 ref = save_state(store.write, f"{r}-w{i}.safetensors", written)
                 candidates.append(Candidate(f"w{i}", f"{r}-w{i}.safetensors", ref, float(result.samples), r,
                                             result.steps, cfg.compression))

@@ -362,8 +362,8 @@ class Coordinator:
                 if e.name.endswith(names.TENSORS_SUFFIX):
                     self.share.remove(names.join(updates, e.name))
             self.share.remove(self.share.global_model(p))
-            if p < last_closed:  # the last closed round's optimizer state is the one the run goes on from
-                self.share.remove(self.share.server_state(p))
+            # never the last closed round's optimizer state, which the run goes on from: keep_rounds >= 2
+            self.share.remove(self.share.server_state(p))
             self.pruned = p
 
     def _server_state(self, summary: Summary) -> dict[str, torch.Tensor]:

@@ -19,7 +19,6 @@ import torch
 from filelock import Timeout
 
 from fedsync import __version__
-from fedsync.aggregation.encoding import NONE, encode
 from fedsync.aggregation.tensors import load_verified, save_state
 from fedsync.base.clock import utc_stamp
 from fedsync.base.errors import DataError, ShareError, TrustError
@@ -34,7 +33,7 @@ from fedsync.learning.partition import hold_out
 from fedsync.learning.tasks import Task
 from fedsync.learning.train import Report, TrainSettings, evaluate, local_train, measure_throughput, place
 from fedsync.run.config import RunConfig, config_from_dict
-from fedsync.run.feedback import ErrorFeedback, residual_dir
+from fedsync.run.feedback import ErrorFeedback, encoded_update, residual_dir
 from fedsync.run.start import check_task
 from fedsync.run.trust import read_trust
 from fedsync.storage import names
@@ -320,7 +319,8 @@ class Worker:
         diverged = _divergence(result.train_loss, update)
         ref = None
         if diverged is None:
-            written = self._encoded(r, update)
+            written = encoded_update(r, update, self.cfg.compression,
+                                     self.feedback if self.cfg.error_feedback else None)
             ref = self.backoff.run(lambda: save_state(self.share.write, self.share.update_tensors(r, self.name),
                                                       written), f"writing the update for round {r}")
             crash_point(f"worker:after-tensors:{r}")
@@ -350,14 +350,6 @@ class Worker:
                  f"{result.samples} examples, {result.samples_per_s:.0f} samples/s) in {trained - evaluated:.2f} s, "
                  f"train loss {result.train_loss:.4f}{held}; assignment to training {ready - seen:.2f} s, training "
                  f"to marker written {written - trained:.2f} s")
-
-    def _encoded(self, r: int, update: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The tensors to write: the update in the run's compression, with what earlier ones lost (error feedback)."""
-        if self.cfg.compression == NONE:
-            return update
-        if not self.cfg.error_feedback:
-            return encode(update, self.cfg.compression)
-        return self.feedback.encode(r, update, self.cfg.compression)
 
     def _progress(self, r: int) -> Report | None:
         """On a terminal, round r's training in one line as it goes: steps, loss, speed, time left."""

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load as st_load
 
-from fedsync.aggregation.encoding import encode, residual
+from fedsync.aggregation.encoding import NONE, encode, residual
 from fedsync.aggregation.tensors import state_bytes
 from fedsync.base.logs import Log
 from fedsync.storage.keys import key_dir
@@ -73,3 +73,14 @@ class ErrorFeedback:
             if started_from is not None and old < started_from:
                 self.path(old).unlink(missing_ok=True)
         return written
+
+
+def encoded_update(r: int, update: Mapping[str, torch.Tensor], encoding: str,
+                   feedback: ErrorFeedback | None) -> Mapping[str, torch.Tensor]:
+    """The tensors a worker writes for round r's update in `encoding`: the update itself for none; with `feedback`
+    (error_feedback: true), the update plus what earlier ones lost, the new residual saved first."""
+    if encoding == NONE:
+        return update
+    if feedback is None:
+        return encode(update, encoding)
+    return feedback.encode(r, update, encoding)
