@@ -99,7 +99,7 @@ def run_coordinator(opts: CoordinatorOptions) -> FinalMarker:
     share = Share(opts.share)
     if opts.rounds < 1:
         raise ConfigError("--rounds must be at least 1")
-    lock = local_lock(share.root, "coordinator")
+    lock = local_lock(share.identity, "coordinator")
     try:
         lock.acquire()
     except Timeout:

@@ -121,7 +121,7 @@ def run_worker(opts: WorkerOptions) -> FinalMarker | None:
     nudge = SyncthingNudge(opts.syncthing, opts.syncthing_key, share.root, log) if opts.syncthing else None
     identity, created = load_identity(opts.key or worker_key_path(name))
     log(f"worker key {identity.path}{' (created now)' if created else ''}: fingerprint {identity.fingerprint}")
-    lock = local_lock(share.root, f"worker-{name}")
+    lock = local_lock(share.identity, f"worker-{name}")
     try:
         lock.acquire()
     except Timeout:

@@ -110,10 +110,10 @@ def share(tmp_path: Path) -> Path:
 
 def register_worker(share: Share, name: str, beat: int = 1, key: Identity | None = None) -> None:
     """Write a worker's registration (a heartbeat when repeated) with its public key, as a worker process would."""
-    write_yaml(share.path(share.worker_file(name)), to_dict(WorkerInfo(
+    share.store.write(share.worker_file(name), dump_yaml(to_dict(WorkerInfo(
         format=FORMAT_VERSION, name=name, host="test-host", fedsync=__version__, torch=str(torch.__version__),
         device="cpu", device_name="CPU", cuda_capability=None, state="idle", round=None, heartbeat=beat,
-        public_key=(key or worker_identity(name)).public)))
+        public_key=(key or worker_identity(name)).public))))
 
 
 def wait_until(check: Callable[[], object], timeout: float, what: str) -> None:
@@ -128,9 +128,9 @@ def submit_update(share: Share, a: Assignment, worker: str, update: dict[str, to
                   samples: int = 100, steps: int = 1) -> FileRef:
     """Write an update and then its marker for round `a.round`, as a worker process does."""
     ref = save_state(share.store.write, share.update_tensors(a.round, worker), update)
-    write_yaml(share.path(share.update_marker(a.round, worker)), signed(UpdateMarker(
+    share.store.write(share.update_marker(a.round, worker), dump_yaml(signed(UpdateMarker(
         format=FORMAT_VERSION, round=a.round, worker=worker, base=a.model.blake3, tensors=ref, samples=samples,
-        steps=steps, train_loss=1.0, seconds=1.0, device="cpu"), a.run_id))
+        steps=steps, train_loss=1.0, seconds=1.0, device="cpu"), a.run_id)))
     return ref
 
 

@@ -4,16 +4,11 @@ so writes made on one side reach the other only through FUSE (no inotify events,
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import time
 from pathlib import Path
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.ports import free_port
 
 
 class SshfsMount:
@@ -21,7 +16,7 @@ class SshfsMount:
 
     def __init__(self, base: Path, source: Path, mountpoint: Path) -> None:
         self.base, self.source, self.mountpoint = base / "sshd", source, mountpoint
-        self.port = _free_port()
+        self.port = free_port()
         self.sshd: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> SshfsMount:

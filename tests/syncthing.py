@@ -4,7 +4,6 @@ folder is watched with fsWatcherDelayS=1 as scripts/setup_syncthing.md recommend
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import time
 import urllib.request
@@ -12,14 +11,11 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.ports import free_port
+
 FOLDER_ID = "fedsync"
 STIGNORE = "// fedsync's temporary files are never whole: do not sync them\n.*.tmp\n"
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _set(parent: ET.Element, tag: str, text: str) -> None:
@@ -70,7 +66,7 @@ class SyncthingPair:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / ".stfolder").mkdir(exist_ok=True)
         (folder / ".stignore").write_text(STIGNORE)
-        return Instance(name, home, folder, device_id, _free_port(), _free_port(), f"fedsync-test-{name}")
+        return Instance(name, home, folder, device_id, free_port(), free_port(), f"fedsync-test-{name}")
 
     def _configure(self, me: Instance, peer: Instance) -> None:
         path = me.home / "config.xml"

@@ -132,14 +132,14 @@ def test_errors_are_one_line_with_their_status(tmp_path: Path) -> None:
         (["worker", "--share", str(tmp_path), "--name", "../evil"], 2, "not allowed"),
         (["status", "--share", str(tmp_path)], 5, "fedsync.yaml"),
         (["coordinator", "--share", str(tmp_path / "s"), "--watch", "sometimes"], 2, "sometimes"),
-        (["coordinator", "--share", "s3://bucket/run"], 5, "share s3://bucket/run is a URL; a share is a folder"),
+        (["coordinator", "--share", "https://host/run"], 5, "share https://host/run: fedsync reads shares from s3://"),
     ]
     with ThreadPoolExecutor(3) as pool:  # each case is a process that starts, fails and exits
         outs = list(pool.map(lambda case: run(*case[0]), cases))
     for (args, status, words), out in zip(cases, outs):
         assert out.returncode == status, (args, out.stdout, out.stderr)
         assert words in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
-    assert not Path("s3:").exists()  # the URL was not taken for a folder name in the current directory
+    assert not Path("https:").exists()  # the URL was not taken for a folder name in the current directory
 
 
 def test_the_demo_runs_its_processes_and_reaches_real_accuracy(share: Path) -> None:

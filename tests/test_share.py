@@ -63,11 +63,20 @@ def test_reader_name_rules() -> None:
             check_worker_name(bad)
 
 
-@pytest.mark.parametrize("url", ["s3://bucket/run", "gs://b/p", "https://host/share"])
-def test_a_url_is_refused_as_a_share_and_a_drive_letter_is_not(url: str, tmp_path: Path) -> None:
-    with pytest.raises(ShareError, match=f"share {url} is a URL; a share is a folder"):
+@pytest.mark.parametrize("url", ["https://host/share", "ftp://host/share", "webdav://host/x"])
+def test_a_url_of_no_object_store_is_refused_and_a_drive_letter_is_a_folder(url: str) -> None:
+    with pytest.raises(ShareError, match=f"share {url}: fedsync reads shares from s3://, gs://, az://"):
         Share(Path(url))
     assert Share(Path("C:/fed")).root == Path("C:/fed")  # a Windows drive, or a folder named C: here
+
+
+def test_an_object_store_url_survives_the_command_line_path() -> None:
+    share = Share(Path("s3://bucket/runs/one"))  # typer hands --share over as a Path: '//' folded to '/'
+    assert share.root == "s3://bucket/runs/one" and not share.is_folder
+    assert share.where("fedsync.yaml") == "s3://bucket/runs/one/fedsync.yaml"
+    assert share.identity == "s3://bucket/runs/one"
+    with pytest.raises(ShareError, match="is an object store: its files have no local path"):
+        share.path("fedsync.yaml")
 
 
 def test_share_layout_names() -> None:

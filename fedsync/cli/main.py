@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from fedsync.base.errors import EXIT_CODES, FedsyncError
+from fedsync.base.errors import EXIT_CODES, FedsyncError, ShareError
 from fedsync.storage.medium import WATCH_MODES, describe_modes
 
 EXIT_HELP = "\n\n".join(f"{code}: {' '.join(text.split())}" for code, text in EXIT_CODES.items())
@@ -23,8 +23,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-ShareOpt = Annotated[Path, typer.Option("--share", help="The shared folder (a local path, mount or synced folder).",
-                                        metavar="DIR")]
+ShareOpt = Annotated[Path, typer.Option(
+    "--share", help="The shared folder (a local path, mount or synced folder), or an object store: s3://bucket/prefix "
+                    "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL for R2, B2 or MinIO), gs://, az://.",
+    metavar="DIR|URL")]
 SyncthingOpt = Annotated[str | None, typer.Option(
     "--syncthing", help="URL of this machine's Syncthing API (e.g. http://127.0.0.1:8384) when SHARE is a "
                         "Syncthing folder: fedsync asks it to scan what it just wrote, saving the watcher delay "
@@ -388,6 +390,9 @@ def main() -> None:
     except FedsyncError as e:
         print(f"fedsync: error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
+    except OSError as e:  # the share (a mount, an object store) refused or could not be reached
+        print(f"fedsync: error: {e}", file=sys.stderr)
+        sys.exit(ShareError.exit_code)
     except KeyboardInterrupt:
         print("fedsync: interrupted", file=sys.stderr)
         sys.exit(130)

@@ -52,7 +52,7 @@ def amend_trust(share: Share, run_id: str, identity: Identity, change: Callable[
     """Read trust.yaml, apply `change`, sign and write it; under a lock of this machine, so the coordinator pinning a
     key and `fedsync trust` approving one never lose each other's change (both need the coordinator's key, so both
     run on its machine)."""
-    with local_lock(share.root, "trust", timeout=30):
+    with local_lock(share.identity, "trust", timeout=30):
         entries = dict(read_trust(share, run_id, identity.public))
         change(entries)
         entries = dict(sorted(entries.items()))

@@ -58,7 +58,7 @@ class Lease:
             time.sleep(min(0.5, self.refresh))
             if self.share.signature(self.share.lease) != seen:
                 now = read_lease(self.share)
-                raise ShareError(f"{self.share.root} is driven by coordinator {(now or other).owner} on host "
+                raise ShareError(f"{self.share.where()} is driven by coordinator {(now or other).owner} on host "
                                  f"{(now or other).host}, which is refreshing its lease: stop it first")
         self.log(f"coordinator {other.owner} on {other.host} did not refresh its lease for "
                  f"{self.timeout:.0f} s: taking over")

@@ -9,13 +9,13 @@ from pathlib import Path
 from filelock import FileLock
 
 
-def local_lock(root: Path, role: str, timeout: float = 0) -> FileLock:
+def local_lock(share_identity: str, role: str, timeout: float = 0) -> FileLock:
     """A lock that stops two processes on this machine acting as the same role on one share.
 
     It lives in the local temp folder, never in the share: file locks are not reliable across machines
     (NFS, SMB and sync tools each behave differently), and a lock file in the share would be synced.
     """
-    key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
+    key = hashlib.sha256(share_identity.encode()).hexdigest()[:16]
     folder = Path(tempfile.gettempdir()) / "fedsync-locks"
     folder.mkdir(parents=True, exist_ok=True)
     return FileLock(str(folder / f"{key}-{role}.lock"), timeout=timeout)

@@ -12,6 +12,8 @@ WATCH_MODES = ("auto", "events", "poll")
 POLLED_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs", "lustre",
                       "davfs", "fuse")
 POLL_INTERVAL_S = 1.0
+# An object store bills each listing request (docs/PROTOCOL.md section 8 says what one poll costs): half as often.
+OBJECT_POLL_INTERVAL_S = 2.0
 
 
 def filesystem_type(path: Path, mountinfo: str | None = None) -> str | None:
@@ -40,7 +42,8 @@ def describe_modes() -> str:
     return (f"How to notice changes: {' | '.join(WATCH_MODES)}. events: inotify (local disks). poll: list the "
             f"share's active folders every {POLL_INTERVAL_S:g} s. auto: poll when the share is on "
             f"{', '.join(POLLED_FILESYSTEMS)} or fuse.* (sshfs, rclone) filesystems, where inotify never sees "
-            "another machine's writes; events otherwise.")
+            f"another machine's writes; events otherwise. An object store (s3://) is always polled, every "
+            f"{OBJECT_POLL_INTERVAL_S:g} s.")
 
 
 def choose_mode(requested: str, path: Path, mountinfo: str | None = None) -> tuple[str, str]:

@@ -26,17 +26,34 @@ URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")  # s3://, gs://, https://: a sch
 class Share:
     """The files of one run, by name, on one Store (a local folder unless another is given)."""
 
-    root: Path
+    root: Path | str  # a folder, or an object store's URL (s3://bucket/prefix)
     store: Store = field(default=None, compare=False)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
+        if URL.match(str(self.root)):
+            # A Path given on the command line has folded the URL's '//' into '/': put it back.
+            url = re.sub(r"^([A-Za-z][A-Za-z0-9+.-]+):/+", r"\1://", str(self.root))
+            object.__setattr__(self, "root", url)
+            if self.store is None:
+                from fedsync.storage.objects import ObjectStore  # obstore loads only for object-store shares
+                try:
+                    object.__setattr__(self, "store", ObjectStore(url))
+                except ValueError as e:
+                    raise ShareError(f"share {e}") from None
+            return
         object.__setattr__(self, "root", Path(self.root))
         if self.store is None:
-            if URL.match(str(self.root)):  # Path() has already folded its '//' into '/'
-                raise ShareError(f"share {str(self.root).replace(':/', '://', 1)} is a URL; a share is a folder (a "
-                                 "local disk, an NFS, SMB or sshfs mount, a Syncthing folder): object stores are not "
-                                 "supported yet")
             object.__setattr__(self, "store", LocalStore(self.root))
+
+    @property
+    def is_folder(self) -> bool:
+        """True for a folder (local, mounted or synced), False for an object store."""
+        return isinstance(self.root, Path)
+
+    @property
+    def identity(self) -> str:
+        """The same string for every way of naming this share on this machine (local locks are keyed by it)."""
+        return str(self.root.resolve()) if isinstance(self.root, Path) else self.root
 
     # -- names (fedsync/storage/names.py) ------------------------------------------------------------------
 
@@ -65,7 +82,9 @@ class Share:
         return self.store.describe(name)
 
     def path(self, name: str = "") -> Path:
-        """A file's local path (local shares only: tests and tools that inspect the folder)."""
+        """A file's local path (folder shares only: tests and tools that inspect the folder)."""
+        if not isinstance(self.root, Path):
+            raise ShareError(f"{self.root} is an object store: its files have no local path")
         return self.root / name if name else self.root
 
     # -- reading -------------------------------------------------------------------------------------------

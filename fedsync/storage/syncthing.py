@@ -19,7 +19,9 @@ KEY_ENV = "FEDSYNC_SYNCTHING_KEY"
 
 
 class SyncthingNudge:
-    def __init__(self, url: str, key: str | None, share: Path, log: Log) -> None:
+    def __init__(self, url: str, key: str | None, share: Path | str, log: Log) -> None:
+        if not isinstance(share, Path):
+            raise ShareError(f"--syncthing asks a Syncthing to rescan a folder; {share} is an object store")
         self.url, self.share, self.log = url.rstrip("/"), share.resolve(), log
         self.key = key or os.environ.get(KEY_ENV)
         if not self.key:

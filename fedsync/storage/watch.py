@@ -17,8 +17,9 @@ from types import TracebackType
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
+from fedsync.base.errors import ConfigError
 from fedsync.storage import names
-from fedsync.storage.medium import POLL_INTERVAL_S, choose_mode
+from fedsync.storage.medium import OBJECT_POLL_INTERVAL_S, POLL_INTERVAL_S, choose_mode
 from fedsync.storage.share import Share
 
 POLLED_ROUNDS = 3  # the newest round folders a poller looks into (late updates are at most this old)
@@ -52,29 +53,27 @@ class _Poller(threading.Thread):
         self.stopping = threading.Event()
         self.previous: frozenset[tuple[object, ...]] | None = None
 
-    def folders(self) -> list[str]:
-        try:
-            rounds = self.share.rounds()[-POLLED_ROUNDS:]
-        except OSError:
-            rounds = []
-        out = ["", names.WORKERS]
-        for r in rounds:
-            out += [names.round_dir(r), names.updates_dir(r)]
-        return out
-
     def snapshot(self) -> frozenset[tuple[object, ...]]:
+        """What the active folders hold: the share's top (which names the rounds), workers/, and the newest
+        rounds with their updates/ (one listing request each on an object store)."""
         seen: list[tuple[object, ...]] = []
-        for folder in self.folders():
-            try:
-                entries = self.share.list(folder)
-            except OSError:
-                continue  # absent for now, or the share hiccupped: the next poll looks again
-            for e in entries:
-                if names.is_temporary(e.name):
-                    continue
-                # a folder's own signature moves with every temporary file in it: its name is what counts
-                seen.append((folder, e.name) if e.folder else (folder, e.name, e.signature))
+        top = self._listed("", seen)
+        newest = sorted(int(n) for n in top if names.ROUND_DIR.match(n))[-POLLED_ROUNDS:]
+        for folder in [names.WORKERS] + [f for r in newest for f in (names.round_dir(r), names.updates_dir(r))]:
+            self._listed(folder, seen)
         return frozenset(seen)
+
+    def _listed(self, folder: str, seen: list[tuple[object, ...]]) -> list[str]:
+        try:
+            entries = self.share.list(folder)
+        except OSError:
+            return []  # absent for now, or the share hiccupped: the next poll looks again
+        for e in entries:
+            if names.is_temporary(e.name):
+                continue
+            # a folder's own signature moves with every temporary file in it: its name is what counts
+            seen.append((folder, e.name) if e.folder else (folder, e.name, e.signature))
+        return [e.name for e in entries if e.folder]
 
     def run(self) -> None:
         while not self.stopping.wait(self.interval):
@@ -87,13 +86,20 @@ class _Poller(threading.Thread):
 class ShareWatcher:
     """`with ShareWatcher(share) as w: ... w.wait(seconds)` returns early when something in the share changed."""
 
-    def __init__(self, share: Share, mode: str = "auto", poll_interval: float = POLL_INTERVAL_S) -> None:
+    def __init__(self, share: Share, mode: str = "auto", poll_interval: float | None = None) -> None:
         self.share = share
-        self.mode, self.why = choose_mode(mode, share.root)
+        if isinstance(share.root, Path):
+            self.mode, self.why = choose_mode(mode, share.root)
+        elif mode == "events":
+            raise ConfigError(f"--watch events needs a folder: {share.root} is an object store, which only listing "
+                             "sees (--watch poll or auto)")
+        else:
+            self.mode, self.why = "poll", f"{share.root} is an object store: listing by prefix is the only way"
         self.changed = threading.Event()
         self.poller: _Poller | None = None
         self.observer = None
         if self.mode == "poll":
+            poll_interval = poll_interval or (POLL_INTERVAL_S if share.is_folder else OBJECT_POLL_INTERVAL_S)
             self.poller = _Poller(share, self.changed, poll_interval)
             self.describe = f"polling every {poll_interval:g} s ({self.why})"
         else:

@@ -1,0 +1,130 @@
+"""A share in an object store (docs/PROTOCOL.md section 8), against a real S3-compatible server on 127.0.0.1: the Store
+operations, and a whole run of real fedsync processes through it (a coordinator killed and restarted, a bad update,
+`fedsync verify`)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+
+import pytest
+
+from fedsync.storage.hashing import hash_bytes
+from fedsync.storage.markers import Assignment, FinalMarker, Summary, parse
+from fedsync.storage.share import Share
+from fedsync.storage.store import OversizeError, read_upto
+from tests.conftest import (
+    finish,
+    killed_on_error,
+    register_worker,
+    run,
+    start,
+    submit_update,
+    wait_until,
+)
+from tests.ports import free_port
+from tests.s3 import S3Server, use_in_this_process
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[S3Server]:
+    saved = dict(os.environ)
+    with S3Server() as server:
+        use_in_this_process(server)
+        yield server
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def test_the_store_operations_on_a_real_s3_server(s3: S3Server) -> None:
+    share = Share(s3.url("ops"))
+    store = share.store
+    assert store.list("") == [] and store.signature("a/b.yaml") is None and not store.exists("a/b.yaml")
+    store.write("0001/updates/w1.yaml", b"one")
+    store.write("0001/global.safetensors", b"model")
+    store.make_folder("0002")  # nothing to do on a store: a folder is the prefix of its objects
+    assert {(e.name, e.folder) for e in store.list("")} == {("0001", True)}
+    assert {(e.name, e.folder) for e in store.list("0001")} == {("updates", True), ("global.safetensors", False)}
+    first = store.signature("0001/updates/w1.yaml")
+    store.write("0001/updates/w1.yaml", b"two")  # a heartbeat rewrites its object: the signature must move
+    assert store.signature("0001/updates/w1.yaml") not in (None, first)
+    assert store.read("0001/updates/w1.yaml", 10) == b"two"
+    with pytest.raises(OversizeError, match="over the 2-byte limit"):
+        store.read("0001/updates/w1.yaml", 2)
+    with pytest.raises(FileNotFoundError):
+        store.read("0001/none.yaml", 10)
+    store.remove("0001")
+    assert store.list("") == [] and not store.exists("0001/global.safetensors")
+
+
+def test_a_large_object_goes_up_in_parts_and_reads_back_in_pieces_and_seeks(s3: S3Server) -> None:
+    store = Share(s3.url("big")).store
+    data = os.urandom(13 << 20)  # over obstore's 5 MiB part size: a multipart upload
+    store.write("u.safetensors", data)
+    etag, size = store.signature("u.safetensors")
+    assert size == len(data) and etag.rstrip('"').endswith("-3")  # S3's ETag of a 3-part upload
+    with store.open("u.safetensors") as f:
+        assert f.size == len(data)
+        buf = bytearray(len(data))
+        assert read_upto(f, memoryview(buf)[: 5 << 20]) == 5 << 20
+        assert read_upto(f, memoryview(buf)[5 << 20:]) == len(data) - (5 << 20)
+        assert hash_bytes(bytes(buf)) == hash_bytes(data)
+        f.seek(9 << 20)  # a coordinate-wise rule reads slices out of order
+        piece = bytearray(1000)
+        assert read_upto(f, memoryview(piece)) == 1000 and bytes(piece) == data[9 << 20: (9 << 20) + 1000]
+        f.seek(17)
+        assert read_upto(f, memoryview(piece)) == 1000 and bytes(piece) == data[17:1017]
+
+
+def test_an_object_replaced_while_it_is_read_fails_the_read_instead_of_mixing_versions(s3: S3Server) -> None:
+    store = Share(s3.url("replaced")).store
+    store.write("u.safetensors", b"a" * 100)
+    with store.open("u.safetensors") as f:
+        store.write("u.safetensors", b"b" * 100)
+        with pytest.raises(OSError, match="PreconditionError"):
+            read_upto(f, memoryview(bytearray(100)))
+
+
+def test_an_unreachable_store_and_events_on_a_store_are_one_line_errors(s3: S3Server) -> None:
+    nobody = {**s3.env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}
+    out = run("status", "--share", s3.url("run"), env=nobody, timeout=60)
+    assert out.returncode == 5 and "fedsync: error:" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    out = run("status", "--share", "s3://fedsync-no-such-bucket/run", env=s3.env, timeout=60)
+    assert out.returncode == 5 and "404" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    out = run("worker", "--share", s3.url("run"), "--watch", "events", "--wait-for-run", "1", env=s3.env,
+              timeout=60)
+    assert out.returncode == 3 and "is an object store, which only listing sees" in out.stderr, out.stderr
+
+
+def test_a_run_through_the_object_store_survives_a_killed_coordinator_and_a_bad_update(s3: S3Server) -> None:
+    url = s3.url("run")
+    share = Share(url)
+    coord_args = ["coordinator", "--share", url, "--rounds", "3", "--set", "min_workers=3", "--set", "quorum=2",
+                  "--set", "worker_timeout=120"]
+    register_worker(share, "bad")  # the test's own worker: it is assigned a shard and sends damage in round 2
+    coord = start(*coord_args, fault="coordinator:after-summary:1", env=s3.env)
+    workers = [start("worker", "--share", url, "--name", w, "--device", "cpu", env=s3.env) for w in ("w1", "w2")]
+    with killed_on_error(coord, *workers):
+        out = finish(coord, timeout=120)
+        assert coord.returncode == -signal.SIGKILL, out  # killed right after round 1's summary
+        assert share.exists(share.summary(1)) and not share.exists(share.summary(2)), out
+        coord = start(*coord_args, env=s3.env)
+        wait_until(lambda: share.exists(share.assignment(2)), 60, "round 2 to open after the restart")
+        a2 = parse(Assignment, share.read_yaml(share.assignment(2)), "assignment")
+        assert "bad" in a2.workers
+        ref = submit_update(share, a2, "bad", {}, samples=10)  # a marker for an update that is not the model's
+        assert ref.bytes > 0
+        out = finish(coord, timeout=120) + "".join(finish(w, timeout=60) for w in workers)
+    assert coord.returncode == 0 and "Traceback" not in out, out
+    final = parse(FinalMarker, share.read_yaml(share.final_marker), "final")
+    assert final.round == 3 and final.test_accuracy > 0.9, final
+    s2 = parse(Summary, share.read_yaml(share.summary(2)), "summary")
+    assert [(x.worker, x.reason) for x in s2.rejected] == [("bad", "missing_tensor")], s2.rejected
+    assert sorted(x.worker for x in s2.accepted) == ["w1", "w2"]
+    checked = run("verify", "--share", url, env=s3.env, timeout=60)
+    assert checked.returncode == 0 and "0 error(s)" in checked.stdout, checked.stdout + checked.stderr
+    # a person (or a damaged sync) changes an accepted update: verify names it
+    share.store.write(share.update_tensors(1, "w1"), b"not the update")
+    checked = run("verify", "--share", url, env=s3.env, timeout=60)
+    assert checked.returncode == 8 and "0001/updates/w1.safetensors" in checked.stdout, checked.stdout
