@@ -1,6 +1,6 @@
-"""A share in an object store (docs/PROTOCOL.md section 8), against a real S3-compatible server on 127.0.0.1: the Store
-operations, and a whole run of real fedsync processes through it (a coordinator killed and restarted, a bad update,
-`fedsync verify`)."""
+"""A share in an object store (docs/PROTOCOL.md section 4, "On an object store"), against a real S3-compatible
+server on 127.0.0.1: the Store operations, and a whole run of real fedsync processes through it (a coordinator
+killed and restarted, a bad update, `fedsync verify`)."""
 
 from __future__ import annotations
 

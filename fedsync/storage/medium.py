@@ -12,7 +12,8 @@ WATCH_MODES = ("auto", "events", "poll")
 POLLED_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs", "lustre",
                       "davfs", "fuse")
 POLL_INTERVAL_S = 1.0
-# An object store bills each listing request (docs/PROTOCOL.md section 8 says what one poll costs): half as often.
+# An object store bills each listing request, so it is polled half as often (docs/PROTOCOL.md section 4, "On an
+# object store", says what one poll costs).
 OBJECT_POLL_INTERVAL_S = 2.0
 
 

@@ -4,7 +4,7 @@ gs:// and az://, through obstore (the Rust object_store crate; docs/DESIGN.md, "
 An object is whole once its PUT completes, so there are no temporary names and no renames; a large object goes up
 as a multipart upload, which the store shows only once it is complete. A change signature is (ETag, size). Folders
 do not exist: a "folder" is the common prefix of its objects, listed by prefix with a delimiter
-(docs/PROTOCOL.md, section 8).
+(docs/PROTOCOL.md, section 4, "On an object store").
 """
 
 from __future__ import annotations
