@@ -25,23 +25,25 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 DEFAULT_DELAY_ROUNDS = 4  # rounds of the run with Syncthing's default watcher delay (about 20 s each)
 
 
-def run(coord_share: Path, worker_shares: list[Path], rounds: int, apis: dict[Path, list[str]] | None = None,
-        settings: tuple[str, ...] = ()) -> list[float]:
+def run(coord_share: Path | str, worker_shares: list[Path] | list[str], rounds: int,
+        apis: dict[Path, list[str]] | None = None, settings: tuple[str, ...] = (),
+        env: dict[str, str] | None = None) -> list[float]:
     """A whole run; `apis` maps a share copy to the --syncthing options of the processes using it; `settings` are
-    more coordinator options (--config, --set)."""
-    def extra(share: Path) -> list[str]:
-        return (apis or {}).get(share, [])
+    more coordinator options (--config, --set); `env` more variables (an object store's endpoint)."""
+    environ = {**ENV, **(env or {})}
+    def extra(share: Path | str) -> list[str]:
+        return (apis or {}).get(share, [])  # type: ignore[call-overload]
 
     procs = [subprocess.Popen(FEDSYNC + ["coordinator", "--share", str(coord_share), "--rounds", str(rounds),
                                          "--set", "min_workers=2", *settings, *extra(coord_share)],
-                              env=ENV, stdout=subprocess.DEVNULL)]
+                              env=environ, stdout=subprocess.DEVNULL)]
     procs += [subprocess.Popen(FEDSYNC + ["worker", "--share", str(s), "--name", f"w{i}", "--device", "cpu",
-                                          "--wait-for-run", "120", *extra(s)], env=ENV, stdout=subprocess.DEVNULL)
+                                          "--wait-for-run", "120", *extra(s)], env=environ, stdout=subprocess.DEVNULL)
               for i, s in enumerate(worker_shares, 1)]
     for p in procs:
         if p.wait(timeout=600) != 0:
             raise SystemExit(f"{p.args[3]} failed")
-    share = Share(coord_share)
+    share = Share(coord_share)  # type: ignore[arg-type]
     return [parse(Summary, share.read_yaml(share.summary(r)), "s").seconds for r in range(2, rounds + 1)]
 
 

@@ -21,8 +21,9 @@ BUCKET = "fedsync-test"
 class S3Server:
     """`with S3Server() as s3:` runs the server until the block ends; `s3.env` is what a fedsync process needs."""
 
-    def __init__(self) -> None:
-        self.port = free_port()
+    def __init__(self, log: Path | None = None) -> None:
+        """`log`: a file for the server's request log (one line per request), to count what a run costs."""
+        self.port, self.log = free_port(), log
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.env = {"AWS_ACCESS_KEY_ID": "fedsync-test", "AWS_SECRET_ACCESS_KEY": "fedsync-test-secret",
                     "AWS_ENDPOINT_URL": self.endpoint, "AWS_REGION": "us-east-1"}
@@ -32,8 +33,9 @@ class S3Server:
         server = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
         if server is None:
             missing("needs moto's S3 server: pip install 'moto[server]' (requirements.txt has it)")
-        self.proc = subprocess.Popen([server, "-H", "127.0.0.1", "-p", str(self.port)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
+        out = open(self.log, "wb") if self.log else subprocess.DEVNULL  # noqa: SIM115 - the server keeps it
+        self.proc = subprocess.Popen([server, "-H", "127.0.0.1", "-p", str(self.port)], stdout=out,
+                                     stderr=subprocess.STDOUT)
         end = time.monotonic() + 30
         while True:
             try:
