@@ -5,20 +5,52 @@ from __future__ import annotations
 import math
 
 import pytest
+import yaml
 
+from fedsync.storage import yamlfile
 from fedsync.storage.markers import MarkerError, UpdateMarker, parse
 from fedsync.storage.yamlfile import dump_yaml, parse_yaml
 
+# libyaml's parser where PyYAML has it (as in every wheel), PyYAML's Python one otherwise: both must read alike
+LOADERS = [yamlfile._Loader, yamlfile._PythonLoader]
 
-def test_plain_scalars_follow_the_yaml_1_2_core_schema() -> None:
+
+def test_the_fast_parser_is_the_one_in_use() -> None:
+    assert yamlfile._Parser is not None and yamlfile._Loader is not yamlfile._PythonLoader
+
+
+@pytest.mark.parametrize("loader", LOADERS, ids=["libyaml", "python"])
+def test_plain_scalars_follow_the_yaml_1_2_core_schema(loader: type) -> None:
     doc = parse_yaml(b"a: 5e-05\nb: 1E3\nc: 012\nd: yes\ne: 0x1F\nf: .inf\ng: ~\nh: 2026-11-23\ni: -.5\nj: 0o17\n"
-                     b"k: True\nl:\nm: 1_000\nn: +12\no: .NaN\np: on\nq: 1.\n")
+                     b"k: True\nl:\nm: 1_000\nn: +12\no: .NaN\np: on\nq: 1.\nr: '5'\ns: !!int '7'\n", loader)
     nan = doc.pop("o")
     assert math.isnan(nan)
     assert doc == {"a": 5e-05, "b": 1000.0, "c": 12, "d": "yes", "e": 31, "f": math.inf, "g": None,
                    "h": "2026-11-23", "i": -0.5, "j": 15, "k": True, "l": None, "m": "1_000", "n": 12, "p": "on",
-                   "q": 1.0}
+                   "q": 1.0, "r": "5", "s": 7}
     assert isinstance(doc["b"], float) and isinstance(doc["c"], int)
+
+
+@pytest.mark.parametrize("loader", LOADERS, ids=["libyaml", "python"])
+@pytest.mark.parametrize("doc", [b"a: &x 1\nb: *x\n", b"a: &a [x,x]\nb: &b [*a,*a]\nc: [*b,*b]\n", b"r: &r [*r]\n",
+                                 b"- &m {k: 1}\n- *m\n"])
+def test_aliases_are_refused_before_anything_is_expanded(loader: type, doc: bytes) -> None:
+    with pytest.raises(yaml.YAMLError, match="alias"):
+        parse_yaml(doc, loader)
+
+
+@pytest.mark.parametrize("loader", LOADERS, ids=["libyaml", "python"])
+def test_an_anchor_alone_empty_and_many_documents(loader: type) -> None:
+    assert parse_yaml(b"a: &x [1]\n", loader) == {"a": [1]}  # an anchor nothing refers to is harmless
+    assert parse_yaml(b"", loader) is None
+    with pytest.raises(yaml.YAMLError, match="single document"):
+        parse_yaml(b"x: 1\n--- \ny: 2\n", loader)
+
+
+def test_libyaml_writes_what_python_writes() -> None:
+    doc = {"a": 1e-05, "b": math.inf, "c": "yes", "d": None, "e": [1, {"x": "é—ü"}], "f": "multi\nline", "g": "012",
+           "h": {}, "i": [], "j": "a: b"}
+    assert dump_yaml(doc) == yaml.safe_dump(doc, sort_keys=False, allow_unicode=True).encode()
 
 
 def test_what_fedsync_writes_reads_back_the_same() -> None:
