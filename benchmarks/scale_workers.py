@@ -8,14 +8,18 @@ under each worker's name). They train nothing, so what is measured is the coordi
 written to the round's summary (listing, checking markers and signatures, reading, hashing and adding updates,
 aggregating, writing), its CPU seconds and peak memory, and the round's own timings from summary.yaml.
 
-The model is the digits task's digits_cnn (0.15 M parameters, a 608 KB update): the issue's 1 M-parameter figure
-needs a task with that model, not measured here.
+The model is one of the digits task's: digits_cnn (0.15 M parameters, a 608 KB update) or digits_mlp (1.13 M
+parameters, 4.5 MB). `--spread S` has the workers' updates arrive spread evenly over S seconds, as workers that
+finish training at different times do; with 0 (the default) they all arrive as fast as one process can write them,
+and the time after the last marker is then mostly the backlog the coordinator has not read yet.
 
-Usage: python benchmarks/scale_workers.py [ROUNDS] [N ...]   (default 3 rounds; 10 100 1000 workers)
+Usage: python benchmarks/scale_workers.py [--model M] [--spread S] [ROUNDS] [N ...]
+       (default digits_cnn, spread 0, 3 rounds; 10 100 1000 workers)
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import subprocess
@@ -54,12 +58,13 @@ HEARTBEAT = 5.0
 class Fleet:
     """N simulated workers answering every round of one run."""
 
-    def __init__(self, share: Share, n: int, keys: Path) -> None:
+    def __init__(self, share: Share, n: int, keys: Path, model: str, spread: float) -> None:
         self.share, self.stop = share, threading.Event()
         self.ids: dict[str, Identity] = {f"w{i:04d}": load_identity(keys / f"w{i:04d}.pem")[0] for i in range(n)}
         self.beat = 0
         delta = {k: (torch.randn(v.shape) * 1e-3).to(v.dtype) if v.is_floating_point() else torch.zeros_like(v)
-                 for k, v in build_model("digits_cnn", 10).state_dict().items()}
+                 for k, v in build_model(model, 10).state_dict().items()}
+        self.gap = spread / n  # seconds between two workers' updates
         self.update = state_bytes(delta)
         self.ref = hash_bytes(self.update)
         self.last_marker: dict[int, float] = {}  # round -> when its last marker was written (monotonic)
@@ -82,7 +87,9 @@ class Fleet:
                 if self.stop.wait(0.02):
                     return
             a = parse(Assignment, self.share.read_yaml(self.share.assignment(r)), "assignment")
-            for name in sorted(a.workers):
+            for i, name in enumerate(sorted(a.workers)):
+                if i and self.gap and self.stop.wait(self.gap):
+                    return
                 tensors = self.share.update_tensors(r, name)
                 self.share.write(tensors, self.update)
                 m = UpdateMarker(format=FORMAT_VERSION, round=r, worker=name, base=a.model.blake3,
@@ -102,7 +109,7 @@ def _proc_stats(pid: int) -> tuple[float, int]:
     return cpu, peak
 
 
-def measure(n: int, rounds: int) -> dict[str, float]:
+def measure(n: int, rounds: int, model: str, spread: float) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
         share = Share(t / "share")
@@ -111,11 +118,14 @@ def measure(n: int, rounds: int) -> dict[str, float]:
         coord = subprocess.Popen(FEDSYNC + ["coordinator", "--share", str(share.root), "--rounds", str(rounds),
                                             "--set", f"min_workers={n}", "--set", "worker_timeout=600",
                                             "--set", "round_timeout=600", "--set", f"eval_every={rounds}",
-                                            "--set", "eval_samples=64"],
+                                            "--set", "eval_samples=64", "--set", f"model={model}",
+                                            "--set", "keep_rounds=3"],
                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         while not share.exists(share.manifest):
+            if coord.poll() is not None:
+                raise SystemExit(f"the coordinator with {n} workers exited {coord.returncode} before the run began")
             time.sleep(0.05)
-        fleet = Fleet(share, n, t / "worker-keys")
+        fleet = Fleet(share, n, t / "worker-keys", model, spread)
         fleet.register()
         beating = threading.Thread(target=fleet.heartbeats, daemon=True)
         beating.start()
@@ -145,15 +155,22 @@ def measure(n: int, rounds: int) -> dict[str, float]:
                 "accepted": min(len(s.accepted) for s in summaries), "cpu": cpu, "peak": peak / 2**20}
 
 
-def main(rounds: int = 3, sizes: tuple[int, ...] = (10, 100, 1000)) -> None:
+def main(rounds: int, sizes: list[int], model: str, spread: float) -> None:
+    print(f"model {model}, updates spread over {spread:g} s, {rounds} rounds")
     print("| workers | last marker to summary (median, rounds 2..) | final intake | aggregate | accepted | "
           "coordinator CPU s (whole run) | peak RSS MiB |")
     print("|---|---|---|---|---|---|---|")
     for n in sizes:
-        m = measure(n, rounds)
+        m = measure(n, rounds, model, spread)
         print(f"| {n} | {m['latency']:.2f} s | {m['intake']:.2f} s | {m['aggregate']:.3f} s | {m['accepted']:.0f} | "
               f"{m['cpu']:.1f} | {m['peak']:.0f} |", flush=True)
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 3, tuple(int(a) for a in sys.argv[2:]) or (10, 100, 1000))
+    cli = argparse.ArgumentParser(description="A real coordinator against N simulated workers.")
+    cli.add_argument("--model", default="digits_cnn", choices=["digits_cnn", "digits_mlp"])
+    cli.add_argument("--spread", type=float, default=0.0, help="seconds over which a round's updates arrive")
+    cli.add_argument("rounds", type=int, nargs="?", default=3)
+    cli.add_argument("sizes", type=int, nargs="*", default=[10, 100, 1000])
+    args = cli.parse_args()
+    main(args.rounds, args.sizes, args.model, args.spread)

@@ -44,6 +44,14 @@ def digits_cnn(num_classes: int) -> nn.Module:
     )
 
 
+@register("digits_mlp")
+def digits_mlp(num_classes: int) -> nn.Module:
+    """A wide MLP for 1x8x8 digits (1.13 M parameters, a 4.5 MB update): the same task at the size where a
+    coordinator's per-update costs show (benchmarks/scale_workers.py)."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
+                         nn.Linear(1024, num_classes))
+
+
 @register("resnet18_cifar")
 def resnet18_cifar(num_classes: int, channels: int = 3) -> nn.Module:
     """ResNet-18 for 32x32 inputs: a 3x3 stride-1 stem and no max-pool, as usual for CIFAR (11.2 M params)."""
