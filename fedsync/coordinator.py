@@ -89,6 +89,9 @@ class CoordinatorOptions:
     log: Log = field(default_factory=lambda: make_log("coordinator"))
 
 
+SCAN_SHARE = 0.5  # the most of a collecting coordinator's time that rescanning the share may take
+
+
 def quorum_target(quorum: int | float, live_assigned: int, min_updates: int) -> int:
     """Accepted updates needed to close early: a count, or a fraction of the live assigned workers."""
     wanted = min(quorum, live_assigned) if isinstance(quorum, int) else math.ceil(quorum * live_assigned)
@@ -406,6 +409,7 @@ class Coordinator:
         timings = {"final_intake_s": 0.0, "aggregate_s": 0.0, "evaluate_s": 0.0}
         try:
             while True:
+                scan_started = time.monotonic()
                 try:
                     self.liveness.scan()
                     self.trust.admit_all(self.liveness.live())  # a changed or unapproved key is said when it appears
@@ -413,6 +417,7 @@ class Coordinator:
                         intake.recheck()
                         late.recheck()
                     candidates = intake.scan() + late.scan()
+                    scan_s = time.monotonic() - scan_started
                 except OSError as e:
                     self._wait(self.backoff.failed(e, f"looking for round {r}'s updates"))
                     continue
@@ -463,6 +468,9 @@ class Coordinator:
                     continue  # the closing rules again, without it
                 remaining = a.time_budget_s - elapsed
                 self._wait(min(self.opts.rescan, remaining) if remaining > 0 else self.opts.rescan)
+                # A scan lists workers/ and updates/ whole, and files arrive one event at a time: paced, a round
+                # of N workers costs O(N) scans' worth of time in all, not N scans of N files.
+                time.sleep(max(0.0, scan_started + scan_s / SCAN_SHARE - time.monotonic()))
             norms = {c.worker: n for c, n in aggregator.norms.items() if c.round == r}
             clipped = {c.worker for c in aggregator.scales if c.round == r}
         finally:
