@@ -92,9 +92,6 @@ MUTANTS = [
     Mutant("a read of an object does not notice it was replaced", "fedsync/storage/objects.py",
            'options["if_match"] = self.etag', "pass",
            ("tests/test_object_store.py::test_an_object_replaced_while_it_is_read_fails_the_read_instead_of_mixing_versions",)),
-    Mutant("the ledger forgets the files' signatures from its listing", "fedsync/run/ledger.py",
-           "signature = (listed.get(name), listed.get(names.update_tensors_name(worker)))", "signature = (None, None)",
-           ("tests/test_bad_files.py::test_bad_file[duplicate submission]",)),
 ]
 
 
