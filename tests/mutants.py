@@ -92,6 +92,9 @@ MUTANTS = [
     Mutant("a read of an object does not notice it was replaced", "fedsync/storage/objects.py",
            'options["if_match"] = self.etag', "pass",
            ("tests/test_object_store.py::test_an_object_replaced_while_it_is_read_fails_the_read_instead_of_mixing_versions",)),
+    Mutant("the lease on an object store is written unconditionally", "fedsync/storage/objects.py",
+           'mode: Any = "create" if previous is None else {"e_tag": previous[0]}', 'mode: Any = "overwrite"',
+           ("tests/test_object_store.py::test_the_lease_on_a_store_is_written_only_over_the_version_last_seen",)),
 ]
 
 

@@ -10,10 +10,13 @@ from collections.abc import Iterator
 
 import pytest
 
+from fedsync.base.errors import ShareError
 from fedsync.storage.hashing import hash_bytes
-from fedsync.storage.markers import Assignment, FinalMarker, Summary, parse
+from fedsync.storage.lease import Lease, read_lease
+from fedsync.storage.markers import FORMAT_VERSION, Assignment, CoordinatorLease, FinalMarker, Summary, parse, to_dict
 from fedsync.storage.share import Share
-from fedsync.storage.store import OversizeError, read_upto
+from fedsync.storage.store import OversizeError, WriteConflict, read_upto
+from fedsync.storage.yamlfile import dump_yaml
 from tests.conftest import (
     finish,
     killed_on_error,
@@ -84,6 +87,33 @@ def test_an_object_replaced_while_it_is_read_fails_the_read_instead_of_mixing_ve
         store.write("u.safetensors", b"b" * 100)
         with pytest.raises(OSError, match="PreconditionError"):
             read_upto(f, memoryview(bytearray(100)))
+
+
+def _lease_of(host: str) -> bytes:
+    return dump_yaml(to_dict(CoordinatorLease(format=FORMAT_VERSION, run_id="x", owner=f"{host}:1:abcd", host=host,
+                                              pid=1, heartbeat=1, state="collecting", round=1, note="")))
+
+
+def test_the_lease_on_a_store_is_written_only_over_the_version_last_seen(s3: S3Server) -> None:
+    share = Share(s3.url("lease"))
+    share.start({"format": FORMAT_VERSION})
+    with pytest.raises(WriteConflict):
+        share.write_if(share.lease, b"x", ("\"not-its-etag\"", 1))
+    share.store.write(share.lease, _lease_of("dead-host"))  # a coordinator that stopped refreshing
+    a, b = (Lease(share, "x", refresh=0.1, timeout=0.3, log=lambda line: None) for _ in range(2))
+    a.check()
+    b.check()  # both watched the dead lease run out, and both take over: one wins
+    a.acquire()
+    try:
+        with pytest.raises(ShareError, match="took the lease .* while this one looked at it"):
+            b.acquire()
+        assert read_lease(share).owner == a.record.owner
+        share.store.write(share.lease, _lease_of("new-host"))  # a was presumed dead and taken over
+        wait_until(a.lost.is_set, 10, "the old owner to notice it lost the lease")
+        assert read_lease(share).host == "new-host"  # the old owner wrote nothing over it
+    finally:
+        a.release()
+    assert read_lease(share).host == "new-host"
 
 
 def test_an_unreachable_store_and_events_on_a_store_are_one_line_errors(s3: S3Server) -> None:

@@ -3,7 +3,9 @@ refuses instead of writing beside the first (two writers would break docs/DESIGN
 
 On one host the local file lock decides at once. Across hosts, a coordinator that finds another's lease
 watches the file for `timeout` seconds by its own clock (docs/DESIGN.md, invariant 5): a change means the owner is
-alive and it refuses; no change means the owner died and it takes over.
+alive and it refuses; no change means the owner died and it takes over. On an object store every write of the
+lease is conditional on the version last seen (docs/PROTOCOL.md section 5.2), which closes the moments between a
+look and a write that a folder leaves open: two coordinators taking over at once, or one presumed dead writing on.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from fedsync.base.clock import utc_stamp
 from fedsync.base.errors import ShareError
 from fedsync.storage.markers import FORMAT_VERSION, CoordinatorLease, Rejected, to_dict
 from fedsync.storage.share import Share
+from fedsync.storage.store import Signature, WriteConflict
 from fedsync.storage.trouble import RepeatedWrite
+from fedsync.storage.yamlfile import dump_yaml
 
 
 def read_lease(share: Share) -> CoordinatorLease | None:
@@ -44,15 +48,17 @@ class Lease:
                                        host=socket.gethostname(), pid=os.getpid(), heartbeat=0, state="starting",
                                        round=None, note="")
         self.thread = threading.Thread(target=self._beat, name="lease", daemon=True)
+        self.held: Signature | None = None  # on an object store: the lease's version this coordinator last saw
 
     def check(self) -> None:
         """Refuse (ShareError) while another host's coordinator keeps its lease fresh; reads only."""
+        self.held = self.share.signature(self.share.lease)
         other = read_lease(self.share)
         if other is None or other.state == "stopped" or other.host == self.record.host:
             return  # same host: the caller holds the local lock, so the previous owner on this host is gone
         # Another host's coordinator may be alive: watch its lease for one timeout, by our clock.
         self.log(f"share has a lease from coordinator {other.owner}; watching it for {self.timeout:.0f} s")
-        seen = self.share.signature(self.share.lease)
+        seen = self.held
         end = time.monotonic() + self.timeout
         while time.monotonic() < end:
             time.sleep(min(0.5, self.refresh))
@@ -93,6 +99,8 @@ class Lease:
             self.update(state, self.record.round, self.record.note, self.record.rejected)
 
     def _write(self) -> None:
+        if not self.share.is_folder:
+            return self._write_conditionally()
         with self.lock:
             current = read_lease(self.share)
             if current is not None and current.owner != self.record.owner and self.record.heartbeat > 0:
@@ -100,6 +108,23 @@ class Lease:
                 return
             self.record = replace(self.record, heartbeat=self.record.heartbeat + 1, written_at=utc_stamp())
             self.share.write_yaml(self.share.lease, to_dict(self.record))
+
+    def _write_conditionally(self) -> None:
+        with self.lock:
+            first = self.record.heartbeat == 0
+            self.record = replace(self.record, heartbeat=self.record.heartbeat + 1, written_at=utc_stamp())
+            try:
+                self.held = self.share.write_if(self.share.lease, dump_yaml(to_dict(self.record)), self.held)
+                return
+            except WriteConflict:
+                current = read_lease(self.share)
+            if current is not None and current.owner == self.record.owner:  # our own write, its answer lost
+                self.held = self.share.signature(self.share.lease)
+            elif first:
+                raise ShareError(f"another coordinator ({current.owner if current else 'unknown'}) took the lease of "
+                                 f"{self.share.where()} while this one looked at it: stop one of them")
+            else:
+                self.lost.set()  # someone took over (we were presumed dead): stop writing to this share
 
     def _refresh(self) -> None:
         self.writes.attempt(self._write)

@@ -17,11 +17,11 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 import obstore
-from obstore.exceptions import BaseError
+from obstore.exceptions import AlreadyExistsError, BaseError, PreconditionError
 from obstore.store import from_url
 
 from fedsync.storage import names
-from fedsync.storage.store import Entry, OversizeError, Signature
+from fedsync.storage.store import Entry, OversizeError, Signature, WriteConflict
 
 T = TypeVar("T")
 SCHEMES = ("s3", "gs", "az")
@@ -148,6 +148,19 @@ class ObjectStore:
     def write(self, name: str, data: bytes) -> None:
         # obstore uploads anything over its chunk size (5 MiB) as a multipart upload, completed only at the end
         self.call(name, lambda s: obstore.put(s, self.key(name), data))
+
+    def write_if(self, name: str, data: bytes, previous: Signature | None) -> Signature:
+        """Write only if the object is still the one `previous` describes (None: only if there is none), as one
+        conditional PUT (If-Match / If-None-Match, which S3, R2, GCS, Azure and MinIO honour); the new signature.
+        WriteConflict when another writer got there first."""
+        mode: Any = "create" if previous is None else {"e_tag": previous[0]}  # type: ignore[index]
+        try:
+            put = obstore.put(self.store, self.key(name), data, mode=mode)
+        except (AlreadyExistsError, PreconditionError):
+            raise WriteConflict(f"{self.describe(name)} changed since this writer last saw it") from None
+        except BaseError as e:
+            raise _oserror(e, self.describe(name)) from None
+        return (put["e_tag"], len(data))
 
     def list(self, folder: str) -> list[Entry]:
         prefix = self.key(folder)

@@ -147,6 +147,14 @@ class Share:
         self.check_present()
         self.store.write(name, data)
 
+    def write_if(self, name: str, data: bytes, previous: Signature | None) -> Signature:
+        """Write only if the file is still what `previous` describes (None: only if absent); its new signature, or
+        WriteConflict. Object stores only: a folder shared between machines has no compare-and-swap."""
+        if self.is_folder:
+            raise TypeError("conditional writes need an object store")
+        self.check_present()
+        return self.store.write_if(name, data, previous)  # type: ignore[attr-defined]
+
     def write_yaml(self, name: str, obj: Any) -> None:
         self.write(name, dump_yaml(obj))
 

@@ -19,6 +19,10 @@ class OversizeError(ValueError):
     """A file in the share is larger than its kind may be."""
 
 
+class WriteConflict(Exception):
+    """A conditional write found the file changed (or present) since the writer last saw it: another writer won."""
+
+
 class LinkRefused(OSError):
     """A read that must not follow symbolic links met one: it could point anywhere, outside the share included."""
 
