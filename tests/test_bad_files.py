@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from fedsync.aggregation.tensors import load_verified, save_state
+from fedsync.aggregation.tensors import load_verified, save_state, state_bytes
 from fedsync.storage.hashing import hash_bytes
 from fedsync.storage.keys import Identity, load_identity
 from fedsync.storage.markers import (
@@ -113,9 +113,13 @@ def _first_float(t: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def _truncated(rd: Round) -> None:
-    rd.submit("bad")
+    """The marker describes the whole update, the file holds all but its last 64 bytes (a copy cut short). Cut
+    before the marker is written: cutting it after would race a coordinator fast enough to read it whole first."""
+    data = state_bytes(rd.delta())
     path = rd.share.path(rd.share.update_tensors(rd.r, "bad"))
-    path.write_bytes(path.read_bytes()[:-64])
+    path.write_bytes(data[:-64])
+    write_yaml(rd.share.path(rd.share.update_marker(rd.r, "bad")),
+               rd.marker("bad", FileRef(path.name, hash_bytes(data), len(data))))
 
 
 def _torch_save(rd: Round) -> None:
