@@ -53,7 +53,7 @@ class _ObjectReader:
         self.store, self.name, self.size, self.etag = store, name, size, etag
         self.pos = 0
         self.chunks: Iterator[Any] | None = None
-        self.stream_pos = 0  # where the open stream's next chunk starts
+        self.stream_pos = 0  # the offset of the next byte the open stream (its buffer first) would give
         self.buffer = memoryview(b"")
 
     def _restart(self) -> None:
@@ -132,10 +132,11 @@ class ObjectStore:
         return self.call(name, lambda s: obstore.head(s, self.key(name)))
 
     def read(self, name: str, limit: int, follow_links: bool = True) -> bytes:
-        size = self._head(name)["size"]  # before the GET: an oversized object is never downloaded
+        result = self.call(name, lambda s: obstore.get(s, self.key(name)))
+        size = result.meta["size"]  # known from the response's headers: an oversized body is never read
         if size > limit:
             raise OversizeError(f"{names.basename(name)} is {size} bytes, over the {limit}-byte limit")
-        data = self.call(name, lambda s: bytes(obstore.get(s, self.key(name)).bytes()))
+        data = self.call(name, lambda s: bytes(result.bytes()))
         if len(data) > limit:
             raise OversizeError(f"{names.basename(name)} grew past the {limit}-byte limit while being read")
         return data
