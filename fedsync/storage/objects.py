@@ -52,9 +52,8 @@ class _ObjectReader:
     def __init__(self, store: ObjectStore, name: str, size: int, etag: str | None) -> None:
         self.store, self.name, self.size, self.etag = store, name, size, etag
         self.pos = 0
-        self.chunks: Iterator[Any] | None = None
-        self.stream_pos = 0  # the offset of the next byte the open stream (its buffer first) would give
-        self.buffer = memoryview(b"")
+        self.chunks: Iterator[Any] | None = None  # the open GET's body from `pos` on; None after a seek
+        self.buffer = memoryview(b"")  # what the body gave and was not read yet
 
     def _restart(self) -> None:
         options: dict[str, Any] = {"range": (self.pos, self.size)}
@@ -62,13 +61,12 @@ class _ObjectReader:
             options["if_match"] = self.etag
         result = self.store.call(self.name, lambda s: obstore.get(s, self.store.key(self.name), options=options))
         self.chunks = iter(result.stream(min_chunk_size=PIECE))
-        self.stream_pos, self.buffer = self.pos, memoryview(b"")
 
     def readinto(self, view: memoryview) -> int:
         if self.pos >= self.size or not len(view):
             return 0
-        if not len(self.buffer) or self.pos != self.stream_pos:
-            if self.chunks is None or self.pos != self.stream_pos:
+        if not len(self.buffer):
+            if self.chunks is None:
                 self._restart()
             try:
                 chunk = self.store.call(self.name, lambda s: next(self.chunks))  # type: ignore[arg-type]
@@ -79,7 +77,6 @@ class _ObjectReader:
         view[:n] = self.buffer[:n]
         self.buffer = self.buffer[n:]
         self.pos += n
-        self.stream_pos += n
         return n
 
     def tell(self) -> int:
