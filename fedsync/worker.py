@@ -128,7 +128,7 @@ def run_worker(opts: WorkerOptions) -> FinalMarker | None:
         raise ShareError(f"another worker named {name!r} is already running on this machine for {share.where()}; "
                          "give this one another --name") from None
     try:
-        with ShareWatcher(share, opts.watch) as watcher:
+        with ShareWatcher(share, opts.watch, list_store=False) as watcher:
             manifest = _wait_for_run(share, watcher, opts, log)
             coordinator_key, pinned = pinned_coordinator(manifest.run_id, manifest.coordinator_key,
                                                          opts.coordinator_key)

@@ -158,3 +158,17 @@ def test_a_run_through_the_object_store_survives_a_killed_coordinator_and_a_bad_
     share.store.write(share.update_tensors(1, "w1"), b"not the update")
     checked = run("verify", "--share", url, env=s3.env, timeout=60)
     assert checked.returncode == 8 and "0001/updates/w1.safetensors" in checked.stdout, checked.stdout
+
+
+def test_a_worker_does_not_poll_a_store_between_its_rescans_and_a_coordinator_does(s3: S3Server) -> None:
+    from fedsync.storage.watch import ShareWatcher
+
+    share = Share(s3.url("watch"))
+    with ShareWatcher(share, list_store=False) as quiet:
+        assert quiet.mode == "rescan" and quiet.poller is None and quiet.observer is None
+        share.store.write("workers/w1.yaml", b"x")
+        assert quiet.wait(0.3) is False  # nothing listens: the caller's own rescan looks
+    with ShareWatcher(share, poll_interval=0.1) as polling:
+        assert polling.mode == "poll" and "object store" in polling.describe
+        share.store.write("workers/w1.yaml", b"y")
+        assert polling.wait(5) is True

@@ -86,19 +86,26 @@ class _Poller(threading.Thread):
 class ShareWatcher:
     """`with ShareWatcher(share) as w: ... w.wait(seconds)` returns early when something in the share changed."""
 
-    def __init__(self, share: Share, mode: str = "auto", poll_interval: float | None = None) -> None:
+    def __init__(self, share: Share, mode: str = "auto", poll_interval: float | None = None,
+                 list_store: bool = True) -> None:
+        """`list_store=False`: on an object store, do not poll at all (a worker's own rescans already look at
+        everything it waits for, and each poll is eight billed listings); `wait` then only waits."""
         self.share = share
         if isinstance(share.root, Path):
             self.mode, self.why = choose_mode(mode, share.root)
         elif mode == "events":
             raise ConfigError(f"--watch events needs a folder: {share.root} is an object store, which only listing "
                              "sees (--watch poll or auto)")
+        elif not list_store:
+            self.mode, self.why = "rescan", f"{share.root} is an object store"
         else:
             self.mode, self.why = "poll", f"{share.root} is an object store: listing by prefix is the only way"
         self.changed = threading.Event()
         self.poller: _Poller | None = None
         self.observer = None
-        if self.mode == "poll":
+        if self.mode == "rescan":
+            self.describe = f"its own rescans only ({self.why}: no listing between them)"
+        elif self.mode == "poll":
             poll_interval = poll_interval or (POLL_INTERVAL_S if share.is_folder else OBJECT_POLL_INTERVAL_S)
             self.poller = _Poller(share, self.changed, poll_interval)
             self.describe = f"polling every {poll_interval:g} s ({self.why})"
@@ -111,8 +118,8 @@ class ShareWatcher:
         if self.poller is not None:
             self.poller.previous = self.poller.snapshot()
             self.poller.start()
-        else:
-            self.observer.start()  # type: ignore[union-attr]
+        elif self.observer is not None:
+            self.observer.start()
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -120,6 +127,8 @@ class ShareWatcher:
         if self.poller is not None:
             self.poller.stopping.set()
             self.poller.join(timeout=5)
+            return
+        if self.observer is None:
             return
         level = _EMITTER_LOG.level
         _EMITTER_LOG.setLevel(logging.CRITICAL)
