@@ -135,7 +135,7 @@ def run_coordinator(opts: CoordinatorOptions) -> FinalMarker:
                  f"{identity.public})")
         finished = False
         try:
-            with ShareWatcher(share, opts.watch) as watcher:
+            with ShareWatcher(share, opts.watch, list_store=False) as watcher:
                 final = Coordinator(share, manifest, opts, dataset, test, watcher, lease, identity, choice,
                                     nudge).run()
                 finished = True

@@ -160,7 +160,7 @@ def test_a_run_through_the_object_store_survives_a_killed_coordinator_and_a_bad_
     assert checked.returncode == 8 and "0001/updates/w1.safetensors" in checked.stdout, checked.stdout
 
 
-def test_a_worker_does_not_poll_a_store_between_its_rescans_and_a_coordinator_does(s3: S3Server) -> None:
+def test_the_roles_do_not_poll_a_store_between_their_rescans_and_status_watch_does(s3: S3Server) -> None:
     from fedsync.storage.watch import ShareWatcher
 
     share = Share(s3.url("watch"))

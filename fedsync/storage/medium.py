@@ -43,8 +43,8 @@ def describe_modes() -> str:
     return (f"How to notice changes: {' | '.join(WATCH_MODES)}. events: inotify (local disks). poll: list the "
             f"share's active folders every {POLL_INTERVAL_S:g} s. auto: poll when the share is on "
             f"{', '.join(POLLED_FILESYSTEMS)} or fuse.* (sshfs, rclone) filesystems, where inotify never sees "
-            f"another machine's writes; events otherwise. An object store (s3://) is always polled, every "
-            f"{OBJECT_POLL_INTERVAL_S:g} s.")
+            f"another machine's writes; events otherwise. An object store (s3://) has no events: coordinator and "
+            f"workers rescan it every 2 s, `status --watch` polls it every {OBJECT_POLL_INTERVAL_S:g} s.")
 
 
 def choose_mode(requested: str, path: Path, mountinfo: str | None = None) -> tuple[str, str]:

@@ -88,8 +88,8 @@ class ShareWatcher:
 
     def __init__(self, share: Share, mode: str = "auto", poll_interval: float | None = None,
                  list_store: bool = True) -> None:
-        """`list_store=False`: on an object store, do not poll at all (a worker's own rescans already look at
-        everything it waits for, and each poll is eight billed listings); `wait` then only waits."""
+        """`list_store=False`: on an object store, do not poll at all (a coordinator's or worker's own rescans
+        already look at everything it waits for, and each poll is eight billed listings); `wait` then only waits."""
         self.share = share
         if isinstance(share.root, Path):
             self.mode, self.why = choose_mode(mode, share.root)
