@@ -38,10 +38,14 @@ def _endpoint_is_http() -> bool:
     return endpoint.startswith("http://")
 
 
+def _first_line(e: BaseError) -> str:
+    """obstore's messages run to a page of debug detail; a person needs the first line."""
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
 def _oserror(e: BaseError, where: str) -> OSError:
     """An object store's failure as the OSError every role already treats as share trouble (reported, retried)."""
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return OSError(errno.EIO, f"{type(e).__name__}: {first}", where)
+    return OSError(errno.EIO, f"{type(e).__name__}: {_first_line(e)}", where)
 
 
 class _ObjectReader:
@@ -107,7 +111,7 @@ class ObjectStore:
         try:
             self.store = from_url(self.url, **options)
         except BaseError as e:
-            raise ValueError(f"{self.url}: {str(e).strip().splitlines()[0]}") from None
+            raise ValueError(f"{self.url}: {_first_line(e)}") from None
 
     @staticmethod
     def key(name: str) -> str:

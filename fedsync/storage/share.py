@@ -19,7 +19,8 @@ from fedsync.storage.store import Entry, Signature, Store, read_upto
 from fedsync.storage.yamlfile import MAX_YAML_BYTES, dump_yaml, parse_yaml
 
 T = TypeVar("T")
-URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")  # s3://, gs://, https://: a scheme of two letters or more (not C:/)
+# s3://, gs://, https://: a scheme of two letters or more (not C:/), then the slashes (which Path folds to one)
+URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/+")
 
 
 @dataclass(frozen=True)
@@ -31,8 +32,7 @@ class Share:
 
     def __post_init__(self) -> None:
         if URL.match(str(self.root)):
-            # A Path given on the command line has folded the URL's '//' into '/': put it back.
-            url = re.sub(r"^([A-Za-z][A-Za-z0-9+.-]+):/+", r"\1://", str(self.root))
+            url = URL.sub(r"\1://", str(self.root))  # a Path given on the command line folded '//' into '/'
             object.__setattr__(self, "root", url)
             if self.store is None:
                 from fedsync.storage.objects import ObjectStore  # obstore loads only for object-store shares
