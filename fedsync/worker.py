@@ -29,12 +29,14 @@ from fedsync.learning.capture import capture, plan_capture
 from fedsync.learning.data import Dataset, Source, first
 from fedsync.learning.device import DeviceChoice, DeviceFacts, choose_device, describe
 from fedsync.learning.doctor import start_check
+from fedsync.learning.infer import measure_inference
 from fedsync.learning.partition import hold_out
 from fedsync.learning.tasks import Task
 from fedsync.learning.train import Report, TrainSettings, evaluate, local_train, measure_throughput, place
 from fedsync.run.config import RunConfig, config_from_dict
 from fedsync.run.feedback import ErrorFeedback, encoded_update, residual_dir
-from fedsync.run.start import check_task
+from fedsync.run.serve import Device, Server
+from fedsync.run.start import check_task, task_record
 from fedsync.run.trust import read_trust
 from fedsync.storage import names
 from fedsync.storage.keys import Identity, load_identity, pinned_coordinator, worker_key_path
@@ -74,6 +76,7 @@ class WorkerOptions:
     key: Path | None = None             # this worker's private key; None: worker-<name>.pem in the key folder
     coordinator_key: str | None = None  # the coordinator's public key; None: pinned from the run at first contact
     capture: str = "auto"               # auto: CUDA graphs where the GPU supports them (fedsync/learning/capture.py)
+    serve: bool = False                 # also run inference jobs' chunks, and keep doing so after the run ends
     log_json: bool = False              # one JSON object per event instead of a line of text
     log: Log | None = None
 
@@ -186,6 +189,11 @@ class Worker:
         self.own: Source | None = None       # a private task's data: this machine's own, all of it trained on
         self.placed: tuple[tuple[str, int], tuple[Source, Source]] | None = None  # (list hash, shard): on the device
         self.feedback = ErrorFeedback(residual_dir(), manifest.run_id, name, log)  # compression's residuals
+        self.server: Server | None = None
+        if opts.serve:
+            self.server = Server(share, name, identity, self.task, task_record(self.cfg), manifest.run_id,
+                                 Device(self.device, self.precision, self._settings(1, None).channels_last,
+                                        self.cfg.eval_batch_size), log, self.heartbeat.update)
 
     def run(self) -> FinalMarker | None:
         # the data is checked before the first change to the share: a failed start leaves it as it was
@@ -199,24 +207,36 @@ class Worker:
             speed = measure_throughput(self.model, sample, self._settings(self.cfg.local_epochs, None), self.device,
                                        captured=self.captured)
             self.heartbeat.info = replace(self.heartbeat.info, samples_per_s=round(speed, 1))
+        if self.server is not None:  # jobs are first routed by it; then by each chunk it runs
+            speed = measure_inference(self.task.build_model(self.cfg.model), self.task.input_shape,
+                                      self.cfg.eval_batch_size, self.device, self.precision)
+            self.heartbeat.info = replace(self.heartbeat.info, serves=True, infer_samples_per_s=round(speed, 1))
         self.heartbeat.start()
         self.log(f"watching the share by {self.watcher.describe}")
         speed_note = f", {self.heartbeat.info.samples_per_s:.0f} samples/s" if self.heartbeat.info.samples_per_s else ""
         self.log(f"registered for run {self.manifest.run_id} on {self.device} "
                  f"({self.heartbeat.info.device_name}, {self.precision}{speed_note}); "
                  f"{len(train)} training examples{' of its own' if self.own is not None else ''}")
+        said_final: int | None = None
         try:
             while True:
                 try:
                     self._check_trusted()
                     final = finished(self.share, self.manifest.run_id, self.coordinator_key)
-                    if final is not None:
+                    if final is not None and final.round != said_final:
+                        said_final = final.round
+                        serving = "; serving inference jobs until stopped (Ctrl-C)" if self.server else ""
                         self.log(f"run finished after round {final.round} (test accuracy "
-                                 f"{final.test_accuracy:.4f})")
+                                 f"{final.test_accuracy:.4f}){serving}")
+                    if final is not None and self.server is None:
                         return final
-                    work = self._pending_round()
+                    work = self._pending_round() if final is None else None  # training comes first
                     if work is not None:
                         self._train_round(*work)
+                        continue
+                    chunk = self.server.next_chunk() if self.server is not None else None
+                    if chunk is not None and self.server.run(*chunk):  # type: ignore[union-attr]
+                        self.backoff.reset()
                         continue
                 except OSError as e:
                     self.watcher.wait(self.backoff.failed(e, "looking for work"))

@@ -11,12 +11,16 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "fedsync"
 LAYERS = {"base": 0, "storage": 1, "learning": 2, "aggregation": 2, "run": 3, "cli": 4}
-TOP_LEVEL = {"coordinator": "run", "worker": "run", "fedavg": "aggregation", "__main__": "cli", "__init__": "base"}
+TOP_LEVEL = {"coordinator": "run", "worker": "run", "infer": "run", "fedavg": "aggregation", "__main__": "cli",
+             "__init__": "base"}
 # Files that read what is not the share: each machine's own data and the user's own config file.
 NOT_THE_SHARE = {"fedsync/learning/data.py": "datasets on this machine",
                  "fedsync/learning/imagefolder.py": "a machine's own image folder, and its free memory",
                  "fedsync/run/config.py": "the user's config file",
-                 "fedsync/run/feedback.py": "a worker's error-feedback residual, on its own disk beside its key"}
+                 "fedsync/run/feedback.py": "a worker's error-feedback residual, on its own disk beside its key",
+                 "fedsync/learning/inputs.py": "an inference job's inputs, on the submitting machine",
+                 "fedsync/run/predictions.py": "an inference job's predictions, written to the user's own files",
+                 "fedsync/infer.py": "the model file a user gives `fedsync infer`"}
 FILE_MODULES = {"os", "shutil", "io", "gzip", "tempfile"}  # any call of theirs on a path is file I/O
 PATH_METHODS = {"open", "stat", "lstat", "iterdir", "glob", "rglob", "read_bytes", "read_text", "write_bytes",
                 "write_text", "exists", "is_file", "is_dir", "is_symlink", "touch", "symlink_to", "unlink", "mkdir",

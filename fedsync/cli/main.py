@@ -143,6 +143,9 @@ def worker(
         "--coordinator-key", help="The coordinator's public key (ed25519:..., printed when the coordinator starts). "
                                   "Default: the key in the run's fedsync.yaml, pinned on this machine the first "
                                   "time it sees the run; a changed key then stops the worker.", metavar="KEY")] = None,
+    serve: Annotated[bool, typer.Option(
+        "--serve", help="Also run inference jobs (`fedsync infer`) on this machine: between training rounds (rounds "
+                        "come first), and after the run ends, until stopped with Ctrl-C.")] = False,
     capture: Annotated[str, typer.Option(help="auto | off. auto captures the training step in CUDA graphs "
                                               "(torch.compile, mode reduce-overhead) on CUDA GPUs of compute "
                                               "capability 7.0 and newer: compiled once per process before "
@@ -173,8 +176,56 @@ def worker(
     run_worker(WorkerOptions(share=share, name=name, device=device, watch=_check_watch(watch),
                              data_root=data_root, wait_for_run=wait_for_run, syncthing=syncthing,
                              syncthing_key=syncthing_key, key=key, coordinator_key=coordinator_key,
-                             capture=capture, log_json=log_json,
+                             capture=capture, log_json=log_json, serve=serve,
                              memory_budget=None if data_memory is None else int(data_memory * 2**20)))
+
+
+@app.command(short_help="Run a model of the run over your inputs on the serving workers; merge the predictions.")
+def infer(
+    inputs: Annotated[Path, typer.Option(
+        "--inputs", help="A safetensors file with a float tensor x shaped (N, *the model's input) and optionally "
+                         "integer ids (N), or a folder of image files (any depth; the task's transform is applied on "
+                         "the workers). Read chunk by chunk, never whole.", metavar="FILE|DIR")],
+    out: Annotated[Path, typer.Option(
+        "--out", help="The CSV to write: index, id, class, probability, and why an input could not be predicted; "
+                      "the full logits go beside it (OUT with .safetensors).", metavar="FILE.csv")],
+    share: ShareOpt = Path("rounds"),
+    model: Annotated[str, typer.Option(
+        help="final (the run's final model), N (closed round N's model) or a model file written by `fedsync "
+             "export`.", metavar="final|N|FILE")] = "final",
+    name: Annotated[str | None, typer.Option(
+        help="The job's name in the share (jobs/NAME). Default: the inputs' name and a hash of inputs, model and "
+             "chunk size, so the same command continues the same job.", metavar="JOB")] = None,
+    chunk_rows: Annotated[int | None, typer.Option(
+        "--chunk-rows", min=1, help="Inputs per chunk, the unit a worker takes. Default: about 4 MiB of inputs, at "
+                                    "least 64 chunks when there are enough inputs.", metavar="N")] = None,
+    watch: WatchOpt = "auto",
+    log_json: LogJsonOpt = False,
+) -> None:
+    """Submit an inference job to SHARE and drive it to the end: the workers started with `--serve` run its chunks
+    (fast machines take more; a worker that stops heartbeating loses its chunks to the others), and the predictions
+    are merged in the inputs' order into OUT. Stopped and started again with the same arguments, it continues the
+    job.
+
+    Example: fedsync infer --share /mnt/fed --inputs test.safetensors --out preds.csv
+    """
+    from fedsync.base.logs import make_log
+    from fedsync.infer import InferOptions, run_infer
+    from fedsync.storage.names import check_job_name
+
+    if name is not None:
+        try:
+            check_job_name(name)
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint="--name") from None
+    if out.suffix == ".safetensors":
+        raise typer.BadParameter("is the CSV; the logits are written beside it, as OUT with .safetensors",
+                                 param_hint="--out")
+    written = run_infer(InferOptions(share=share, inputs=inputs, out=out, model=model, name=name,
+                                     chunk_rows=chunk_rows, watch=_check_watch(watch),
+                                     log=make_log("infer", log_json)))
+    failed = f"; {written.failed} could not be predicted (see the problem column)" if written.failed else ""
+    typer.echo(f"predicted {written.rows} inputs: {written.csv}, logits in {written.logits}{failed}")
 
 
 @app.command(short_help="Approve a worker's key so that its updates count.")

@@ -10,6 +10,7 @@ crash in the middle of a round.
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -99,18 +100,30 @@ class Images(TorchDataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int, str]:
-        from PIL import Image
-
         path, label = self.files[i]
         s, c = self.spec.size, self.spec.channels
         try:
-            with Image.open(path) as image:
-                pixels = np.asarray(image.convert("L" if c == 1 else "RGB").resize((s, s), Image.Resampling.BILINEAR),
-                                    dtype=np.uint8)
+            x = decode(path, s, c)
         except Exception as e:  # noqa: BLE001 - Pillow raises many kinds for a damaged or foreign file
             return torch.zeros(c, s, s), label, i, f"{type(e).__name__}: {e}"
-        x = torch.from_numpy(pixels.copy()).view(s, s, c).permute(2, 0, 1)
-        return x.float().div_(127.5).sub_(1.0), label, i, ""
+        return scale(x), label, i, ""
+
+
+def decode(source: str | io.BytesIO, size: int, channels: int) -> torch.Tensor:
+    """One image file (a path, or its bytes) as uint8 (channels, size, size): converted to greyscale (Pillow's
+    mode L) or RGB, resized bilinearly without keeping the aspect ratio (docs/PROTOCOL.md section 5.4). Pillow's
+    own exception when it cannot."""
+    from PIL import Image
+
+    with Image.open(source) as image:
+        pixels = np.asarray(image.convert("L" if channels == 1 else "RGB")
+                            .resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
+    return torch.from_numpy(pixels.copy()).view(size, size, channels).permute(2, 0, 1)
+
+
+def scale(x: torch.Tensor) -> torch.Tensor:
+    """imagefolder's inputs: 8-bit pixels as x / 127.5 - 1, in [-1, 1]."""
+    return x.float().div_(127.5).sub_(1.0)
 
 
 class Stream:

@@ -21,13 +21,14 @@ from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from fedsync.base.errors import ConfigError, DataError
 from fedsync.learning import models
 from fedsync.learning.augment import NAMED, crop_and_flip
-from fedsync.learning.data import Dataset, Source, Split, load_cifar10, load_digits
-from fedsync.learning.imagefolder import ImageSpec, load_folder
+from fedsync.learning.data import CIFAR_MEAN, CIFAR_STD, Dataset, Source, Split, load_cifar10, load_digits
+from fedsync.learning.imagefolder import ImageSpec, load_folder, scale
 from fedsync.learning.train import Augment
 
 ENTRY_POINTS = "fedsync.tasks"
@@ -71,6 +72,8 @@ class Task:
     version: str = BUILTIN_VERSION    # recorded in the run: machines with another version of the task refuse
     own_data: OwnLoader | None = None  # private data instead: the examples at one machine's own location
     configure: Callable[[Task, TaskSettings], Task] | None = None  # the task as the config's settings shape it
+    scale_images: Callable[[torch.Tensor], torch.Tensor] | None = None  # 8-bit images (N, C, H, W) as the model's
+    # inputs, for inference jobs over image files (None: the task takes no image files)
 
     @property
     def private(self) -> bool:
@@ -216,12 +219,19 @@ def _image_task(task: Task, settings: TaskSettings) -> Task:
                    own_data=lambda root, o: load_folder(root, spec, o.memory_budget, o.note))
 
 
+def _cifar_images(x: torch.Tensor) -> torch.Tensor:
+    """CIFAR-10's inputs from 8-bit RGB: scaled to 0..1 and normalised per channel, as its loader does."""
+    mean, std = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1), torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
+    return (x.float() / 255 - mean) / std
+
+
 BUILTIN = ("digits", "cifar10", "imagefolder")
 register(Task("digits", num_classes=10, input_shape=(1, 8, 8),
-              load_data=lambda _, o: load_digits(o.seed, o.test_fraction), default_location=None))
+              load_data=lambda _, o: load_digits(o.seed, o.test_fraction), default_location=None,
+              scale_images=lambda x: x.float() / 255))  # digits' pixels are ink from 0 to 1
 register(Task("cifar10", num_classes=10, input_shape=(3, 32, 32),
               load_data=lambda root, o: load_cifar10(root or Path("./data"), o.verify_checksums),
-              default_location="./data", augment=crop_and_flip))
+              default_location="./data", augment=crop_and_flip, scale_images=_cifar_images))
 register(Task("imagefolder", num_classes=0, input_shape=(), load_data=None, default_location=None,
               augment=crop_and_flip, models=models.image_models(3), configure=_image_task,
-              own_data=_shaped_by_config))
+              own_data=_shaped_by_config, scale_images=scale))

@@ -206,6 +206,8 @@ class WorkerInfo:
     own_samples: int | None = None  # a private task's worker: the examples of its own it trains on (and holds out)
     written_at: str | None = None   # UTC time of this write, for people: liveness counts by the reader's own clock
     sent_bytes: int = 0             # update bytes it has written into the share since it started
+    serves: bool = False            # it runs inference jobs' chunks (`fedsync worker --serve`)
+    infer_samples_per_s: float | None = None  # inputs per second it predicts at: routing sizes jobs by it
 
 
 @dataclass
@@ -318,6 +320,101 @@ class TrustList:
     run_id: str
     workers: dict[str, TrustedKey]
     signature: str
+
+
+@dataclass(frozen=True)
+class ChunkRef(FileRef):
+    """One chunk of a job's inputs: its file with size and hash, and how many inputs it holds."""
+
+    rows: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.rows < 1:
+            raise MarkerError(f"rows: {self.rows} (a chunk holds at least one input)")
+
+
+@dataclass
+class JobMarker:
+    """jobs/<job>/job.yaml: the job exists once this exists and the files it names have their hashes. Written once,
+    last, by the process that submitted the job (`fedsync infer`)."""
+
+    format: int
+    job: str
+    run_id: str
+    task: TaskRecord       # the task and model layout the job's model has: a worker of another one refuses
+    model_name: str        # the task's model the weights are loaded into
+    model: FileRef         # model.safetensors beside it
+    model_source: str      # what the submitter asked for (final, round N, a file): informational
+    inputs: str            # tensors (chunks hold `x`) | images (chunks hold `bytes` and `offsets`)
+    source: str            # BLAKE3 of the inputs' identity: the file's bytes, or the image folder's listing
+    rows: int              # inputs in all
+    chunk_rows: int        # inputs per chunk (the last may hold fewer)
+    chunks: list[ChunkRef]
+    created_at: str | None = None  # UTC, for people
+
+    def __post_init__(self) -> None:
+        if self.inputs not in ("tensors", "images"):
+            raise MarkerError(f"inputs: {self.inputs!r} is not tensors or images")
+        if sum(c.rows for c in self.chunks) != self.rows:
+            raise MarkerError(f"chunks hold {sum(c.rows for c in self.chunks)} inputs, rows says {self.rows}")
+
+
+@dataclass
+class OutputProblem:
+    """A worker's output for a chunk that the submitter did not take, and why."""
+
+    chunk: int
+    worker: str
+    reason: str
+    detail: str
+
+
+@dataclass
+class JobPlan:
+    """jobs/<job>/plan.yaml: which worker runs which chunks and which outputs were taken; the submitter's lease on
+    the job. Rewritten whole by the submitter when it changes, and at least every heartbeat while it runs."""
+
+    format: int
+    job: str
+    owner: str                    # host:pid:random of the submitting process
+    host: str
+    heartbeat: int                # increases with every rewrite
+    state: str                    # running | done | stopped
+    queues: dict[str, list[int]]  # worker -> the chunks it should run, in order
+    accepted: dict[str, list[int]]  # worker -> the chunks whose output from it was taken
+    problems: list[OutputProblem] = dataclasses.field(default_factory=list)
+    written_at: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.state not in ("running", "done", "stopped"):
+            raise MarkerError(f"state: {self.state!r} is not running, done or stopped")
+
+
+@dataclass
+class FailedRow:
+    row: int     # the input's place in its chunk, from 0
+    reason: str  # non_finite | unreadable_image
+
+
+@dataclass
+class OutputMarker:
+    """jobs/<job>/outputs/<chunk>.<worker>.yaml: the worker's predictions for one chunk count once this exists and
+    its tensors have the named hash."""
+
+    format: int
+    job: str
+    chunk: int
+    worker: str
+    inputs: str            # the chunk's BLAKE3, from job.yaml
+    model: str             # the job model's BLAKE3
+    outputs: FileRef | None  # <chunk>.<worker>.safetensors: `logits`, rows x classes, float32; None with `error`
+    rows: int
+    failed: list[FailedRow] = dataclasses.field(default_factory=list)  # inputs it could not predict (NaN logits)
+    error: str | None = None  # why no input of the chunk could be predicted (wrong shape for the model, ...)
+    seconds: float = 0.0
+    device: str = ""
+    signature: str | None = None  # the worker's, over signing.output_message
 
 
 def to_dict(record: Any) -> dict[str, Any]:

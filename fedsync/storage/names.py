@@ -22,6 +22,12 @@ SUMMARY = "summary.yaml"
 EVALUATION = "evaluation.yaml"
 SERVER_STATE = "server_state.safetensors"  # the server optimizer's state after the round (momentum, moments)
 SHARDS = "shards"
+JOBS = "jobs"              # inference jobs, one folder each (docs/PROTOCOL.md section 5.14)
+JOB_MARKER = "job.yaml"
+JOB_PLAN = "plan.yaml"
+JOB_MODEL = "model.safetensors"
+JOB_INPUTS = "inputs"
+JOB_OUTPUTS = "outputs"
 REPORT_MD = "report.md"    # for people browsing the share: refreshed by the coordinator after each round
 REPORT_PNG = "report.png"
 TENSORS_SUFFIX = ".safetensors"
@@ -30,6 +36,7 @@ MARKER_SUFFIX = ".yaml"
 # anything else in a round folder is stray
 ROUND_FILES = frozenset({GLOBAL_MODEL, ASSIGNMENT, UPDATES, SUMMARY, EVALUATION, SERVER_STATE})
 COORDINATOR_ROOT_FILES = frozenset({MANIFEST, LEASE, METRICS, FINAL_MODEL, FINAL_MARKER, TRUST, REPORT_MD, REPORT_PNG})
+JOB_FILES = frozenset({JOB_MARKER, JOB_PLAN, JOB_MODEL, JOB_INPUTS, JOB_OUTPUTS})
 COORDINATOR_ROUND_FILES = frozenset({GLOBAL_MODEL, ASSIGNMENT, SUMMARY, EVALUATION, SERVER_STATE})
 
 ROUND_DIR = re.compile(r"^\d{4,9}$")
@@ -105,6 +112,54 @@ def shard_list(num_shards: int) -> str:
     return join(SHARDS, f"{num_shards:03d}.safetensors")
 
 
+def job_dir(job: str) -> str:
+    return join(JOBS, job)
+
+
+def job_marker(job: str) -> str:
+    return join(JOBS, job, JOB_MARKER)
+
+
+def job_plan(job: str) -> str:
+    return join(JOBS, job, JOB_PLAN)
+
+
+def job_model(job: str) -> str:
+    return join(JOBS, job, JOB_MODEL)
+
+
+def chunk_name(chunk: int) -> str:
+    """A chunk's inputs as job.yaml names them (relative to the job's folder)."""
+    return join(JOB_INPUTS, f"{chunk:06d}{TENSORS_SUFFIX}")
+
+
+def outputs_dir(job: str) -> str:
+    return join(JOBS, job, JOB_OUTPUTS)
+
+
+def output_stem(chunk: int, worker: str) -> str:
+    return f"{chunk:06d}.{worker}"
+
+
+def output_tensors(job: str, chunk: int, worker: str) -> str:
+    return join(outputs_dir(job), output_stem(chunk, worker) + TENSORS_SUFFIX)
+
+
+def output_marker(job: str, chunk: int, worker: str) -> str:
+    return join(outputs_dir(job), output_stem(chunk, worker) + MARKER_SUFFIX)
+
+
+OUTPUT_MARKER = re.compile(r"^(\d{6})\.([A-Za-z0-9][A-Za-z0-9._-]{0,63})\.yaml$")
+
+
+def output_owner(file_name: str) -> tuple[int, str] | None:
+    """(chunk, worker) of an output marker in a job's outputs/ folder; None for any other file."""
+    m = OUTPUT_MARKER.match(file_name)
+    if m is None or is_temporary(file_name) or is_conflict_copy(file_name):
+        return None
+    return int(m.group(1)), m.group(2)
+
+
 def model_after(r: int, last_round: int) -> str:
     """Where the aggregate of round r lives: the next round's global model, or the final one."""
     return FINAL_MODEL if r >= last_round else global_model(r + 1)
@@ -125,6 +180,14 @@ def is_temporary(name: str) -> bool:
 def is_conflict_copy(name: str) -> bool:
     """Syncthing's copy of a file two machines changed: reported, never read."""
     return ".sync-conflict-" in name
+
+
+def check_job_name(name: str) -> str:
+    """Job names become folder names in the share: the same portable alphabet as workers'."""
+    if not WORKER_NAME.match(name):
+        raise ValueError(f"job name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', starting "
+                         "with a letter or digit")
+    return name
 
 
 def check_worker_name(name: str) -> str:

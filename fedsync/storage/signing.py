@@ -15,7 +15,14 @@ from collections.abc import Iterable
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from fedsync.storage.markers import FORMAT_VERSION, Assignment, FinalMarker, MarkerError, UpdateMarker
+from fedsync.storage.markers import (
+    FORMAT_VERSION,
+    Assignment,
+    FinalMarker,
+    MarkerError,
+    OutputMarker,
+    UpdateMarker,
+)
 
 PREFIX = "ed25519:"
 KEY_BYTES = 32
@@ -114,3 +121,13 @@ def trust_message(run_id: str, entries: dict[str, tuple[str, str]]) -> bytes:
     """What the coordinator signs in trust.yaml: each worker's name, trusted key and how it came to be trusted."""
     return _message("trust", [("run", run_id), *(("worker", f"{n}/{state}/{key}")
                                                  for n, (key, state) in sorted(entries.items()))])
+
+
+def output_message(m: OutputMarker) -> bytes:
+    """What a worker signs for a chunk it ran: whose predictions, for which job, chunk, inputs and model, which
+    bytes, and which inputs it could not predict."""
+    failed = ",".join(str(f.row) for f in m.failed) or None
+    return _message("output", [("job", m.job), ("chunk", m.chunk), ("worker", m.worker), ("inputs", m.inputs),
+                               ("model", m.model), ("outputs", m.outputs.blake3 if m.outputs else None),
+                               ("bytes", m.outputs.bytes if m.outputs else None), ("rows", m.rows),
+                               ("error", "yes" if m.error is not None else "no"), ("failed", failed)])

@@ -1,0 +1,65 @@
+"""A finished job's predictions written to the user's own files, outside the share: a CSV with one line per input
+(its index, its id, the predicted class and that class's probability, or why it could not be predicted) and, beside
+it, a safetensors file with the full logits. Both are written chunk by chunk, in the inputs' order, to temporary
+files renamed into place at the end: a job larger than memory is merged in constant memory, and an interrupted
+merge leaves no half file under the final names."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fedsync.run.jobs import probabilities
+
+
+@dataclass(frozen=True)
+class Written:
+    rows: int
+    failed: int     # inputs that could not be predicted
+    csv: Path
+    logits: Path
+
+
+def logits_path(out: Path) -> Path:
+    """The safetensors file beside the CSV: preds.csv -> preds.safetensors."""
+    return out.with_suffix(".safetensors")
+
+
+def write_predictions(out: Path, rows: int, classes: int, metadata: dict[str, str],
+                      chunks: Iterable[tuple[list[str], torch.Tensor, dict[int, str]]]) -> Written:
+    """`chunks` yields, in order, each chunk's ids, its logits (rows x classes; NaN where it failed) and its failed
+    rows' reasons by row within the chunk."""
+    beside = logits_path(out)
+    tmp_csv, tmp_logits = out.with_name(f".{out.name}.tmp"), beside.with_name(f".{beside.name}.tmp")
+    header = json.dumps({"__metadata__": metadata,
+                         "logits": {"dtype": "F32", "shape": [rows, classes], "data_offsets": [0, rows * classes * 4]}})
+    header += " " * (-len(header) % 8)  # the data section starts 8-aligned
+    written = failed = 0
+    with open(tmp_csv, "w", newline="") as text, open(tmp_logits, "wb") as tensors:
+        table = csv.writer(text)
+        table.writerow(["index", "id", "class", "probability", "problem"])
+        tensors.write(struct.pack("<Q", len(header)) + header.encode())
+        for ids, logits, problems in chunks:
+            cls, prob = probabilities(logits)
+            for i, (name, c, p) in enumerate(zip(ids, cls, prob)):
+                problem = problems.get(i, "")
+                failed += bool(problem or c < 0)
+                table.writerow([written + i, name, "" if c < 0 else c, "" if c < 0 else f"{p:.6f}",
+                                problem or ("" if c >= 0 else "not predicted")])
+            tensors.write(logits.contiguous().numpy().tobytes())
+            written += len(ids)
+        if written != rows:
+            raise ValueError(f"merged {written} inputs, the job has {rows}")
+        for f in (text, tensors):
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp_logits, beside)
+    os.replace(tmp_csv, out)
+    return Written(rows, failed, out, beside)

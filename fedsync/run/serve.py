@@ -1,0 +1,171 @@
+"""A worker's side of inference jobs (docs/PROTOCOL.md section 5.14): find the next chunk the plan gives it, run
+the job's model over it in batches sized for its device, and write the logits, then the signed marker, last.
+
+Inputs it cannot predict are named in the marker with their reason (an unreadable image, NaN or infinite values)
+and get NaN logits; a chunk that does not fit the model at all (another shape) gets a marker with an `error` and no
+tensors. Neither stops the worker or the job.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fedsync.aggregation.tensors import load_verified, save_state
+from fedsync.base.logs import Log
+from fedsync.learning.imagefolder import decode
+from fedsync.learning.infer import batch_size_for, finite_rows, predict
+from fedsync.learning.tasks import Task
+from fedsync.run.jobs import list_jobs, read_job, read_plan
+from fedsync.storage import names
+from fedsync.storage.keys import Identity
+from fedsync.storage.markers import FORMAT_VERSION, FailedRow, JobMarker, OutputMarker, TaskRecord, to_dict
+from fedsync.storage.reasons import Unusable
+from fedsync.storage.share import Share
+from fedsync.storage.signing import output_message, verify
+
+
+@dataclass(frozen=True)
+class Device:
+    """Where and how this worker runs models: as it trains (fedsync/worker.py)."""
+
+    name: str
+    precision: str
+    channels_last: bool
+    batch_size: int  # the run's eval_batch_size: the batch on a CPU, the least on a GPU
+
+
+class Server:
+    def __init__(self, share: Share, worker: str, identity: Identity, task: Task, record: TaskRecord, run_id: str,
+                 device: Device, log: Log, state: Callable[..., None]) -> None:
+        self.share, self.worker, self.identity, self.task, self.record = share, worker, identity, task, record
+        self.run_id, self.device, self.log, self.state = run_id, device, log, state
+        self.jobs: dict[str, JobMarker] = {}     # job.yaml is written once: read once
+        self.model: tuple[str, nn.Module] | None = None  # (its hash, the model): kept while jobs use the same one
+        self.said: set[tuple[str, int | None, str]] = set()  # (job, chunk, why) said once
+
+    def next_chunk(self) -> tuple[JobMarker, int] | None:
+        """The first chunk of a running job that the plan gives this worker and it has not run yet."""
+        for job in list_jobs(self.share):
+            plan = read_plan(self.share, job)
+            queue = plan.queues.get(self.worker, []) if plan is not None and plan.state == "running" else []
+            if not queue:
+                continue
+            marker = self._job(job)
+            if marker is None:
+                continue
+            for chunk in queue:
+                if 0 <= chunk < len(marker.chunks) and not self._ran(marker, chunk):
+                    return marker, chunk
+        return None
+
+    def run(self, job: JobMarker, chunk: int) -> bool:
+        """Run one chunk and write its output; False when its files have not arrived whole yet (tried again at the
+        next look)."""
+        ref = job.chunks[chunk]
+        try:
+            tensors = load_verified(self.share, names.join(names.job_dir(job.job), ref.file), ref)
+            model = self._model(job)
+        except Unusable as e:
+            self._once(job.job, chunk, f"chunk {chunk}: its files are not usable yet ({e.detail}); waiting")
+            return False
+        self.state(state="serving")
+        started = time.perf_counter()
+        x, failed, error = self._inputs(tensors, ref.rows)
+        outputs = None
+        if error is None:
+            logits = predict(model, x, batch_size_for(self.device.name, x[0].nelement() * 4, self.device.batch_size),
+                             self.device.name, self.device.precision, self.device.channels_last)
+            outputs = save_state(self.share.write, names.output_tensors(job.job, chunk, self.worker),
+                                 {"logits": logits})
+        seconds = time.perf_counter() - started
+        marker = OutputMarker(format=FORMAT_VERSION, job=job.job, chunk=chunk, worker=self.worker, inputs=ref.blake3,
+                              model=job.model.blake3, outputs=outputs, rows=ref.rows, failed=failed, error=error,
+                              seconds=round(seconds, 4), device=self.device.name)
+        marker.signature = self.identity.sign(output_message(marker))
+        self.share.write_yaml(names.output_marker(job.job, chunk, self.worker), to_dict(marker))  # last
+        rate = ref.rows / seconds if seconds > 0 else None
+        self.state(state="idle", infer_samples_per_s=round(rate, 1) if rate and error is None else None)
+        problem = f"; {len(failed)} input(s) not predicted ({failed[0].reason}{' …' if len(failed) > 1 else ''})" \
+            if failed else ""
+        self.log(f"job {job.job}: chunk {chunk} ({ref.rows} inputs) " + (f"refused: {error}" if error else
+                 f"predicted in {seconds:.2f} s, {rate:.0f} inputs/s{problem}"))
+        return True
+
+    def _job(self, job: str) -> JobMarker | None:
+        if job not in self.jobs:
+            try:
+                marker = read_job(self.share, job)
+            except Exception:  # noqa: BLE001 - not written whole yet
+                return None
+            if marker.run_id != self.run_id or marker.task != self.record:
+                self._once(job, None, f"not serving it: its model is for {marker.task.name} (layout "
+                                      f"{marker.task.layout[:12]}) of run {marker.run_id}; this worker has "
+                                      f"{self.record.name} (layout {self.record.layout[:12]}) of run {self.run_id}")
+                return None
+            self.jobs[job] = marker
+        return self.jobs[job]
+
+    def _ran(self, job: JobMarker, chunk: int) -> bool:
+        """Whether this worker's own output for the chunk exists; one under its name that it did not sign is
+        someone else's, replaced by running the chunk."""
+        try:
+            m = self.share.read_record(OutputMarker, names.output_marker(job.job, chunk, self.worker))
+        except FileNotFoundError:
+            return False
+        except Exception:  # noqa: BLE001 - unreadable: not what this worker writes
+            return False
+        return verify(self.identity.public, output_message(m), m.signature) and m.inputs == job.chunks[chunk].blake3
+
+    def _model(self, job: JobMarker) -> nn.Module:
+        if self.model is None or self.model[0] != job.model.blake3:
+            self.model = None
+            model = self.task.build_model(job.model_name)
+            model.load_state_dict(load_verified(self.share, names.job_model(job.job), job.model))
+            self.model = (job.model.blake3, model)
+        return self.model[1]
+
+    def _inputs(self, tensors: dict[str, torch.Tensor], rows: int) -> tuple[torch.Tensor, list[FailedRow], str | None]:
+        """The chunk as the model's inputs, the rows that cannot be predicted, or why none can."""
+        shape = tuple(self.task.input_shape)
+        if "x" in tensors:
+            x = tensors["x"]
+            if x.dtype != torch.float32 or tuple(x.shape) != (rows, *shape):
+                return x, [], f"wrong_shape: x is {x.dtype} {list(x.shape)}; the model takes float32 [{rows}, " \
+                              + ", ".join(map(str, shape)) + "]"
+            bad = (~finite_rows(x)).nonzero().flatten().tolist()
+            return x, [FailedRow(row=i, reason="non_finite: NaN or infinite values") for i in bad], None
+        if "bytes" in tensors and "offsets" in tensors and self.task.scale_images is not None and len(shape) == 3:
+            return self._images(tensors["bytes"], tensors["offsets"], rows, shape)
+        return torch.empty(0), [], f"wrong_inputs: the chunk holds {', '.join(sorted(tensors))}; this task takes x" + \
+            (" or images (bytes, offsets)" if self.task.scale_images is not None else "")
+
+    def _images(self, data: torch.Tensor, offsets: torch.Tensor, rows: int,
+                shape: tuple[int, ...]) -> tuple[torch.Tensor, list[FailedRow], str | None]:
+        bounds = offsets.tolist()
+        if (offsets.dtype != torch.int64 or len(bounds) != rows + 1 or bounds[0] != 0 or bounds[-1] != len(data)
+                or any(b > a for a, b in zip(bounds[1:], bounds))):
+            return torch.empty(0), [], "wrong_inputs: offsets do not cut bytes into the chunk's images"
+        channels, size = shape[0], shape[1]
+        raw = data.numpy().tobytes()
+        pixels = torch.zeros(rows, *shape, dtype=torch.uint8)
+        failed = []
+        for i in range(rows):
+            try:
+                pixels[i] = decode(io.BytesIO(raw[bounds[i]:bounds[i + 1]]), size, channels)
+            except Exception as e:  # noqa: BLE001 - Pillow raises many kinds for a damaged or foreign file
+                failed.append(FailedRow(row=i, reason=f"unreadable_image: {type(e).__name__}: {e}"))
+        x = self.task.scale_images(pixels)  # type: ignore[misc]
+        if failed:
+            x[[f.row for f in failed]] = float("nan")  # predicted as nothing: NaN logits
+        return x, failed, None
+
+    def _once(self, job: str, chunk: int | None, message: str) -> None:
+        if (job, chunk, message) not in self.said:
+            self.said.add((job, chunk, message))
+            self.log(f"job {job}: {message}")
