@@ -27,7 +27,8 @@ from fedsync.storage.watch import ShareWatcher
 
 from .conftest import ENV, FEDSYNC, coordinator_identity, finish, run, start
 
-COMMANDS = ["coordinator", "worker", "trust", "status", "verify", "results", "eval", "export", "demo", "doctor"]
+COMMANDS = ["coordinator", "worker", "infer", "trust", "status", "verify", "results", "eval", "export", "demo",
+            "doctor"]
 NO_SHARE = {"doctor"}  # looks at this machine only
 
 
@@ -57,7 +58,7 @@ def test_options_show_what_they_take_and_flags_show_nothing(command: str) -> Non
     """Every option that takes a value names it as people write it (DIR, N, KEY=VALUE), never a Python type; a flag
     (--json, --help) shows no value at all, as if it took one."""
     out = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "120"}).output
-    options = [line for line in out.splitlines() if line.startswith("│ --")]
+    options = [line for line in out.splitlines() if re.match(r"│ (\*)?\s*--", line)]  # "*": a required option
     assert options and not [o for o in options if re.search(r"<(bool|str|int|float|path|list\[str\])>", o)], out
     for flag in ("--json", "--help"):
         for line in out.splitlines():

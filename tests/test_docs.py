@@ -23,7 +23,10 @@ from fedsync.storage.markers import (
     CoordinatorLease,
     Evaluation,
     FinalMarker,
+    JobMarker,
+    JobPlan,
     Manifest,
+    OutputMarker,
     Summary,
     TrustList,
     UpdateMarker,
@@ -41,7 +44,8 @@ README = (ROOT / "README.md").read_text()
 RECORDS = {"fedsync.yaml": Manifest, "coordinator.yaml": CoordinatorLease, "workers/<name>.yaml": WorkerInfo,
            "assignment.yaml": Assignment,
            "updates/<name>.yaml": UpdateMarker, "summary.yaml": Summary, "final.yaml": FinalMarker,
-           "trust.yaml": TrustList, "evaluation.yaml": Evaluation}
+           "trust.yaml": TrustList, "evaluation.yaml": Evaluation, "jobs/<job>/job.yaml": JobMarker,
+           "jobs/<job>/plan.yaml": JobPlan, "jobs/<job>/outputs/<chunk>.<worker>.yaml": OutputMarker}
 
 
 def _examples() -> dict[str, str]:

@@ -180,7 +180,7 @@ def worker(
                              memory_budget=None if data_memory is None else int(data_memory * 2**20)))
 
 
-@app.command(short_help="Run a model of the run over your inputs on the serving workers; merge the predictions.")
+@app.command(short_help="Predict your inputs with the run's model on the serving workers.")
 def infer(
     inputs: Annotated[Path, typer.Option(
         "--inputs", help="A safetensors file with a float tensor x shaped (N, *the model's input) and optionally "

@@ -8,9 +8,18 @@ from typing import Any
 from fedsync.base.errors import TrustError
 from fedsync.run.trust import read_trust, trust_state
 from fedsync.storage import names
+from fedsync.storage.jobs import list_jobs, read_plan
 from fedsync.storage.lease import read_lease
 from fedsync.storage.manifest import finished, read_manifest
-from fedsync.storage.markers import Assignment, CoordinatorLease, Evaluation, Summary, TrustedKey, WorkerInfo
+from fedsync.storage.markers import (
+    Assignment,
+    CoordinatorLease,
+    Evaluation,
+    JobMarker,
+    Summary,
+    TrustedKey,
+    WorkerInfo,
+)
 from fedsync.storage.share import Share
 from fedsync.storage.signing import fingerprint
 
@@ -91,6 +100,7 @@ def collect_status(share: Share) -> dict[str, Any]:
     if final is not None:
         status["final"] = {"round": final.round, "test_accuracy": final.test_accuracy}
         status["state"] = "finished"
+    status["jobs"] = _jobs(share)
     status["coordinator_key"] = fingerprint(manifest.coordinator_key)
     try:
         trusted = read_trust(share, manifest.run_id, manifest.coordinator_key)
@@ -109,11 +119,34 @@ def collect_status(share: Share) -> dict[str, Any]:
             "cuda_capability": info.cuda_capability, "precision": info.precision,
             "samples_per_s": info.samples_per_s, "device_fallback": info.device_fallback, "state": info.state,
             "training_step": info.training_step, "compile_s": info.compile_s, "own_samples": info.own_samples,
-            "sent_bytes": info.sent_bytes,
+            "sent_bytes": info.sent_bytes, "serves": info.serves, "infer_samples_per_s": info.infer_samples_per_s,
             "round": info.round, "last_heartbeat_s": None if age is None else round(age, 1),
             "key": fingerprint(info.public_key) if info.public_key else None,
             "trust": _trust(name, info.public_key, trusted.get(name), mode)})
     return status
+
+
+def _jobs(share: Share) -> list[dict[str, Any]]:
+    """Each inference job: its state and how far it got, by the submitter's plan."""
+    jobs = []
+    for name in list_jobs(share):
+        job: JobMarker | None = _load(share, JobMarker, names.job_marker(name))
+        plan = read_plan(share, name)
+        if job is None:
+            jobs.append({"name": name, "state": "being submitted"})
+            continue
+        done = sorted(c for cs in (plan.accepted.values() if plan else ()) for c in cs)
+        jobs.append({"name": name, "state": plan.state if plan else "submitted", "model": job.model_source,
+                     "inputs": job.inputs, "rows": job.rows, "chunks": len(job.chunks), "chunks_done": len(done),
+                     "rows_done": sum(job.chunks[c].rows for c in done if c < len(job.chunks)),
+                     "by_worker": {w: len(cs) for w, cs in sorted(plan.accepted.items())} if plan else {},
+                     "queues": plan.queues if plan else {},
+                     "problems": [{"chunk": x.chunk, "worker": x.worker, "reason": x.reason} for x in plan.problems]
+                     if plan else [],
+                     "plan_refreshed_s": None if plan is None or (m := _modified(share, names.job_dir(name),
+                                                                                  names.JOB_PLAN)) is None
+                     else round(time.time() - m, 1)})
+    return jobs
 
 
 def _trust(name: str, key: str | None, entry: TrustedKey | None, mode: str) -> str:
@@ -153,6 +186,17 @@ def format_status(st: dict[str, Any]) -> str:
     lines.append(f"coordinator key {st['coordinator_key']}")
     if st.get("trust_problem"):
         lines.append(f"  WARNING: {st['trust_problem']}")
+    for j in st["jobs"]:
+        if "rows" not in j:
+            lines.append(f"job {j['name']}: {j['state']}")
+            continue
+        by = ", ".join(f"{w} {n}" for w, n in j["by_worker"].items()) or "none yet"
+        lines.append(f"job {j['name']}: {j['state']}, {j['chunks_done']}/{j['chunks']} chunks ({j['rows_done']}/"
+                     f"{j['rows']} {j['inputs']} inputs), model {j['model']}; chunks by worker: {by}; plan refreshed "
+                     f"{j['plan_refreshed_s']} s ago")
+        if j["problems"]:
+            lines.append(f"  {len(j['problems'])} output(s) not taken, last: {j['problems'][-1]['worker']} chunk "
+                         f"{j['problems'][-1]['chunk']} ({j['problems'][-1]['reason']})")
     lines.append(f"workers ({len(st['workers'])}):")
     for w in st["workers"]:
         if "problem" in w:
@@ -163,6 +207,8 @@ def format_status(st: dict[str, Any]) -> str:
         if w["training_step"] != "eager":
             compiled = f" (compiled in {w['compile_s']:.0f} s)" if w["compile_s"] is not None else ""
             speed += f", {w['training_step']}{compiled}"
+        if w["serves"]:
+            speed += f", serves jobs at {w['infer_samples_per_s'] or 0:.0f} inputs/s"
         lines.append(f"  {w['name']}: {w['state']}, {w['device']} ({w['device_name']}{cap}, {w['precision']}{speed}), "
                      f"torch {w['torch']}, heartbeat {w['last_heartbeat_s']} s ago (file time, as seen from here)")
         own = f"; trains on {w['own_samples']} examples of its own" if w["own_samples"] is not None else ""

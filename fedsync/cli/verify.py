@@ -13,12 +13,16 @@ from dataclasses import dataclass, field
 from fedsync.base.errors import TrustError
 from fedsync.run.trust import read_trust
 from fedsync.storage import names
+from fedsync.storage.jobs import list_jobs
 from fedsync.storage.manifest import read_manifest
 from fedsync.storage.markers import (
     Assignment,
     CoordinatorLease,
     FileRef,
     FinalMarker,
+    JobMarker,
+    JobPlan,
+    OutputMarker,
     Summary,
     UpdateMarker,
     WorkerInfo,
@@ -98,11 +102,38 @@ def verify(share: Share) -> Report:
     _leftovers(report, share, "", recursive=False)
     if closed:
         _metrics(report, share, closed)
+    for job in list_jobs(share):
+        _job(report, share, job)
     final = _record(report, share, share.final_marker, FinalMarker, required=False, fix=RESTORE)
     if final is not None:
         _signed(report, share.final_marker, verify_signature(key, final_message(final), final.signature))
         _file(report, share, share.final_model, final.model, f"the final model: {RESTORE}")
     return report
+
+
+def _job(report: Report, share: Share, job: str) -> None:
+    """An inference job: its model, every chunk, and every output its plan took (signatures were checked by the
+    submitter when it took them, as updates' by the coordinator)."""
+    marker = _record(report, share, names.job_marker(job), JobMarker, required=True, level="hint",
+                     fix="the job was never submitted whole: run the same `fedsync infer` again, or delete its folder")
+    if marker is None:
+        return
+    folder = names.job_dir(job)
+    redo = "run the same `fedsync infer` again after deleting the job's folder: the job is rewritten from its inputs"
+    _file(report, share, names.job_model(job), marker.model, f"job {job}'s model: {redo}")
+    for chunk in marker.chunks:
+        _file(report, share, names.join(folder, chunk.file), chunk, f"job {job}'s inputs: {redo}")
+    plan = _record(report, share, names.job_plan(job), JobPlan, required=True, level="hint",
+                   fix="the submitter writes it: run the same `fedsync infer` again to continue the job")
+    for worker, chunks in (plan.accepted.items() if plan else ()):
+        for c in chunks:
+            m = _record(report, share, names.output_marker(job, c, worker), OutputMarker, required=True,
+                        fix=f"job {job} took this output; run the same `fedsync infer` again to predict chunk {c} anew")
+            if m is not None and m.outputs is not None:
+                _file(report, share, names.join(names.outputs_dir(job), m.outputs.file), m.outputs,
+                      f"job {job} took this output and it changed since; the same `fedsync infer` predicts chunk "
+                      f"{c} anew")
+    _leftovers(report, share, folder, recursive=True)
 
 
 def _signed(report: Report, name: str, valid: bool) -> None:

@@ -21,8 +21,8 @@ from fedsync.base.logs import Log
 from fedsync.learning.imagefolder import decode
 from fedsync.learning.infer import batch_size_for, finite_rows, predict
 from fedsync.learning.tasks import Task
-from fedsync.run.jobs import list_jobs, read_job, read_plan
 from fedsync.storage import names
+from fedsync.storage.jobs import list_jobs, read_job, read_plan
 from fedsync.storage.keys import Identity
 from fedsync.storage.markers import FORMAT_VERSION, FailedRow, JobMarker, OutputMarker, TaskRecord, to_dict
 from fedsync.storage.reasons import Unusable
@@ -48,6 +48,7 @@ class Server:
         self.jobs: dict[str, JobMarker] = {}     # job.yaml is written once: read once
         self.model: tuple[str, nn.Module] | None = None  # (its hash, the model): kept while jobs use the same one
         self.said: set[tuple[str, int | None, str]] = set()  # (job, chunk, why) said once
+        self.rate: float | None = None  # inputs per second over recent chunks, for routing
 
     def next_chunk(self) -> tuple[JobMarker, int] | None:
         """The first chunk of a running job that the plan gives this worker and it has not run yet."""
@@ -89,8 +90,10 @@ class Server:
                               seconds=round(seconds, 4), device=self.device.name)
         marker.signature = self.identity.sign(output_message(marker))
         self.share.write_yaml(names.output_marker(job.job, chunk, self.worker), to_dict(marker))  # last
-        rate = ref.rows / seconds if seconds > 0 else None
-        self.state(state="idle", infer_samples_per_s=round(rate, 1) if rate and error is None else None)
+        rate = ref.rows / seconds if seconds > 0 else 0.0
+        if error is None and rate > 0:  # smoothed: one small chunk's time is noisy
+            self.rate = rate if self.rate is None else (self.rate + rate) / 2
+        self.state(state="idle", **({"infer_samples_per_s": round(self.rate, 1)} if self.rate else {}))
         problem = f"; {len(failed)} input(s) not predicted ({failed[0].reason}{' …' if len(failed) > 1 else ''})" \
             if failed else ""
         self.log(f"job {job.job}: chunk {chunk} ({ref.rows} inputs) " + (f"refused: {error}" if error else
@@ -112,13 +115,13 @@ class Server:
         return self.jobs[job]
 
     def _ran(self, job: JobMarker, chunk: int) -> bool:
-        """Whether this worker's own output for the chunk exists; one under its name that it did not sign is
-        someone else's, replaced by running the chunk."""
+        """Whether this worker's own output for the chunk is there whole; one under its name that it did not sign,
+        or whose tensors changed since, is replaced by running the chunk again."""
         try:
             m = self.share.read_record(OutputMarker, names.output_marker(job.job, chunk, self.worker))
-        except FileNotFoundError:
-            return False
-        except Exception:  # noqa: BLE001 - unreadable: not what this worker writes
+            if m.outputs is not None:
+                self.share.read_verified(names.join(names.outputs_dir(job.job), m.outputs.file), m.outputs)
+        except Exception:  # noqa: BLE001 - absent, unreadable or changed: not (or no longer) what this worker wrote
             return False
         return verify(self.identity.public, output_message(m), m.signature) and m.inputs == job.chunks[chunk].blake3
 

@@ -54,13 +54,17 @@ class _Poller(threading.Thread):
         self.previous: frozenset[tuple[object, ...]] | None = None
 
     def snapshot(self) -> frozenset[tuple[object, ...]]:
-        """What the active folders hold: the share's top (which names the rounds), workers/, and the newest
-        rounds with their updates/ (one listing request each on an object store)."""
+        """What the active folders hold: the share's top (which names the rounds), workers/, the newest rounds with
+        their updates/, and each inference job's folder and outputs/ (one listing request each on an object store)."""
         seen: list[tuple[object, ...]] = []
         top = self._listed("", seen)
         newest = sorted(int(n) for n in top if names.ROUND_DIR.match(n))[-POLLED_ROUNDS:]
         for folder in [names.WORKERS] + [f for r in newest for f in (names.round_dir(r), names.updates_dir(r))]:
             self._listed(folder, seen)
+        if names.JOBS in top:  # inference jobs: each one's plan and outputs
+            for job in self._listed(names.JOBS, seen):
+                self._listed(names.job_dir(job), seen)
+                self._listed(names.outputs_dir(job), seen)
         return frozenset(seen)
 
     def _listed(self, folder: str, seen: list[tuple[object, ...]]) -> list[str]:

@@ -1,0 +1,206 @@
+"""Inference jobs through real processes (docs/PROTOCOL.md section 5.14): after a digits run, serving workers and
+`fedsync infer` predict the test set with the accuracy the run recorded; a serving worker SIGKILLed mid-job and the
+submitter killed and started again still give every input exactly once; bad inputs are named, never a crash."""
+
+from __future__ import annotations
+
+import csv
+import io
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from fedsync.learning.data import load_digits
+from fedsync.storage import names
+from fedsync.storage.jobs import list_jobs, read_plan
+from fedsync.storage.markers import FinalMarker, OutputMarker, WorkerInfo
+from fedsync.storage.share import Share
+
+from .conftest import finish, killed_on_error, run, start, wait_until
+
+SETTINGS = ("--set", "min_workers=2", "--set", "heartbeat=1", "--set", "worker_timeout=5")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished two-round digits run whose workers have left (each test starts its own serving workers)."""
+    share = tmp_path_factory.mktemp("infer") / "share"
+    share.mkdir()
+    coord = start("coordinator", "--share", str(share), "--rounds", "2", *SETTINGS)
+    workers = [start("worker", "--share", str(share), "--name", f"t{i}", "--wait-for-run", "60") for i in (1, 2)]
+    with killed_on_error(coord, *workers):
+        out = finish(coord, timeout=180)
+        for w in workers:
+            finish(w, timeout=30)
+    assert coord.returncode == 0, out
+    return share
+
+
+@pytest.fixture(scope="module")
+def test_set(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.Tensor]:
+    """The coordinator's test examples (seed 0, test_fraction 0.2, eval_samples null) as a safetensors file."""
+    test = load_digits(0, 0.2).test
+    path = tmp_path_factory.mktemp("inputs") / "digits-test.safetensors"
+    save_file({"x": test.x.contiguous(), "ids": torch.arange(5000, 5000 + len(test.y))}, str(path))
+    return path, test.y
+
+
+def serving(share: Path, name: str, slowdown: float | None = None) -> subprocess.Popen[str]:
+    return start("worker", "--share", str(share), "--name", name, "--serve",
+                 env={"FEDSYNC_SLOWDOWN": str(slowdown)} if slowdown else None)
+
+
+def stop(*procs: subprocess.Popen[str]) -> list[str]:
+    outs = []
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGINT)
+        outs.append(finish(p, timeout=30))
+    return outs
+
+
+def predictions(out: Path) -> list[dict[str, str]]:
+    with open(out, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def accuracy(rows: list[dict[str, str]], labels: torch.Tensor) -> float:
+    return sum(int(r["class"]) == int(labels[int(r["index"])]) for r in rows) / len(labels)
+
+
+def test_two_serving_workers_reproduce_the_runs_test_accuracy(trained: Path, test_set: tuple[Path, torch.Tensor],
+                                                              tmp_path: Path) -> None:
+    inputs, labels = test_set
+    s = Share(trained)
+    final = s.read_record(FinalMarker, s.final_marker)
+    workers = [serving(trained, f"s{i}") for i in (1, 2)]
+    out = tmp_path / "preds.csv"
+    with killed_on_error(*workers):
+        done = run("infer", "--share", str(trained), "--inputs", str(inputs), "--out", str(out), "--chunk-rows", "24",
+                   "--name", "whole", timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        status = run("status", "--share", str(trained))
+        logs = stop(*workers)
+    rows = predictions(out)
+    assert [int(r["index"]) for r in rows] == list(range(len(labels)))
+    assert [r["id"] for r in rows] == [str(5000 + i) for i in range(len(labels))]
+    assert accuracy(rows, labels) == pytest.approx(final.test_accuracy, abs=1e-12)  # the same model, the same answer
+    logits = load_file(str(tmp_path / "preds.safetensors"))["logits"]
+    assert logits.shape == (len(labels), 10)
+    assert [int(c) for c in logits.argmax(1)] == [int(r["class"]) for r in rows]
+    plan = read_plan(s, "whole")
+    assert plan is not None and plan.state == "done" and plan.queues == {}
+    assert sorted(c for cs in plan.accepted.values() for c in cs) == list(range(15))
+    assert set(plan.accepted) == {"s1", "s2"}, plan.accepted  # both served
+    assert "job whole: done, 15/15 chunks" in status.stdout, status.stdout
+    assert all("predicted in" in log for log in logs), logs
+    info = s.read_record(WorkerInfo, s.worker_file("s1"))
+    assert info.serves and info.infer_samples_per_s and info.state == "stopped"
+    check = run("verify", "--share", str(trained))
+    assert check.returncode == 0, check.stdout
+    again = run("infer", "--share", str(trained), "--inputs", str(inputs), "--out", str(tmp_path / "again.csv"),
+                "--chunk-rows", "24", "--name", "whole", timeout=60)
+    assert again.returncode == 0 and "continuing job whole" in again.stdout, again.stdout
+    assert predictions(tmp_path / "again.csv") == rows  # a finished job merges again, no worker needed
+    other = run("infer", "--share", str(trained), "--inputs", str(inputs), "--out", str(tmp_path / "x.csv"),
+                "--chunk-rows", "30", "--name", "whole", timeout=60)
+    assert other.returncode == 3 and "another chunk rows" in other.stderr, other.stderr
+
+
+def test_a_killed_worker_and_a_killed_submitter_lose_and_double_nothing(
+        trained: Path, test_set: tuple[Path, torch.Tensor], tmp_path: Path) -> None:
+    inputs, labels = test_set
+    s = Share(trained)
+    slow = [serving(trained, f"k{i}", slowdown=60) for i in (1, 2)]
+    out = tmp_path / "preds.csv"
+    args = ("infer", "--share", str(trained), "--inputs", str(inputs), "--out", str(out), "--chunk-rows", "8",
+            "--name", "killed")
+    submitter = start(*args)
+    with killed_on_error(submitter, *slow):
+        def taken() -> int:
+            plan = read_plan(s, "killed")
+            return sum(len(cs) for cs in plan.accepted.values()) if plan else 0
+
+        wait_until(lambda: taken() >= 4, 120, "four chunks taken")
+        submitter.kill()  # SIGKILL, mid-job
+        submitter.communicate()
+        victim = slow[0]
+        wait_until(lambda: (read_plan(s, "killed") or None) is not None, 5, "the plan")
+        victim.kill()  # SIGKILL: no stopped state, its heartbeat just ends; its chunks go to the other after 5 s
+        victim.communicate()
+        before = taken()
+        restarted = start(*args)
+        out_text = finish(restarted, timeout=180)
+        logs = stop(slow[1])
+    assert restarted.returncode == 0, out_text
+    assert "continuing job killed" in out_text and before < 45
+    rows = predictions(out)
+    assert [int(r["index"]) for r in rows] == list(range(len(labels)))  # every input exactly once, in order
+    assert accuracy(rows, labels) == pytest.approx(s.read_record(FinalMarker, s.final_marker).test_accuracy, abs=1e-12)
+    plan = read_plan(s, "killed")
+    assert plan is not None and plan.state == "done"
+    taken_chunks = sorted(c for cs in plan.accepted.values() for c in cs)
+    assert taken_chunks == list(range(45))  # each chunk's output taken once
+    assert "k2" in plan.accepted and "k1" not in plan.queues
+    assert "predicted in" in logs[0]
+
+
+def test_bad_inputs_are_named_per_input_and_wrong_shapes_refused_before_anything_is_written(
+        trained: Path, test_set: tuple[Path, torch.Tensor], tmp_path: Path) -> None:
+    inputs, labels = test_set
+    x = load_file(str(inputs))["x"][:40].clone()
+    x[3, 0, 0, 0] = float("nan")
+    x[17, 0, 4, 4] = float("inf")
+    bad = tmp_path / "bad.safetensors"
+    save_file({"x": x}, str(bad))
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    for i in range(12):
+        pixels = (load_file(str(inputs))["x"][i, 0] * 255).round().to(torch.uint8).numpy()
+        buffer = io.BytesIO()
+        Image.fromarray(pixels, mode="L").save(buffer, format="PNG")
+        (images / ("sub" if i % 2 else "") / f"img{i:02d}.png").write_bytes(buffer.getvalue())
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is no image")
+    (images / "notes.txt").write_text("not an image: never listed")
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({"x": torch.zeros(5, 3, 8, 8)}, str(wrong))
+
+    refused = run("infer", "--share", str(trained), "--inputs", str(wrong), "--out", str(tmp_path / "w.csv"))
+    assert refused.returncode == 6 and "x is shaped [5, 3, 8, 8]" in refused.stderr, refused.stderr
+    assert not any(j.startswith("wrong") for j in list_jobs(Share(trained)))
+
+    worker = serving(trained, "b1")
+    with killed_on_error(worker):
+        done = run("infer", "--share", str(trained), "--inputs", str(bad), "--out", str(tmp_path / "bad.csv"),
+                   "--chunk-rows", "16", timeout=120)
+        pictures = run("infer", "--share", str(trained), "--inputs", str(images), "--out",
+                       str(tmp_path / "img.csv"), "--chunk-rows", "5", timeout=120)
+        stop(worker)
+    assert done.returncode == 0, done.stderr
+    assert "2 could not be predicted" in done.stdout, done.stdout
+    rows = predictions(tmp_path / "bad.csv")
+    assert {int(r["index"]) for r in rows if r["problem"]} == {3, 17}
+    assert all(r["problem"].startswith("non_finite") and r["class"] == "" for r in rows if int(r["index"]) in (3, 17))
+    assert all(r["class"] != "" for r in rows if int(r["index"]) not in (3, 17))
+
+    assert pictures.returncode == 0, pictures.stderr
+    rows = predictions(tmp_path / "img.csv")
+    assert [r["id"] for r in rows] == sorted(r["id"] for r in rows) and len(rows) == 13  # the .txt is not an input
+    broken = [r for r in rows if r["id"] == "broken.png"]
+    assert broken[0]["problem"].startswith("unreadable_image") and broken[0]["class"] == ""
+    by_image = {r["id"]: int(r["class"]) for r in rows if r["id"] != "broken.png"}
+    expected = {(f"sub/img{i:02d}.png" if i % 2 else f"img{i:02d}.png"): int(labels[i]) for i in range(12)}
+    assert sum(by_image[k] == v for k, v in expected.items()) >= 11  # 8-bit images of the test digits
+
+    s = Share(trained)
+    for job in list_jobs(s):
+        plan = read_plan(s, job)
+        for worker_name, chunks in (plan.accepted.items() if plan else ()):
+            for c in chunks:
+                m = s.read_record(OutputMarker, names.output_marker(job, c, worker_name))
+                assert m.signature and m.job == job
