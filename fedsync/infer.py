@@ -311,6 +311,7 @@ class Submitter:
                          f"({e.reason}: {e.detail}); running the chunk again")
                 del self.done[chunk]
                 return None
+        started = time.perf_counter()
         spans = chunk_spans(self.job)
         classes = self.task.num_classes
 
@@ -329,5 +330,6 @@ class Submitter:
         written = write_predictions(self.opts.out, self.job.rows, classes, metadata, merged())
         by = {w: sum(1 for x in self.done.values() if x == w) for w in sorted(set(self.done.values()))}
         self.log(f"job {self.job.job}: all {len(self.rows)} chunks done (by worker: "
-                 f"{', '.join(f'{w} {n}' for w, n in by.items())}); wrote {written.csv} and {written.logits}")
+                 f"{', '.join(f'{w} {n}' for w, n in by.items())}); wrote {written.csv} and {written.logits} "
+                 f"in {time.perf_counter() - started:.2f} s")
         return written

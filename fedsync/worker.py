@@ -103,6 +103,15 @@ class Heartbeat:
             self.writes.attempt(lambda: self.share.write_yaml(self.share.worker_file(self.info.name),
                                                               to_dict(self.info)))
 
+    def note(self, **changes: object) -> None:
+        """Record a change; written now only when the state changes, else by the next beat (a serving worker runs
+        many chunks a second, and every write wakes every process that watches the share)."""
+        if changes.get("state", self.info.state) != self.info.state:
+            self.update(**changes)
+            return
+        with self.lock:
+            self.info = replace(self.info, **changes)  # type: ignore[arg-type]
+
     def stop(self) -> None:
         self.stopped.set()
         self.thread.join(timeout=5)
@@ -193,7 +202,7 @@ class Worker:
         if opts.serve:
             self.server = Server(share, name, identity, self.task, task_record(self.cfg), manifest.run_id,
                                  Device(self.device, self.precision, self._settings(1, None).channels_last,
-                                        self.cfg.eval_batch_size), log, self.heartbeat.update)
+                                        self.cfg.eval_batch_size), log, self.heartbeat.note)
 
     def run(self) -> FinalMarker | None:
         # the data is checked before the first change to the share: a failed start leaves it as it was

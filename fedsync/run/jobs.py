@@ -49,10 +49,10 @@ class OutputRefused(Exception):
 
 
 def default_chunk_rows(rows: int, example_bytes: int) -> int:
-    """Chunks of about 4 MiB of inputs (at least 64 of them when there are enough inputs, so that two or more
+    """Chunks of about 4 MiB of inputs (at least 32 of them when there are enough inputs, so that two or more
     workers share the end of a job evenly), between 256 and 65,536 inputs, and few enough for job.yaml."""
     by_size = max(256, min(65_536, (4 << 20) // max(example_bytes, 1)))
-    spread = max(256, -(-rows // 64))
+    spread = max(256, -(-rows // 32))
     return max(min(by_size, spread), -(-rows // MAX_CHUNKS))
 
 

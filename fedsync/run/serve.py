@@ -51,7 +51,14 @@ class Server:
         self.rate: float | None = None  # inputs per second over recent chunks, for routing
 
     def next_chunk(self) -> tuple[JobMarker, int] | None:
-        """The first chunk of a running job that the plan gives this worker and it has not run yet."""
+        """The first chunk of a running job that the plan gives this worker and it has not run yet (None: the
+        worker is idle again)."""
+        found = self._next()
+        if found is None:
+            self.state(state="idle")
+        return found
+
+    def _next(self) -> tuple[JobMarker, int] | None:
         for job in list_jobs(self.share):
             plan = read_plan(self.share, job)
             queue = plan.queues.get(self.worker, []) if plan is not None and plan.state == "running" else []
@@ -93,7 +100,8 @@ class Server:
         rate = ref.rows / seconds if seconds > 0 else 0.0
         if error is None and rate > 0:  # smoothed: one small chunk's time is noisy
             self.rate = rate if self.rate is None else (self.rate + rate) / 2
-        self.state(state="idle", **({"infer_samples_per_s": round(self.rate, 1)} if self.rate else {}))
+        if self.rate:
+            self.state(infer_samples_per_s=round(self.rate, 1))
         problem = f"; {len(failed)} input(s) not predicted ({failed[0].reason}{' …' if len(failed) > 1 else ''})" \
             if failed else ""
         self.log(f"job {job.job}: chunk {chunk} ({ref.rows} inputs) " + (f"refused: {error}" if error else

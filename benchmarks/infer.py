@@ -1,0 +1,137 @@
+"""Batch inference over the share (docs/PROTOCOL.md section 5.14) against a bare in-process loop, in the same run.
+
+After a one-round digits run (the weights do not change the cost), 100,000 digits-shaped inputs are predicted
+(1) by a bare loop in this process: the run's final model, `fedsync.learning.infer.predict` over all of them in
+batches of the run's eval_batch_size, on the CPU with torch's default threads; (2) by `fedsync infer` with two
+serving worker processes (`--serve`, one CPU thread each: two CPU workers on this machine's two cores), timed from
+the job's submission to its merged CSV (the command's wall time, Python's and torch's start included, is printed
+too); (3) the same with one of the two workers slowed down (FEDSYNC_SLOWDOWN), printing the chunks each ran.
+Usage: python benchmarks/infer.py [--inputs N] [--slowdown F] [--chunk-rows N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save_file
+
+from fedsync.learning.infer import predict
+from fedsync.learning.tasks import get_task
+from fedsync.storage.jobs import read_plan
+from fedsync.storage.markers import FinalMarker, JobPlan, WorkerInfo
+from fedsync.storage.share import Share
+
+FED = [sys.executable, "-m", "fedsync"]
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+STAMP = re.compile(r"^(\d\d:\d\d:\d\d\.\d+) \[infer\] (.*)$", re.M)
+
+
+def trained(share: Path) -> None:
+    procs = [subprocess.Popen(FED + ["coordinator", "--share", str(share), "--rounds", "1"], env=ENV,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
+             subprocess.Popen(FED + ["worker", "--share", str(share), "--name", "trainer", "--wait-for-run", "60"],
+                              env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    if any(p.returncode for p in procs):
+        sys.exit("the training run failed:\n" + "\n".join(outs))
+
+
+def serving(share: Path, name: str, slowdown: float) -> subprocess.Popen[str]:
+    env = {**ENV, "OMP_NUM_THREADS": "1", "FEDSYNC_SLOWDOWN": f"{slowdown:g}"}
+    return subprocess.Popen(FED + ["worker", "--share", str(share), "--name", name, "--serve"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+
+
+def job(share: Path, inputs: Path, out: Path, name: str, chunk_rows: int | None) -> tuple[float, float]:
+    """(seconds from submission to merged output, the command's wall time)."""
+    started = time.perf_counter()
+    extra = ["--chunk-rows", str(chunk_rows)] if chunk_rows else []
+    done = subprocess.run(FED + ["infer", "--share", str(share), "--inputs", str(inputs), "--out", str(out),
+                                 "--name", name, *extra], env=ENV, capture_output=True, text=True, timeout=1200)
+    wall = time.perf_counter() - started
+    if done.returncode:
+        sys.exit(f"fedsync infer failed:\n{done.stdout}{done.stderr}")
+    stamps = STAMP.findall(done.stdout)  # the first says "submitting job", the last "all N chunks done"
+    first, last = (datetime.strptime(stamps[i][0], "%H:%M:%S.%f") for i in (0, -1))
+    return (last - first).total_seconds(), wall
+
+
+def wait_serving(share: Path, names: list[str], timeout: float = 120) -> None:
+    s, end = Share(share), time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            if all(s.read_record(WorkerInfo, s.worker_file(n)).serves for n in names):
+                return
+        except Exception:  # noqa: BLE001 - not registered yet
+            pass
+        time.sleep(0.2)
+    sys.exit(f"workers {names} did not register within {timeout:.0f} s")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--inputs", type=int, default=100_000)
+    ap.add_argument("--slowdown", type=float, default=4.0, help="how many times slower the slowed worker predicts")
+    ap.add_argument("--chunk-rows", type=int, default=None, help="default: fedsync's (32 chunks here)")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        share, root = Path(tmp) / "share", Path(tmp)
+        share.mkdir()
+        trained(share)
+        s = Share(share)
+        final = s.read_record(FinalMarker, s.final_marker)
+        model = get_task("digits").build_model("digits_cnn")
+        model.load_state_dict(st_load(s.read_verified(s.final_model, final.model)))
+        x = torch.rand(args.inputs, 1, 8, 8)
+        save_file({"x": x}, str(root / "inputs.safetensors"))
+
+        predict(model, x[:1024], 1024, "cpu")  # warm-up
+        started = time.perf_counter()
+        bare_logits = predict(model, x, 1024, "cpu")
+        bare = time.perf_counter() - started
+        print(f"{args.inputs} digits-shaped inputs, digits_cnn, this machine's {os.cpu_count()} cores")
+        print(f"bare in-process loop (torch threads {torch.get_num_threads()}, batch 1024): {bare:.2f} s, "
+              f"{args.inputs / bare:,.0f} inputs/s")
+
+        seconds, wall, plan = served(share, root, "equal", 1.0, args.chunk_rows)
+        merged = st_load((root / "equal.safetensors").read_bytes())["logits"]
+        same = int((merged.argmax(1) == bare_logits.argmax(1)).sum())
+        print(f"fedsync infer, 2 serving CPU workers (1 thread each): {seconds:.2f} s submission to merged output, "
+              f"{args.inputs / seconds:,.0f} inputs/s = {bare / seconds:.2f}x the bare loop (goal >= 0.8x); command "
+              f"wall time {wall:.2f} s ({bare / wall:.2f}x); chunks by worker {chunks_by(plan)}; {same}/{args.inputs} "
+              "predictions equal to the bare loop's")
+        seconds, wall, plan = served(share, root, "slowed", args.slowdown, args.chunk_rows)
+        print(f"one worker slowed {args.slowdown:g}x: {seconds:.2f} s, {args.inputs / seconds:,.0f} inputs/s; chunks "
+              f"by worker {chunks_by(plan)} (w2 is the slowed one); {len(plan.problems) if plan else 0} duplicate or "
+              "refused output(s)")
+
+
+def served(share: Path, root: Path, name: str, slowdown: float, chunk_rows: int | None
+           ) -> tuple[float, float, JobPlan | None]:
+    """Job `name` over the inputs with two fresh serving workers, w2 slowed `slowdown` times."""
+    workers = [serving(share, "w1", 1), serving(share, "w2", slowdown)]
+    try:
+        wait_serving(share, ["w1", "w2"])
+        seconds, wall = job(share, root / "inputs.safetensors", root / f"{name}.csv", name, chunk_rows)
+    finally:
+        for w in workers:
+            w.terminate()
+            w.wait(timeout=30)
+    return seconds, wall, read_plan(Share(share), name)
+
+
+def chunks_by(plan: JobPlan | None) -> dict[str, int]:
+    return {w: len(c) for w, c in plan.accepted.items()} if plan else {}
+
+if __name__ == "__main__":
+    main()
