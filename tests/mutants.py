@@ -20,6 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 LATE_LEDGER = "tests/test_late.py::test_late_ledger_weighs_by_age_and_looks_back_max_staleness_rounds"
+JUDGED = "tests/test_infer.py::test_an_output_counts_only_signed_whole_and_finite_and_the_first_one_wins"
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,20 @@ MUTANTS = [
     Mutant("the lease on an object store is written unconditionally", "fedsync/storage/objects.py",
            'mode: Any = "create" if previous is None else {"e_tag": previous[0]}', 'mode: Any = "overwrite"',
            ("tests/test_object_store.py::test_the_lease_on_a_store_is_written_only_over_the_version_last_seen",)),
+    Mutant("an inference output counts without its worker's signature", "fedsync/run/jobs.py",
+           "if not verify(key, output_message(m), m.signature):", "if False:", (JUDGED,)),
+    Mutant("NaN logits in rows an output does not say failed are taken", "fedsync/run/jobs.py",
+           "if not bool(torch.isfinite(logits[ok]).all()):", "if False:", (JUDGED,)),
+    Mutant("a second output for a taken chunk replaces the first", "fedsync/infer.py",
+           "if chunk in self.done:", "if False:", (JUDGED,)),
+    Mutant("a worker that stops heartbeating keeps its chunks", "fedsync/run/routing.py",
+           "kept = {w: [c for c in queues.get(w, []) if c not in done] for w in speeds}",
+           "kept = {w: [c for c in queues.get(w, []) if c not in done] for w in {**queues, **speeds}}",
+           ("tests/test_routing.py::test_a_worker_that_stops_heartbeating_loses_its_chunks_to_the_others",)),
+    Mutant("no one takes over a slow worker's chunks at the end of a job", "fedsync/run/routing.py",
+           "if not pending:", "if False:",
+           ("tests/test_routing.py::test_at_the_tail_an_idle_faster_worker_takes_a_waiting_chunk_or_copies_a_running_one",
+            "tests/test_routing.py::test_fast_workers_end_up_with_more_chunks_in_proportion_to_their_speed")),
 ]
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import io
-import signal
 import subprocess
 from pathlib import Path
 
@@ -15,13 +14,21 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from fedsync.aggregation.tensors import save_state
+from fedsync.infer import InferOptions, Submitter
 from fedsync.learning.data import load_digits
+from fedsync.learning.inputs import open_inputs
+from fedsync.run.config import config_from_dict
+from fedsync.run.jobs import write_job
+from fedsync.run.start import task_record
 from fedsync.storage import names
 from fedsync.storage.jobs import list_jobs, read_plan
-from fedsync.storage.markers import FinalMarker, OutputMarker, WorkerInfo
+from fedsync.storage.manifest import read_manifest
+from fedsync.storage.markers import FORMAT_VERSION, FinalMarker, OutputMarker, WorkerInfo, to_dict
 from fedsync.storage.share import Share
+from fedsync.storage.signing import output_message
 
-from .conftest import finish, killed_on_error, run, start, wait_until
+from .conftest import finish, killed_on_error, register_worker, run, start, wait_until, worker_identity
 
 SETTINGS = ("--set", "min_workers=2", "--set", "heartbeat=1", "--set", "worker_timeout=5")
 
@@ -56,12 +63,11 @@ def serving(share: Path, name: str, slowdown: float | None = None) -> subprocess
 
 
 def stop(*procs: subprocess.Popen[str]) -> list[str]:
-    outs = []
+    """SIGTERM, as `kill` or systemd would: a serving worker leaves as on Ctrl-C (state stopped)."""
     for p in procs:
         if p.poll() is None:
-            p.send_signal(signal.SIGINT)
-        outs.append(finish(p, timeout=30))
-    return outs
+            p.terminate()
+    return [finish(p, timeout=30) for p in procs]
 
 
 def predictions(out: Path) -> list[dict[str, str]]:
@@ -81,6 +87,9 @@ def test_two_serving_workers_reproduce_the_runs_test_accuracy(trained: Path, tes
     workers = [serving(trained, f"s{i}") for i in (1, 2)]
     out = tmp_path / "preds.csv"
     with killed_on_error(*workers):
+        for name in ("s1", "s2"):  # both serving before the job starts, so both get chunks from the first plan on
+            wait_until(lambda: s.exists(s.worker_file(name)) and s.read_record(WorkerInfo, s.worker_file(name)).serves,
+                       120, f"{name} to register")
         done = run("infer", "--share", str(trained), "--inputs", str(inputs), "--out", str(out), "--chunk-rows", "24",
                    "--name", "whole", timeout=120)
         assert done.returncode == 0, done.stdout + done.stderr
@@ -204,3 +213,58 @@ def test_bad_inputs_are_named_per_input_and_wrong_shapes_refused_before_anything
             for c in chunks:
                 m = s.read_record(OutputMarker, names.output_marker(job, c, worker_name))
                 assert m.signature and m.job == job
+
+
+def test_an_output_counts_only_signed_whole_and_finite_and_the_first_one_wins(
+        trained: Path, test_set: tuple[Path, torch.Tensor], tmp_path: Path) -> None:
+    """The submitter's judgement (fedsync/run/jobs.py check_output, fedsync/infer.py) on outputs written by hand, as
+    a forger, a broken worker and two honest ones would."""
+    s = Share(trained)
+    manifest = read_manifest(s)
+    cfg = config_from_dict(manifest.config, "fedsync.yaml")
+    task = cfg.resolved_task()
+    path = tmp_path / "twenty.safetensors"
+    save_file({"x": load_file(str(test_set[0]))["x"][:20].contiguous()}, str(path))
+    inputs = open_inputs(path, task.input_shape, True)
+    final = s.read_record(FinalMarker, s.final_marker)
+    job = write_job(s, "judged", manifest.run_id, task_record(cfg), cfg.model,
+                    s.read_verified(s.final_model, final.model), "final", inputs, inputs.identity(), 10,
+                    lambda i, n: None)
+    for name in ("j1", "j2", "j3"):
+        register_worker(s, name)
+    said: list[str] = []
+    submitter = Submitter(s, job, cfg, task, inputs, InferOptions(share=trained, inputs=path, out=tmp_path / "o.csv"),
+                          None, said.append)  # type: ignore[arg-type]
+    submitter.liveness.scan()
+
+    def output(worker: str, chunk: int, logits: torch.Tensor, signer: str | None = None,
+               inputs_hash: str | None = None) -> None:
+        ref = save_state(s.write, names.output_tensors("judged", chunk, worker), {"logits": logits})
+        marker = OutputMarker(format=FORMAT_VERSION, job="judged", chunk=chunk, worker=worker,
+                              inputs=inputs_hash or job.chunks[chunk].blake3, model=job.model.blake3, outputs=ref,
+                              rows=10)
+        marker.signature = worker_identity(signer or worker).sign(output_message(marker))
+        s.write_yaml(names.output_marker("judged", chunk, worker), to_dict(marker))
+
+    def problems() -> list[tuple[int, str, str]]:
+        return [(p.chunk, p.worker, p.reason) for p in submitter.plan.problems]
+
+    logits = torch.randn(10, 10)
+    output("j1", 0, logits, signer="j2")  # a forgery: j1's name, another key
+    submitter._collect()
+    assert 0 not in submitter.done and problems() == [(0, "j1", "bad_signature")]
+    nan = logits.clone()
+    nan[3, 2] = float("nan")  # a NaN in a row the marker does not say failed
+    output("j1", 0, nan)
+    submitter._collect()
+    assert 0 not in submitter.done and problems()[-1] == (0, "j1", "non_finite")
+    output("j1", 1, logits, inputs_hash="0" * 64)  # computed over other inputs
+    submitter._collect()
+    assert 1 not in submitter.done and problems()[-1] == (1, "j1", "wrong_inputs")
+    output("j2", 0, logits)
+    submitter._collect()
+    assert submitter.done == {0: "j2"}
+    output("j3", 0, logits + 1)
+    submitter._collect()
+    assert submitter.done == {0: "j2"} and problems()[-1] == (0, "j3", "duplicate")  # the first one stands
+    assert any("j3 for chunk 0 not taken: duplicate" in line for line in said)

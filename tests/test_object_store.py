@@ -1,16 +1,20 @@
 """A share in an object store (docs/PROTOCOL.md section 4, "On an object store"), against a real S3-compatible
 server on 127.0.0.1: the Store operations, and a whole run of real fedsync processes through it (a coordinator
-killed and restarted, a bad update, `fedsync verify`)."""
+killed and restarted, a bad update, an inference job on the serving workers, `fedsync verify`)."""
 
 from __future__ import annotations
 
+import csv
 import os
 import signal
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from safetensors.torch import save_file
 
 from fedsync.base.errors import ShareError
+from fedsync.learning.data import load_digits
 from fedsync.storage.hashing import hash_bytes
 from fedsync.storage.lease import Lease, read_lease
 from fedsync.storage.markers import FORMAT_VERSION, Assignment, CoordinatorLease, FinalMarker, Summary, parse, to_dict
@@ -127,14 +131,16 @@ def test_an_unreachable_store_and_events_on_a_store_are_one_line_errors(s3: S3Se
     assert out.returncode == 3 and "is an object store, which only listing sees" in out.stderr, out.stderr
 
 
-def test_a_run_through_the_object_store_survives_a_killed_coordinator_and_a_bad_update(s3: S3Server) -> None:
+def test_a_run_through_the_object_store_survives_a_killed_coordinator_and_a_bad_update_then_serves_a_job(
+        s3: S3Server, tmp_path: Path) -> None:
     url = s3.url("run")
     share = Share(url)
     coord_args = ["coordinator", "--share", url, "--rounds", "3", "--set", "min_workers=3", "--set", "quorum=2",
                   "--set", "worker_timeout=120"]
     register_worker(share, "bad")  # the test's own worker: it is assigned a shard and sends damage in round 2
     coord = start(*coord_args, fault="coordinator:after-summary:1", env=s3.env)
-    workers = [start("worker", "--share", url, "--name", w, "--device", "cpu", env=s3.env) for w in ("w1", "w2")]
+    workers = [start("worker", "--share", url, "--name", w, "--device", "cpu", "--serve", env=s3.env)
+               for w in ("w1", "w2")]
     with killed_on_error(coord, *workers):
         out = finish(coord, timeout=120)
         assert coord.returncode == -signal.SIGKILL, out  # killed right after round 1's summary
@@ -145,8 +151,18 @@ def test_a_run_through_the_object_store_survives_a_killed_coordinator_and_a_bad_
         assert "bad" in a2.workers
         ref = submit_update(share, a2, "bad", {}, samples=10)  # a marker for an update that is not the model's
         assert ref.bytes > 0
-        out = finish(coord, timeout=120) + "".join(finish(w, timeout=60) for w in workers)
-    assert coord.returncode == 0 and "Traceback" not in out, out
+        out = finish(coord, timeout=120)
+        test = load_digits(0, 0.2).test  # the serving workers predict 40 test digits through the store
+        save_file({"x": test.x[:40].contiguous()}, str(tmp_path / "digits.safetensors"))
+        job = run("infer", "--share", url, "--inputs", str(tmp_path / "digits.safetensors"), "--out",
+                  str(tmp_path / "preds.csv"), "--chunk-rows", "10", env=s3.env, timeout=120)
+        for w in workers:
+            w.terminate()  # SIGTERM: they leave as on Ctrl-C
+        out += job.stdout + job.stderr + "".join(finish(w, timeout=60) for w in workers)
+    assert coord.returncode == 0 and job.returncode == 0 and "Traceback" not in out, out
+    with open(tmp_path / "preds.csv", newline="") as f:
+        predicted = [int(r["class"]) for r in csv.DictReader(f)]
+    assert len(predicted) == 40 and sum(p == int(y) for p, y in zip(predicted, test.y)) >= 36, predicted
     final = parse(FinalMarker, share.read_yaml(share.final_marker), "final")
     assert final.round == 3 and final.test_accuracy > 0.9, final
     s2 = parse(Summary, share.read_yaml(share.summary(2)), "summary")

@@ -66,5 +66,5 @@ EXIT_CODES: dict[int, str] = {
     8: "fedsync verify found damage: a file the run relies on is missing or differs from its marker",
     9: RunStuck.__doc__ or "",
     10: TrustError.__doc__ or "",
-    130: "interrupted (Ctrl-C)",
+    130: "interrupted (Ctrl-C, or SIGTERM: the process stops as cleanly as on Ctrl-C)",
 }

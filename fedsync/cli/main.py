@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -436,6 +437,9 @@ def demo(
 
 
 def main() -> None:
+    # SIGTERM (kill, systemd, a container's stop) stops every command as Ctrl-C does: a worker says it left, the
+    # coordinator releases its lease, a submitter marks its job stopped.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         app()
     except FedsyncError as e:
