@@ -168,6 +168,7 @@ class Submitter:
         self.done = {c: w for w, cs in self.plan.accepted.items() for c in cs}
         self.said_waiting = False
         self.shown = (-1, 0.0)
+        self.heads: dict[tuple[str, int], float] = {}  # (worker, the chunk at the head of its queue) -> since when
 
     def drive(self) -> Written:
         try:
@@ -187,7 +188,7 @@ class Submitter:
                         self._write(state="done", queues={})
                         return written
                     continue  # a taken output changed since: its chunk runs again
-                live = {w: self._speed(w) for w in self.liveness.live() if self.liveness.info[w].serves}
+                live = self._speeds([w for w in self.liveness.live() if self.liveness.info[w].serves])
                 queues = route(self.rows, set(self.done), self.plan.queues, live)
                 self._progress(live)
                 if queues != self.plan.queues or time.monotonic() - self.written >= self.cfg.heartbeat:
@@ -232,10 +233,22 @@ class Submitter:
         self.share.write_yaml(names.job_plan(self.job.job), to_dict(self.plan))
         self.written = time.monotonic()
 
-    def _speed(self, worker: str) -> float:
-        """Inputs per second the worker predicts at, as it last said (else its training speed, else 1)."""
-        info = self.liveness.info[worker]
-        return info.infer_samples_per_s or info.samples_per_s or 1.0
+    def _speeds(self, live: list[str]) -> dict[str, float]:
+        """Inputs per second each live worker predicts at: as it last said (else its training speed, else 1), but
+        no more than its chunk in hand shows: a chunk held for t seconds caps the speed at its rows / t. A worker
+        that heartbeats yet delivers nothing (stuck on a mount, refusing the job) so looks slower and slower, and
+        at the end of the job the others take over what it holds (fedsync/run/routing.py)."""
+        now, speeds, heads = time.monotonic(), {}, {}
+        for w in live:
+            info = self.liveness.info[w]
+            speeds[w] = info.infer_samples_per_s or info.samples_per_s or 1.0
+            queue = self.plan.queues.get(w)
+            if queue:
+                since = heads[(w, queue[0])] = self.heads.get((w, queue[0]), now)
+                if now > since:
+                    speeds[w] = min(speeds[w], self.rows[queue[0]] / (now - since))
+        self.heads = heads
+        return speeds
 
     def _keys(self) -> dict[str, str]:
         try:

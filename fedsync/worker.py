@@ -234,7 +234,7 @@ class Worker:
                     final = finished(self.share, self.manifest.run_id, self.coordinator_key)
                     if final is not None and final.round != said_final:
                         said_final = final.round
-                        serving = "; serving inference jobs until stopped (Ctrl-C)" if self.server else ""
+                        serving = "; serving inference jobs until stopped (Ctrl-C or SIGTERM)" if self.server else ""
                         self.log(f"run finished after round {final.round} (test accuracy "
                                  f"{final.test_accuracy:.4f}){serving}")
                     if final is not None and self.server is None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -24,9 +25,10 @@ from fedsync.run.start import task_record
 from fedsync.storage import names
 from fedsync.storage.jobs import list_jobs, read_plan
 from fedsync.storage.manifest import read_manifest
-from fedsync.storage.markers import FORMAT_VERSION, FinalMarker, OutputMarker, WorkerInfo, to_dict
+from fedsync.storage.markers import FORMAT_VERSION, Evaluation, FinalMarker, OutputMarker, WorkerInfo, to_dict
 from fedsync.storage.share import Share
 from fedsync.storage.signing import output_message
+from fedsync.storage.yamlfile import dump_yaml
 
 from .conftest import finish, killed_on_error, register_worker, run, start, wait_until, worker_identity
 
@@ -94,7 +96,18 @@ def test_two_serving_workers_reproduce_the_runs_test_accuracy(trained: Path, tes
                    "--name", "whole", timeout=120)
         assert done.returncode == 0, done.stdout + done.stderr
         status = run("status", "--share", str(trained))
+        exported = run("export", str(tmp_path / "model.safetensors"), "--share", str(trained))
+        from_file = run("infer", "--share", str(trained), "--inputs", str(inputs), "--out", str(tmp_path / "f.csv"),
+                        "--model", str(tmp_path / "model.safetensors"), timeout=120)
+        from_round = run("infer", "--share", str(trained), "--inputs", str(inputs), "--out", str(tmp_path / "r.csv"),
+                         "--model", "1", timeout=120)
         logs = stop(*workers)
+    assert exported.returncode == 0 and from_file.returncode == 0 and from_round.returncode == 0, \
+        exported.stderr + from_file.stdout + from_file.stderr + from_round.stdout + from_round.stderr
+    assert "model file model.safetensors" in from_file.stdout and "model round 1" in from_round.stdout
+    assert [r["class"] for r in predictions(tmp_path / "f.csv")] == [r["class"] for r in predictions(out)]
+    round1 = s.read_record(Evaluation, s.evaluation(1)).test_accuracy  # round 1's model, as the coordinator measured
+    assert accuracy(predictions(tmp_path / "r.csv"), labels) == pytest.approx(round1, abs=1e-12)
     rows = predictions(out)
     assert [int(r["index"]) for r in rows] == list(range(len(labels)))
     assert [r["id"] for r in rows] == [str(5000 + i) for i in range(len(labels))]
@@ -189,6 +202,9 @@ def test_bad_inputs_are_named_per_input_and_wrong_shapes_refused_before_anything
                    "--chunk-rows", "16", timeout=120)
         pictures = run("infer", "--share", str(trained), "--inputs", str(images), "--out",
                        str(tmp_path / "img.csv"), "--chunk-rows", "5", timeout=120)
+        foreign_job(trained, tmp_path / "twenty.safetensors", load_file(str(inputs))["x"][:20])
+        foreign = run("infer", "--share", str(trained), "--inputs", str(tmp_path / "twenty.safetensors"), "--out",
+                      str(tmp_path / "foreign.csv"), "--chunk-rows", "10", "--name", "foreign", timeout=120)
         stop(worker)
     assert done.returncode == 0, done.stderr
     assert "2 could not be predicted" in done.stdout, done.stdout
@@ -206,6 +222,12 @@ def test_bad_inputs_are_named_per_input_and_wrong_shapes_refused_before_anything
     expected = {(f"sub/img{i:02d}.png" if i % 2 else f"img{i:02d}.png"): int(labels[i]) for i in range(12)}
     assert sum(by_image[k] == v for k, v in expected.items()) >= 11  # 8-bit images of the test digits
 
+    assert foreign.returncode == 0 and "10 could not be predicted" in foreign.stdout, foreign.stdout
+    rows = predictions(tmp_path / "foreign.csv")
+    assert all(r["problem"].startswith("wrong_shape: x is torch.float32 [10, 3, 8, 8]") and r["class"] == ""
+               for r in rows[10:]), rows[10]
+    assert all(r["class"] != "" and not r["problem"] for r in rows[:10])
+
     s = Share(trained)
     for job in list_jobs(s):
         plan = read_plan(s, job)
@@ -213,6 +235,27 @@ def test_bad_inputs_are_named_per_input_and_wrong_shapes_refused_before_anything
             for c in chunks:
                 m = s.read_record(OutputMarker, names.output_marker(job, c, worker_name))
                 assert m.signature and m.job == job
+
+
+def foreign_job(share: Path, path: Path, x: torch.Tensor) -> None:
+    """Job `foreign` over `x`, written as a submitter would except that its second chunk holds inputs of another
+    shape (a damaged or foreign share): the worker must refuse that chunk in its output, not crash."""
+    save_file({"x": x.contiguous()}, str(path))
+    s = Share(share)
+    manifest = read_manifest(s)
+    cfg = config_from_dict(manifest.config, "fedsync.yaml")
+    inputs = open_inputs(path, cfg.resolved_task().input_shape, True)
+
+    class Foreign:
+        kind, rows = inputs.kind, inputs.rows
+
+        @staticmethod
+        def chunk(start: int, stop: int) -> dict[str, torch.Tensor]:
+            return inputs.chunk(start, stop) if start == 0 else {"x": torch.zeros(stop - start, 3, 8, 8)}
+
+    final = s.read_record(FinalMarker, s.final_marker)
+    write_job(s, "foreign", manifest.run_id, task_record(cfg), cfg.model, s.read_verified(s.final_model, final.model),
+              "final (round 2)", Foreign, inputs.identity(), 10, lambda i, n: None)  # type: ignore[arg-type]
 
 
 def test_an_output_counts_only_signed_whole_and_finite_and_the_first_one_wins(
@@ -268,3 +311,38 @@ def test_an_output_counts_only_signed_whole_and_finite_and_the_first_one_wins(
     submitter._collect()
     assert submitter.done == {0: "j2"} and problems()[-1] == (0, "j3", "duplicate")  # the first one stands
     assert any("j3 for chunk 0 not taken: duplicate" in line for line in said)
+
+
+def test_a_live_worker_that_never_delivers_does_not_wedge_the_job(trained: Path, test_set: tuple[Path, torch.Tensor],
+                                                                  tmp_path: Path) -> None:
+    """A registration that heartbeats, claims to be the fastest server and never runs a chunk (a machine stuck on a
+    hung mount): what it holds goes to the real worker once it is overdue, and the job ends."""
+    s = Share(trained)
+    stopped = threading.Event()
+
+    def beat() -> None:
+        n = 0
+        while not stopped.is_set():
+            n += 1
+            s.store.write(s.worker_file("stuck"), dump_yaml(to_dict(WorkerInfo(
+                format=FORMAT_VERSION, name="stuck", host="elsewhere", fedsync="0", torch="0", device="cuda:0",
+                device_name="GPU", cuda_capability="8.9", state="idle", round=None, heartbeat=n,
+                public_key=worker_identity("stuck").public, serves=True, infer_samples_per_s=1e6))))
+            stopped.wait(0.5)
+
+    beating = threading.Thread(target=beat, daemon=True)
+    beating.start()
+    worker = serving(trained, "real")
+    try:
+        with killed_on_error(worker):
+            wait_until(lambda: s.exists(s.worker_file("real")), 120, "the real worker to register")
+            done = run("infer", "--share", str(trained), "--inputs", str(test_set[0]), "--out",
+                       str(tmp_path / "p.csv"), "--chunk-rows", "60", "--name", "stuck", timeout=120)
+            stop(worker)
+    finally:
+        stopped.set()
+        beating.join()
+    assert done.returncode == 0, done.stdout + done.stderr
+    plan = read_plan(s, "stuck")
+    assert plan is not None and plan.accepted == {"real": list(range(6))}, plan
+    assert len(predictions(tmp_path / "p.csv")) == len(test_set[1])

@@ -146,7 +146,7 @@ def worker(
                                   "time it sees the run; a changed key then stops the worker.", metavar="KEY")] = None,
     serve: Annotated[bool, typer.Option(
         "--serve", help="Also run inference jobs (`fedsync infer`) on this machine: between training rounds (rounds "
-                        "come first), and after the run ends, until stopped with Ctrl-C.")] = False,
+                        "come first), and after the run ends, until stopped with Ctrl-C or SIGTERM.")] = False,
     capture: Annotated[str, typer.Option(help="auto | off. auto captures the training step in CUDA graphs "
                                               "(torch.compile, mode reduce-overhead) on CUDA GPUs of compute "
                                               "capability 7.0 and newer: compiled once per process before "
