@@ -292,6 +292,13 @@ class Submitter:
             if output.marker.error is not None:
                 self.log(f"job {self.job.job}: chunk {chunk} could not be predicted ({output.marker.error})")
 
+    def _still_taken(self, chunk: int, keys: dict[str, str]) -> bool:
+        try:
+            check_output(self.share, self.job, chunk, self.done[chunk], keys, self.task.num_classes)
+        except OutputRefused:
+            return False
+        return True
+
     def _problem(self, chunk: int, worker: str, reason: str, detail: str) -> None:
         self.log(f"job {self.job.job}: output of {worker} for chunk {chunk} not taken: {reason} ({detail})")
         self.plan.problems.append(OutputProblem(chunk=chunk, worker=worker, reason=reason, detail=detail))
@@ -313,17 +320,9 @@ class Submitter:
                  f"by worker: {', '.join(f'{w} {n}' for w, n in by.items()) or 'none yet'}")
 
     def _merge(self) -> Written | None:
-        """Every taken output checked again, then merged in the inputs' order into the user's files; None (and the
-        chunk pending again) when one no longer checks out."""
+        """Every taken output checked again as it is merged, in the inputs' order, into the user's files; None (no
+        file written, and the chunk pending again) when one no longer checks out."""
         keys = self._keys()
-        for chunk, worker in sorted(self.done.items()):
-            try:
-                check_output(self.share, self.job, chunk, worker, keys, self.task.num_classes)
-            except OutputRefused as e:
-                self.log(f"job {self.job.job}: the taken output of {worker} for chunk {chunk} changed since "
-                         f"({e.reason}: {e.detail}); running the chunk again")
-                del self.done[chunk]
-                return None
         started = time.perf_counter()
         spans = chunk_spans(self.job)
         classes = self.task.num_classes
@@ -340,7 +339,14 @@ class Submitter:
 
         metadata = {"fedsync.job": self.job.job, "fedsync.model": self.job.model.blake3,
                     "fedsync.model_source": self.job.model_source, "fedsync.run_id": self.job.run_id}
-        written = write_predictions(self.opts.out, self.job.rows, classes, metadata, merged())
+        try:
+            written = write_predictions(self.opts.out, self.job.rows, classes, metadata, merged())
+        except OutputRefused as e:
+            chunk = next(c for c in range(len(spans)) if not self._still_taken(c, keys))
+            self.log(f"job {self.job.job}: the taken output of {self.done[chunk]} for chunk {chunk} changed since "
+                     f"({e.reason}: {e.detail}); running the chunk again")
+            del self.done[chunk]
+            return None
         by = {w: sum(1 for x in self.done.values() if x == w) for w in sorted(set(self.done.values()))}
         self.log(f"job {self.job.job}: all {len(self.rows)} chunks done (by worker: "
                  f"{', '.join(f'{w} {n}' for w, n in by.items())}); wrote {written.csv} and {written.logits} "

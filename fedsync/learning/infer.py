@@ -31,7 +31,7 @@ def finite_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(x.reshape(len(x), -1)).all(dim=1)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int, device: str, precision: str = "fp32",
             channels_last: bool = False) -> torch.Tensor:
     """The model's logits for every row of `x` (float32, on the CPU). Rows with NaN or infinite values are run as

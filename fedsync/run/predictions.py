@@ -41,6 +41,19 @@ def write_predictions(out: Path, rows: int, classes: int, metadata: dict[str, st
     header = json.dumps({"__metadata__": metadata,
                          "logits": {"dtype": "F32", "shape": [rows, classes], "data_offsets": [0, rows * classes * 4]}})
     header += " " * (-len(header) % 8)  # the data section starts 8-aligned
+    try:
+        written, failed = _write(tmp_csv, tmp_logits, header, rows, chunks)
+    except BaseException:
+        for tmp in (tmp_csv, tmp_logits):  # an interrupted merge leaves nothing behind
+            tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp_logits, beside)
+    os.replace(tmp_csv, out)
+    return Written(rows, failed, out, beside)
+
+
+def _write(tmp_csv: Path, tmp_logits: Path, header: str, rows: int,
+           chunks: Iterable[tuple[list[str], torch.Tensor, dict[int, str]]]) -> tuple[int, int]:
     written = failed = 0
     with open(tmp_csv, "w", newline="") as text, open(tmp_logits, "wb") as tensors:
         table = csv.writer(text)
@@ -60,6 +73,4 @@ def write_predictions(out: Path, rows: int, classes: int, metadata: dict[str, st
         for f in (text, tensors):
             f.flush()
             os.fsync(f.fileno())
-    os.replace(tmp_logits, beside)
-    os.replace(tmp_csv, out)
-    return Written(rows, failed, out, beside)
+    return written, failed
