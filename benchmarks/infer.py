@@ -1,7 +1,7 @@
 """Batch inference over the share (docs/PROTOCOL.md section 5.14) against a bare in-process loop, in the same run.
 
 After a one-round digits run (the weights do not change the cost), 100,000 digits-shaped inputs are predicted
-(1) by a bare loop in this process: the run's final model, `fedsync.learning.infer.predict` over all of them in
+(1) by a bare loop in this process: the run's final model, `fedsync.learning.predict.predict` over all of them in
 batches of the run's eval_batch_size, on the CPU with torch's default threads; (2) by the same loop in two
 processes of one thread each, half the inputs each (the most two workers sharing these cores could do); (3) by `fedsync
 infer` with two serving worker processes (`--serve`, one CPU thread each: two CPU workers on this machine's two
@@ -28,9 +28,9 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save_file
 
-from fedsync.learning.infer import predict
+from fedsync.learning.predict import predict
 from fedsync.learning.tasks import get_task
-from fedsync.storage.jobs import read_plan
+from fedsync.storage.jobfiles import read_plan
 from fedsync.storage.markers import FinalMarker, JobPlan, WorkerInfo
 from fedsync.storage.share import Share
 
@@ -141,7 +141,7 @@ def main() -> None:
 HALF = """
 import sys, time
 from safetensors.torch import load_file
-from fedsync.learning.infer import predict
+from fedsync.learning.predict import predict
 from fedsync.learning.tasks import get_task
 from fedsync.storage.markers import FinalMarker
 from fedsync.storage.share import Share

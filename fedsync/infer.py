@@ -48,7 +48,7 @@ from fedsync.run.trained import round_model
 from fedsync.run.trust import read_trust
 from fedsync.storage import names
 from fedsync.storage.hashing import hash_bytes
-from fedsync.storage.jobs import read_job, read_plan
+from fedsync.storage.jobfiles import read_job, read_plan
 from fedsync.storage.locks import local_lock
 from fedsync.storage.manifest import finished, read_manifest
 from fedsync.storage.markers import FORMAT_VERSION, JobMarker, JobPlan, Manifest, OutputProblem, to_dict

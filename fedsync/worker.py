@@ -29,8 +29,8 @@ from fedsync.learning.capture import capture, plan_capture
 from fedsync.learning.data import Dataset, Source, first
 from fedsync.learning.device import DeviceChoice, DeviceFacts, choose_device, describe
 from fedsync.learning.doctor import start_check
-from fedsync.learning.infer import measure_inference
 from fedsync.learning.partition import hold_out
+from fedsync.learning.predict import measure_inference
 from fedsync.learning.tasks import Task
 from fedsync.learning.train import Report, TrainSettings, evaluate, local_train, measure_throughput, place
 from fedsync.run.config import RunConfig, config_from_dict

@@ -23,7 +23,7 @@ from fedsync.run.config import config_from_dict
 from fedsync.run.jobs import write_job
 from fedsync.run.start import task_record
 from fedsync.storage import names
-from fedsync.storage.jobs import list_jobs, read_plan
+from fedsync.storage.jobfiles import list_jobs, read_plan
 from fedsync.storage.manifest import read_manifest
 from fedsync.storage.markers import FORMAT_VERSION, Evaluation, FinalMarker, OutputMarker, WorkerInfo, to_dict
 from fedsync.storage.share import Share

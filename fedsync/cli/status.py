@@ -8,7 +8,7 @@ from typing import Any
 from fedsync.base.errors import TrustError
 from fedsync.run.trust import read_trust, trust_state
 from fedsync.storage import names
-from fedsync.storage.jobs import list_jobs, read_plan
+from fedsync.storage.jobfiles import list_jobs, read_plan
 from fedsync.storage.lease import read_lease
 from fedsync.storage.manifest import finished, read_manifest
 from fedsync.storage.markers import (

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from fedsync.base.errors import TrustError
 from fedsync.run.trust import read_trust
 from fedsync.storage import names
-from fedsync.storage.jobs import list_jobs
+from fedsync.storage.jobfiles import list_jobs
 from fedsync.storage.manifest import read_manifest
 from fedsync.storage.markers import (
     Assignment,

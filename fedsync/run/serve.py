@@ -19,10 +19,10 @@ from torch import nn
 from fedsync.aggregation.tensors import load_verified, save_state
 from fedsync.base.logs import Log
 from fedsync.learning.imagefolder import decode
-from fedsync.learning.infer import batch_size_for, finite_rows, predict
+from fedsync.learning.predict import batch_size_for, finite_rows, predict
 from fedsync.learning.tasks import Task
 from fedsync.storage import names
-from fedsync.storage.jobs import list_jobs, read_job, read_plan
+from fedsync.storage.jobfiles import list_jobs, read_job, read_plan
 from fedsync.storage.keys import Identity
 from fedsync.storage.markers import FORMAT_VERSION, FailedRow, JobMarker, OutputMarker, TaskRecord, to_dict
 from fedsync.storage.reasons import Unusable
