@@ -32,6 +32,7 @@ from fedsync.learning.inputs import Inputs, open_inputs
 from fedsync.learning.tasks import Task
 from fedsync.run.config import RunConfig, config_from_dict
 from fedsync.run.jobs import (
+    MAX_CHUNKS,
     SYNCING,
     OutputRefused,
     check_output,
@@ -85,6 +86,9 @@ def run_infer(opts: InferOptions) -> Written:
     model_hash = hash_bytes(model)
     example_bytes = 4 * math.prod(task.input_shape)
     chunk_rows = opts.chunk_rows or default_chunk_rows(inputs.rows, example_bytes)
+    if -(-inputs.rows // chunk_rows) > MAX_CHUNKS:
+        raise ConfigError(f"--chunk-rows {chunk_rows} cuts {inputs.rows} inputs into more than {MAX_CHUNKS} chunks, "
+                          f"more than job.yaml may list: give at least {-(-inputs.rows // MAX_CHUNKS)}")
     name = opts.name or _default_name(opts.inputs, source, model_hash, chunk_rows)
     lock = local_lock(share.identity, f"job-{name}")
     try:
@@ -164,6 +168,7 @@ class Submitter:
         self.backoff = Backoff(log)
         self.rows = [c.rows for c in job.chunks]
         self.judged: dict[tuple[int, str], object] = {}  # (chunk, worker) -> the files' signatures when judged
+        self.written = 0.0  # when plan.yaml was last written, by this process's clock
         self.plan = self._take_plan()
         self.done = {c: w for w, cs in self.plan.accepted.items() for c in cs}
         self.said_waiting = False
@@ -221,7 +226,6 @@ class Submitter:
             taken = {w: [c for c in cs if 0 <= c < len(self.job.chunks)] for w, cs in previous.accepted.items()}
             plan = replace(plan, heartbeat=previous.heartbeat, queues=previous.queues, accepted=taken,
                            problems=previous.problems)
-        self.written = 0.0
         return plan
 
     def _write(self, **changes: object) -> None:

@@ -20,7 +20,7 @@ from fedsync.infer import InferOptions, Submitter
 from fedsync.learning.data import load_digits
 from fedsync.learning.inputs import open_inputs
 from fedsync.run.config import config_from_dict
-from fedsync.run.jobs import write_job
+from fedsync.run.jobs import MAX_CHUNKS, write_job
 from fedsync.run.start import task_record
 from fedsync.storage import names
 from fedsync.storage.jobfiles import list_jobs, read_plan
@@ -195,6 +195,12 @@ def test_bad_inputs_are_named_per_input_and_wrong_shapes_refused_before_anything
     refused = run("infer", "--share", str(trained), "--inputs", str(wrong), "--out", str(tmp_path / "w.csv"))
     assert refused.returncode == 6 and "x is shaped [5, 3, 8, 8]" in refused.stderr, refused.stderr
     assert not any(j.startswith("wrong") for j in list_jobs(Share(trained)))
+    many = tmp_path / "many.safetensors"
+    save_file({"x": torch.zeros(MAX_CHUNKS + 1, 1, 8, 8)}, str(many))
+    refused = run("infer", "--share", str(trained), "--inputs", str(many), "--out", str(tmp_path / "m.csv"),
+                  "--chunk-rows", "1")
+    assert refused.returncode == 3 and f"more than {MAX_CHUNKS} chunks" in refused.stderr, refused.stderr
+    assert not any(j.startswith("many") for j in list_jobs(Share(trained)))
 
     worker = serving(trained, "b1")
     with killed_on_error(worker):

@@ -34,12 +34,10 @@ from fedsync.storage.reasons import Unusable
 from fedsync.storage.share import Share
 from fedsync.storage.signing import output_message, verify
 
-# Why an output is not taken. Those that wait may still become good (the bytes have not all arrived, or the
-# worker's key is not known yet): the output is judged again whenever its files change.
-WAITING = {"marker_unreadable", "unknown_worker", "bad_signature", "missing_file", "size_mismatch", "hash_mismatch",
-           "io_error"}
-SYNCING = {"marker_unreadable", "missing_file", "size_mismatch", "hash_mismatch", "io_error"}  # not worth a line
-MAX_CHUNKS = 20_000  # job.yaml lists every chunk and stays under the 1 MiB YAML bound
+# Reasons an output is not taken that mean its bytes may not have arrived yet: not reported (every output is judged
+# again whenever its files change, so one that arrives whole later is taken then).
+SYNCING = {"marker_unreadable", "missing_file", "size_mismatch", "hash_mismatch", "io_error"}
+MAX_CHUNKS = 6_000  # job.yaml lists every chunk (about 135 bytes each) and stays under the 1 MiB YAML bound
 
 
 class OutputRefused(Exception):
