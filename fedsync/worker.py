@@ -243,8 +243,7 @@ class Worker:
                     if work is not None:
                         self._train_round(*work)
                         continue
-                    chunk = self.server.next_chunk() if self.server is not None else None
-                    if chunk is not None and self.server.run(*chunk):  # type: ignore[union-attr]
+                    if self.server is not None and self.server.serve():
                         self.backoff.reset()
                         continue
                 except OSError as e:

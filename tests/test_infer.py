@@ -25,7 +25,15 @@ from fedsync.run.start import task_record
 from fedsync.storage import names
 from fedsync.storage.jobfiles import list_jobs, read_plan
 from fedsync.storage.manifest import read_manifest
-from fedsync.storage.markers import FORMAT_VERSION, Evaluation, FinalMarker, OutputMarker, WorkerInfo, to_dict
+from fedsync.storage.markers import (
+    FORMAT_VERSION,
+    Evaluation,
+    FinalMarker,
+    JobPlan,
+    OutputMarker,
+    WorkerInfo,
+    to_dict,
+)
 from fedsync.storage.share import Share
 from fedsync.storage.signing import output_message
 from fedsync.storage.yamlfile import dump_yaml
@@ -209,9 +217,11 @@ def test_bad_inputs_are_named_per_input_and_wrong_shapes_refused_before_anything
         pictures = run("infer", "--share", str(trained), "--inputs", str(images), "--out",
                        str(tmp_path / "img.csv"), "--chunk-rows", "5", timeout=120)
         foreign_job(trained, tmp_path / "twenty.safetensors", load_file(str(inputs))["x"][:20])
+        forged_job(trained, tmp_path / "twenty.safetensors")  # looked at first: its name sorts first
         foreign = run("infer", "--share", str(trained), "--inputs", str(tmp_path / "twenty.safetensors"), "--out",
                       str(tmp_path / "foreign.csv"), "--chunk-rows", "10", "--name", "foreign", timeout=120)
-        stop(worker)
+        log = stop(worker)[0]
+    assert "job aaa-forged: not serving it: its model does not load into digits_cnn" in log, log
     assert done.returncode == 0, done.stderr
     assert "2 could not be predicted" in done.stdout, done.stdout
     rows = predictions(tmp_path / "bad.csv")
@@ -262,6 +272,20 @@ def foreign_job(share: Path, path: Path, x: torch.Tensor) -> None:
     final = s.read_record(FinalMarker, s.final_marker)
     write_job(s, "foreign", manifest.run_id, task_record(cfg), cfg.model, s.read_verified(s.final_model, final.model),
               "final (round 2)", Foreign, inputs.identity(), 10, lambda i, n: None)  # type: ignore[arg-type]
+
+
+def forged_job(share: Path, inputs: Path) -> None:
+    """Job `aaa-forged`, written by hand as a forger would (no submitter): whole files with their hashes, but a model
+    file that is no model, and a plan that gives its chunks to worker b1."""
+    s = Share(share)
+    manifest = read_manifest(s)
+    cfg = config_from_dict(manifest.config, "fedsync.yaml")
+    opened = open_inputs(inputs, cfg.resolved_task().input_shape, True)
+    write_job(s, "aaa-forged", manifest.run_id, task_record(cfg), cfg.model, b"not a model", "final", opened,
+              opened.identity(), 10, lambda i, n: None)
+    s.write_yaml(names.job_plan("aaa-forged"), to_dict(JobPlan(
+        format=FORMAT_VERSION, job="aaa-forged", owner="elsewhere:1:0", host="elsewhere", heartbeat=1,
+        state="running", queues={"b1": [0, 1]}, accepted={})))
 
 
 def test_an_output_counts_only_signed_whole_and_finite_and_the_first_one_wins(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -49,42 +49,59 @@ class Server:
         self.model: tuple[str, nn.Module] | None = None  # (its hash, the model): kept while jobs use the same one
         self.said: set[tuple[str, int | None, str]] = set()  # (job, chunk, why) said once
         self.rate: float | None = None  # inputs per second over recent chunks, for routing
+        self.refused: set[str] = set()  # jobs of another run or task, or whose model does not load: never served
 
-    def next_chunk(self) -> tuple[JobMarker, int] | None:
-        """The first chunk of a running job that the plan gives this worker and it has not run yet (None: the
-        worker is idle again)."""
-        found = self._next()
-        if found is None:
-            self.state(state="idle")
-        return found
+    def serve(self) -> bool:
+        """Run the first chunk of a running job that the plan gives this worker, that it has not run yet and whose
+        files are whole; False when there is none (the worker is idle again). A chunk still syncing, or a job this
+        worker refuses, never holds up the others."""
+        for job, chunk in self._candidates():
+            if self.run(job, chunk):
+                return True
+        self.state(state="idle")
+        return False
 
-    def _next(self) -> tuple[JobMarker, int] | None:
+    def _candidates(self) -> Iterator[tuple[JobMarker, int]]:
+        """The chunks the running jobs' plans give this worker and it has not run yet, in order."""
         for job in list_jobs(self.share):
             plan = read_plan(self.share, job)
-            queue = plan.queues.get(self.worker, []) if plan is not None and plan.state == "running" else []
-            if not queue:
+            if plan is None or plan.state != "running" or not plan.queues.get(self.worker):
                 continue
             marker = self._job(job)
             if marker is None:
                 continue
-            for chunk in queue:
+            for chunk in plan.queues[self.worker]:
+                if job in self.refused:
+                    break  # its model does not load: none of its chunks is run
                 if 0 <= chunk < len(marker.chunks) and not self._ran(marker, chunk):
-                    return marker, chunk
-        return None
+                    yield marker, chunk
 
     def run(self, job: JobMarker, chunk: int) -> bool:
         """Run one chunk and write its output; False when its files have not arrived whole yet (tried again at the
         next look)."""
         ref = job.chunks[chunk]
         try:
-            tensors = load_verified(self.share, names.join(names.job_dir(job.job), ref.file), ref)
             model = self._model(job)
         except Unusable as e:
-            self._once(job.job, chunk, f"chunk {chunk}: its files are not usable yet ({e.detail}); waiting")
-            return False
+            if e.reason.syncing:
+                self._once(job.job, None, f"its model is not usable yet ({e.detail}); waiting")
+                return False
+            return self._refuse(job, f"{e.reason.value}: {e.detail}")
+        except Exception as e:  # noqa: BLE001 - not this task's model (a forged or foreign job): never served
+            return self._refuse(job, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        unreadable = None
+        try:
+            tensors = load_verified(self.share, names.join(names.job_dir(job.job), ref.file), ref)
+        except Unusable as e:
+            if e.reason.syncing:
+                self._once(job.job, chunk, f"chunk {chunk}: its file is not usable yet ({e.detail}); waiting")
+                return False
+            tensors, unreadable = {}, e.detail  # whole as job.yaml says, yet not safetensors: an error output
         self.state(state="serving")
         started = time.perf_counter()
         x, failed, error = self._inputs(tensors, ref.rows)
+        if unreadable is not None:
+            error = f"wrong_inputs: {unreadable}"
         outputs = None
         if error is None:
             logits = predict(model, x, batch_size_for(self.device.name, x[0].nelement() * 4, self.device.batch_size),
@@ -108,13 +125,21 @@ class Server:
                  f"predicted in {seconds:.2f} s, {rate:.0f} inputs/s{problem}"))
         return True
 
+    def _refuse(self, job: JobMarker, why: str) -> bool:
+        self.refused.add(job.job)
+        self._once(job.job, None, f"not serving it: its model does not load into {job.model_name} ({why})")
+        return False
+
     def _job(self, job: str) -> JobMarker | None:
+        if job in self.refused:
+            return None
         if job not in self.jobs:
             try:
                 marker = read_job(self.share, job)
             except Exception:  # noqa: BLE001 - not written whole yet
                 return None
             if marker.run_id != self.run_id or marker.task != self.record:
+                self.refused.add(job)
                 self._once(job, None, f"not serving it: its model is for {marker.task.name} (layout "
                                       f"{marker.task.layout[:12]}) of run {marker.run_id}; this worker has "
                                       f"{self.record.name} (layout {self.record.layout[:12]}) of run {self.run_id}")
@@ -153,7 +178,8 @@ class Server:
             return x, [FailedRow(row=i, reason="non_finite: NaN or infinite values") for i in bad], None
         if "bytes" in tensors and "offsets" in tensors and self.task.scale_images is not None and len(shape) == 3:
             return self._images(tensors["bytes"], tensors["offsets"], rows, shape)
-        return torch.empty(0), [], f"wrong_inputs: the chunk holds {', '.join(sorted(tensors))}; this task takes x" + \
+        return torch.empty(0), [], f"wrong_inputs: the chunk holds {', '.join(sorted(tensors))}; this task " \
+            "takes x" + \
             (" or images (bytes, offsets)" if self.task.scale_images is not None else "")
 
     def _images(self, data: torch.Tensor, offsets: torch.Tensor, rows: int,
