@@ -15,11 +15,10 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import blake3
 import torch
 from filelock import Timeout
 from safetensors.torch import load as st_load
@@ -107,7 +106,7 @@ def run_infer(opts: InferOptions) -> Written:
 def _default_name(inputs: Path, source: str, model: str, chunk_rows: int) -> str:
     """The inputs' name and 8 hex digits of what the job is: the same arguments give the same job."""
     stem = "".join(c if c.isalnum() or c in "._-" else "-" for c in inputs.stem)[:40].strip(".-_") or "job"
-    return f"{stem}-{blake3.blake3(f'{source}/{model}/{chunk_rows}'.encode()).hexdigest()[:8]}"
+    return f"{stem}-{hash_bytes(f'{source}/{model}/{chunk_rows}'.encode())[:8]}"
 
 
 def _model(share: Share, manifest: Manifest, cfg: RunConfig, task: Task, spec: str) -> tuple[bytes, str]:
@@ -153,7 +152,20 @@ def _job(share: Share, name: str, manifest: Manifest, cfg: RunConfig, model: byt
         f"model {model_source}")
     return Backoff(log).run(lambda: write_job(
         share, name, manifest.run_id, task_record(cfg), cfg.model, model, model_source, inputs, source, chunk_rows,
-        lambda i, n: None), f"writing job {name}")
+        _cutting(name, log)), f"writing job {name}")
+
+
+def _cutting(name: str, log: Log) -> Callable[[int, int], None]:
+    """Says how far cutting the inputs got, at most every 5 s (a large input takes minutes)."""
+    said = time.monotonic()
+
+    def progress(done: int, total: int) -> None:
+        nonlocal said
+        if done < total and time.monotonic() - said >= 5:
+            said = time.monotonic()
+            log(f"job {name}: {done}/{total} chunks of inputs written")
+
+    return progress
 
 
 class Submitter:

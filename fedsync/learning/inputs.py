@@ -9,12 +9,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import blake3
 import numpy as np
 import torch
 
 from fedsync.base.errors import DataError
 from fedsync.learning.imagefolder import EXTENSIONS
+from fedsync.storage.hashing import Hasher, hash_bytes
 from fedsync.storage.reasons import Unusable
 from fedsync.storage.tensorfile import ITEMSIZE, header_length, parse_header
 
@@ -37,7 +37,7 @@ class TensorInputs:
 
     def identity(self) -> str:
         """BLAKE3 of the file's bytes, read in pieces."""
-        h = blake3.blake3()
+        h = Hasher()
         with open(self.path, "rb") as f:
             while piece := f.read(HASH_PIECE):
                 h.update(piece)
@@ -78,7 +78,7 @@ class ImageInputs:
     def identity(self) -> str:
         """BLAKE3 of the listing: each file's relative path and size, one per line."""
         lines = "".join(f"{name}\t{os.path.getsize(self.path / name)}\n" for name in self.files)
-        return blake3.blake3(lines.encode()).hexdigest()
+        return hash_bytes(lines.encode())
 
     def chunk(self, start: int, stop: int) -> dict[str, torch.Tensor]:
         """The files' bytes, one after another (`bytes`), and where each begins and ends (`offsets`, N + 1)."""
