@@ -49,6 +49,7 @@ from fedsync.run.trust import read_trust
 from fedsync.storage import names
 from fedsync.storage.hashing import hash_bytes
 from fedsync.storage.jobfiles import read_job, read_plan
+from fedsync.storage.lease import changes_within
 from fedsync.storage.locks import local_lock
 from fedsync.storage.manifest import finished, read_manifest
 from fedsync.storage.markers import FORMAT_VERSION, JobMarker, JobPlan, Manifest, OutputProblem, to_dict
@@ -98,7 +99,7 @@ def run_infer(opts: InferOptions) -> Written:
         with ShareWatcher(share, opts.watch, list_store=False) as watcher:
             job = _job(share, name, manifest, cfg, model, model_source, model_hash, inputs, source, chunk_rows,
                        opts.chunk_rows, log)
-            return Submitter(share, job, cfg, task, inputs, opts, watcher, log).drive()
+            return Submitter(share, manifest, job, cfg, task, inputs, opts, watcher, log).drive()
     finally:
         lock.release()
 
@@ -171,11 +172,10 @@ def _cutting(name: str, log: Log) -> Callable[[int, int], None]:
 class Submitter:
     """The job's loop: outputs in, plan out, until every chunk has a taken output."""
 
-    def __init__(self, share: Share, job: JobMarker, cfg: RunConfig, task: Task, inputs: Inputs, opts: InferOptions,
-                 watcher: ShareWatcher, log: Log) -> None:
-        self.share, self.job, self.cfg, self.task, self.inputs = share, job, cfg, task, inputs
-        self.opts, self.watcher, self.log = opts, watcher, log
-        self.manifest = read_manifest(share)
+    def __init__(self, share: Share, manifest: Manifest, job: JobMarker, cfg: RunConfig, task: Task, inputs: Inputs,
+                 opts: InferOptions, watcher: ShareWatcher, log: Log) -> None:
+        self.share, self.manifest, self.job, self.cfg, self.task = share, manifest, job, cfg, task
+        self.inputs, self.opts, self.watcher, self.log = inputs, opts, watcher, log
         self.liveness = Liveness(share, cfg.worker_timeout)
         self.backoff = Backoff(log)
         self.rows = [c.rows for c in job.chunks]
@@ -223,15 +223,12 @@ class Submitter:
         owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         previous = read_plan(self.share, self.job.job)
         if previous is not None and previous.state == "running" and previous.host != socket.gethostname():
-            seen = self.share.signature(names.job_plan(self.job.job))
+            where = names.job_plan(self.job.job)
             self.log(f"job {self.job.job} has a plan from {previous.owner}; watching it for "
                      f"{self.cfg.worker_timeout:.0f} s")
-            end = time.monotonic() + self.cfg.worker_timeout
-            while time.monotonic() < end:
-                time.sleep(0.5)
-                if self.share.signature(names.job_plan(self.job.job)) != seen:
-                    raise ShareError(f"job {self.job.job} is driven by `fedsync infer` on {previous.host} "
-                                     f"({previous.owner}), which keeps its plan fresh: stop it first")
+            if changes_within(self.share, where, self.share.signature(where), self.cfg.worker_timeout, 0.5):
+                raise ShareError(f"job {self.job.job} is driven by `fedsync infer` on {previous.host} "
+                                 f"({previous.owner}), which keeps its plan fresh: stop it first")
         plan = JobPlan(format=FORMAT_VERSION, job=self.job.job, owner=owner, host=socket.gethostname(), heartbeat=0,
                        state="running", queues={}, accepted={})
         if previous is not None:
@@ -240,12 +237,17 @@ class Submitter:
                            problems=previous.problems)
         return plan
 
-    def _write(self, **changes: object) -> None:
-        accepted: dict[str, list[int]] = {}
+    def _taken(self) -> dict[str, list[int]]:
+        """The chunks whose output was taken, by the worker it came from."""
+        by: dict[str, list[int]] = {}
         for c, w in sorted(self.done.items()):
-            accepted.setdefault(w, []).append(c)
-        self.plan = replace(self.plan, heartbeat=self.plan.heartbeat + 1, written_at=utc_stamp(), accepted=accepted,
-                            problems=self.plan.problems[-MAX_PROBLEMS:], **changes)  # type: ignore[arg-type]
+            by.setdefault(w, []).append(c)
+        return by
+
+    def _write(self, **changes: object) -> None:
+        self.plan = replace(self.plan, heartbeat=self.plan.heartbeat + 1, written_at=utc_stamp(),
+                            accepted=self._taken(), problems=self.plan.problems[-MAX_PROBLEMS:],
+                            **changes)  # type: ignore[arg-type]
         self.share.write_yaml(names.job_plan(self.job.job), to_dict(self.plan))
         self.written = time.monotonic()
 
@@ -308,13 +310,6 @@ class Submitter:
             if output.marker.error is not None:
                 self.log(f"job {self.job.job}: chunk {chunk} could not be predicted ({output.marker.error})")
 
-    def _still_taken(self, chunk: int, keys: dict[str, str]) -> bool:
-        try:
-            check_output(self.share, self.job, chunk, self.done[chunk], keys, self.task.num_classes)
-        except OutputRefused:
-            return False
-        return True
-
     def _problem(self, chunk: int, worker: str, reason: str, detail: str) -> None:
         self.log(f"job {self.job.job}: output of {worker} for chunk {chunk} not taken: {reason} ({detail})")
         self.plan.problems.append(OutputProblem(chunk=chunk, worker=worker, reason=reason, detail=detail))
@@ -331,7 +326,8 @@ class Submitter:
             return
         self.shown = (count, time.monotonic())
         done_rows = sum(self.rows[c] for c in self.done)
-        by = {w: sum(1 for x in self.done.values() if x == w) for w in sorted(set(self.done.values()) | set(live))}
+        taken = self._taken()
+        by = {w: len(taken.get(w, [])) for w in sorted(set(taken) | set(live))}
         self.log(f"job {self.job.job}: {count}/{len(self.rows)} chunks ({done_rows}/{self.job.rows} inputs); chunks "
                  f"by worker: {', '.join(f'{w} {n}' for w, n in by.items()) or 'none yet'}")
 
@@ -342,9 +338,11 @@ class Submitter:
         started = time.perf_counter()
         spans = chunk_spans(self.job)
         classes = self.task.num_classes
+        at = [0]  # the chunk being merged: the one whose output no longer checks out, if one does not
 
         def merged() -> Iterator[tuple[list[str], torch.Tensor, dict[int, str]]]:
             for chunk, (start, stop) in enumerate(spans):
+                at[0] = chunk
                 out = check_output(self.share, self.job, chunk, self.done[chunk], keys, classes)
                 problems = {f.row: f.reason for f in out.marker.failed}
                 logits = out.logits
@@ -358,13 +356,12 @@ class Submitter:
         try:
             written = write_predictions(self.opts.out, self.job.rows, classes, metadata, merged())
         except OutputRefused as e:
-            chunk = next(c for c in range(len(spans)) if not self._still_taken(c, keys))
+            chunk = at[0]
             self.log(f"job {self.job.job}: the taken output of {self.done[chunk]} for chunk {chunk} changed since "
                      f"({e.reason}: {e.detail}); running the chunk again")
             del self.done[chunk]
             return None
-        by = {w: sum(1 for x in self.done.values() if x == w) for w in sorted(set(self.done.values()))}
-        self.log(f"job {self.job.job}: all {len(self.rows)} chunks done (by worker: "
-                 f"{', '.join(f'{w} {n}' for w, n in by.items())}); wrote {written.csv} and {written.logits} "
-                 f"in {time.perf_counter() - started:.2f} s")
+        by = ", ".join(f"{w} {len(cs)}" for w, cs in sorted(self._taken().items()))
+        self.log(f"job {self.job.job}: all {len(self.rows)} chunks done (by worker: {by}); wrote {written.csv} and "
+                 f"{written.logits} in {time.perf_counter() - started:.2f} s")
         return written

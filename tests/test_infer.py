@@ -306,8 +306,9 @@ def test_an_output_counts_only_signed_whole_and_finite_and_the_first_one_wins(
     for name in ("j1", "j2", "j3"):
         register_worker(s, name)
     said: list[str] = []
-    submitter = Submitter(s, job, cfg, task, inputs, InferOptions(share=trained, inputs=path, out=tmp_path / "o.csv"),
-                          None, said.append)  # type: ignore[arg-type]
+    submitter = Submitter(s, manifest, job, cfg, task, inputs,
+                          InferOptions(share=trained, inputs=path, out=tmp_path / "o.csv"), None,  # type: ignore[arg-type]
+                          said.append)
     submitter.liveness.scan()
 
     def output(worker: str, chunk: int, logits: torch.Tensor, signer: str | None = None,

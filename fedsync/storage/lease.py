@@ -35,6 +35,17 @@ def read_lease(share: Share) -> CoordinatorLease | None:
         return None
 
 
+def changes_within(share: Share, name: str, seen: Signature | None, seconds: float, poll: float) -> bool:
+    """Whether a file rewritten by a process on another host (a lease, a job's plan) changes from `seen` within
+    `seconds` by this process's clock: its writer is alive (docs/DESIGN.md, invariant 5)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        time.sleep(poll)
+        if share.signature(name) != seen:
+            return True
+    return False
+
+
 class Lease:
     def __init__(self, share: Share, run_id: str, refresh: float, timeout: float,
                  log: Callable[[str], None]) -> None:
@@ -58,14 +69,10 @@ class Lease:
             return  # same host: the caller holds the local lock, so the previous owner on this host is gone
         # Another host's coordinator may be alive: watch its lease for one timeout, by our clock.
         self.log(f"share has a lease from coordinator {other.owner}; watching it for {self.timeout:.0f} s")
-        seen = self.held
-        end = time.monotonic() + self.timeout
-        while time.monotonic() < end:
-            time.sleep(min(0.5, self.refresh))
-            if self.share.signature(self.share.lease) != seen:
-                now = read_lease(self.share)
-                raise ShareError(f"{self.share.where()} is driven by coordinator {(now or other).owner} on host "
-                                 f"{(now or other).host}, which is refreshing its lease: stop it first")
+        if changes_within(self.share, self.share.lease, self.held, self.timeout, min(0.5, self.refresh)):
+            now = read_lease(self.share)
+            raise ShareError(f"{self.share.where()} is driven by coordinator {(now or other).owner} on host "
+                             f"{(now or other).host}, which is refreshing its lease: stop it first")
         self.log(f"coordinator {other.owner} on {other.host} did not refresh its lease for "
                  f"{self.timeout:.0f} s: taking over")
 

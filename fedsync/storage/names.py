@@ -36,7 +36,6 @@ MARKER_SUFFIX = ".yaml"
 # anything else in a round folder is stray
 ROUND_FILES = frozenset({GLOBAL_MODEL, ASSIGNMENT, UPDATES, SUMMARY, EVALUATION, SERVER_STATE})
 COORDINATOR_ROOT_FILES = frozenset({MANIFEST, LEASE, METRICS, FINAL_MODEL, FINAL_MARKER, TRUST, REPORT_MD, REPORT_PNG})
-JOB_FILES = frozenset({JOB_MARKER, JOB_PLAN, JOB_MODEL, JOB_INPUTS, JOB_OUTPUTS})
 COORDINATOR_ROUND_FILES = frozenset({GLOBAL_MODEL, ASSIGNMENT, SUMMARY, EVALUATION, SERVER_STATE})
 
 ROUND_DIR = re.compile(r"^\d{4,9}$")
@@ -184,17 +183,16 @@ def is_conflict_copy(name: str) -> bool:
 
 def check_job_name(name: str) -> str:
     """Job names become folder names in the share: the same portable alphabet as workers'."""
-    if not WORKER_NAME.match(name):
-        raise ValueError(f"job name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', starting "
-                         "with a letter or digit")
-    return name
+    return _portable(name, "job")
 
 
 def check_worker_name(name: str) -> str:
     """Worker names become file names in the share, so they are restricted to a portable alphabet."""
+    return _portable(name, "worker")
+
+
+def _portable(name: str, what: str) -> str:
     if not WORKER_NAME.match(name):
-        raise ValueError(
-            f"worker name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
-        )
+        raise ValueError(f"{what} name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', "
+                         "starting with a letter or digit")
     return name
