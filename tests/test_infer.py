@@ -16,6 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from fedsync.aggregation.tensors import save_state
+from fedsync.base.errors import ShareError
 from fedsync.infer import InferOptions, Submitter
 from fedsync.learning.data import load_digits
 from fedsync.learning.inputs import open_inputs
@@ -377,3 +378,47 @@ def test_a_live_worker_that_never_delivers_does_not_wedge_the_job(trained: Path,
     plan = read_plan(s, "stuck")
     assert plan is not None and plan.accepted == {"real": list(range(6))}, plan
     assert len(predictions(tmp_path / "p.csv")) == len(test_set[1])
+
+
+def test_a_plan_kept_fresh_by_another_hosts_submitter_is_refused_and_a_stale_one_taken_over(
+        trained: Path, test_set: tuple[Path, torch.Tensor], tmp_path: Path) -> None:
+    """One writer per job: a submitter on another host that rewrites plan.yaml within worker_timeout (5 s here) is
+    alive, and this one refuses; once it stops, this one takes the job over with what it had taken."""
+    s = Share(trained)
+    manifest = read_manifest(s)
+    cfg = config_from_dict(manifest.config, "fedsync.yaml")
+    task = cfg.resolved_task()
+    path = tmp_path / "ten.safetensors"
+    save_file({"x": load_file(str(test_set[0]))["x"][:10].contiguous()}, str(path))
+    inputs = open_inputs(path, task.input_shape, True)
+    final = s.read_record(FinalMarker, s.final_marker)
+    job = write_job(s, "elsewhere", manifest.run_id, task_record(cfg), cfg.model,
+                    s.read_verified(s.final_model, final.model), "final", inputs, inputs.identity(), 5,
+                    lambda i, n: None)
+    stopped = threading.Event()
+
+    def other_host() -> None:
+        beat = 0
+        while not stopped.is_set():
+            beat += 1
+            s.write_yaml(names.job_plan("elsewhere"), to_dict(JobPlan(
+                format=FORMAT_VERSION, job="elsewhere", owner="far:1:a", host="far", heartbeat=beat, state="running",
+                queues={}, accepted={"t1": [1]})))
+            stopped.wait(0.5)
+
+    def submitter() -> Submitter:
+        return Submitter(s, manifest, job, cfg, task, inputs,
+                         InferOptions(share=trained, inputs=path, out=tmp_path / "o.csv"), None,  # type: ignore[arg-type]
+                         lambda line: None)
+
+    beating = threading.Thread(target=other_host, daemon=True)
+    beating.start()
+    try:
+        wait_until(lambda: read_plan(s, "elsewhere") is not None, 10, "the other host's plan")
+        with pytest.raises(ShareError, match="driven by `fedsync infer` on far"):
+            submitter()
+    finally:
+        stopped.set()
+        beating.join()
+    taken_over = submitter()  # the plan no longer moves: after one worker_timeout, this one drives the job
+    assert taken_over.plan.host != "far" and taken_over.done == {1: "t1"}
