@@ -27,11 +27,13 @@ import torch
 from safetensors.torch import load as st_load
 from torchvision.models import resnet18
 
-from fedsync.aggregation.intake import LANES, PIECE_BYTES, Aggregator, Candidate
+from fedsync.aggregation.candidates import Candidate
+from fedsync.aggregation.intake import LANES, PIECE_BYTES, Aggregator
 from fedsync.aggregation.rules import SLICE, FedAvg, Median, TrimmedMean
-from fedsync.aggregation.tensors import layout_of, save_state
-from fedsync.fedavg import WeightedSum, apply_delta
+from fedsync.aggregation.sums import WeightedSum
+from fedsync.fedavg import apply_delta
 from fedsync.storage.local import LocalStore
+from fedsync.tensors.files import layout_of, save_state
 
 REPEATS = 3
 

@@ -13,13 +13,14 @@ import time
 
 import torch
 
-from fedsync.aggregation.tensors import layout_of
-from fedsync.fedavg import WeightedSum, apply_mean, delta
+from fedsync.aggregation.sums import WeightedSum
+from fedsync.fedavg import apply_mean, delta
 from fedsync.learning.data import load_digits
 from fedsync.learning.models import build_model
 from fedsync.learning.partition import partition
 from fedsync.learning.train import TrainSettings, evaluate, local_train
 from fedsync.run.config import load_config
+from fedsync.tensors.files import layout_of
 
 ROUNDS, WORKERS = 20, 3
 

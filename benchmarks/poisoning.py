@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from fedsync.aggregation.intake import Aggregator, Candidate
+from fedsync.aggregation.candidates import Candidate
+from fedsync.aggregation.intake import Aggregator
 from fedsync.aggregation.rules import make_rule
 from fedsync.aggregation.screening import outliers
-from fedsync.aggregation.tensors import layout_of, save_state
 from fedsync.fedavg import apply_delta, delta, l2_norm
 from fedsync.learning.partition import partition
 from fedsync.learning.tasks import get_task
@@ -38,6 +38,7 @@ from fedsync.learning.train import TrainSettings, evaluate, local_train
 from fedsync.run.config import RunConfig, load_config
 from fedsync.storage.local import LocalStore
 from fedsync.storage.reasons import Reason, Unusable
+from fedsync.tensors.files import layout_of, save_state
 
 WORKERS = 5
 CLIP_NORM = 5.0  # about the honest updates' median norm here (summary.yaml lists each accepted update's norm)

@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 
 from fedsync import __version__
-from fedsync.aggregation.tensors import load_verified, save_state
 from fedsync.storage.keys import load_identity, worker_key_path
 from fedsync.storage.markers import FORMAT_VERSION, Assignment, Summary, UpdateMarker, WorkerInfo, parse, to_dict
 from fedsync.storage.share import Share
 from fedsync.storage.signing import update_message
+from fedsync.tensors.files import load_verified, save_state
 
 WORKERS = ("bench-a", "bench-b")
 

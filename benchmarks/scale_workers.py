@@ -34,7 +34,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fedsync import __version__  # noqa: E402
-from fedsync.aggregation.tensors import state_bytes  # noqa: E402
 from fedsync.learning.models import build_model  # noqa: E402
 from fedsync.storage.hashing import hash_bytes  # noqa: E402
 from fedsync.storage.keys import Identity, load_identity  # noqa: E402
@@ -50,6 +49,7 @@ from fedsync.storage.markers import (  # noqa: E402
 )
 from fedsync.storage.share import Share  # noqa: E402
 from fedsync.storage.signing import update_message  # noqa: E402
+from fedsync.tensors.files import state_bytes  # noqa: E402
 
 FEDSYNC = [sys.executable, "-m", "fedsync"]
 HEARTBEAT = 5.0

@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 from torchvision.models import resnet18
 
-from fedsync.aggregation.tensors import save_state
 from fedsync.storage.keys import load_identity
 from fedsync.storage.local import LocalStore
 from fedsync.storage.markers import FORMAT_VERSION, UpdateMarker
 from fedsync.storage.signing import update_message, verify
+from fedsync.tensors.files import save_state
 
 REPEATS = 15
 

@@ -17,18 +17,19 @@ from pathlib import Path
 import numpy as np
 import torch.nn.functional as F
 
-from fedsync.aggregation.intake import Aggregator, Candidate
+from fedsync.aggregation.candidates import Candidate
+from fedsync.aggregation.intake import Aggregator
 from fedsync.aggregation.optimizers import make_optimizer
 from fedsync.aggregation.rules import make_rule
-from fedsync.aggregation.tensors import layout_of, save_state
 from fedsync.fedavg import delta
 from fedsync.learning.data import Dataset, Split
 from fedsync.learning.partition import partition
 from fedsync.learning.tasks import Task, TaskSettings, get_task
 from fedsync.learning.train import TrainSettings, evaluate, local_train
 from fedsync.run.config import RunConfig
-from fedsync.run.feedback import ErrorFeedback, encoded_update
 from fedsync.storage.local import LocalStore
+from fedsync.tensors.files import layout_of, save_state
+from fedsync.tensors.residuals import ErrorFeedback, encoded_update
 
 DATASETS = ("digits", "digits32")
 

@@ -23,14 +23,16 @@ import torch
 from filelock import Timeout
 from safetensors.torch import load as st_load
 
-from fedsync.aggregation.tensors import state_bytes
+from fedsync.base import defaults
 from fedsync.base.clock import utc_stamp
 from fedsync.base.errors import ConfigError, ShareError, TrustError
 from fedsync.base.logs import Log, make_log
 from fedsync.learning.inputs import Inputs, open_inputs
 from fedsync.learning.tasks import Task
 from fedsync.run.config import RunConfig, config_from_dict
-from fedsync.run.jobs import (
+from fedsync.run.liveness import Liveness
+from fedsync.run.start import check_task, task_record
+from fedsync.run.submitting.jobs import (
     MAX_CHUNKS,
     SYNCING,
     OutputRefused,
@@ -40,41 +42,39 @@ from fedsync.run.jobs import (
     worker_keys,
     write_job,
 )
-from fedsync.run.liveness import Liveness
-from fedsync.run.predictions import Written, write_predictions
-from fedsync.run.routing import route
-from fedsync.run.start import check_task, task_record
+from fedsync.run.submitting.predictions import Written, write_predictions
+from fedsync.run.submitting.routing import route
 from fedsync.run.trained import round_model
 from fedsync.run.trust import read_trust
 from fedsync.storage import names
 from fedsync.storage.hashing import hash_bytes
 from fedsync.storage.jobfiles import read_job, read_plan
-from fedsync.storage.lease import changes_within
 from fedsync.storage.locks import local_lock
 from fedsync.storage.manifest import finished, read_manifest
 from fedsync.storage.markers import FORMAT_VERSION, JobMarker, JobPlan, Manifest, OutputProblem, to_dict
 from fedsync.storage.share import Share
 from fedsync.storage.trouble import Backoff
-from fedsync.storage.watch import ShareWatcher
+from fedsync.storage.watch import ShareWatcher, changes_within
+from fedsync.tensors.files import state_bytes
 
 MAX_PROBLEMS = 100  # plan.yaml keeps the newest this many
 
 
 @dataclass
 class InferOptions:
-    share: Path
+    share: Share
     inputs: Path
     out: Path
-    model: str = "final"          # final | a round's number | a model file (`fedsync export`)
+    model: str = defaults.INFER_MODEL
     name: str | None = None       # None: the inputs' name and a hash of what the job is
-    chunk_rows: int | None = None  # None: about 4 MiB of inputs per chunk (fedsync/run/jobs.py)
-    watch: str = "auto"
-    rescan: float = 1.0
+    chunk_rows: int | None = None  # None: about 4 MiB of inputs per chunk (fedsync/run/submitting/jobs.py)
+    watch: str = defaults.WATCH
+    rescan: float = defaults.INFER_RESCAN_S
     log: Log | None = None
 
 
 def run_infer(opts: InferOptions) -> Written:
-    share = Share(opts.share)
+    share = opts.share
     log = opts.log or make_log("infer")
     manifest = read_manifest(share)
     cfg = config_from_dict(manifest.config, share.where(share.manifest))
@@ -255,7 +255,7 @@ class Submitter:
         """Inputs per second each live worker predicts at: as it last said (else its training speed, else 1), but
         no more than its chunk in hand shows: a chunk held for t seconds caps the speed at its rows / t. A worker
         that heartbeats yet delivers nothing (stuck on a mount, refusing the job) so looks slower and slower, and
-        at the end of the job the others take over what it holds (fedsync/run/routing.py)."""
+        at the end of the job the others take over what it holds (fedsync/run/submitting/routing.py)."""
         now, speeds, heads = time.monotonic(), {}, {}
         for w in live:
             info = self.liveness.info[w]

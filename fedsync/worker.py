@@ -9,35 +9,32 @@ from __future__ import annotations
 import hashlib
 import math
 import socket
-import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from filelock import Timeout
 
 from fedsync import __version__
-from fedsync.aggregation.tensors import load_verified, save_state
-from fedsync.base.clock import utc_stamp
-from fedsync.base.errors import DataError, ShareError, TrustError
+from fedsync.base import defaults
+from fedsync.base.errors import ShareError, TrustError
 from fedsync.base.faults import crash_point
 from fedsync.base.logs import Log, Logger, make_log
 from fedsync.fedavg import delta
 from fedsync.learning.capture import capture, plan_capture
-from fedsync.learning.data import Dataset, Source, first
+from fedsync.learning.data import Source, first
 from fedsync.learning.device import DeviceChoice, DeviceFacts, choose_device, describe
 from fedsync.learning.doctor import start_check
-from fedsync.learning.partition import hold_out
 from fedsync.learning.predict import measure_inference
 from fedsync.learning.tasks import Task
-from fedsync.learning.train import Report, TrainSettings, evaluate, local_train, measure_throughput, place
+from fedsync.learning.train import Report, TrainSettings, evaluate, local_train, measure_throughput
 from fedsync.run.config import RunConfig, config_from_dict
-from fedsync.run.feedback import ErrorFeedback, encoded_update, residual_dir
-from fedsync.run.serve import Device, Server
+from fedsync.run.liveness import Heartbeat
 from fedsync.run.start import check_task, task_record
 from fedsync.run.trust import read_trust
+from fedsync.run.working.data import WorkerData
+from fedsync.run.working.serve import Device, Server
 from fedsync.storage import names
 from fedsync.storage.keys import Identity, load_identity, pinned_coordinator, worker_key_path
 from fedsync.storage.locks import local_lock
@@ -45,7 +42,6 @@ from fedsync.storage.manifest import finished, read_manifest
 from fedsync.storage.markers import (
     FORMAT_VERSION,
     Assignment,
-    FileRef,
     FinalMarker,
     HeldOut,
     Manifest,
@@ -57,17 +53,19 @@ from fedsync.storage.reasons import Unusable
 from fedsync.storage.share import Share
 from fedsync.storage.signing import assignment_message, fingerprint, update_message, verify
 from fedsync.storage.syncthing import SyncthingNudge
-from fedsync.storage.trouble import Backoff, RepeatedWrite
+from fedsync.storage.trouble import Backoff
 from fedsync.storage.watch import ShareWatcher
+from fedsync.tensors.files import load_verified, save_state
+from fedsync.tensors.residuals import ErrorFeedback, encoded_update, residual_dir
 
 
 @dataclass
 class WorkerOptions:
-    share: Path
+    share: Share
     name: str = field(default_factory=socket.gethostname)
-    device: str = "auto"
-    watch: str = "auto"
-    rescan: float = 2.0                 # seconds between full rescans when no event arrives
+    device: str = defaults.DEVICE
+    watch: str = defaults.WATCH
+    rescan: float = defaults.RESCAN_S
     wait_for_run: float | None = None   # seconds to wait for fedsync.yaml to appear; None: forever
     data_root: str | None = None        # where the task's data is on this machine; None: the run config's data_root
     memory_budget: int | None = None    # bytes of its own decoded images kept in memory; beyond: streamed; None: auto
@@ -75,62 +73,21 @@ class WorkerOptions:
     syncthing_key: str | None = None
     key: Path | None = None             # this worker's private key; None: worker-<name>.pem in the key folder
     coordinator_key: str | None = None  # the coordinator's public key; None: pinned from the run at first contact
-    capture: str = "auto"               # auto: CUDA graphs where the GPU supports them (fedsync/learning/capture.py)
+    capture: str = defaults.CAPTURE
     serve: bool = False                 # also run inference jobs' chunks, and keep doing so after the run ends
     log_json: bool = False              # one JSON object per event instead of a line of text
     log: Log | None = None
 
 
-class Heartbeat:
-    """Rewrites workers/<name>.yaml every `interval` seconds from its own thread, so training never starves it."""
-
-    def __init__(self, share: Share, info: WorkerInfo, interval: float, log: Log) -> None:
-        self.share, self.info, self.interval, self.log = share, info, interval, log
-        self.writes = RepeatedWrite(log, "the heartbeat", "every beat")
-        self.lock = threading.Lock()
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
-
-    def start(self) -> None:
-        self.update(state="idle")
-        self.thread.start()
-
-    def update(self, **changes: object) -> None:
-        """Record a change and write it; share trouble is reported once and retried by the next beat."""
-        with self.lock:
-            self.info = replace(self.info, heartbeat=self.info.heartbeat + 1, written_at=utc_stamp(),
-                                **changes)  # type: ignore[arg-type]
-            self.writes.attempt(lambda: self.share.write_yaml(self.share.worker_file(self.info.name),
-                                                              to_dict(self.info)))
-
-    def note(self, **changes: object) -> None:
-        """Record a change; written now only when the state changes, else by the next beat (a serving worker runs
-        many chunks a second, and every write wakes every process that watches the share)."""
-        if changes.get("state", self.info.state) != self.info.state:
-            self.update(**changes)
-            return
-        with self.lock:
-            self.info = replace(self.info, **changes)  # type: ignore[arg-type]
-
-    def stop(self) -> None:
-        self.stopped.set()
-        self.thread.join(timeout=5)
-        self.update(state="stopped")
-
-    def _beat(self) -> None:
-        while not self.stopped.wait(self.interval):
-            self.update()
-
-
 def run_worker(opts: WorkerOptions) -> FinalMarker | None:
-    share = Share(opts.share)
+    share = opts.share
     name = names.check_worker_name(opts.name)
     log = opts.log or make_log(f"worker {name}", opts.log_json)
     if not share.exists(""):
         raise ShareError(f"share folder {share.where()} does not exist: mount or sync it first, or fix --share")
     facts = DeviceFacts.probe()
     choice = choose_device(opts.device, facts)  # an explicit device this build cannot drive fails here, at once
-    nudge = SyncthingNudge(opts.syncthing, opts.syncthing_key, share.root, log) if opts.syncthing else None
+    nudge = SyncthingNudge(opts.syncthing, opts.syncthing_key, share, log) if opts.syncthing else None
     identity, created = load_identity(opts.key or worker_key_path(name))
     log(f"worker key {identity.path}{' (created now)' if created else ''}: fingerprint {identity.fingerprint}")
     lock = local_lock(share.identity, f"worker-{name}")
@@ -194,9 +151,7 @@ class Worker:
         self.plan = plan_capture(opts.capture, self.device, facts)
         self.model = self.task.build_model(self.cfg.model)  # kept for the worker's life: each round loads into it
         self.captured: torch.nn.Module | None = None
-        self.dataset: Dataset | None = None  # a shared task's data set: shards are cut from its training part
-        self.own: Source | None = None       # a private task's data: this machine's own, all of it trained on
-        self.placed: tuple[tuple[str, int], tuple[Source, Source]] | None = None  # (list hash, shard): on the device
+        self.data = WorkerData(share, self.task, self.cfg, self.device)
         self.feedback = ErrorFeedback(residual_dir(), manifest.run_id, name, log)  # compression's residuals
         self.server: Server | None = None
         if opts.serve:
@@ -206,7 +161,10 @@ class Worker:
 
     def run(self) -> FinalMarker | None:
         # the data is checked before the first change to the share: a failed start leaves it as it was
-        train = self._load_data()
+        train = self.data.load(self.opts.data_root or self.cfg.data_root,
+                               self.cfg.data_options(self.log, self.opts.memory_budget))
+        if self.data.own is not None:  # a private task: registered by count, never sent
+            self.heartbeat.info = replace(self.heartbeat.info, own_samples=len(self.data.own))
         own = {names.update_tensors_name(self.name), names.update_marker_name(self.name)}
         for r in self.share.rounds():
             self.share.remove_temporaries(self.share.updates_dir(r), own)  # left by a crash of this worker
@@ -225,7 +183,7 @@ class Worker:
         speed_note = f", {self.heartbeat.info.samples_per_s:.0f} samples/s" if self.heartbeat.info.samples_per_s else ""
         self.log(f"registered for run {self.manifest.run_id} on {self.device} "
                  f"({self.heartbeat.info.device_name}, {self.precision}{speed_note}); "
-                 f"{len(train)} training examples{' of its own' if self.own is not None else ''}")
+                 f"{len(train)} training examples{' of its own' if self.data.own is not None else ''}")
         said_final: int | None = None
         try:
             while True:
@@ -252,18 +210,6 @@ class Worker:
                 self.watcher.wait(self.opts.rescan)
         finally:
             self.heartbeat.stop()
-
-    def _load_data(self) -> Source:
-        """The data this worker trains on: for a private task its own (registered by count, never sent), else the
-        shared data set whose training part the coordinator's shard lists index."""
-        location = self.opts.data_root or self.cfg.data_root
-        options = self.cfg.data_options(self.log, self.opts.memory_budget)
-        if self.task.private:
-            self.own = self.task.load_own(location, options)
-            self.heartbeat.info = replace(self.heartbeat.info, own_samples=len(self.own))
-            return self.own
-        self.dataset = self.task.load(location, options)
-        return self.dataset.train
 
     def _pending_round(self) -> tuple[int, Assignment] | None:
         """The newest open round that gives this worker a task it has not submitted yet. A round folder whose
@@ -326,7 +272,7 @@ class Worker:
         task = a.workers[self.name]
         try:
             base = load_verified(self.share, self.share.global_model(r), a.model)
-            shard, held_out = self._on_device(a.shards, task.shard)
+            shard, held_out = self.data.on_device(a.shards, task.shard)
         except Unusable as e:
             self.log(f"round {r}: its files are not usable yet ({e.detail}); waiting")
             self.watcher.wait(self.opts.rescan)
@@ -429,42 +375,6 @@ class Worker:
             return None
         loss, accuracy = evaluate(self.model, held_out, self.cfg.eval_batch_size, self.device)
         return HeldOut(loss=loss, accuracy=accuracy, samples=len(held_out))
-
-    def _on_device(self, shards: FileRef | None, index: int | None) -> tuple[Source, Source]:
-        """The training and held-out parts (federated_eval) of the shard, or of this worker's own data, placed on the
-        device once and kept there while the assignment stays the same."""
-        key = ("own", -1) if index is None or shards is None else (shards.blake3, index)
-        if self.placed is None or self.placed[0] != key:
-            self.placed = None  # free the old copy first
-            if index is None:
-                if self.own is None:
-                    raise DataError(f"task {self.cfg.task}'s data is shared, yet the assignment gives this worker "
-                                    "no shard: the coordinator's fedsync differs")
-                data, rows = self.own, np.arange(len(self.own))
-            elif shards is None or self.dataset is None:
-                raise DataError(f"task {self.cfg.task} trains on each worker's own data, yet the assignment gives this "
-                                f"worker shard {index}: the coordinator's fedsync differs")
-            else:
-                data, rows = self.dataset.train, self._shard_rows(shards, index)
-            kept, held = hold_out(rows, self.cfg.federated_eval)
-            self.placed = (key, (place(data.subset(kept), self.device), place(data.subset(held), self.device)))
-        return self.placed[1]
-
-    def _shard_rows(self, shards: FileRef, index: int) -> np.ndarray:
-        """Shard `index` of the coordinator's list, as rows of this machine's training data (the list names examples
-        by their index in the task's whole data, PROTOCOL.md 5.4)."""
-        listed = load_verified(self.share, shards.file, shards).get(str(index))
-        if listed is None or listed.dtype != torch.int64 or listed.dim() != 1:
-            raise DataError(f"{shards.file} has no int64 list for shard {index}: the coordinator's fedsync differs")
-        canonical = self.dataset.canonical()  # type: ignore[union-attr]
-        order = np.argsort(canonical)
-        wanted = listed.numpy()
-        at = np.searchsorted(canonical, wanted, sorter=order).clip(0, len(order) - 1)
-        rows = order[at]
-        if not np.array_equal(canonical[rows], wanted):
-            raise DataError(f"{shards.file} lists examples for shard {index} that this machine's training data does "
-                            "not hold: the task's data differs from the coordinator's (another version or copy)")
-        return rows  # in the list's order: the held-out rule counts positions in it
 
 
 def _divergence(train_loss: float, update: dict[str, torch.Tensor]) -> str | None:

@@ -12,7 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tests.conftest import missing
+from tests.helpers import missing
 from tests.ports import free_port
 
 BUCKET = "fedsync-test"

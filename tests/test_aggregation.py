@@ -8,8 +8,9 @@ import torch
 
 from fedsync.aggregation.optimizers import ServerSettings, make_optimizer
 from fedsync.aggregation.rules import Collected, FedAvg, FedNova, make_rule
+from fedsync.aggregation.sums import WeightedSum
 from fedsync.base.errors import ConfigError
-from fedsync.fedavg import WeightedSum, apply_delta
+from fedsync.fedavg import apply_delta
 from fedsync.learning.balance import FILL, plan_steps
 from fedsync.learning.data import Split
 from fedsync.learning.models import build_model

@@ -1,5 +1,7 @@
 """The layout's rules (docs/DESIGN.md, "Layers"), read from the source so they cannot drift: which layer may
-import which, no torch below learning, no share I/O outside the storage layer, share names in one module."""
+import which, and inside a layer which part may import which (the roles above their bookkeeping, one role's
+bookkeeping never another's), no torch below the tensors layer, no share I/O outside the storage layer, share names
+in one module, and every module folder in DESIGN.md's table."""
 
 from __future__ import annotations
 
@@ -10,16 +12,24 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "fedsync"
-LAYERS = {"base": 0, "storage": 1, "learning": 2, "aggregation": 2, "run": 3, "cli": 4}
+LAYERS = {"base": 0, "storage": 1, "tensors": 2, "learning": 3, "aggregation": 3, "run": 4, "cli": 5}
+# Inside a layer, where an order exists: a part imports only parts of a lower rank, or of its own group at its rank.
+# run: the bookkeeping every role shares (run/*.py), then each role's own (run/<role>/), then the roles themselves.
+ROLE_FOLDERS = ("coordinating", "working", "submitting", "inspecting")
+ROLES = ("coordinator", "worker", "infer")
+# aggregation: the running sums updates are streamed into (sums.py), then the maths over them (fedavg.py, the rules,
+# screening, the server optimizers), then the intake that reads update files into the sums.
+AGGREGATION_RANKS = {"fedsync/aggregation/sums.py": 0, "fedsync/aggregation/intake.py": 2}
 TOP_LEVEL = {"coordinator": "run", "worker": "run", "infer": "run", "fedavg": "aggregation", "__main__": "cli",
              "__init__": "base"}
 # Files that read what is not the share: each machine's own data and the user's own config file.
 NOT_THE_SHARE = {"fedsync/learning/data.py": "datasets on this machine",
                  "fedsync/learning/imagefolder.py": "a machine's own image folder, and its free memory",
                  "fedsync/run/config.py": "the user's config file",
-                 "fedsync/run/feedback.py": "a worker's error-feedback residual, on its own disk beside its key",
+                 "fedsync/tensors/residuals.py": "a worker's error-feedback residual, on its own disk beside its key",
                  "fedsync/learning/inputs.py": "an inference job's inputs, on the submitting machine",
-                 "fedsync/run/predictions.py": "an inference job's predictions, written to the user's own files",
+                 "fedsync/run/submitting/predictions.py": "an inference job's predictions, written to the user's own "
+                                                          "files",
                  "fedsync/infer.py": "the model file a user gives `fedsync infer`"}
 FILE_MODULES = {"os", "shutil", "io", "gzip", "tempfile"}  # any call of theirs on a path is file I/O
 PATH_METHODS = {"open", "stat", "lstat", "iterdir", "glob", "rglob", "read_bytes", "read_text", "write_bytes",
@@ -53,6 +63,30 @@ def _imports(tree: ast.AST) -> list[tuple[int, str]]:
     return out
 
 
+def _place(relative: str) -> tuple[int, str] | None:
+    """A module's (rank, group) inside its layer, where the layer has an order; None where it has none."""
+    parts = relative.removesuffix(".py").split("/")
+    layer = _layer(relative)
+    if layer == "run":
+        if len(parts) == 2:
+            return 2, parts[1]  # a role: fedsync/coordinator.py
+        if len(parts) == 3:
+            return 0, "shared"
+        return 1, parts[2]
+    if layer == "aggregation":
+        return AGGREGATION_RANKS.get(relative, 1), "aggregation"
+    return None
+
+
+def _module_file(module: str) -> str | None:
+    """The file a fedsync module name stands for (a package: its __init__.py), relative to the repository."""
+    base = ROOT / Path(*module.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.exists():
+            return candidate.relative_to(ROOT).as_posix()
+    return None
+
+
 def _target_layer(module: str) -> str | None:
     parts = module.split(".")
     if parts[0] != "fedsync" or len(parts) == 1 or parts[1] in ("configs", "__version__"):
@@ -68,6 +102,11 @@ def test_each_module_imports_only_its_own_layer_and_those_below(relative: str) -
         target = _target_layer(module)
         if target is not None and target != source:
             assert LAYERS[target] < LAYERS[source], f"{relative}:{line} ({source}) imports {module} ({target})"
+        if target == source and (file := _module_file(module)) is not None:
+            here, there = _place(relative), _place(file)
+            if here is not None and there is not None and there != here:
+                assert there[0] < here[0], f"{relative}:{line} {here} imports {module} {there}: in the {source} " \
+                    "layer a part imports only lower ranks (docs/DESIGN.md, the layer table)"
         if LAYERS[source] <= LAYERS["storage"]:
             assert module.split(".")[0] not in ("torch", "torchvision", "numpy") and module != "safetensors.torch", \
                 f"{relative}:{line}: the {source} layer imports {module}"
@@ -124,3 +163,24 @@ def test_share_names_are_spelled_only_in_names_py(relative: str) -> None:
 def test_the_name_check_sees_names() -> None:
     names = ast.parse((PACKAGE / "storage" / "names.py").read_text())
     assert any(text == "summary.yaml" for _, text in _strings(names))
+
+
+def test_inside_a_layer_the_order_is_seen() -> None:
+    """The rank check is not blind: bookkeeping that imported its role, or one role's bookkeeping another's, fails."""
+    assert _place("fedsync/run/coordinating/ledger.py") == (1, "coordinating")
+    assert _place("fedsync/coordinator.py") == (2, "coordinator")
+    assert _place("fedsync/run/config.py") == (0, "shared")
+    assert _module_file("fedsync.coordinator") == "fedsync/coordinator.py"
+    assert _module_file("fedsync.run.working.serve") == "fedsync/run/working/serve.py"
+    assert not _place("fedsync/coordinator.py")[0] < _place("fedsync/run/coordinating/ledger.py")[0]  # type: ignore
+    assert _place("fedsync/run/working/serve.py") != _place("fedsync/run/coordinating/ledger.py")
+
+
+def test_design_lists_every_module_folder() -> None:
+    """docs/DESIGN.md's layer table names every folder of the package and every top-level module."""
+    design = (ROOT / "docs" / "DESIGN.md").read_text()
+    folders = {p.parent.relative_to(ROOT).as_posix() for p in PACKAGE.rglob("*.py")} - {"fedsync"}
+    top = {p.relative_to(ROOT).as_posix() for p in PACKAGE.glob("*.py")} - {"fedsync/__init__.py",
+                                                                           "fedsync/__main__.py"}
+    missing = sorted(name for name in folders | top if f"`{name}" not in design)
+    assert not missing, f"docs/DESIGN.md's layer table does not list {missing}"

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from fedsync.aggregation.tensors import load_verified, save_state, state_bytes
 from fedsync.storage.hashing import hash_bytes
 from fedsync.storage.keys import Identity, load_identity
 from fedsync.storage.markers import (
@@ -27,8 +26,9 @@ from fedsync.storage.markers import (
     to_dict,
 )
 from fedsync.storage.share import Share
+from fedsync.tensors.files import load_verified, save_state, state_bytes
 
-from .conftest import (
+from .helpers import (
     finish,
     killed_on_error,
     read_yaml,
@@ -292,12 +292,14 @@ def bad_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Share, dict[str, 
     return share, rounds, out, coord.returncode
 
 
+@pytest.mark.processes
 def test_the_coordinator_stayed_up(bad_run) -> None:
     share, rounds, out, code = bad_run
     assert code == 0, out
     assert "Traceback" not in out
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_file(bad_run, name: str) -> None:
     share, rounds, out, _ = bad_run

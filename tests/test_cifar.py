@@ -13,7 +13,7 @@ from fedsync.storage.markers import FinalMarker, Summary, parse
 from fedsync.storage.share import Share
 
 from .cifar_files import PER_BATCH, fabricate_cifar10
-from .conftest import finish, start
+from .helpers import finish, start
 
 
 def test_missing_data_says_what_to_put_where(tmp_path: Path) -> None:
@@ -30,6 +30,7 @@ def test_fabricated_data_fails_the_real_md5_check_and_loads_without_it(tmp_path:
     assert abs(float(ds.train.x.mean())) < 0.5  # normalised with CIFAR's channel statistics
 
 
+@pytest.mark.processes
 def test_one_round_of_resnet18_over_the_share_with_data_at_each_machines_own_path(tmp_path: Path,
                                                                                     share: Path) -> None:
     """The coordinator's copy and the worker's sit at different paths (a MacBook and a Linux box): each names its

@@ -25,13 +25,14 @@ from fedsync.storage.medium import POLL_INTERVAL_S, POLLED_FILESYSTEMS, choose_m
 from fedsync.storage.share import Share
 from fedsync.storage.watch import ShareWatcher
 
-from .conftest import ENV, FEDSYNC, coordinator_identity, finish, run, start
+from .helpers import ENV, FEDSYNC, coordinator_identity, finish, run, start
 
 COMMANDS = ["coordinator", "worker", "infer", "trust", "status", "verify", "results", "eval", "export", "demo",
             "doctor"]
 NO_SHARE = {"doctor"}  # looks at this machine only
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_explains_itself(command: str) -> None:
     out = run(command, "--help")
@@ -41,12 +42,14 @@ def test_every_command_explains_itself(command: str) -> None:
     assert len(out.stdout) > 300
 
 
+@pytest.mark.processes
 def test_every_command_is_listed() -> None:
     out = run("--help").stdout
     assert all(command in out for command in COMMANDS)
     assert sorted(c.name or c.callback.__name__ for c in app.registered_commands) == sorted(COMMANDS)
 
 
+@pytest.mark.processes
 def test_top_level_help_lists_exit_statuses() -> None:
     out = run("--help").stdout
     for code in EXIT_CODES:
@@ -72,6 +75,7 @@ def test_set_rounds_and_share_read_like_their_use() -> None:
     assert "The run's total number of rounds, not rounds to add" in help_text
 
 
+@pytest.mark.processes
 def test_the_command_list_has_one_line_per_command_and_the_version_is_there() -> None:
     out = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "100"}).output
     listed = [line for line in out.splitlines() if re.match(r"│ (" + "|".join(COMMANDS) + r")\s", line)]
@@ -82,6 +86,7 @@ def test_the_command_list_has_one_line_per_command_and_the_version_is_there() ->
     assert version.returncode == 0 and re.fullmatch(r"fedsync \d+\.\d+\.\d+ \(share format \d+\)\n", version.stdout)
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("command", ["status", "verify"])
 def test_a_missing_share_or_one_without_a_run_is_said_plainly(command: str, tmp_path: Path) -> None:
     gone = run(command, "--share", str(tmp_path / "gone"))
@@ -116,6 +121,7 @@ def test_data_root_help_names_the_fallback(command: str) -> None:
     assert "--data-root" in _help(command) and "Default: the run config's data_root" in _help(command)
 
 
+@pytest.mark.processes
 def test_errors_are_one_line_with_their_status(tmp_path: Path) -> None:
     cifar = tmp_path / "cifar-share"
     # a run whose data this machine lacks
@@ -143,6 +149,7 @@ def test_errors_are_one_line_with_their_status(tmp_path: Path) -> None:
     assert not Path("https:").exists()  # the URL was not taken for a folder name in the current directory
 
 
+@pytest.mark.processes
 def test_the_demo_runs_its_processes_and_reaches_real_accuracy(share: Path) -> None:
     """`fedsync demo`, as the README's first command runs it (fewer rounds): a coordinator and workers, each a
     process of its own (on Linux forked after torch was imported once), over a local share."""

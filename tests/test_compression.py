@@ -11,17 +11,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedsync.aggregation.encoding import BLOCK, decode, dequantize, encode, quantize, scale_name
-from fedsync.aggregation.intake import PIECE_BYTES, Aggregator, Candidate
+from fedsync.aggregation.candidates import Candidate
+from fedsync.aggregation.intake import PIECE_BYTES, Aggregator
 from fedsync.aggregation.rules import SLICE, FedAvg, Median
-from fedsync.aggregation.tensors import layout_of, state_bytes
-from fedsync.fedavg import WeightedSum, mean_delta
+from fedsync.aggregation.sums import WeightedSum
+from fedsync.fedavg import mean_delta
 from fedsync.learning.models import build_model
-from fedsync.run.feedback import ErrorFeedback
 from fedsync.storage.hashing import hash_bytes
 from fedsync.storage.local import LocalStore
 from fedsync.storage.markers import FileRef
 from fedsync.storage.reasons import Reason
+from fedsync.tensors.encoding import BLOCK, decode, dequantize, encode, quantize, scale_name
+from fedsync.tensors.files import layout_of, state_bytes
+from fedsync.tensors.residuals import ErrorFeedback
 
 G = torch.Generator().manual_seed(3)
 # one tensor longer than a read piece and than a median's slice, and not a whole number of blocks

@@ -13,7 +13,7 @@ from fedsync.run.config import differences, load_config, parse_overrides
 from fedsync.run.start import open_run
 from fedsync.storage.share import Share
 
-from .conftest import coordinator_identity
+from .helpers import coordinator_identity
 
 
 def test_builtin_configs_and_overrides() -> None:
@@ -47,9 +47,11 @@ def test_a_share_keeps_its_config(tmp_path: Path) -> None:
         open_run(share, load_config("digits", {"seed": 7}), "coordinator", coordinator_identity().public)
 
 
+@pytest.mark.processes
 def test_commands_that_only_read_the_share_never_import_torch() -> None:
     """status, verify and --help answer in a fraction of a second: torch alone takes seconds to import."""
-    code = ("import sys, fedsync.cli.main, fedsync.cli.status, fedsync.cli.verify, fedsync.run.report; "
+    code = ("import sys, fedsync.cli.main, fedsync.cli.status, fedsync.cli.watch, fedsync.run.inspecting.checks, "
+            "fedsync.run.inspecting.status, fedsync.run.coordinating.report; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr

@@ -24,7 +24,7 @@ from fedsync.learning.device import (
 )
 from fedsync.learning.doctor import KernelRun, examine, kernel_check, start_check
 
-from .conftest import run
+from .helpers import run
 
 CU130 = ("sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120")  # torch 2.14.1+cu130, read off this machine
 CU126 = ("sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90")  # PyTorch's 12.6 build matrix
@@ -159,6 +159,7 @@ def test_start_check_falls_back_or_fails_before_any_round() -> None:
     assert start_check("cpu", DeviceChoice("cpu"), "bf16", ghost) == (DeviceChoice("cpu"), "bf16")
 
 
+@pytest.mark.processes
 def test_doctor_command(share: Path) -> None:
     real = run("doctor")
     assert "cpu: a tiny training step ran" in real.stdout and "torch" in real.stdout
@@ -170,6 +171,7 @@ def test_doctor_command(share: Path) -> None:
     assert "fix: " in pascal.stdout and "whl/cu126" in pascal.stdout
 
 
+@pytest.mark.processes
 def test_worker_with_device_cuda_on_pascal_fails_at_once(share: Path) -> None:
     out = run("worker", "--share", str(share), "--name", "w1", "--device", "cuda", "--wait-for-run", "5",
               env=as_env(facts(CU130, GTX1080)), timeout=30)

@@ -10,7 +10,6 @@ import pytest
 import torch
 from sklearn.datasets import load_digits as load_digits_raw
 
-from fedsync.aggregation.tensors import state_bytes
 from fedsync.base.errors import EXIT_CODES
 from fedsync.learning.data import load_digits
 from fedsync.learning.partition import partition
@@ -37,6 +36,7 @@ from fedsync.storage.markers import (
 from fedsync.storage.reasons import Reason
 from fedsync.storage.signing import assignment_message, final_message, trust_message, update_message, verify
 from fedsync.storage.yamlfile import parse_yaml
+from fedsync.tensors.files import state_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOCOL = (ROOT / "docs" / "PROTOCOL.md").read_text()

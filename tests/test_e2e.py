@@ -10,15 +10,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fedsync.aggregation.tensors import load_verified
+import pytest
+
 from fedsync.learning.train import evaluate
 from fedsync.run.config import load_config, load_data
-from fedsync.run.feedback import residual_dir
 from fedsync.storage.hashing import hash_bytes
 from fedsync.storage.markers import Assignment, FinalMarker, Summary, UpdateMarker, parse
 from fedsync.storage.share import Share
+from fedsync.tensors.files import load_verified
+from fedsync.tensors.residuals import residual_dir
 
-from .conftest import finish, killed_on_error, read_yaml, run, start, write_yaml
+from .helpers import finish, killed_on_error, read_yaml, run, start, write_yaml
 
 ROUNDS = 6
 OUTSIDER = Path(__file__).resolve().parent / "independent_worker.py"
@@ -27,6 +29,7 @@ CONFIG = tuple(a for k, v in CONFIG_VALUES.items() for a in ("--set", f"{k}={v}"
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
+@pytest.mark.processes
 def test_two_workers_reach_real_accuracy(share: Path) -> None:
     coord = start("coordinator", "--share", str(share), "--rounds", str(ROUNDS), *CONFIG)
     workers = [start("worker", "--share", str(share), "--name", f"w{i}", "--device", "cpu",
@@ -119,6 +122,7 @@ def test_two_workers_reach_real_accuracy(share: Path) -> None:
     assert s.path(s.manifest).read_bytes() == before
 
 
+@pytest.mark.processes
 def test_an_outsiders_worker_is_accepted_and_verify_reports_intact_runs_and_names_damage(share: Path,
                                                                                           tmp_path: Path) -> None:
     """Beside a fedsync worker, tests/independent_worker.py, written from docs/PROTOCOL.md alone (it imports nothing

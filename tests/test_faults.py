@@ -8,10 +8,12 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
+
 from fedsync.storage.markers import FinalMarker, Summary, parse
 from fedsync.storage.share import Share
 
-from .conftest import finish, run, start
+from .helpers import finish, run, start
 
 ROUNDS = 4
 COORD = ("coordinator", "--rounds", str(ROUNDS), "--set", "min_workers=2")
@@ -49,6 +51,7 @@ COORDINATOR_FAULTS = [  # in the order a run meets them
 ]
 
 
+@pytest.mark.processes
 def test_coordinator_killed_at_each_point_and_restarted(share: Path) -> None:
     """One run, its coordinator killed at each point in turn and started again with the same command each time (the
     workers stay up throughout): every restart goes on from the share, and no closed round is aggregated again."""
@@ -77,6 +80,7 @@ def test_coordinator_killed_at_each_point_and_restarted(share: Path) -> None:
     check_complete(s)
 
 
+@pytest.mark.processes
 def test_worker_killed_mid_upload_and_restarted(share: Path) -> None:
     """w1 killed in the middle of writing its round 2 tensors, then, started again, between its round 3 tensors and
     marker: nothing of either partial upload counts, and each restart submits the round again."""

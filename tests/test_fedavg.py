@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from fedsync.aggregation.tensors import layout_of
-from fedsync.fedavg import WeightedSum, apply_mean, delta
+from fedsync.aggregation.sums import WeightedSum
+from fedsync.fedavg import apply_mean, delta
+from fedsync.tensors.files import layout_of
 
 
 def _random_state(g: torch.Generator) -> dict[str, torch.Tensor]:

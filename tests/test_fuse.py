@@ -13,8 +13,10 @@ from fedsync.storage.medium import filesystem_type
 from fedsync.storage.share import Share
 from fedsync.storage.watch import ShareWatcher
 
-from .conftest import finish, require, start
+from .helpers import finish, require, start
 from .sshfs import SshfsMount
+
+pytestmark = pytest.mark.processes  # real servers and fedsync processes
 
 
 @pytest.fixture

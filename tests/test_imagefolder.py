@@ -13,21 +13,21 @@ import torch
 from PIL import Image
 
 from fedsync.aggregation.rules import FedAvg
-from fedsync.aggregation.tensors import save_state
 from fedsync.base.errors import ConfigError, DataError
 from fedsync.learning.data import Split
 from fedsync.learning.imagefolder import ImageSpec, Stream, load_folder
 from fedsync.learning.tasks import DataOptions
 from fedsync.learning.train import TrainSettings, local_train
 from fedsync.run.config import load_config
-from fedsync.run.ledger import RoundLedger
+from fedsync.run.coordinating.ledger import RoundLedger
 from fedsync.run.start import open_run
 from fedsync.run.trust import Trust
 from fedsync.storage.markers import FORMAT_VERSION, Assignment, Summary, WorkerInfo, WorkerTask, parse, to_dict
 from fedsync.storage.share import Share
 from fedsync.storage.signing import assignment_message
+from fedsync.tensors.files import save_state
 
-from .conftest import (
+from .helpers import (
     coordinator_identity,
     finish,
     killed_on_error,
@@ -156,6 +156,7 @@ def test_a_worker_on_its_own_data_may_claim_no_more_examples_than_it_registered(
         "boaster"].detail
 
 
+@pytest.mark.processes
 def test_two_workers_train_on_their_own_images_and_reach_090_in_10_rounds(tmp_path: Path, share: Path) -> None:
     """The digits as PNG files: the coordinator's test folder and two workers' own folders with different class
     mixes, one of them streamed from disk. No image enters the share; the assignment says each worker trains on its

@@ -15,14 +15,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from fedsync.aggregation.tensors import save_state
 from fedsync.base.errors import ShareError
 from fedsync.infer import InferOptions, Submitter
 from fedsync.learning.data import load_digits
 from fedsync.learning.inputs import open_inputs
 from fedsync.run.config import config_from_dict
-from fedsync.run.jobs import MAX_CHUNKS, write_job
 from fedsync.run.start import task_record
+from fedsync.run.submitting.jobs import MAX_CHUNKS, write_job
 from fedsync.storage import names
 from fedsync.storage.jobfiles import list_jobs, read_plan
 from fedsync.storage.manifest import read_manifest
@@ -38,8 +37,9 @@ from fedsync.storage.markers import (
 from fedsync.storage.share import Share
 from fedsync.storage.signing import output_message
 from fedsync.storage.yamlfile import dump_yaml
+from fedsync.tensors.files import save_state
 
-from .conftest import finish, killed_on_error, register_worker, run, start, wait_until, worker_identity
+from .helpers import finish, killed_on_error, register_worker, run, start, wait_until, worker_identity
 
 SETTINGS = ("--set", "min_workers=2", "--set", "heartbeat=1", "--set", "worker_timeout=5")
 
@@ -90,6 +90,7 @@ def accuracy(rows: list[dict[str, str]], labels: torch.Tensor) -> float:
     return sum(int(r["class"]) == int(labels[int(r["index"])]) for r in rows) / len(labels)
 
 
+@pytest.mark.processes
 def test_two_serving_workers_reproduce_the_runs_test_accuracy(trained: Path, test_set: tuple[Path, torch.Tensor],
                                                               tmp_path: Path) -> None:
     inputs, labels = test_set
@@ -143,6 +144,7 @@ def test_two_serving_workers_reproduce_the_runs_test_accuracy(trained: Path, tes
     assert other.returncode == 3 and "another chunk rows" in other.stderr, other.stderr
 
 
+@pytest.mark.processes
 def test_a_killed_worker_and_a_killed_submitter_lose_and_double_nothing(
         trained: Path, test_set: tuple[Path, torch.Tensor], tmp_path: Path) -> None:
     inputs, labels = test_set
@@ -181,6 +183,7 @@ def test_a_killed_worker_and_a_killed_submitter_lose_and_double_nothing(
     assert "predicted in" in logs[0]
 
 
+@pytest.mark.processes
 def test_bad_inputs_are_named_per_input_and_wrong_shapes_refused_before_anything_is_written(
         trained: Path, test_set: tuple[Path, torch.Tensor], tmp_path: Path) -> None:
     inputs, labels = test_set
@@ -289,10 +292,11 @@ def forged_job(share: Path, inputs: Path) -> None:
         state="running", queues={"b1": [0, 1]}, accepted={})))
 
 
+@pytest.mark.processes
 def test_an_output_counts_only_signed_whole_and_finite_and_the_first_one_wins(
         trained: Path, test_set: tuple[Path, torch.Tensor], tmp_path: Path) -> None:
-    """The submitter's judgement (fedsync/run/jobs.py check_output, fedsync/infer.py) on outputs written by hand, as
-    a forger, a broken worker and two honest ones would."""
+    """The submitter's judgement (fedsync/run/submitting/jobs.py check_output, fedsync/infer.py) on outputs written by
+    hand, as a forger, a broken worker and two honest ones would."""
     s = Share(trained)
     manifest = read_manifest(s)
     cfg = config_from_dict(manifest.config, "fedsync.yaml")
@@ -345,6 +349,7 @@ def test_an_output_counts_only_signed_whole_and_finite_and_the_first_one_wins(
     assert any("j3 for chunk 0 not taken: duplicate" in line for line in said)
 
 
+@pytest.mark.processes
 def test_a_live_worker_that_never_delivers_does_not_wedge_the_job(trained: Path, test_set: tuple[Path, torch.Tensor],
                                                                   tmp_path: Path) -> None:
     """A registration that heartbeats, claims to be the fastest server and never runs a chunk (a machine stuck on a
@@ -380,6 +385,7 @@ def test_a_live_worker_that_never_delivers_does_not_wedge_the_job(trained: Path,
     assert len(predictions(tmp_path / "p.csv")) == len(test_set[1])
 
 
+@pytest.mark.processes
 def test_a_plan_kept_fresh_by_another_hosts_submitter_is_refused_and_a_stale_one_taken_over(
         trained: Path, test_set: tuple[Path, torch.Tensor], tmp_path: Path) -> None:
     """One writer per job: a submitter on another host that rewrites plan.yaml within worker_timeout (5 s here) is

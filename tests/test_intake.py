@@ -7,14 +7,16 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fedsync.aggregation.intake import PIECE_BYTES, Aggregator, Candidate
+from fedsync.aggregation.candidates import Candidate
+from fedsync.aggregation.intake import PIECE_BYTES, Aggregator
 from fedsync.aggregation.rules import FedAvg
-from fedsync.aggregation.tensors import layout_of
-from fedsync.fedavg import WeightedSum, apply_delta, apply_mean
+from fedsync.aggregation.sums import WeightedSum
+from fedsync.fedavg import apply_delta, apply_mean
 from fedsync.storage.hashing import hash_bytes
 from fedsync.storage.local import LocalStore
 from fedsync.storage.markers import FileRef
 from fedsync.storage.reasons import Reason
+from fedsync.tensors.files import layout_of
 
 G = torch.Generator().manual_seed(0)
 # One tensor spans several read pieces, so a fault can land after part of the file was already summed.

@@ -1,8 +1,9 @@
-"""How a job is cut (fedsync/run/jobs.py): chunk sizes, and job.yaml's bound at the most chunks a job may have."""
+"""How a job is cut (fedsync/run/submitting/jobs.py): chunk sizes, and job.yaml's bound at the most chunks a job may
+have."""
 
 from __future__ import annotations
 
-from fedsync.run.jobs import MAX_CHUNKS, default_chunk_rows
+from fedsync.run.submitting.jobs import MAX_CHUNKS, default_chunk_rows
 from fedsync.storage.markers import ChunkRef, FileRef, JobMarker, TaskRecord, to_dict
 from fedsync.storage.yamlfile import MAX_YAML_BYTES, dump_yaml
 

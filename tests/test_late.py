@@ -9,10 +9,9 @@ import pytest
 import torch
 
 from fedsync.aggregation.rules import FedAvg
-from fedsync.aggregation.tensors import load_verified, save_state
 from fedsync.fedavg import staleness_weight
 from fedsync.run.config import load_config
-from fedsync.run.ledger import LateLedger
+from fedsync.run.coordinating.ledger import LateLedger
 from fedsync.run.start import open_run
 from fedsync.run.trust import Trust
 from fedsync.storage.markers import (
@@ -27,8 +26,9 @@ from fedsync.storage.markers import (
     to_dict,
 )
 from fedsync.storage.share import Share
+from fedsync.tensors.files import load_verified, save_state
 
-from .conftest import (
+from .helpers import (
     coordinator_identity,
     finish,
     killed_on_error,
@@ -72,6 +72,7 @@ def test_staleness_weight(rounds_late: int, exponent: float, expected: float) ->
     assert staleness_weight(300, rounds_late, exponent) == pytest.approx(expected)
 
 
+@pytest.mark.processes
 def test_late_update_dropped(share: Path) -> None:
     """late_policy: drop records the late update in the next summary and leaves it out of the model (folding is
     checked, with its weights, by the next test)."""
@@ -97,6 +98,7 @@ def test_late_update_dropped(share: Path) -> None:
     _assert_aggregate(load_verified(s, s.final_model, s2.model), _round(s, 2)[1], [(fast_delta, n2)])
 
 
+@pytest.mark.processes
 def test_two_rounds_late_is_folded_by_its_age_and_past_max_staleness_is_never_read(share: Path) -> None:
     """Rounds close at their deadline (two silent workers never report). While round 3 is open, 'slow' submits
     for rounds 1 and 2 (two and one rounds late); while round 4 is open, 'stale' submits for round 1 (three

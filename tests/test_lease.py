@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedsync.aggregation.tensors import load_verified
 from fedsync.base.errors import ShareError
 from fedsync.storage.lease import Lease
 from fedsync.storage.markers import FORMAT_VERSION, Assignment, CoordinatorLease, Summary, parse, to_dict
 from fedsync.storage.share import Share
+from fedsync.tensors.files import load_verified
 
-from .conftest import (
+from .helpers import (
     finish,
     killed_on_error,
     read_yaml,
@@ -65,6 +65,7 @@ def foreign_lease_refreshed(share: Share, every: float) -> Iterator[list[bytes]]
         t.join()
 
 
+@pytest.mark.processes
 def test_second_coordinator_on_this_host_is_refused(share: Path) -> None:
     first = start("coordinator", "--share", str(share), "--set", "min_workers=5")
     try:
@@ -77,6 +78,7 @@ def test_second_coordinator_on_this_host_is_refused(share: Path) -> None:
         finish(first, timeout=30)
 
 
+@pytest.mark.processes
 def test_live_lease_from_another_host_is_refused(share: Path) -> None:
     with foreign_lease_refreshed(Share(share), every=0.5):
         out = run("coordinator", "--share", str(share), *FAST_LEASE, timeout=60)
@@ -93,6 +95,7 @@ def test_lease_check_refuses_a_lease_that_is_being_refreshed(share: Path) -> Non
     assert "taking over" in lines[-1]
 
 
+@pytest.mark.processes
 def test_dead_lease_from_another_host_is_taken_over(share: Path) -> None:
     s = Share(share)
     _foreign_lease(s, 7)
@@ -105,6 +108,7 @@ def test_dead_lease_from_another_host_is_taken_over(share: Path) -> None:
     assert lease.host != "other-host" and lease.state == "finished"
 
 
+@pytest.mark.processes
 def test_round_extended_at_its_deadline_shows_in_status(share: Path) -> None:
     s = Share(share)
     register_worker(s, "sleepy")

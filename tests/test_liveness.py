@@ -7,10 +7,12 @@ import os
 import signal
 from pathlib import Path
 
+import pytest
+
 from fedsync.storage.markers import Assignment, Summary, parse
 from fedsync.storage.share import Share
 
-from .conftest import finish, killed_on_error, start, wait_until
+from .helpers import finish, killed_on_error, start, wait_until
 
 FAST = ("--set", "heartbeat=1", "--set", "worker_timeout=3")
 
@@ -19,6 +21,7 @@ def _worker(share: Path, name: str):
     return start("worker", "--share", str(share), "--name", name, "--device", "cpu", "--wait-for-run", "60")
 
 
+@pytest.mark.processes
 def test_training_longer_than_the_timeout_never_looks_dead(share: Path) -> None:
     coord = start("coordinator", "--share", str(share), "--rounds", "1", "--set", "min_workers=2",
                   "--set", "local_epochs=40", *FAST)
@@ -31,6 +34,7 @@ def test_training_longer_than_the_timeout_never_looks_dead(share: Path) -> None:
     assert sorted(x.worker for x in s.accepted) == ["w1", "w2"] and s.closed_because == "quorum"
 
 
+@pytest.mark.processes
 def test_frozen_worker_gets_no_work_and_rejoins_when_it_wakes(share: Path) -> None:
     s = Share(share)
     coord = start("coordinator", "--share", str(share), "--rounds", "14", "--set", "min_workers=2", *FAST)

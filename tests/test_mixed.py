@@ -6,15 +6,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from fedsync.storage.markers import Assignment, Evaluation, Summary, UpdateMarker, WorkerInfo, parse
 from fedsync.storage.share import Share
 
-from .conftest import finish, killed_on_error, run, start
+from .helpers import finish, killed_on_error, run, start
 from .test_device import CU130, GTX1080, as_env, facts
 
 ROUNDS = 4
 
 
+@pytest.mark.processes
 def test_throughput_balance_and_a_pascal_worker_falling_back(share: Path) -> None:
     coord = start("coordinator", "--share", str(share), "--rounds", str(ROUNDS), "--set", "min_workers=2",
                   "--set", "balance=throughput", "--set", "prox_mu=0.01",

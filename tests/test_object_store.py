@@ -21,7 +21,7 @@ from fedsync.storage.markers import FORMAT_VERSION, Assignment, CoordinatorLease
 from fedsync.storage.share import Share
 from fedsync.storage.store import OversizeError, WriteConflict, read_upto
 from fedsync.storage.yamlfile import dump_yaml
-from tests.conftest import (
+from tests.helpers import (
     finish,
     killed_on_error,
     register_worker,
@@ -32,6 +32,8 @@ from tests.conftest import (
 )
 from tests.ports import free_port
 from tests.s3 import S3Server, use_in_this_process
+
+pytestmark = pytest.mark.processes  # real servers and fedsync processes
 
 
 @pytest.fixture(scope="module")

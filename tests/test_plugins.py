@@ -18,7 +18,7 @@ from fedsync.learning.tasks import DataOptions, get_task
 from fedsync.storage.markers import FinalMarker, Manifest
 from fedsync.storage.share import Share
 
-from .conftest import finish, killed_on_error, run, start, wait_until
+from .helpers import finish, killed_on_error, run, start, wait_until
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "wine_task"
 CONFIG = str(EXAMPLE / "wine.yaml")
@@ -38,6 +38,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return install(EXAMPLE, tmp_path_factory.mktemp("wine") / "site")
 
 
+@pytest.mark.processes
 def test_the_example_task_trains_from_its_installed_package_and_another_version_is_refused(
         installed: dict[str, str], share: Path, tmp_path: Path) -> None:
     coord = start("coordinator", "--share", str(share), "--rounds", "3", "--config", CONFIG, "--set",
@@ -70,6 +71,7 @@ def test_the_example_task_trains_from_its_installed_package_and_another_version_
     assert missing.returncode == 3 and "task 'wine' is not one of cifar10, digits" in missing.stderr
 
 
+@pytest.mark.processes
 def test_a_task_by_reference_and_the_errors_that_name_what_is_wrong(installed: dict[str, str],
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.syspath_prepend(installed["PYTHONPATH"].split(os.pathsep)[0])

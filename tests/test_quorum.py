@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from fedsync.coordinator import quorum_target
+from fedsync.run.coordinating.intake import quorum_target
 from fedsync.storage.markers import Summary, parse
 from fedsync.storage.share import Share
 
-from .conftest import finish, killed_on_error, register_worker, start, wait_until
+from .helpers import finish, killed_on_error, register_worker, start, wait_until
 
 DEADLINE_S = 60  # round_timeout: only the quorum can close the round before it
 CLOSE_S = 15     # two digits workers train and submit in about 2 s once the round is open
@@ -30,6 +30,7 @@ def test_quorum_target(quorum: int | float, live_assigned: int, min_updates: int
     assert quorum_target(quorum, live_assigned, min_updates) == expected
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("quorum, ghosts", [("0.6", 1), ("2", 2)])  # ceil(0.6 x 3) = 2; a count of 2 of 4
 def test_quorum_closes_the_round_before_every_live_worker_reports(share: Path, quorum: str, ghosts: int) -> None:
     s = Share(share)

@@ -6,10 +6,12 @@ import json
 import signal
 from pathlib import Path
 
+import pytest
+
 from fedsync.storage.markers import FinalMarker, Summary
 from fedsync.storage.share import Share
 
-from .conftest import finish, killed_on_error, run, start
+from .helpers import finish, killed_on_error, run, start
 
 ROUNDS, KEEP = 6, 3
 SETS = ("--set", f"keep_rounds={KEEP}", "--set", "min_workers=1", "--set", "local_epochs=1")
@@ -20,6 +22,7 @@ def _tensor_rounds(share: Path) -> list[int]:
     return sorted({int(p.relative_to(share).parts[0]) for p in share.glob("[0-9]*/**/*.safetensors")})
 
 
+@pytest.mark.processes
 def test_keep_rounds_leaves_only_the_last_rounds_tensors_across_a_restart(share: Path) -> None:
     coord_args = ("coordinator", "--share", str(share), "--rounds", str(ROUNDS), *SETS)
     worker = start("worker", "--share", str(share), "--name", "w1", "--device", "cpu", "--wait-for-run", "60")

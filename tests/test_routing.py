@@ -1,8 +1,8 @@
-"""Routing an inference job's chunks (fedsync/run/routing.py): a pure function, checked case by case."""
+"""Routing an inference job's chunks (fedsync/run/submitting/routing.py): a pure function, checked case by case."""
 
 from __future__ import annotations
 
-from fedsync.run.routing import route
+from fedsync.run.submitting.routing import route
 
 
 def test_each_live_worker_gets_a_short_queue_fastest_first() -> None:

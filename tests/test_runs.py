@@ -9,9 +9,9 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 import torch
 
-from fedsync.aggregation.tensors import save_state
 from fedsync.storage.keys import load_identity
 from fedsync.storage.lease import read_lease
 from fedsync.storage.markers import (
@@ -28,14 +28,16 @@ from fedsync.storage.markers import (
 )
 from fedsync.storage.share import Share
 from fedsync.storage.signing import assignment_message
+from fedsync.tensors.files import save_state
 
-from .conftest import finish, killed_on_error, read_yaml, register_worker, run, start, wait_until, write_yaml
+from .helpers import finish, killed_on_error, read_yaml, register_worker, run, start, wait_until, write_yaml
 
 
 def summary(share: Share, r: int) -> Summary:
     return parse(Summary, share.read_yaml(share.summary(r)), "summary")
 
 
+@pytest.mark.processes
 def test_late_worker_joins_next_round_and_foreign_files_are_reported(share: Path) -> None:
     s = Share(share)
     coord = start("coordinator", "--share", str(share), "--rounds", "3")
@@ -71,6 +73,7 @@ def test_late_worker_joins_next_round_and_foreign_files_are_reported(share: Path
     assert sorted(x.worker for x in summary(s, 3).accepted) == ["w1", "w2"]
 
 
+@pytest.mark.processes
 def test_deadline_closes_a_round_with_a_silent_worker(share: Path) -> None:
     s = Share(share)
     register_worker(s, "ghost")  # registered, then silent: counts as live at first, never submits
@@ -85,6 +88,7 @@ def test_deadline_closes_a_round_with_a_silent_worker(share: Path) -> None:
     assert [x.worker for x in s1.accepted] == ["w1"] and s1.missing == ["ghost"]
 
 
+@pytest.mark.processes
 def test_finished_run_continues_with_more_rounds_and_never_redoes_one(share: Path) -> None:
     s = Share(share)
     coord = start("coordinator", "--share", str(share), "--rounds", "2")
@@ -108,6 +112,7 @@ def test_finished_run_continues_with_more_rounds_and_never_redoes_one(share: Pat
     assert len(s.path(s.metrics).read_text().splitlines()) == 1 + 3
 
 
+@pytest.mark.processes
 def test_other_format_versions_are_refused_by_every_role(share: Path, tmp_path: Path) -> None:
     """A newer format by every role; a format-1 share (shards derived with NumPy's generators) as an older run."""
     manifest = "format: {}\nrun_id: x\ncreated: x\ncreated_by: coordinator\nconfig: {{}}\n"
@@ -127,6 +132,7 @@ def test_other_format_versions_are_refused_by_every_role(share: Path, tmp_path: 
         in outs[3].stderr
 
 
+@pytest.mark.processes
 def test_a_diverging_run_stops_with_the_reasons_and_what_to_do(share: Path) -> None:
     """lr=1000: both workers' updates blow up and are rejected; the coordinator says why in one line and stops
     (exit 9) instead of waiting for updates that will never come. Rejections are logged when they happen."""
@@ -151,6 +157,7 @@ def test_a_diverging_run_stops_with_the_reasons_and_what_to_do(share: Path) -> N
     assert worker_out.count("training diverged") == 2, worker_out  # each worker says so instead of uploading
 
 
+@pytest.mark.processes
 def test_a_forged_round_is_passed_over_by_workers_and_opened_again_by_the_coordinator(share: Path) -> None:
     """Someone with write access but no key plants round 2 (a zeroed model, an assignment signed with their own key)
     before any worker starts. The worker refuses it and trains round 1; the coordinator opens round 2 over the
@@ -190,6 +197,7 @@ def test_a_forged_round_is_passed_over_by_workers_and_opened_again_by_the_coordi
     assert {p: p.read_bytes() for p in share.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.processes
 def test_evaluation_runs_beside_the_next_round_and_a_crash_in_it_loses_nothing(share: Path) -> None:
     """A coordinator that evaluates slowly (FEDSYNC_SLOWDOWN) opens round 2 before round 1's evaluation lands; killed
     when it starts evaluating round 2, it is started again and evaluates what is missing; the run finishes with

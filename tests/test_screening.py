@@ -9,15 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedsync.aggregation.intake import Aggregator, Candidate
+from fedsync.aggregation.candidates import Candidate
+from fedsync.aggregation.intake import Aggregator
 from fedsync.aggregation.rules import SLICE, FedAvg, Median, TrimmedMean
 from fedsync.aggregation.screening import outliers
-from fedsync.aggregation.tensors import layout_of, save_state
 from fedsync.fedavg import apply_delta, l2_norm
 from fedsync.storage.local import LocalStore
 from fedsync.storage.markers import FORMAT_VERSION, FileRef, Summary, parse, to_dict
 from fedsync.storage.reasons import Reason, Unusable
 from fedsync.storage.yamlfile import dump_yaml, parse_yaml
+from fedsync.tensors.files import layout_of, save_state
 
 G = torch.Generator().manual_seed(1)
 BASE = {"w": torch.randn(3000, generator=G), "b": torch.randn(10, generator=G), "n": torch.tensor(4)}

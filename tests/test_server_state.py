@@ -8,18 +8,21 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
-from fedsync.aggregation.intake import Aggregator, Candidate
+from fedsync.aggregation.candidates import Candidate
+from fedsync.aggregation.intake import Aggregator
 from fedsync.aggregation.optimizers import ServerSettings, make_optimizer
 from fedsync.aggregation.rules import FedAvg
-from fedsync.aggregation.tensors import layout_of, load_verified, save_state
-from fedsync.fedavg import WeightedSum, mean_delta
+from fedsync.aggregation.sums import WeightedSum
+from fedsync.fedavg import mean_delta
 from fedsync.storage.local import LocalStore
 from fedsync.storage.markers import Assignment, Summary, parse
 from fedsync.storage.share import Share
+from fedsync.tensors.files import layout_of, load_verified, save_state
 
-from .conftest import finish, killed_on_error, register_worker, start, submit_update, wait_until
+from .helpers import finish, killed_on_error, register_worker, start, submit_update, wait_until
 
 ROUNDS = 3
 WORKERS = ("a", "b")
@@ -69,6 +72,7 @@ def _run(share: Path, faults: list[str]) -> Share:
     return s
 
 
+@pytest.mark.processes
 def test_a_killed_and_restarted_coordinator_ends_with_the_uninterrupted_model(tmp_path: Path) -> None:
     (tmp_path / "calm").mkdir()
     (tmp_path / "killed").mkdir()
@@ -108,6 +112,7 @@ def test_the_intake_keeps_late_updates_apart_for_the_optimizer(tmp_path: Path) -
         agg.close()
 
 
+@pytest.mark.processes
 def test_a_late_update_moves_the_model_but_not_the_momentum(share: Path) -> None:
     """Round 1 closes on a quorum of a and b; c's round-1 update arrives while round 2 is open and is folded into it.
     The new model is Nesterov's step from the whole aggregate, the momentum it keeps the on-time aggregate's."""

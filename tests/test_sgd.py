@@ -31,6 +31,7 @@ def test_foreach_sgd_takes_exactly_torch_sgds_steps(momentum: float, weight_deca
 
 
 
+@pytest.mark.processes
 def test_training_on_the_cpu_never_imports_dynamo() -> None:
     """The reason ForeachSGD exists: a CPU worker's first round must not pay torch._dynamo's import (seconds)."""
     code = ("import sys; from fedsync.learning.train import TrainSettings, local_train; import torch; "

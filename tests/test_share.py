@@ -66,13 +66,13 @@ def test_reader_name_rules() -> None:
 @pytest.mark.parametrize("url", ["https://host/share", "ftp://host/share", "webdav://host/x"])
 def test_a_url_of_no_object_store_is_refused_and_a_drive_letter_is_a_folder(url: str) -> None:
     with pytest.raises(ShareError, match=f"share {url}: fedsync reads shares from s3://, gs://, az://"):
-        Share(Path(url))
-    assert Share(Path("C:/fed")).root == Path("C:/fed")  # a Windows drive, or a folder named C: here
+        Share.parse(url)
+    assert Share.parse("C:/fed").root == Path("C:/fed")  # a Windows drive, or a folder named C: here
 
 
-def test_an_object_store_url_survives_the_command_line_path() -> None:
-    share = Share(Path("s3://bucket/runs/one"))  # typer hands --share over as a Path: '//' folded to '/'
-    assert share.root == "s3://bucket/runs/one" and not share.is_folder
+def test_an_object_store_url_survives_the_command_line() -> None:
+    share = Share.parse("s3://bucket/runs/one")  # what the command line's --share parser makes of it
+    assert share.root == "s3://bucket/runs/one" and share.store.local_folder is None
     assert share.where("fedsync.yaml") == "s3://bucket/runs/one/fedsync.yaml"
     assert share.identity == "s3://bucket/runs/one"
     with pytest.raises(ShareError, match="is an object store: its files have no local path"):

@@ -20,7 +20,7 @@ import pytest
 from fedsync.storage.markers import FinalMarker, parse
 from fedsync.storage.share import Share
 
-from .conftest import finish, killed_on_error, missing, run, start, wait_until
+from .helpers import finish, killed_on_error, missing, run, start, wait_until
 
 OUTAGE_S = 4.0  # long enough for both roles to meet the trouble (heartbeat and lease refresh every second)
 
@@ -98,6 +98,7 @@ def _troubles(store: Path) -> list[Trouble]:
     ]
 
 
+@pytest.mark.processes
 def test_share_trouble_of_every_kind_mid_run_is_survived(mounted_share: tuple[Path, Path]) -> None:
     store, share = mounted_share
     s = Share(share)

@@ -10,6 +10,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
+
 from fedsync.run.config import load_config
 from fedsync.run.start import open_run, task_record
 from fedsync.storage.manifest import new_manifest
@@ -17,7 +19,7 @@ from fedsync.storage.markers import FORMAT_VERSION, Manifest, parse, to_dict
 from fedsync.storage.share import Share
 from fedsync.storage.yamlfile import dump_yaml
 
-from .conftest import coordinator_identity, finish, read_yaml, run, start, wait_until
+from .helpers import coordinator_identity, finish, read_yaml, run, start, wait_until
 from .test_lease import foreign_lease_refreshed
 
 Tree = dict[str, tuple[bytes | None, int, int, int]]
@@ -97,6 +99,7 @@ CASES: dict[str, tuple[Callable[[Path], object], Callable[[Path], list[str]], in
 }
 
 
+@pytest.mark.processes
 def test_a_refused_start_leaves_the_share_as_it_was(tmp_path: Path) -> None:
     """Each case in its own share, three at a time (each is a process that starts, checks and exits)."""
     def attempt(i: int, case: str) -> str | None:
@@ -120,6 +123,7 @@ def test_a_refused_start_leaves_the_share_as_it_was(tmp_path: Path) -> None:
     assert not problems, "\n".join(problems)
 
 
+@pytest.mark.processes
 def test_after_a_start_without_data_the_corrected_command_starts_the_run(share: Path) -> None:
     refused = run(*coordinator(share, *NO_DATA))
     assert refused.returncode == 6, refused.stderr
@@ -132,6 +136,7 @@ def test_after_a_start_without_data_the_corrected_command_starts_the_run(share: 
         finish(coord, timeout=30)
 
 
+@pytest.mark.processes
 def test_refused_by_a_coordinator_on_this_host(share: Path) -> None:
     first = start(*coordinator(share, "--set", "min_workers=5"))
     try:
@@ -147,6 +152,7 @@ def test_refused_by_a_coordinator_on_this_host(share: Path) -> None:
         finish(first, timeout=30)
 
 
+@pytest.mark.processes
 def test_refused_by_a_live_lease_from_another_host(share: Path) -> None:
     s = a_run(share, heartbeat=1, worker_timeout=3)
     before = tree(share)

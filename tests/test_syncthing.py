@@ -11,8 +11,10 @@ import pytest
 from fedsync.storage.markers import FinalMarker, Summary, WorkerInfo, parse
 from fedsync.storage.share import Share
 
-from .conftest import finish, killed_on_error, require, run, start, wait_until
+from .helpers import finish, killed_on_error, require, run, start, wait_until
 from .syncthing import SyncthingPair
+
+pytestmark = pytest.mark.processes  # real servers and fedsync processes
 
 
 @pytest.fixture(autouse=True)

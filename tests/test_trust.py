@@ -23,7 +23,7 @@ from fedsync.storage.reasons import Unusable
 from fedsync.storage.share import Share
 from fedsync.storage.signing import fingerprint, update_message, verify
 
-from .conftest import finish, killed_on_error, run, start, wait_until
+from .helpers import finish, killed_on_error, run, start, wait_until
 
 MARKER = UpdateMarker(format=FORMAT_VERSION, round=2, worker="w1", base="ab" * 32,
                       tensors=FileRef("w1.safetensors", "cd" * 32, 100), samples=10, steps=3, train_loss=0.5,
@@ -79,6 +79,7 @@ def _trust_of(share: Path, name: str) -> str:
     return next((w["trust"] for w in workers if w["name"] == name), "")
 
 
+@pytest.mark.processes
 def test_explicit_trust_approval_and_a_worker_that_comes_back_with_a_new_key(share: Path, tmp_path: Path) -> None:
     """trust: explicit. w1 gets no work until approved (a wrong fingerprint approves nothing); after round 1 it
     comes back with a new key, is told so, gets no work, and is approved again; the run finishes."""

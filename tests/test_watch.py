@@ -12,7 +12,7 @@ from fedsync.storage.medium import choose_mode, filesystem_type
 from fedsync.storage.share import Share
 from fedsync.storage.watch import ShareWatcher
 
-from .conftest import finish, start
+from .helpers import finish, start
 
 MOUNTINFO = """\
 27 1 252:0 / / rw,relatime - ext4 /dev/vda rw
@@ -50,6 +50,7 @@ def test_watchers_wake_on_whole_files_not_temporaries(tmp_path: Path, mode: str)
         assert w.wait(5)
 
 
+@pytest.mark.processes
 def test_a_run_carried_by_polling_alone(share: Path) -> None:
     coord = start("coordinator", "--share", str(share), "--rounds", "2", "--watch", "poll")
     worker = start("worker", "--share", str(share), "--name", "w1", "--device", "cpu", "--watch", "poll")

@@ -14,50 +14,31 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 import torch
 
-from fedsync.aggregation.encoding import (
+from fedsync.aggregation.candidates import Candidate, Outcome
+from fedsync.aggregation.rules import Collected
+from fedsync.aggregation.slices import UpdateSlices
+from fedsync.aggregation.sums import WeightedSum
+from fedsync.storage import names
+from fedsync.storage.hashing import Hasher
+from fedsync.storage.reasons import Reason, Unusable
+from fedsync.storage.store import LinkRefused, Reader, Store, read_exact, read_upto
+from fedsync.storage.tensorfile import FileLayout, TensorSpec, check_layout, header_length, parse_header
+from fedsync.tensors.encoding import (
     BLOCK,
     ENCODINGS,
-    NONE,
     SCALE_SUFFIX,
-    blocks,
     dequantize,
     encoded_layout,
     scale_name,
 )
-from fedsync.aggregation.rules import Collected
-from fedsync.aggregation.tensors import DTYPES, SPELLING, file_layout
-from fedsync.fedavg import Layout, WeightedSum
-from fedsync.storage import names
-from fedsync.storage.hashing import Hasher
-from fedsync.storage.markers import FileRef
-from fedsync.storage.reasons import Reason, Unusable
-from fedsync.storage.store import LinkRefused, Reader, Store, read_upto
-from fedsync.storage.tensorfile import FileLayout, TensorSpec, check_layout, header_length, parse_header
+from fedsync.tensors.files import DTYPES, SPELLING, Layout, file_layout
 
 PIECE_BYTES = 1 << 20  # fits in L2 with room to spare; a multiple of every dtype's size
 LANES = 2  # one running sum each: extra memory is LANES model sizes, whatever the number of updates
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """An update whose marker passed its checks; its tensor file is what remains to verify."""
-
-    worker: str
-    name: str  # the tensor file's name in the share
-    ref: FileRef
-    weight: float
-    round: int = 0  # the round the update was trained for (a late one's is older than the open round's)
-    steps: int = 1  # local optimizer steps, for rules that normalise by them (FedNova)
-    encoding: str = NONE  # how the file holds the delta (fedsync/aggregation/encoding.py)
-
-
-@dataclass
-class Outcome:
-    candidate: Candidate
-    problem: Unusable | None = None
 
 
 @dataclass
@@ -74,11 +55,6 @@ class _Lane:
         if late not in self.groups:
             self.groups[late] = WeightedSum(self.layout)
         return self.groups[late]
-
-
-def _read_exact(f: Reader, view: memoryview) -> None:
-    if read_upto(f, view) < len(view):
-        raise Unusable(Reason.SIZE_MISMATCH, "the file ended early (truncated while being read)")
 
 
 def _square_sum(values: torch.Tensor) -> float:
@@ -98,105 +74,142 @@ def _scales(data: bytearray, name: str) -> torch.Tensor:
     return scales
 
 
+class PartlyAdded(Exception):
+    """A file failed after part of it was summed: the lane that read it must be rebuilt (Aggregator._rebuild)."""
+
+    def __init__(self, problem: Unusable) -> None:
+        super().__init__(problem.detail)
+        self.problem = problem
+
+
+@dataclass
+class _Reading:
+    """One pass over one update file: the hash and sum of squares so far, and the first problem found (reading
+    goes on after it, hashing only: a hash mismatch means "not synced yet", not "bad")."""
+
+    c: Candidate
+    f: Reader
+    hasher: Hasher = field(default_factory=Hasher)
+    squares: float = 0.0
+    problem: Unusable | None = None
+    added: bool = False
+
+    def read(self, view: memoryview) -> None:
+        read_exact(self.f, view)
+        self.hasher.update(view)
+
+
 def fold(c: Candidate, store: Store, layout: FileLayout, sums: WeightedSum, piece: bytearray,
          floats: torch.Tensor, scale: float = 1.0, whole: bool = True) -> float:
     """Read c's tensor file once (`layout`: what its encoding holds), adding the decoded delta to `sums` (its floating
     tensors times `scale`; without `whole` only those, and it is not counted again: a correction of an update
-    already added); raise Unusable if it does not count, with `added` set when part of it was summed already (the
+    already added). Raises Unusable when it does not count, PartlyAdded when part of it was summed already (the
     caller then rebuilds `sums`). Returns the update's L2 norm over its floating tensors (decoded), unscaled.
     `floats` holds an int8 piece's decoded values."""
-    added = False
-    squares = 0.0
     short = names.basename(c.name)
-    hasher = Hasher()
-    view = memoryview(piece)
+    reading: _Reading | None = None
     try:
         with store.open(c.name, follow_links=False) as f:
-            size = f.size
-            if size != c.ref.bytes:
-                raise Unusable(Reason.SIZE_MISMATCH, f"{size} bytes, the marker says {c.ref.bytes}")
-            first = bytearray(8)
-            prefix = bytes(first[:read_upto(f, memoryview(first))])
-            hasher.update(prefix)
-            problem: Unusable | None = None
-            specs: list[TensorSpec] = []
-            try:
-                n = header_length(prefix, size)
-                header = bytearray(n)
-                _read_exact(f, memoryview(header))
-                hasher.update(header)
-                specs = parse_header(bytes(header), size - 8 - n)
-                check_layout(specs, layout, SPELLING)
-            except Unusable as e:
-                problem, specs = e, []
-            remaining = size - f.tell()
-            scales: dict[str, torch.Tensor] = {}  # int8: each tensor's block scales, read before its values
-            for spec in specs:
-                dtype = DTYPES[spec.dtype]
-                itemsize = dtype.itemsize
-                offset, left = 0, spec.end - spec.start
-                scale_of = spec.name[:-len(SCALE_SUFFIX)] if c.encoding == "int8" and spec.name.endswith(
-                    SCALE_SUFFIX) else None
-                quantized = c.encoding == "int8" and scale_name(spec.name) in layout
-                scale_bytes = bytearray()
-                while left:
-                    m = min(PIECE_BYTES, left)
-                    _read_exact(f, view[:m])
-                    hasher.update(view[:m])
-                    left -= m
-                    remaining -= m
-                    if problem is not None:
-                        continue  # keep hashing: a hash mismatch means "not synced yet", not "bad"
-                    if scale_of is not None:
-                        scale_bytes += view[:m]
-                        continue
-                    values = torch.frombuffer(piece, dtype=dtype, count=m // itemsize)
-                    if quantized:
-                        if spec.name not in scales:
-                            problem = Unusable(Reason.BAD_ENCODING, f"{spec.name}'s int8 values come before its "
-                                                                    f"scales {scale_name(spec.name)}")
-                            continue
-                        values = dequantize(values, scales[spec.name][offset // BLOCK:], floats)
-                    square = _square_sum(values) if values.is_floating_point() else 0.0
-                    if math.isnan(square):
-                        problem = Unusable(Reason.NON_FINITE, f"{spec.name} holds NaN or infinite values")
-                        continue
-                    squares += square
-                    if values.is_floating_point():
-                        sums.add_piece(spec.name, offset, values, c.weight * scale)
-                    elif whole:
-                        sums.add_piece(spec.name, offset, values, c.weight)
-                    added = True
-                    offset += values.numel()
-                if scale_of is not None and problem is None:
-                    try:
-                        scales[scale_of] = _scales(scale_bytes, spec.name)
-                    except Unusable as e:
-                        problem = e
-            while remaining:  # only when the header was unusable: hash the rest to tell corrupt from unsynced
-                m = min(PIECE_BYTES, remaining)
-                _read_exact(f, view[:m])
-                hasher.update(view[:m])
-                remaining -= m
+            reading = _Reading(c, f)
+            _fold_file(reading, layout, sums, piece, floats, scale, whole)
     except FileNotFoundError:
         raise Unusable(Reason.MISSING_FILE, f"{short} is not there (yet)") from None
     except LinkRefused:
         raise Unusable(Reason.BAD_PATH, f"{short} is a symbolic link") from None
     except Unusable as e:
-        e.added = added
-        raise
+        _fail(reading, e)
     except OSError as e:
-        err = Unusable(Reason.IO_ERROR, f"{short}: {e.strerror or e}")
-        err.added = added
-        raise err from None
-    if hasher.hexdigest() != c.ref.blake3:
-        problem = Unusable(Reason.HASH_MISMATCH, "the file's BLAKE3 differs from the marker's")
-    if problem is not None:
-        problem.added = added
-        raise problem
+        _fail(reading, Unusable(Reason.IO_ERROR, f"{short}: {e.strerror or e}"))
+    assert reading is not None
+    if reading.hasher.hexdigest() != c.ref.blake3:
+        reading.problem = Unusable(Reason.HASH_MISMATCH, "the file's BLAKE3 differs from the marker's")
+    if reading.problem is not None:
+        _fail(reading, reading.problem)
     if whole:
         sums.add_weight(c.weight)
-    return math.sqrt(squares)
+    return math.sqrt(reading.squares)
+
+
+def _fail(reading: _Reading | None, problem: Unusable) -> NoReturn:
+    if reading is not None and reading.added:
+        raise PartlyAdded(problem) from None
+    raise problem from None
+
+
+def _fold_file(reading: _Reading, layout: FileLayout, sums: WeightedSum, piece: bytearray, floats: torch.Tensor,
+               scale: float, whole: bool) -> None:
+    """The file's header, then each tensor's pieces; after an unusable header the rest is only hashed."""
+    f, c = reading.f, reading.c
+    size = f.size
+    if size != c.ref.bytes:
+        raise Unusable(Reason.SIZE_MISMATCH, f"{size} bytes, the marker says {c.ref.bytes}")
+    first = bytearray(8)
+    prefix = bytes(first[:read_upto(f, memoryview(first))])
+    reading.hasher.update(prefix)
+    specs: list[TensorSpec] = []
+    try:
+        header = bytearray(header_length(prefix, size))
+        reading.read(memoryview(header))
+        specs = parse_header(bytes(header), size - 8 - len(header))
+        check_layout(specs, layout, SPELLING)
+    except Unusable as e:
+        reading.problem, specs = e, []
+    view = memoryview(piece)
+    scales: dict[str, torch.Tensor] = {}  # int8: each tensor's block scales, read before its values
+    for spec in specs:
+        _fold_tensor(reading, spec, layout, scales, sums, piece, floats, scale, whole)
+    remaining = size - f.tell()
+    while remaining:  # only when the header was unusable: hash the rest to tell corrupt from unsynced
+        m = min(PIECE_BYTES, remaining)
+        reading.read(view[:m])
+        remaining -= m
+
+
+def _fold_tensor(reading: _Reading, spec: TensorSpec, layout: FileLayout, scales: dict[str, torch.Tensor],
+                 sums: WeightedSum, piece: bytearray, floats: torch.Tensor, scale: float, whole: bool) -> None:
+    """One tensor, piece by piece: each decoded, checked finite, measured and added while it is in the cache."""
+    c, view = reading.c, memoryview(piece)
+    dtype = DTYPES[spec.dtype]
+    offset, left = 0, spec.end - spec.start
+    scale_of = spec.name[:-len(SCALE_SUFFIX)] if c.encoding == "int8" and spec.name.endswith(SCALE_SUFFIX) else None
+    quantized = c.encoding == "int8" and scale_name(spec.name) in layout
+    scale_bytes = bytearray()
+    while left:
+        m = min(PIECE_BYTES, left)
+        reading.read(view[:m])
+        left -= m
+        if reading.problem is not None:
+            continue  # keep hashing: a hash mismatch means "not synced yet", not "bad"
+        if scale_of is not None:
+            scale_bytes += view[:m]
+            continue
+        values = torch.frombuffer(piece, dtype=dtype, count=m // dtype.itemsize)
+        if quantized:
+            if spec.name not in scales:
+                reading.problem = Unusable(Reason.BAD_ENCODING, f"{spec.name}'s int8 values come before its "
+                                                                f"scales {scale_name(spec.name)}")
+                continue
+            values = dequantize(values, scales[spec.name][offset // BLOCK:], floats)
+        square = _square_sum(values) if values.is_floating_point() else 0.0
+        if math.isnan(square):
+            reading.problem = Unusable(Reason.NON_FINITE, f"{spec.name} holds NaN or infinite values")
+            continue
+        reading.squares += square
+        if values.is_floating_point():
+            sums.add_piece(spec.name, offset, values, c.weight * scale)
+        elif whole:
+            sums.add_piece(spec.name, offset, values, c.weight)
+        reading.added = True
+        offset += values.numel()
+    if scale_of is not None and reading.problem is None:
+        try:
+            scales[scale_of] = _scales(scale_bytes, spec.name)
+        except Unusable as e:
+            reading.problem = e
+
+
+def _problem(e: Unusable | PartlyAdded) -> Unusable:
+    return e.problem if isinstance(e, PartlyAdded) else e
 
 
 @contextmanager
@@ -249,8 +262,10 @@ class Aggregator:
                 lane.accepted.append(c)
                 outcomes.append(Outcome(c))
             except Unusable as e:
-                dirty |= e.added
                 outcomes.append(Outcome(c, e))
+            except PartlyAdded as e:
+                dirty = True
+                outcomes.append(Outcome(c, e.problem))
         if dirty:
             outcomes.extend(self._rebuild(lane))
         return outcomes
@@ -265,10 +280,10 @@ class Aggregator:
                 try:
                     lane.norms[c] = fold(c, self.store, self.layouts[c.encoding], lane.running_sum(self.late(c)),
                                          lane.piece, lane.floats, lane.scales.get(c, 1.0))
-                except Unusable as e:
+                except (Unusable, PartlyAdded) as e:
                     lane.accepted.remove(c)
                     lane.scales.pop(c, None)
-                    dropped.append(Outcome(c, e))
+                    dropped.append(Outcome(c, _problem(e)))
                     break
             else:
                 return dropped
@@ -312,9 +327,9 @@ class Aggregator:
                         fold(c, self.store, self.layouts[c.encoding], lane.running_sum(self.late(c)), lane.piece,
                              lane.floats, scale - 1.0, whole=False)
                     lane.scales[c] = scale
-                except Unusable as e:
+                except (Unusable, PartlyAdded) as e:
                     lane.accepted.remove(c)
-                    outcomes.append(Outcome(c, e))
+                    outcomes.append(Outcome(c, _problem(e)))
                     outcomes.extend(self._rebuild(lane))
         return outcomes
 
@@ -335,57 +350,3 @@ class Aggregator:
 
     def close(self) -> None:
         self.pool.shutdown(wait=False)
-
-
-class UpdateSlices:
-    """Aligned slices of accepted update files, read from the share when a coordinate-wise rule asks: memory
-    O(updates x slice), never O(updates x model), decoded from each file's encoding. The files were verified whole
-    when they were taken in."""
-
-    def __init__(self, store: Store, accepted: list[Candidate], layout: FileLayout,
-                 scales: dict[Candidate, float] | None = None) -> None:
-        self.store, self.accepted, self.layout = store, accepted, layout
-        self.scales = scales or {}  # clipped updates: their floating tensors read times this
-        self.offsets: list[dict[str, int]] | None = None  # per file: tensor name -> its first byte in the file
-
-    def count(self) -> int:
-        return len(self.accepted)
-
-    def read(self, tensor: str, start: int, length: int) -> torch.Tensor:
-        dtype = DTYPES[self.layout[tensor][0]]
-        offsets = self._offsets()
-        out = torch.empty((len(self.accepted), length), dtype=dtype)
-        for i, c in enumerate(self.accepted):
-            with self.store.open(c.name, follow_links=False) as f:
-                if not dtype.is_floating_point or c.encoding == NONE:
-                    f.seek(offsets[i][tensor] + start * dtype.itemsize)
-                    _read_exact(f, memoryview(out[i].view(torch.uint8).numpy()))
-                elif c.encoding == "bf16":
-                    values = torch.empty(length, dtype=torch.bfloat16)
-                    f.seek(offsets[i][tensor] + start * 2)
-                    _read_exact(f, memoryview(values.view(torch.uint8).numpy()))
-                    out[i] = values
-                else:  # int8: the values and the scales of the blocks they lie in (start is a multiple of BLOCK)
-                    q = torch.empty(length, dtype=torch.int8)
-                    f.seek(offsets[i][tensor] + start)
-                    _read_exact(f, memoryview(q.numpy()))
-                    scales = torch.empty(blocks(length), dtype=torch.float32)
-                    f.seek(offsets[i][scale_name(tensor)] + start // BLOCK * 4)
-                    _read_exact(f, memoryview(scales.view(torch.uint8).numpy()))
-                    out[i] = dequantize(q, scales)
-            if c in self.scales and dtype.is_floating_point:
-                out[i] *= self.scales[c]
-        return out
-
-    def _offsets(self) -> list[dict[str, int]]:
-        if self.offsets is None:
-            self.offsets = []
-            for c in self.accepted:
-                with self.store.open(c.name, follow_links=False) as f:
-                    prefix = bytearray(8)
-                    _read_exact(f, memoryview(prefix))
-                    header = bytearray(header_length(bytes(prefix), f.size))
-                    _read_exact(f, memoryview(header))
-                    specs = parse_header(bytes(header), f.size - 8 - len(header))
-                self.offsets.append({s.name: 8 + len(header) + s.start for s in specs})
-        return self.offsets

@@ -66,6 +66,7 @@ ADAPTIVE_EPS = 1e-3
 class ServerOptimizer(Protocol):
     name: str
     stateful: bool  # keeps state between rounds (saved in the share)
+    parameters: frozenset[str]  # the model's trained tensors; the others are buffers, which take the plain mean
 
     def step(self, base: Tensors, delta: Tensors, state: Tensors,
              on_time: Tensors | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -27,8 +27,9 @@ from typing import Protocol
 
 import torch
 
+from fedsync.aggregation.sums import WeightedSum
 from fedsync.base.errors import ConfigError
-from fedsync.fedavg import WeightedSum, mean_delta
+from fedsync.fedavg import mean_delta
 
 Part = tuple[float, int]  # (stream weight, local steps) of one accepted update
 

@@ -9,7 +9,6 @@ import sys
 import time
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
-from pathlib import Path
 
 from fedsync.base.errors import FedsyncError, ShareError
 from fedsync.base.logs import NO_PROGRESS, Log
@@ -49,17 +48,16 @@ def clear_demo_run(share: Share) -> None:
         share.remove(name)
 
 
-def run_demo(share_root: Path, workers: int, rounds: int, config_name: str, log: Log) -> DemoResult:
-    share = Share(share_root)
+def run_demo(share: Share, workers: int, rounds: int, config_name: str, log: Log) -> DemoResult:
     clear_demo_run(share)
     overrides = {"min_workers": workers}
     identity, _ = load_identity(coordinator_key_path())  # the coordinator started below signs with this key
     open_run(share, load_config(config_name, overrides), "demo", identity.public)
     started = time.monotonic()
     log(f"starting a coordinator and {workers} worker processes on {share.where()} ({config_name}, {rounds} rounds)")
-    roles = [["coordinator", "--share", str(share_root), "--rounds", str(rounds), "--config", config_name,
+    roles = [["coordinator", "--share", share.where(), "--rounds", str(rounds), "--config", config_name,
               "--set", f"min_workers={workers}"]]
-    roles += [["worker", "--share", str(share_root), "--name", f"demo-worker-{i}", "--device", "cpu",
+    roles += [["worker", "--share", share.where(), "--name", f"demo-worker-{i}", "--device", "cpu",
                "--wait-for-run", "60"] for i in range(1, workers + 1)]
     procs = _start(roles, log)
     try:

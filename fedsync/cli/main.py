@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 from pathlib import Path
@@ -10,8 +9,20 @@ from typing import Annotated
 
 import typer
 
+from fedsync.base import defaults
 from fedsync.base.errors import EXIT_CODES, FedsyncError, ShareError
-from fedsync.storage.medium import WATCH_MODES, describe_modes
+from fedsync.cli import reading
+from fedsync.cli.options import (
+    DataRootOpt,
+    KeyOpt,
+    LogJsonOpt,
+    ShareOpt,
+    SyncthingKeyOpt,
+    SyncthingOpt,
+    WatchOpt,
+    check_watch,
+)
+from fedsync.storage.share import Share
 
 EXIT_HELP = "\n\n".join(f"{code}: {' '.join(text.split())}" for code, text in EXIT_CODES.items())
 app = typer.Typer(
@@ -23,34 +34,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-ShareOpt = Annotated[Path, typer.Option(
-    "--share", help="The shared folder (a local path, mount or synced folder), or an object store: s3://bucket/prefix "
-                    "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL for R2, B2 or MinIO), gs://, az://.",
-    metavar="DIR|URL")]
-SyncthingOpt = Annotated[str | None, typer.Option(
-    "--syncthing", help="URL of this machine's Syncthing API (e.g. http://127.0.0.1:8384) when SHARE is a "
-                        "Syncthing folder: fedsync asks it to scan what it just wrote, saving the watcher delay "
-                        "on every hop. Needs the API key.", metavar="URL")]
-SyncthingKeyOpt = Annotated[str | None, typer.Option(
-    "--syncthing-key", help="That Syncthing's API key (or set FEDSYNC_SYNCTHING_KEY).", metavar="KEY")]
-WatchOpt = Annotated[str, typer.Option("--watch", help=describe_modes(), metavar="MODE")]
-DataRootOpt = Annotated[str | None, typer.Option(
-    "--data-root", "--data", help="Where the task's data is on this machine: the folder holding "
-                                  "cifar-10-batches-py/, or for imagefolder this machine's own image folder "
-                                  "(DIR/<class>/<image>: a worker's training images, the coordinator's test images). "
-                                  "Default: the run config's data_root. Each machine gives its own.", metavar="DIR")]
-
-LogJsonOpt = Annotated[bool, typer.Option("--log-json", help="Write one JSON object per event (time, role, level, "
-                                                           "message) instead of a line of text, for log collectors; "
-                                                           "no progress line.")]
-KeyOpt = Annotated[Path | None, typer.Option(
-    "--key", help="The private key (PEM, Ed25519, mode 0600): the coordinator and workers create theirs on first "
-                  "start when absent; `trust` signs with the coordinator's. "
-                  "Default: coordinator.pem or worker-NAME.pem in $FEDSYNC_KEY_DIR, else "
-                  "$XDG_CONFIG_HOME/fedsync/keys, else ~/.config/fedsync/keys. Never put it in the share.",
-                  metavar="FILE")]
-
 
 def _print_version(value: bool) -> None:
     if value:
@@ -68,20 +51,15 @@ def _options(version: Annotated[bool, typer.Option(
     pass
 
 
-def _check_watch(value: str) -> str:
-    if value not in WATCH_MODES:
-        raise typer.BadParameter(f"{value!r} is not one of {', '.join(WATCH_MODES)}")
-    return value
-
-
 @app.command(short_help="Start or continue the run in a share and drive it round by round.")
 def coordinator(
-    share: ShareOpt = Path("rounds"),
+    share: ShareOpt = defaults.SHARE,  # type: ignore[assignment]
     rounds: Annotated[int, typer.Option(help="The run's total number of rounds, not rounds to add: a run continued "
-                                             "with a larger N runs the rounds up to N.", metavar="N")] = 20,
+                                             "with a larger N runs the rounds up to N.",
+                                             metavar="N")] = defaults.ROUNDS,
     config: Annotated[str, typer.Option(help="A built-in config (digits, cifar10) or a YAML file; keys it "
                                              "leaves out come from configs/digits.yaml.",
-                                             metavar="NAME|FILE")] = "digits",
+                                             metavar="NAME|FILE")] = defaults.CONFIG,
     set_: Annotated[list[str], typer.Option("--set", help="Override one config key, KEY=VALUE (repeatable), "
                                                           "e.g. --set quorum=0.5 --set local_epochs=1.",
                                                           metavar="KEY=VALUE")] = [],
@@ -89,7 +67,7 @@ def coordinator(
         help="A named recipe: fedavg (local epochs, plain mean; the default), fedsgd (one local step per round, "
              "averaged gradients), diloco (100 local steps, then an outer Nesterov step, lr 0.7, momentum 0.9). "
              "Keys given with --set or in the config file win over the preset's.", metavar="NAME")] = None,
-    watch: WatchOpt = "auto",
+    watch: WatchOpt = defaults.WATCH,
     data_root: DataRootOpt = None,
     syncthing: SyncthingOpt = None,
     syncthing_key: SyncthingKeyOpt = None,
@@ -97,7 +75,7 @@ def coordinator(
     device: Annotated[str, typer.Option(help="Where the coordinator evaluates each round's model, beside the next "
                                              "round: auto | cpu | cuda | cuda:N | mps. auto picks as for workers; an "
                                              "explicit device that cannot run fails at once.",
-                                             metavar="DEVICE")] = "auto",
+                                             metavar="DEVICE")] = defaults.DEVICE,
     log_json: LogJsonOpt = False,
 ) -> None:
     """Start a run in SHARE, or continue the one there, and drive it round by round. It signs every assignment with
@@ -109,26 +87,26 @@ def coordinator(
     from fedsync.base.logs import make_log
     from fedsync.coordinator import CoordinatorOptions, run_coordinator
     from fedsync.run.config import load_config, parse_overrides
-    from fedsync.storage.share import Share
 
     cfg = load_config(config, {**({"preset": preset} if preset else {}), **parse_overrides(set_)})
-    final = run_coordinator(CoordinatorOptions(share=share, config=cfg, rounds=rounds, watch=_check_watch(watch),
+    final = run_coordinator(CoordinatorOptions(share=share, config=cfg, rounds=rounds, watch=check_watch(watch),
                                                data_root=data_root, syncthing=syncthing, syncthing_key=syncthing_key,
                                                key=key, device=device, log=make_log("coordinator", log_json)))
     typer.echo(f"final test accuracy {final.test_accuracy:.4f} after {final.round} rounds: "
-               f"{Share(share).where(Share.final_model)}")
+               f"{share.where(Share.final_model)}")
 
 
 @app.command(short_help="Train for the run in a share, each round this worker is assigned.")
 def worker(
-    share: ShareOpt = Path("rounds"),
+    share: ShareOpt = defaults.SHARE,  # type: ignore[assignment]
     name: Annotated[str | None, typer.Option(help="This worker's name in the share (default: the host name).",
                                                   metavar="NAME")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps. auto picks the first CUDA GPU "
                                              "this torch build can drive, then MPS, then the CPU (saying why it "
                                              "passed over a GPU); an explicit device that cannot train fails at "
-                                             "once with `fedsync doctor`'s diagnosis.", metavar="DEVICE")] = "auto",
-    watch: WatchOpt = "auto",
+                                             "once with `fedsync doctor`'s diagnosis.",
+                                             metavar="DEVICE")] = defaults.DEVICE,
+    watch: WatchOpt = defaults.WATCH,
     data_root: DataRootOpt = None,
     data_memory: Annotated[float | None, typer.Option(
         "--data-memory", help="MiB of its own decoded images (imagefolder) this worker keeps in memory; a larger "
@@ -152,7 +130,7 @@ def worker(
                                               "capability 7.0 and newer: compiled once per process before "
                                               "registering, then about 3x the eager speed at batch 128. Elsewhere, "
                                               "or with off, the step runs eagerly; the worker says which and "
-                                              "why.", metavar="MODE")] = "auto",
+                                              "why.", metavar="MODE")] = defaults.CAPTURE,
     log_json: LogJsonOpt = False,
 ) -> None:
     """Train for the run in SHARE: register, then take each round assigned to this worker until the run ends. It
@@ -174,7 +152,7 @@ def worker(
         raise typer.BadParameter("must not be negative (0 streams every folder)", param_hint="--data-memory")
     if capture not in CAPTURE_SETTINGS:
         raise typer.BadParameter(f"{capture!r} is not one of {', '.join(CAPTURE_SETTINGS)}", param_hint="--capture")
-    run_worker(WorkerOptions(share=share, name=name, device=device, watch=_check_watch(watch),
+    run_worker(WorkerOptions(share=share, name=name, device=device, watch=check_watch(watch),
                              data_root=data_root, wait_for_run=wait_for_run, syncthing=syncthing,
                              syncthing_key=syncthing_key, key=key, coordinator_key=coordinator_key,
                              capture=capture, log_json=log_json, serve=serve,
@@ -190,17 +168,17 @@ def infer(
     out: Annotated[Path, typer.Option(
         "--out", help="The CSV to write: index, id, class, probability, and why an input could not be predicted; "
                       "the full logits go beside it (OUT with .safetensors).", metavar="FILE.csv")],
-    share: ShareOpt = Path("rounds"),
+    share: ShareOpt = defaults.SHARE,  # type: ignore[assignment]
     model: Annotated[str, typer.Option(
         help="final (the run's final model), N (closed round N's model) or a model file written by `fedsync "
-             "export`.", metavar="final|N|FILE")] = "final",
+             "export`.", metavar="final|N|FILE")] = defaults.INFER_MODEL,
     name: Annotated[str | None, typer.Option(
         help="The job's name in the share (jobs/NAME). Default: the inputs' name and a hash of inputs, model and "
              "chunk size, so the same command continues the same job.", metavar="JOB")] = None,
     chunk_rows: Annotated[int | None, typer.Option(
         "--chunk-rows", min=1, help="Inputs per chunk, the unit a worker takes. Default: about 4 MiB of inputs, at "
                                     "least 64 chunks when there are enough inputs.", metavar="N")] = None,
-    watch: WatchOpt = "auto",
+    watch: WatchOpt = defaults.WATCH,
     log_json: LogJsonOpt = False,
 ) -> None:
     """Submit an inference job to SHARE and drive it to the end: the workers started with `--serve` run its chunks
@@ -223,7 +201,7 @@ def infer(
         raise typer.BadParameter("is the CSV; the logits are written beside it, as OUT with .safetensors",
                                  param_hint="--out")
     written = run_infer(InferOptions(share=share, inputs=inputs, out=out, model=model, name=name,
-                                     chunk_rows=chunk_rows, watch=_check_watch(watch),
+                                     chunk_rows=chunk_rows, watch=check_watch(watch),
                                      log=make_log("infer", log_json)))
     failed = f"; {written.failed} could not be predicted (see the problem column)" if written.failed else ""
     typer.echo(f"predicted {written.rows} inputs: {written.csv}, logits in {written.logits}{failed}")
@@ -232,7 +210,7 @@ def infer(
 @app.command(short_help="Approve a worker's key so that its updates count.")
 def trust(
     name: Annotated[str, typer.Argument(help="The worker's name, as `fedsync status` lists it.", metavar="NAME")],
-    share: ShareOpt = Path("rounds"),
+    share: ShareOpt = defaults.SHARE,  # type: ignore[assignment]
     fingerprint: Annotated[str | None, typer.Option(
         help="Approve only if the worker's key has this fingerprint (compare it with what the worker printed when "
              "it started).", metavar="FINGERPRINT")] = None,
@@ -245,156 +223,16 @@ def trust(
     Example: fedsync trust gtx1080-box --share /mnt/fed --fingerprint 3f2a-9c1b-0d4e-77aa
     """
     from fedsync.run.trust import approve_registered
-    from fedsync.storage.share import Share
 
-    approved = approve_registered(Share(share), name, key, fingerprint)
+    approved = approve_registered(share, name, key, fingerprint)
     typer.echo(f"approved {name}: key {approved}; its updates count from the coordinator's next look at the share")
 
 
-@app.command(short_help="Show where the run in a share stands.")
-def status(
-    share: ShareOpt = Path("rounds"),
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")] = False,
-    watch: Annotated[bool, typer.Option("--watch", help="Keep watching: a live view on a terminal, redrawn as the "
-                                                        "share changes (else every second); Ctrl-C ends it.")] = False,
-) -> None:
-    """Show where the run in SHARE stands: round and time left to its deadline, updates accepted against the quorum,
-    each worker's state, device, speed, heartbeat and bytes sent, rejections with their reasons, the last accuracy.
-
-    Example: fedsync status --share /mnt/fed --watch
-    """
-    from fedsync.cli.status import collect_status, format_status
-    from fedsync.storage.share import Share
-
-    if watch:
-        if as_json:
-            raise typer.BadParameter("--watch draws for people; --json prints one snapshot for scripts",
-                                     param_hint="--watch")
-        from fedsync.cli.watch import watch as watch_share
-
-        collect_status(Share(share))  # a share without a run fails here, in one line, before the view starts
-        watch_share(Share(share))
-        return
-    st = collect_status(Share(share))
-    typer.echo(json.dumps(st, indent=2) if as_json else format_status(st))
-
-
-@app.command(short_help="Re-check every marker and hash of the run in a share.")
-def verify(
-    share: ShareOpt = Path("rounds"),
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")] = False,
-) -> None:
-    """Re-check every marker and hash of the run in SHARE: global models, accepted updates, aggregates, the
-    final model. Errors (exit status 8) are damage to what the run relies on; hints are harmless leftovers.
-
-    Example: fedsync verify --share /mnt/fed
-    """
-    from dataclasses import asdict
-
-    from fedsync.cli.verify import verify as verify_share
-    from fedsync.storage.share import Share
-
-    report = verify_share(Share(share))
-    if as_json:
-        typer.echo(json.dumps({"checked": report.checked, "pruned": report.pruned,
-                               "findings": [asdict(f) for f in report.findings]}, indent=2))
-    else:
-        for f in report.findings:
-            typer.echo(f"{f.level}: {f.path}: {f.problem}\n  fix: {f.fix}")
-        pruned = (f"; {report.pruned} tensor file(s) of rounds 1..{report.pruned_through} removed by keep_rounds, "
-                  "as the run asks") if report.pruned else ""
-        typer.echo(f"checked {report.checked} files: {len(report.errors)} error(s), "
-                   f"{len(report.findings) - len(report.errors)} hint(s){pruned}")
-    if report.errors:
-        raise typer.Exit(8)
-
-
-@app.command(short_help="The run's rounds as a table, and its curves as a PNG.")
-def results(
-    share: ShareOpt = Path("rounds"),
-    plot: Annotated[Path | None, typer.Option(help="Also draw test accuracy and loss per round and each worker's "
-                                                   "training time per round into this PNG file.",
-                                              metavar="FILE.png")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list, one object per round.")] = False,
-) -> None:
-    """Per closed round: test accuracy and loss (once evaluated), the workers' training loss, accepted and rejected
-    updates, seconds, megabytes moved down (the global model to each worker) and up (the accepted updates), and
-    each accepted worker's training time. The coordinator writes the same into report.md and report.png at the
-    share's root after every round.
-
-    Example: fedsync results --share /mnt/fed --plot run.png
-    """
-    from dataclasses import asdict
-
-    from fedsync.run.report import format_table, plot_png, read_rows
-    from fedsync.storage.local import atomic_write
-    from fedsync.storage.manifest import read_manifest
-    from fedsync.storage.share import Share
-
-    s = Share(share)
-    manifest = read_manifest(s)
-    rows = read_rows(s)
-    typer.echo(json.dumps([asdict(r) for r in rows], indent=2) if as_json else format_table(rows))
-    if plot is not None:
-        atomic_write(plot, plot_png(rows, f"fedsync run {manifest.run_id}"))
-        if not as_json:
-            typer.echo(f"plotted {len(rows)} round(s) into {plot}")
-
-
-RoundOpt = Annotated[int | None, typer.Option(
-    "--round", help="A closed round: its aggregate, the model it produced. Default: the newest closed round (the "
-                    "final model once the run finished).", metavar="N")]
-
-
-@app.command("eval", short_help="Evaluate a round's model on this machine's test data for the task.")
-def eval_(
-    share: ShareOpt = Path("rounds"),
-    round_: RoundOpt = None,
-    data_root: DataRootOpt = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps: auto picks the best this machine "
-                                             "has.", metavar="DEVICE")] = "auto",
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")] = False,
-) -> None:
-    """Evaluate round N's model (verified against its summary) on the task's test data on this machine: the same
-    examples the coordinator evaluates on (its eval_samples), so it reproduces the run's test accuracy.
-
-    Example: fedsync eval --share /mnt/fed --round 12
-    """
-    from dataclasses import asdict
-
-    from fedsync.base.logs import make_log
-    from fedsync.run.trained import evaluate_round
-    from fedsync.storage.share import Share
-
-    scored = evaluate_round(Share(share), round_, data_root, device, make_log("eval"))
-    if as_json:
-        typer.echo(json.dumps(asdict(scored), indent=2))
-        return
-    recorded = "" if scored.recorded_accuracy is None else f" (the run recorded {scored.recorded_accuracy:.4f})"
-    typer.echo(f"round {scored.round}: test accuracy {scored.test_accuracy:.4f}{recorded}, test loss "
-               f"{scored.test_loss:.4f} on {scored.samples} examples, {scored.device}, {scored.seconds:.2f} s")
-
-
-@app.command(short_help="Write a round's model to a safetensors file that says what it is.")
-def export(
-    out: Annotated[Path, typer.Argument(help="The file to write (OUT.safetensors), outside the share.",
-                                        metavar="OUT")],
-    share: ShareOpt = Path("rounds"),
-    round_: RoundOpt = None,
-) -> None:
-    """Write round N's model (verified against its summary) to OUT as safetensors, with the task, its version and
-    layout, the model's name, the round, its test accuracy, the run and its config in the file's metadata (keys
-    fedsync.*). README.md, "Using the trained model", shows the lines that load it for inference.
-
-    Example: fedsync export model.safetensors --share /mnt/fed
-    """
-    from fedsync.run.trained import export_round
-    from fedsync.storage.share import Share
-
-    meta = export_round(Share(share), round_, out)
-    accuracy = meta["fedsync.test_accuracy"] or "not evaluated"
-    typer.echo(f"wrote {out}: {meta['fedsync.task']}/{meta['fedsync.model']}, round {meta['fedsync.round']}, test "
-               f"accuracy {accuracy}")
+app.command(short_help="Show where the run in a share stands.")(reading.status)
+app.command(short_help="Re-check every marker and hash of the run in a share.")(reading.verify)
+app.command(short_help="The run's rounds as a table, and its curves as a PNG.")(reading.results)
+app.command("eval", short_help="Evaluate a round's model on this machine's test data for the task.")(reading.eval_)
+app.command(short_help="Write a round's model to a safetensors file that says what it is.")(reading.export)
 
 
 @app.command(short_help="Check what this machine can train on, and how to fix a GPU it cannot.")
@@ -416,10 +254,11 @@ def doctor() -> None:
 
 @app.command(short_help="Run a coordinator and local workers on a local share, then report.")
 def demo(
-    share: ShareOpt = Path("rounds"),
-    workers: Annotated[int, typer.Option(help="Local worker processes to start.", min=1, max=16, metavar="N")] = 3,
-    rounds: Annotated[int, typer.Option(help="Rounds to run.", min=1, metavar="N")] = 20,
-    config: Annotated[str, typer.Option(help="Built-in config or YAML file.", metavar="NAME|FILE")] = "digits",
+    share: ShareOpt = defaults.SHARE,  # type: ignore[assignment]
+    workers: Annotated[int, typer.Option(help="Local worker processes to start.", min=1, max=16,
+                                         metavar="N")] = defaults.DEMO_WORKERS,
+    rounds: Annotated[int, typer.Option(help="Rounds to run.", min=1, metavar="N")] = defaults.DEMO_ROUNDS,
+    config: Annotated[str, typer.Option(help="Built-in config or YAML file.", metavar="NAME|FILE")] = defaults.CONFIG,
 ) -> None:
     """Run a coordinator and WORKERS local workers as separate processes on SHARE, then report.
 
@@ -433,7 +272,8 @@ def demo(
     result = run_demo(share, workers, rounds, config, make_log("demo"))
     typer.echo(f"demo finished: {result.final.round} rounds, {workers} workers, final test accuracy "
                f"{result.final.test_accuracy:.4f}, run wall time {result.seconds:.1f} s")
-    typer.echo(f"browse the run in {share}/ (metrics.csv, 0001/summary.yaml, …) or `fedsync status --share {share}`")
+    typer.echo(f"browse the run in {share.where()}/ (metrics.csv, 0001/summary.yaml, …) or `fedsync status --share "
+               f"{share.where()}`")
 
 
 def main() -> None:

@@ -11,7 +11,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from fedsync.cli.status import collect_status, format_status
+from fedsync.cli.status import format_status
+from fedsync.run.inspecting.status import collect_status
 from fedsync.storage.share import Share
 from fedsync.storage.watch import ShareWatcher
 

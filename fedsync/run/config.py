@@ -13,17 +13,17 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from fedsync.aggregation.encoding import ENCODINGS
 from fedsync.aggregation.optimizers import ServerSettings, check_settings
 from fedsync.aggregation.rules import RULES
 from fedsync.base.errors import ConfigError
 from fedsync.learning.augment import NAMED
 from fedsync.learning.balance import BALANCE
-from fedsync.learning.data import Dataset, Source
+from fedsync.learning.data import Dataset, Source, first
 from fedsync.learning.device import PRECISIONS
 from fedsync.learning.tasks import DataOptions, Task, TaskSettings, get_task
 from fedsync.storage.markers import MarkerError, parse_record
 from fedsync.storage.yamlfile import parse_yaml
+from fedsync.tensors.encoding import ENCODINGS
 
 TRUST_MODES = ("tofu", "explicit")
 BUILTIN = ("digits", "cifar10")  # the config files shipped in fedsync.configs (configs/ in the repository)
@@ -72,7 +72,7 @@ class RunConfig:
     server_momentum: float | None  # fedavgm, nesterov: momentum; None: 0.9
     server_betas: list[float] | None  # fedadam, fedyogi: (b1, b2); None: (0.9, 0.99)
     server_eps: float | None  # fedadam, fedyogi: added to sqrt(v); None: 0.001
-    compression: str          # none | bf16 | int8: how workers encode their updates (fedsync/aggregation/encoding.py)
+    compression: str          # none | bf16 | int8: how workers encode their updates (fedsync/tensors/encoding.py)
     error_feedback: bool      # a worker keeps what lossy compression left out and adds it to its next update
     trim: float               # trimmed_mean: the fraction of values cut at each end of every coordinate
     screen_factor: float      # reject an update over this x the round's median norm (3+ updates); 0: off
@@ -172,6 +172,11 @@ class RunConfig:
         for what a loader skips."""
         return DataOptions(seed=self.seed, test_fraction=self.test_fraction, verify_checksums=self.verify_checksums,
                            memory_budget=memory_budget, note=note)
+
+
+def test_examples(test: Source, cfg: RunConfig) -> Source:
+    """What the coordinator evaluates a model on: the first `eval_samples` test examples, or all of them."""
+    return test if cfg.eval_samples is None else first(test, cfg.eval_samples)
 
 
 def load_data(cfg: RunConfig, location: str | None, note: Callable[[str], None]) -> tuple[Dataset | None, Source]:

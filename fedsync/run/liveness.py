@@ -1,4 +1,5 @@
-"""Which workers are alive, judged by the coordinator's own clock (docs/DESIGN.md, invariant 5).
+"""Which workers are alive, judged by the coordinator's own clock (docs/DESIGN.md, invariant 5), and the heartbeat
+a worker keeps for it.
 
 A worker is seen alive when its workers/<name>.yaml changes: a heartbeat rewrites it (a new file by rename,
 so the inode changes even where mtimes are coarse). The time of a change is when *this* process noticed it;
@@ -7,13 +8,18 @@ timestamps written by other machines are never compared with ours.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
+from fedsync.base.clock import utc_stamp
+from fedsync.base.logs import Log
 from fedsync.storage import names
-from fedsync.storage.markers import MarkerError, WorkerInfo
+from fedsync.storage.markers import MarkerError, WorkerInfo, to_dict
 from fedsync.storage.share import Share
 from fedsync.storage.store import Signature
+from fedsync.storage.trouble import RepeatedWrite
 
 
 class Liveness:
@@ -65,3 +71,44 @@ class Liveness:
         now = self.clock()
         return sorted(n for n, (_, t) in self.seen.items()
                       if now - t <= self.timeout and self.info[n].state != "stopped")
+
+
+class Heartbeat:
+    """Rewrites workers/<name>.yaml every `interval` seconds from its own thread, so training never starves it."""
+
+    def __init__(self, share: Share, info: WorkerInfo, interval: float, log: Log) -> None:
+        self.share, self.info, self.interval, self.log = share, info, interval, log
+        self.writes = RepeatedWrite(log, "the heartbeat", "every beat")
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self.update(state="idle")
+        self.thread.start()
+
+    def update(self, **changes: object) -> None:
+        """Record a change and write it; share trouble is reported once and retried by the next beat."""
+        with self.lock:
+            self.info = replace(self.info, heartbeat=self.info.heartbeat + 1, written_at=utc_stamp(),
+                                **changes)  # type: ignore[arg-type]
+            self.writes.attempt(lambda: self.share.write_yaml(self.share.worker_file(self.info.name),
+                                                              to_dict(self.info)))
+
+    def note(self, **changes: object) -> None:
+        """Record a change; written now only when the state changes, else by the next beat (a serving worker runs
+        many chunks a second, and every write wakes every process that watches the share)."""
+        if changes.get("state", self.info.state) != self.info.state:
+            self.update(**changes)
+            return
+        with self.lock:
+            self.info = replace(self.info, **changes)  # type: ignore[arg-type]
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=5)
+        self.update(state="stopped")
+
+    def _beat(self) -> None:
+        while not self.stopped.wait(self.interval):
+            self.update()

@@ -10,19 +10,18 @@ from pathlib import Path
 
 import torch
 
-from fedsync.aggregation.tensors import load_verified, state_bytes
 from fedsync.base.errors import ConfigError, ShareError
 from fedsync.base.logs import Log
 from fedsync.learning.device import DeviceFacts, choose_device
 from fedsync.learning.train import evaluate
-from fedsync.run.config import RunConfig, config_from_dict, load_data
-from fedsync.run.evaluation import test_examples
+from fedsync.run.config import RunConfig, config_from_dict, load_data, test_examples
 from fedsync.run.start import task_record
 from fedsync.storage.local import atomic_write
 from fedsync.storage.manifest import read_manifest
 from fedsync.storage.markers import Evaluation, FileRef, Manifest, Summary
 from fedsync.storage.reasons import Unusable
 from fedsync.storage.share import Share
+from fedsync.tensors.files import load_verified, state_bytes
 
 METADATA_PREFIX = "fedsync."
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import socket
 import threading
-import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -24,6 +23,7 @@ from fedsync.storage.markers import FORMAT_VERSION, CoordinatorLease, Rejected, 
 from fedsync.storage.share import Share
 from fedsync.storage.store import Signature, WriteConflict
 from fedsync.storage.trouble import RepeatedWrite
+from fedsync.storage.watch import changes_within
 from fedsync.storage.yamlfile import dump_yaml
 
 
@@ -33,17 +33,6 @@ def read_lease(share: Share) -> CoordinatorLease | None:
         return share.read_record(CoordinatorLease, share.lease)
     except Exception:  # noqa: BLE001 - absent, unreadable or malformed: all mean "no lease to respect"
         return None
-
-
-def changes_within(share: Share, name: str, seen: Signature | None, seconds: float, poll: float) -> bool:
-    """Whether a file rewritten by a process on another host (a lease, a job's plan) changes from `seen` within
-    `seconds` by this process's clock: its writer is alive (docs/DESIGN.md, invariant 5)."""
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        time.sleep(poll)
-        if share.signature(name) != seen:
-            return True
-    return False
 
 
 class Lease:
@@ -106,7 +95,7 @@ class Lease:
             self.update(state, self.record.round, self.record.note, self.record.rejected)
 
     def _write(self) -> None:
-        if not self.share.is_folder:
+        if self.share.store.conditional_writes:
             return self._write_conditionally()
         with self.lock:
             current = read_lease(self.share)

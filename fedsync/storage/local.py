@@ -111,6 +111,11 @@ class _FileReader:
 @dataclass(frozen=True)
 class LocalStore:
     root: Path
+    conditional_writes = False  # a folder shared between machines has no compare-and-swap
+
+    @property
+    def local_folder(self) -> Path:
+        return self.root
 
     def path(self, name: str) -> Path:
         return self.root / name if name else self.root

@@ -97,6 +97,9 @@ class ObjectStore:
     the endpoint come from the store's own environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
     AWS_ENDPOINT_URL, AWS_REGION; GOOGLE_SERVICE_ACCOUNT; AZURE_STORAGE_ACCOUNT_NAME, ...)."""
 
+    local_folder = None  # nothing on this machine to watch: only listing sees changes
+    conditional_writes = True  # PUT If-Match / If-None-Match (write_if)
+
     def __init__(self, url: str) -> None:
         scheme = url.split("://", 1)[0].lower()
         if scheme not in SCHEMES:

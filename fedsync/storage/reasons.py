@@ -99,4 +99,3 @@ class Unusable(Exception):
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
-        self.added = False  # set by intake when part of the file was already summed before it failed

@@ -19,25 +19,23 @@ from fedsync.storage.store import Entry, Signature, Store, read_upto
 from fedsync.storage.yamlfile import MAX_YAML_BYTES, dump_yaml, parse_yaml
 
 T = TypeVar("T")
-# s3://, gs://, https://: a scheme of two letters or more (not C:/), then the slashes (which Path folds to one)
-URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/+")
+# s3://, gs://, https://: a scheme of two letters or more (not C:/), then two slashes
+URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")
 
 
 @dataclass(frozen=True)
 class Share:
     """The files of one run, by name, on one Store (a local folder unless another is given)."""
 
-    root: Path | str  # a folder, or an object store's URL (s3://bucket/prefix)
+    root: Path | str  # a folder (a Path, or a str without a scheme), or an object store's URL (s3://bucket/prefix)
     store: Store = field(default=None, compare=False)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
-        if URL.match(str(self.root)):
-            url = URL.sub(r"\1://", str(self.root))  # a Path given on the command line folded '//' into '/'
-            object.__setattr__(self, "root", url)
+        if isinstance(self.root, str) and URL.match(self.root):
             if self.store is None:
                 from fedsync.storage.objects import ObjectStore  # obstore loads only for object-store shares
                 try:
-                    object.__setattr__(self, "store", ObjectStore(url))
+                    object.__setattr__(self, "store", ObjectStore(self.root))
                 except ValueError as e:
                     raise ShareError(f"share {e}") from None
             return
@@ -45,10 +43,10 @@ class Share:
         if self.store is None:
             object.__setattr__(self, "store", LocalStore(self.root))
 
-    @property
-    def is_folder(self) -> bool:
-        """True for a folder (local, mounted or synced), False for an object store."""
-        return isinstance(self.root, Path)
+    @classmethod
+    def parse(cls, text: str) -> Share:
+        """`--share` as a user types it: scheme://bucket/prefix is an object store, anything else a folder."""
+        return cls(text)
 
     @property
     def identity(self) -> str:
@@ -150,7 +148,7 @@ class Share:
     def write_if(self, name: str, data: bytes, previous: Signature | None) -> Signature:
         """Write only if the file is still what `previous` describes (None: only if absent); its new signature, or
         WriteConflict. Object stores only: a folder shared between machines has no compare-and-swap."""
-        if self.is_folder:
+        if not self.store.conditional_writes:
             raise TypeError("conditional writes need an object store")
         self.check_present()
         return self.store.write_if(name, data, previous)  # type: ignore[attr-defined]

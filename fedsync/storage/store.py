@@ -10,7 +10,10 @@ from __future__ import annotations
 from collections.abc import Hashable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
+
+from fedsync.storage.reasons import Reason, Unusable
 
 Signature = Hashable  # opaque: two equal signatures mean the file did not change, as far as the medium can tell
 
@@ -52,6 +55,10 @@ class Reader(Protocol):
 class Store(Protocol):
     """Operations on one share. Names are '/'-separated and relative to the share (fedsync/storage/names.py);
     "" is the share itself. Absent files raise FileNotFoundError; share trouble raises other OSErrors."""
+
+    # What the medium can do, asked by the watcher, the lease and the Syncthing nudge instead of guessing from a path:
+    local_folder: Path | None  # the folder on this machine that is the share (inotify, Syncthing); None: none
+    conditional_writes: bool   # write_if: a write that fails when the file changed since it was last seen
 
     def describe(self, name: str) -> str:
         """Where the file is, for messages a person reads (a local path, a URL)."""
@@ -102,3 +109,9 @@ def read_upto(f: Reader, view: memoryview) -> int:
             break
         got += n
     return got
+
+
+def read_exact(f: Reader, view: memoryview) -> None:
+    """Fill `view` from the file; a file that ends first is unusable (truncated while being read)."""
+    if read_upto(f, view) < len(view):
+        raise Unusable(Reason.SIZE_MISMATCH, "the file ended early (truncated while being read)")

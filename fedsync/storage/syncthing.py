@@ -14,15 +14,17 @@ from pathlib import Path
 
 from fedsync.base.errors import ShareError
 from fedsync.base.logs import Log
+from fedsync.storage.share import Share
 
 KEY_ENV = "FEDSYNC_SYNCTHING_KEY"
 
 
 class SyncthingNudge:
-    def __init__(self, url: str, key: str | None, share: Path | str, log: Log) -> None:
-        if not isinstance(share, Path):
-            raise ShareError(f"--syncthing asks a Syncthing to rescan a folder; {share} is an object store")
-        self.url, self.share, self.log = url.rstrip("/"), share.resolve(), log
+    def __init__(self, url: str, key: str | None, share: Share, log: Log) -> None:
+        folder = share.store.local_folder
+        if folder is None:
+            raise ShareError(f"--syncthing asks a Syncthing to rescan a folder; {share.where()} is an object store")
+        self.url, self.share, self.log = url.rstrip("/"), folder.resolve(), log
         self.key = key or os.environ.get(KEY_ENV)
         if not self.key:
             raise ShareError(f"--syncthing needs the API key of that Syncthing: --syncthing-key, or {KEY_ENV} "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import warnings
 from pathlib import Path
 from types import TracebackType
@@ -21,6 +22,7 @@ from fedsync.base.errors import ConfigError
 from fedsync.storage import names
 from fedsync.storage.medium import OBJECT_POLL_INTERVAL_S, POLL_INTERVAL_S, choose_mode
 from fedsync.storage.share import Share
+from fedsync.storage.store import Signature
 
 POLLED_ROUNDS = 3  # the newest round folders a poller looks into (late updates are at most this old)
 # watchdog logs an error when an event arrives while its emitter thread stops; during our own stop that is noise.
@@ -28,6 +30,17 @@ _EMITTER_LOG = logging.getLogger("watchdog.observers.inotify")
 # watchdog 7 warns when a folder it already watches is added again (Syncthing creates folders that way); the
 # watch stays correct, so the warning is noise on every synced round.
 warnings.filterwarnings("ignore", message="Callback with id", category=RuntimeWarning)
+
+
+def changes_within(share: Share, name: str, seen: Signature | None, seconds: float, poll: float) -> bool:
+    """Whether a file rewritten by a process on another host (a lease, a job's plan) changes from `seen` within
+    `seconds` by this process's clock: its writer is alive (docs/DESIGN.md, invariant 5)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        time.sleep(poll)
+        if share.signature(name) != seen:
+            return True
+    return False
 
 
 class _Wake(FileSystemEventHandler):
@@ -95,8 +108,9 @@ class ShareWatcher:
         """`list_store=False`: on an object store, do not poll at all (a coordinator's or worker's own rescans
         already look at everything it waits for, and each poll is eight billed listings); `wait` then only waits."""
         self.share = share
-        if isinstance(share.root, Path):
-            self.mode, self.why = choose_mode(mode, share.root)
+        folder = share.store.local_folder
+        if folder is not None:
+            self.mode, self.why = choose_mode(mode, folder)
         elif mode == "events":
             raise ConfigError(f"--watch events needs a folder: {share.root} is an object store, which only listing "
                              "sees (--watch poll or auto)")
@@ -110,12 +124,12 @@ class ShareWatcher:
         if self.mode == "rescan":
             self.describe = f"its own rescans only ({self.why}: no listing between them)"
         elif self.mode == "poll":
-            poll_interval = poll_interval or (POLL_INTERVAL_S if share.is_folder else OBJECT_POLL_INTERVAL_S)
+            poll_interval = poll_interval or (POLL_INTERVAL_S if folder is not None else OBJECT_POLL_INTERVAL_S)
             self.poller = _Poller(share, self.changed, poll_interval)
             self.describe = f"polling every {poll_interval:g} s ({self.why})"
         else:
             self.observer = Observer()
-            self.observer.schedule(_Wake(self.changed), str(share.root), recursive=True)
+            self.observer.schedule(_Wake(self.changed), str(folder), recursive=True)
             self.describe = f"inotify events ({self.why})"
 
     def __enter__(self) -> ShareWatcher:

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fedsync.aggregation.tensors import load_verified, save_state
 from fedsync.base.logs import Log
 from fedsync.learning.imagefolder import decode
 from fedsync.learning.predict import batch_size_for, finite_rows, predict
@@ -28,6 +27,7 @@ from fedsync.storage.markers import FORMAT_VERSION, FailedRow, JobMarker, Output
 from fedsync.storage.reasons import Unusable
 from fedsync.storage.share import Share
 from fedsync.storage.signing import output_message, verify
+from fedsync.tensors.files import load_verified, save_state
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
 """A run at a glance, read from its summaries and evaluations alone: the per-round table (`fedsync results`), its
 curves as a PNG (`--plot`), and report.md with report.png, which the coordinator refreshes at the share's root after
-each round so that a person browsing the folder sees them without running anything."""
+each round so that a person browsing the folder sees them without running anything; and metrics.csv, one row per
+closed round, which the coordinator rewrites whole as rounds close and their evaluations land."""
 
 from __future__ import annotations
 
+import csv
 import io
 import threading
 import time
@@ -12,9 +14,9 @@ from dataclasses import dataclass, field
 from fedsync.base.logs import Log
 from fedsync.run.background import yield_cpu
 from fedsync.storage import names
-from fedsync.storage.markers import Evaluation, Manifest, Summary
+from fedsync.storage.markers import Accepted, Assignment, Evaluation, Manifest, Rejected, Summary, Traffic
 from fedsync.storage.share import Share
-from fedsync.storage.trouble import RepeatedWrite
+from fedsync.storage.trouble import Backoff, RepeatedWrite
 
 
 @dataclass
@@ -206,3 +208,64 @@ class Reporter:
         rows = read_rows(self.share)
         self.share.write(names.REPORT_PNG, plot_png(rows, f"fedsync run {self.manifest.run_id}"))
         self.share.write(names.REPORT_MD, markdown(self.share, self.manifest, rows).encode())
+
+
+METRICS_COLUMNS = ("round", "test_accuracy", "test_loss", "train_loss", "updates_accepted", "updates_rejected",
+                   "seconds", "federated_accuracy", "federated_loss", "closed_at", "down_bytes", "up_bytes",
+                   "train_s")
+
+
+class Metrics:
+    """metrics.csv, whole, from the rows known now: a round's row when it closes, its test columns when its
+    evaluation lands (from the evaluation thread: one writer at a time)."""
+
+    def __init__(self, share: Share, backoff: Backoff) -> None:
+        self.share, self.backoff = share, backoff
+        self.rows: dict[int, dict[str, object]] = {}
+        self.lock = threading.Lock()
+
+    def closed(self, s: Summary) -> None:
+        """A round's row before its evaluation lands: the test columns stay empty until then. The federated
+        columns measure the model the round started from, on the workers' held-out parts."""
+        fed = s.federated
+        with self.lock:
+            self.rows[s.round] = {
+                "round": s.round, "test_accuracy": "", "test_loss": "", "train_loss": f"{s.metrics['train_loss']:.6f}",
+                "updates_accepted": len(s.accepted), "updates_rejected": len(s.rejected), "seconds": s.seconds,
+                "federated_accuracy": f"{fed.accuracy:.6f}" if fed else "",
+                "federated_loss": f"{fed.loss:.6f}" if fed else "", "closed_at": s.closed_at or "",
+                "down_bytes": s.traffic.down_bytes if s.traffic else "",
+                "up_bytes": s.traffic.up_bytes if s.traffic else "",
+                "train_s": round(sum(s.compute.values()), 4) if s.traffic else ""}
+
+    def evaluated(self, ev: Evaluation) -> None:
+        with self.lock:
+            self.rows[ev.round].update({"test_accuracy": f"{ev.test_accuracy:.6f}",
+                                        "test_loss": f"{ev.test_loss:.6f}"})
+
+    def write(self) -> None:
+        with self.lock:
+            out = io.StringIO()
+            writer = csv.DictWriter(out, fieldnames=METRICS_COLUMNS, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(self.rows[r] for r in sorted(self.rows))
+            self.backoff.run(lambda: self.share.write(self.share.metrics, out.getvalue().encode()),
+                             "writing metrics.csv")
+
+
+def traffic(a: Assignment, accepted: list[Accepted], rejected: list[Rejected]) -> Traffic:
+    """The round's model went down to every worker that answered (accepted or rejected); the accepted updates
+    came up."""
+    answered = {x.worker for x in accepted} | {x.worker for x in rejected}
+    return Traffic(model_bytes=a.model.bytes, down_bytes=a.model.bytes * len(answered & set(a.workers)),
+                   up_bytes=sum(x.bytes or 0 for x in accepted))
+
+
+def compute(accepted: list[Accepted], device_names: dict[str, str]) -> dict[str, float]:
+    """The accepted updates' training seconds by device kind (the worker's registered device name, else the device
+    its marker names)."""
+    seconds: dict[str, float] = {}
+    for x in accepted:
+        kind = device_names.get(x.worker, x.device)
+        seconds[kind] = round(seconds.get(kind, 0.0) + (x.train_s or 0.0), 4)
+    return seconds

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from fedsync.run.jobs import probabilities
+from fedsync.run.submitting.jobs import probabilities
 
 
 @dataclass(frozen=True)

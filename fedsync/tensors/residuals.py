@@ -1,5 +1,5 @@
 """Error feedback for compressed updates: what a lossy encoding left out of one update is added to the worker's
-next, so nothing a worker learned is lost for good, only delayed (fedsync/aggregation/encoding.py).
+next, so nothing a worker learned is lost for good, only delayed (fedsync/tensors/encoding.py).
 
 The residual lives on the worker's own disk beside its key, never in the share: it is private to the worker and
 changes every round. Each update leaves one file, `RUN-WORKER-rNNNNNN.safetensors` (the residual after round N's
@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load as st_load
 
-from fedsync.aggregation.encoding import NONE, encode, residual
-from fedsync.aggregation.tensors import state_bytes
 from fedsync.base.logs import Log
 from fedsync.storage.keys import key_dir
 from fedsync.storage.local import atomic_write
+from fedsync.tensors.encoding import NONE, encode, residual
+from fedsync.tensors.files import state_bytes
 
 Tensors = dict[str, torch.Tensor]
 

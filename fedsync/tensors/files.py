@@ -14,7 +14,6 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from fedsync.fedavg import Layout
 from fedsync.storage import names
 from fedsync.storage.hashing import hash_bytes
 from fedsync.storage.markers import FileRef
@@ -28,6 +27,8 @@ DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 CODES = {dtype: code for code, dtype in DTYPES.items()}
+Layout = Mapping[str, tuple[torch.dtype, tuple[int, ...]]]  # tensor name -> (dtype, shape)
+
 SPELLING = {code: str(dtype) for code, dtype in DTYPES.items()}  # how messages name dtypes: torch.float32
 
 def layout_of(state: Mapping[str, torch.Tensor]) -> Layout:

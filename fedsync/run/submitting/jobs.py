@@ -1,6 +1,6 @@
 """Inference jobs in the share (docs/PROTOCOL.md section 5.14): a job's folder written by the process that submits
 it, and the checks every reader makes of its files. The submitting loop is fedsync/infer.py, a worker's side
-fedsync/run/serve.py.
+fedsync/run/working/serve.py.
 
 Chunks, the model and job.yaml are written once; plan.yaml is the submitter's status file, rewritten whole. An
 output counts only when its marker is signed by the key of the worker it names and its tensors have the named
@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load as st_load
 
-from fedsync.aggregation.tensors import save_state
 from fedsync.base.clock import utc_stamp
 from fedsync.learning.inputs import Inputs, cut
 from fedsync.storage import names
@@ -33,6 +32,7 @@ from fedsync.storage.markers import (
 from fedsync.storage.reasons import Unusable
 from fedsync.storage.share import Share
 from fedsync.storage.signing import output_message, verify
+from fedsync.tensors.files import save_state
 
 # Reasons an output is not taken that mean its bytes may not have arrived yet: not reported (every output is judged
 # again whenever its files change, so one that arrives whole later is taken then).

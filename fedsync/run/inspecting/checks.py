@@ -1,4 +1,4 @@
-"""`fedsync verify`: re-check every marker and hash a run relies on, like `restic check`.
+"""The checker behind `fedsync verify`: re-check every marker and hash a run relies on, like `restic check`.
 
 Errors are damage to what the run's decisions rest on (a global model, an accepted update, an aggregate, the
 final model); hints are harmless leftovers. Every finding names its file and what fixes it.

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from fedsync.aggregation.encoding import ENCODINGS
-from fedsync.aggregation.intake import Candidate, Outcome
+from fedsync.aggregation.candidates import Candidate, Outcome
 from fedsync.aggregation.rules import Rule
 from fedsync.fedavg import staleness_weight
 from fedsync.run.config import RunConfig
@@ -28,6 +27,7 @@ from fedsync.storage.markers import (
 from fedsync.storage.reasons import Reason, Unusable
 from fedsync.storage.share import Share
 from fedsync.storage.store import LinkRefused
+from fedsync.tensors.encoding import ENCODINGS
 
 
 class RoundLedger:

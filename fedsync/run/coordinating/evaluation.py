@@ -12,17 +12,17 @@ from collections.abc import Callable
 
 import torch
 
-from fedsync.aggregation.tensors import load_verified
 from fedsync.base.faults import crash_point
 from fedsync.base.logs import Log
-from fedsync.learning.data import Source, first
+from fedsync.learning.data import Source
 from fedsync.learning.tasks import Task
 from fedsync.learning.train import evaluate
 from fedsync.run.background import yield_cpu
-from fedsync.run.config import RunConfig
+from fedsync.run.config import RunConfig, test_examples
 from fedsync.storage.markers import FORMAT_VERSION, Evaluation, FileRef, HeldOut, to_dict
 from fedsync.storage.share import Share
 from fedsync.storage.trouble import Backoff
+from fedsync.tensors.files import load_verified
 
 Job = tuple[int, FileRef, "dict[str, torch.Tensor] | None"]
 
@@ -34,11 +34,6 @@ def federated_mean(evaluations: list[HeldOut]) -> HeldOut | None:
         return None
     return HeldOut(loss=sum(e.loss * e.samples for e in evaluations) / total,  # type: ignore[arg-type]
                    accuracy=min(1.0, sum(e.accuracy * e.samples for e in evaluations) / total), samples=total)
-
-
-def test_examples(test: Source, cfg: RunConfig) -> Source:
-    """What the coordinator evaluates a model on: the first `eval_samples` test examples, or all of them."""
-    return test if cfg.eval_samples is None else first(test, cfg.eval_samples)
 
 
 def due(r: int, rounds: int, every: int) -> bool:

@@ -1,0 +1,66 @@
+"""Aligned slices of the accepted update files, for the coordinate-wise rules (median, trimmed mean): read from the
+share when a rule asks, decoded from each file's encoding, memory O(updates x slice)."""
+
+from __future__ import annotations
+
+import torch
+
+from fedsync.aggregation.candidates import Candidate
+from fedsync.storage.store import Store, read_exact
+from fedsync.storage.tensorfile import FileLayout, header_length, parse_header
+from fedsync.tensors.encoding import BLOCK, NONE, blocks, dequantize, scale_name
+from fedsync.tensors.files import DTYPES
+
+
+class UpdateSlices:
+    """Aligned slices of accepted update files, read from the share when a coordinate-wise rule asks: memory
+    O(updates x slice), never O(updates x model), decoded from each file's encoding. The files were verified whole
+    when they were taken in."""
+
+    def __init__(self, store: Store, accepted: list[Candidate], layout: FileLayout,
+                 scales: dict[Candidate, float] | None = None) -> None:
+        self.store, self.accepted, self.layout = store, accepted, layout
+        self.scales = scales or {}  # clipped updates: their floating tensors read times this
+        self.offsets: list[dict[str, int]] | None = None  # per file: tensor name -> its first byte in the file
+
+    def count(self) -> int:
+        return len(self.accepted)
+
+    def read(self, tensor: str, start: int, length: int) -> torch.Tensor:
+        dtype = DTYPES[self.layout[tensor][0]]
+        offsets = self._offsets()
+        out = torch.empty((len(self.accepted), length), dtype=dtype)
+        for i, c in enumerate(self.accepted):
+            with self.store.open(c.name, follow_links=False) as f:
+                if not dtype.is_floating_point or c.encoding == NONE:
+                    f.seek(offsets[i][tensor] + start * dtype.itemsize)
+                    read_exact(f, memoryview(out[i].view(torch.uint8).numpy()))
+                elif c.encoding == "bf16":
+                    values = torch.empty(length, dtype=torch.bfloat16)
+                    f.seek(offsets[i][tensor] + start * 2)
+                    read_exact(f, memoryview(values.view(torch.uint8).numpy()))
+                    out[i] = values
+                else:  # int8: the values and the scales of the blocks they lie in (start is a multiple of BLOCK)
+                    q = torch.empty(length, dtype=torch.int8)
+                    f.seek(offsets[i][tensor] + start)
+                    read_exact(f, memoryview(q.numpy()))
+                    scales = torch.empty(blocks(length), dtype=torch.float32)
+                    f.seek(offsets[i][scale_name(tensor)] + start // BLOCK * 4)
+                    read_exact(f, memoryview(scales.view(torch.uint8).numpy()))
+                    out[i] = dequantize(q, scales)
+            if c in self.scales and dtype.is_floating_point:
+                out[i] *= self.scales[c]
+        return out
+
+    def _offsets(self) -> list[dict[str, int]]:
+        if self.offsets is None:
+            self.offsets = []
+            for c in self.accepted:
+                with self.store.open(c.name, follow_links=False) as f:
+                    prefix = bytearray(8)
+                    read_exact(f, memoryview(prefix))
+                    header = bytearray(header_length(bytes(prefix), f.size))
+                    read_exact(f, memoryview(header))
+                    specs = parse_header(bytes(header), f.size - 8 - len(header))
+                self.offsets.append({s.name: 8 + len(header) + s.start for s in specs})
+        return self.offsets

@@ -1,0 +1,175 @@
+"""A round's intake, from markers to the round's aggregate: one object owns the open round's ledger, the ledger of
+late updates and the aggregator, so each verdict goes straight to the book that keeps it. The coordinator's
+collecting loop only asks it to scan, take, decide and aggregate, then closes the round with what it returns.
+
+Screening and clipping act on what was added (fedsync/aggregation/screening.py, Aggregator.clip); the closing
+rules (quorum, all reported, deadline) are judged by the coordinator's clock (docs/DESIGN.md, invariant 5).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from fedsync.aggregation.candidates import Candidate, Outcome
+from fedsync.aggregation.intake import Aggregator
+from fedsync.aggregation.optimizers import ServerOptimizer
+from fedsync.aggregation.rules import Rule
+from fedsync.aggregation.screening import outliers
+from fedsync.base.errors import RunStuck
+from fedsync.base.logs import Log
+from fedsync.fedavg import l2_norm
+from fedsync.run.config import RunConfig
+from fedsync.run.coordinating.ledger import LateLedger, RoundLedger
+from fedsync.run.trust import Trust
+from fedsync.storage.markers import Accepted, Assignment, Late, Rejected
+from fedsync.storage.reasons import Reason, Unusable
+from fedsync.storage.share import Share
+from fedsync.tensors.files import layout_of
+
+Tensors = dict[str, torch.Tensor]
+DIVERGED = {Reason.NON_FINITE.value, Reason.NORM_OUTLIER.value, Reason.SPOILS_AGGREGATE.value, Reason.DIVERGED.value}
+
+
+def quorum_target(quorum: int | float, live_assigned: int, min_updates: int) -> int:
+    """Accepted updates needed to close early: a count, or a fraction of the live assigned workers."""
+    wanted = min(quorum, live_assigned) if isinstance(quorum, int) else math.ceil(quorum * live_assigned)
+    return max(min_updates, wanted)
+
+
+@dataclass
+class Decision:
+    """Whether the round closes now (`reason`: quorum, all_reported, deadline; empty: not yet), the quorum target,
+    and a note to say once when the deadline passed with too few updates."""
+
+    reason: str
+    target: int
+    note: str = ""
+
+
+@dataclass
+class Closing:
+    """Everything a round closes with (Coordinator._close writes it): the new global model, the optimizer's state,
+    and the decisions for summary.yaml."""
+
+    round: int
+    reason: str
+    new_state: Tensors
+    server_state: Tensors
+    step_scale: float
+    accepted: list[Accepted]
+    rejected: list[Rejected]
+    missing: list[str]
+    ignored: list[str]
+    late: list[Late]
+    seconds: float
+    timings: dict[str, float]
+    clipped: dict[str, float] = field(default_factory=dict)  # worker -> the L2 norm it was clipped from
+
+
+class RoundIntake:
+    """Round `r`'s updates and the late ones of the `max_staleness` rounds before it, taken in as their markers
+    appear."""
+
+    def __init__(self, share: Share, r: int, a: Assignment, state: Tensors, cfg: RunConfig, train_size: int,
+                 rule: Rule, trust: Trust, log: Log) -> None:
+        self.r, self.a, self.cfg, self.rule, self.log = r, a, cfg, rule, log
+        self.opened = time.monotonic()
+        self.ledger = RoundLedger(share, r, a, train_size, rule, trust)
+        self.late = LateLedger(share, r, cfg, train_size, rule, trust)
+        self.aggregator = Aggregator(layout_of(state), share.store, round=r)
+        self.model_norm = l2_norm(state)
+        self.extended = False  # the deadline passed with fewer than min_updates: said once
+        self.timings = {"final_intake_s": 0.0, "aggregate_s": 0.0, "evaluate_s": 0.0}
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.opened
+
+    def scan(self) -> list[Candidate]:
+        """Markers not decided yet whose files changed since the last look: this round's, then late ones."""
+        return self.ledger.scan() + self.late.scan()
+
+    def recheck(self) -> None:
+        """Judge every waiting update again although its files did not change: the trusted keys did."""
+        self.ledger.recheck()
+        self.late.recheck()
+
+    def take(self, candidates: list[Candidate]) -> None:
+        """Verify and add each candidate (one read of each file), then screen and clip what was added."""
+        t = time.perf_counter()
+        self._record(self.aggregator.take(candidates))
+        found = outliers(self.aggregator.norms, self.model_norm, self.cfg.screen_factor, self.cfg.screen_max_ratio)
+        if found:  # judged again as more arrive: the median moves
+            self._record(self.aggregator.drop({c: Unusable(Reason.NORM_OUTLIER, why) for c, why in found.items()}))
+        if self.cfg.clip_norm > 0:
+            self._record(self.aggregator.clip(self.cfg.clip_norm))
+        self.timings["final_intake_s"] = time.perf_counter() - t
+
+    def _record(self, outcomes: list[Outcome]) -> None:
+        self.ledger.record([o for o in outcomes if o.candidate.round == self.r])
+        self.late.record([o for o in outcomes if o.candidate.round != self.r])
+
+    def decide(self, live: set[str]) -> Decision:
+        """The closing rules, in order: the quorum, every assigned worker reported, the deadline. Raises RunStuck
+        when every live assigned worker's update was rejected."""
+        accepted = len(self.ledger.accepted)
+        live_assigned = [w for w in self.a.workers if w in live]
+        target = quorum_target(self.cfg.quorum, len(live_assigned), self.cfg.min_updates)
+        enough = accepted >= self.cfg.min_updates
+        late = self.elapsed() >= self.a.time_budget_s
+        if accepted >= target:
+            return Decision("quorum", target)
+        if enough and self.ledger.all_reported():
+            return Decision("all_reported", target)
+        if late and enough:
+            return Decision("deadline", target)
+        if live_assigned and all(w in self.ledger.rejected for w in live_assigned):
+            raise RunStuck(self._stuck(live_assigned))
+        if late and not self.extended:
+            self.extended = True
+            return Decision("", target, f"deadline passed with {accepted} accepted update(s), fewer than "
+                                        f"min_updates={self.cfg.min_updates}; the round stays open until enough arrive")
+        return Decision("", target)
+
+    def _stuck(self, workers: list[str]) -> str:
+        rejected = self.ledger.rejected
+        why = "; ".join(f"{w}: {rejected[w].reason} ({rejected[w].detail})" for w in workers)
+        advice = ("training diverged or an update is far too large: start a new share with a lower lr "
+                  "(--set lr=...)" if any(rejected[w].reason in DIVERGED for w in workers)
+                  else "fix what the reasons name on those workers, then start this coordinator again")
+        return f"round {self.r} cannot close: every live assigned worker's update was rejected ({why}); {advice}"
+
+    def aggregate(self, reason: str, state: Tensors, optimizer: ServerOptimizer,
+                  server_state: Tensors) -> Closing | None:
+        """The next global model from what was taken in. When it is not finite, the largest accepted update is
+        rejected (spoils_aggregate) and None returned: the closing rules are judged again without it."""
+        t = time.perf_counter()
+        result = self.rule.aggregate(self.aggregator.collected(optimizer.parameters))
+        on_time = None  # late updates move the model once; the optimizer's state learns without them
+        if optimizer.stateful and self.aggregator.has_late:
+            on_time = self.rule.aggregate(self.aggregator.collected(optimizer.parameters, late=False)).delta
+        new_state, new_server_state = optimizer.step(state, result.delta, server_state, on_time)
+        self.timings["aggregate_s"] = time.perf_counter() - t
+        if not all(bool(torch.isfinite(v).all()) for v in new_state.values() if v.is_floating_point()):
+            self._take_out_largest()
+            return None
+        norms = {c.worker: n for c, n in self.aggregator.norms.items() if c.round == self.r}
+        clipped = {c.worker: norms[c.worker] for c in self.aggregator.scales if c.round == self.r}
+        return Closing(self.r, reason, new_state, new_server_state, result.step_scale,
+                       self.ledger.accepted_records(norms, set(clipped)), self.ledger.rejected_records(),
+                       self.ledger.missing(), sorted(self.ledger.ignored), self.late.records(), self.elapsed(),
+                       dict(self.timings), clipped)
+
+    def _take_out_largest(self) -> None:
+        norms = self.aggregator.norms
+        worst = max(norms, key=lambda c: norms[c])
+        problem = Unusable(Reason.SPOILS_AGGREGATE, f"with it (L2 norm {norms[worst]:.4g}, the largest) the new "
+                                                    "global model was not finite")
+        self._record(self.aggregator.drop({worst: problem}))
+        self.log(f"round {self.r}: the aggregate was not finite; {worst.worker}'s update taken out, aggregating again")
+
+    def close(self) -> None:
+        self.aggregator.close()
