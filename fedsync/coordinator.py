@@ -136,7 +136,7 @@ class Coordinator:
                  test: Source, watcher: ShareWatcher, lease: Lease, identity: Identity, device: DeviceChoice,
                  nudge: SyncthingNudge | None = None) -> None:
         self.share, self.manifest, self.opts, self.cfg = share, manifest, opts, opts.config
-        self.dataset, self.watcher, self.lease, self.log = dataset, watcher, lease, opts.log
+        self.watcher, self.lease, self.log = watcher, lease, opts.log
         self.task = self.cfg.resolved_task()
         self.train_size = len(dataset.train) if dataset is not None else 0  # a private task's data is the workers'
         self.identity, self.nudge = identity, nudge
@@ -144,9 +144,9 @@ class Coordinator:
         self.trust = Trust(share, manifest.run_id, identity, self.cfg.trust, self.liveness.public_key, self.log)
         self.backoff = Backoff(self.log)
         self.model = self.task.build_model(self.cfg.model, seed=self.cfg.seed)
-        self.parameters = frozenset(name for name, _ in self.model.named_parameters())
         self.rule = make_rule(self.cfg.aggregation, self.cfg.momentum, self.cfg.trim)
-        self.optimizer = make_optimizer(self.cfg.server_settings(), self.parameters)
+        self.optimizer = make_optimizer(self.cfg.server_settings(),
+                                        frozenset(name for name, _ in self.model.named_parameters()))
         self.server_state: dict[str, torch.Tensor] = {}  # the optimizer's, after the last closed round; none: stateless
         self.carried: tuple[str, dict[str, torch.Tensor]] | None = None  # the aggregate just written: its hash, state
         self.planner = Planner(share, self.cfg, self.task, dataset, self.liveness, self.log)
