@@ -115,6 +115,13 @@ MUTANTS = [
            "if not pending:", "if False:",
            ("tests/test_routing.py::test_at_the_tail_an_idle_faster_worker_takes_a_waiting_chunk_or_copies_a_running_one",
             "tests/test_routing.py::test_fast_workers_end_up_with_more_chunks_in_proportion_to_their_speed")),
+    Mutant("a non-finite aggregate is written", "fedsync/run/coordinating/intake.py",
+           "if not all(bool(torch.isfinite(v).all()) for v in new_state.values() if v.is_floating_point()):",
+           "if False:",
+           ("tests/test_round_intake.py::test_a_non_finite_aggregate_takes_the_largest_update_out",)),
+    Mutant("the deadline's extension is not waited out", "fedsync/run/coordinating/intake.py",
+           "if late and enough:", "if late:",
+           ("tests/test_round_intake.py::test_the_closing_rules_in_order_and_a_round_that_cannot_close",)),
 ]
 
 
