@@ -112,12 +112,12 @@ class ShareWatcher:
         if folder is not None:
             self.mode, self.why = choose_mode(mode, folder)
         elif mode == "events":
-            raise ConfigError(f"--watch events needs a folder: {share.root} is an object store, which only listing "
+            raise ConfigError(f"--watch events needs a folder: {share.where()} is an object store, which only listing "
                              "sees (--watch poll or auto)")
         elif not list_store:
-            self.mode, self.why = "rescan", f"{share.root} is an object store"
+            self.mode, self.why = "rescan", f"{share.where()} is an object store"
         else:
-            self.mode, self.why = "poll", f"{share.root} is an object store: listing by prefix is the only way"
+            self.mode, self.why = "poll", f"{share.where()} is an object store: listing by prefix is the only way"
         self.changed = threading.Event()
         self.poller: _Poller | None = None
         self.observer = None
