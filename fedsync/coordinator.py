@@ -17,7 +17,7 @@ from fedsync.aggregation.optimizers import make_optimizer
 from fedsync.aggregation.rules import make_rule
 from fedsync.base import defaults
 from fedsync.base.clock import utc_stamp
-from fedsync.base.errors import ConfigError, ShareError
+from fedsync.base.errors import ConfigError, FedsyncError, ShareError, stopped_by
 from fedsync.base.faults import crash_point
 from fedsync.base.logs import Log, make_log
 from fedsync.learning.data import Dataset, Source
@@ -29,7 +29,7 @@ from fedsync.run.coordinating.ledger import load_summary
 from fedsync.run.coordinating.news import RoundNews
 from fedsync.run.coordinating.planning import Planner
 from fedsync.run.coordinating.report import Metrics, Reporter, compute, traffic
-from fedsync.run.coordinating.resume import remove_stale_temporaries, replay, saved_server_state
+from fedsync.run.coordinating.resume import own_assignment, remove_stale_temporaries, replay, saved_server_state
 from fedsync.run.coordinating.retention import Retention
 from fedsync.run.liveness import Liveness
 from fedsync.run.start import check_run, task_record
@@ -46,13 +46,12 @@ from fedsync.storage.markers import (
     FileRef,
     FinalMarker,
     Manifest,
-    MarkerError,
     Summary,
     to_dict,
 )
 from fedsync.storage.reasons import Unusable
 from fedsync.storage.share import Share
-from fedsync.storage.signing import assignment_message, final_message, verify
+from fedsync.storage.signing import assignment_message, final_message
 from fedsync.storage.syncthing import SyncthingNudge
 from fedsync.storage.trouble import Backoff
 from fedsync.storage.watch import ShareWatcher
@@ -82,6 +81,7 @@ def run_coordinator(opts: CoordinatorOptions) -> FinalMarker:
     share = opts.share
     if opts.rounds < 1:
         raise ConfigError("--rounds must be at least 1")
+    share.require()  # never a run on the local disk in place of a share that is not mounted yet
     lock = local_lock(share.identity, "coordinator")
     try:
         lock.acquire()
@@ -105,7 +105,8 @@ def run_coordinator(opts: CoordinatorOptions) -> FinalMarker:
         dataset, test = load_data(opts.config, opts.data_root or opts.config.data_root, opts.log)
         manifest = existing or new_manifest(opts.config.as_dict(), opts.created_by, identity.public,
                                             task_record(opts.config))
-        lease = Lease(share, manifest.run_id, opts.config.heartbeat, opts.config.worker_timeout, opts.log)
+        lease = Lease(share, manifest.run_id, opts.config.heartbeat, opts.config.worker_timeout, opts.log,
+                      opts.rounds)
         lease.check()
         if existing is None:
             write_manifest(share, manifest)
@@ -113,15 +114,21 @@ def run_coordinator(opts: CoordinatorOptions) -> FinalMarker:
         opts.log(f"coordinator key {identity.path}{' (created now)' if created else ''}: fingerprint "
                  f"{identity.fingerprint}; workers pin it at first contact (or pass --coordinator-key "
                  f"{identity.public})")
-        finished = False
+        why = "it ended unexpectedly"  # the lease says why the run stopped: workers and `fedsync status` tell it
         try:
             with ShareWatcher(share, opts.watch, list_store=False) as watcher:
                 final = Coordinator(share, manifest, opts, dataset, test, watcher, lease, identity, choice,
                                     nudge).run()
-                finished = True
+                why = ""
                 return final
+        except KeyboardInterrupt as e:
+            why = f"stopped by {stopped_by(e)}; the same command continues the run"
+            raise
+        except Exception as e:  # FedsyncError: its message says what to change; anything else is a bug to report
+            why = str(e) if isinstance(e, FedsyncError) else f"{type(e).__name__}: {e}"
+            raise
         finally:
-            lease.release("finished" if finished else "stopped")
+            lease.release("stopped" if why else "finished", why or None)
     finally:
         lock.release()
 
@@ -185,7 +192,7 @@ class Coordinator:
         if r <= self.opts.rounds:
             self.share.remove(self.share.final_marker)  # continuing a finished run: it is not finished
         self.log(f"run {self.manifest.run_id}: {self.cfg.task}/{self.cfg.model}, rounds {r}..{self.opts.rounds}, "
-                 f"share {self.share.where()}")
+                 f"share {self.share.where()}; {self.cfg.recipe()}")
         self.log(f"watching the share by {self.watcher.describe}")
         while r <= self.opts.rounds:
             # Unusable too: its own files vanish for a moment when the share's mount drops between two reads
@@ -200,7 +207,7 @@ class Coordinator:
     def _open_round(self, r: int) -> tuple[Assignment, dict[str, torch.Tensor]]:
         """The round's assignment and global model: read back if already written, else written now."""
         if self.share.exists(self.share.assignment(r)):
-            a = self._own_assignment(r)
+            a = own_assignment(self.share, r, self.identity, self.log)
             if a is not None:
                 return a, load_verified(self.share, self.share.global_model(r), a.model)
         if r == 1:
@@ -232,20 +239,6 @@ class Coordinator:
         self.log(f"round {r}/{self.opts.rounds} open: {len(workers)} worker(s) {', '.join(workers)}")
         return a, state
 
-    def _own_assignment(self, r: int) -> Assignment | None:
-        """Round r's assignment if this coordinator wrote it (a restart); None, said, when someone else did: the round
-        is opened again over it, and workers never trained on it (they check the signature)."""
-        try:
-            a = self.share.read_record(Assignment, self.share.assignment(r))
-            if verify(self.identity.public, assignment_message(a), a.signature):
-                return a
-            why = "it is not signed by this coordinator"
-        except MarkerError as e:
-            why = str(e)
-        self.log(f"round {r}: WARNING: {self.share.where(self.share.assignment(r))} was not written by this "
-                 f"coordinator ({why}): opening the round over it")
-        return None
-
     def _wait(self, seconds: float) -> None:
         """Sleep until the share changes or `seconds` pass; stop if another coordinator took the share."""
         self.watcher.wait(seconds)
@@ -253,8 +246,7 @@ class Coordinator:
             raise ShareError(f"another coordinator took over {self.share.where()}; this one stopped")
 
     def _wait_for_workers(self, r: int) -> list[str]:
-        announced = False
-        self.lease.update("waiting for workers", r, f"{self.cfg.min_workers} live worker(s) needed")
+        said: list[str] | None = None  # the live workers when it was last said: said again as they change
         while True:
             for name in self.liveness.scan():
                 info = self.liveness.info[name]
@@ -267,9 +259,13 @@ class Coordinator:
             live = [w for w in self.trust.admit_all(self.liveness.live()) if self.planner.equipped(w)]
             if len(live) >= self.cfg.min_workers:
                 return live
-            if not announced:
-                self.log(f"waiting for {self.cfg.min_workers} live worker(s), {len(live)} so far")
-                announced = True
+            if live != said:  # said in the log and, for `fedsync status`, in the lease
+                said = live
+                note = (f"round {r} opens when {self.cfg.min_workers} worker(s) are live (min_workers), {len(live)} "
+                        f"so far{': ' + ', '.join(live) if live else ''}; start `fedsync worker --share "
+                        f"{self.share.where()}` on more machines")
+                self.lease.update("waiting for workers", r, note)
+                self.log(note)
             self._wait(self.opts.rescan)
 
     # -- collecting ----------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from filelock import Timeout
 
 from fedsync import __version__
 from fedsync.base import defaults
-from fedsync.base.errors import ShareError, TrustError
+from fedsync.base.errors import ShareError
 from fedsync.base.faults import crash_point
 from fedsync.base.logs import Log, Logger, make_log
 from fedsync.fedavg import delta
@@ -32,8 +32,8 @@ from fedsync.learning.train import Report, TrainSettings, evaluate, local_train,
 from fedsync.run.config import RunConfig, config_from_dict
 from fedsync.run.liveness import Heartbeat
 from fedsync.run.start import check_task, task_record
-from fedsync.run.trust import read_trust
 from fedsync.run.working.data import WorkerData
+from fedsync.run.working.notices import Notices
 from fedsync.run.working.serve import Device, Server
 from fedsync.storage import names
 from fedsync.storage.keys import Identity, load_identity, pinned_coordinator, worker_key_path
@@ -83,8 +83,7 @@ def run_worker(opts: WorkerOptions) -> FinalMarker | None:
     share = opts.share
     name = names.check_worker_name(opts.name)
     log = opts.log or make_log(f"worker {name}", opts.log_json)
-    if not share.exists(""):
-        raise ShareError(f"share folder {share.where()} does not exist: mount or sync it first, or fix --share")
+    share.require()
     facts = DeviceFacts.probe()
     choice = choose_device(opts.device, facts)  # an explicit device this build cannot drive fails here, at once
     nudge = SyncthingNudge(opts.syncthing, opts.syncthing_key, share, log) if opts.syncthing else None
@@ -101,8 +100,10 @@ def run_worker(opts: WorkerOptions) -> FinalMarker | None:
             manifest = _wait_for_run(share, watcher, opts, log)
             coordinator_key, pinned = pinned_coordinator(manifest.run_id, manifest.coordinator_key,
                                                          opts.coordinator_key)
-            log(f"{'pinned' if pinned else 'trusting'} coordinator key {fingerprint(coordinator_key)} for run "
-                f"{manifest.run_id}")
+            how = ("as given with --coordinator-key" if opts.coordinator_key else
+                   "pinned on this machine now, at first contact" if pinned else "as pinned on this machine before")
+            log(f"coordinator key {fingerprint(coordinator_key)} for run {manifest.run_id}: {how}; this worker trains "
+                "only on what that key signs")
             return Worker(share, name, choice, facts, manifest, watcher, opts, log, identity, coordinator_key,
                           nudge).run()
     finally:
@@ -130,11 +131,11 @@ class Worker:
         self.share, self.name, self.manifest = share, name, manifest
         self.identity, self.coordinator_key = identity, coordinator_key
         self.refused: set[tuple[int, str | None]] = set()  # assignments not the coordinator's: said once
-        self.trust_seen: object = None  # trust.yaml's signature when last checked
         self.nudge = nudge
         self.watcher, self.opts, self.log = watcher, opts, log
         self.cfg: RunConfig = config_from_dict(manifest.config, share.where(share.manifest))
         self.task: Task = self.cfg.resolved_task()
+        self.notices = Notices(share, name, manifest.run_id, coordinator_key, identity, self.cfg.trust, log)
         check_task(manifest, self.cfg)  # another version or layout of the task: refused before anything is written
         # checked before registering: nothing found here can fail the worker in the middle of a round
         choice, self.precision = start_check(opts.device, choice, self.cfg.precision, facts)
@@ -188,7 +189,7 @@ class Worker:
         try:
             while True:
                 try:
-                    self._check_trusted()
+                    self.notices.check()
                     final = finished(self.share, self.manifest.run_id, self.coordinator_key)
                     if final is not None and final.round != said_final:
                         said_final = final.round
@@ -232,23 +233,6 @@ class Worker:
                 return None
             return r, a
         return None
-
-    def _check_trusted(self) -> None:
-        """Say once when the coordinator trusts another key for this worker's name (this machine's key was
-        re-created, or someone else registered the name first): no work comes until a person approves this key."""
-        seen = self.share.signature(self.share.trust)
-        if seen == self.trust_seen:
-            return
-        self.trust_seen = seen
-        try:
-            entry = read_trust(self.share, self.manifest.run_id, self.coordinator_key).get(self.name)
-        except TrustError as e:
-            self.log(f"WARNING: {e}")
-            return
-        if entry is not None and entry.key != self.identity.public:
-            self.log(f"WARNING: the coordinator trusts key {fingerprint(entry.key)} for {self.name}, not this "
-                     f"worker's {self.identity.fingerprint}: no work comes until its operator runs `fedsync trust "
-                     f"{self.name} --share SHARE --fingerprint {self.identity.fingerprint}`")
 
     def _submitted(self, r: int, a: Assignment) -> bool:
         """Whether this worker's own update marker for the round exists (also after a restart). A marker under its

@@ -124,6 +124,7 @@ def test_data_root_help_names_the_fallback(command: str) -> None:
 @pytest.mark.processes
 def test_errors_are_one_line_with_their_status(tmp_path: Path) -> None:
     cifar = tmp_path / "cifar-share"
+    (tmp_path / "c").mkdir()  # a share that is there, for a run whose data is not
     # a run whose data this machine lacks
     open_run(Share(cifar), load_config("cifar10"), "coordinator", coordinator_identity().public)
     cases = [

@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -142,6 +143,7 @@ def test_a_diverging_run_stops_with_the_reasons_and_what_to_do(share: Path) -> N
                for w in ("w1", "w2")]
     try:
         out = finish(coord, timeout=120)
+        time.sleep(3)  # the workers' next look at the share (a rescan every 2 s, inotify sooner) sees it stopped
     finally:
         for w in workers:
             w.terminate()
@@ -154,7 +156,10 @@ def test_a_diverging_run_stops_with_the_reasons_and_what_to_do(share: Path) -> N
     st = json.loads(run("status", "--share", str(share), "--json").stdout)  # the open round's, from the lease
     assert sorted(x["worker"] for x in st["rejected_open_round"]) == ["w1", "w2"], st
     assert all(x["reason"] in ("diverged", "non_finite", "norm_outlier") for x in st["rejected_open_round"]), st
-    assert worker_out.count("training diverged") == 2, worker_out  # each worker says so instead of uploading
+    assert worker_out.count("WARNING: training diverged") == 2, worker_out  # each says so instead of uploading
+    # and each worker, left waiting, says that the coordinator stopped and why (from its lease)
+    assert worker_out.count("the coordinator stopped (round 1 cannot close: every live assigned worker's update was "
+                            "rejected") == 2, worker_out
 
 
 @pytest.mark.processes

@@ -102,13 +102,16 @@ def test_explicit_trust_approval_and_a_worker_that_comes_back_with_a_new_key(sha
         first = finish(w1, timeout=30)
         w1 = start("worker", "--share", str(share), "--name", "w1", "--device", "cpu", "--key", str(key_b),
                    "--wait-for-run", "60")  # ... and comes back with a new key
-        wait_until(lambda: "key changed" in _trust_of(share, "w1"), 60, "status to show the changed key")
+        wait_until(lambda: f"registers key {fp_b}, not the trusted {fp_a}" in _trust_of(share, "w1"), 60,
+                   "status to show the changed key")
         ok = run("trust", "w1", "--share", str(share), "--fingerprint", fp_b)
         assert ok.returncode == 0, ok.stderr
         out = finish(coord, timeout=120)
         second = finish(w1, timeout=30)
     assert coord.returncode == 0, out + first + second
-    assert "worker w1 waits for approval" in out and "worker w1 its key changed" in out, out
+    assert f"worker w1: waits for approval of its key {fp_a}: run `fedsync trust w1 --share {share} --fingerprint " \
+        f"{fp_a}`" in out, out  # a hint that can be pasted as it is
+    assert f"worker w1: registers key {fp_b}, not the trusted {fp_a}" in out, out
     assert f"the coordinator trusts key {fp_a} for w1, not this worker's {fp_b}" in second, second
     final = parse(FinalMarker, s.read_yaml(s.final_marker), "final")
     assert final.round == 2 and final.test_accuracy > 0.5

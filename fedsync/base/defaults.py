@@ -7,11 +7,14 @@ what it changes (fedsync/run/config.py)."""
 
 from __future__ import annotations
 
+import re
+
 SHARE = "rounds"       # the share: a folder (relative to where the command runs) or scheme://bucket/prefix
 CONFIG = "digits"      # the run config: a built-in name (configs/NAME.yaml) or a YAML file
 ROUNDS = 20            # the run's total number of rounds (not rounds to add)
 WATCH = "auto"         # how a process notices changes: auto (inotify on local disks, else polling) | events | poll
 DEVICE = "auto"        # where to train or evaluate: the first CUDA GPU this torch drives, then MPS, then the CPU
+DEVICE_SPEC = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")  # what --device accepts
 CAPTURE = "auto"       # a worker's training step in CUDA graphs where the GPU supports them (capability 7.0+)
 RESCAN_S = 2.0         # seconds between a coordinator's or worker's full rescans of the share when nothing wakes it
 INFER_RESCAN_S = 1.0   # seconds between a submitter's rescans of its job (chunks are short)

@@ -9,6 +9,12 @@ class FedsyncError(Exception):
     exit_code = 1
 
 
+class UsageError(FedsyncError):
+    """An argument names something that is not there (a worker, a round): bad command-line usage."""
+
+    exit_code = 2
+
+
 class ConfigError(FedsyncError):
     """The run's config is missing, malformed, or differs from the run already in the share."""
 
@@ -54,17 +60,33 @@ class TrustError(FedsyncError):
     exit_code = 10
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM (kill, systemd, a container's stop), raised where Ctrl-C raises KeyboardInterrupt, so every command
+    stops as cleanly on either."""
+
+
+def stopped_by(e: KeyboardInterrupt) -> str:
+    """What stopped a process, in words for its last line and its lease."""
+    return "SIGTERM" if isinstance(e, Stopped) else "Ctrl-C (SIGINT)"
+
+
+def _said(cls: type[FedsyncError]) -> str:
+    """An error class's first line, as `fedsync --help` lists it: in lower case like the others."""
+    text = " ".join((cls.__doc__ or "").split())
+    return text[:1].lower() + text[1:]
+
+
 EXIT_CODES: dict[int, str] = {
     0: "success",
     1: "unexpected error (a bug: please report it with the message)",
-    2: "bad command-line usage",
-    3: ConfigError.__doc__ or "",
-    4: FormatError.__doc__ or "",
-    5: ShareError.__doc__ or "",
-    6: DataError.__doc__ or "",
-    7: DeviceError.__doc__ or "",
+    2: "bad command-line usage: an option's value is malformed, or an argument names something that is not there",
+    3: _said(ConfigError),
+    4: _said(FormatError),
+    5: _said(ShareError),
+    6: _said(DataError),
+    7: _said(DeviceError),
     8: "fedsync verify found damage: a file the run relies on is missing or differs from its marker",
-    9: RunStuck.__doc__ or "",
-    10: TrustError.__doc__ or "",
+    9: _said(RunStuck),
+    10: _said(TrustError),
     130: "interrupted (Ctrl-C, or SIGTERM: the process stops as cleanly as on Ctrl-C)",
 }

@@ -49,6 +49,7 @@ def clear_demo_run(share: Share) -> None:
 
 
 def run_demo(share: Share, workers: int, rounds: int, config_name: str, log: Log) -> DemoResult:
+    share.store.make_folder("")  # the demo's own local folder (./rounds by default), made when absent
     clear_demo_run(share)
     overrides = {"min_workers": workers}
     identity, _ = load_identity(coordinator_key_path())  # the coordinator started below signs with this key

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from fedsync.base import defaults
-from fedsync.base.errors import EXIT_CODES, FedsyncError, ShareError
+from fedsync.base.errors import EXIT_CODES, FedsyncError, ShareError, Stopped
 from fedsync.cli import reading
 from fedsync.cli.options import (
     DataRootOpt,
@@ -20,6 +20,8 @@ from fedsync.cli.options import (
     SyncthingKeyOpt,
     SyncthingOpt,
     WatchOpt,
+    check_coordinator_key,
+    check_device,
     check_watch,
 )
 from fedsync.storage.share import Share
@@ -75,7 +77,7 @@ def coordinator(
     device: Annotated[str, typer.Option(help="Where the coordinator evaluates each round's model, beside the next "
                                              "round: auto | cpu | cuda | cuda:N | mps. auto picks as for workers; an "
                                              "explicit device that cannot run fails at once.",
-                                             metavar="DEVICE")] = defaults.DEVICE,
+                                             callback=check_device, metavar="DEVICE")] = defaults.DEVICE,
     log_json: LogJsonOpt = False,
 ) -> None:
     """Start a run in SHARE, or continue the one there, and drive it round by round. It signs every assignment with
@@ -105,7 +107,7 @@ def worker(
                                              "this torch build can drive, then MPS, then the CPU (saying why it "
                                              "passed over a GPU); an explicit device that cannot train fails at "
                                              "once with `fedsync doctor`'s diagnosis.",
-                                             metavar="DEVICE")] = defaults.DEVICE,
+                                             callback=check_device, metavar="DEVICE")] = defaults.DEVICE,
     watch: WatchOpt = defaults.WATCH,
     data_root: DataRootOpt = None,
     data_memory: Annotated[float | None, typer.Option(
@@ -121,7 +123,8 @@ def worker(
     coordinator_key: Annotated[str | None, typer.Option(
         "--coordinator-key", help="The coordinator's public key (ed25519:..., printed when the coordinator starts). "
                                   "Default: the key in the run's fedsync.yaml, pinned on this machine the first "
-                                  "time it sees the run; a changed key then stops the worker.", metavar="KEY")] = None,
+                                  "time it sees the run; a changed key then stops the worker.",
+        callback=check_coordinator_key, metavar="KEY")] = None,
     serve: Annotated[bool, typer.Option(
         "--serve", help="Also run inference jobs (`fedsync infer`) on this machine: between training rounds (rounds "
                         "come first), and after the run ends, until stopped with Ctrl-C or SIGTERM.")] = False,
@@ -276,18 +279,45 @@ def demo(
                f"{share.where()}`")
 
 
+STOPS = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C (SIGINT)"}
+_stopped_by: list[str] = []  # the signal that stopped this process, for its last line
+
+
+def _stop(signum: int, frame: object) -> None:
+    """SIGTERM (kill, systemd, a container's stop) and Ctrl-C stop every command alike: a worker says it left, the
+    coordinator releases its lease with why, a submitter marks its job stopped."""
+    _stopped_by.append(STOPS[signal.Signals(signum)])
+    raise Stopped() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+# typer carries its own copy of click: its usage errors are that copy's ClickException, found through BadParameter.
+CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
 def main() -> None:
-    # SIGTERM (kill, systemd, a container's stop) stops every command as Ctrl-C does: a worker says it left, the
-    # coordinator releases its lease, a submitter marks its job stopped.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    """Every way a command ends is one line on stderr and an exit status (`fedsync --help` lists them)."""
+    for signum in STOPS:
+        signal.signal(signum, _stop)
     try:
-        app()
+        code = app(standalone_mode=False)  # usage errors and stops come back here, to be said in one line
+    except CLICK_ERROR as e:  # bad usage: an unknown option, a malformed value, a missing argument
+        if type(e).__name__ == "NoArgsIsHelpError":  # `fedsync` alone: its help
+            e.show()
+            sys.exit(e.exit_code)
+        ctx = getattr(e, "ctx", None)
+        where = f"fedsync {ctx.info_name}" if ctx is not None and ctx.parent is not None else "fedsync"
+        print(f"{where}: error: {e.format_message()} (`{where} --help` explains)", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        print("fedsync: aborted", file=sys.stderr)
+        sys.exit(1)
     except FedsyncError as e:
         print(f"fedsync: error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
     except OSError as e:  # the share (a mount, an object store) refused or could not be reached
         print(f"fedsync: error: {e}", file=sys.stderr)
         sys.exit(ShareError.exit_code)
-    except KeyboardInterrupt:
-        print("fedsync: interrupted", file=sys.stderr)
-        sys.exit(130)
+    if code == 130 and _stopped_by:  # typer turns the interruption into this status
+        print(f"fedsync: stopped by {_stopped_by[0]}: what it wrote is in the share; the same command continues "
+              "from there", file=sys.stderr)
+    sys.exit(code if isinstance(code, int) else 0)

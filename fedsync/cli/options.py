@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from fedsync.base import defaults
 from fedsync.storage.medium import WATCH_MODES, describe_modes
 from fedsync.storage.share import Share
 
@@ -49,3 +50,23 @@ def check_watch(value: str) -> str:
     if value not in WATCH_MODES:
         raise typer.BadParameter(f"{value!r} is not one of {', '.join(WATCH_MODES)}")
     return value
+
+
+def check_device(value: str) -> str:
+    """--device's form, checked before anything starts: a misspelt device is bad usage, not an absent one."""
+    if not defaults.DEVICE_SPEC.match(value):
+        raise typer.BadParameter(f"{value!r} is not one of auto, cpu, cuda, cuda:N, mps")
+    return value
+
+
+def check_coordinator_key(value: str | None) -> str | None:
+    """--coordinator-key: a public key, or bad usage said in one line (never a traceback)."""
+    if value is None:
+        return None
+    from fedsync.storage.markers import MarkerError
+    from fedsync.storage.signing import canonical_public
+
+    try:
+        return canonical_public(value)
+    except MarkerError as e:
+        raise typer.BadParameter(f"{e}: give the whole `ed25519:…` key the coordinator printed at its start") from None

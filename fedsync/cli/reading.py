@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from fedsync.base import defaults
-from fedsync.cli.options import DataRootOpt, ShareOpt
+from fedsync.cli.options import DataRootOpt, ShareOpt, check_device
 
 
 def status(
@@ -107,7 +107,7 @@ def eval_(
     round_: RoundOpt = None,
     data_root: DataRootOpt = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps: auto picks the best this machine "
-                                             "has.", metavar="DEVICE")] = defaults.DEVICE,
+                                             "has.", callback=check_device, metavar="DEVICE")] = defaults.DEVICE,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")] = False,
 ) -> None:
     """Evaluate round N's model (verified against its summary) on the task's test data on this machine: the same

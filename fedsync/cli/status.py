@@ -7,7 +7,7 @@ from typing import Any
 
 def format_status(st: dict[str, Any]) -> str:
     lines = [f"run {st['run_id']} ({st['task']}/{st['model']}) in {st['share']}",
-             f"round {st['round'] or '-'} of {st['rounds'] or '-'}: {st['state']}"]
+             f"{_where(st['round'], st['rounds'])}: {st['state']}"]
     if st["assigned"]:
         lines.append(f"  assigned: {', '.join(st['assigned'])}; submitted: {', '.join(st['submitted']) or 'none'}")
     for x in st["rejected_open_round"]:
@@ -64,3 +64,10 @@ def format_status(st: dict[str, Any]) -> str:
         if w["device_fallback"]:
             lines.append(f"    WARNING: on the CPU although a GPU is present: {w['device_fallback']}")
     return "\n".join(lines)
+
+
+def _where(current: int | None, rounds: int | None) -> str:
+    """"round 3 of 20"; without a known total, "round 3"; before the first round, how many are to come."""
+    if current is None:
+        return f"no round opened yet (of {rounds})" if rounds else "no round opened yet"
+    return f"round {current} of {rounds}" if rounds else f"round {current}"

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
+from fedsync.base.defaults import DEVICE_SPEC
 from fedsync.base.errors import DeviceError
 
-DEVICE_SPEC = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 FACTS_ENV = "FEDSYNC_DEVICE_FACTS"  # tests only: JSON facts that replace what torch reports
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # auto: each worker picks for its device (choose_precision)
 

@@ -7,8 +7,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from fedsync.base.errors import TrustError
+from fedsync.base.errors import ShareError, TrustError, UsageError
 from fedsync.base.logs import Log
+from fedsync.storage import names
 from fedsync.storage.keys import Identity, coordinator_key_path, load_identity
 from fedsync.storage.locks import local_lock
 from fedsync.storage.manifest import read_manifest
@@ -84,9 +85,19 @@ def approve_registered(share: Share, name: str, key_path: Path | None, expected:
     identity, _ = load_identity(key_path or coordinator_key_path(), create=False)
     check_coordinator_key(share, manifest, identity)
     try:
-        info = share.read_record(WorkerInfo, share.worker_file(check_worker_name(name)))
+        registration = share.worker_file(check_worker_name(name))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if not share.exists(registration):
+        known = sorted(e.name.removesuffix(names.MARKER_SUFFIX) for e in share.list(share.workers_dir)
+                       if e.name.endswith(names.MARKER_SUFFIX) and not names.is_temporary(e.name))
+        raise UsageError(f"no worker named {name!r} has registered in {share.where()} (registered: "
+                         f"{', '.join(known) or 'none yet'}); `fedsync status` lists them")
+    try:
+        info = share.read_record(WorkerInfo, registration)
     except (OSError, ValueError) as e:
-        raise TrustError(f"no readable registration for worker {name!r} in {share.where()}: {e}") from None
+        raise ShareError(f"{share.where(registration)} is unreadable ({e}): wait for it to sync whole, or restart "
+                         f"worker {name} so that it registers again") from None
     if info.public_key is None:
         raise TrustError(f"worker {name} registered without a public key: upgrade fedsync on that machine")
     found = fingerprint(info.public_key)
@@ -97,16 +108,17 @@ def approve_registered(share: Share, name: str, key_path: Path | None, expected:
     return found
 
 
-def trust_state(name: str, registered: str | None, entry: TrustedKey | None, mode: str) -> str | None:
-    """None when `name`'s registered key counts, else why not, in words a person can act on."""
+def trust_state(name: str, registered: str | None, entry: TrustedKey | None, mode: str, where: str) -> str | None:
+    """None when `name`'s registered key counts, else why not, in words a person can act on (`where`: the share, as
+    the approving command must name it)."""
     if registered is None:
         return "registered without a public key (an older or hand-made worker): its updates cannot be checked"
+    approve = f"`fedsync trust {name} --share {where} --fingerprint {fingerprint(registered)}`"
     if entry is None:
-        return None if mode == "tofu" else (
-            f"waits for approval of key {fingerprint(registered)}: `fedsync trust {name} --share SHARE`")
+        return None if mode == "tofu" else f"waits for approval of its key {fingerprint(registered)}: run {approve}"
     if entry.key != registered:
-        return (f"its key changed from {fingerprint(entry.key)} to {fingerprint(registered)}: not trusted; if this "
-                f"worker really has a new key, approve it with `fedsync trust {name} --share SHARE`")
+        return (f"registers key {fingerprint(registered)}, not the trusted {fingerprint(entry.key)}: no work until "
+                f"it is approved; if this worker really has a new key, run {approve}")
     return None
 
 
@@ -148,9 +160,9 @@ class Trust:
         new: dict[str, str] = {}
         for name in names:
             key = self.registered(name)
-            problem = trust_state(name, key, self.entries.get(name), self.mode)
+            problem = trust_state(name, key, self.entries.get(name), self.mode, self.share.where())
             if problem is not None:
-                self._tell(f"worker {name} {problem}")
+                self._tell(f"worker {name}: {problem}")
                 continue
             if name not in self.entries and key is not None:
                 new[name] = key

@@ -13,7 +13,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedsync.base.errors import TrustError
 from fedsync.storage.local import atomic_write
-from fedsync.storage.signing import check_public, fingerprint, public_text, sign
+from fedsync.storage.markers import MarkerError
+from fedsync.storage.signing import canonical_public, fingerprint, public_text, sign
 
 
 def key_dir() -> Path:
@@ -92,15 +93,15 @@ def pinned_coordinator(run_id: str, offered: str, given: str | None) -> tuple[st
     at first contact (pinned now from `offered` when this machine never saw the run); whether it was pinned now.
     A fedsync.yaml whose key differs is a TrustError: someone other than the coordinator wrote it."""
     if given is not None:
-        check_public(given)
-        if offered != given:
+        given = _key(given, "--coordinator-key")  # keys are their bytes: a copy padded otherwise is the same key
+        if _key(offered, "fedsync.yaml's coordinator key") != given:
             raise TrustError(f"fedsync.yaml names coordinator key {fingerprint(offered)}, not the "
                              f"{fingerprint(given)} given with --coordinator-key: this is not your coordinator's run")
         return given, False
     pin = key_dir() / "coordinators" / f"{run_id}.pub"
     if pin.exists():
         known = pin.read_text().strip()
-        if known != offered:
+        if _key(known, f"the key pinned in {pin}") != _key(offered, "fedsync.yaml's coordinator key"):
             raise TrustError(f"fedsync.yaml of run {run_id} names coordinator key {fingerprint(offered)}, but this "
                              f"machine pinned {fingerprint(known)} when it first saw the run ({pin}): someone "
                              "rewrote fedsync.yaml. If the coordinator's key really changed, delete that file")
@@ -108,3 +109,10 @@ def pinned_coordinator(run_id: str, offered: str, given: str | None) -> tuple[st
     pin.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     atomic_write(pin, (offered + "\n").encode())
     return offered, True
+
+
+def _key(text: str, what: str) -> str:
+    try:
+        return canonical_public(text)
+    except MarkerError as e:
+        raise TrustError(f"{what} is unusable: {e}") from None

@@ -37,7 +37,7 @@ def read_lease(share: Share) -> CoordinatorLease | None:
 
 class Lease:
     def __init__(self, share: Share, run_id: str, refresh: float, timeout: float,
-                 log: Callable[[str], None]) -> None:
+                 log: Callable[[str], None], rounds: int | None = None) -> None:
         self.share, self.refresh, self.timeout, self.log = share, refresh, timeout, log
         self.lost = threading.Event()
         self.lock = threading.Lock()
@@ -46,7 +46,7 @@ class Lease:
         self.record = CoordinatorLease(format=FORMAT_VERSION, run_id=run_id,
                                        owner=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
                                        host=socket.gethostname(), pid=os.getpid(), heartbeat=0, state="starting",
-                                       round=None, note="")
+                                       round=None, note="", rounds=rounds)
         self.thread = threading.Thread(target=self._beat, name="lease", daemon=True)
         self.held: Signature | None = None  # on an object store: the lease's version this coordinator last saw
 
@@ -87,12 +87,13 @@ class Lease:
             self.record = replace(self.record, accepted=accepted, quorum=quorum)
         self._refresh()
 
-    def release(self, state: str = "stopped") -> None:
+    def release(self, state: str = "stopped", note: str | None = None) -> None:
+        """The last write: `finished`, or `stopped` with why (workers and `fedsync status` say it)."""
         self.stopped.set()
         if self.thread.is_alive():
             self.thread.join(timeout=5)
         if not self.lost.is_set():
-            self.update(state, self.record.round, self.record.note, self.record.rejected)
+            self.update(state, self.record.round, self.record.note if note is None else note, self.record.rejected)
 
     def _write(self) -> None:
         if self.share.store.conditional_writes:

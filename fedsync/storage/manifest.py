@@ -36,8 +36,7 @@ def write_manifest(share: Share, manifest: Manifest) -> Manifest:
 def read_manifest(share: Share) -> Manifest:
     """The run's fedsync.yaml; a share folder that is absent, or holds no run, is said as such."""
     if not share.exists(share.manifest):
-        if not share.exists(""):
-            raise ShareError(f"share folder {share.where()} does not exist: mount or sync it first, or fix --share")
+        share.require()
         raise ShareError(f"{share.where()} holds no fedsync run (no fedsync.yaml): start one with `fedsync "
                          f"coordinator --share {share.where()}`, or fix --share")
     try:

@@ -113,6 +113,7 @@ class CoordinatorLease:
     written_at: str | None = None  # UTC time of this write, for people: liveness counts by the reader's own clock
     accepted: list[str] = dataclasses.field(default_factory=list)  # the open round's accepted updates so far
     quorum: int | None = None      # accepted updates that close the open round early, as of this write
+    rounds: int | None = None      # the run's total rounds this coordinator drives to (its --rounds)
 
 
 @dataclass

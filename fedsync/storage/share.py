@@ -132,6 +132,12 @@ class Share:
 
     # -- writing: each name has one writer (docs/DESIGN.md, invariant 1) -----------------------------------
 
+    def require(self) -> None:
+        """Refuse a share that is not there: a typo, or a mount or sync that has not happened yet. A run started in
+        its place would live on the local disk, hidden once the real share appears."""
+        if not self.store.exists(""):
+            raise ShareError(f"share folder {self.where()} does not exist: mount or sync it first, or fix --share")
+
     def check_present(self) -> None:
         """Raise ENOENT unless fedsync.yaml is there: it is written once and never removed, so its absence
         means the share is unmounted or gone. A write then would land in the bare mount point (or recreate the

@@ -52,6 +52,12 @@ def check_public(text: str) -> str:
     return text
 
 
+def canonical_public(text: str) -> str:
+    """A public key in the one spelling the share writes: the same 32 bytes however a person's copy pads or
+    spaces them; MarkerError when it is no key."""
+    return PREFIX + base64.b64encode(_decode(text.strip(), KEY_BYTES, "public key")).decode()
+
+
 def fingerprint(public: str) -> str:
     """What people compare: the first 16 hex digits of the raw key's SHA-256, in groups of four."""
     digest = hashlib.sha256(_decode(public, KEY_BYTES, "public key")).hexdigest()[:16]

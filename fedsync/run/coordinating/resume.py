@@ -1,6 +1,6 @@
 """What a restarted coordinator re-derives from the share before it goes on (docs/DESIGN.md, invariant 6): its
-own temporary files a crash left, metrics.csv's rows, the evaluations a crash cut short, and the server optimizer's
-state after the last closed round."""
+own temporary files a crash left, metrics.csv's rows, the evaluations a crash cut short, the server optimizer's
+state after the last closed round, and the assignment of a round it had opened."""
 
 from __future__ import annotations
 
@@ -8,13 +8,16 @@ import torch
 
 from fedsync.aggregation.optimizers import ServerOptimizer
 from fedsync.base.errors import ShareError
+from fedsync.base.logs import Log
 from fedsync.run.coordinating.evaluation import due
 from fedsync.run.coordinating.ledger import load_summary
 from fedsync.run.coordinating.report import Metrics
 from fedsync.storage import names
-from fedsync.storage.markers import Evaluation, FileRef, Summary
+from fedsync.storage.keys import Identity
+from fedsync.storage.markers import Assignment, Evaluation, FileRef, MarkerError, Summary
 from fedsync.storage.reasons import Unusable
 from fedsync.storage.share import Share
+from fedsync.storage.signing import assignment_message, verify
 from fedsync.tensors.files import load_verified
 
 
@@ -53,3 +56,18 @@ def saved_server_state(share: Share, optimizer: ServerOptimizer, summary: Summar
     except Unusable as e:
         raise ShareError(f"{share.where(share.server_state(summary.round))} cannot be used ({e.detail}); "
                          "the run cannot continue exactly without it") from None
+
+
+def own_assignment(share: Share, r: int, identity: Identity, log: Log) -> Assignment | None:
+    """Round r's assignment if this coordinator wrote it (a restart); None, said, when someone else did: the round
+    is opened again over it, and workers never trained on it (they check the signature)."""
+    try:
+        a = share.read_record(Assignment, share.assignment(r))
+        if verify(identity.public, assignment_message(a), a.signature):
+            return a
+        why = "it is not signed by this coordinator"
+    except MarkerError as e:
+        why = str(e)
+    log(f"round {r}: WARNING: {share.where(share.assignment(r))} was not written by this coordinator ({why}): "
+        "opening the round over it")
+    return None

@@ -27,7 +27,7 @@ from fedsync.storage.markers import (
     UpdateMarker,
     WorkerInfo,
 )
-from fedsync.storage.reasons import Unusable
+from fedsync.storage.reasons import Reason, Unusable
 from fedsync.storage.share import Share
 from fedsync.storage.signing import assignment_message, final_message
 from fedsync.storage.signing import verify as verify_signature
@@ -48,6 +48,7 @@ class Report:
     findings: list[Finding] = field(default_factory=list)
     pruned_through: int = 0  # keep_rounds: tensors of rounds up to this one may be gone on purpose
     pruned: int = 0          # tensor files found removed so
+    verified: set[tuple[str, str]] = field(default_factory=set)  # (file, hash) checked already: said once
 
     @property
     def errors(self) -> list[Finding]:
@@ -88,8 +89,11 @@ def verify(share: Share) -> Report:
         s = _record(report, share, share.summary(r), Summary, required=False, fix=RESTORE)
         if s is not None:
             closed = r
-            _file(report, share, s.model.file, s.model, f"round {r}'s aggregate: {RESTORE}",
-                  pruned=r + 1 <= report.pruned_through and s.model.file == share.global_model(r + 1))
+            aggregate = s.model.file
+            if aggregate == share.final_model and share.exists(share.round_dir(r + 1)):
+                aggregate = share.global_model(r + 1)  # a finished run, continued: its aggregate went on from there
+            _file(report, share, aggregate, s.model, f"round {r}'s aggregate: {RESTORE}",
+                  pruned=r + 1 <= report.pruned_through and aggregate == share.global_model(r + 1))
             if s.server_state is not None:  # the last closed round's is never pruned: the run goes on from it
                 _file(report, share, share.server_state(r), s.server_state,
                       f"the server optimizer's state after round {r}: {RESTORE}", pruned=r <= report.pruned_through)
@@ -161,11 +165,15 @@ def _file(report: Report, share: Share, name: str, ref: FileRef, fix: str, prune
     if pruned and not share.exists(name):
         report.pruned += 1
         return
+    if (name, ref.blake3) in report.verified:  # a round's aggregate is the next round's global model
+        return
+    report.verified.add((name, ref.blake3))
     report.checked += 1
     try:
         share.read_verified(name, ref)
     except Unusable as e:
-        report.findings.append(Finding("error", name, f"{e.reason.value}: {e.detail}", fix))
+        problem = "missing" if e.reason == Reason.MISSING_FILE else f"{e.reason.value}: {e.detail}"
+        report.findings.append(Finding("error", name, problem, fix))
     except OSError as e:
         report.findings.append(Finding("error", name, f"unreadable: {e.strerror or e}", fix))
 
@@ -177,8 +185,8 @@ def _update(report: Report, share: Share, r: int, worker: str, why: str) -> None
         report.findings.append(Finding("error", share.update_marker(r, worker), "names no tensors",
                                        f"the update was {why}; {RESTORE}"))
     elif m is not None:
-        _file(report, share, share.update_tensors(r, worker), m.tensors,
-              f"this update was {why} and has changed since; {RESTORE}", pruned=r <= report.pruned_through)
+        _file(report, share, share.update_tensors(r, worker), m.tensors, f"the update was {why}; {RESTORE}",
+              pruned=r <= report.pruned_through)
 
 
 def _leftovers(report: Report, share: Share, folder: str, recursive: bool) -> None:

@@ -62,6 +62,7 @@ def collect_status(share: Share) -> dict[str, Any]:
     if final is not None:
         status["final"] = {"round": final.round, "test_accuracy": final.test_accuracy}
         status["state"] = "finished"
+        status["rounds"] = status["rounds"] or final.round
     status["jobs"] = _jobs(share)
     status["coordinator_key"] = fingerprint(manifest.coordinator_key)
     try:
@@ -113,8 +114,14 @@ def _coordinator(share: Share, current: int | None, status: dict[str, Any]) -> N
     age: float | None = None if modified is None else round(time.time() - modified, 1)
     status["coordinator"] = {"owner": lease.owner, "host": lease.host, "pid": lease.pid, "state": lease.state,
                              "round": lease.round, "note": lease.note, "last_refresh_s": age}
+    if lease.rounds is not None:  # what the coordinator drives to, also while no round is open
+        status["rounds"] = lease.rounds
     if lease.state == "extended":
         status["state"] = f"extended: {lease.note}"
+    elif lease.state == "waiting for workers" and lease.round == current and lease.note:
+        status["state"] = f"waiting for workers: {lease.note}"
+    elif lease.state == "stopped":
+        status["state"] = f"the coordinator stopped: {lease.note}" if lease.note else "the coordinator stopped"
     if lease.round == current and current not in share.closed_rounds():
         status["rejected_open_round"] = [{"worker": x.worker, "reason": x.reason, "detail": x.detail}
                                          for x in lease.rejected]
@@ -141,7 +148,7 @@ def _workers(share: Share, trusted: dict[str, TrustedKey], mode: str) -> list[di
             "sent_bytes": info.sent_bytes, "serves": info.serves, "infer_samples_per_s": info.infer_samples_per_s,
             "round": info.round, "last_heartbeat_s": None if age is None else round(age, 1),
             "key": fingerprint(info.public_key) if info.public_key else None,
-            "trust": _trust(name, info.public_key, trusted.get(name), mode)})
+            "trust": _trust(name, info.public_key, trusted.get(name), mode, share.where())})
     return workers
 
 
@@ -168,9 +175,9 @@ def _jobs(share: Share) -> list[dict[str, Any]]:
     return jobs
 
 
-def _trust(name: str, key: str | None, entry: TrustedKey | None, mode: str) -> str:
+def _trust(name: str, key: str | None, entry: TrustedKey | None, mode: str, where: str) -> str:
     """pinned | approved | new (pinned when first assigned) | why its updates do not count."""
-    problem = trust_state(name, key, entry, mode)
+    problem = trust_state(name, key, entry, mode, where)
     if problem is not None:
         return problem
     return entry.state if entry is not None else "new: its key is pinned when it is first assigned work"
