@@ -255,6 +255,9 @@ class Coordinator:
                 if info.device_fallback:
                     self.log(f"WARNING: worker {name} trains on the CPU although it has a GPU: "
                              f"{info.device_fallback}")
+            for name, problem in self.liveness.unsaid():
+                self.log(f"WARNING: {self.share.where(self.share.worker_file(name))} does not count as a worker: "
+                         f"{problem}")
             self.trust.refresh()
             live = [w for w in self.trust.admit_all(self.liveness.live()) if self.planner.equipped(w)]
             if len(live) >= self.cfg.min_workers:

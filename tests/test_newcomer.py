@@ -105,6 +105,8 @@ def test_malformed_keys_and_wrong_names_are_one_line_errors_with_the_right_statu
         (["eval", "--share", s, "--device", "gpu"], 2, "'gpu' is not one of"),
         (["trust", "nosuch", "--share", s], 2, f"no worker named 'nosuch' has registered in {share} (registered: w1)"),
         (["trust", "../x", "--share", s], 2, "worker name '../x' is not allowed"),
+        (["worker", "--share", s, "--name", "1e5"], 2,
+         "worker name '1e5' is not allowed: YAML reads it as a number, a bool, a date or null, not a name"),
     ]
     with ThreadPoolExecutor(3) as pool:
         outs = list(pool.map(lambda case: run(*case[0]), cases))
@@ -186,3 +188,20 @@ def test_a_coordinator_that_stops_is_said_by_its_workers_by_status_and_by_itself
     assert worker.returncode == 130 and "fedsync: stopped by Ctrl-C (SIGINT)" in worker_out, worker_out
     st = run("status", "--share", str(share))
     assert "the coordinator stopped: stopped by SIGTERM" in st.stdout and "round 1 of 3" in st.stdout, st.stdout
+
+
+def test_a_registration_that_does_not_count_is_said_while_the_coordinator_waits(share: Path) -> None:
+    """A worker written from the protocol under the name 1e5 (which YAML 1.2 reads as 100000.0) was never counted,
+    and nothing said why: the coordinator waited for min_workers in silence."""
+    coord = start("coordinator", "--share", str(share), "--rounds", "1")
+    with killed_on_error(coord):
+        wait_until(lambda: "0 so far" in _note(share), 60, "the coordinator to wait for workers")
+        register_worker(Share(share), "1e5", key=worker_identity("w-1e5"))
+        time.sleep(2)  # the coordinator's next rescan reads it
+        worker = start("worker", "--share", str(share), "--name", "w1", "--device", "cpu", "--wait-for-run", "60")
+        with killed_on_error(worker):
+            out = finish(coord, timeout=120)
+            finish(worker, timeout=60)
+    assert coord.returncode == 0, out
+    assert f"WARNING: {share / 'workers' / '1e5.yaml'} does not count as a worker: worker name '1e5' is not " \
+           "allowed: YAML reads it as a number" in out, out

@@ -61,6 +61,10 @@ def test_reader_name_rules() -> None:
     for bad in ("../x", "", ".hidden", "a/b", "x" * 65):
         with pytest.raises(ValueError):
             check_worker_name(bad)
+    for number in ("1e5", "0x10", "012", "yes", "null", "2026-11-23"):  # a name every YAML reader reads as a name
+        with pytest.raises(ValueError, match=f"worker name '{number}' is not allowed: YAML reads it as a number"):
+            check_worker_name(number)
+    assert check_worker_name("w-1e5") == "w-1e5"
 
 
 @pytest.mark.parametrize("url", ["https://host/share", "ftp://host/share", "webdav://host/x"])

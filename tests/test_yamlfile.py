@@ -9,7 +9,7 @@ import yaml
 
 from fedsync.storage import yamlfile
 from fedsync.storage.markers import MarkerError, UpdateMarker, parse
-from fedsync.storage.yamlfile import dump_yaml, parse_yaml
+from fedsync.storage.yamlfile import dump_yaml, parse_yaml, reads_as_string
 
 # libyaml's parser where PyYAML has it (as in every wheel), PyYAML's Python one otherwise: both must read alike
 LOADERS = [yamlfile._Loader, yamlfile._PythonLoader]
@@ -65,3 +65,18 @@ def test_a_marker_written_as_go_or_javascript_writes_it_is_read_and_non_finite_s
     assert m.train_loss == 5e-05 and m.seconds == 0.1
     with pytest.raises(MarkerError, match="seconds"):
         parse(UpdateMarker, parse_yaml(marker.replace(b"seconds: 1E-1", b"seconds: .inf")), "m")
+
+
+@pytest.mark.parametrize("text", ["1e5", "1E5", "0x1F", "0o17", "+12", ".5", "012", "1_000", "yes", "no", "on", "off",
+                                  "null", "~", "true", "2026-11-23", ".inf", ".nan"])
+def test_a_string_either_schema_reads_as_another_type_is_quoted_and_read_back_as_written(text: str) -> None:
+    """A worker named 1e5 was written plain and read back as 100000.0 (YAML 1.2), yes as True (YAML 1.1)."""
+    data = dump_yaml({"worker": text})
+    assert data == f"worker: '{text}'\n".encode()
+    assert parse_yaml(data) == {"worker": text} and yaml.safe_load(data) == {"worker": text}
+    assert not reads_as_string(text)
+
+
+@pytest.mark.parametrize("text", ["w1", "box-2", "1.2.3", "inf", "NaN", "e5", "1e", "gpu.local"])
+def test_a_plain_string_stays_plain(text: str) -> None:
+    assert dump_yaml({"worker": text}) == f"worker: {text}\n".encode() and reads_as_string(text)

@@ -101,7 +101,9 @@ def coordinator(
 @app.command(short_help="Train for the run in a share, each round this worker is assigned.")
 def worker(
     share: ShareOpt = defaults.SHARE,  # type: ignore[assignment]
-    name: Annotated[str | None, typer.Option(help="This worker's name in the share (default: the host name).",
+    name: Annotated[str | None, typer.Option(help="This worker's name in the share (default: the host name): 1-64 "
+                                                  "letters, digits, '.', '_' or '-', and not one YAML reads as a "
+                                                  "number, bool, date or null (1e5, yes, 012).",
                                                   metavar="NAME")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps. auto picks the first CUDA GPU "
                                              "this torch build can drive, then MPS, then the CPU (saying why it "

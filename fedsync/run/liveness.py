@@ -29,7 +29,15 @@ class Liveness:
         self.clock = clock
         self.seen: dict[str, tuple[Signature, float]] = {}
         self.info: dict[str, WorkerInfo] = {}
-        self.problems: dict[str, str] = {}
+        self.problems: dict[str, str] = {}  # registrations that do not count, by name: why
+        self.said: dict[str, str] = {}  # the problems unsaid() returned already
+
+    def unsaid(self) -> list[tuple[str, str]]:
+        """Registrations that do not count and were not said yet (or now fail for another reason): a person waiting
+        for workers must learn why one is not among them."""
+        new = [(n, p) for n, p in sorted(self.problems.items()) if self.said.get(n) != p]
+        self.said.update(new)
+        return new
 
     def scan(self) -> list[str]:
         """Look at every registration file; return the names seen for the first time."""

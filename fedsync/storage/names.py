@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 
+from fedsync.storage.yamlfile import reads_as_string
+
 MANIFEST = "fedsync.yaml"
 LEASE = "coordinator.yaml"
 WORKERS = "workers"
@@ -195,4 +197,7 @@ def _portable(name: str, what: str) -> str:
     if not WORKER_NAME.match(name):
         raise ValueError(f"{what} name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', "
                          "starting with a letter or digit")
+    if not reads_as_string(name):  # written unquoted by another implementation, it would be a number or a bool
+        raise ValueError(f"{what} name {name!r} is not allowed: YAML reads it as a number, a bool, a date or null, "
+                         f"not a name; add a letter (for example {what[0]}-{name})")
     return name

@@ -1,6 +1,7 @@
 """YAML as the share holds it: read by the YAML 1.2 core schema (what Go, JavaScript and Rust libraries write:
 `5e-05` is a float, `yes` and `2026-12-01` are strings, `012` is twelve), without aliases (which no fedsync file
-needs and YAML bombs rely on); dumped in a stable key order, in a form YAML 1.1 and 1.2 readers read alike."""
+needs and YAML bombs rely on); dumped in a stable key order, in a form YAML 1.1 and 1.2 readers read alike (a
+string that either would read as another type is quoted)."""
 
 from __future__ import annotations
 
@@ -24,14 +25,25 @@ def _int(loader: yaml.constructor.SafeConstructor, node: yaml.ScalarNode) -> int
 
 
 # The core schema's tags for plain scalars (YAML 1.2.2, section 10.3.2), tried in this order; anything else is a string.
-for tag, pattern, first in [
+CORE_SCALARS = [
     ("null", r"~|null|Null|NULL|", ["~", "n", "N", ""]),
     ("bool", r"true|True|TRUE|false|False|FALSE", list("tTfF")),
     ("int", r"[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+", list("-+0123456789")),
     ("float", r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?|[-+]?\.(inf|Inf|INF)|\.(nan|NaN|NAN)",
      list("-+0123456789.")),
-]:
+]
+
+
+class _EitherSchema(yaml.resolver.Resolver):
+    """YAML 1.1's implicit types and the 1.2 core schema's together: what decides whether a string is written plain
+    (only when neither would read it as something else: `1e5` is a float to a YAML 1.2 reader, `yes` a bool to a
+    1.1 one; both are quoted)."""
+
+
+for tag, pattern, first in CORE_SCALARS:
     _Resolver.add_implicit_resolver(f"tag:yaml.org,2002:{tag}", re.compile(f"^(?:{pattern})$"), first)
+    _EitherSchema.add_implicit_resolver(f"tag:yaml.org,2002:{tag}", re.compile(f"^(?:{pattern})$"), first)
+_EITHER = _EitherSchema()
 
 # libyaml's parser (in PyYAML's wheels) reads a file about ten times faster than PyYAML's Python one: a coordinator
 # of 1,000 workers reads every registration at each heartbeat. The two read alike (tests/test_yamlfile.py runs both).
@@ -97,8 +109,17 @@ def parse_yaml(data: bytes, loader: type = _Loader) -> Any:
         parser.dispose()
 
 
-_Dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml's emitter writes the same bytes, 4x faster
+class _Dumper(getattr(yaml, "CSafeDumper", yaml.SafeDumper)):  # type: ignore[misc]
+    """libyaml's emitter (the same bytes as PyYAML's, 4x faster), quoting by both schemas."""
+
+    yaml_implicit_resolvers = _EitherSchema.yaml_implicit_resolvers
 
 
 def dump_yaml(obj: Any) -> bytes:
     return yaml.dump(obj, Dumper=_Dumper, sort_keys=False, allow_unicode=True).encode()
+
+
+def reads_as_string(text: str) -> bool:
+    """Whether every YAML reader, 1.1 or 1.2, reads `text` written plain as this string (names must: another
+    implementation may write them unquoted)."""
+    return _EITHER.resolve(yaml.ScalarNode, text, (True, False)) == "tag:yaml.org,2002:str"
