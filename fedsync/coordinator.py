@@ -145,7 +145,6 @@ class Coordinator:
         self.share, self.manifest, self.opts, self.cfg = share, manifest, opts, opts.config
         self.watcher, self.lease, self.log = watcher, lease, opts.log
         self.task = self.cfg.resolved_task()
-        self.train_size = len(dataset.train) if dataset is not None else 0  # a private task's data is the workers'
         self.identity, self.nudge = identity, nudge
         self.liveness = Liveness(share, self.cfg.worker_timeout)
         self.trust = Trust(share, manifest.run_id, identity, self.cfg.trust, self.liveness.public_key, self.log)
@@ -275,7 +274,7 @@ class Coordinator:
 
     def _collect_and_close(self, r: int, a: Assignment, state: dict[str, torch.Tensor]) -> None:
         self.lease.update("collecting", r)
-        intake = self.backoff.run(lambda: RoundIntake(self.share, r, a, state, self.cfg, self.train_size, self.rule,
+        intake = self.backoff.run(lambda: RoundIntake(self.share, r, a, state, self.cfg, self.planner.bound, self.rule,
                                                       self.trust, self.log),
                                   f"reading the rounds before round {r}")
         news = RoundNews(r, self.log, self.lease)

@@ -122,6 +122,10 @@ MUTANTS = [
     Mutant("the deadline's extension is not waited out", "fedsync/run/coordinating/intake.py",
            "if late and enough:", "if late:",
            ("tests/test_round_intake.py::test_the_closing_rules_in_order_and_a_round_that_cannot_close",)),
+    Mutant("a trimmed mean of five updates with trim 0.1 cuts nothing", "fedsync/aggregation/rules.py",
+           "return min(max(int(trim * n), 1 if trim > 0 else 0), (n - 1) // 2)",
+           "return min(int(trim * n), (n - 1) // 2)",
+           ("tests/test_screening.py::test_trimmed_mean_cuts_at_least_one_value_at_each_end_while_one_stays",)),
 ]
 
 

@@ -20,6 +20,7 @@ from fedsync.learning.tasks import DataOptions
 from fedsync.learning.train import TrainSettings, local_train
 from fedsync.run.config import load_config
 from fedsync.run.coordinating.ledger import RoundLedger
+from fedsync.run.coordinating.planning import Planner
 from fedsync.run.start import open_run
 from fedsync.run.trust import Trust
 from fedsync.storage.markers import FORMAT_VERSION, Assignment, Summary, WorkerInfo, WorkerTask, parse, to_dict
@@ -150,7 +151,8 @@ def test_a_worker_on_its_own_data_may_claim_no_more_examples_than_it_registered(
     submit_update(s, a, "boaster", {"w": torch.ones(3)}, samples=101)
     trust = Trust(s, run_id, coordinator, "tofu", lambda n: worker_identity(n).public, print)
     assert trust.admit("honest") and trust.admit("boaster")
-    ledger = RoundLedger(s, 1, a, train_size=0, rule=FedAvg(), trust=trust)
+    planner = Planner(s, load_config("digits"), None, None, None, print)  # type: ignore[arg-type]
+    ledger = RoundLedger(s, 1, a, bounds=planner.bound, rule=FedAvg(), trust=trust)
     assert [c.worker for c in ledger.scan()] == ["honest"]
     assert ledger.rejected["boaster"].reason == "bad_samples" and "boaster registered 100" in ledger.rejected[
         "boaster"].detail

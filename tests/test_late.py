@@ -11,7 +11,7 @@ import torch
 from fedsync.aggregation.rules import FedAvg
 from fedsync.fedavg import staleness_weight
 from fedsync.run.config import load_config
-from fedsync.run.coordinating.ledger import LateLedger
+from fedsync.run.coordinating.ledger import Bound, LateLedger
 from fedsync.run.start import open_run
 from fedsync.run.trust import Trust
 from fedsync.storage.markers import (
@@ -161,6 +161,7 @@ def test_late_ledger_weighs_by_age_and_looks_back_max_staleness_rounds(tmp_path:
         submit_update(s, a, "late", {"w": torch.ones(3)}, samples=300)
     trust = Trust(s, "x", coordinator_identity(), "tofu", lambda n: worker_identity(n).public, print)
     assert trust.admit("late")  # pinned, as when the round was assigned
-    ledger = LateLedger(s, 6, cfg, train_size=1000, rule=FedAvg(), trust=trust)
+    ledger = LateLedger(s, 6, cfg, bounds=lambda a, w: Bound(1000, 1000, "the test's bound"), rule=FedAvg(),
+                        trust=trust)
     weights = {c.round: c.weight for c in ledger.scan()}
     assert weights == {5: pytest.approx(300 / 2 ** 0.5), 4: pytest.approx(300 / 3 ** 0.5), 3: pytest.approx(150.0)}

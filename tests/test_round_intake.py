@@ -13,8 +13,10 @@ import torch
 from fedsync.aggregation.optimizers import make_optimizer
 from fedsync.aggregation.rules import FedAvg
 from fedsync.base.errors import RunStuck
-from fedsync.run.config import load_config
+from fedsync.run.config import load_config, load_data
 from fedsync.run.coordinating.intake import RoundIntake
+from fedsync.run.coordinating.ledger import Bound, RoundLedger
+from fedsync.run.coordinating.planning import Planner
 from fedsync.run.start import open_run
 from fedsync.run.trust import Trust
 from fedsync.storage.markers import FORMAT_VERSION, Assignment, FileRef, WorkerTask, to_dict
@@ -41,7 +43,8 @@ def _round(tmp_path: Path, budget: float = 60.0, **overrides: Any) -> tuple[Shar
     said: list[str] = []
     trust = Trust(s, "x", coordinator_identity(), "tofu", lambda n: worker_identity(n).public, said.append)
     assert trust.admit_all(WORKERS) == list(WORKERS)
-    return s, a, RoundIntake(s, 1, a, dict(BASE), cfg, 1000, FedAvg(), trust, said.append)
+    bounds = lambda a, w: Bound(1000, 1000, "the test's bound")  # noqa: E731
+    return s, a, RoundIntake(s, 1, a, dict(BASE), cfg, bounds, FedAvg(), trust, said.append)
 
 
 def _update(value: float) -> dict[str, torch.Tensor]:
@@ -104,3 +107,38 @@ def test_a_non_finite_aggregate_takes_the_largest_update_out(tmp_path: Path) -> 
     intake.close()
     assert closing is not None and [x.worker for x in closing.accepted] == ["w1"]
     torch.testing.assert_close(closing.new_state["w"], torch.full((4,), 3.0))
+
+
+def test_a_claim_is_bounded_by_the_shard_it_was_given(tmp_path: Path) -> None:
+    """An enrolled worker claimed the whole training set (1,438) from a shard of about 290 and its update weighed
+    five times an honest one. A claim may not exceed the rows of its shard it trains on (its held-out part for
+    federated evaluation excluded), nor steps x batch_size with local_steps."""
+    s = Share(tmp_path)
+    cfg = load_config("digits", {"federated_eval": 0.2})
+    open_run(s, cfg, "coordinator", coordinator_identity().public)
+    dataset, _ = load_data(cfg, None, print)
+    planner = Planner(s, cfg, cfg.resolved_task(), dataset, None, print)  # type: ignore[arg-type]
+    shards, listed = planner.cut(5)
+    a = Assignment(format=FORMAT_VERSION, run_id="x", round=1, rounds=5, model=FileRef("global.safetensors", "ab" * 32,
+                   1), num_shards=5, time_budget_s=60.0, shards=listed,
+                   workers={"w0": WorkerTask(shard=0, local_epochs=2),
+                            "w1": WorkerTask(shard=1, local_epochs=2, local_steps=3)})
+    kept = len(shards[0]) - len(shards[0]) // 5  # one in five held out
+    assert planner.bound(a, "w0").train == kept and planner.bound(a, "w0").total == len(shards[0]) < 300
+    assert planner.bound(a, "w0").of == f"shard 0 of 5 holds {kept} examples to train on"
+    assert planner.bound(a, "w1").train == 3 * cfg.batch_size and "3 steps of 32 train on at most 96" in \
+        planner.bound(a, "w1").of
+    a.model = save_state(s.store.write, s.global_model(1), BASE)
+    write_yaml(s.path(s.assignment(1)), to_dict(a))
+    trust = Trust(s, "x", coordinator_identity(), "tofu", lambda n: worker_identity(n).public, print)
+    assert trust.admit_all(["w0", "w1"]) == ["w0", "w1"]
+    most = {"w0": kept, "w1": 96}
+    for worker in most:
+        submit_update(s, a, worker, _update(1.0), samples=most[worker] + 1)
+    ledger = RoundLedger(s, 1, a, planner.bound, FedAvg(), trust)
+    assert ledger.scan() == []
+    for worker in most:
+        assert ledger.rejected[worker].reason == "bad_samples", worker
+        assert ledger.rejected[worker].detail == f"samples={most[worker] + 1}, but {planner.bound(a, worker).of}"
+        submit_update(s, a, worker, _update(1.0), samples=most[worker])
+    assert sorted(c.worker for c in RoundLedger(s, 1, a, planner.bound, FedAvg(), trust).scan()) == ["w0", "w1"]

@@ -11,7 +11,7 @@ import torch
 
 from fedsync.aggregation.candidates import Candidate
 from fedsync.aggregation.intake import Aggregator
-from fedsync.aggregation.rules import SLICE, FedAvg, Median, TrimmedMean
+from fedsync.aggregation.rules import SLICE, FedAvg, Median, TrimmedMean, trimmed
 from fedsync.aggregation.screening import outliers
 from fedsync.fedavg import apply_delta, l2_norm
 from fedsync.storage.local import LocalStore
@@ -95,7 +95,7 @@ def test_metrics_may_be_nan_or_infinite_everything_else_may_not() -> None:
         parse(Summary, parse_yaml(dump_yaml(data)), "summary")
 
 
-@pytest.mark.parametrize("rule", [Median(), TrimmedMean(0.25)])
+@pytest.mark.parametrize("rule", [Median(), TrimmedMean(0.25), TrimmedMean(0.1)])
 @pytest.mark.parametrize("n", [4, 5])
 def test_coordinate_rules_combine_every_coordinate_across_the_files(tmp_path: Path, rule, n: int) -> None:
     """Median and trimmed mean through the seam the coordinator uses, against torch on the whole tensors; the
@@ -114,7 +114,7 @@ def test_coordinate_rules_combine_every_coordinate_across_the_files(tmp_path: Pa
         if isinstance(rule, Median):
             expected = stacked[n // 2] if n % 2 else (stacked[n // 2 - 1] + stacked[n // 2]) / 2
         else:
-            cut = int(0.25 * n)
+            cut = max(1, int(rule.trim * n))
             expected = stacked[cut:n - cut].mean(dim=0)
         if name == "n":  # an integer buffer: the combined value, rounded, in its own dtype
             assert got["n"].dtype == torch.int64 and int(got["n"]) == int(expected.round())
@@ -146,3 +146,12 @@ def test_clipping_scales_each_large_update_to_the_bound_and_survives_a_rebuild(t
         expected = stacked.mean(dim=0) if isinstance(rule, FedAvg) else stacked.median(dim=0).values
         torch.testing.assert_close(got[k].double(), BASE[k].double() + expected, rtol=1e-5, atol=1e-6)
     assert int(got["n"]) == int(BASE["n"]) + 2  # the buffer: every update says 2, clipped or not
+
+
+def test_trimmed_mean_cuts_at_least_one_value_at_each_end_while_one_stays() -> None:
+    """trim 0.1 of 5 updates is 0.5 values: cut one at each end (before, none: a trimmed mean that was FedAvg)."""
+    assert [trimmed(0.1, n) for n in range(1, 8)] == [0, 0, 1, 1, 1, 1, 1]
+    assert [trimmed(0.25, n) for n in (8, 9, 12)] == [2, 2, 3]
+    assert trimmed(0.0, 9) == 0 and trimmed(0.5, 4) == 1 and trimmed(0.5, 5) == 2
+    column = torch.tensor([[-50.0], [1.0], [2.0], [3.0], [1000.0]])  # one attacker of five at each end
+    assert TrimmedMean(0.1).combine(column).item() == 2.0

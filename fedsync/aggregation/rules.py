@@ -151,7 +151,8 @@ class Median(CoordinateWise):
 
 
 class TrimmedMean(CoordinateWise):
-    """The mean after cutting the `trim` fraction of values at each end (at least one value stays)."""
+    """The mean after cutting the `trim` fraction of values at each end, and at least one (trim 0.1 of 5 updates
+    would cut none and be FedAvg: one attacker of five went through), as long as one value stays."""
 
     name = "trimmed_mean"
 
@@ -160,8 +161,13 @@ class TrimmedMean(CoordinateWise):
 
     def combine(self, ordered: torch.Tensor) -> torch.Tensor:
         n = ordered.shape[0]
-        cut = min(int(self.trim * n), (n - 1) // 2)
+        cut = trimmed(self.trim, n)
         return ordered[cut:n - cut].mean(dim=0)
+
+
+def trimmed(trim: float, n: int) -> int:
+    """Values cut at each end of n: floor(trim x n), at least one when trim > 0, at most (n - 1) // 2."""
+    return min(max(int(trim * n), 1 if trim > 0 else 0), (n - 1) // 2)
 
 
 RULES = ("fedavg", "fednova", "median", "trimmed_mean")

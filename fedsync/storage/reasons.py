@@ -70,7 +70,9 @@ HELP: dict[Reason, str] = {
     Reason.UNSIGNED: "the marker carries no signature (an older or hand-made worker)",
     Reason.BAD_SIGNATURE: "the marker's signature does not verify with the worker's trusted key: forged, replayed, "
                           "renamed, or edited after signing",
-    Reason.BAD_SAMPLES: "the sample count is not a positive integer no larger than the training set",
+    Reason.BAD_SAMPLES: "the sample count is below 1 or claims more than the worker could train on: the rows of its "
+                        "shard (less those held out for federated evaluation), local_steps x batch_size, or the "
+                        "examples it registered",
     Reason.MISSING_FILE: "the tensor file the marker names never arrived before the deadline",
     Reason.SIZE_MISMATCH: "the tensor file's size differs from the marker's (truncated or not synced)",
     Reason.HASH_MISMATCH: "the tensor file's BLAKE3 hash differs from the marker's (corrupt or not synced)",

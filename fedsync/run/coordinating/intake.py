@@ -23,7 +23,7 @@ from fedsync.base.errors import RunStuck
 from fedsync.base.logs import Log
 from fedsync.fedavg import l2_norm
 from fedsync.run.config import RunConfig
-from fedsync.run.coordinating.ledger import LateLedger, RoundLedger
+from fedsync.run.coordinating.ledger import Bounds, LateLedger, RoundLedger
 from fedsync.run.trust import Trust
 from fedsync.storage.markers import Accepted, Assignment, Late, Rejected
 from fedsync.storage.reasons import Reason, Unusable
@@ -74,12 +74,12 @@ class RoundIntake:
     """Round `r`'s updates and the late ones of the `max_staleness` rounds before it, taken in as their markers
     appear."""
 
-    def __init__(self, share: Share, r: int, a: Assignment, state: Tensors, cfg: RunConfig, train_size: int,
+    def __init__(self, share: Share, r: int, a: Assignment, state: Tensors, cfg: RunConfig, bounds: Bounds,
                  rule: Rule, trust: Trust, log: Log) -> None:
         self.r, self.a, self.cfg, self.rule, self.log = r, a, cfg, rule, log
         self.opened = time.monotonic()
-        self.ledger = RoundLedger(share, r, a, train_size, rule, trust)
-        self.late = LateLedger(share, r, cfg, train_size, rule, trust)
+        self.ledger = RoundLedger(share, r, a, bounds, rule, trust)
+        self.late = LateLedger(share, r, cfg, bounds, rule, trust)
         self.aggregator = Aggregator(layout_of(state), share.store, round=r)
         self.model_norm = l2_norm(state)
         self.extended = False  # the deadline passed with fewer than min_updates: said once

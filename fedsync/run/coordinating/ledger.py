@@ -4,7 +4,8 @@ synced yet), duplicated or stray, and which updates of closed rounds arrived lat
 
 from __future__ import annotations
 
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 from fedsync.aggregation.candidates import Candidate, Outcome
 from fedsync.aggregation.rules import Rule
@@ -30,11 +31,24 @@ from fedsync.storage.store import LinkRefused
 from fedsync.tensors.encoding import ENCODINGS
 
 
+@dataclass(frozen=True)
+class Bound:
+    """The most an update of a round's worker may claim, by what the coordinator knows (PROTOCOL.md section 5.5):
+    the examples it trained on (`train`), and those plus the ones it held out for federated evaluation (`total`)."""
+
+    train: int
+    total: int
+    of: str  # what the bound is, in words: "shard 2 holds 479 examples to train on"
+
+
+Bounds = Callable[[Assignment, str], Bound]  # (the round's assignment, a worker in it) -> its bound
+
+
 class RoundLedger:
     """The bookkeeping of one round's updates: which markers were seen, accepted, rejected or still pending."""
 
-    def __init__(self, share: Share, r: int, a: Assignment, train_size: int, rule: Rule, trust: Trust) -> None:
-        self.share, self.r, self.a, self.train_size, self.rule, self.trust = share, r, a, train_size, rule, trust
+    def __init__(self, share: Share, r: int, a: Assignment, bounds: Bounds, rule: Rule, trust: Trust) -> None:
+        self.share, self.r, self.a, self.bounds, self.rule, self.trust = share, r, a, bounds, rule, trust
         self.accepted: dict[str, UpdateMarker] = {}
         self.rejected: dict[str, Rejected] = {}
         self.pending: dict[str, tuple[tuple[object, ...], Unusable]] = {}
@@ -108,15 +122,14 @@ class RoundLedger:
             raise Unusable(Reason.MARKER_INVALID, f"{short} names no tensors and does not say it diverged")
         if m.tensors.file != names.update_tensors_name(worker):
             raise Unusable(Reason.BAD_PATH, f"{short} names {m.tensors.file!r}")
-        own = self.a.workers[worker].samples  # a private task: the examples the worker registered
-        bound, of = (self.train_size, "the training set has") if own is None else (own, f"{worker} registered")
-        if not 0 < m.samples <= bound:
-            raise Unusable(Reason.BAD_SAMPLES, f"samples={m.samples}, {of} {bound}")
+        bound = self.bounds(self.a, worker)
+        if not 0 < m.samples <= bound.train:
+            raise Unusable(Reason.BAD_SAMPLES, f"samples={m.samples}, but {bound.of}")
         if m.steps < 1:
             raise Unusable(Reason.BAD_SAMPLES, f"steps={m.steps}: an update comes from at least one step")
-        if m.evaluation is not None and m.samples + m.evaluation.samples > bound:
+        if m.evaluation is not None and m.samples + m.evaluation.samples > bound.total:
             raise Unusable(Reason.BAD_SAMPLES, f"samples={m.samples} trained and {m.evaluation.samples} held out, "
-                                               f"{of} {bound}")
+                                               f"but {bound.of} ({bound.total} with those held out)")
         if m.encoding not in ENCODINGS:
             raise Unusable(Reason.BAD_ENCODING, f"encoding {m.encoding!r} is not one of {', '.join(ENCODINGS)}")
         self.markers[worker] = m
@@ -173,7 +186,7 @@ class RoundLedger:
 class LateLedger:
     """Updates for closed rounds (at most max_staleness back) that arrived after their round closed."""
 
-    def __init__(self, share: Share, r: int, cfg: RunConfig, train_size: int, rule: Rule, trust: Trust) -> None:
+    def __init__(self, share: Share, r: int, cfg: RunConfig, bounds: Bounds, rule: Rule, trust: Trust) -> None:
         self.r, self.cfg = r, cfg
         self.rounds: dict[int, RoundLedger] = {}
         self.found: dict[tuple[int, str], Late] = {}
@@ -181,7 +194,7 @@ class LateLedger:
         summaries = {c: load_summary(share, c) for c in window if share.exists(share.summary(c))}
         for c, s in summaries.items():
             a = share.read_record(Assignment, share.assignment(c))
-            ri = RoundLedger(share, c, a, train_size, rule, trust)
+            ri = RoundLedger(share, c, a, bounds, rule, trust)
             ri.settled = {x.worker for x in s.accepted} | {x.worker for x in s.rejected}
             self.rounds[c] = ri
         for s in summaries.values():  # recorded as late by an earlier round: decided, never again

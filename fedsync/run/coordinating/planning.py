@@ -15,10 +15,11 @@ from fedsync.learning.data import Dataset
 from fedsync.learning.partition import hold_out, partition
 from fedsync.learning.tasks import Task
 from fedsync.run.config import RunConfig
+from fedsync.run.coordinating.ledger import Bound
 from fedsync.run.liveness import Liveness
 from fedsync.storage import names
 from fedsync.storage.hashing import hash_bytes
-from fedsync.storage.markers import FileRef, WorkerTask
+from fedsync.storage.markers import Assignment, FileRef, WorkerTask
 from fedsync.storage.reasons import Unusable
 from fedsync.storage.share import Share
 from fedsync.tensors.files import state_bytes
@@ -65,6 +66,21 @@ class Planner:
                 self.share.write(name, data)
             self.cuts[num_shards] = (shards, ref)
         return self.cuts[num_shards]
+
+    def bound(self, a: Assignment, worker: str) -> Bound:
+        """What `worker`'s update for assignment `a` may claim: on a private task the examples it registered; on a
+        shared one the rows of its shard it trains on (the rest is held out for federated evaluation), and with
+        local_steps no more than steps x batch_size of them."""
+        task = a.workers[worker]
+        if task.samples is not None or task.shard is None:
+            own = task.samples or 0
+            return Bound(own, own, f"{worker} registered {own}")
+        shard = self.cut(a.num_shards)[0][task.shard]
+        kept = len(hold_out(np.arange(len(shard)), self.cfg.federated_eval)[0])
+        if task.local_steps is not None and task.local_steps * self.cfg.batch_size < kept:
+            most = task.local_steps * self.cfg.batch_size
+            return Bound(most, len(shard), f"{task.local_steps} steps of {self.cfg.batch_size} train on at most {most}")
+        return Bound(kept, len(shard), f"shard {task.shard} of {a.num_shards} holds {kept} examples to train on")
 
     def tasks(self, r: int, workers: list[str], shards: list[np.ndarray]) -> dict[str, WorkerTask]:
         """Shard i to the i-th worker, or for a private task each worker's own data (its registered sample count
