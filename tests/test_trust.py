@@ -23,7 +23,16 @@ from fedsync.storage.reasons import Unusable
 from fedsync.storage.share import Share
 from fedsync.storage.signing import fingerprint, update_message, verify
 
-from .helpers import finish, killed_on_error, run, start, wait_until
+from .helpers import (
+    coordinator_identity,
+    finish,
+    killed_on_error,
+    register_worker,
+    run,
+    start,
+    wait_until,
+    worker_identity,
+)
 
 MARKER = UpdateMarker(format=FORMAT_VERSION, round=2, worker="w1", base="ab" * 32,
                       tensors=FileRef("w1.safetensors", "cd" * 32, 100), samples=10, steps=3, train_loss=0.5,
@@ -148,6 +157,10 @@ def test_an_update_counts_only_when_signed_by_the_trusted_key_for_this_round(tmp
     registered["w1"] = forger.public  # w1 comes back with another key and signs with it
     assert reason(MARKER, forger) == "untrusted_key"
     assert not trust.admit("w1")  # and gets no work until a person approves the new key
+    registered["w1"] = own.public
+    trust_module.revoke_worker(share, "w1", tmp_path / "c.pem")  # `fedsync trust w1 --revoke`
+    assert trust.refresh() and reason(MARKER) == "untrusted_key"  # its own key, signing as before: no longer counts
+    assert not trust.admit("w1")
 
 
 def test_workers_seen_together_are_pinned_in_one_amendment_of_trust_yaml(tmp_path: Path,
@@ -170,3 +183,30 @@ def test_workers_seen_together_are_pinned_in_one_amendment_of_trust_yaml(tmp_pat
     assert {n: e.key for n, e in entries.items()} == {n: k for n, k in keys.items() if k}
     assert trust.admit_all(sorted(keys)) and len(amendments) == 1  # known now: nothing written again
     assert sum("pinned its key" in line for line in said) == 5
+
+
+@pytest.mark.processes
+def test_a_revoked_worker_gets_no_work_and_its_updates_are_rejected_until_approved_again(share: Path) -> None:
+    s = Share(share)
+    manifest = open_run(s, load_config("digits"), "coordinator", coordinator_identity().public)
+    register_worker(s, "w1")
+    fp = worker_identity("w1").fingerprint
+    both = run("trust", "w1", "--share", str(share), "--revoke", "--fingerprint", fp)
+    assert both.returncode == 2 and "give one of the two" in both.stderr, both.stderr
+    revoked = run("trust", "w1", "--share", str(share), "--revoke")
+    assert revoked.returncode == 0 and f"revoked w1: key {fp} gets no work" in revoked.stdout, revoked.stderr
+    entries = read_trust(s, manifest.run_id, coordinator_identity().public)
+    assert (entries["w1"].key, entries["w1"].state) == (worker_identity("w1").public, "revoked")
+    said: list[str] = []
+    trust = Trust(s, manifest.run_id, coordinator_identity(), "tofu", lambda n: worker_identity(n).public, said.append)
+    assert trust.admit_all(["w1"]) == [] and trust.admit_all(["w1"]) == []  # never pinned again under tofu
+    assert said == [f"worker w1: its key {fp} was revoked (`fedsync trust w1 --revoke`): no work, and its updates do "
+                    f"not count; `fedsync trust w1 --share {share} --fingerprint {fp}` trusts its registered key "
+                    "again"], said  # said once
+    status = run("status", "--share", str(share))
+    assert f"its key {fp} was revoked" in status.stdout, status.stdout
+    again = run("trust", "w1", "--share", str(share), "--fingerprint", fp)
+    assert again.returncode == 0, again.stderr
+    assert read_trust(s, manifest.run_id, coordinator_identity().public)["w1"].state == "approved"
+    trust.refresh()
+    assert trust.admit_all(["w1"]) == ["w1"]

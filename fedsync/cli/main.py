@@ -219,16 +219,26 @@ def trust(
     fingerprint: Annotated[str | None, typer.Option(
         help="Approve only if the worker's key has this fingerprint (compare it with what the worker printed when "
              "it started).", metavar="FINGERPRINT")] = None,
+    revoke: Annotated[bool, typer.Option(
+        "--revoke", help="Withdraw the worker's key instead: it gets no more work and its updates are rejected "
+                         "(untrusted_key) until its key is approved again.")] = False,
     key: KeyOpt = None,
 ) -> None:
     """Approve the key worker NAME registered with: its updates count from now on (needed with trust: explicit, and
-    under trust: tofu after a worker's key changed). Run it on the coordinator's machine: it signs trust.yaml with
-    the coordinator's key.
+    under trust: tofu after a worker's key changed); or, with --revoke, withdraw it. Run it on the coordinator's
+    machine: it signs trust.yaml with the coordinator's key.
 
     Example: fedsync trust gtx1080-box --share /mnt/fed --fingerprint 3f2a-9c1b-0d4e-77aa
     """
-    from fedsync.run.trust import approve_registered
+    from fedsync.run.trust import approve_registered, revoke_worker
 
+    if revoke:
+        if fingerprint is not None:
+            raise typer.BadParameter("approves a key; --revoke withdraws one: give one of the two",
+                                     param_hint="--fingerprint")
+        typer.echo(f"revoked {name}: key {revoke_worker(share, name, key)} gets no work and its updates are rejected "
+                   "from the coordinator's next look at the share")
+        return
     approved = approve_registered(share, name, key, fingerprint)
     typer.echo(f"approved {name}: key {approved}; its updates count from the coordinator's next look at the share")
 

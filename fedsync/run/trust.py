@@ -30,6 +30,7 @@ from fedsync.storage.share import Share
 from fedsync.storage.signing import fingerprint, trust_message, update_message, verify
 
 Entries = dict[str, TrustedKey]
+REVOKED = "revoked"  # trust.yaml's state of a key a person withdrew (`fedsync trust NAME --revoke`)
 
 
 def read_trust(share: Share, run_id: str, coordinator_key: str) -> Entries:
@@ -81,9 +82,36 @@ def check_coordinator_key(share: Share, manifest: Manifest, identity: Identity) 
 def approve_registered(share: Share, name: str, key_path: Path | None, expected: str | None) -> str:
     """`fedsync trust NAME`: approve the key in workers/NAME.yaml, signed with the coordinator's key; its
     fingerprint. Refuses when this machine's key did not start the run or the fingerprint differs."""
+    manifest, identity = _coordinator(share, key_path)
+    key = _registered_key(share, name)
+    found = fingerprint(key)
+    if expected is not None and expected != found:
+        raise TrustError(f"worker {name}'s registered key has fingerprint {found}, not {expected}: someone else may "
+                         "have registered under that name; nothing approved")
+    approve(share, manifest.run_id, identity, name, key)
+    return found
+
+
+def revoke_worker(share: Share, name: str, key_path: Path | None) -> str:
+    """`fedsync trust NAME --revoke`: the worker's key no longer counts (on purpose: a worker gone bad); it gets no
+    work and its updates are rejected until a person approves a key for it again. The fingerprint revoked."""
+    manifest, identity = _coordinator(share, key_path)
+    entry = read_trust(share, manifest.run_id, identity.public).get(name)
+    key = entry.key if entry is not None else _registered_key(share, name)
+    amend_trust(share, manifest.run_id, identity, lambda e: e.__setitem__(name, TrustedKey(key, REVOKED)))
+    return fingerprint(key)
+
+
+def _coordinator(share: Share, key_path: Path | None) -> tuple[Manifest, Identity]:
+    """The run, and this machine's coordinator key, which must be the one that started it (trust.yaml is signed)."""
     manifest = read_manifest(share)
     identity, _ = load_identity(key_path or coordinator_key_path(), create=False)
     check_coordinator_key(share, manifest, identity)
+    return manifest, identity
+
+
+def _registered_key(share: Share, name: str) -> str:
+    """The public key in workers/NAME.yaml; a name that never registered is bad usage, said with those that did."""
     try:
         registration = share.worker_file(check_worker_name(name))
     except ValueError as e:
@@ -100,12 +128,7 @@ def approve_registered(share: Share, name: str, key_path: Path | None, expected:
                          f"worker {name} so that it registers again") from None
     if info.public_key is None:
         raise TrustError(f"worker {name} registered without a public key: upgrade fedsync on that machine")
-    found = fingerprint(info.public_key)
-    if expected is not None and expected != found:
-        raise TrustError(f"worker {name}'s registered key has fingerprint {found}, not {expected}: someone else may "
-                         "have registered under that name; nothing approved")
-    approve(share, manifest.run_id, identity, name, info.public_key)
-    return found
+    return info.public_key
 
 
 def trust_state(name: str, registered: str | None, entry: TrustedKey | None, mode: str, where: str) -> str | None:
@@ -114,6 +137,9 @@ def trust_state(name: str, registered: str | None, entry: TrustedKey | None, mod
     if registered is None:
         return "registered without a public key (an older or hand-made worker): its updates cannot be checked"
     approve = f"`fedsync trust {name} --share {where} --fingerprint {fingerprint(registered)}`"
+    if entry is not None and entry.state == REVOKED:
+        return (f"its key {fingerprint(entry.key)} was revoked (`fedsync trust {name} --revoke`): no work, and its "
+                f"updates do not count; {approve} trusts its registered key again")
     if entry is None:
         return None if mode == "tofu" else f"waits for approval of its key {fingerprint(registered)}: run {approve}"
     if entry.key != registered:
@@ -190,6 +216,8 @@ class Trust:
         entry = self.entries.get(worker)
         if entry is None:
             raise Unusable(Reason.UNTRUSTED_KEY, f"{worker} has no trusted key in this run")
+        if entry.state == REVOKED:
+            raise Unusable(Reason.UNTRUSTED_KEY, f"{worker}'s key {fingerprint(entry.key)} was revoked")
         if m.signature is None:
             raise Unusable(Reason.UNSIGNED, f"{short} carries no signature")
         if verify(entry.key, update_message(self.run_id, m), m.signature):

@@ -46,12 +46,6 @@ def public_text(key: Ed25519PrivateKey) -> str:
     return PREFIX + base64.b64encode(key.public_key().public_bytes_raw()).decode()
 
 
-def check_public(text: str) -> str:
-    """A public key from the share, or MarkerError."""
-    _decode(text, KEY_BYTES, "public key")
-    return text
-
-
 def canonical_public(text: str) -> str:
     """A public key in the one spelling the share writes: the same 32 bytes however a person's copy pads or
     spaces them; MarkerError when it is no key."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from fedsync.base.errors import TrustError
 from fedsync.base.logs import Log
-from fedsync.run.trust import read_trust
+from fedsync.run.trust import REVOKED, read_trust
 from fedsync.storage.keys import Identity
 from fedsync.storage.lease import read_lease
 from fedsync.storage.share import Share
@@ -41,7 +41,10 @@ class Notices:
             return
         approve = (f"`fedsync trust {self.name} --share {self.share.where()} --fingerprint "
                    f"{self.identity.fingerprint}` on the coordinator's machine")
-        if entry is not None and entry.key != self.identity.public:
+        if entry is not None and entry.state == REVOKED and entry.key == self.identity.public:
+            self.log(f"WARNING: the coordinator's operator revoked this worker's key {self.identity.fingerprint}: no "
+                     f"work comes until it runs {approve}")
+        elif entry is not None and entry.key != self.identity.public:
             self.log(f"WARNING: the coordinator trusts key {fingerprint(entry.key)} for {self.name}, not this "
                      f"worker's {self.identity.fingerprint}: no work comes until its operator runs {approve}")
         elif entry is None and self.trust_mode == "explicit" and not self.awaiting:
