@@ -6,6 +6,7 @@ files say it is. Read top to bottom: start or continue the run, then per round o
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from fedsync.aggregation.optimizers import make_optimizer
 from fedsync.aggregation.rules import make_rule
 from fedsync.base import defaults
 from fedsync.base.clock import utc_stamp
-from fedsync.base.errors import ConfigError, FedsyncError, ShareError, stopped_by
+from fedsync.base.errors import ConfigError, FedsyncError, RunStuck, ShareError, stopped_by
 from fedsync.base.faults import crash_point
 from fedsync.base.logs import Log, make_log
 from fedsync.learning.data import Dataset, Source
@@ -383,6 +384,12 @@ class Coordinator:
     def _finish(self) -> FinalMarker:
         last = self.backoff.run(lambda: load_summary(self.share, self.opts.rounds), "reading the last summary")
         evaluated = self.evaluator.wait(self.opts.rounds)
+        if not math.isfinite(evaluated.test_loss):  # a ruined model is never signed as the run's result
+            raise RunStuck(f"round {self.opts.rounds}'s model evaluates to a test loss of {evaluated.test_loss} on "
+                           f"{evaluated.samples} held-out examples: it is not signed as the final model. Updates "
+                           "accepted into it ruined it (their rounds' summaries name them; `fedsync results` shows "
+                           "where the loss stopped being finite, and `fedsync export --round N` an earlier round's "
+                           "model)")
         final = FinalMarker(format=FORMAT_VERSION, run_id=self.manifest.run_id, round=self.opts.rounds,
                             model=FileRef(names.FINAL_MODEL, last.model.blake3, last.model.bytes),
                             test_accuracy=evaluated.test_accuracy)

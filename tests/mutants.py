@@ -126,6 +126,9 @@ MUTANTS = [
            "return min(max(int(trim * n), 1 if trim > 0 else 0), (n - 1) // 2)",
            "return min(int(trim * n), (n - 1) // 2)",
            ("tests/test_screening.py::test_trimmed_mean_cuts_at_least_one_value_at_each_end_while_one_stays",)),
+    Mutant("a model that evaluates to a non-finite loss is signed as final", "fedsync/coordinator.py",
+           "if not math.isfinite(evaluated.test_loss):", "if False:",
+           ("tests/test_runs.py::test_a_model_that_evaluates_to_a_non_finite_loss_is_never_signed_as_final",)),
 ]
 
 

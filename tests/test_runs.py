@@ -29,9 +29,19 @@ from fedsync.storage.markers import (
 )
 from fedsync.storage.share import Share
 from fedsync.storage.signing import assignment_message
-from fedsync.tensors.files import save_state
+from fedsync.tensors.files import load_verified, save_state
 
-from .helpers import finish, killed_on_error, read_yaml, register_worker, run, start, wait_until, write_yaml
+from .helpers import (
+    finish,
+    killed_on_error,
+    read_yaml,
+    register_worker,
+    run,
+    start,
+    submit_update,
+    wait_until,
+    write_yaml,
+)
 
 
 def summary(share: Share, r: int) -> Summary:
@@ -228,3 +238,24 @@ def test_evaluation_runs_beside_the_next_round_and_a_crash_in_it_loses_nothing(s
     assert [int(x["round"]) for x in rows] == [1, 2, 3] and all(x["test_accuracy"] for x in rows), rows
     final = parse(FinalMarker, s.read_yaml(s.final_marker), "final")
     assert final.test_accuracy == parse(Evaluation, s.read_yaml(s.evaluation(3)), "e").test_accuracy > 0.8
+
+
+@pytest.mark.processes
+def test_a_model_that_evaluates_to_a_non_finite_loss_is_never_signed_as_final(share: Path) -> None:
+    """An enrolled worker sends a small, finite update that drives every BatchNorm variance below zero: the
+    round's model evaluates to NaN. It used to be signed as the run's final model with exit 0."""
+    s = Share(share)
+    register_worker(s, "evil")  # enrolled: its own key, signing what it sends
+    coord = start("coordinator", "--share", str(share), "--rounds", "1")
+    with killed_on_error(coord):
+        wait_until(lambda: s.exists(s.assignment(1)), 60, "round 1 to open")
+        a = parse(Assignment, s.read_yaml(s.assignment(1)), "assignment")
+        base = load_verified(s, s.global_model(1), a.model)
+        update = {k: torch.full_like(v, -2.0) if k.endswith("running_var") else torch.zeros_like(v)
+                  for k, v in base.items()}
+        submit_update(s, a, "evil", update, samples=100)
+        out = finish(coord, timeout=120)
+    assert coord.returncode == 9, out
+    assert "round 1's model evaluates to a test loss of nan" in out and "not signed as the final model" in out, out
+    assert not s.exists(s.final_marker)
+    assert read_lease(s).state == "stopped"  # type: ignore[union-attr]  # and says why, for workers and status

@@ -46,8 +46,8 @@ class DeviceError(FedsyncError):
 
 
 class RunStuck(FedsyncError):
-    """A round cannot close: every live assigned worker's update was rejected (the message says why and what to
-    change)."""
+    """A round cannot close: every live assigned worker's update was rejected; or the last round's model evaluates
+    to a non-finite loss and is not signed as final (the message says why and what to change)."""
 
     exit_code = 9
 
