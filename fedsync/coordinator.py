@@ -319,7 +319,7 @@ class Coordinator:
     def _pace(self, intake: RoundIntake, scan_started: float, scan_s: float) -> None:
         """Wait for a change or the deadline. A scan lists workers/ and updates/ whole, and files arrive one event at
         a time: paced, a round of N workers costs O(N) scans' worth of time in all, not N scans of N files."""
-        remaining = intake.a.time_budget_s - intake.elapsed()
+        remaining = intake.remaining()
         self._wait(min(self.opts.rescan, remaining) if remaining > 0 else self.opts.rescan)
         time.sleep(max(0.0, scan_started + scan_s / SCAN_SHARE - time.monotonic()))
 

@@ -27,7 +27,7 @@ new tensors and never changes `base`, `delta` or `state`, so an aggregate found 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -47,6 +47,14 @@ class ServerSettings:
     momentum: float | None = None
     betas: tuple[float, float] | None = None
     eps: float | None = None
+
+    def resolved(self) -> ServerSettings:
+        """These settings with every unset hyperparameter at its optimizer's default (a known optimizer only)."""
+        _, lr, momentum = DEFAULTS[self.name]
+        return replace(self, lr=self.lr if self.lr is not None else lr,
+                       momentum=self.momentum if self.momentum is not None else momentum,
+                       betas=tuple(self.betas) if self.betas is not None else ADAPTIVE_BETAS,  # type: ignore[arg-type]
+                       eps=self.eps if self.eps is not None else ADAPTIVE_EPS)
 
 
 # name -> (what it reads besides lr, default lr, default momentum); the adaptive ones default to betas (0.9, 0.99)
@@ -197,11 +205,8 @@ def make_optimizer(settings: ServerSettings, parameters: frozenset[str]) -> Serv
     problems = check_settings(settings)
     if problems:
         raise ConfigError("; ".join(problems))
-    _, lr, momentum = DEFAULTS[settings.name]
-    lr = settings.lr if settings.lr is not None else lr
-    momentum = settings.momentum if settings.momentum is not None else momentum
-    betas = tuple(settings.betas) if settings.betas is not None else ADAPTIVE_BETAS
-    eps = settings.eps if settings.eps is not None else ADAPTIVE_EPS
+    s = settings.resolved()
+    lr, momentum, betas, eps = s.lr, s.momentum, s.betas, s.eps
     if settings.name == "fedavgm":
         return FedAvgM(parameters, lr, momentum or 0.0)
     if settings.name == "nesterov":

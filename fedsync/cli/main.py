@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from fedsync.base import defaults
-from fedsync.base.errors import EXIT_CODES, FedsyncError, ShareError, Stopped
+from fedsync.base.errors import EXIT_CODES, FedsyncError, ShareError, Stopped, stopped_by
 from fedsync.cli import reading
 from fedsync.cli.options import (
     DataRootOpt,
@@ -291,15 +291,14 @@ def demo(
                f"{share.where()}`")
 
 
-STOPS = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C (SIGINT)"}
-_stopped_by: list[str] = []  # the signal that stopped this process, for its last line
+_stops: list[KeyboardInterrupt] = []  # what stopped this process (typer swallows it), for its last line
 
 
 def _stop(signum: int, frame: object) -> None:
     """SIGTERM (kill, systemd, a container's stop) and Ctrl-C stop every command alike: a worker says it left, the
     coordinator releases its lease with why, a submitter marks its job stopped."""
-    _stopped_by.append(STOPS[signal.Signals(signum)])
-    raise Stopped() if signum == signal.SIGTERM else KeyboardInterrupt()
+    _stops.append(Stopped() if signum == signal.SIGTERM else KeyboardInterrupt())
+    raise _stops[-1]
 
 
 # typer carries its own copy of click: its usage errors are that copy's ClickException, found through BadParameter.
@@ -308,7 +307,7 @@ CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "Click
 
 def main() -> None:
     """Every way a command ends is one line on stderr and an exit status (`fedsync --help` lists them)."""
-    for signum in STOPS:
+    for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _stop)
     try:
         code = app(standalone_mode=False)  # usage errors and stops come back here, to be said in one line
@@ -329,7 +328,7 @@ def main() -> None:
     except OSError as e:  # the share (a mount, an object store) refused or could not be reached
         print(f"fedsync: error: {e}", file=sys.stderr)
         sys.exit(ShareError.exit_code)
-    if code == 130 and _stopped_by:  # typer turns the interruption into this status
-        print(f"fedsync: stopped by {_stopped_by[0]}: what it wrote is in the share; the same command continues "
+    if code == 130 and _stops:  # typer turns the interruption into this status
+        print(f"fedsync: stopped by {stopped_by(_stops[0])}: what it wrote is in the share; the same command continues "
               "from there", file=sys.stderr)
     sys.exit(code if isinstance(code, int) else 0)

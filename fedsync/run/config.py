@@ -13,7 +13,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from fedsync.aggregation.optimizers import DEFAULTS, ServerSettings, check_settings
+from fedsync.aggregation.optimizers import ServerSettings, check_settings
 from fedsync.aggregation.rules import RULES
 from fedsync.base.errors import ConfigError
 from fedsync.learning.augment import NAMED
@@ -160,12 +160,9 @@ class RunConfig:
     def recipe(self) -> str:
         """What the run does, in one line for its start: the preset and what it set, the rule, the server step, the
         updates' encoding, screening and clipping, the quorum and whose keys count."""
-        s = self.server_settings()
-        _, default_lr, default_momentum = DEFAULTS[s.name]
-        lr = s.lr if s.lr is not None else default_lr
-        momentum = s.momentum if s.momentum is not None else default_momentum
+        s = self.server_settings().resolved()
         server = s.name if s.name == "none" else (
-            f"{s.name} (lr {lr:g}" + (f", momentum {momentum:g}" if momentum is not None else "") + ")")
+            f"{s.name} (lr {s.lr:g}" + (f", momentum {s.momentum:g}" if s.momentum is not None else "") + ")")
         work = f"{self.local_steps} local steps" if self.local_steps else f"{self.local_epochs} local epoch(s)"
         clip = f", clip_norm {self.clip_norm:g}" if self.clip_norm else ""
         return (f"preset {self.preset}: {work} of lr {self.lr:g}, aggregation {self.aggregation}, server optimizer "

@@ -117,8 +117,7 @@ def _registered_key(share: Share, name: str) -> str:
     except ValueError as e:
         raise UsageError(str(e)) from None
     if not share.exists(registration):
-        known = sorted(e.name.removesuffix(names.MARKER_SUFFIX) for e in share.list(share.workers_dir)
-                       if e.name.endswith(names.MARKER_SUFFIX) and not names.is_temporary(e.name))
+        known = sorted(w for e in share.list(share.workers_dir) if (w := names.marker_owner(e.name)) is not None)
         raise UsageError(f"no worker named {name!r} has registered in {share.where()} (registered: "
                          f"{', '.join(known) or 'none yet'}); `fedsync status` lists them")
     try:
@@ -131,12 +130,17 @@ def _registered_key(share: Share, name: str) -> str:
     return info.public_key
 
 
+def approve_command(name: str, where: str, key: str) -> str:
+    """The command, ready to paste, that approves `key` for worker `name` in the share at `where`."""
+    return f"`fedsync trust {name} --share {where} --fingerprint {fingerprint(key)}`"
+
+
 def trust_state(name: str, registered: str | None, entry: TrustedKey | None, mode: str, where: str) -> str | None:
     """None when `name`'s registered key counts, else why not, in words a person can act on (`where`: the share, as
     the approving command must name it)."""
     if registered is None:
         return "registered without a public key (an older or hand-made worker): its updates cannot be checked"
-    approve = f"`fedsync trust {name} --share {where} --fingerprint {fingerprint(registered)}`"
+    approve = approve_command(name, where, registered)
     if entry is not None and entry.state == REVOKED:
         return (f"its key {fingerprint(entry.key)} was revoked (`fedsync trust {name} --revoke`): no work, and its "
                 f"updates do not count; {approve} trusts its registered key again")

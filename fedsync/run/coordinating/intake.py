@@ -88,6 +88,10 @@ class RoundIntake:
     def elapsed(self) -> float:
         return time.monotonic() - self.opened
 
+    def remaining(self) -> float:
+        """Seconds to the round's deadline by this process's clock (negative once it passed)."""
+        return self.a.time_budget_s - self.elapsed()
+
     def scan(self) -> list[Candidate]:
         """Markers not decided yet whose files changed since the last look: this round's, then late ones."""
         return self.ledger.scan() + self.late.scan()
@@ -119,7 +123,7 @@ class RoundIntake:
         live_assigned = [w for w in self.a.workers if w in live]
         target = quorum_target(self.cfg.quorum, len(live_assigned), self.cfg.min_updates)
         enough = accepted >= self.cfg.min_updates
-        late = self.elapsed() >= self.a.time_budget_s
+        late = self.remaining() <= 0
         if accepted >= target:
             return Decision("quorum", target)
         if enough and self.ledger.all_reported():

@@ -22,7 +22,7 @@ class RoundNews:
             self.lease.update("extended", self.r, decision.note, ledger.rejected_records())
             self.log(f"round {self.r}: {decision.note}")
         if isinstance(self.log, Logger):
-            remaining = max(0.0, intake.a.time_budget_s - intake.elapsed())
+            remaining = max(0.0, intake.remaining())
             self.log.progress("" if decision.reason else
                               f"round {self.r}: {len(ledger.accepted)} of {decision.target} updates accepted for the "
                               f"quorum, {len(ledger.rejected)} rejected, {remaining:.0f} s to the deadline")

@@ -76,7 +76,7 @@ class Planner:
             own = task.samples or 0
             return Bound(own, own, f"{worker} registered {own}")
         shard = self.cut(a.num_shards)[0][task.shard]
-        kept = len(hold_out(np.arange(len(shard)), self.cfg.federated_eval)[0])
+        kept = len(hold_out(shard, self.cfg.federated_eval)[0])
         if task.local_steps is not None and task.local_steps * self.cfg.batch_size < kept:
             most = task.local_steps * self.cfg.batch_size
             return Bound(most, len(shard), f"{task.local_steps} steps of {self.cfg.batch_size} train on at most {most}")

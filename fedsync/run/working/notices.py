@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from fedsync.base.errors import TrustError
 from fedsync.base.logs import Log
-from fedsync.run.trust import REVOKED, read_trust
+from fedsync.run.trust import REVOKED, approve_command, read_trust
 from fedsync.storage.keys import Identity
 from fedsync.storage.lease import read_lease
 from fedsync.storage.share import Share
@@ -39,8 +39,7 @@ class Notices:
         except TrustError as e:
             self.log(f"WARNING: {e}")
             return
-        approve = (f"`fedsync trust {self.name} --share {self.share.where()} --fingerprint "
-                   f"{self.identity.fingerprint}` on the coordinator's machine")
+        approve = f"{approve_command(self.name, self.share.where(), self.identity.public)} on the coordinator's machine"
         if entry is not None and entry.state == REVOKED and entry.key == self.identity.public:
             self.log(f"WARNING: the coordinator's operator revoked this worker's key {self.identity.fingerprint}: no "
                      f"work comes until it runs {approve}")
