@@ -23,8 +23,9 @@ from fedsync.base.faults import crash_point
 from fedsync.base.logs import Log, make_log
 from fedsync.learning.data import Dataset, Source
 from fedsync.learning.device import DeviceChoice, DeviceFacts, choose_device
+from fedsync.learning.models import constrained_buffers
 from fedsync.run.config import RunConfig, load_data
-from fedsync.run.coordinating.evaluation import Evaluator, due, federated_mean
+from fedsync.run.coordinating.evaluation import Evaluator, Probe, due, federated_mean
 from fedsync.run.coordinating.intake import Closing, RoundIntake
 from fedsync.run.coordinating.ledger import load_summary
 from fedsync.run.coordinating.news import RoundNews
@@ -32,6 +33,7 @@ from fedsync.run.coordinating.planning import Planner
 from fedsync.run.coordinating.report import Metrics, Reporter, compute, traffic
 from fedsync.run.coordinating.resume import own_assignment, remove_stale_temporaries, replay, saved_server_state
 from fedsync.run.coordinating.retention import Retention
+from fedsync.run.coordinating.verdicts import history, ruined, to_exclude
 from fedsync.run.liveness import Liveness
 from fedsync.run.start import check_run, task_record
 from fedsync.run.trust import Trust, check_coordinator_key
@@ -151,7 +153,8 @@ class Coordinator:
         self.trust = Trust(share, manifest.run_id, identity, self.cfg.trust, self.liveness.public_key, self.log)
         self.backoff = Backoff(self.log)
         self.model = self.task.build_model(self.cfg.model, seed=self.cfg.seed)
-        self.rule = make_rule(self.cfg.aggregation, self.cfg.momentum, self.cfg.trim)
+        self.buffers = constrained_buffers(self.model)
+        self.rule = make_rule(self.cfg.aggregation, self.cfg.momentum, self.cfg.trim, self.cfg.byzantine)
         self.optimizer = make_optimizer(self.cfg.server_settings(),
                                         frozenset(name for name, _ in self.model.named_parameters()))
         self.server_state: dict[str, torch.Tensor] = {}  # the optimizer's, after the last closed round; none: stateless
@@ -164,6 +167,7 @@ class Coordinator:
         self.reporter = Reporter(share, manifest, self.log)
         self.evaluator = Evaluator(share, self.task, self.cfg, test, device.device, self.log,
                                    self._landed)
+        self.probe = Probe(self.task, self.cfg, test)
 
     def run(self) -> FinalMarker:
         try:
@@ -276,7 +280,7 @@ class Coordinator:
     def _collect_and_close(self, r: int, a: Assignment, state: dict[str, torch.Tensor]) -> None:
         self.lease.update("collecting", r)
         intake = self.backoff.run(lambda: RoundIntake(self.share, r, a, state, self.cfg, self.planner.bound, self.rule,
-                                                      self.trust, self.log),
+                                                      self.trust, self.log, self.buffers, self.probe),
                                   f"reading the rounds before round {r}")
         news = RoundNews(r, self.log, self.lease)
         try:
@@ -301,7 +305,7 @@ class Coordinator:
                 news.rejections(intake)
                 self.evaluator.check()
                 # decide: the quorum, every worker reported, or the deadline
-                decision = intake.decide(set(self.liveness.live()))
+                decision = intake.decide(set(self.liveness.live()), lambda: self._ruin(r))
                 news.progress(intake, decision)
                 if not decision.reason:
                     self._pace(intake, scan_started, scan_s)
@@ -328,8 +332,8 @@ class Coordinator:
     def _close(self, a: Assignment, c: Closing) -> None:
         r = c.round
         if c.clipped:
-            self.log(f"round {r}: clipped to L2 norm {self.cfg.clip_norm:g}: " + ", ".join(
-                f"{w} ({n:.4g})" for w, n in sorted(c.clipped.items())))
+            self.log(f"round {r}: clipped (clip_norm, clip_factor x the round's median norm): " + ", ".join(
+                f"{w} (L2 norm {n:.4g})" for w, n in sorted(c.clipped.items())))
         # 1. the aggregate, where the next round (or the end of the run) will look for it, and the optimizer's state
         name = self.share.model_after(r, self.opts.rounds)
         ref = self.backoff.run(lambda: save_state(self.share.write, name, c.new_state, name), f"writing {name}")
@@ -363,6 +367,7 @@ class Coordinator:
         if due(r, self.opts.rounds, self.cfg.eval_every):
             self.evaluator.submit(r, ref, c.new_state)
         self.carried = (ref.blake3, c.new_state)
+        self._exclude(r)
         self.metrics.closed(summary)
         self.metrics.write()
         held = (f"; its global model on the workers' {summary.federated.samples} held-out examples: accuracy "
@@ -372,6 +377,28 @@ class Coordinator:
                  f"{c.seconds:.2f} s{held}")
         for x in c.late:
             self.log(f"round {r}: late update from {x.worker} for round {x.round} {x.outcome} ({x.detail})")
+
+    def _ruin(self, r: int) -> str:
+        """Whether updates accepted before round r ruined its model (said when round r cannot close): from the
+        evaluations landed so far, round r - 1's waited for when it is due."""
+        if r > 1 and due(r - 1, self.opts.rounds, self.cfg.eval_every):
+            self.evaluator.wait(r - 1)
+        with self.metrics.lock:
+            evaluated = {k: (float(row["test_accuracy"]), float(row["test_loss"]))  # type: ignore[arg-type]
+                         for k, row in self.metrics.rows.items() if row["test_accuracy"] != ""}
+        return ruined(history({k: load_summary(self.share, k) for k in evaluated}, evaluated))
+
+    def _exclude(self, r: int) -> None:
+        """Stop giving work to workers whose updates were rejected for what they held in exclude_after rounds in a
+        row (trust.yaml's state excluded; `fedsync trust NAME` trusts them again)."""
+        after = self.cfg.exclude_after
+        if after < 1 or r < after:
+            return
+        recent = [load_summary(self.share, k) for k in range(r - after + 1, r + 1)]
+        for worker, why in to_exclude(recent, after).items():
+            self.trust.exclude(worker)
+            self.log(f"worker {worker}: excluded, no more work: {why}; `fedsync trust {worker} --share "
+                     f"{self.share.where()}` trusts it again")
 
     def _landed(self, ev: Evaluation) -> None:
         """A round's evaluation is written (called in the evaluation thread): into metrics.csv and the log."""

@@ -147,3 +147,16 @@ def killed_on_error(*procs: subprocess.Popen[str]) -> Iterator[None]:
         for p in procs:
             p.kill()
         raise
+
+
+class StackedSlices:
+    """The aggregation rules' Slices over updates held in memory (the intake's own reads files from the share)."""
+
+    def __init__(self, updates: list[dict[str, torch.Tensor]]) -> None:
+        self.updates = updates
+
+    def count(self) -> int:
+        return len(self.updates)
+
+    def read(self, tensor: str, start: int, length: int) -> torch.Tensor:
+        return torch.stack([u[tensor].reshape(-1)[start:start + length] for u in self.updates])

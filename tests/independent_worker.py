@@ -2,7 +2,10 @@
 fedsync (only safetensors, blake3, pyyaml, cryptography, torch and scikit-learn's bundled data), so a run that
 accepts its updates every round shows the document is complete. Section numbers below are PROTOCOL.md's.
 
-Usage: python tests/independent_worker.py SHARE NAME KEY_FILE
+It can also play an enrolled attacker (tests/test_attacks.py): with ATTACK `cycle` it signs, with its own key, an
+update poisoned another way each round (ATTACKS, in order), from its honestly trained delta.
+
+Usage: python tests/independent_worker.py SHARE NAME KEY_FILE [ATTACK]
 """
 
 from __future__ import annotations
@@ -86,6 +89,36 @@ def encode(delta: dict[str, torch.Tensor], encoding: str) -> dict[str, torch.Ten
     return out
 
 
+# `cycle`, round by round: never three rejections in a row, or it would be excluded (exclude_after, section 5.9)
+ATTACKS = ("flip5", "overflow", "honest", "inflate", "x1000", "honest", "huge", "stale_var", "honest", "noise",
+           "replay", "honest")
+
+
+def poisoned(attack: str, delta: dict[str, torch.Tensor], first: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What an attacker sends instead of its honest delta (`first`: its round-1 delta; `inflate` changes the
+    claimed samples instead)."""
+    floats = {k: v for k, v in delta.items() if v.is_floating_point()}
+    if attack == "flip5":
+        return {**delta, **{k: -5 * v for k, v in floats.items()}}
+    if attack == "x1000":
+        return {**delta, **{k: 1000 * v for k, v in floats.items()}}
+    if attack == "huge":
+        return {**delta, **{k: torch.full_like(v, 1e38) for k, v in floats.items()}}
+    if attack == "noise":
+        norm = torch.sqrt(sum(v.double().square().sum() for v in floats.values()))
+        noise = {k: torch.randn_like(v) for k, v in floats.items()}
+        scale = 10 * norm / torch.sqrt(sum(v.double().square().sum() for v in noise.values()))
+        return {**delta, **{k: (v * scale).float() for k, v in noise.items()}}
+    if attack == "overflow":
+        return {k: torch.full_like(v, 2 ** 63 - 1) if k.endswith("num_batches_tracked") else v
+                for k, v in delta.items()}
+    if attack == "stale_var":  # honest weights, its round-1 variance deltas again
+        return {k: first[k] if k.endswith("running_var") else v for k, v in delta.items()}
+    if attack == "replay":
+        return first
+    return delta
+
+
 def digits_cnn() -> nn.Module:
     """Section 5.4, "Built-in models": digits_cnn, layer by layer."""
     return nn.Sequential(
@@ -95,8 +128,9 @@ def digits_cnn() -> nn.Module:
 
 
 class Worker:
-    def __init__(self, share: Path, name: str, key_file: Path) -> None:
-        self.share, self.name = share, name
+    def __init__(self, share: Path, name: str, key_file: Path, attack: str | None = None) -> None:
+        self.share, self.name, self.attack = share, name, attack
+        self.first: dict[str, torch.Tensor] | None = None  # its round-1 delta, for the replaying attacks
         if not key_file.exists():
             pem = Ed25519PrivateKey.generate().private_bytes(serialization.Encoding.PEM,
                                                              serialization.PrivateFormat.PKCS8,
@@ -224,23 +258,30 @@ class Worker:
                 distinct.update(idx.tolist())
         trained = model.state_dict()
         delta = {k: (trained[k] - v).to(v.dtype).contiguous() for k, v in base.items()}
+        self.first = self.first or delta
+        attack = ATTACKS[(r - 1) % len(ATTACKS)] if self.attack == "cycle" else self.attack
+        attack = None if attack == "honest" else attack
+        samples = len(distinct) * (5 if attack == "inflate" else 1)
+        if attack:
+            delta = {k: v.contiguous() for k, v in poisoned(attack, delta, self.first).items()}
         encoding = self.cfg["compression"]
         data = st_save(encode(delta, encoding))
         write_whole(folder / "updates" / f"{self.name}.safetensors", data)
         tensors = {"file": f"{self.name}.safetensors", "blake3": blake3.blake3(data).hexdigest(), "bytes": len(data)}
         marker = {"format": FORMAT, "round": r, "worker": self.name, "base": a["model"]["blake3"], "tensors": tensors,
-                  "samples": len(distinct), "steps": steps, "train_loss": loss_sum / seen,
+                  "samples": samples, "steps": steps, "train_loss": loss_sum / seen,
                   "seconds": round(time.monotonic() - started, 3), "device": "cpu", "diverged": None,
                   "encoding": encoding}
         signed = [("run", self.run_id), ("round", r), ("worker", self.name), ("base", a["model"]["blake3"]),
-                  ("tensors", tensors["blake3"]), ("bytes", tensors["bytes"]), ("samples", len(distinct)),
+                  ("tensors", tensors["blake3"]), ("bytes", tensors["bytes"]), ("samples", samples),
                   ("steps", steps), ("diverged", "no")]
         marker["signature"] = self.sign(message("update", signed + ([("encoding", encoding)] if encoding != "none"
                                                                      else [])))
         write_whole(folder / "updates" / f"{self.name}.yaml", yaml.safe_dump(marker, sort_keys=False).encode())
         self.state = "idle"
-        print(f"round {r}: trained {n} examples in {steps} steps, train loss {loss_sum / seen:.4f}", flush=True)
+        print(f"round {r}: trained {n} examples in {steps} steps, train loss {loss_sum / seen:.4f}"
+              + (f", sent {attack}" if attack else ""), flush=True)
 
 
 if __name__ == "__main__":
-    Worker(Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])).run()
+    Worker(Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else None).run()

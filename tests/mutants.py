@@ -115,7 +115,7 @@ MUTANTS = [
            "if not pending:", "if False:",
            ("tests/test_routing.py::test_at_the_tail_an_idle_faster_worker_takes_a_waiting_chunk_or_copies_a_running_one",
             "tests/test_routing.py::test_fast_workers_end_up_with_more_chunks_in_proportion_to_their_speed")),
-    Mutant("a non-finite aggregate is written", "fedsync/run/coordinating/intake.py",
+    Mutant("a non-finite aggregate is written", "fedsync/aggregation/defence.py",
            "if not all(bool(torch.isfinite(v).all()) for v in new_state.values() if v.is_floating_point()):",
            "if False:",
            ("tests/test_round_intake.py::test_a_non_finite_aggregate_takes_the_largest_update_out",)),
@@ -126,9 +126,20 @@ MUTANTS = [
            "return min(max(int(trim * n), 1 if trim > 0 else 0), (n - 1) // 2)",
            "return min(int(trim * n), (n - 1) // 2)",
            ("tests/test_screening.py::test_trimmed_mean_cuts_at_least_one_value_at_each_end_while_one_stays",)),
-    Mutant("a model that evaluates to a non-finite loss is signed as final", "fedsync/coordinator.py",
-           "if not math.isfinite(evaluated.test_loss):", "if False:",
-           ("tests/test_runs.py::test_a_model_that_evaluates_to_a_non_finite_loss_is_never_signed_as_final",)),
+    Mutant("an aggregate whose loss on held-out examples is not finite is written", "fedsync/aggregation/defence.py",
+           "elif probe is not None and not math.isfinite(loss := probe(new_state)):", "elif False:",
+           ("tests/test_runs.py::test_an_update_that_makes_the_model_s_loss_non_finite_is_taken_out_before_the_round_"
+            "closes",)),
+    Mutant("an update whose batch count overflows is taken in", "fedsync/aggregation/validity.py",
+           "if low < 0 or high > steps:", "if False:",
+           ("tests/test_defence.py::test_buffers_honest_training_cannot_produce_are_rejected_while_reading",)),
+    Mutant("buffers take the weighted mean again", "fedsync/aggregation/rules.py",
+           "    out.update(medians)\n", "",
+           ("tests/test_defence.py::test_buffers_take_the_median_so_one_update_cannot_push_them",)),
+    Mutant("a flipped update larger than most is taken in", "fedsync/aggregation/screening.py",
+           "for key, c in cosines.items() if c < limit and norms[key] > PUSH * typical}",
+           "for key, c in cosines.items() if False}",
+           ("tests/test_defence.py::test_at_the_close_a_flipped_update_is_rejected_and_a_large_one_clipped",)),
 ]
 
 

@@ -15,6 +15,8 @@ from fedsync.learning.balance import FILL, plan_steps
 from fedsync.learning.data import Split
 from fedsync.learning.models import build_model
 from fedsync.learning.train import TrainSettings, local_train
+from fedsync.run.config import load_config
+from tests.helpers import StackedSlices
 
 
 def _streamed(rule: FedAvg | FedNova, base: dict[str, torch.Tensor], updates: list[tuple[dict, int, int]],
@@ -25,7 +27,7 @@ def _streamed(rule: FedAvg | FedNova, base: dict[str, torch.Tensor], updates: li
         w = rule.weight(samples, steps)
         summed.add(delta, w)
         parts.append((w, steps))
-    result = rule.aggregate(Collected(summed, parts, frozenset({"w"}), slices=None))  # type: ignore[arg-type]
+    result = rule.aggregate(Collected(summed, parts, frozenset({"w"}), StackedSlices([d for d, _, _ in updates])))
     return apply_delta(base, result.delta)
 
 
@@ -40,11 +42,10 @@ def test_fednova_matches_its_definition_and_fedavg_when_steps_are_equal() -> Non
         p = q / q.sum()
         a = torch.tensor([rule.norm(t) for _, _, t in updates])
         direct_w = base["w"] + (p * a).sum() * sum(pi * d["w"] / ai for pi, ai, (d, _, _) in zip(p, a, updates))
-        weights = q / a
-        direct_bn = base["bn"] + sum(wi * d["bn"] for wi, (d, _, _) in zip(weights, updates)) / weights.sum()
+        direct_bn = base["bn"] + torch.stack([d["bn"] for d, _, _ in updates]).median(dim=0).values
         got = _streamed(rule, base, updates)
         assert torch.allclose(got["w"], direct_w, atol=1e-5)
-        assert torch.allclose(got["bn"], direct_bn, atol=1e-5)  # buffers: weighted mean, never scaled
+        assert torch.allclose(got["bn"], direct_bn, atol=1e-6)  # buffers: the median, whatever the weights
     same_steps = [(d, n, 10) for d, n, _ in updates]
     nova, avg = _streamed(FedNova(0.9), base, same_steps), _streamed(FedAvg(), base, same_steps)
     assert all(torch.allclose(nova[k], avg[k], atol=1e-5) for k in base)
@@ -96,10 +97,79 @@ def test_fedprox_keeps_local_weights_near_the_global_model() -> None:
 
 
 def test_unknown_rules_and_optimizers_are_config_errors() -> None:
-    for name in ("fedavg", "fednova", "median", "trimmed_mean"):
+    for name in ("fedavg", "fednova", "median", "trimmed_mean", "krum", "multi_krum", "bulyan"):
         assert make_rule(name, 0.9, 0.1).name == name
-    with pytest.raises(ConfigError, match="krum"):
-        make_rule("krum", 0.9, 0.1)
+    with pytest.raises(ConfigError, match="geomed"):
+        make_rule("geomed", 0.9, 0.1)
     assert make_optimizer(ServerSettings("none"), frozenset()).name == "none"
     with pytest.raises(ConfigError, match="adamw"):
         make_optimizer(ServerSettings("adamw"), frozenset())
+
+
+def _krum_case(n: int, attackers: int) -> tuple[list[dict[str, torch.Tensor]], WeightedSum, list[tuple[float, int]]]:
+    gen = torch.Generator().manual_seed(n)
+    honest = torch.randn(30, generator=gen)
+    rows = [honest + 0.1 * torch.randn(30, generator=gen) for _ in range(n - attackers)]
+    rows += [-5 * honest + 0.1 * torch.randn(30, generator=gen) for _ in range(attackers)]
+    updates = [{"w": r, "bn": torch.full((3,), float(i)), "n": torch.tensor(i)} for i, r in enumerate(rows)]
+    summed = WeightedSum({"w": (torch.float32, (30,)), "bn": (torch.float32, (3,)), "n": (torch.int64, ())})
+    parts = []
+    for i, u in enumerate(updates):
+        summed.add(u, 10.0 + i)
+        parts.append((10.0 + i, 1))
+    return updates, summed, parts
+
+
+def _direct_scores(rows: torch.Tensor, f: int, among: list[int]) -> dict[int, float]:
+    """Krum's score written out: the n - f - 2 smallest squared distances to the others, summed."""
+    out = {}
+    for i in among:
+        distances = sorted(float((rows[i] - rows[j]).double().square().sum()) for j in among if j != i)
+        out[i] = sum(distances[:len(among) - f - 2])
+    return out
+
+
+def test_krum_and_multi_krum_keep_the_updates_closest_to_the_others() -> None:
+    updates, summed, parts = _krum_case(7, 2)
+    rows = torch.stack([u["w"] for u in updates])
+    scores = _direct_scores(rows, 2, list(range(7)))
+    best = min(scores, key=scores.get)
+    got = make_rule("krum", 0.0, 0.1, byzantine=2).aggregate(
+        Collected(summed, parts, frozenset({"w"}), StackedSlices(updates))).delta
+    torch.testing.assert_close(got["w"], rows[best], rtol=1e-6, atol=1e-6)
+    assert float(got["n"]) == 3.0 and torch.equal(got["bn"], torch.full((3,), 3.0))  # buffers: the median
+    updates, summed, parts = _krum_case(7, 2)
+    kept = sorted(scores, key=scores.get)[:5]
+    assert set(kept) == {0, 1, 2, 3, 4}  # the two flipped ones score worst
+    want = sum(parts[i][0] * rows[i] for i in kept) / sum(parts[i][0] for i in kept)
+    got = make_rule("multi_krum", 0.0, 0.1, byzantine=2).aggregate(
+        Collected(summed, parts, frozenset({"w"}), StackedSlices(updates))).delta
+    torch.testing.assert_close(got["w"], want, rtol=1e-5, atol=1e-6)
+
+
+def test_bulyan_averages_the_values_closest_to_the_median_of_krum_s_picks() -> None:
+    updates, summed, parts = _krum_case(7, 1)
+    rows = torch.stack([u["w"] for u in updates])
+    left, chosen = list(range(7)), []
+    while len(chosen) < 5:  # theta = n - 2f, Krum again over those not picked yet
+        scores = _direct_scores(rows, 1, left)
+        best = min(left, key=lambda i: (scores[i], i))
+        chosen.append(best)
+        left.remove(best)
+    assert 6 not in chosen  # the attacker
+    picked = rows[sorted(chosen)]
+    med = picked.median(dim=0).values  # 5 values: the middle one
+    want = torch.stack([picked[(picked[:, j] - med[j]).abs().argsort()[:3], j].mean() for j in range(30)])
+    got = make_rule("bulyan", 0.0, 0.1, byzantine=1).aggregate(
+        Collected(summed, parts, frozenset({"w"}), StackedSlices(updates))).delta
+    torch.testing.assert_close(got["w"], want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_distance_rules_refuse_too_few_updates_and_configs_that_cannot_have_enough() -> None:
+    updates, summed, parts = _krum_case(4, 0)
+    with pytest.raises(ValueError, match="needs at least 5"):
+        make_rule("krum", 0.0, 0.1, byzantine=1).aggregate(
+            Collected(summed, parts, frozenset({"w"}), StackedSlices(updates)))
+    with pytest.raises(ConfigError, match="bulyan with byzantine 1 needs at least 7 updates a round"):
+        load_config("digits", {"aggregation": "bulyan"})
+    assert load_config("digits", {"aggregation": "bulyan", "min_updates": 7}).byzantine == 1

@@ -18,8 +18,10 @@ LAYERS = {"base": 0, "storage": 1, "tensors": 2, "learning": 3, "aggregation": 3
 ROLE_FOLDERS = ("coordinating", "working", "submitting", "inspecting")
 ROLES = ("coordinator", "worker", "infer")
 # aggregation: the running sums updates are streamed into (sums.py), then the maths over them (fedavg.py, the rules,
-# screening, the server optimizers), then the intake that reads update files into the sums.
-AGGREGATION_RANKS = {"fedsync/aggregation/sums.py": 0, "fedsync/aggregation/intake.py": 2}
+# screening, the server optimizers), then the intake that reads update files into the sums, then the screens that act
+# on the intake (defence.py).
+AGGREGATION_RANKS = {"fedsync/aggregation/sums.py": 0, "fedsync/aggregation/intake.py": 2,
+                     "fedsync/aggregation/defence.py": 3}
 TOP_LEVEL = {"coordinator": "run", "worker": "run", "infer": "run", "fedavg": "aggregation", "__main__": "cli",
              "__init__": "base"}
 # Files that read what is not the share: each machine's own data and the user's own config file.

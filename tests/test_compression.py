@@ -72,7 +72,7 @@ def test_the_intake_and_the_median_see_the_decoded_values(tmp_path: Path, encodi
         expected = WeightedSum(layout_of(BASE))
         for i, d in enumerate(decoded):
             expected.add(d, 1.0 + i)
-        got = FedAvg().aggregate(agg.collected(frozenset())).delta
+        got = FedAvg().aggregate(agg.collected(frozenset(BASE))).delta
         for k, v in mean_delta(expected).items():
             torch.testing.assert_close(got[k], v, rtol=1e-6, atol=1e-7)
         norms = sorted(agg.norms.values())  # screening measures what the coordinator would add

@@ -48,7 +48,7 @@ def _expected(updates: list[tuple[dict, float]]) -> dict[str, torch.Tensor]:
 
 def _result(agg: Aggregator) -> dict[str, torch.Tensor]:
     """The next global model through the seam the coordinator uses: FedAvg's delta, the plain server step."""
-    return apply_delta(BASE, FedAvg().aggregate(agg.collected(frozenset())).delta)
+    return apply_delta(BASE, FedAvg().aggregate(agg.collected(frozenset({"big", "small"}))).delta)
 
 
 def _reason(tmp: Path, cand: Candidate) -> Reason | None:

@@ -44,7 +44,7 @@ def _round(tmp_path: Path, budget: float = 60.0, **overrides: Any) -> tuple[Shar
     trust = Trust(s, "x", coordinator_identity(), "tofu", lambda n: worker_identity(n).public, said.append)
     assert trust.admit_all(WORKERS) == list(WORKERS)
     bounds = lambda a, w: Bound(1000, 1000, "the test's bound")  # noqa: E731
-    return s, a, RoundIntake(s, 1, a, dict(BASE), cfg, bounds, FedAvg(), trust, said.append)
+    return s, a, RoundIntake(s, 1, a, dict(BASE), cfg, bounds, FedAvg(), trust, said.append, {})
 
 
 def _update(value: float) -> dict[str, torch.Tensor]:
@@ -68,7 +68,7 @@ def test_scan_take_decide_aggregate_close_the_round_with_the_weighted_mean(tmp_p
     assert closing is not None and closing.reason == "quorum" and closing.round == 1
     mean = (1.0 * 100 + 4.0 * 300) / 400
     torch.testing.assert_close(closing.new_state["w"], torch.full((4,), 2.0 + mean))
-    torch.testing.assert_close(closing.new_state["b"], torch.full((2,), mean))
+    torch.testing.assert_close(closing.new_state["b"], torch.full((2,), (1.0 + 4.0) / 2))  # a buffer: the median
     assert [x.worker for x in closing.accepted] == ["w1", "w2"] and closing.missing == ["w3"]
     assert closing.rejected == [] and closing.clipped == {}
     assert closing.accepted[1].norm == pytest.approx(4.0 * 6 ** 0.5, rel=1e-6)  # measured while it was read
@@ -89,6 +89,11 @@ def test_the_closing_rules_in_order_and_a_round_that_cannot_close(tmp_path: Path
     with pytest.raises(RunStuck, match="round 1 cannot close: every live assigned worker's update was rejected "
                                        r"\(w2: non_finite .*start a new share with a lower lr"):
         intake.decide({"w2"})  # the only live assigned worker was rejected, one update short of min_updates
+    verdict = "the model was ruined by updates accepted in round 3 (from m)"
+    with pytest.raises(RunStuck) as ruined:  # not the lr: earlier accepted updates ruined the model
+        intake.decide({"w2"}, lambda: verdict)
+    assert verdict in str(ruined.value) and "`fedsync trust NAME --revoke`" in str(ruined.value)
+    assert "lower lr" not in str(ruined.value)
     submit_update(s, a, "w3", _update(2.0))
     intake.take(intake.scan())
     assert intake.decide(set(WORKERS)).reason == "all_reported"

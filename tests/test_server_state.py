@@ -121,7 +121,7 @@ def test_a_late_update_moves_the_model_but_not_the_momentum(share: Path) -> None
         register_worker(s, w)
     proc = start("coordinator", "--share", str(share), "--rounds", "2", "--set", "min_workers=3", "--set", "quorum=2",
                  "--set", "server_optimizer=nesterov", "--set", "late_policy=fold", "--set", "worker_timeout=300",
-                 "--set", "eval_samples=64")
+                 "--set", "eval_samples=64", "--set", "clip_factor=0", "--set", "screen_direction=false")
     with killed_on_error(proc):
         wait_until(lambda: s.exists(s.assignment(1)), 60, "round 1")
         a1 = parse(Assignment, s.read_yaml(s.assignment(1)), "a1")

@@ -22,6 +22,7 @@ from fedsync.aggregation.candidates import Candidate, Outcome
 from fedsync.aggregation.rules import Collected
 from fedsync.aggregation.slices import UpdateSlices
 from fedsync.aggregation.sums import WeightedSum
+from fedsync.aggregation.validity import Validity
 from fedsync.storage import names
 from fedsync.storage.hashing import Hasher
 from fedsync.storage.reasons import Reason, Unusable
@@ -48,6 +49,7 @@ class _Lane:
     accepted: list[Candidate] = field(default_factory=list)
     norms: dict[Candidate, float] = field(default_factory=dict)
     scales: dict[Candidate, float] = field(default_factory=dict)  # clipped updates: their floats count x scale
+    signatures: dict[Candidate, object] = field(default_factory=dict)  # each file's, taken once it was verified
     piece: bytearray = field(default_factory=lambda: bytearray(PIECE_BYTES))
     floats: torch.Tensor = field(default_factory=lambda: torch.empty(PIECE_BYTES, dtype=torch.float32))  # int8, decoded
 
@@ -100,10 +102,11 @@ class _Reading:
 
 
 def fold(c: Candidate, store: Store, layout: FileLayout, sums: WeightedSum, piece: bytearray,
-         floats: torch.Tensor, scale: float = 1.0, whole: bool = True) -> float:
+         floats: torch.Tensor, scale: float = 1.0, whole: bool = True, validity: Validity | None = None) -> float:
     """Read c's tensor file once (`layout`: what its encoding holds), adding the decoded delta to `sums` (its floating
     tensors times `scale`; without `whole` only those, and it is not counted again: a correction of an update
-    already added). Raises Unusable when it does not count, PartlyAdded when part of it was summed already (the
+    already added). `validity` checks the constrained buffers against the round's global model (invalid_state).
+    Raises Unusable when it does not count, PartlyAdded when part of it was summed already (the
     caller then rebuilds `sums`). Returns the update's L2 norm over its floating tensors (decoded), unscaled.
     `floats` holds an int8 piece's decoded values."""
     short = names.basename(c.name)
@@ -111,7 +114,7 @@ def fold(c: Candidate, store: Store, layout: FileLayout, sums: WeightedSum, piec
     try:
         with store.open(c.name, follow_links=False) as f:
             reading = _Reading(c, f)
-            _fold_file(reading, layout, sums, piece, floats, scale, whole)
+            _fold_file(reading, layout, sums, piece, floats, scale, whole, validity)
     except FileNotFoundError:
         raise Unusable(Reason.MISSING_FILE, f"{short} is not there (yet)") from None
     except LinkRefused:
@@ -137,7 +140,7 @@ def _fail(reading: _Reading | None, problem: Unusable) -> NoReturn:
 
 
 def _fold_file(reading: _Reading, layout: FileLayout, sums: WeightedSum, piece: bytearray, floats: torch.Tensor,
-               scale: float, whole: bool) -> None:
+               scale: float, whole: bool, validity: Validity | None) -> None:
     """The file's header, then each tensor's pieces; after an unusable header the rest is only hashed."""
     f, c = reading.f, reading.c
     size = f.size
@@ -157,7 +160,7 @@ def _fold_file(reading: _Reading, layout: FileLayout, sums: WeightedSum, piece: 
     view = memoryview(piece)
     scales: dict[str, torch.Tensor] = {}  # int8: each tensor's block scales, read before its values
     for spec in specs:
-        _fold_tensor(reading, spec, layout, scales, sums, piece, floats, scale, whole)
+        _fold_tensor(reading, spec, layout, scales, sums, piece, floats, scale, whole, validity)
     remaining = size - f.tell()
     while remaining:  # only when the header was unusable: hash the rest to tell corrupt from unsynced
         m = min(PIECE_BYTES, remaining)
@@ -166,7 +169,8 @@ def _fold_file(reading: _Reading, layout: FileLayout, sums: WeightedSum, piece: 
 
 
 def _fold_tensor(reading: _Reading, spec: TensorSpec, layout: FileLayout, scales: dict[str, torch.Tensor],
-                 sums: WeightedSum, piece: bytearray, floats: torch.Tensor, scale: float, whole: bool) -> None:
+                 sums: WeightedSum, piece: bytearray, floats: torch.Tensor, scale: float, whole: bool,
+                 validity: Validity | None) -> None:
     """One tensor, piece by piece: each decoded, checked finite, measured and added while it is in the cache."""
     c, view = reading.c, memoryview(piece)
     dtype = DTYPES[spec.dtype]
@@ -194,6 +198,11 @@ def _fold_tensor(reading: _Reading, spec: TensorSpec, layout: FileLayout, scales
         if math.isnan(square):
             reading.problem = Unusable(Reason.NON_FINITE, f"{spec.name} holds NaN or infinite values")
             continue
+        if whole and validity is not None and spec.name in validity:
+            why = validity.check_piece(spec.name, offset, values, c.steps, c.encoding)
+            if why is not None:
+                reading.problem = Unusable(Reason.INVALID_STATE, why)
+                continue
         reading.squares += square
         if values.is_floating_point():
             sums.add_piece(spec.name, offset, values, c.weight * scale)
@@ -228,8 +237,10 @@ class Aggregator:
     to a weighted sum with its rule weight. Late updates (trained for an earlier round) are summed apart, so the
     round's aggregate can be taken with them or without (a server optimizer's state learns from the on-time ones)."""
 
-    def __init__(self, layout: Layout, store: Store, lanes: int = LANES, round: int = 0) -> None:
+    def __init__(self, layout: Layout, store: Store, lanes: int = LANES, round: int = 0,
+                 validity: Validity | None = None) -> None:
         self.layout, self.store, self.file_layout, self.round = layout, store, file_layout(layout), round
+        self.validity = validity or Validity()  # checked on this round's updates; a late one's base was another
         self.layouts = {e: encoded_layout(self.file_layout, e) for e in ENCODINGS}  # what each encoding's file holds
         self.lanes = [_Lane(layout) for _ in range(lanes)]
         self.pool = ThreadPoolExecutor(lanes, thread_name_prefix="intake")
@@ -258,7 +269,9 @@ class Aggregator:
         for c in batch:
             try:
                 lane.norms[c] = fold(c, self.store, self.layouts[c.encoding], lane.running_sum(self.late(c)),
-                                     lane.piece, lane.floats)
+                                     lane.piece, lane.floats, validity=self._validity(c))
+                # after the read: a synced copy renamed into place while the marker waited is the file verified
+                lane.signatures[c] = self.store.signature(c.name)
                 lane.accepted.append(c)
                 outcomes.append(Outcome(c))
             except Unusable as e:
@@ -279,7 +292,7 @@ class Aggregator:
             for c in lane.accepted:
                 try:
                     lane.norms[c] = fold(c, self.store, self.layouts[c.encoding], lane.running_sum(self.late(c)),
-                                         lane.piece, lane.floats, lane.scales.get(c, 1.0))
+                                         lane.piece, lane.floats, lane.scales.get(c, 1.0), validity=self._validity(c))
                 except (Unusable, PartlyAdded) as e:
                     lane.accepted.remove(c)
                     lane.scales.pop(c, None)
@@ -290,6 +303,10 @@ class Aggregator:
 
     def late(self, c: Candidate) -> bool:
         return c.round != self.round
+
+    def _validity(self, c: Candidate) -> Validity:
+        """A late update's variances were relative to an older model: only its counts are checked."""
+        return Validity(counts=self.validity.counts) if self.late(c) else self.validity
 
     @property
     def has_late(self) -> bool:
@@ -314,24 +331,38 @@ class Aggregator:
         return {c: s for lane in self.lanes for c, s in lane.scales.items()}
 
     def clip(self, bound: float) -> list[Outcome]:
-        """Scale every accepted update whose L2 norm is over `bound` down to it: one more read of each such file
-        adds the difference, (bound / norm - 1) x its floats. A file that changed in between is dropped (outcome)
-        and its lane rebuilt."""
+        """Scale every accepted update whose L2 norm (as it counts now) is over `bound` down to it: one more read of
+        each such file adds the difference, (bound / norm - its scale so far) x its floats. A file that changed in
+        between is dropped (outcome) and its lane rebuilt."""
         outcomes: list[Outcome] = []
         for lane in self.lanes:
-            while over := [c for c in lane.accepted if c not in lane.scales and lane.norms[c] > bound]:
+            while over := [c for c in lane.accepted if lane.norms[c] * lane.scales.get(c, 1.0) > bound * (1 + 1e-9)]:
                 c = over[0]
                 scale = bound / lane.norms[c]
                 try:
                     with _torch_threads(1):
                         fold(c, self.store, self.layouts[c.encoding], lane.running_sum(self.late(c)), lane.piece,
-                             lane.floats, scale - 1.0, whole=False)
+                             lane.floats, scale - lane.scales.get(c, 1.0), whole=False)
                     lane.scales[c] = scale
                 except (Unusable, PartlyAdded) as e:
                     lane.accepted.remove(c)
+                    lane.scales.pop(c, None)
                     outcomes.append(Outcome(c, _problem(e)))
                     outcomes.extend(self._rebuild(lane))
         return outcomes
+
+    def unchanged(self) -> list[Outcome]:
+        """Take out each accepted update whose file changed since it was read (a worker rewrote it): the bytes that
+        were verified are gone, and the rules that read the files again (slices) would see others."""
+        changed = {c: Unusable(Reason.DUPLICATE, "its tensor file changed after it was accepted: the verified bytes "
+                                                 "are gone, so it no longer counts")
+                   for lane in self.lanes for c in lane.accepted
+                   if self.store.signature(c.name) != lane.signatures.get(c)}
+        return self.drop(changed) if changed else []
+
+    def slices(self) -> UpdateSlices:
+        """Aligned slices of every accepted file (clipped ones scaled), in the order of `accepted`."""
+        return UpdateSlices(self.store, self.accepted, self.file_layout, self.scales)
 
     def collected(self, parameters: frozenset[str], late: bool = True) -> Collected:
         """What was taken in (with the late updates, or the on-time ones alone), for the rule

@@ -16,32 +16,24 @@ file (memory O(updates x slice), for coordinate-wise rules such as a median). A 
   (1 - rho). With stream weights w_i = q_i / a_i (q_i: samples, staleness-reduced when late) the streamed mean
   sum w_i d_i / sum w_i needs the scale (sum w_i a_i^2)(sum w_i) / (sum w_i a_i)^2, computed from (w_i, tau_i).
 
-Only parameters are scaled; buffers (BatchNorm statistics) take the weighted mean, which stays a valid
-statistic.
+Only parameters take the weighted mean; buffers (BatchNorm statistics and batch counts) take the coordinate-wise
+median of the accepted updates under every rule, so that no one update can push them (with_median_buffers).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
+from fedsync.aggregation.geometry import SLICE, Slices, gram, median, sorted_columns, squared_distances
 from fedsync.aggregation.sums import WeightedSum
 from fedsync.base.errors import ConfigError
 from fedsync.fedavg import mean_delta
 
 Part = tuple[float, int]  # (stream weight, local steps) of one accepted update
-
-
-class Slices(Protocol):
-    """Aligned pieces of every accepted update file, for coordinate-wise rules."""
-
-    def count(self) -> int: ...
-
-    def read(self, tensor: str, start: int, length: int) -> torch.Tensor:
-        """Elements [start, start + length) of `tensor`, flattened, from every accepted update: (updates, length)."""
-        ...
 
 
 @dataclass
@@ -75,7 +67,7 @@ class FedAvg:
         return samples
 
     def aggregate(self, collected: Collected) -> Aggregate:
-        return Aggregate(mean_delta(collected.sums))
+        return Aggregate(with_median_buffers(collected, lambda: mean_delta(collected.sums)))
 
 
 class FedNova:
@@ -101,10 +93,38 @@ class FedNova:
 
     def aggregate(self, collected: Collected) -> Aggregate:
         scale = self.scale(collected.parts)
-        return Aggregate(mean_delta(collected.sums, scale, collected.parameters), scale)
+        mean = with_median_buffers(collected, lambda: mean_delta(collected.sums, scale, collected.parameters))
+        return Aggregate(mean, scale)
 
 
-SLICE = 1 << 16  # elements per tensor slice a coordinate-wise rule holds for every update at once
+def combine_slices(collected: Collected, out: dict[str, torch.Tensor],
+                   combine: Callable[[torch.Tensor], torch.Tensor], ordered: bool = True) -> dict[str, torch.Tensor]:
+    """Each coordinate of the tensors `out` names from its values across the accepted updates (`combine`:
+    (updates, k) -> k, the values sorted along the updates when `ordered`, else in the slices' order), written into
+    `out` (integer tensors' rounded). Memory O(updates x SLICE) beyond `out`."""
+    for name, acc in out.items():
+        flat = acc.view(-1)
+        for start in range(0, flat.numel(), SLICE):
+            k = min(SLICE, flat.numel() - start)
+            values = collected.slices.read(name, start, k)  # (updates, k) in the files' dtype
+            if not values.is_floating_point():
+                values = values.to(flat.dtype)  # integer buffers: combined as floats, rounded below
+            flat[start:start + k] = combine(sorted_columns(values) if ordered else values)
+        if name in collected.sums.integer:
+            acc.round_()
+    return out
+
+
+def with_median_buffers(collected: Collected, mean: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """A weighted-mean rule's delta whose buffers (BatchNorm statistics, batch counts) are the coordinate-wise median
+    of the accepted updates' instead: one update cannot push a variance below zero or a count past 2^63 by its
+    weight, and a median of valid statistics is one of them (or between two). The buffers are read from the files
+    (they are small) before `mean` consumes the sums."""
+    medians = combine_slices(collected, {name: torch.empty_like(acc) for name, acc in collected.sums.sums.items()
+                                         if name not in collected.parameters}, median)
+    out = mean()
+    out.update(medians)
+    return out
 
 
 class CoordinateWise:
@@ -124,20 +144,7 @@ class CoordinateWise:
         raise NotImplementedError
 
     def aggregate(self, collected: Collected) -> Aggregate:
-        out = {}
-        for name, acc in collected.sums.sums.items():
-            flat = acc.view(-1)
-            for start in range(0, flat.numel(), SLICE):
-                k = min(SLICE, flat.numel() - start)
-                values = collected.slices.read(name, start, k)  # (updates, k) in the files' dtype
-                if not values.is_floating_point():
-                    values = values.to(flat.dtype)  # integer buffers: combined (a mean) as floats, rounded below
-                # sorted along the updates: a sort along contiguous rows runs about twice as fast as along dim 0
-                ordered = values.t().contiguous().sort(dim=1).values.t()
-                flat[start:start + k] = self.combine(ordered)
-            if name in collected.sums.integer:
-                acc.round_()
-            out[name] = acc
+        out = combine_slices(collected, dict(collected.sums.sums), self.combine)
         collected.sums.count = 0  # its buffers now hold the result
         return Aggregate(out)
 
@@ -146,8 +153,7 @@ class Median(CoordinateWise):
     name = "median"
 
     def combine(self, ordered: torch.Tensor) -> torch.Tensor:
-        n = ordered.shape[0]
-        return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+        return median(ordered)
 
 
 class TrimmedMean(CoordinateWise):
@@ -170,10 +176,112 @@ def trimmed(trim: float, n: int) -> int:
     return min(max(int(trim * n), 1 if trim > 0 else 0), (n - 1) // 2)
 
 
-RULES = ("fedavg", "fednova", "median", "trimmed_mean")
+def krum_scores(distances: torch.Tensor, byzantine: int, among: list[int]) -> dict[int, float]:
+    """Krum's score of each update in `among`: the sum of its squared distances to its n - f - 2 nearest others
+    there (n = len(among), f = byzantine)."""
+    nearest = len(among) - byzantine - 2
+    out = {}
+    for i in among:
+        others = torch.tensor([float(distances[i, j]) for j in among if j != i], dtype=torch.float64)
+        out[i] = float(others.sort().values[:nearest].sum())
+    return out
 
 
-def make_rule(name: str, momentum: float, trim: float) -> Rule:
+def krum_selection(distances: torch.Tensor, byzantine: int, keep: int) -> list[int]:
+    """Bulyan's selection: `keep` updates picked one after another, each Krum's choice (the lowest score, the lower
+    index on a tie) among those not picked yet."""
+    left, chosen = list(range(distances.shape[0])), []
+    while len(chosen) < keep:
+        scores = krum_scores(distances, byzantine, left)
+        best = min(left, key=lambda i: (scores[i], i))
+        chosen.append(best)
+        left.remove(best)
+    return chosen
+
+
+class Krum:
+    """Krum and Multi-Krum (Blanchard et al. 2017, "Machine Learning with Adversaries: Byzantine Tolerant Gradient
+    Descent"): score each update by the squared distances to its n - f - 2 nearest others and keep the `keep`
+    lowest-scored (Krum: one; Multi-Krum: n - f), averaged with their sample weights. Distances come from the Gram
+    matrix of the trained parameters (fedsync/aggregation/geometry.py). Needs n >= 2f + 3."""
+
+    def __init__(self, byzantine: int, multi: bool) -> None:
+        self.byzantine, self.multi = byzantine, multi
+        self.name = "multi_krum" if multi else "krum"
+
+    def weight(self, samples: float, steps: int) -> float:
+        return samples
+
+    def aggregate(self, collected: Collected) -> Aggregate:
+        n, f = collected.slices.count(), self.byzantine
+        if n < 2 * f + 3:
+            raise ValueError(f"{self.name} with byzantine {f} needs at least {2 * f + 3} updates, got {n}")
+        distances = squared_distances(gram(collected.slices, trained_sizes(collected)))
+        scores = krum_scores(distances, f, list(range(n)))
+        keep = sorted(range(n), key=lambda i: (scores[i], i))[:n - f if self.multi else 1]
+        weights = torch.zeros(n, dtype=torch.float64)
+        for i in keep:
+            weights[i] = collected.parts[i][0]
+        weights /= weights.sum()
+
+        def mean(values: torch.Tensor) -> torch.Tensor:
+            return (weights.to(values.dtype)[:, None] * values).sum(dim=0)
+        return Aggregate(_parameters_by(collected, mean, ordered=False))
+
+
+class Bulyan:
+    """Bulyan (El Mhamdi et al. 2018, "The Hidden Vulnerability of Distributed Learning in Byzantium"): Krum picks
+    theta = n - 2f updates one after another; per coordinate, the beta = theta - 2f of their values closest to
+    their median are averaged. Needs n >= 4f + 3."""
+
+    name = "bulyan"
+
+    def __init__(self, byzantine: int) -> None:
+        self.byzantine = byzantine
+
+    def weight(self, samples: float, steps: int) -> float:
+        return samples  # the stream sum's weight, unused by the rule's result
+
+    def aggregate(self, collected: Collected) -> Aggregate:
+        n, f = collected.slices.count(), self.byzantine
+        if n < 4 * f + 3:
+            raise ValueError(f"bulyan with byzantine {f} needs at least {4 * f + 3} updates, got {n}")
+        distances = squared_distances(gram(collected.slices, trained_sizes(collected)))
+        chosen = torch.tensor(sorted(krum_selection(distances, f, n - 2 * f)))
+        beta = n - 4 * f
+
+        def closest_to_median(values: torch.Tensor) -> torch.Tensor:
+            picked = sorted_columns(values[chosen])
+            gap = (picked - median(picked)).abs()
+            nearest = gap.topk(beta, dim=0, largest=False).indices
+            return picked.gather(0, nearest).mean(dim=0)
+        return Aggregate(_parameters_by(collected, closest_to_median, ordered=False))
+
+
+def trained_sizes(collected: Collected) -> dict[str, int]:
+    """Element counts of the floating trained parameters, the space distances are measured in."""
+    return {k: v.numel() for k, v in collected.sums.sums.items()
+            if k in collected.parameters and k not in collected.sums.integer}
+
+
+def _parameters_by(collected: Collected, combine: Callable[[torch.Tensor], torch.Tensor],
+                   ordered: bool) -> dict[str, torch.Tensor]:
+    """Parameters combined slice by slice into the stream sum's buffers; buffers from the median."""
+    params = {k: v for k, v in collected.sums.sums.items() if k in collected.parameters}
+    out = with_median_buffers(collected, lambda: combine_slices(collected, params, combine, ordered))
+    collected.sums.count = 0  # its buffers now hold the result
+    return out
+
+
+RULES = ("fedavg", "fednova", "median", "trimmed_mean", "krum", "multi_krum", "bulyan")
+
+
+def needed_updates(name: str, byzantine: int) -> int:
+    """The fewest accepted updates a rule can aggregate: Krum and Multi-Krum 2f + 3, Bulyan 4f + 3, others 1."""
+    return {"krum": 2 * byzantine + 3, "multi_krum": 2 * byzantine + 3, "bulyan": 4 * byzantine + 3}.get(name, 1)
+
+
+def make_rule(name: str, momentum: float, trim: float, byzantine: int = 1) -> Rule:
     """The rule a config names; an unknown name is a config error, never a silent fallback."""
     if name == "fedavg":
         return FedAvg()
@@ -183,4 +291,8 @@ def make_rule(name: str, momentum: float, trim: float) -> Rule:
         return Median()
     if name == "trimmed_mean":
         return TrimmedMean(trim)
+    if name in ("krum", "multi_krum"):
+        return Krum(byzantine, multi=name == "multi_krum")
+    if name == "bulyan":
+        return Bulyan(byzantine)
     raise ConfigError(f"aggregation {name!r} is not one of {', '.join(RULES)}")

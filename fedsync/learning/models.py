@@ -81,3 +81,15 @@ def image_models(channels: int) -> dict[str, ModelFactory]:
     """The imagefolder task's models for images of `channels` channels."""
     return {"image_cnn": partial(image_cnn, channels),
             "resnet18": lambda num_classes: resnet18_cifar(num_classes, channels)}
+
+
+def constrained_buffers(model: nn.Module) -> dict[str, str]:
+    """The buffers whose values honest training keeps within bounds (fedsync/aggregation/validity.py): each
+    BatchNorm-style layer's running variance ("variance", never negative) and batch counter ("count")."""
+    out: dict[str, str] = {}
+    for prefix, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
+            dot = f"{prefix}." if prefix else ""
+            out[f"{dot}running_var"] = "variance"
+            out[f"{dot}num_batches_tracked"] = "count"
+    return out

@@ -13,8 +13,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from fedsync.aggregation.defence import Screens
 from fedsync.aggregation.optimizers import ServerSettings, check_settings
-from fedsync.aggregation.rules import RULES
+from fedsync.aggregation.rules import RULES, needed_updates
 from fedsync.base.errors import ConfigError
 from fedsync.learning.augment import NAMED
 from fedsync.learning.balance import BALANCE
@@ -66,7 +67,7 @@ class RunConfig:
     precision: str            # auto | fp32 | bf16 | fp16: each worker resolves auto for its own device
     prox_mu: float            # FedProx proximal weight; 0 is plain local SGD
     balance: str              # equal | throughput: how the coordinator sizes each worker's work
-    aggregation: str          # fedavg | fednova | median | trimmed_mean
+    aggregation: str          # fedavg | fednova | median | trimmed_mean | krum | multi_krum | bulyan
     server_optimizer: str     # none | fedavgm | nesterov | fedadam | fedyogi (fedsync/aggregation/optimizers.py)
     server_lr: float | None   # the server optimizer's step size; None: its default (none 1, nesterov 0.7, ...)
     server_momentum: float | None  # fedavgm, nesterov: momentum; None: 0.9
@@ -75,10 +76,15 @@ class RunConfig:
     compression: str          # none | bf16 | int8: how workers encode their updates (fedsync/tensors/encoding.py)
     error_feedback: bool      # a worker keeps what lossy compression left out and adds it to its next update
     trim: float               # trimmed_mean: the fraction of values cut at each end of every coordinate
+    byzantine: int            # krum, multi_krum, bulyan: the attackers among a round's updates they are sized for
     screen_factor: float      # reject an update over this x the round's median norm (3+ updates); 0: off
     screen_max_ratio: float   # reject an update over this x the global model's norm; 0: off
     clip_norm: float          # scale every update with a larger L2 norm down to this norm; 0: off
+    clip_factor: float        # scale every update over this x the round's median norm down to it (3+ updates); 0: off
+    screen_direction: bool    # reject an update pointing away from the round's coordinate-wise median (3+ updates)
     trust: str                # tofu | explicit: which workers' keys count (fedsync/run/trust.py)
+    exclude_after: int        # a worker whose updates are rejected for what they hold this many rounds in a row
+                              # gets no more work (trust.yaml: excluded); 0: never
     quorum: Any               # float in (0, 1]: fraction of live assigned workers; int >= 1: a count
     min_updates: int          # a round never closes with fewer accepted updates
     min_workers: int          # a round opens once this many workers are live
@@ -125,10 +131,20 @@ class RunConfig:
             problems.append("prox_mu must not be negative")
         if not 0 <= self.trim < 0.5:
             problems.append("trim must be at least 0 and below 0.5")
+        if self.exclude_after < 0:
+            problems.append("exclude_after must not be negative (0: never exclude)")
+        if self.byzantine < 0:
+            problems.append("byzantine must not be negative")
+        elif self.min_updates < needed_updates(self.aggregation, self.byzantine):
+            problems.append(f"aggregation {self.aggregation} with byzantine {self.byzantine} needs at least "
+                            f"{needed_updates(self.aggregation, self.byzantine)} updates a round: set min_updates "
+                            f"(now {self.min_updates}) and min_workers to that or more")
         if self.screen_factor < 0 or self.screen_max_ratio < 0:
             problems.append("screen_factor and screen_max_ratio must not be negative (0 turns a bound off)")
         if self.clip_norm < 0:
             problems.append("clip_norm must not be negative (0 turns clipping off)")
+        if self.clip_factor != 0 and self.clip_factor < 1:
+            problems.append("clip_factor must be at least 1 (the round's median norm), or 0 to turn it off")
         if self.trust not in TRUST_MODES:
             problems.append(f"trust {self.trust!r} is not one of {', '.join(TRUST_MODES)}")
         if self.partition not in ("iid", "dirichlet"):
@@ -168,6 +184,10 @@ class RunConfig:
         return (f"preset {self.preset}: {work} of lr {self.lr:g}, aggregation {self.aggregation}, server optimizer "
                 f"{server}, updates {self.compression}{clip}, quorum {self.quorum}, balance {self.balance}, "
                 f"trust {self.trust}")
+
+    def screens(self) -> Screens:
+        return Screens(self.screen_factor, self.screen_max_ratio, self.clip_norm, self.clip_factor,
+                       self.screen_direction)
 
     def server_settings(self) -> ServerSettings:
         betas = tuple(self.server_betas) if self.server_betas is not None else None

@@ -31,6 +31,8 @@ from fedsync.storage.signing import fingerprint, trust_message, update_message, 
 
 Entries = dict[str, TrustedKey]
 REVOKED = "revoked"  # trust.yaml's state of a key a person withdrew (`fedsync trust NAME --revoke`)
+EXCLUDED = "excluded"  # the coordinator withdrew it: the worker's updates were rejected round after round
+WITHDRAWN = (REVOKED, EXCLUDED)  # no work, and updates rejected as untrusted_key, until a key is approved again
 
 
 def read_trust(share: Share, run_id: str, coordinator_key: str) -> Entries:
@@ -144,6 +146,9 @@ def trust_state(name: str, registered: str | None, entry: TrustedKey | None, mod
     if entry is not None and entry.state == REVOKED:
         return (f"its key {fingerprint(entry.key)} was revoked (`fedsync trust {name} --revoke`): no work, and its "
                 f"updates do not count; {approve} trusts its registered key again")
+    if entry is not None and entry.state == EXCLUDED:
+        return (f"excluded by the coordinator: its updates were rejected for what they held in exclude_after rounds "
+                f"in a row (the summaries say why); no work until {approve} trusts it again")
     if entry is None:
         return None if mode == "tofu" else f"waits for approval of its key {fingerprint(registered)}: run {approve}"
     if entry.key != registered:
@@ -208,6 +213,15 @@ class Trust:
                 self.log(f"worker {name}: pinned its key {fingerprint(key)} (trust: tofu)")
         return admitted
 
+    def exclude(self, name: str) -> None:
+        """Stop trusting `name`'s key (state excluded) until a person approves a key for it again."""
+        entry = self.entries.get(name)
+        if entry is None or entry.state in WITHDRAWN:
+            return
+        self.entries = amend_trust(self.share, self.run_id, self.identity,
+                                   lambda e: e.__setitem__(name, TrustedKey(entry.key, EXCLUDED)))
+        self.seen = self.share.signature(self.share.trust)
+
     def check_update(self, a: Assignment, worker: str, m: UpdateMarker, short: str) -> None:
         """Unusable unless the marker is signed by `worker`'s trusted key for this run, round and base model. Each of
         these waits (a forger must not shut the real worker out): the real worker's marker may still replace it."""
@@ -220,8 +234,8 @@ class Trust:
         entry = self.entries.get(worker)
         if entry is None:
             raise Unusable(Reason.UNTRUSTED_KEY, f"{worker} has no trusted key in this run")
-        if entry.state == REVOKED:
-            raise Unusable(Reason.UNTRUSTED_KEY, f"{worker}'s key {fingerprint(entry.key)} was revoked")
+        if entry.state in WITHDRAWN:
+            raise Unusable(Reason.UNTRUSTED_KEY, f"{worker}'s key {fingerprint(entry.key)} was {entry.state}")
         if m.signature is None:
             raise Unusable(Reason.UNSIGNED, f"{short} carries no signature")
         if verify(entry.key, update_message(self.run_id, m), m.signature):

@@ -310,7 +310,7 @@ class FinalMarker:
 @dataclass
 class TrustedKey:
     key: str    # ed25519:...
-    state: str  # pinned (first key seen, trust: tofu) | approved (by `fedsync trust`) | revoked (`--revoke`)
+    state: str  # pinned (first key seen, trust: tofu) | approved (`fedsync trust`) | revoked (`--revoke`) | excluded
 
 
 @dataclass

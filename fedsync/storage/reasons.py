@@ -29,6 +29,8 @@ class Reason(str, Enum):
     NON_FINITE = "non_finite"
     BAD_ENCODING = "bad_encoding"
     NORM_OUTLIER = "norm_outlier"
+    INVALID_STATE = "invalid_state"
+    OFF_DIRECTION = "off_direction"
     DIVERGED = "diverged"
     SPOILS_AGGREGATE = "spoils_aggregate"
     DUPLICATE = "duplicate"
@@ -86,10 +88,17 @@ HELP: dict[Reason, str] = {
                          "negative, not finite, or come after their values (PROTOCOL.md section 5.13)",
     Reason.NORM_OUTLIER: "the update is far larger than the round's others or than the model itself (screening: "
                          "screen_factor, screen_max_ratio); a diverging worker: lower lr",
+    Reason.INVALID_STATE: "the update would give the worker's own model a state honest training cannot reach: a "
+                          "negative BatchNorm variance, or a batch count that shrank or grew by more than one a step",
+    Reason.OFF_DIRECTION: "the update, over twice the round's median norm, points away from the round's consensus "
+                          "(the coordinate-wise median of the accepted updates) while the others agree with it "
+                          "(screen_direction): a flipped or poisoned update",
     Reason.DIVERGED: "the worker's local training diverged (non-finite loss or values) and it uploaded nothing; "
                      "lower lr",
-    Reason.SPOILS_AGGREGATE: "with this update (the largest) the new global model would not be finite",
-    Reason.DUPLICATE: "the worker's files changed after its update was decided; the first decision stands",
+    Reason.SPOILS_AGGREGATE: "with this update (the largest) the new global model would not be finite or not valid "
+                             "(a negative BatchNorm variance or batch count)",
+    Reason.DUPLICATE: "the worker's files changed after its update was decided; the first decision stands, unless "
+                      "its accepted tensor file itself changed before the close: then it no longer counts",
     Reason.IO_ERROR: "the file could not be read at the deadline (permissions, vanished, share unmounted)",
 }
 

@@ -14,7 +14,7 @@ import torch
 
 from fedsync.base.faults import crash_point
 from fedsync.base.logs import Log
-from fedsync.learning.data import Source
+from fedsync.learning.data import Source, first
 from fedsync.learning.tasks import Task
 from fedsync.learning.train import evaluate
 from fedsync.run.background import yield_cpu
@@ -34,6 +34,25 @@ def federated_mean(evaluations: list[HeldOut]) -> HeldOut | None:
         return None
     return HeldOut(loss=sum(e.loss * e.samples for e in evaluations) / total,  # type: ignore[arg-type]
                    accuracy=min(1.0, sum(e.accuracy * e.samples for e in evaluations) / total), samples=total)
+
+
+PROBE_EXAMPLES = 256  # held-out examples a round's aggregate is tried on before it is written
+
+
+class Probe:
+    """The test loss of a round's aggregate on the first PROBE_EXAMPLES held-out examples, on the CPU in the
+    collecting thread, before the round closes: a model whose loss is not finite is redone without the update that
+    made it so (docs/PROTOCOL.md section 6, step 5), not found out beside the next round."""
+
+    def __init__(self, task: Task, cfg: RunConfig, test: Source) -> None:
+        self.model = task.build_model(cfg.model)
+        self.examples = first(test_examples(test, cfg), PROBE_EXAMPLES)
+        self.batch_size = cfg.eval_batch_size
+
+    def __call__(self, state: dict[str, torch.Tensor]) -> float:
+        self.model.load_state_dict(state)
+        with torch.no_grad():
+            return evaluate(self.model, self.examples, self.batch_size)[0]
 
 
 def due(r: int, rounds: int, every: int) -> bool:

@@ -2,7 +2,7 @@
 late updates and the aggregator, so each verdict goes straight to the book that keeps it. The coordinator's
 collecting loop only asks it to scan, take, decide and aggregate, then closes the round with what it returns.
 
-Screening and clipping act on what was added (fedsync/aggregation/screening.py, Aggregator.clip); the closing
+Screening and clipping act on what was added (fedsync/aggregation/defence.py); the closing
 rules (quorum, all reported, deadline) are judged by the coordinator's clock (docs/DESIGN.md, invariant 5).
 """
 
@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 
 from fedsync.aggregation.candidates import Candidate, Outcome
+from fedsync.aggregation.defence import at_close, on_arrival, spoiled
 from fedsync.aggregation.intake import Aggregator
 from fedsync.aggregation.optimizers import ServerOptimizer
 from fedsync.aggregation.rules import Rule
-from fedsync.aggregation.screening import outliers
+from fedsync.aggregation.validity import validity_of
 from fedsync.base.errors import RunStuck
 from fedsync.base.logs import Log
 from fedsync.fedavg import l2_norm
@@ -26,7 +28,7 @@ from fedsync.run.config import RunConfig
 from fedsync.run.coordinating.ledger import Bounds, LateLedger, RoundLedger
 from fedsync.run.trust import Trust
 from fedsync.storage.markers import Accepted, Assignment, Late, Rejected
-from fedsync.storage.reasons import Reason, Unusable
+from fedsync.storage.reasons import Reason
 from fedsync.storage.share import Share
 from fedsync.tensors.files import layout_of
 
@@ -75,13 +77,19 @@ class RoundIntake:
     appear."""
 
     def __init__(self, share: Share, r: int, a: Assignment, state: Tensors, cfg: RunConfig, bounds: Bounds,
-                 rule: Rule, trust: Trust, log: Log) -> None:
+                 rule: Rule, trust: Trust, log: Log, buffers: Mapping[str, str],
+                 probe: Callable[[Tensors], float] | None = None) -> None:
+        """`buffers`: the model's constrained buffers (fedsync/learning/models.py, constrained_buffers); `probe`:
+        a new model's loss on a few held-out examples (fedsync/run/coordinating/evaluation.py, Probe)."""
+        self.probe = probe
         self.r, self.a, self.cfg, self.rule, self.log = r, a, cfg, rule, log
         self.opened = time.monotonic()
         self.ledger = RoundLedger(share, r, a, bounds, rule, trust)
         self.late = LateLedger(share, r, cfg, bounds, rule, trust)
-        self.aggregator = Aggregator(layout_of(state), share.store, round=r)
+        self.validity = validity_of(buffers, state)
+        self.aggregator = Aggregator(layout_of(state), share.store, round=r, validity=self.validity)
         self.model_norm = l2_norm(state)
+        self.screens = cfg.screens()
         self.extended = False  # the deadline passed with fewer than min_updates: said once
         self.timings = {"final_intake_s": 0.0, "aggregate_s": 0.0, "evaluate_s": 0.0}
 
@@ -105,20 +113,17 @@ class RoundIntake:
         """Verify and add each candidate (one read of each file), then screen and clip what was added."""
         t = time.perf_counter()
         self._record(self.aggregator.take(candidates))
-        found = outliers(self.aggregator.norms, self.model_norm, self.cfg.screen_factor, self.cfg.screen_max_ratio)
-        if found:  # judged again as more arrive: the median moves
-            self._record(self.aggregator.drop({c: Unusable(Reason.NORM_OUTLIER, why) for c, why in found.items()}))
-        if self.cfg.clip_norm > 0:
-            self._record(self.aggregator.clip(self.cfg.clip_norm))
+        self._record(on_arrival(self.aggregator, self.screens, self.model_norm))
         self.timings["final_intake_s"] = time.perf_counter() - t
 
     def _record(self, outcomes: list[Outcome]) -> None:
         self.ledger.record([o for o in outcomes if o.candidate.round == self.r])
         self.late.record([o for o in outcomes if o.candidate.round != self.r])
 
-    def decide(self, live: set[str]) -> Decision:
+    def decide(self, live: set[str], ruin: Callable[[], str] = str) -> Decision:
         """The closing rules, in order: the quorum, every assigned worker reported, the deadline. Raises RunStuck
-        when every live assigned worker's update was rejected."""
+        when every live assigned worker's update was rejected; `ruin` says then whether updates accepted in earlier
+        rounds ruined the model (fedsync/run/coordinating/verdicts.py), "" when they did not."""
         accepted = len(self.ledger.accepted)
         live_assigned = [w for w in self.a.workers if w in live]
         target = quorum_target(self.cfg.quorum, len(live_assigned), self.cfg.min_updates)
@@ -131,34 +136,48 @@ class RoundIntake:
         if late and enough:
             return Decision("deadline", target)
         if live_assigned and all(w in self.ledger.rejected for w in live_assigned):
-            raise RunStuck(self._stuck(live_assigned))
+            raise RunStuck(self._stuck(live_assigned, ruin()))
         if late and not self.extended:
             self.extended = True
             return Decision("", target, f"deadline passed with {accepted} accepted update(s), fewer than "
                                         f"min_updates={self.cfg.min_updates}; the round stays open until enough arrive")
         return Decision("", target)
 
-    def _stuck(self, workers: list[str]) -> str:
+    def _stuck(self, workers: list[str], ruin: str) -> str:
         rejected = self.ledger.rejected
         why = "; ".join(f"{w}: {rejected[w].reason} ({rejected[w].detail})" for w in workers)
-        advice = ("training diverged or an update is far too large: start a new share with a lower lr "
-                  "(--set lr=...)" if any(rejected[w].reason in DIVERGED for w in workers)
-                  else "fix what the reasons name on those workers, then start this coordinator again")
+        if ruin:
+            advice = (f"{ruin}; honest updates are rejected against that model. Take an earlier round's model "
+                      "(`fedsync export --round N`) into a new share, and revoke the workers that poisoned it "
+                      "(`fedsync trust NAME --revoke`)")
+        elif any(rejected[w].reason in DIVERGED for w in workers):
+            advice = ("every worker's training diverges or its update is far too large, and the model was fine "
+                      "before: start a new share with a lower lr (--set lr=...)")
+        else:
+            advice = "fix what the reasons name on those workers, then start this coordinator again"
         return f"round {self.r} cannot close: every live assigned worker's update was rejected ({why}); {advice}"
 
     def aggregate(self, reason: str, state: Tensors, optimizer: ServerOptimizer,
                   server_state: Tensors) -> Closing | None:
-        """The next global model from what was taken in. When it is not finite, the largest accepted update is
-        rejected (spoils_aggregate) and None returned: the closing rules are judged again without it."""
+        """The next global model from what was taken in, after the close's screens (fedsync/aggregation/defence.py).
+        None when updates were rejected on the way (pointing away from the round's consensus, or spoiling the new
+        model): the closing rules are judged again without them."""
         t = time.perf_counter()
+        trained = {k: state[k].numel() for k in sorted(optimizer.parameters) if state[k].is_floating_point()}
+        outcomes, rejected = at_close(self.aggregator, self.screens, trained)
+        self._record(outcomes)
+        if rejected:
+            return None
         result = self.rule.aggregate(self.aggregator.collected(optimizer.parameters))
         on_time = None  # late updates move the model once; the optimizer's state learns without them
         if optimizer.stateful and self.aggregator.has_late:
             on_time = self.rule.aggregate(self.aggregator.collected(optimizer.parameters, late=False)).delta
         new_state, new_server_state = optimizer.step(state, result.delta, server_state, on_time)
         self.timings["aggregate_s"] = time.perf_counter() - t
-        if not all(bool(torch.isfinite(v).all()) for v in new_state.values() if v.is_floating_point()):
-            self._take_out_largest()
+        outcomes, why = spoiled(self.aggregator, new_state, self.validity, self.probe)
+        if why:
+            self._record(outcomes)
+            self.log(f"round {self.r}: {why}")
             return None
         norms = {c.worker: n for c, n in self.aggregator.norms.items() if c.round == self.r}
         clipped = {c.worker: norms[c.worker] for c in self.aggregator.scales if c.round == self.r}
@@ -166,14 +185,6 @@ class RoundIntake:
                        self.ledger.accepted_records(norms, set(clipped)), self.ledger.rejected_records(),
                        self.ledger.missing(), sorted(self.ledger.ignored), self.late.records(), self.elapsed(),
                        dict(self.timings), clipped)
-
-    def _take_out_largest(self) -> None:
-        norms = self.aggregator.norms
-        worst = max(norms, key=lambda c: norms[c])
-        problem = Unusable(Reason.SPOILS_AGGREGATE, f"with it (L2 norm {norms[worst]:.4g}, the largest) the new "
-                                                    "global model was not finite")
-        self._record(self.aggregator.drop({worst: problem}))
-        self.log(f"round {self.r}: the aggregate was not finite; {worst.worker}'s update taken out, aggregating again")
 
     def close(self) -> None:
         self.aggregator.close()

@@ -176,7 +176,8 @@ class RoundLedger:
     def rejected_records(self) -> list[Rejected]:
         late = [Rejected(w, names.update_marker_in_round(w), p.reason.value, f"still at the close: {p.detail}")
                 for w, (_, p) in sorted(self.pending.items())]
-        return sorted([*self.rejected.values(), *self.duplicates.values()], key=lambda x: x.worker) + late
+        duplicates = [d for w, d in self.duplicates.items() if w not in self.rejected]  # said once
+        return sorted([*self.rejected.values(), *duplicates], key=lambda x: x.worker) + late
 
     def missing(self) -> list[str]:
         reported = set(self.accepted) | set(self.rejected) | set(self.pending)

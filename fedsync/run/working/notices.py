@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from fedsync.base.errors import TrustError
 from fedsync.base.logs import Log
-from fedsync.run.trust import REVOKED, approve_command, read_trust
+from fedsync.run.trust import EXCLUDED, REVOKED, approve_command, read_trust
 from fedsync.storage.keys import Identity
 from fedsync.storage.lease import read_lease
 from fedsync.storage.share import Share
@@ -43,6 +43,9 @@ class Notices:
         if entry is not None and entry.state == REVOKED and entry.key == self.identity.public:
             self.log(f"WARNING: the coordinator's operator revoked this worker's key {self.identity.fingerprint}: no "
                      f"work comes until it runs {approve}")
+        elif entry is not None and entry.state == EXCLUDED and entry.key == self.identity.public:
+            self.log(f"WARNING: the coordinator excluded this worker: its updates were rejected round after round "
+                     f"(the rounds' summary.yaml say why); no work comes until its operator runs {approve}")
         elif entry is not None and entry.key != self.identity.public:
             self.log(f"WARNING: the coordinator trusts key {fingerprint(entry.key)} for {self.name}, not this "
                      f"worker's {self.identity.fingerprint}: no work comes until its operator runs {approve}")
