@@ -1,5 +1,5 @@
-"""Poisoning table: final test accuracy on digits with 5 workers, some of them attacking every round, under each
-aggregation setup, next to the clean run; IID and Dirichlet(0.5) shards.
+"""Poisoning table: final test accuracy on digits with 5 workers (7 for Krum's rules and Bulyan), one or two of them
+attacking every round, under each aggregation setup, next to the clean run; IID and Dirichlet(0.5) shards.
 
 Every round is real: each worker trains the digits CNN on its shard (fedsync/learning/train.py), its delta is
 written as a safetensors file, and the coordinator's own parts take it in: the streaming intake (norms and buffer
@@ -106,22 +106,29 @@ ATTACKS: dict[str, tuple[Attack | None, int]] = {  # name -> (attack, attackers)
 class Setup:
     name: str
     overrides: tuple[tuple[str, object], ...] = ()
+    workers: int = WORKERS  # Krum's rules need 2f + 3 updates left after the screens, Bulyan 4f + 3: more workers
 
 
 SETUPS = [
     Setup("defaults"),
-    Setup("norm screen only (the defaults before issue 31)", (("screen_direction", False), ("clip_factor", 0.0))),
+    Setup("norm screen only (screen_direction false, clip_factor 0)",
+          (("screen_direction", False), ("clip_factor", 0.0))),
     Setup("clip_norm 5 (round 1's median norm)", (("clip_norm", 5.0),)),
     Setup("median + clip_factor 1 (robust)", (("aggregation", "median"), ("clip_factor", 1.0))),
     Setup("trimmed_mean 0.2", (("aggregation", "trimmed_mean"), ("trim", 0.2))),
-    Setup("multi_krum, byzantine 1", (("aggregation", "multi_krum"), ("min_updates", 5))),
-    Setup("krum, byzantine 1", (("aggregation", "krum"), ("min_updates", 5))),
+    Setup("7 workers: defaults", workers=7),
+    Setup("7 workers: multi_krum, byzantine 1", (("aggregation", "multi_krum"), ("min_updates", 5)), 7),
+    Setup("7 workers: krum, byzantine 1", (("aggregation", "krum"), ("min_updates", 5)), 7),
+    Setup("7 workers: bulyan, byzantine 1", (("aggregation", "bulyan"), ("min_updates", 7),
+                                             ("screen_direction", False), ("clip_factor", 0.0), ("screen_factor", 0.0),
+                                             ("screen_max_ratio", 0.0)), 7),
 ]
 
 
-def run(cfg: RunConfig, attack: Attack | None, attackers: int, rounds: int, data, shards) -> tuple[float, int | None]:
-    """One federated run in-process: the final test accuracy, and the round in which it stopped because no update
-    was usable (the coordinator stops with exit 9 there), or None."""
+def run(cfg: RunConfig, attack: Attack | None, attackers: int, rounds: int, data, shards) -> tuple[float, str]:
+    """One federated run in-process: the final test accuracy, and where it stopped early, or "": in the round where
+    no update was usable (the coordinator stops with exit 9 there), or where fewer than min_updates were left (the
+    coordinator waits there for more)."""
     task = get_task(cfg.task)
     model = task.build_model(cfg.model, seed=cfg.seed)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -157,9 +164,10 @@ def run(cfg: RunConfig, attack: Attack | None, attackers: int, rounds: int, data
                 agg.take(cands)
                 on_arrival(agg, screens, l2_norm(state))
                 while True:  # the coordinator's close: every worker has reported
-                    if not agg.accepted:
+                    if len(agg.accepted) < max(1, cfg.min_updates):
                         model.load_state_dict(state)
-                        return evaluate(model, data.test, cfg.eval_batch_size)[1], r
+                        why = "stopped" if not agg.accepted else "waits for min_updates"
+                        return evaluate(model, data.test, cfg.eval_batch_size)[1], f"{why} in round {r}"
                     if at_close(agg, screens, trained)[1]:
                         continue
                     new = apply_delta(state, rule.aggregate(agg.collected(parameters)).delta)
@@ -169,7 +177,7 @@ def run(cfg: RunConfig, attack: Attack | None, attackers: int, rounds: int, data
                 agg.close()
             state = new
     model.load_state_dict(state)
-    return evaluate(model, data.test, cfg.eval_batch_size)[1], None
+    return evaluate(model, data.test, cfg.eval_batch_size)[1], ""
 
 
 def main(rounds: int = 10, names: list[str] | None = None) -> None:
@@ -179,21 +187,22 @@ def main(rounds: int = 10, names: list[str] | None = None) -> None:
     for part in ("iid", "dirichlet"):
         base = load_config("digits", {"partition": part, "dirichlet_alpha": 0.5})
         data = get_task(base.task).load(None, base.data_options())
-        shards = partition(data.train.y.numpy(), WORKERS, base.partition, base.seed, base.dirichlet_alpha)
-        clean, _ = run(base, None, 0, rounds, data, shards)
-        print(f"\n{part}: clean run with the defaults {clean:.4f}")
-        print("| setup | " + " | ".join(ATTACKS) + " |")
-        print("|---|" + "---|" * len(ATTACKS))
-        for setup in setups:
-            cfg = replace(base, **dict(setup.overrides))
-            cells = []
-            for name, (attack, attackers) in ATTACKS.items():
-                acc, stopped = (clean, None) if (setup is SETUPS[0] and attack is None) else \
-                    run(cfg, attack, attackers, rounds, data, shards)
-                cell = f"{acc:.3f} ({100 * (acc - clean):+.1f})" if math.isfinite(acc) else "nan"
-                cells.append(cell + (f", stopped in round {stopped}" if stopped else ""))
-            print(f"| {setup.name} | " + " | ".join(cells) + " |", flush=True)
-    print(f"\n{rounds} rounds, {WORKERS} workers; accuracy (points against the clean run with the defaults); "
+        for workers in sorted({s.workers for s in setups}):
+            shards = partition(data.train.y.numpy(), workers, base.partition, base.seed, base.dirichlet_alpha)
+            clean, _ = run(base, None, 0, rounds, data, shards)
+            print(f"\n{part}, {workers} workers: clean run with the defaults {clean:.4f}")
+            print("| setup | " + " | ".join(ATTACKS) + " |")
+            print("|---|" + "---|" * len(ATTACKS))
+            for setup in (s for s in setups if s.workers == workers):
+                cfg = replace(base, **dict(setup.overrides))
+                cells = []
+                for name, (attack, attackers) in ATTACKS.items():
+                    acc, stopped = (clean, "") if (not setup.overrides and attack is None) else \
+                        run(cfg, attack, attackers, rounds, data, shards)
+                    cell = f"{acc:.3f} ({100 * (acc - clean):+.1f})" if math.isfinite(acc) else "nan"
+                    cells.append(cell + (f", {stopped}" if stopped else ""))
+                print(f"| {setup.name} | " + " | ".join(cells) + " |", flush=True)
+    print(f"\n{rounds} rounds; accuracy (points against the clean run with the defaults and as many workers); "
           f"{time.perf_counter() - started:.0f} s")
 
 

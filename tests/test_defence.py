@@ -12,7 +12,7 @@ import torch
 
 from fedsync.aggregation.candidates import Candidate
 from fedsync.aggregation.defence import Screens, at_close, on_arrival, spoiled
-from fedsync.aggregation.geometry import median_cosines
+from fedsync.aggregation.geometry import SLICE, median_cosines
 from fedsync.aggregation.intake import Aggregator
 from fedsync.aggregation.rules import FedAvg
 from fedsync.aggregation.screening import off_direction
@@ -180,3 +180,20 @@ def test_an_update_whose_file_changed_after_it_was_read_no_longer_counts(tmp_pat
     assert sorted(c.worker for c in agg.accepted) == ["h0", "h2"]
     assert at_close(agg, SCREENS, {"w": 5000}) == ([], False)
     agg.close()
+
+
+def test_the_direction_over_a_large_model_is_measured_on_a_random_sample_of_whole_slices() -> None:
+    rows = [{"w": DIRECTION.repeat(60) + torch.randn(300000, generator=G) * 0.5} for _ in range(4)]
+    rows.append({"w": -5 * rows[0]["w"]})
+    read: list[int] = []
+
+    class Counting(StackedSlices):
+        def read(self, tensor: str, start: int, length: int) -> torch.Tensor:
+            read.append(start)
+            return super().read(tensor, start, length)
+
+    full = median_cosines(StackedSlices(rows), {"w": 300000})
+    sampled = median_cosines(Counting(rows), {"w": 300000}, sample=2 * SLICE)
+    assert len(read) == 2 and all(start % SLICE == 0 for start in read)  # two whole slices of five
+    assert sampled[4] < -0.5 and min(sampled[:4]) > 0.5  # the flipped one is as plain as over all of them
+    assert sampled == pytest.approx(full, abs=0.05)
