@@ -25,6 +25,17 @@ from .test_lease import foreign_lease_refreshed
 Tree = dict[str, tuple[bytes | None, int, int, int]]
 
 
+def _all_stopped(pid: int) -> bool:
+    """Whether every thread of `pid` is stopped (state T in /proc/PID/task/*/stat)."""
+    states = []
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        try:
+            states.append(stat.read_text().rsplit(")", 1)[1].split()[0])
+        except (FileNotFoundError, IndexError):
+            continue  # a thread that ended meanwhile
+    return bool(states) and all(state in ("T", "t") for state in states)
+
+
 def tree(root: Path) -> Tree | None:
     """Every entry under root: its bytes (None for a folder), inode, mtime and mode; None if root is absent."""
     if not root.exists():
@@ -142,6 +153,9 @@ def test_refused_by_a_coordinator_on_this_host(share: Path) -> None:
     try:
         wait_until(lambda: (share / "coordinator.yaml").exists(), 60, "the first coordinator's lease")
         os.kill(first.pid, signal.SIGSTOP)  # still holds its lock; the share stays still while it is stopped
+        # a thread busy on a core stops only at its next trip through the kernel: wait until every one has, or it
+        # may still finish a write after the snapshot below
+        wait_until(lambda: _all_stopped(first.pid), 10, "every thread of the first coordinator to stop")
         before = tree(share)
         second = run(*coordinator(share, "--set", "min_workers=5"))
         assert second.returncode == 5 and "already driving" in second.stderr, second.stderr

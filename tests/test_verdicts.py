@@ -13,8 +13,11 @@ from fedsync.run.config import load_config
 from fedsync.run.coordinating.verdicts import Quality, ruined, to_exclude
 from fedsync.run.start import open_run
 from fedsync.run.trust import Trust, read_trust
-from fedsync.storage.markers import FORMAT_VERSION, FileRef, Rejected, Summary
+from fedsync.storage.lease import Lease
+from fedsync.storage.manifest import finished
+from fedsync.storage.markers import FORMAT_VERSION, FileRef, FinalMarker, Rejected, Summary, to_dict
 from fedsync.storage.share import Share
+from fedsync.storage.signing import final_message
 
 from .helpers import coordinator_identity, register_worker, run, worker_identity
 
@@ -67,3 +70,20 @@ def test_an_excluded_worker_gets_no_work_until_approved_again_and_status_says_wh
     assert again.returncode == 0, again.stderr
     trust.refresh()
     assert trust.admit_all(["m"]) == ["m"]
+
+
+def test_a_finished_run_being_extended_is_not_finished_for_workers(share: Path) -> None:
+    """A worker started beside `fedsync coordinator --rounds 20` on a run that had finished after 10 must not see
+    the old final.yaml and exit before the coordinator takes it away: the lease says rounds 20."""
+    s = Share(share)
+    manifest = open_run(s, load_config("digits"), "coordinator", coordinator_identity().public)
+    final = FinalMarker(format=FORMAT_VERSION, run_id=manifest.run_id, round=10, model=FileRef("final.safetensors",
+                        "0" * 64, 1), test_accuracy=0.98)
+    final.signature = coordinator_identity().sign(final_message(final))
+    s.write_yaml(s.final_marker, to_dict(final))
+    assert finished(s, manifest.run_id, coordinator_identity().public) == final
+    lease = Lease(s, manifest.run_id, 2.0, 30.0, print, rounds=20)
+    lease.update("waiting for workers")
+    assert finished(s, manifest.run_id, coordinator_identity().public) is None  # driven to round 20
+    lease.update("stopped")
+    assert finished(s, manifest.run_id, coordinator_identity().public) == final  # nobody drives it now

@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from fedsync.base.errors import FormatError, ShareError
+from fedsync.storage.lease import read_lease
 from fedsync.storage.markers import (
     FORMAT_VERSION,
     FinalMarker,
@@ -49,7 +50,8 @@ def read_manifest(share: Share) -> Manifest:
 
 def finished(share: Share, run_id: str, coordinator_key: str) -> FinalMarker | None:
     """final.yaml, if the run's coordinator signed it and it names this run and a round at least as new as the
-    newest round folder (PROTOCOL 7.4)."""
+    newest round folder, and no coordinator's lease says it drives the run past that round (PROTOCOL 7.4: a run
+    being extended, before its coordinator took the old final.yaml away)."""
     try:
         final = share.read_record(FinalMarker, share.final_marker)
     except Exception:  # noqa: BLE001 - absent or not synced whole yet: the run is not over
@@ -58,4 +60,7 @@ def finished(share: Share, run_id: str, coordinator_key: str) -> FinalMarker | N
         return None
     rounds = share.rounds()
     newest = rounds[-1] if rounds else 0
-    return final if final.run_id == run_id and final.round >= newest else None
+    lease = read_lease(share)
+    extended = (lease is not None and lease.run_id == run_id and lease.state not in ("stopped", "finished")
+                and (lease.rounds or 0) > final.round)
+    return final if final.run_id == run_id and final.round >= newest and not extended else None
