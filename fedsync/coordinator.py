@@ -311,7 +311,9 @@ class Coordinator:
                     self._pace(intake, scan_started, scan_s)
                     continue
                 # aggregate: the next global model; not finite, the largest update is taken out and the rules run again
-                closing = intake.aggregate(decision.reason, state, self.optimizer, self.server_state)
+                # it reads accepted files again (screens, buffers' median): a share away for a moment is waited out
+                closing = self.backoff.run(lambda: intake.aggregate(decision.reason, state, self.optimizer,
+                                                                    self.server_state), f"aggregating round {r}")
                 if closing is not None:
                     break
         finally:
@@ -386,7 +388,9 @@ class Coordinator:
         with self.metrics.lock:
             evaluated = {k: (float(row["test_accuracy"]), float(row["test_loss"]))  # type: ignore[arg-type]
                          for k, row in self.metrics.rows.items() if row["test_accuracy"] != ""}
-        return ruined(history({k: load_summary(self.share, k) for k in evaluated}, evaluated))
+        summaries = self.backoff.run(lambda: {k: load_summary(self.share, k) for k in evaluated},
+                                     "reading the evaluated rounds' summaries")
+        return ruined(history(summaries, evaluated))
 
     def _exclude(self, r: int) -> None:
         """Stop giving work to workers whose updates were rejected for what they held in exclude_after rounds in a
@@ -394,9 +398,10 @@ class Coordinator:
         after = self.cfg.exclude_after
         if after < 1 or r < after:
             return
-        recent = [load_summary(self.share, k) for k in range(r - after + 1, r + 1)]
+        recent = self.backoff.run(lambda: [load_summary(self.share, k) for k in range(r - after + 1, r + 1)],
+                                  "reading the last rounds' summaries")
         for worker, why in to_exclude(recent, after).items():
-            self.trust.exclude(worker)
+            self.backoff.run(lambda: self.trust.exclude(worker), f"excluding worker {worker} in trust.yaml")
             self.log(f"worker {worker}: excluded, no more work: {why}; `fedsync trust {worker} --share "
                      f"{self.share.where()}` trusts it again")
 

@@ -4,6 +4,7 @@ the round's median norm, and a model that is never made invalid."""
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from fedsync.aggregation.screening import off_direction
 from fedsync.aggregation.validity import Validity, validity_of
 from fedsync.fedavg import apply_delta
 from fedsync.learning.models import build_model, constrained_buffers
+from fedsync.storage import names
 from fedsync.storage.local import LocalStore
 from fedsync.storage.reasons import Reason, Unusable
 from fedsync.tensors.encoding import encode
@@ -197,3 +199,19 @@ def test_the_direction_over_a_large_model_is_measured_on_a_random_sample_of_whol
     assert len(read) == 2 and all(start % SLICE == 0 for start in read)  # two whole slices of five
     assert sampled[4] < -0.5 and min(sampled[:4]) > 0.5  # the flipped one is as plain as over all of them
     assert sampled == pytest.approx(full, abs=0.05)
+
+
+def test_a_file_gone_after_it_was_read_no_longer_counts_and_a_share_gone_is_waited_out(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    agg = Aggregator(layout_of(BASE), store, round=1, validity=validity_of(BUFFERS, BASE))
+    (tmp_path / names.updates_dir(1)).mkdir(parents=True)
+    cands = [Candidate(w, names.update_tensors(1, w), save_state(store.write, names.update_tensors(1, w), _honest()),
+                       10.0, 1, 5) for w in ("a", "b", "c")]
+    assert all(o.problem is None for o in agg.take(cands))
+    (tmp_path / names.update_tensors(1, "b")).unlink()
+    outcomes, again = at_close(agg, SCREENS, {"w": 5000})
+    assert again and [(o.candidate.worker, o.problem.reason) for o in outcomes] == [("b", Reason.MISSING_FILE)]
+    shutil.rmtree(tmp_path / names.round_dir(1))  # the share unmounted: nothing to judge, wait
+    with pytest.raises(FileNotFoundError, match="unmounted"):
+        at_close(agg, SCREENS, {"w": 5000})
+    agg.close()

@@ -352,12 +352,21 @@ class Aggregator:
         return outcomes
 
     def unchanged(self) -> list[Outcome]:
-        """Take out each accepted update whose file changed since it was read (a worker rewrote it): the bytes that
-        were verified are gone, and the rules that read the files again (slices) would see others."""
-        changed = {c: Unusable(Reason.DUPLICATE, "its tensor file changed after it was accepted: the verified bytes "
-                                                 "are gone, so it no longer counts")
-                   for lane in self.lanes for c in lane.accepted
-                   if self.store.signature(c.name) != lane.signatures.get(c)}
+        """Take out each accepted update whose file changed or went away since it was read (a worker rewrote or
+        removed it): the bytes that were verified are gone, and the rules that read the files again (slices) would
+        see others. FileNotFoundError when its round's folder is gone too: the share itself is away (unmounted),
+        which the caller waits out."""
+        changed: dict[Candidate, Unusable] = {}
+        for lane in self.lanes:
+            for c in lane.accepted:
+                now = self.store.signature(c.name)
+                if now is None and not self.store.exists(names.updates_dir(c.round)):
+                    raise FileNotFoundError(f"{names.updates_dir(c.round)} is not there: is the share unmounted?")
+                if now is None:
+                    changed[c] = Unusable(Reason.MISSING_FILE, "its tensor file went away after it was accepted")
+                elif now != lane.signatures.get(c):
+                    changed[c] = Unusable(Reason.DUPLICATE, "its tensor file changed after it was accepted: the "
+                                                            "verified bytes are gone, so it no longer counts")
         return self.drop(changed) if changed else []
 
     def slices(self) -> UpdateSlices:
