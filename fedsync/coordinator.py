@@ -385,9 +385,7 @@ class Coordinator:
         evaluations landed so far, round r - 1's waited for when it is due."""
         if r > 1 and due(r - 1, self.opts.rounds, self.cfg.eval_every):
             self.evaluator.wait(r - 1)
-        with self.metrics.lock:
-            evaluated = {k: (float(row["test_accuracy"]), float(row["test_loss"]))  # type: ignore[arg-type]
-                         for k, row in self.metrics.rows.items() if row["test_accuracy"] != ""}
+        evaluated = self.metrics.tested()
         summaries = self.backoff.run(lambda: {k: load_summary(self.share, k) for k in evaluated},
                                      "reading the evaluated rounds' summaries")
         return ruined(history(summaries, evaluated))

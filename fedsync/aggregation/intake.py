@@ -240,7 +240,8 @@ class Aggregator:
     def __init__(self, layout: Layout, store: Store, lanes: int = LANES, round: int = 0,
                  validity: Validity | None = None) -> None:
         self.layout, self.store, self.file_layout, self.round = layout, store, file_layout(layout), round
-        self.validity = validity or Validity()  # checked on this round's updates; a late one's base was another
+        self.validity = validity or Validity()  # checked on this round's updates
+        self.late_validity = Validity(counts=self.validity.counts)  # a late one's variances had another base
         self.layouts = {e: encoded_layout(self.file_layout, e) for e in ENCODINGS}  # what each encoding's file holds
         self.lanes = [_Lane(layout) for _ in range(lanes)]
         self.pool = ThreadPoolExecutor(lanes, thread_name_prefix="intake")
@@ -306,7 +307,7 @@ class Aggregator:
 
     def _validity(self, c: Candidate) -> Validity:
         """A late update's variances were relative to an older model: only its counts are checked."""
-        return Validity(counts=self.validity.counts) if self.late(c) else self.validity
+        return self.late_validity if self.late(c) else self.validity
 
     @property
     def has_late(self) -> bool:

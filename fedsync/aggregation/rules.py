@@ -214,8 +214,7 @@ class Krum:
 
     def aggregate(self, collected: Collected) -> Aggregate:
         n, f = collected.slices.count(), self.byzantine
-        if n < 2 * f + 3:
-            raise ValueError(f"{self.name} with byzantine {f} needs at least {2 * f + 3} updates, got {n}")
+        _require(self.name, f, n)
         distances = squared_distances(gram(collected.slices, trained_sizes(collected)))
         scores = krum_scores(distances, f, list(range(n)))
         keep = sorted(range(n), key=lambda i: (scores[i], i))[:n - f if self.multi else 1]
@@ -244,8 +243,7 @@ class Bulyan:
 
     def aggregate(self, collected: Collected) -> Aggregate:
         n, f = collected.slices.count(), self.byzantine
-        if n < 4 * f + 3:
-            raise ValueError(f"bulyan with byzantine {f} needs at least {4 * f + 3} updates, got {n}")
+        _require(self.name, f, n)
         distances = squared_distances(gram(collected.slices, trained_sizes(collected)))
         chosen = torch.tensor(sorted(krum_selection(distances, f, n - 2 * f)))
         beta = n - 4 * f
@@ -279,6 +277,13 @@ RULES = ("fedavg", "fednova", "median", "trimmed_mean", "krum", "multi_krum", "b
 def needed_updates(name: str, byzantine: int) -> int:
     """The fewest accepted updates a rule can aggregate: Krum and Multi-Krum 2f + 3, Bulyan 4f + 3, others 1."""
     return {"krum": 2 * byzantine + 3, "multi_krum": 2 * byzantine + 3, "bulyan": 4 * byzantine + 3}.get(name, 1)
+
+
+def _require(name: str, byzantine: int, n: int) -> None:
+    """ValueError when n updates are too few for the rule (the config check keeps min_updates above it)."""
+    if n < needed_updates(name, byzantine):
+        raise ValueError(f"{name} with byzantine {byzantine} needs at least {needed_updates(name, byzantine)} "
+                         f"updates, got {n}")
 
 
 def make_rule(name: str, momentum: float, trim: float, byzantine: int = 1) -> Rule:

@@ -243,6 +243,12 @@ class Metrics:
             self.rows[ev.round].update({"test_accuracy": f"{ev.test_accuracy:.6f}",
                                         "test_loss": f"{ev.test_loss:.6f}"})
 
+    def tested(self) -> dict[int, tuple[float, float]]:
+        """Each round whose evaluation has landed: (test accuracy, test loss)."""
+        with self.lock:
+            return {r: (float(row["test_accuracy"]), float(row["test_loss"]))  # type: ignore[arg-type]
+                    for r, row in self.rows.items() if row["test_accuracy"] != ""}
+
     def write(self) -> None:
         with self.lock:
             out = io.StringIO()
