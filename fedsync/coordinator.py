@@ -35,10 +35,10 @@ from fedsync.run.coordinating.resume import own_assignment, remove_stale_tempora
 from fedsync.run.coordinating.retention import Retention
 from fedsync.run.coordinating.verdicts import history, ruined, to_exclude
 from fedsync.run.liveness import Liveness
-from fedsync.run.start import check_run, task_record
+from fedsync.run.start import check_run, sealing_key, task_record
 from fedsync.run.trust import Trust, check_coordinator_key
 from fedsync.storage import names
-from fedsync.storage.keys import Identity, coordinator_key_path, load_identity
+from fedsync.storage.keys import Identity, coordinator_key_path, load_identity, sealing_key_path
 from fedsync.storage.lease import Lease, read_lease
 from fedsync.storage.locks import local_lock
 from fedsync.storage.manifest import new_manifest, write_manifest
@@ -53,6 +53,7 @@ from fedsync.storage.markers import (
     to_dict,
 )
 from fedsync.storage.reasons import Unusable
+from fedsync.storage.sealing import SealingIdentity
 from fedsync.storage.share import Share
 from fedsync.storage.signing import assignment_message, final_message
 from fedsync.storage.syncthing import SyncthingNudge
@@ -105,9 +106,10 @@ def run_coordinator(opts: CoordinatorOptions) -> FinalMarker:
         if closed and closed[-1] > opts.rounds:
             raise ConfigError(f"the run in {share.where()} already closed {closed[-1]} rounds: "
                               f"--rounds must be at least {closed[-1]}")
+        opener, sealing_created = sealing_key(opts.config, identity, existing)
         dataset, test = load_data(opts.config, opts.data_root or opts.config.data_root, opts.log)
-        manifest = existing or new_manifest(opts.config.as_dict(), opts.created_by, identity.public,
-                                            task_record(opts.config))
+        manifest = existing or new_manifest(opts.config.as_dict(), opts.created_by, identity, task_record(opts.config),
+                                            opener.recipient if opener else None)
         lease = Lease(share, manifest.run_id, opts.config.heartbeat, opts.config.worker_timeout, opts.log,
                       opts.rounds)
         lease.check()
@@ -117,11 +119,15 @@ def run_coordinator(opts: CoordinatorOptions) -> FinalMarker:
         opts.log(f"coordinator key {identity.path}{' (created now)' if created else ''}: fingerprint "
                  f"{identity.fingerprint}; workers pin it at first contact (or pass --coordinator-key "
                  f"{identity.public})")
+        if opener is not None:
+            opts.log(f"updates are sealed to {opener.recipient}; the key that opens them is "
+                     f"{sealing_key_path(identity.path)}{' (created now)' if sealing_created else ''}: keep it with "
+                     "the signing key. Open one update by hand: age -d -i KEY -o update.safetensors FILE.age")
         why = "it ended unexpectedly"  # the lease says why the run stopped: workers and `fedsync status` tell it
         try:
             with ShareWatcher(share, opts.watch, list_store=False) as watcher:
                 final = Coordinator(share, manifest, opts, dataset, test, watcher, lease, identity, choice,
-                                    nudge).run()
+                                    nudge, opener).run()
                 why = ""
                 return final
         except KeyboardInterrupt as e:
@@ -144,11 +150,11 @@ def _lease_holder(share: Share) -> str:
 class Coordinator:
     def __init__(self, share: Share, manifest: Manifest, opts: CoordinatorOptions, dataset: Dataset | None,
                  test: Source, watcher: ShareWatcher, lease: Lease, identity: Identity, device: DeviceChoice,
-                 nudge: SyncthingNudge | None = None) -> None:
+                 nudge: SyncthingNudge | None = None, opener: SealingIdentity | None = None) -> None:
         self.share, self.manifest, self.opts, self.cfg = share, manifest, opts, opts.config
         self.watcher, self.lease, self.log = watcher, lease, opts.log
         self.task = self.cfg.resolved_task()
-        self.identity, self.nudge = identity, nudge
+        self.identity, self.nudge, self.opener = identity, nudge, opener
         self.liveness = Liveness(share, self.cfg.worker_timeout)
         self.trust = Trust(share, manifest.run_id, identity, self.cfg.trust, self.liveness.public_key, self.log)
         self.backoff = Backoff(self.log)
@@ -280,7 +286,7 @@ class Coordinator:
     def _collect_and_close(self, r: int, a: Assignment, state: dict[str, torch.Tensor]) -> None:
         self.lease.update("collecting", r)
         intake = self.backoff.run(lambda: RoundIntake(self.share, r, a, state, self.cfg, self.planner.bound, self.rule,
-                                                      self.trust, self.log, self.buffers, self.probe),
+                                                      self.trust, self.log, self.buffers, self.probe, self.opener),
                                   f"reading the rounds before round {r}")
         news = RoundNews(r, self.log, self.lease)
         try:

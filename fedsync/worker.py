@@ -11,6 +11,7 @@ import math
 import socket
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -38,7 +39,7 @@ from fedsync.run.working.serve import Device, Server
 from fedsync.storage import names
 from fedsync.storage.keys import Identity, load_identity, pinned_coordinator, worker_key_path
 from fedsync.storage.locks import local_lock
-from fedsync.storage.manifest import finished, read_manifest
+from fedsync.storage.manifest import finished, read_manifest, sealing_recipient
 from fedsync.storage.markers import (
     FORMAT_VERSION,
     Assignment,
@@ -50,6 +51,7 @@ from fedsync.storage.markers import (
     to_dict,
 )
 from fedsync.storage.reasons import Unusable
+from fedsync.storage.sealing import SCHEME, seal
 from fedsync.storage.share import Share
 from fedsync.storage.signing import assignment_message, fingerprint, update_message, verify
 from fedsync.storage.syncthing import SyncthingNudge
@@ -137,6 +139,10 @@ class Worker:
         self.task: Task = self.cfg.resolved_task()
         self.notices = Notices(share, name, manifest.run_id, coordinator_key, identity, self.cfg.trust, log)
         check_task(manifest, self.cfg)  # another version or layout of the task: refused before anything is written
+        self.recipient = sealing_recipient(manifest, coordinator_key)  # None: the run keeps plain updates
+        if self.recipient is not None:
+            log(f"updates are sealed to the coordinator's key {self.recipient} (signed by it): nobody else who reads "
+                "the share can read them")
         # checked before registering: nothing found here can fail the worker in the middle of a round
         choice, self.precision = start_check(opts.device, choice, self.cfg.precision, facts)
         self.device = choice.device
@@ -166,7 +172,8 @@ class Worker:
                                self.cfg.data_options(self.log, self.opts.memory_budget))
         if self.data.own is not None:  # a private task: registered by count, never sent
             self.heartbeat.info = replace(self.heartbeat.info, own_samples=len(self.data.own))
-        own = {names.update_tensors_name(self.name), names.update_marker_name(self.name)}
+        own = {names.update_tensors_name(self.name), names.update_tensors_name(self.name, sealed=True),
+               names.update_marker_name(self.name)}
         for r in self.share.rounds():
             self.share.remove_temporaries(self.share.updates_dir(r), own)  # left by a crash of this worker
         self._warm_up(train)
@@ -279,8 +286,10 @@ class Worker:
         if diverged is None:
             written = encoded_update(r, update, self.cfg.compression,
                                      self.feedback if self.cfg.error_feedback else None)
-            ref = self.backoff.run(lambda: save_state(self.share.write, self.share.update_tensors(r, self.name),
-                                                      written), f"writing the update for round {r}")
+            sealing = partial(seal, recipient=self.recipient) if self.recipient else None
+            name = self.share.update_tensors(r, self.name, sealed=sealing is not None)
+            ref = self.backoff.run(lambda: save_state(self.share.write, name, written, seal=sealing),
+                                   f"writing the update for round {r}")
             crash_point(f"worker:after-tensors:{r}")
         else:
             self.log(f"round {r}: WARNING: training diverged ({diverged}); not uploading the update: the run "
@@ -292,7 +301,7 @@ class Worker:
                               samples=result.samples, steps=result.steps, train_loss=result.train_loss,
                               seconds=round(signed - seen, 3), device=self.device, diverged=diverged,
                               evaluation=evaluation, timings={k: round(v, 4) for k, v in timings.items()},
-                              encoding=self.cfg.compression)
+                              encoding=self.cfg.compression, encryption=SCHEME if self.recipient else "none")
         marker.signature = self.identity.sign(update_message(self.manifest.run_id, marker))
         self.backoff.run(lambda: self.share.write_yaml(self.share.update_marker(r, self.name), to_dict(marker)),
                          f"writing the marker for round {r}")  # last: the update counts from here

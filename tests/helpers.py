@@ -11,16 +11,28 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import pyrage
 import pytest
 import torch
+from safetensors.torch import load as st_load
 
 from fedsync import __version__
-from fedsync.storage.keys import Identity, coordinator_key_path, load_identity, worker_key_path
+from fedsync.storage.keys import (
+    Identity,
+    coordinator_key_path,
+    load_identity,
+    load_sealing_identity,
+    sealing_key_path,
+    worker_key_path,
+)
 from fedsync.storage.local import atomic_write
+from fedsync.storage.manifest import read_manifest
 from fedsync.storage.markers import FORMAT_VERSION, Assignment, FileRef, UpdateMarker, WorkerInfo, to_dict
+from fedsync.storage.sealing import SCHEME, SealingIdentity, seal
 from fedsync.storage.share import Share
 from fedsync.storage.signing import update_message
 from fedsync.storage.yamlfile import dump_yaml, parse_yaml
@@ -128,13 +140,23 @@ def wait_until(check: Callable[[], object], timeout: float, what: str) -> None:
         time.sleep(0.02)
 
 
+def coordinator_opener() -> SealingIdentity:
+    """The key that opens updates sealed to a coordinator started by the tests (beside its signing key)."""
+    return load_sealing_identity(sealing_key_path(coordinator_key_path()))[0]
+
+
 def submit_update(share: Share, a: Assignment, worker: str, update: dict[str, torch.Tensor],
                   samples: int = 100, steps: int = 1) -> FileRef:
-    """Write an update and then its marker for round `a.round`, as a worker process does."""
-    ref = save_state(share.store.write, share.update_tensors(a.round, worker), update)
+    """Write an update and then its marker for round `a.round`, as a worker process does: sealed to the run's
+    recipient when its fedsync.yaml keeps updates confidential."""
+    manifest = read_manifest(share) if share.exists(share.manifest) else None
+    recipient = manifest.recipient if manifest and manifest.config.get("confidential_updates") else None
+    ref = save_state(share.store.write, share.update_tensors(a.round, worker, sealed=recipient is not None), update,
+                     seal=partial(seal, recipient=recipient) if recipient else None)
     share.store.write(share.update_marker(a.round, worker), dump_yaml(signed(UpdateMarker(
         format=FORMAT_VERSION, round=a.round, worker=worker, base=a.model.blake3, tensors=ref, samples=samples,
-        steps=steps, train_loss=1.0, seconds=1.0, device="cpu"), a.run_id)))
+        steps=steps, train_loss=1.0, seconds=1.0, device="cpu", encryption=SCHEME if recipient else "none"),
+        a.run_id)))
     return ref
 
 
@@ -160,3 +182,23 @@ class StackedSlices:
 
     def read(self, tensor: str, start: int, length: int) -> torch.Tensor:
         return torch.stack([u[tensor].reshape(-1)[start:start + length] for u in self.updates])
+
+
+def assert_sealed(share: Share, r: int, workers: list[str]) -> None:
+    """Round `r`'s updates in `share` (any copy of it) are ciphertext: each `.safetensors.age` file fails to load as
+    safetensors, there is no plain one, and the coordinator's key opens each to the round's tensors."""
+    for w in workers:
+        assert not share.exists(share.update_tensors(r, w)), f"{w}'s round-{r} update is in plain"
+        data = share.store.read(share.update_tensors(r, w, sealed=True), 1 << 30)
+        assert data.startswith(b"age-encryption.org/v1\n")
+        with pytest.raises(Exception):  # noqa: B017 - any error: the bytes are not a safetensors file
+            st_load(data)
+        plain = opened_update(share, r, w)  # a second age implementation opens it with the coordinator's key
+        assert set(plain) == set(st_load(share.store.read(share.global_model(r), 1 << 30)))
+
+
+def opened_update(share: Share, r: int, worker: str) -> dict[str, torch.Tensor]:
+    """A sealed update as the coordinator's key opens it, through rage (pyrage), not fedsync's own reader."""
+    data = share.store.read(share.update_tensors(r, worker, sealed=True), 1 << 30)
+    identity = pyrage.x25519.Identity.from_str(coordinator_opener().text().splitlines()[-1])
+    return st_load(pyrage.decrypt(data, [identity]))

@@ -1,6 +1,7 @@
 """A fedsync worker written from docs/PROTOCOL.md alone, for the built-in `digits` task: it imports nothing from
-fedsync (only safetensors, blake3, pyyaml, cryptography, torch and scikit-learn's bundled data), so a run that
-accepts its updates every round shows the document is complete. Section numbers below are PROTOCOL.md's.
+fedsync (only safetensors, blake3, pyyaml, cryptography, torch, scikit-learn's bundled data, and pyrage, an age
+implementation in Rust, to seal its updates), so a run that accepts its updates every round shows the document is
+complete. Section numbers below are PROTOCOL.md's.
 
 It can also play an enrolled attacker (tests/test_attacks.py): with ATTACK `cycle` it signs, with its own key, an
 update poisoned another way each round (ATTACKS, in order), from its honestly trained delta.
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 
 import blake3
+import pyrage
 import torch
 import torch.nn.functional as F
 import yaml
@@ -162,6 +164,12 @@ class Worker:
         run = yaml.safe_load((self.share / "fedsync.yaml").read_text())
         assert run["format"] == FORMAT, run["format"]
         self.run_id, self.cfg, self.coordinator = run["run_id"], run["config"], run["coordinator_key"]
+        self.recipient = None  # section 5.15: seal every update to the coordinator's signed recipient
+        if self.cfg.get("confidential_updates"):
+            msg = message("recipient", [("run", self.run_id), ("recipient", run["recipient"])])
+            if not verify(self.coordinator, msg, run.get("recipient_signature")):
+                raise SystemExit("fedsync.yaml's recipient is not signed by the coordinator")
+            self.recipient = pyrage.x25519.Recipient.from_str(run["recipient"])
         x, y = load_digits(return_X_y=True)  # section 5.4: the task's data in its own order
         self.x = torch.tensor(x / 16, dtype=torch.float32).reshape(-1, 1, 8, 8)
         self.y = torch.tensor(y, dtype=torch.int64)
@@ -266,17 +274,21 @@ class Worker:
             delta = {k: v.contiguous() for k, v in poisoned(attack, delta, self.first).items()}
         encoding = self.cfg["compression"]
         data = st_save(encode(delta, encoding))
-        write_whole(folder / "updates" / f"{self.name}.safetensors", data)
-        tensors = {"file": f"{self.name}.safetensors", "blake3": blake3.blake3(data).hexdigest(), "bytes": len(data)}
+        file = f"{self.name}.safetensors"
+        if self.recipient is not None:
+            data, file = pyrage.encrypt(data, [self.recipient]), file + ".age"
+        write_whole(folder / "updates" / file, data)
+        tensors = {"file": file, "blake3": blake3.blake3(data).hexdigest(), "bytes": len(data)}
         marker = {"format": FORMAT, "round": r, "worker": self.name, "base": a["model"]["blake3"], "tensors": tensors,
                   "samples": samples, "steps": steps, "train_loss": loss_sum / seen,
                   "seconds": round(time.monotonic() - started, 3), "device": "cpu", "diverged": None,
-                  "encoding": encoding}
+                  "encoding": encoding, "encryption": "age" if self.recipient else "none"}
         signed = [("run", self.run_id), ("round", r), ("worker", self.name), ("base", a["model"]["blake3"]),
                   ("tensors", tensors["blake3"]), ("bytes", tensors["bytes"]), ("samples", samples),
                   ("steps", steps), ("diverged", "no")]
-        marker["signature"] = self.sign(message("update", signed + ([("encoding", encoding)] if encoding != "none"
-                                                                     else [])))
+        signed += [("encoding", encoding)] if encoding != "none" else []
+        signed += [("encryption", "age")] if self.recipient else []
+        marker["signature"] = self.sign(message("update", signed))
         write_whole(folder / "updates" / f"{self.name}.yaml", yaml.safe_dump(marker, sort_keys=False).encode())
         self.state = "idle"
         print(f"round {r}: trained {n} examples in {steps} steps, train loss {loss_sum / seen:.4f}"

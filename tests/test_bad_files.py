@@ -9,12 +9,15 @@ import pickle
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import pytest
 import torch
 
+from fedsync.storage import names
 from fedsync.storage.hashing import hash_bytes
 from fedsync.storage.keys import Identity, load_identity
+from fedsync.storage.manifest import read_manifest
 from fedsync.storage.markers import (
     FORMAT_VERSION,
     Assignment,
@@ -25,6 +28,7 @@ from fedsync.storage.markers import (
     parse,
     to_dict,
 )
+from fedsync.storage.sealing import SCHEME, SealingIdentity, seal
 from fedsync.storage.share import Share
 from fedsync.tensors.files import load_verified, save_state, state_bytes
 
@@ -47,7 +51,19 @@ class Round:
     r: int
     a: Assignment
     base: dict[str, torch.Tensor]
+    recipient: str | None  # the run seals updates to this key (confidential_updates), as its workers do
     valid: list[tuple[dict[str, torch.Tensor], float]] = field(default_factory=list)
+
+    def tensors_name(self, worker: str) -> str:
+        return self.share.update_tensors(self.r, worker, sealed=self.recipient is not None)
+
+    def sealed(self, data: bytes) -> bytes:
+        """The bytes a worker of this run writes for a plaintext: sealed to the run's recipient."""
+        return seal(data, self.recipient) if self.recipient else data
+
+    def write_tensors(self, worker: str, update: dict[str, torch.Tensor]) -> FileRef:
+        return save_state(self.share.store.write, self.tensors_name(worker), update,
+                          seal=partial(seal, recipient=self.recipient) if self.recipient else None)
 
     def delta(self, scale: float = 1e-3) -> dict[str, torch.Tensor]:
         return {k: (torch.randn(v.shape) * scale).to(v.dtype) if v.is_floating_point() else torch.zeros_like(v)
@@ -57,7 +73,8 @@ class Round:
         """The marker `worker` would write, with `changes`, signed with its key after them (a worker's own mistake)
         or with `key` (a forger's); `signature=None` among the changes leaves it unsigned."""
         m = to_dict(UpdateMarker(format=FORMAT_VERSION, round=self.r, worker=worker, base=self.a.model.blake3,
-                                 tensors=ref, samples=100, steps=3, train_loss=0.5, seconds=0.1, device="cpu"))
+                                 tensors=ref, samples=100, steps=3, train_loss=0.5, seconds=0.1, device="cpu",
+                                 encryption=SCHEME if self.recipient else "none"))
         m.update(changes)
         try:
             parsed = parse(UpdateMarker, m, "marker")
@@ -72,17 +89,19 @@ class Round:
         """Write an update and then its marker (with `changes` to its fields), as a worker does; `counts` if
         it should be aggregated."""
         update = self.delta() if update is None else update
-        ref = save_state(self.share.store.write, self.share.update_tensors(self.r, worker), update)
+        ref = self.write_tensors(worker, update)
         write_yaml(self.share.path(self.share.update_marker(self.r, worker)),
                    self.marker(worker, ref, key, **changes))
         if counts:
             self.valid.append((update, float(changes.get("samples", 100))))
         return ref
 
-    def raw(self, worker: str, data: bytes, /, **changes: object) -> None:
-        """A tensor file with arbitrary bytes and a marker that describes them exactly."""
-        path = self.share.path(self.share.update_tensors(self.r, worker))
-        path.write_bytes(data)
+    def raw(self, worker: str, data: bytes, /, sealed: bool = False, **changes: object) -> None:
+        """A tensor file whose plaintext is arbitrary bytes (`sealed`: the file itself), and a marker that describes
+        the file exactly."""
+        path = self.share.path(self.tensors_name(worker))
+        path.write_bytes(data if sealed else self.sealed(data))
+        data = path.read_bytes()
         ref = FileRef(path.name, hash_bytes(data), len(data))
         write_yaml(self.share.path(self.share.update_marker(self.r, worker)), self.marker(worker, ref, **changes))
 
@@ -115,22 +134,22 @@ def _first_float(t: dict[str, torch.Tensor]) -> torch.Tensor:
 def _truncated(rd: Round) -> None:
     """The marker describes the whole update, the file holds all but its last 64 bytes (a copy cut short). Cut
     before the marker is written: cutting it after would race a coordinator fast enough to read it whole first."""
-    data = state_bytes(rd.delta())
-    path = rd.share.path(rd.share.update_tensors(rd.r, "bad"))
+    data = rd.sealed(state_bytes(rd.delta()))
+    path = rd.share.path(rd.tensors_name("bad"))
     path.write_bytes(data[:-64])
     write_yaml(rd.share.path(rd.share.update_marker(rd.r, "bad")),
                rd.marker("bad", FileRef(path.name, hash_bytes(data), len(data))))
 
 
 def _torch_save(rd: Round) -> None:
-    path = rd.share.path(rd.share.update_tensors(rd.r, "bad"))
+    path = rd.share.path(rd.tensors_name("bad"))
     torch.save(rd.delta(), path)
     rd.raw("bad", path.read_bytes())
 
 
 def _symlink(rd: Round) -> None:
     target = rd.share.path(rd.share.global_model(rd.r))
-    link = rd.share.path(rd.share.update_tensors(rd.r, "bad"))
+    link = rd.share.path(rd.tensors_name("bad"))
     link.symlink_to(target)
     ref = FileRef(link.name, rd.a.model.blake3, rd.a.model.bytes)
     write_yaml(rd.share.path(rd.share.update_marker(rd.r, "bad")), rd.marker("bad", ref))
@@ -138,7 +157,7 @@ def _symlink(rd: Round) -> None:
 
 def _marker_text(text: str | bytes) -> Callable[[Round], None]:
     def act(rd: Round) -> None:
-        save_state(rd.share.store.write, rd.share.update_tensors(rd.r, "bad"), rd.delta())
+        rd.write_tensors("bad", rd.delta())
         data = text.encode() if isinstance(text, str) else text
         rd.share.path(rd.share.update_marker(rd.r, "bad")).write_bytes(data)
     return act
@@ -162,7 +181,8 @@ def _replayed(edit: bool) -> Callable[[Round], None]:
     def act(rd: Round) -> None:
         old = rd.share.path(rd.share.round_dir(1)) / "updates"
         new = rd.share.path(rd.share.updates_dir(rd.r))
-        (new / "bad.safetensors").write_bytes((old / "bad.safetensors").read_bytes())
+        tensors = names.basename(rd.tensors_name("bad"))
+        (new / tensors).write_bytes((old / tensors).read_bytes())
         marker = read_yaml(old / "bad.yaml")
         if edit:
             marker.update(round=rd.r, base=rd.a.model.blake3)
@@ -172,7 +192,7 @@ def _replayed(edit: bool) -> Callable[[Round], None]:
 
 def _renamed(rd: Round) -> None:
     """The good worker's signed marker and tensors presented as the bad worker's."""
-    ref = save_state(rd.share.store.write, rd.share.update_tensors(rd.r, "bad"), rd.delta())
+    ref = rd.write_tensors("bad", rd.delta())
     forged = rd.marker("good", ref, worker_identity("good"))  # good's own, signed by good ...
     forged["worker"] = "bad"  # ... with its name edited afterwards
     write_yaml(rd.share.path(rd.share.update_marker(rd.r, "bad")), forged)
@@ -209,10 +229,27 @@ def _wrong_folder(rd: Round) -> None:
     write_yaml(rd.share.path(f"{folder}/bad.yaml"), rd.marker("bad", ref))
 
 
+def _plain_in_a_sealed_run(rd: Round) -> None:
+    """An old or hand-made worker that writes its update readable to everyone."""
+    ref = save_state(rd.share.store.write, rd.share.update_tensors(rd.r, "bad"), rd.delta())
+    write_yaml(rd.share.path(rd.share.update_marker(rd.r, "bad")), rd.marker("bad", ref, encryption="none"))
+
+
+def _sealed_header_edited(rd: Round) -> None:
+    """A sealed file whose header was edited before the marker was written (its hash is the marker's)."""
+    data = rd.sealed(state_bytes(rd.delta()))
+    rd.raw("bad", data.replace(b"-> X25519 ", b"-> X25519 x", 1), sealed=True)
+
+
 BOMB = "a: &a [x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]\n"
 CASES: dict[str, Case] = {
     "valid pair": Case(lambda rd: rd.submit("bad", None, True), None),
     "truncated safetensors": Case(_truncated, "size_mismatch"),
+    "plain update in a sealed run": Case(_plain_in_a_sealed_run, "not_sealed"),
+    "sealed to another key": Case(lambda rd: rd.raw("bad", seal(state_bytes(rd.delta()),
+                                                               SealingIdentity.generate().recipient), sealed=True),
+                                  "undecryptable"),
+    "sealed file with an edited header": Case(_sealed_header_edited, "undecryptable"),
     "random bytes": Case(lambda rd: rd.raw("bad", os.urandom(4096)), "not_safetensors"),
     "pickle": Case(lambda rd: rd.raw("bad", pickle.dumps({"w": [1.0, 2.0]})), "not_safetensors"),
     "torch.save": Case(_torch_save, "not_safetensors"),
@@ -266,7 +303,7 @@ CASES: dict[str, Case] = {
 
 
 def _hash_mismatch(rd: Round) -> None:
-    ref = save_state(rd.share.store.write, rd.share.update_tensors(rd.r, "bad"), rd.delta())
+    ref = rd.write_tensors("bad", rd.delta())
     write_yaml(rd.share.path(rd.share.update_marker(rd.r, "bad")), rd.marker("bad", ref, tensors={
         "file": ref.file, "blake3": "cd" * 32, "bytes": ref.bytes}))
 
@@ -276,18 +313,19 @@ def _hash_mismatch(rd: Round) -> None:
 def bad_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Share, dict[str, Round], str, int | None]:
     share = Share(tmp_path_factory.mktemp("bad") / "share")
     share.root.mkdir()
-    names = list(CASES)
-    coord = start("coordinator", "--share", str(share.root), "--rounds", str(len(names)), "--set", "min_workers=2",
+    cases = list(CASES)
+    coord = start("coordinator", "--share", str(share.root), "--rounds", str(len(cases)), "--set", "min_workers=2",
                   "--set", "round_timeout=1.5", "--set", "worker_timeout=120", "--set", "heartbeat=5",
                   "--set", "exclude_after=0")  # "bad" is rejected round after round on purpose
     rounds: dict[str, Round] = {}
     with killed_on_error(coord):
-        for r, name in enumerate(names, 1):
+        for r, name in enumerate(cases, 1):
             for w in ("good", "bad"):
                 register_worker(share, w, beat=r)
             wait_until(lambda: share.exists(share.assignment(r)), 60, f"round {r} to open")
             a = parse(Assignment, share.read_yaml(share.assignment(r)), "a")
-            rd = Round(share, r, a, load_verified(share, share.global_model(r), a.model))
+            base = load_verified(share, share.global_model(r), a.model)
+            rd = Round(share, r, a, base, read_manifest(share).recipient)
             case = CASES[name]
             if case.good_first:
                 rd.good()

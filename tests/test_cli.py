@@ -126,7 +126,7 @@ def test_errors_are_one_line_with_their_status(tmp_path: Path) -> None:
     cifar = tmp_path / "cifar-share"
     (tmp_path / "c").mkdir()  # a share that is there, for a run whose data is not
     # a run whose data this machine lacks
-    open_run(Share(cifar), load_config("cifar10"), "coordinator", coordinator_identity().public)
+    open_run(Share(cifar), load_config("cifar10"), "coordinator", coordinator_identity())
     cases = [
         (["coordinator", "--share", str(tmp_path / "c"), "--config", "cifar10", "--data-root",
           str(tmp_path / "mine")], 6, f"{tmp_path / 'mine'}/cifar-10-batches-py lacks"),

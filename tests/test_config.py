@@ -41,10 +41,10 @@ def test_bad_configs_are_refused_with_the_key(pair: str, words: str) -> None:
 
 def test_a_share_keeps_its_config(tmp_path: Path) -> None:
     share = Share(tmp_path)
-    first = open_run(share, load_config("digits"), "coordinator", coordinator_identity().public)
-    assert open_run(share, load_config("digits"), "coordinator", coordinator_identity().public).run_id == first.run_id
+    first = open_run(share, load_config("digits"), "coordinator", coordinator_identity())
+    assert open_run(share, load_config("digits"), "coordinator", coordinator_identity()).run_id == first.run_id
     with pytest.raises(ConfigError, match="seed"):
-        open_run(share, load_config("digits", {"seed": 7}), "coordinator", coordinator_identity().public)
+        open_run(share, load_config("digits", {"seed": 7}), "coordinator", coordinator_identity())
 
 
 @pytest.mark.processes

@@ -34,7 +34,14 @@ from fedsync.storage.markers import (
     to_dict,
 )
 from fedsync.storage.reasons import Reason
-from fedsync.storage.signing import assignment_message, final_message, trust_message, update_message, verify
+from fedsync.storage.signing import (
+    assignment_message,
+    final_message,
+    recipient_message,
+    trust_message,
+    update_message,
+    verify,
+)
 from fedsync.storage.yamlfile import parse_yaml
 from fedsync.tensors.files import state_bytes
 
@@ -72,6 +79,7 @@ def test_the_examples_signatures_verify_as_section_5_10_says() -> None:
     assert read_trust_entries(trust, coordinator) == {n: (e.key, e.state) for n, e in trust.workers.items()}
     assert verify(coordinator, assignment_message(ex["assignment.yaml"]), ex["assignment.yaml"].signature)
     assert verify(coordinator, final_message(ex["final.yaml"]), ex["final.yaml"].signature)
+    assert verify(coordinator, recipient_message(manifest.run_id, manifest.recipient), manifest.recipient_signature)
     marker = ex["updates/<name>.yaml"]
     message = update_message(manifest.run_id, marker)
     assert verify(trust.workers[marker.worker].key, message, marker.signature)

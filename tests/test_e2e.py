@@ -11,22 +11,27 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
+from fedsync.learning.tasks import get_task
 from fedsync.learning.train import evaluate
 from fedsync.run.config import load_config, load_data
 from fedsync.storage.hashing import hash_bytes
+from fedsync.storage.keys import coordinator_key_path, sealing_key_path
 from fedsync.storage.markers import Assignment, FinalMarker, Summary, UpdateMarker, parse
+from fedsync.storage.sealing import SealingIdentity, seal
 from fedsync.storage.share import Share
-from fedsync.tensors.files import load_verified
+from fedsync.tensors.files import load_verified, state_bytes
 from fedsync.tensors.residuals import residual_dir
 
-from .helpers import finish, killed_on_error, read_yaml, run, start, write_yaml
+from .helpers import assert_sealed, finish, killed_on_error, opened_update, read_yaml, run, start, write_yaml
 
 ROUNDS = 6
 OUTSIDER = Path(__file__).resolve().parent / "independent_worker.py"
 CONFIG_VALUES = {"min_workers": 2, "federated_eval": 0.2}  # each worker also evaluates on a fifth of its shard
 CONFIG = tuple(a for k, v in CONFIG_VALUES.items() for a in ("--set", f"{k}={v}"))
 README = Path(__file__).resolve().parent.parent / "README.md"
+PARAMETERS = [n for n, _ in get_task("digits").build_model("digits_cnn").named_parameters()]
 
 
 @pytest.mark.processes
@@ -61,14 +66,23 @@ def test_two_workers_reach_real_accuracy(share: Path) -> None:
         for w in ("w1", "w2"):
             m = parse(UpdateMarker, s.read_yaml(s.update_marker(r, w)), "m")
             assert m.base == a.model.blake3 and m.round == r
-            assert hash_bytes(s.path(s.update_tensors(r, w)).read_bytes()) == m.tensors.blake3
+            assert hash_bytes(s.path(s.update_tensors(r, w, sealed=True)).read_bytes()) == m.tensors.blake3
+            assert m.encryption == "age" and m.tensors.file == f"{w}.safetensors.age"
             # 1,438 training images in two shards of 719: a fifth of each (143) held out, the rest trained on
             assert m.evaluation.samples == 143 and m.samples == 719 - 143
             assert set(m.timings) == {"prepare_s", "evaluate_s", "train_s", "publish_s"}
             assert all(v >= 0 for v in m.timings.values()) and sum(m.timings.values()) <= m.seconds + 0.01
             held.append(m.evaluation)
         fed = summary.federated
-        sizes = [s.path(s.update_tensors(r, w)).stat().st_size for w in ("w1", "w2")]
+        sizes = [s.path(s.update_tensors(r, w, sealed=True)).stat().st_size for w in ("w1", "w2")]
+        assert_sealed(s, r, ["w1", "w2"])
+        # the next model is the old one plus the plain FedAvg of the updates the coordinator's key opens
+        before = load_verified(s, s.global_model(r), a.model)
+        after = load_verified(s, summary.model.file, summary.model)
+        opened = {x.worker: (opened_update(s, r, x.worker), x.weight) for x in summary.accepted}
+        for k in PARAMETERS:
+            mean = sum(u[k].double() * weight for u, weight in opened.values()) / sum(w for _, w in opened.values())
+            torch.testing.assert_close(after[k].double(), before[k].double() + mean, atol=1e-6, rtol=1e-5)
         assert summary.traffic.model_bytes == a.model.bytes and summary.traffic.down_bytes == 2 * a.model.bytes
         assert summary.traffic.up_bytes == sum(sizes) == sum(x.bytes for x in summary.accepted)
         assert list(summary.compute) == ["CPU"] and abs(summary.compute["CPU"] - sum(
@@ -154,8 +168,23 @@ def test_an_outsiders_worker_is_accepted_and_verify_reports_intact_runs_and_name
     kept = sorted(p.name for p in residual_dir().glob(f"{run_id}-w1-r*.safetensors"))
     assert kept == [f"{run_id}-w1-r000001.safetensors", f"{run_id}-w1-r000002.safetensors"]  # on its own disk
     assert not list(share.rglob("*residual*"))
-    ok = run("verify", "--share", str(share))
-    assert ok.returncode == 0 and "0 error(s)" in ok.stdout, ok.stdout
+    key = str(sealing_key_path(coordinator_key_path()))
+    ok = run("verify", "--share", str(share), "--key", key)
+    assert ok.returncode == 0 and "0 error(s)" in ok.stdout, ok.stdout  # the outsider's sealed files open too
+    # an accepted update swapped for one sealed to another key, its marker's hash edited to match: only the key sees it
+    tensors, marker = s.path(s.update_tensors(2, "w1", sealed=True)), s.path(s.update_marker(2, "w1"))
+    kept = tensors.read_bytes(), marker.read_bytes()
+    stranger = seal(state_bytes({"x": torch.zeros(3)}), SealingIdentity.generate().recipient)
+    tensors.write_bytes(stranger)
+    edited = read_yaml(marker)
+    edited["tensors"].update(blake3=hash_bytes(stranger), bytes=len(stranger))
+    write_yaml(marker, edited)
+    assert run("verify", "--share", str(share)).returncode == 0  # its hash is the marker's
+    opened = run("verify", "--share", str(share), "--key", key)
+    assert opened.returncode == 8 and "0002/updates/w1.safetensors.age: undecryptable: it is not sealed to this " \
+        "coordinator's key" in opened.stdout, opened.stdout
+    tensors.write_bytes(kept[0])
+    marker.write_bytes(kept[1])
 
     (s.path(s.updates_dir(1)) / ".w1.safetensors.abc.tmp").write_bytes(b"x")  # a leftover: a hint, not damage
     (s.path(s.round_dir(2)) / "summary.sync-conflict-20261123-101010-ABCDEFG.yaml").write_text("x")
@@ -163,13 +192,13 @@ def test_an_outsiders_worker_is_accepted_and_verify_reports_intact_runs_and_name
     found = json.loads(hinted.stdout)["findings"]
     assert hinted.returncode == 0 and {f["level"] for f in found} == {"hint"} and len(found) == 2
 
-    damaged = bytearray(s.path(s.update_tensors(1, "w1")).read_bytes())
+    damaged = bytearray(s.path(s.update_tensors(1, "w1", sealed=True)).read_bytes())
     damaged[-1] ^= 1
-    s.path(s.update_tensors(1, "w1")).write_bytes(bytes(damaged))
+    s.path(s.update_tensors(1, "w1", sealed=True)).write_bytes(bytes(damaged))
     s.path(s.global_model(2)).unlink()
     bad = run("verify", "--share", str(share))
     assert bad.returncode == 8, bad.stdout
-    assert "error: 0001/updates/w1.safetensors: hash_mismatch" in bad.stdout
+    assert "error: 0001/updates/w1.safetensors.age: hash_mismatch" in bad.stdout
     assert "error: 0002/global.safetensors: missing\n" in bad.stdout
     assert bad.stdout.count("error:") == 2  # round 2's global model, also round 1's aggregate, is named once
 

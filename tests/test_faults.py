@@ -88,7 +88,7 @@ def test_worker_killed_mid_upload_and_restarted(share: Path) -> None:
     coord = start(*COORD[:1], "--share", str(share), *COORD[1:])
     w2 = start(*worker_args(share, "w2"))
     try:
-        for r, fault in ((2, "write:0002/updates/w1.safetensors"), (3, "worker:after-tensors:3")):
+        for r, fault in ((2, "write:0002/updates/w1.safetensors.age"), (3, "worker:after-tensors:3")):
             doomed = start(*worker_args(share, "w1"), fault=fault)
             out = finish(doomed, timeout=120)
             assert doomed.returncode == -signal.SIGKILL, f"the fault {fault} was never reached:\n{out}"

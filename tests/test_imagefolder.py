@@ -138,7 +138,7 @@ def test_a_worker_on_its_own_data_may_claim_no_more_examples_than_it_registered(
     cfg = load_config("digits", {"task": "imagefolder", "model": "image_cnn", "classes": CLASSES, "image_size": 8,
                                  "channels": 1})
     coordinator = coordinator_identity()
-    run_id = open_run(s, cfg, "coordinator", coordinator.public).run_id
+    run_id = open_run(s, cfg, "coordinator", coordinator).run_id
     ref = save_state(s.store.write, s.global_model(1), {"w": torch.zeros(3)})
     a = Assignment(format=FORMAT_VERSION, run_id=run_id, round=1, rounds=1, model=ref, num_shards=0, time_budget_s=5.0,
                    workers={w: WorkerTask(shard=None, local_epochs=1, samples=100) for w in ("honest", "boaster")},
@@ -152,7 +152,7 @@ def test_a_worker_on_its_own_data_may_claim_no_more_examples_than_it_registered(
     trust = Trust(s, run_id, coordinator, "tofu", lambda n: worker_identity(n).public, print)
     assert trust.admit("honest") and trust.admit("boaster")
     planner = Planner(s, load_config("digits"), None, None, None, print)  # type: ignore[arg-type]
-    ledger = RoundLedger(s, 1, a, bounds=planner.bound, rule=FedAvg(), trust=trust)
+    ledger = RoundLedger(s, 1, a, bounds=planner.bound, rule=FedAvg(), trust=trust, sealed=cfg.confidential_updates)
     assert [c.worker for c in ledger.scan()] == ["honest"]
     assert ledger.rejected["boaster"].reason == "bad_samples" and "boaster registered 100" in ledger.rejected[
         "boaster"].detail

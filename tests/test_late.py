@@ -15,6 +15,7 @@ from fedsync.run.config import load_config
 from fedsync.run.coordinating.ledger import Bound, LateLedger
 from fedsync.run.start import open_run
 from fedsync.run.trust import Trust
+from fedsync.storage.hashing import hash_bytes
 from fedsync.storage.markers import (
     FORMAT_VERSION,
     Accepted,
@@ -33,6 +34,7 @@ from .helpers import (
     coordinator_identity,
     finish,
     killed_on_error,
+    opened_update,
     register_worker,
     start,
     submit_update,
@@ -54,7 +56,10 @@ def _round(s: Share, r: int) -> tuple[Assignment, dict[str, torch.Tensor]]:
 
 def _update(s: Share, r: int, worker: str) -> tuple[int, dict[str, torch.Tensor]]:
     m = parse(UpdateMarker, s.read_yaml(s.update_marker(r, worker)), "m")
-    return m.samples, load_verified(s, s.update_tensors(r, worker), m.tensors)
+    sealed = m.encryption == "age"
+    assert hash_bytes(s.store.read(s.update_tensors(r, worker, sealed), 1 << 30)) == m.tensors.blake3
+    return m.samples, opened_update(s, r, worker) if sealed else load_verified(s, s.update_tensors(r, worker),
+                                                                               m.tensors)
 
 
 def _assert_aggregate(after: dict[str, torch.Tensor], base: dict[str, torch.Tensor],
@@ -148,7 +153,7 @@ def test_late_ledger_weighs_by_age_and_looks_back_max_staleness_rounds(tmp_path:
     weighed by their own age; the one 4 rounds late is past the cut-off and never looked at."""
     s = Share(tmp_path)
     cfg = load_config("digits", {"late_policy": "fold", "max_staleness": 3})
-    open_run(s, cfg, "coordinator", coordinator_identity().public)
+    open_run(s, cfg, "coordinator", coordinator_identity())
     model = {"w": torch.zeros(3)}
     for r in range(1, 6):
         ref = save_state(s.store.write, s.global_model(r), model)

@@ -90,7 +90,7 @@ def test_verify_is_quiet_after_a_run_is_extended_twice_and_names_real_damage_onc
 
 
 def test_malformed_keys_and_wrong_names_are_one_line_errors_with_the_right_status(share: Path) -> None:
-    open_run(Share(share), load_config("digits"), "coordinator", coordinator_identity().public)
+    open_run(Share(share), load_config("digits"), "coordinator", coordinator_identity())
     register_worker(Share(share), "w1")
     other = load_identity(share.parent / "other.pem")[0]  # another coordinator's key
     s = str(share)

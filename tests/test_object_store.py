@@ -16,12 +16,14 @@ from safetensors.torch import save_file
 from fedsync.base.errors import ShareError
 from fedsync.learning.data import load_digits
 from fedsync.storage.hashing import hash_bytes
+from fedsync.storage.keys import coordinator_key_path, sealing_key_path
 from fedsync.storage.lease import Lease, read_lease
 from fedsync.storage.markers import FORMAT_VERSION, Assignment, CoordinatorLease, FinalMarker, Summary, parse, to_dict
 from fedsync.storage.share import Share
 from fedsync.storage.store import OversizeError, WriteConflict, read_upto
 from fedsync.storage.yamlfile import dump_yaml
 from tests.helpers import (
+    assert_sealed,
     finish,
     killed_on_error,
     register_worker,
@@ -170,12 +172,15 @@ def test_a_run_through_the_object_store_survives_a_killed_coordinator_and_a_bad_
     s2 = parse(Summary, share.read_yaml(share.summary(2)), "summary")
     assert [(x.worker, x.reason) for x in s2.rejected] == [("bad", "missing_tensor")], s2.rejected
     assert sorted(x.worker for x in s2.accepted) == ["w1", "w2"]
-    checked = run("verify", "--share", url, env=s3.env, timeout=60)
+    for r in (1, 2, 3):
+        assert_sealed(share, r, ["w1", "w2"])  # a bucket reader sees ciphertext only
+    key = str(sealing_key_path(coordinator_key_path()))
+    checked = run("verify", "--share", url, "--key", key, env=s3.env, timeout=60)
     assert checked.returncode == 0 and "0 error(s)" in checked.stdout, checked.stdout + checked.stderr
     # a person (or a damaged sync) changes an accepted update: verify names it
-    share.store.write(share.update_tensors(1, "w1"), b"not the update")
+    share.store.write(share.update_tensors(1, "w1", sealed=True), b"not the update")
     checked = run("verify", "--share", url, env=s3.env, timeout=60)
-    assert checked.returncode == 8 and "0001/updates/w1.safetensors" in checked.stdout, checked.stdout
+    assert checked.returncode == 8 and "0001/updates/w1.safetensors.age" in checked.stdout, checked.stdout
 
 
 def test_the_roles_do_not_poll_a_store_between_their_rescans_and_status_watch_does(s3: S3Server) -> None:

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from fedsync.run.coordinating.intake import quorum_target
-from fedsync.storage.markers import Summary, parse
+from fedsync.storage.markers import Assignment, Summary, UpdateMarker, parse
 from fedsync.storage.share import Share
+from fedsync.tensors.files import load_verified
 
 from .helpers import finish, killed_on_error, register_worker, start, wait_until
 
@@ -31,15 +32,17 @@ def test_quorum_target(quorum: int | float, live_assigned: int, min_updates: int
 
 
 @pytest.mark.processes
-@pytest.mark.parametrize("quorum, ghosts", [("0.6", 1), ("2", 2)])  # ceil(0.6 x 3) = 2; a count of 2 of 4
-def test_quorum_closes_the_round_before_every_live_worker_reports(share: Path, quorum: str, ghosts: int) -> None:
+@pytest.mark.parametrize("quorum, ghosts, sealed", [("0.6", 1, True), ("2", 2, False)])  # ceil(0.6 x 3) = 2; 2 of 4
+def test_quorum_closes_the_round_before_every_live_worker_reports(share: Path, quorum: str, ghosts: int,
+                                                                  sealed: bool) -> None:
+    """(With confidential_updates, the default, and without it: then the updates are plain safetensors files.)"""
     s = Share(share)
     names = [f"ghost{i}" for i in range(ghosts)]
     for name in names:
         register_worker(s, name)
     coord = start("coordinator", "--share", str(share), "--rounds", "1", "--set", f"quorum={quorum}",
                   "--set", f"min_workers={2 + ghosts}", "--set", f"round_timeout={DEADLINE_S}",
-                  "--set", "worker_timeout=120")
+                  "--set", "worker_timeout=120", "--set", f"confidential_updates={str(sealed).lower()}")
     workers = [start("worker", "--share", str(share), "--name", n, "--device", "cpu", "--wait-for-run", "60")
                for n in ("w1", "w2")]
     with killed_on_error(coord, *workers):
@@ -52,3 +55,9 @@ def test_quorum_closes_the_round_before_every_live_worker_reports(share: Path, q
     assert summary.closed_because == "quorum", summary
     assert sorted(x.worker for x in summary.accepted) == ["w1", "w2"]
     assert summary.missing == names and summary.seconds < DEADLINE_S
+    for w in ("w1", "w2"):
+        assert s.exists(s.update_tensors(1, w, sealed=sealed)) and not s.exists(s.update_tensors(1, w, not sealed))
+        if not sealed:  # a plain update: a safetensors file anyone who reads the share can load
+            marker, a = s.read_record(UpdateMarker, s.update_marker(1, w)), s.read_record(Assignment, s.assignment(1))
+            update = load_verified(s, s.update_tensors(1, w), marker.tensors)
+            assert marker.encryption == "none" and set(update) == set(load_verified(s, s.global_model(1), a.model))

@@ -23,7 +23,7 @@ from fedsync.storage.markers import FORMAT_VERSION, Assignment, FileRef, WorkerT
 from fedsync.storage.share import Share
 from fedsync.tensors.files import save_state
 
-from .helpers import coordinator_identity, submit_update, worker_identity, write_yaml
+from .helpers import coordinator_identity, coordinator_opener, submit_update, worker_identity, write_yaml
 
 WORKERS = ("w1", "w2", "w3")
 BASE = {"w": torch.full((4,), 2.0), "b": torch.zeros(2)}
@@ -33,7 +33,7 @@ def _round(tmp_path: Path, budget: float = 60.0, **overrides: Any) -> tuple[Shar
     """Round 1 of a run, opened with three assigned workers whose keys are trusted; its intake."""
     s = Share(tmp_path)
     cfg = load_config("digits", overrides)
-    open_run(s, cfg, "coordinator", coordinator_identity().public)
+    open_run(s, cfg, "coordinator", coordinator_identity())
     ref = save_state(s.store.write, s.global_model(1), BASE)
     a = Assignment(format=FORMAT_VERSION, run_id="x", round=1, rounds=5, model=ref, num_shards=3,
                    time_budget_s=budget,
@@ -44,7 +44,8 @@ def _round(tmp_path: Path, budget: float = 60.0, **overrides: Any) -> tuple[Shar
     trust = Trust(s, "x", coordinator_identity(), "tofu", lambda n: worker_identity(n).public, said.append)
     assert trust.admit_all(WORKERS) == list(WORKERS)
     bounds = lambda a, w: Bound(1000, 1000, "the test's bound")  # noqa: E731
-    return s, a, RoundIntake(s, 1, a, dict(BASE), cfg, bounds, FedAvg(), trust, said.append, {})
+    return s, a, RoundIntake(s, 1, a, dict(BASE), cfg, bounds, FedAvg(), trust, said.append, {},
+                             opener=coordinator_opener())
 
 
 def _update(value: float) -> dict[str, torch.Tensor]:
@@ -120,7 +121,7 @@ def test_a_claim_is_bounded_by_the_shard_it_was_given(tmp_path: Path) -> None:
     federated evaluation excluded), nor steps x batch_size with local_steps."""
     s = Share(tmp_path)
     cfg = load_config("digits", {"federated_eval": 0.2})
-    open_run(s, cfg, "coordinator", coordinator_identity().public)
+    open_run(s, cfg, "coordinator", coordinator_identity())
     dataset, _ = load_data(cfg, None, print)
     planner = Planner(s, cfg, cfg.resolved_task(), dataset, None, print)  # type: ignore[arg-type]
     shards, listed = planner.cut(5)
@@ -140,10 +141,11 @@ def test_a_claim_is_bounded_by_the_shard_it_was_given(tmp_path: Path) -> None:
     most = {"w0": kept, "w1": 96}
     for worker in most:
         submit_update(s, a, worker, _update(1.0), samples=most[worker] + 1)
-    ledger = RoundLedger(s, 1, a, planner.bound, FedAvg(), trust)
+    ledger = RoundLedger(s, 1, a, planner.bound, FedAvg(), trust, sealed=True)
     assert ledger.scan() == []
     for worker in most:
         assert ledger.rejected[worker].reason == "bad_samples", worker
         assert ledger.rejected[worker].detail == f"samples={most[worker] + 1}, but {planner.bound(a, worker).of}"
         submit_update(s, a, worker, _update(1.0), samples=most[worker])
-    assert sorted(c.worker for c in RoundLedger(s, 1, a, planner.bound, FedAvg(), trust).scan()) == ["w0", "w1"]
+    again = RoundLedger(s, 1, a, planner.bound, FedAvg(), trust, sealed=True)
+    assert sorted(c.worker for c in again.scan()) == ["w0", "w1"]

@@ -16,6 +16,7 @@ from fedsync.run.config import load_config
 from fedsync.run.start import open_run, task_record
 from fedsync.storage.manifest import new_manifest
 from fedsync.storage.markers import FORMAT_VERSION, Manifest, parse, to_dict
+from fedsync.storage.sealing import SealingIdentity
 from fedsync.storage.share import Share
 from fedsync.storage.yamlfile import dump_yaml
 
@@ -50,7 +51,7 @@ def tree(root: Path) -> Tree | None:
 
 def a_run(share: Path, config: str = "digits", **overrides: object) -> Share:
     s = Share(share)
-    open_run(s, load_config(config, overrides), "coordinator", coordinator_identity().public)
+    open_run(s, load_config(config, overrides), "coordinator", coordinator_identity())
     return s
 
 
@@ -75,9 +76,26 @@ def newer_format(share: Path) -> None:
 
 def unknown_key(share: Path) -> None:
     cfg = load_config("digits")
-    manifest = to_dict(new_manifest(cfg.as_dict(), "coordinator", coordinator_identity().public, task_record(cfg)))
+    manifest = to_dict(new_manifest(cfg.as_dict(), "coordinator", coordinator_identity(), task_record(cfg)))
     manifest["config"]["colour"] = "blue"
     (share / "fedsync.yaml").write_bytes(dump_yaml(manifest))
+
+
+def sealing_key_left_behind(share: Path) -> None:
+    """The run's signing key copied to another folder without the age key beside it (moved only half)."""
+    a_run(share)
+    moved = share.parent / "moved" / "coordinator.pem"
+    moved.parent.mkdir()
+    moved.write_bytes(coordinator_identity().path.read_bytes())
+    moved.chmod(0o600)
+
+
+def recipient_swapped(share: Path) -> None:
+    """Someone who can write the share put their own key in fedsync.yaml, to read the updates sealed after."""
+    a_run(share)
+    text = (share / "fedsync.yaml").read_text()
+    recipient = Share(share).read_record(Manifest, Share.manifest).recipient
+    (share / "fedsync.yaml").write_text(text.replace(recipient, SealingIdentity.generate().recipient))
 
 
 def rounds_without_manifest(share: Path) -> None:
@@ -107,6 +125,9 @@ CASES: dict[str, tuple[Callable[[Path], object], Callable[[Path], list[str]], in
     "cifar10 without data, continuing": (cifar_run, lambda p: coordinator(p, *NO_DATA), 6, "CIFAR-10 not found"),
     "cifar10 without data, worker": (cifar_run, worker, 6, "CIFAR-10 not found"),
     "unknown config key, worker": (unknown_key, worker, 3, "colour"),
+    "sealed run, its age key left behind": (sealing_key_left_behind, lambda p: coordinator(
+        p, "--key", str(p.parent / "moved" / "coordinator.pem")), 10, "copy the key that opens them here"),
+    "sealed run, recipient swapped, worker": (recipient_swapped, worker, 10, "did not sign"),
 }
 
 

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from fedsync.storage.keys import coordinator_key_path, sealing_key_path
 from fedsync.storage.markers import FinalMarker, Summary, WorkerInfo, parse
 from fedsync.storage.share import Share
 
-from .helpers import finish, killed_on_error, require, run, start, wait_until
+from .helpers import assert_sealed, finish, killed_on_error, require, run, start, wait_until
 from .syncthing import SyncthingPair
 
 pytestmark = pytest.mark.processes  # real servers and fedsync processes
@@ -53,8 +54,9 @@ def test_a_run_across_two_synced_copies(tmp_path: Path, nudged: bool) -> None:
     for r in (1, 2, 3):
         summary = parse(Summary, s.read_yaml(s.summary(r)), "s")
         assert sorted(x.worker for x in summary.accepted) == ["w1", "w2"], summary
+        assert_sealed(Share(b), r, ["w1", "w2"])  # w2's copy holds w1's update as ciphertext only
     assert not _conflicts(a, b)
-    assert run("verify", "--share", str(a)).returncode == 0
+    assert run("verify", "--share", str(a), "--key", str(sealing_key_path(coordinator_key_path()))).returncode == 0
     assert parse(FinalMarker, Share(b).read_yaml(Share.final_marker), "f").round == 3  # synced back to the worker
 
 

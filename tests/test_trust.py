@@ -131,7 +131,7 @@ def test_an_update_counts_only_when_signed_by_the_trusted_key_for_this_round(tmp
     """The coordinator's check, alone: each way a marker can fail to be its worker's own, with its reason."""
     share = Share(tmp_path / "share")
     coordinator = load_identity(tmp_path / "c.pem")[0]
-    run_id = open_run(share, load_config("digits"), "coordinator", coordinator.public).run_id
+    run_id = open_run(share, load_config("digits"), "coordinator", coordinator).run_id
     own, forger = load_identity(tmp_path / "w1.pem")[0], load_identity(tmp_path / "x.pem")[0]
     registered = {"w1": own.public}
     trust = Trust(share, run_id, coordinator, "tofu", registered.get, lambda line: None)
@@ -169,7 +169,7 @@ def test_workers_seen_together_are_pinned_in_one_amendment_of_trust_yaml(tmp_pat
     the workers (docs/BENCHMARKS.md, benchmarks/scale_workers.py). Those seen in one scan are pinned together."""
     share = Share(tmp_path / "share")
     coordinator = load_identity(tmp_path / "c.pem")[0]
-    run_id = open_run(share, load_config("digits"), "coordinator", coordinator.public).run_id
+    run_id = open_run(share, load_config("digits"), "coordinator", coordinator).run_id
     keys = {f"w{i}": load_identity(tmp_path / f"w{i}.pem")[0].public for i in range(5)}
     keys["nokey"] = None  # type: ignore[assignment]  # registered without a key: no work, nothing pinned
     amendments: list[int] = []
@@ -188,7 +188,7 @@ def test_workers_seen_together_are_pinned_in_one_amendment_of_trust_yaml(tmp_pat
 @pytest.mark.processes
 def test_a_revoked_worker_gets_no_work_and_its_updates_are_rejected_until_approved_again(share: Path) -> None:
     s = Share(share)
-    manifest = open_run(s, load_config("digits"), "coordinator", coordinator_identity().public)
+    manifest = open_run(s, load_config("digits"), "coordinator", coordinator_identity())
     register_worker(s, "w1")
     fp = worker_identity("w1").fingerprint
     both = run("trust", "w1", "--share", str(share), "--revoke", "--fingerprint", fp)

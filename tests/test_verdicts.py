@@ -55,7 +55,7 @@ def test_a_ruined_model_is_told_apart_from_workers_that_diverge() -> None:
 @pytest.mark.processes
 def test_an_excluded_worker_gets_no_work_until_approved_again_and_status_says_why(share: Path) -> None:
     s = Share(share)
-    manifest = open_run(s, load_config("digits"), "coordinator", coordinator_identity().public)
+    manifest = open_run(s, load_config("digits"), "coordinator", coordinator_identity())
     register_worker(s, "m")
     said: list[str] = []
     trust = Trust(s, manifest.run_id, coordinator_identity(), "tofu", lambda n: worker_identity(n).public, said.append)
@@ -76,7 +76,7 @@ def test_a_finished_run_being_extended_is_not_finished_for_workers(share: Path) 
     """A worker started beside `fedsync coordinator --rounds 20` on a run that had finished after 10 must not see
     the old final.yaml and exit before the coordinator takes it away: the lease says rounds 20."""
     s = Share(share)
-    manifest = open_run(s, load_config("digits"), "coordinator", coordinator_identity().public)
+    manifest = open_run(s, load_config("digits"), "coordinator", coordinator_identity())
     final = FinalMarker(format=FORMAT_VERSION, run_id=manifest.run_id, round=10, model=FileRef("final.safetensors",
                         "0" * 64, 1), test_accuracy=0.98)
     final.signature = coordinator_identity().sign(final_message(final))

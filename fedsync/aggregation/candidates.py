@@ -21,6 +21,7 @@ class Candidate:
     round: int = 0  # the round the update was trained for (a late one's is older than the open round's)
     steps: int = 1  # local optimizer steps, for rules that normalise by them (FedNova)
     encoding: str = NONE  # how the file holds the delta (fedsync/tensors/encoding.py)
+    sealed: bool = False  # the file is sealed to the coordinator (fedsync/storage/sealing.py)
 
 
 @dataclass

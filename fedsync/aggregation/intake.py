@@ -26,7 +26,8 @@ from fedsync.aggregation.validity import Validity
 from fedsync.storage import names
 from fedsync.storage.hashing import Hasher
 from fedsync.storage.reasons import Reason, Unusable
-from fedsync.storage.store import LinkRefused, Reader, Store, read_exact, read_upto
+from fedsync.storage.sealing import SealedReader, SealingIdentity, hash_rest
+from fedsync.storage.store import LinkRefused, Reader, Store, read_upto
 from fedsync.storage.tensorfile import FileLayout, TensorSpec, check_layout, header_length, parse_header
 from fedsync.tensors.encoding import (
     BLOCK,
@@ -87,34 +88,72 @@ class PartlyAdded(Exception):
 @dataclass
 class _Reading:
     """One pass over one update file: the hash and sum of squares so far, and the first problem found (reading
-    goes on after it, hashing only: a hash mismatch means "not synced yet", not "bad")."""
+    goes on after it, hashing only: a hash mismatch means "not synced yet", not "bad"). The hash is over the file's
+    bytes as they are in the share; a sealed file's tensors are read from its plaintext (`source`)."""
 
     c: Candidate
-    f: Reader
+    raw: Reader
     hasher: Hasher = field(default_factory=Hasher)
     squares: float = 0.0
     problem: Unusable | None = None
     added: bool = False
+    source: Reader | None = None  # where tensors are read from: the file itself, or its plaintext when sealed
+    sealed: SealedReader | None = None
+
+    def begin(self, opener: SealingIdentity | None) -> Reader:
+        if self.raw.size != self.c.ref.bytes:
+            raise Unusable(Reason.SIZE_MISMATCH, f"{self.raw.size} bytes, the marker says {self.c.ref.bytes}")
+        if not self.c.sealed:
+            self.source = self.raw
+        elif opener is None:
+            raise Unusable(Reason.UNDECRYPTABLE, "sealed, but this coordinator was given no key to open it")
+        else:
+            self.sealed = SealedReader(self.raw, opener, self.hasher)  # hashes the sealed bytes as it reads them
+            self.source = self.sealed.start()
+        return self.source
+
+    def read_upto(self, view: memoryview) -> int:
+        assert self.source is not None
+        n = read_upto(self.source, view)
+        if self.source is self.raw:
+            self.hasher.update(view[:n])
+        return n
 
     def read(self, view: memoryview) -> None:
-        read_exact(self.f, view)
-        self.hasher.update(view)
+        if self.read_upto(view) < len(view):
+            raise Unusable(Reason.SIZE_MISMATCH, "the file ended early (truncated while being read)")
+
+    def rest(self, piece: memoryview) -> None:
+        """Hash what is left of the file without using it (after an unusable header or a chunk that failed)."""
+        if self.c.sealed:
+            hash_rest(self.raw, self.hasher, self.sealed.hashed if self.sealed else 0, piece)
+            return
+        while remaining := self.raw.size - self.raw.tell():
+            m = min(len(piece), remaining)
+            self.read(piece[:m])
 
 
 def fold(c: Candidate, store: Store, layout: FileLayout, sums: WeightedSum, piece: bytearray,
-         floats: torch.Tensor, scale: float = 1.0, whole: bool = True, validity: Validity | None = None) -> float:
+         floats: torch.Tensor, scale: float = 1.0, whole: bool = True, validity: Validity | None = None,
+         opener: SealingIdentity | None = None) -> float:
     """Read c's tensor file once (`layout`: what its encoding holds), adding the decoded delta to `sums` (its floating
     tensors times `scale`; without `whole` only those, and it is not counted again: a correction of an update
-    already added). `validity` checks the constrained buffers against the round's global model (invalid_state).
-    Raises Unusable when it does not count, PartlyAdded when part of it was summed already (the
-    caller then rebuilds `sums`). Returns the update's L2 norm over its floating tensors (decoded), unscaled.
-    `floats` holds an int8 piece's decoded values."""
+    already added). `validity` checks the constrained buffers against the round's global model (invalid_state);
+    `opener` opens a sealed file. Raises Unusable when it does not count, PartlyAdded when part of it was summed
+    already (the caller then rebuilds `sums`). Returns the update's L2 norm over its floating tensors (decoded),
+    unscaled. `floats` holds an int8 piece's decoded values."""
     short = names.basename(c.name)
     reading: _Reading | None = None
     try:
         with store.open(c.name, follow_links=False) as f:
             reading = _Reading(c, f)
-            _fold_file(reading, layout, sums, piece, floats, scale, whole, validity)
+            try:
+                _fold_file(reading, reading.begin(opener), layout, sums, piece, floats, scale, whole, validity)
+            except Unusable as e:
+                if not c.sealed or e.reason == Reason.SIZE_MISMATCH and reading.source is None:
+                    raise
+                reading.problem = e  # a sealed file that does not open: bad, or only not synced yet (its hash says)
+                reading.rest(memoryview(piece))
     except FileNotFoundError:
         raise Unusable(Reason.MISSING_FILE, f"{short} is not there (yet)") from None
     except LinkRefused:
@@ -139,33 +178,25 @@ def _fail(reading: _Reading | None, problem: Unusable) -> NoReturn:
     raise problem from None
 
 
-def _fold_file(reading: _Reading, layout: FileLayout, sums: WeightedSum, piece: bytearray, floats: torch.Tensor,
-               scale: float, whole: bool, validity: Validity | None) -> None:
-    """The file's header, then each tensor's pieces; after an unusable header the rest is only hashed."""
-    f, c = reading.f, reading.c
-    size = f.size
-    if size != c.ref.bytes:
-        raise Unusable(Reason.SIZE_MISMATCH, f"{size} bytes, the marker says {c.ref.bytes}")
+def _fold_file(reading: _Reading, f: Reader, layout: FileLayout, sums: WeightedSum, piece: bytearray,
+               floats: torch.Tensor, scale: float, whole: bool, validity: Validity | None) -> None:
+    """The safetensors header of `f` (the file, or its plaintext), then each tensor's pieces; after an unusable
+    header the rest is only hashed."""
     first = bytearray(8)
-    prefix = bytes(first[:read_upto(f, memoryview(first))])
-    reading.hasher.update(prefix)
+    prefix = bytes(first[:reading.read_upto(memoryview(first))])
     specs: list[TensorSpec] = []
     try:
-        header = bytearray(header_length(prefix, size))
+        header = bytearray(header_length(prefix, f.size))
         reading.read(memoryview(header))
-        specs = parse_header(bytes(header), size - 8 - len(header))
+        specs = parse_header(bytes(header), f.size - 8 - len(header))
         check_layout(specs, layout, SPELLING)
     except Unusable as e:
         reading.problem, specs = e, []
-    view = memoryview(piece)
     scales: dict[str, torch.Tensor] = {}  # int8: each tensor's block scales, read before its values
     for spec in specs:
         _fold_tensor(reading, spec, layout, scales, sums, piece, floats, scale, whole, validity)
-    remaining = size - f.tell()
-    while remaining:  # only when the header was unusable: hash the rest to tell corrupt from unsynced
-        m = min(PIECE_BYTES, remaining)
-        reading.read(view[:m])
-        remaining -= m
+    if not specs:  # the header was unusable: hash the rest to tell corrupt from unsynced
+        reading.rest(memoryview(piece))
 
 
 def _fold_tensor(reading: _Reading, spec: TensorSpec, layout: FileLayout, scales: dict[str, torch.Tensor],
@@ -238,8 +269,10 @@ class Aggregator:
     round's aggregate can be taken with them or without (a server optimizer's state learns from the on-time ones)."""
 
     def __init__(self, layout: Layout, store: Store, lanes: int = LANES, round: int = 0,
-                 validity: Validity | None = None) -> None:
+                 validity: Validity | None = None, opener: SealingIdentity | None = None) -> None:
+        """`opener`: the coordinator's key for sealed updates (none: a sealed one is undecryptable)."""
         self.layout, self.store, self.file_layout, self.round = layout, store, file_layout(layout), round
+        self.opener = opener
         self.validity = validity or Validity()  # checked on this round's updates
         self.late_validity = Validity(counts=self.validity.counts)  # a late one's variances had another base
         self.layouts = {e: encoded_layout(self.file_layout, e) for e in ENCODINGS}  # what each encoding's file holds
@@ -270,7 +303,7 @@ class Aggregator:
         for c in batch:
             try:
                 lane.norms[c] = fold(c, self.store, self.layouts[c.encoding], lane.running_sum(self.late(c)),
-                                     lane.piece, lane.floats, validity=self._validity(c))
+                                     lane.piece, lane.floats, validity=self._validity(c), opener=self.opener)
                 # after the read: a synced copy renamed into place while the marker waited is the file verified
                 lane.signatures[c] = self.store.signature(c.name)
                 lane.accepted.append(c)
@@ -293,7 +326,8 @@ class Aggregator:
             for c in lane.accepted:
                 try:
                     lane.norms[c] = fold(c, self.store, self.layouts[c.encoding], lane.running_sum(self.late(c)),
-                                         lane.piece, lane.floats, lane.scales.get(c, 1.0), validity=self._validity(c))
+                                         lane.piece, lane.floats, lane.scales.get(c, 1.0), validity=self._validity(c),
+                                         opener=self.opener)
                 except (Unusable, PartlyAdded) as e:
                     lane.accepted.remove(c)
                     lane.scales.pop(c, None)
@@ -343,7 +377,7 @@ class Aggregator:
                 try:
                     with _torch_threads(1):
                         fold(c, self.store, self.layouts[c.encoding], lane.running_sum(self.late(c)), lane.piece,
-                             lane.floats, scale - lane.scales.get(c, 1.0), whole=False)
+                             lane.floats, scale - lane.scales.get(c, 1.0), whole=False, opener=self.opener)
                     lane.scales[c] = scale
                 except (Unusable, PartlyAdded) as e:
                     lane.accepted.remove(c)
@@ -372,7 +406,7 @@ class Aggregator:
 
     def slices(self) -> UpdateSlices:
         """Aligned slices of every accepted file (clipped ones scaled), in the order of `accepted`."""
-        return UpdateSlices(self.store, self.accepted, self.file_layout, self.scales)
+        return UpdateSlices(self.store, self.accepted, self.file_layout, self.scales, self.opener)
 
     def collected(self, parameters: frozenset[str], late: bool = True) -> Collected:
         """What was taken in (with the late updates, or the on-time ones alone), for the rule
@@ -387,7 +421,7 @@ class Aggregator:
             total.merge(part)
         accepted = [c for c in self.accepted if late or not self.late(c)]
         return Collected(total, [(c.weight, c.steps) for c in accepted], parameters,
-                         UpdateSlices(self.store, accepted, self.file_layout, self.scales))
+                         UpdateSlices(self.store, accepted, self.file_layout, self.scales, self.opener))
 
     def close(self) -> None:
         self.pool.shutdown(wait=False)

@@ -3,10 +3,14 @@ share when a rule asks, decoded from each file's encoding, memory O(updates x sl
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from fedsync.aggregation.candidates import Candidate
-from fedsync.storage.store import Store, read_exact
+from fedsync.storage.sealing import SealedReader, SealingIdentity
+from fedsync.storage.store import Reader, Store, read_exact
 from fedsync.storage.tensorfile import FileLayout, header_length, parse_header
 from fedsync.tensors.encoding import BLOCK, NONE, blocks, dequantize, scale_name
 from fedsync.tensors.files import DTYPES
@@ -18,8 +22,8 @@ class UpdateSlices:
     when they were taken in."""
 
     def __init__(self, store: Store, accepted: list[Candidate], layout: FileLayout,
-                 scales: dict[Candidate, float] | None = None) -> None:
-        self.store, self.accepted, self.layout = store, accepted, layout
+                 scales: dict[Candidate, float] | None = None, opener: SealingIdentity | None = None) -> None:
+        self.store, self.accepted, self.layout, self.opener = store, accepted, layout, opener
         self.scales = scales or {}  # clipped updates: their floating tensors read times this
         self.offsets: list[dict[str, int]] | None = None  # per file: tensor name -> its first byte in the file
 
@@ -31,7 +35,7 @@ class UpdateSlices:
         offsets = self._offsets()
         out = torch.empty((len(self.accepted), length), dtype=dtype)
         for i, c in enumerate(self.accepted):
-            with self.store.open(c.name, follow_links=False) as f:
+            with self._open(c) as f:
                 if not dtype.is_floating_point or c.encoding == NONE:
                     f.seek(offsets[i][tensor] + start * dtype.itemsize)
                     read_exact(f, memoryview(out[i].view(torch.uint8).numpy()))
@@ -56,7 +60,7 @@ class UpdateSlices:
         if self.offsets is None:
             self.offsets = []
             for c in self.accepted:
-                with self.store.open(c.name, follow_links=False) as f:
+                with self._open(c) as f:
                     prefix = bytearray(8)
                     read_exact(f, memoryview(prefix))
                     header = bytearray(header_length(bytes(prefix), f.size))
@@ -64,3 +68,14 @@ class UpdateSlices:
                     specs = parse_header(bytes(header), f.size - 8 - len(header))
                 self.offsets.append({s.name: 8 + len(header) + s.start for s in specs})
         return self.offsets
+
+    @contextmanager
+    def _open(self, c: Candidate) -> Iterator[Reader]:
+        """The update's tensor file, or its plaintext when it is sealed: only the chunks a read touches are
+        decrypted, each checked by its tag."""
+        with self.store.open(c.name, follow_links=False) as f:
+            if c.sealed:
+                assert self.opener is not None, "a sealed update was accepted without a key to open it"
+                yield SealedReader(f, self.opener).start()
+            else:
+                yield f

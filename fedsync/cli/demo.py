@@ -53,7 +53,7 @@ def run_demo(share: Share, workers: int, rounds: int, config_name: str, log: Log
     clear_demo_run(share)
     overrides = {"min_workers": workers}
     identity, _ = load_identity(coordinator_key_path())  # the coordinator started below signs with this key
-    open_run(share, load_config(config_name, overrides), "demo", identity.public)
+    open_run(share, load_config(config_name, overrides), "demo", identity)
     started = time.monotonic()
     log(f"starting a coordinator and {workers} worker processes on {share.where()} ({config_name}, {rounds} rounds)")
     roles = [["coordinator", "--share", share.where(), "--rounds", str(rounds), "--config", config_name,

@@ -43,17 +43,24 @@ def status(
 def verify(
     share: ShareOpt = defaults.SHARE,  # type: ignore[assignment]
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")] = False,
+    key: Annotated[Path | None, typer.Option(
+        help="The coordinator's age identity (coordinator.age beside its signing key): also open every accepted "
+             "sealed update and check its plaintext. Without it sealed updates are checked by their hash.",
+        metavar="KEY.age")] = None,
 ) -> None:
     """Re-check every marker and hash of the run in SHARE: global models, accepted updates, aggregates, the
     final model. Errors (exit status 8) are damage to what the run relies on; hints are harmless leftovers.
 
-    Example: fedsync verify --share /mnt/fed
+    Example: fedsync verify --share /mnt/fed --key ~/.config/fedsync/keys/coordinator.age
     """
     from dataclasses import asdict
 
     from fedsync.run.inspecting.checks import verify as verify_share
+    from fedsync.storage.keys import load_sealing_identity
 
-    report = verify_share(share)
+    absent = "give the coordinator's age identity (coordinator.age, beside coordinator.pem)"
+    opener = load_sealing_identity(key, create=False, absent=absent)[0] if key is not None else None
+    report = verify_share(share, opener)
     if as_json:
         typer.echo(json.dumps({"checked": report.checked, "pruned": report.pruned,
                                "findings": [asdict(f) for f in report.findings]}, indent=2))

@@ -99,6 +99,8 @@ class RunConfig:
     eval_every: int           # the coordinator evaluates every this many rounds, and always the last
     eval_samples: int | None  # evaluate on the first this many test examples; None: all of them
     federated_eval: float     # fraction of each shard a worker holds out to evaluate each round's model; 0: off
+    confidential_updates: bool = False  # workers seal their updates to the coordinator (age); configs/digits.yaml
+                                        # sets it for new runs, a run from before it was a setting stays plain
 
     def __post_init__(self) -> None:
         problems = []

@@ -3,11 +3,13 @@ leaves the share as it was (docs/PROTOCOL.md section 6, step 1)."""
 
 from __future__ import annotations
 
-from fedsync.base.errors import ConfigError, ShareError
+from fedsync.base.errors import ConfigError, ShareError, TrustError
 from fedsync.run.config import RunConfig, config_from_dict, differences
 from fedsync.storage.hashing import hash_bytes
+from fedsync.storage.keys import Identity, load_sealing_identity, sealing_key_path
 from fedsync.storage.manifest import new_manifest, read_manifest, write_manifest
 from fedsync.storage.markers import Manifest, TaskRecord
+from fedsync.storage.sealing import SealingIdentity
 from fedsync.storage.share import Share
 
 
@@ -52,9 +54,32 @@ def check_run(share: Share, config: RunConfig) -> Manifest | None:
     return None
 
 
-def open_run(share: Share, config: RunConfig, created_by: str, coordinator_key: str) -> Manifest:
-    """Continue the run in the share if its config is the same; start one, signed for by `coordinator_key`, if the
-    share is empty."""
-    return check_run(share, config) or write_manifest(share, new_manifest(config.as_dict(), created_by,
-                                                                          coordinator_key, task_record(config)))
+def sealing_key(config: RunConfig, signing: Identity, existing: Manifest | None) -> tuple[SealingIdentity | None, bool]:
+    """The key that opens the run's sealed updates, an age identity beside the coordinator's signing key (created
+    for a new run); None when the run keeps plain updates. Whether it was created now. Refuses a key that is not
+    the one the run's workers seal to (docs/PROTOCOL.md section 5.15)."""
+    if not config.confidential_updates:
+        return None, False
+    path = sealing_key_path(signing.path)
+    if existing is not None and existing.recipient is None:
+        raise ShareError(f"fedsync.yaml of run {existing.run_id} keeps updates confidential but names no recipient "
+                         "to seal them to: it is damaged")
+    opener, created = load_sealing_identity(path, create=existing is None, absent=(
+        f"run {existing.run_id if existing else ''} seals its updates to {existing.recipient if existing else ''}; "
+        "copy the key that opens them here from the machine that started the run"))
+    if existing is not None and existing.recipient != opener.recipient:
+        raise TrustError(f"run {existing.run_id} seals its updates to {existing.recipient}, but {path} opens "
+                         f"{opener.recipient}: run the coordinator with the key the run was started with")
+    return opener, created
+
+
+def open_run(share: Share, config: RunConfig, created_by: str, signing: Identity) -> Manifest:
+    """Continue the run in the share if its config is the same; start one, signed for by `signing`, if the share is
+    empty."""
+    existing = check_run(share, config)
+    if existing is not None:
+        return existing
+    opener, _ = sealing_key(config, signing, None)
+    return write_manifest(share, new_manifest(config.as_dict(), created_by, signing, task_record(config),
+                                              opener.recipient if opener else None))
 

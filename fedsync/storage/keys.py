@@ -1,10 +1,12 @@
-"""This machine's keys, kept outside the share: its own private key (created on first start, mode 0600) and the
-coordinator keys its workers pinned at first contact, one file per run."""
+"""This machine's keys, kept outside the share: its own private key (created on first start, mode 0600), beside a
+coordinator's the key that opens the updates sealed to it, and the coordinator keys its workers pinned at first
+contact, one file per run."""
 
 from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fedsync.base.errors import TrustError
 from fedsync.storage.local import atomic_write
 from fedsync.storage.markers import MarkerError
+from fedsync.storage.sealing import NotAKey, SealingIdentity
 from fedsync.storage.signing import canonical_public, fingerprint, public_text, sign
 
 
@@ -49,16 +52,41 @@ class Identity:
         return sign(self.key, message)
 
 
-def load_identity(path: Path, create: bool = True) -> tuple[Identity, bool]:
-    """The key at `path`, created (mode 0600, folder 0700) when absent and `create`; whether it was created."""
+def sealing_key_path(signing_key: Path) -> Path:
+    """The coordinator's key for opening sealed updates: an age identity file beside its signing key."""
+    return signing_key.with_suffix(".age")
+
+
+def _private(path: Path, create: bool, content: Callable[[], bytes], absent: str = "") -> bool:
+    """Make sure the private key file at `path` exists (created from `content()` when absent and `create`; else
+    refused, with `absent` as the advice) and only this user can read it; whether it was created now."""
     created = False
     if not path.exists():
         if not create:
-            raise TrustError(f"no key at {path}: start the coordinator on this machine first, or pass --key")
-        _create(path)
+            advice = absent or "start the coordinator on this machine first, or pass --key"
+            raise TrustError(f"no key at {path}: {advice}")
+        _create(path, content())
         created = True
     if os.name == "posix" and path.stat().st_mode & 0o077:
         raise TrustError(f"{path} can be read by other users of this machine: `chmod 600 {path}`")
+    return created
+
+
+def load_sealing_identity(path: Path, create: bool = True, absent: str = "") -> tuple[SealingIdentity, bool]:
+    """The age identity at `path` (created, mode 0600, when absent and `create`; else refused with the advice
+    `absent`); whether it was created. `age -d -i PATH` opens an update with the same file (docs/PROTOCOL.md
+    section 5.15)."""
+    created = _private(path, create, lambda: SealingIdentity.generate().text().encode(), absent)
+    try:
+        return SealingIdentity.parse(path.read_text()), created
+    except (NotAKey, UnicodeDecodeError, ValueError) as e:
+        raise TrustError(f"{path} is not an age identity file (AGE-SECRET-KEY-1…): {e}") from None
+
+
+def load_identity(path: Path, create: bool = True) -> tuple[Identity, bool]:
+    """The key at `path`, created (mode 0600, folder 0700) when absent and `create`; whether it was created."""
+    created = _private(path, create, lambda: Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except (ValueError, TypeError) as e:
@@ -68,15 +96,13 @@ def load_identity(path: Path, create: bool = True) -> tuple[Identity, bool]:
     return Identity(key, public_text(key), path), created
 
 
-def _create(path: Path) -> None:
+def _create(path: Path, content: bytes) -> None:
     """Write a new key under a temporary name and link it into place, so two starts never swap keys."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    pem = Ed25519PrivateKey.generate().private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")  # unique: threads of one process too
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        os.write(fd, pem)
+        os.write(fd, content)
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -94,6 +94,8 @@ class Manifest:
     coordinator_key: str  # the public key that signs this run's assignments, trust.yaml and final.yaml
     config: dict[str, Any]
     task: TaskRecord | None = None  # None only in shares of fedsync before task records
+    recipient: str | None = None  # confidential_updates: the age1… key workers seal their updates to
+    recipient_signature: str | None = None  # the coordinator's, over signing.recipient_message
 
 
 @dataclass
@@ -177,6 +179,7 @@ class UpdateMarker:
     evaluation: HeldOut | None = None  # federated_eval: the round's global model on the worker's held-out part
     timings: dict[str, float] | None = None  # seconds: prepare_s, evaluate_s, train_s, publish_s (informational)
     encoding: str = "none"  # how the tensor file holds the delta: none | bf16 | int8 (PROTOCOL.md section 5.13)
+    encryption: str = "none"  # none | age: the tensor file sealed to the run's recipient (PROTOCOL.md section 5.15)
 
     def __post_init__(self) -> None:
         if self.diverged is None and not math.isfinite(self.train_loss):

@@ -33,6 +33,7 @@ JOB_OUTPUTS = "outputs"
 REPORT_MD = "report.md"    # for people browsing the share: refreshed by the coordinator after each round
 REPORT_PNG = "report.png"
 TENSORS_SUFFIX = ".safetensors"
+SEALED_SUFFIX = ".age"     # an update sealed to the coordinator: its tensor file's name and this (section 5.15)
 MARKER_SUFFIX = ".yaml"
 
 # anything else in a round folder is stray
@@ -85,9 +86,15 @@ def updates_dir(r: int) -> str:
     return join(round_dir(r), UPDATES)
 
 
-def update_tensors_name(worker: str) -> str:
-    """The update's tensor file as its marker names it (relative to the updates folder)."""
-    return worker + TENSORS_SUFFIX
+def update_tensors_name(worker: str, sealed: bool = False) -> str:
+    """The update's tensor file as its marker names it (relative to the updates folder): `.age` after it when it is
+    sealed to the coordinator."""
+    return worker + TENSORS_SUFFIX + (SEALED_SUFFIX if sealed else "")
+
+
+def is_update_tensors(name: str) -> bool:
+    """Whether a name in an updates folder is a worker's tensor file, plain or sealed."""
+    return name.endswith(TENSORS_SUFFIX) or name.endswith(TENSORS_SUFFIX + SEALED_SUFFIX)
 
 
 def update_marker_name(worker: str) -> str:
@@ -100,8 +107,8 @@ def update_marker_in_round(worker: str) -> str:
     return join(UPDATES, update_marker_name(worker))
 
 
-def update_tensors(r: int, worker: str) -> str:
-    return join(updates_dir(r), update_tensors_name(worker))
+def update_tensors(r: int, worker: str, sealed: bool = False) -> str:
+    return join(updates_dir(r), update_tensors_name(worker, sealed))
 
 
 def update_marker(r: int, worker: str) -> str:

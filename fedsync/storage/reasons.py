@@ -28,6 +28,8 @@ class Reason(str, Enum):
     WRONG_DTYPE = "wrong_dtype"
     NON_FINITE = "non_finite"
     BAD_ENCODING = "bad_encoding"
+    NOT_SEALED = "not_sealed"
+    UNDECRYPTABLE = "undecryptable"
     NORM_OUTLIER = "norm_outlier"
     INVALID_STATE = "invalid_state"
     OFF_DIRECTION = "off_direction"
@@ -86,6 +88,11 @@ HELP: dict[Reason, str] = {
     Reason.NON_FINITE: "the update holds NaN or infinite values",
     Reason.BAD_ENCODING: "the marker names an encoding this coordinator does not know, or an int8 update's scales are "
                          "negative, not finite, or come after their values (PROTOCOL.md section 5.13)",
+    Reason.NOT_SEALED: "the run keeps updates confidential (confidential_updates: true) but the marker says its "
+                       "tensor file is not sealed to the coordinator (encryption: none): an old or hand-made worker "
+                       "left its update readable by everyone who reads the share",
+    Reason.UNDECRYPTABLE: "the sealed tensor file has the marker's hash but does not open with the coordinator's key "
+                          "(sealed to another key, not an age file, or altered before it was hashed)",
     Reason.NORM_OUTLIER: "the update is far larger than the round's others or than the model itself (screening: "
                          "screen_factor, screen_max_ratio); a diverging worker: lower lr",
     Reason.INVALID_STATE: "the update would give the worker's own model a state honest training cannot reach: a "

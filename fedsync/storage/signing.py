@@ -93,7 +93,15 @@ def update_message(run_id: str, m: UpdateMarker) -> bytes:
         ("samples", m.samples), ("steps", m.steps), ("diverged", "yes" if m.diverged is not None else "no")]
     if m.encoding != "none":
         fields.append(("encoding", m.encoding))
+    if m.encryption != "none":
+        fields.append(("encryption", m.encryption))
     return _message("update", fields)
+
+
+def recipient_message(run_id: str, recipient: str) -> bytes:
+    """What the coordinator signs in fedsync.yaml: the key its workers seal their updates to. Unsigned, anyone who
+    can write the share could swap in their own key and read every update sealed after."""
+    return _message("recipient", [("run", run_id), ("recipient", recipient)])
 
 
 def assignment_message(a: Assignment) -> bytes:

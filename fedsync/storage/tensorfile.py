@@ -17,6 +17,7 @@ MAX_HEADER_BYTES = 16 << 20
 ITEMSIZE: dict[str, int] = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
                             "U8": 1, "BOOL": 1}
 
+SCALE_SUFFIX = "#scale"  # int8: the scales of tensor T are the tensor T#scale ('#' is in no torch state-dict key)
 FileLayout = Mapping[str, tuple[str, tuple[int, ...]]]  # tensor name -> (safetensors dtype code, shape)
 
 

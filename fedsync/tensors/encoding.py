@@ -18,12 +18,11 @@ from collections.abc import Mapping
 
 import torch
 
-from fedsync.storage.tensorfile import FileLayout
+from fedsync.storage.tensorfile import SCALE_SUFFIX, FileLayout
 
 NONE = "none"
 ENCODINGS = (NONE, "bf16", "int8")
 BLOCK = 256  # int8: elements per scale; 1 + 4/256 bytes per element, 0.254 x the bytes of float32
-SCALE_SUFFIX = "#scale"  # int8: the scales of tensor T are the tensor T#scale ('#' is in no torch state-dict key)
 QMAX = 127
 
 

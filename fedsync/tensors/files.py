@@ -46,10 +46,13 @@ def state_bytes(state: Mapping[str, torch.Tensor], metadata: dict[str, str] | No
 
 
 def save_state(write: Callable[[str, bytes], None], name: str, state: Mapping[str, torch.Tensor],
-               ref_name: str | None = None) -> FileRef:
+               ref_name: str | None = None, seal: Callable[[bytes], bytes] | None = None) -> FileRef:
     """Write tensors whole under `name` with `write` (a Share's, in a run) and return the reference a marker
-    records (by default the file's name relative to its folder)."""
+    records (by default the file's name relative to its folder): the hash and size of the bytes written, sealed by
+    `seal` first when given."""
     data = state_bytes(state)
+    if seal is not None:
+        data = seal(data)
     digest: list[str] = []
     hashing = threading.Thread(target=lambda: digest.append(hash_bytes(data)), name="hash")
     hashing.start()  # beside the write: BLAKE3 runs without the GIL

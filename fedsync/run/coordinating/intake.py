@@ -29,6 +29,7 @@ from fedsync.run.coordinating.ledger import Bounds, LateLedger, RoundLedger
 from fedsync.run.trust import Trust
 from fedsync.storage.markers import Accepted, Assignment, Late, Rejected
 from fedsync.storage.reasons import Reason
+from fedsync.storage.sealing import SealingIdentity
 from fedsync.storage.share import Share
 from fedsync.tensors.files import layout_of
 
@@ -78,16 +79,17 @@ class RoundIntake:
 
     def __init__(self, share: Share, r: int, a: Assignment, state: Tensors, cfg: RunConfig, bounds: Bounds,
                  rule: Rule, trust: Trust, log: Log, buffers: Mapping[str, str],
-                 probe: Callable[[Tensors], float] | None = None) -> None:
+                 probe: Callable[[Tensors], float] | None = None, opener: SealingIdentity | None = None) -> None:
         """`buffers`: the model's constrained buffers (fedsync/learning/models.py, constrained_buffers); `probe`:
-        a new model's loss on a few held-out examples (fedsync/run/coordinating/evaluation.py, Probe)."""
+        a new model's loss on a few held-out examples (fedsync/run/coordinating/evaluation.py, Probe); `opener`: the
+        key that opens sealed updates (confidential_updates)."""
         self.probe = probe
         self.r, self.a, self.cfg, self.rule, self.log = r, a, cfg, rule, log
         self.opened = time.monotonic()
-        self.ledger = RoundLedger(share, r, a, bounds, rule, trust)
+        self.ledger = RoundLedger(share, r, a, bounds, rule, trust, cfg.confidential_updates)
         self.late = LateLedger(share, r, cfg, bounds, rule, trust)
         self.validity = validity_of(buffers, state)
-        self.aggregator = Aggregator(layout_of(state), share.store, round=r, validity=self.validity)
+        self.aggregator = Aggregator(layout_of(state), share.store, round=r, validity=self.validity, opener=opener)
         self.model_norm = l2_norm(state)
         self.screens = cfg.screens()
         self.extended = False  # the deadline passed with fewer than min_updates: said once

@@ -26,9 +26,10 @@ from fedsync.storage.markers import (
     parse,
 )
 from fedsync.storage.reasons import Reason, Unusable
+from fedsync.storage.sealing import SCHEME
 from fedsync.storage.share import Share
 from fedsync.storage.store import LinkRefused
-from fedsync.tensors.encoding import ENCODINGS
+from fedsync.tensors.encoding import ENCODINGS, NONE
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,11 @@ Bounds = Callable[[Assignment, str], Bound]  # (the round's assignment, a worker
 class RoundLedger:
     """The bookkeeping of one round's updates: which markers were seen, accepted, rejected or still pending."""
 
-    def __init__(self, share: Share, r: int, a: Assignment, bounds: Bounds, rule: Rule, trust: Trust) -> None:
+    def __init__(self, share: Share, r: int, a: Assignment, bounds: Bounds, rule: Rule, trust: Trust,
+                 sealed: bool = False) -> None:
+        """`sealed`: the run keeps updates confidential, so each must be sealed to the coordinator (not_sealed)."""
         self.share, self.r, self.a, self.bounds, self.rule, self.trust = share, r, a, bounds, rule, trust
+        self.sealed = sealed
         self.accepted: dict[str, UpdateMarker] = {}
         self.rejected: dict[str, Rejected] = {}
         self.pending: dict[str, tuple[tuple[object, ...], Unusable]] = {}
@@ -70,12 +74,13 @@ class RoundLedger:
                 continue
             worker = names.marker_owner(name)
             if worker is None:
-                if names.is_conflict_copy(name) or not name.endswith(names.TENSORS_SUFFIX):
+                if names.is_conflict_copy(name) or not names.is_update_tensors(name):
                     self.ignored.add(names.join(names.UPDATES, name))
                 continue  # a tensor file is read through its marker
             if worker in self.settled:
                 continue
-            signature = (listed.get(name), listed.get(names.update_tensors_name(worker)))
+            signature = (listed.get(name), listed.get(names.update_tensors_name(worker)),
+                         listed.get(names.update_tensors_name(worker, sealed=True)))
             if worker in self.accepted or worker in self.rejected:
                 if signature != self.signatures[worker] and worker not in self.duplicates:
                     self.duplicates[worker] = Rejected(worker, names.join(names.UPDATES, name), Reason.DUPLICATE.value,
@@ -120,7 +125,16 @@ class RoundLedger:
             raise Unusable(Reason.DIVERGED, m.diverged)
         if m.tensors is None:
             raise Unusable(Reason.MARKER_INVALID, f"{short} names no tensors and does not say it diverged")
-        if m.tensors.file != names.update_tensors_name(worker):
+        if m.encryption not in (NONE, SCHEME):
+            raise Unusable(Reason.MARKER_INVALID, f"encryption {m.encryption!r} is not {NONE} or {SCHEME}")
+        sealed = m.encryption == SCHEME
+        if self.sealed and not sealed:
+            raise Unusable(Reason.NOT_SEALED, "the run keeps updates confidential, but this one is not sealed to the "
+                                              "coordinator (encryption: none): update that worker's fedsync")
+        if sealed and not self.sealed:
+            raise Unusable(Reason.UNDECRYPTABLE, "sealed, but this run does not seal updates (confidential_updates: "
+                                                 "false): the coordinator holds no key for it")
+        if m.tensors.file != names.update_tensors_name(worker, sealed):
             raise Unusable(Reason.BAD_PATH, f"{short} names {m.tensors.file!r}")
         bound = self.bounds(self.a, worker)
         if not 0 < m.samples <= bound.train:
@@ -133,8 +147,8 @@ class RoundLedger:
         if m.encoding not in ENCODINGS:
             raise Unusable(Reason.BAD_ENCODING, f"encoding {m.encoding!r} is not one of {', '.join(ENCODINGS)}")
         self.markers[worker] = m
-        return Candidate(worker, self.share.update_tensors(self.r, worker), m.tensors,
-                         self.rule.weight(m.samples, m.steps), self.r, m.steps, m.encoding)
+        return Candidate(worker, self.share.update_tensors(self.r, worker, sealed), m.tensors,
+                         self.rule.weight(m.samples, m.steps), self.r, m.steps, m.encoding, sealed)
 
     def recheck(self) -> None:
         """Look again at every update still waiting, although its files did not change: the trusted keys did."""
@@ -195,7 +209,7 @@ class LateLedger:
         summaries = {c: load_summary(share, c) for c in window if share.exists(share.summary(c))}
         for c, s in summaries.items():
             a = share.read_record(Assignment, share.assignment(c))
-            ri = RoundLedger(share, c, a, bounds, rule, trust)
+            ri = RoundLedger(share, c, a, bounds, rule, trust, cfg.confidential_updates)
             ri.settled = {x.worker for x in s.accepted} | {x.worker for x in s.rejected}
             self.rounds[c] = ri
         for s in summaries.values():  # recorded as late by an earlier round: decided, never again

@@ -24,7 +24,7 @@ class Retention:
                 continue
             updates = self.share.updates_dir(p)
             for e in self.share.list(updates):
-                if e.name.endswith(names.TENSORS_SUFFIX):
+                if names.is_update_tensors(e.name):
                     self.share.remove(names.join(updates, e.name))
             self.share.remove(self.share.global_model(p))
             # never the last closed round's optimizer state, which the run goes on from: keep_rounds >= 2

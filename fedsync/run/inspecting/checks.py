@@ -28,9 +28,12 @@ from fedsync.storage.markers import (
     WorkerInfo,
 )
 from fedsync.storage.reasons import Reason, Unusable
+from fedsync.storage.sealing import SCHEME, SealedReader, SealingIdentity
 from fedsync.storage.share import Share
 from fedsync.storage.signing import assignment_message, final_message
 from fedsync.storage.signing import verify as verify_signature
+from fedsync.storage.store import Reader, read_exact
+from fedsync.storage.tensorfile import SCALE_SUFFIX, TensorSpec, header_length, parse_header
 from fedsync.storage.yamlfile import MAX_YAML_BYTES
 
 
@@ -49,6 +52,7 @@ class Report:
     pruned_through: int = 0  # keep_rounds: tensors of rounds up to this one may be gone on purpose
     pruned: int = 0          # tensor files found removed so
     verified: set[tuple[str, str]] = field(default_factory=set)  # (file, hash) checked already: said once
+    opener: SealingIdentity | None = None  # opens sealed updates: their plaintext is checked too
 
     @property
     def errors(self) -> list[Finding]:
@@ -58,8 +62,10 @@ class Report:
 RESTORE = "restore it from a backup or a sync peer; rounds after it cannot be re-derived without it"
 
 
-def verify(share: Share) -> Report:
-    report = Report()
+def verify(share: Share, opener: SealingIdentity | None = None) -> Report:
+    """Every check of docs/PROTOCOL.md section 9; with `opener` (the coordinator's age identity) every accepted
+    sealed update is opened too."""
+    report = Report(opener=opener)
     manifest = read_manifest(share)  # a missing or foreign-format manifest is an error the caller reports
     report.checked += 1
     keep, closed_rounds = manifest.config.get("keep_rounds"), share.closed_rounds()
@@ -185,8 +191,47 @@ def _update(report: Report, share: Share, r: int, worker: str, why: str) -> None
         report.findings.append(Finding("error", share.update_marker(r, worker), "names no tensors",
                                        f"the update was {why}; {RESTORE}"))
     elif m is not None:
-        _file(report, share, share.update_tensors(r, worker), m.tensors, f"the update was {why}; {RESTORE}",
-              pruned=r <= report.pruned_through)
+        name = share.update_tensors(r, worker, sealed=m.encryption == SCHEME)
+        _file(report, share, name, m.tensors, f"the update was {why}; {RESTORE}", pruned=r <= report.pruned_through)
+        if m.encryption == SCHEME and report.opener is not None and share.exists(name):
+            _plaintext(report, share, name, r)
+
+
+def _plaintext(report: Report, share: Share, name: str, r: int) -> None:
+    """Open a sealed update with the coordinator's key: every chunk must verify, and the plaintext must be a
+    safetensors file with the round's global model's tensors (int8's added scales aside)."""
+    assert report.opener is not None
+    fix = "the coordinator could not have counted it: restore it from a backup, or check --key is the run's"
+    try:
+        with share.store.open(share.global_model(r), follow_links=False) as f:
+            expected = {spec.name for spec in _specs(f)}
+        with share.store.open(name, follow_links=False) as f:
+            plain = SealedReader(f, report.opener).start()
+            found = {spec.name for spec in _specs(plain)}
+            piece = memoryview(bytearray(1 << 20))
+            while left := plain.size - plain.tell():  # every chunk decrypted: each tag checked
+                read_exact(plain, piece[:min(len(piece), left)])
+    except FileNotFoundError:
+        return  # the global model was pruned or is missing: reported on its own
+    except Unusable as e:
+        report.findings.append(Finding("error", name, f"{e.reason.value}: {e.detail}", fix))
+        return
+    except OSError as e:
+        report.findings.append(Finding("error", name, f"unreadable: {e.strerror or e}", fix))
+        return
+    values = {n for n in found if not n.endswith(SCALE_SUFFIX)}
+    if values != expected:
+        missing, extra = sorted(expected - values), sorted(values - expected)
+        report.findings.append(Finding("error", name, f"its plaintext holds other tensors than the global model "
+                                                      f"(missing {missing[:3]}, extra {extra[:3]})", fix))
+
+
+def _specs(f: Reader) -> list[TensorSpec]:
+    prefix = bytearray(8)
+    read_exact(f, memoryview(prefix))
+    header = bytearray(header_length(bytes(prefix), f.size))
+    read_exact(f, memoryview(header))
+    return parse_header(bytes(header), f.size - 8 - len(header))
 
 
 def _leftovers(report: Report, share: Share, folder: str, recursive: bool) -> None:

@@ -65,6 +65,7 @@ def collect_status(share: Share) -> dict[str, Any]:
         status["rounds"] = status["rounds"] or final.round
     status["jobs"] = _jobs(share)
     status["coordinator_key"] = fingerprint(manifest.coordinator_key)
+    status["sealed_to"] = manifest.recipient if manifest.config.get("confidential_updates") else None
     try:
         trusted = read_trust(share, manifest.run_id, manifest.coordinator_key)
     except TrustError as e:
