@@ -102,6 +102,8 @@ def test_two_workers_reach_real_accuracy(share: Path) -> None:
     # status reads the same story back, as text and as JSON
     text = run("status", "--share", str(share))
     assert text.returncode == 0 and "finished after round 6" in text.stdout
+    recipient = read_yaml(s.path(s.manifest))["recipient"]
+    assert f"updates sealed to {recipient} (only the coordinator reads them)" in text.stdout, text.stdout
     js = run("status", "--share", str(share), "--json")
     st = json.loads(js.stdout)
     assert st["state"] == "finished" and st["final"]["round"] == ROUNDS

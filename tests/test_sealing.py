@@ -18,7 +18,7 @@ from fedsync.aggregation.candidates import Candidate
 from fedsync.aggregation.intake import Aggregator
 from fedsync.aggregation.rules import FedAvg, Median
 from fedsync.base.errors import TrustError
-from fedsync.run.config import load_config
+from fedsync.run.config import config_from_dict, load_config
 from fedsync.run.coordinating.ledger import Bound, RoundLedger
 from fedsync.run.start import open_run, sealing_key
 from fedsync.run.trust import Trust
@@ -279,3 +279,14 @@ def test_a_coordinator_continues_a_sealed_run_only_with_the_key_that_opens_it(tm
         sealing_key(load_config("digits"), elsewhere, manifest)
     opener, created = sealing_key(load_config("digits"), coordinator_identity(), manifest)
     assert opener is not None and opener.recipient == manifest.recipient and not created
+
+
+def test_a_run_from_before_the_setting_keeps_plain_updates(tmp_path: Path) -> None:
+    """A fedsync.yaml whose config lacks confidential_updates (written before it existed) is a plain run."""
+    s = Share(tmp_path)
+    coordinator = coordinator_identity()
+    manifest = open_run(s, load_config("digits", {"confidential_updates": False}), "coordinator", coordinator)
+    del manifest.config["confidential_updates"]
+    assert not config_from_dict(manifest.config, "fedsync.yaml").confidential_updates
+    assert sealing_recipient(manifest, coordinator.public) is None
+    assert sealing_key(config_from_dict(manifest.config, "fedsync.yaml"), coordinator, manifest) == (None, False)
