@@ -33,6 +33,7 @@ from fedsync.run.coordinating.planning import Planner
 from fedsync.run.coordinating.report import Metrics, Reporter, compute, traffic
 from fedsync.run.coordinating.resume import own_assignment, remove_stale_temporaries, replay, saved_server_state
 from fedsync.run.coordinating.retention import Retention
+from fedsync.run.coordinating.secure import SecureRound
 from fedsync.run.coordinating.verdicts import history, ruined, to_exclude
 from fedsync.run.liveness import Liveness
 from fedsync.run.start import check_run, sealing_key, task_record
@@ -120,9 +121,10 @@ def run_coordinator(opts: CoordinatorOptions) -> FinalMarker:
                  f"{identity.fingerprint}; workers pin it at first contact (or pass --coordinator-key "
                  f"{identity.public})")
         if opener is not None:
-            opts.log(f"updates are sealed to {opener.recipient}; the key that opens them is "
-                     f"{sealing_key_path(identity.path)}{' (created now)' if sealing_created else ''}: keep it with "
-                     "the signing key. Open one update by hand: age -d -i KEY -o update.safetensors FILE.age")
+            opened = sealing_key_path(identity.path)
+            opts.log(f"updates are sealed to {opener.recipient}; the key that opens them is {opened}"
+                     f"{' (created now)' if sealing_created else ''}: keep it with the signing key. Open one update by "
+                     f"hand: age -d -i {opened} -o update.safetensors NNNN/updates/NAME.safetensors.age")
         why = "it ended unexpectedly"  # the lease says why the run stopped: workers and `fedsync status` tell it
         try:
             with ShareWatcher(share, opts.watch, list_store=False) as watcher:
@@ -285,6 +287,9 @@ class Coordinator:
 
     def _collect_and_close(self, r: int, a: Assignment, state: dict[str, torch.Tensor]) -> None:
         self.lease.update("collecting", r)
+        if self.cfg.secure_aggregation:
+            self._close(a, self._collect_secure(r, a, state))
+            return
         intake = self.backoff.run(lambda: RoundIntake(self.share, r, a, state, self.cfg, self.planner.bound, self.rule,
                                                       self.trust, self.log, self.buffers, self.probe, self.opener),
                                   f"reading the rounds before round {r}")
@@ -328,6 +333,26 @@ class Coordinator:
         # close: the aggregate, then the summary (last), then the evaluation beside the next round
         self._close(a, closing)
 
+    def _collect_secure(self, r: int, a: Assignment, state: dict[str, torch.Tensor]) -> Closing:
+        """A secure-aggregation round (fedsync/run/coordinating/secure.py): the rosters after each of the workers'
+        steps, then the unmasked sum, or the round redone."""
+        secure = SecureRound(self.share, r, a, state, self.cfg, self.planner.bound, self.trust, self.identity,
+                             self.log)
+        while True:
+            try:
+                self.liveness.scan()
+                self.trust.admit_all(self.liveness.live())
+                self.trust.refresh()
+                closing = secure.advance(set(self.liveness.live()), self.optimizer, self.server_state)
+            except OSError as e:
+                self._wait(self.backoff.failed(e, f"looking for round {r}'s secure-aggregation files"))
+                continue
+            self.evaluator.check()
+            if closing is not None:
+                return closing
+            remaining = secure.remaining()
+            self._wait(min(self.opts.rescan, remaining) if remaining > 0 else self.opts.rescan)
+
     def _pace(self, intake: RoundIntake, scan_started: float, scan_s: float) -> None:
         """Wait for a change or the deadline. A scan lists workers/ and updates/ whole, and files arrive one event at
         a time: paced, a round of N workers costs O(N) scans' worth of time in all, not N scans of N files."""
@@ -351,7 +376,7 @@ class Coordinator:
             state_ref = self.backoff.run(lambda: save_state(self.share.write, state_name, c.server_state),
                                          f"writing {state_name}")
         total = sum(x.samples for x in c.accepted)
-        train_loss = sum(x.train_loss * x.samples for x in c.accepted) / total
+        train_loss = sum(x.train_loss * x.samples for x in c.accepted) / total if total else math.nan  # redone
         # 2. the decision, written last: the round is closed from here on
         devices = {w: info.device_name for w, info in self.liveness.info.items()}
         summary = Summary(format=FORMAT_VERSION, round=r, closed_because=c.reason, seconds=round(c.seconds, 3),

@@ -32,9 +32,11 @@ from fedsync.learning.tasks import Task
 from fedsync.learning.train import Report, TrainSettings, evaluate, local_train, measure_throughput
 from fedsync.run.config import RunConfig, config_from_dict
 from fedsync.run.liveness import Heartbeat
+from fedsync.run.secure import ENCODING
 from fedsync.run.start import check_task, task_record
 from fedsync.run.working.data import WorkerData
 from fedsync.run.working.notices import Notices
+from fedsync.run.working.secure import SecureWorker
 from fedsync.run.working.serve import Device, Server
 from fedsync.storage import names
 from fedsync.storage.keys import Identity, load_identity, pinned_coordinator, worker_key_path
@@ -57,7 +59,7 @@ from fedsync.storage.signing import assignment_message, fingerprint, update_mess
 from fedsync.storage.syncthing import SyncthingNudge
 from fedsync.storage.trouble import Backoff
 from fedsync.storage.watch import ShareWatcher
-from fedsync.tensors.files import load_verified, save_state
+from fedsync.tensors.files import layout_of, load_verified, save_state
 from fedsync.tensors.residuals import ErrorFeedback, encoded_update, residual_dir
 
 
@@ -139,8 +141,10 @@ class Worker:
         self.task: Task = self.cfg.resolved_task()
         self.notices = Notices(share, name, manifest.run_id, coordinator_key, identity, self.cfg.trust, log)
         check_task(manifest, self.cfg)  # another version or layout of the task: refused before anything is written
+        self.secure = SecureWorker(share, manifest.run_id, name, identity, coordinator_key, log) \
+            if self.cfg.secure_aggregation else None
         self.recipient = sealing_recipient(manifest, coordinator_key)  # None: the run keeps plain updates
-        if self.recipient is not None:
+        if self.recipient is not None and self.secure is None:
             log(f"updates are sealed to the coordinator's key {self.recipient} (signed by it): nobody else who reads "
                 "the share can read them")
         # checked before registering: nothing found here can fail the worker in the middle of a round
@@ -205,7 +209,10 @@ class Worker:
                                  f"{final.test_accuracy:.4f}){serving}")
                     if final is not None and self.server is None:
                         return final
-                    work = self._pending_round() if final is None else None  # training comes first
+                    open_round = self._open_round() if final is None else None
+                    if open_round is not None and self.secure is not None and self.secure.advance(*open_round):
+                        continue  # a secure-aggregation step other than training: keys, envelopes, reveal
+                    work = self._pending_round(open_round)  # training comes first
                     if work is not None:
                         self._train_round(*work)
                         continue
@@ -219,10 +226,9 @@ class Worker:
         finally:
             self.heartbeat.stop()
 
-    def _pending_round(self) -> tuple[int, Assignment] | None:
-        """The newest open round that gives this worker a task it has not submitted yet. A round folder whose
-        assignment the coordinator did not sign is passed over (said once), so a forged later round cannot hide
-        the real one."""
+    def _open_round(self) -> tuple[int, Assignment] | None:
+        """The newest open round that gives this worker a task. A round folder whose assignment the coordinator did
+        not sign is passed over (said once), so a forged later round cannot hide the real one."""
         for r in reversed(self.share.rounds()):
             if self.share.exists(self.share.summary(r)):
                 return None  # the newest closed round: nothing before it is open
@@ -236,10 +242,19 @@ class Worker:
                     self.log(f"round {r}: WARNING: assignment.yaml is not signed by the run's coordinator (key "
                              f"{fingerprint(self.coordinator_key)}): someone else wrote it; not training on it")
                 continue
-            if a.run_id != self.manifest.run_id or self.name not in a.workers or self._submitted(r, a):
+            if a.run_id != self.manifest.run_id or self.name not in a.workers:
                 return None
             return r, a
         return None
+
+    def _pending_round(self, work: tuple[int, Assignment] | None) -> tuple[int, Assignment] | None:
+        """The open round `work`, if this worker has not submitted it yet (with secure aggregation: once roster 2
+        names it)."""
+        if work is None or self._submitted(*work):
+            return None
+        if self.secure is not None and not self.secure.may_train(work[0]):
+            return None
+        return work
 
     def _submitted(self, r: int, a: Assignment) -> bool:
         """Whether this worker's own update marker for the round exists (also after a restart). A marker under its
@@ -284,9 +299,13 @@ class Worker:
         diverged = _divergence(result.train_loss, update)
         ref = None
         if diverged is None:
-            written = encoded_update(r, update, self.cfg.compression,
-                                     self.feedback if self.cfg.error_feedback else None)
-            sealing = partial(seal, recipient=self.recipient) if self.recipient else None
+            if self.secure is not None:  # secure aggregation: the masked input, never the update itself
+                written, _ = self.secure.masked_input(r, a, update, layout_of(base), result.samples)
+                sealing = None
+            else:
+                written = encoded_update(r, update, self.cfg.compression,
+                                         self.feedback if self.cfg.error_feedback else None)
+                sealing = partial(seal, recipient=self.recipient) if self.recipient else None
             name = self.share.update_tensors(r, self.name, sealed=sealing is not None)
             ref = self.backoff.run(lambda: save_state(self.share.write, name, written, seal=sealing),
                                    f"writing the update for round {r}")
@@ -301,10 +320,12 @@ class Worker:
                               samples=result.samples, steps=result.steps, train_loss=result.train_loss,
                               seconds=round(signed - seen, 3), device=self.device, diverged=diverged,
                               evaluation=evaluation, timings={k: round(v, 4) for k, v in timings.items()},
-                              encoding=self.cfg.compression, encryption=SCHEME if self.recipient else "none")
+                              encoding=ENCODING if self.secure else self.cfg.compression,
+                              encryption=SCHEME if self.recipient and not self.secure else "none")
         marker.signature = self.identity.sign(update_message(self.manifest.run_id, marker))
         self.backoff.run(lambda: self.share.write_yaml(self.share.update_marker(r, self.name), to_dict(marker)),
                          f"writing the marker for round {r}")  # last: the update counts from here
+        crash_point(f"worker:after-marker:{r}")
         written = time.monotonic()
         if self.nudge:
             self.nudge.scan(self.share.updates_dir(r))

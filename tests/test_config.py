@@ -62,3 +62,20 @@ def test_where_a_machine_keeps_its_data_is_not_part_of_the_run() -> None:
     assert differences(a, b) == []
     assert differences(a, load_config("cifar10", {"data_root": "/home/me", "seed": 7})) == [
         "seed: 0 in the share, 7 now"]
+
+
+def test_secure_aggregation_turns_off_what_needs_each_update_and_refuses_what_cannot_work() -> None:
+    cfg = load_config("digits", {"secure_aggregation": True, "clip_norm": 5})
+    assert (cfg.screen_factor, cfg.screen_max_ratio, cfg.clip_factor, cfg.screen_direction, cfg.late_policy,
+            cfg.min_updates) == (0, 0, 0, False, "drop", 2)
+    with pytest.raises(ConfigError, match="secure_aggregation clips each update on its worker: set clip_norm"):
+        load_config("digits", {"secure_aggregation": True})
+    refused = {"aggregation": ("median", "aggregation median needs each update on its own"),
+               "screen_factor": (3.0, "cannot screen it: set screen_factor=0"),
+               "screen_direction": (True, "screen_direction=false"),
+               "late_policy": ("fold", "set late_policy=drop"),
+               "compression": ("int8", "set compression=none"),
+               "min_updates": (1, "min_updates of 2 or more")}
+    for key, (value, words) in refused.items():
+        with pytest.raises(ConfigError, match=words):
+            load_config("digits", {"secure_aggregation": True, "clip_norm": 5, key: value})

@@ -34,6 +34,7 @@ from fedsync.storage.markers import (
     to_dict,
 )
 from fedsync.storage.reasons import Reason
+from fedsync.storage.secagg_files import SecaggKeys, SecaggReveal, SecaggRoster, SecaggShares
 from fedsync.storage.signing import (
     assignment_message,
     final_message,
@@ -52,7 +53,9 @@ RECORDS = {"fedsync.yaml": Manifest, "coordinator.yaml": CoordinatorLease, "work
            "assignment.yaml": Assignment,
            "updates/<name>.yaml": UpdateMarker, "summary.yaml": Summary, "final.yaml": FinalMarker,
            "trust.yaml": TrustList, "evaluation.yaml": Evaluation, "jobs/<job>/job.yaml": JobMarker,
-           "jobs/<job>/plan.yaml": JobPlan, "jobs/<job>/outputs/<chunk>.<worker>.yaml": OutputMarker}
+           "jobs/<job>/plan.yaml": JobPlan, "jobs/<job>/outputs/<chunk>.<worker>.yaml": OutputMarker,
+           "secagg/keys/<name>.yaml": SecaggKeys, "secagg/roster-1.yaml": SecaggRoster,
+           "secagg/shares/<name>.yaml": SecaggShares, "secagg/reveal/<name>.yaml": SecaggReveal}
 
 
 def _examples() -> dict[str, str]:

@@ -42,7 +42,8 @@ KeyOpt = Annotated[Path | None, typer.Option(
     "--key", help="The private key (PEM, Ed25519, mode 0600): the coordinator and workers create theirs on first "
                   "start when absent; `trust` signs with the coordinator's. "
                   "Default: coordinator.pem or worker-NAME.pem in $FEDSYNC_KEY_DIR, else "
-                  "$XDG_CONFIG_HOME/fedsync/keys, else ~/.config/fedsync/keys. Never put it in the share.",
+                  "$XDG_CONFIG_HOME/fedsync/keys, else ~/.config/fedsync/keys. Never put it in the share. Beside "
+                  "the coordinator's lies the key that opens its run's sealed updates (the same name, .age).",
                   metavar="FILE")]
 
 

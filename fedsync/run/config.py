@@ -39,6 +39,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Douillard et al. 2023 (DiLoCo): H local steps, then the outer Nesterov step, lr 0.7, momentum 0.9
     "diloco": {"server_optimizer": "nesterov", "server_lr": 0.7, "server_momentum": 0.9, "local_steps": 100},
 }
+# What secure_aggregation: true lays under the keys a user sets: the screens that need each update turned off.
+SECURE = {"screen_factor": 0.0, "screen_max_ratio": 0.0, "clip_factor": 0.0, "screen_direction": False,
+          "late_policy": "drop", "min_updates": 2}
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,7 @@ class RunConfig:
     federated_eval: float     # fraction of each shard a worker holds out to evaluate each round's model; 0: off
     confidential_updates: bool = False  # workers seal their updates to the coordinator (age); configs/digits.yaml
                                         # sets it for new runs, a run from before it was a setting stays plain
+    secure_aggregation: bool = False  # the coordinator learns only the round's weighted sum (SecAgg+)
 
     def __post_init__(self) -> None:
         problems = []
@@ -169,8 +173,34 @@ class RunConfig:
             problems.append("momentum and weight_decay must not be negative")
         if self.worker_timeout <= 2 * self.heartbeat:
             problems.append("worker_timeout must exceed two heartbeats, or live workers look gone")
+        if self.secure_aggregation:
+            problems.extend(self._secure_problems())
         if problems:
             raise ConfigError("config: " + "; ".join(problems))
+
+    def _secure_problems(self) -> list[str]:
+        """What cannot work when the coordinator never sees an individual update (README, "Secure aggregation")."""
+        problems = []
+        if not self.clip_norm > 0:
+            problems.append("secure_aggregation clips each update on its worker: set clip_norm (the median norm of "
+                            "round 1's updates in a plain run's 0001/summary.yaml; 5 on digits)")
+        if self.aggregation != "fedavg":
+            problems.append(f"secure_aggregation sums updates: aggregation {self.aggregation} needs each update "
+                            "on its own; use fedavg")
+        off = [f"{k}=0" for k in ("screen_factor", "screen_max_ratio", "clip_factor") if getattr(self, k)]
+        off += ["screen_direction=false"] if self.screen_direction else []
+        if off:
+            problems.append("secure_aggregation hides each update, so the coordinator cannot screen it: set "
+                            + ", ".join(off))
+        if self.late_policy != "drop":
+            problems.append("secure_aggregation drops late updates (a late update is not in the round's masks): "
+                            "set late_policy=drop")
+        if self.compression != "none":
+            problems.append("secure_aggregation sends updates as 32-bit integers chosen from clip_norm and the "
+                            "workers' count: set compression=none")
+        if self.min_updates < 2:
+            problems.append("secure_aggregation needs min_updates of 2 or more: the sum of one update is that update")
+        return problems
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -263,6 +293,8 @@ def load_config(source: str = "digits", overrides: dict[str, Any] | None = None)
     preset = given.get("preset", merged.get("preset"))
     if isinstance(preset, str) and preset in PRESETS:  # an unknown one is reported with the other problems
         merged.update(PRESETS[preset])
+    if given.get("secure_aggregation", merged.get("secure_aggregation")) is True:
+        merged.update(SECURE)
     merged.update(given)
     return config_from_dict(merged, f"config {source}")
 

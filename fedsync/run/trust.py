@@ -222,6 +222,11 @@ class Trust:
                                    lambda e: e.__setitem__(name, TrustedKey(entry.key, EXCLUDED)))
         self.seen = self.share.signature(self.share.trust)
 
+    def key_of(self, worker: str) -> str | None:
+        """The key `worker`'s files must be signed with now; None when it has none, or it was revoked or excluded."""
+        entry = self.entries.get(worker)
+        return None if entry is None or entry.state in WITHDRAWN else entry.key
+
     def check_update(self, a: Assignment, worker: str, m: UpdateMarker, short: str) -> None:
         """Unusable unless the marker is signed by `worker`'s trusted key for this run, round and base model. Each of
         these waits (a forger must not shut the real worker out): the real worker's marker may still replace it."""

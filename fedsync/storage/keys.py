@@ -142,3 +142,25 @@ def _key(text: str, what: str) -> str:
         return canonical_public(text)
     except MarkerError as e:
         raise TrustError(f"{what} is unusable: {e}") from None
+
+
+def round_secret_path(run_id: str, worker: str, r: int) -> Path:
+    """Where a worker keeps its secrets of one secure-aggregation round: on its own disk, never in the share, so a
+    restarted worker continues the round with the same keys (docs/PROTOCOL.md section 5.16)."""
+    return key_dir() / "secagg" / f"{run_id}-{worker}-{r:06d}.secret"
+
+
+def keep_round_secret(path: Path, data: bytes) -> bytes:
+    """Store `data` at `path` (mode 0600) unless a secret is there already; the secret kept, either way."""
+    if not path.exists():
+        _create(path, data)
+    return path.read_bytes()
+
+
+def forget_round_secrets(run_id: str, worker: str, before: int) -> None:
+    """Delete this worker's secrets of the run's rounds before `before` (those rounds are closed)."""
+    folder = key_dir() / "secagg"
+    if folder.is_dir():
+        for path in folder.glob(f"{run_id}-{worker}-*.secret"):
+            if int(path.stem.rsplit("-", 1)[1]) < before:
+                path.unlink(missing_ok=True)

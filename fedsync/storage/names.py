@@ -32,12 +32,13 @@ JOB_INPUTS = "inputs"
 JOB_OUTPUTS = "outputs"
 REPORT_MD = "report.md"    # for people browsing the share: refreshed by the coordinator after each round
 REPORT_PNG = "report.png"
+SECAGG = "secagg"          # a secure-aggregation round's keys, envelopes, rosters and revealed shares (5.16)
 TENSORS_SUFFIX = ".safetensors"
 SEALED_SUFFIX = ".age"     # an update sealed to the coordinator: its tensor file's name and this (section 5.15)
 MARKER_SUFFIX = ".yaml"
 
 # anything else in a round folder is stray
-ROUND_FILES = frozenset({GLOBAL_MODEL, ASSIGNMENT, UPDATES, SUMMARY, EVALUATION, SERVER_STATE})
+ROUND_FILES = frozenset({GLOBAL_MODEL, ASSIGNMENT, UPDATES, SUMMARY, EVALUATION, SERVER_STATE, SECAGG})
 COORDINATOR_ROOT_FILES = frozenset({MANIFEST, LEASE, METRICS, FINAL_MODEL, FINAL_MARKER, TRUST, REPORT_MD, REPORT_PNG})
 COORDINATOR_ROUND_FILES = frozenset({GLOBAL_MODEL, ASSIGNMENT, SUMMARY, EVALUATION, SERVER_STATE})
 
@@ -113,6 +114,23 @@ def update_tensors(r: int, worker: str, sealed: bool = False) -> str:
 
 def update_marker(r: int, worker: str) -> str:
     return join(round_dir(r), update_marker_in_round(worker))
+
+
+def secagg_keys(r: int, worker: str) -> str:
+    return join(round_dir(r), SECAGG, "keys", worker + MARKER_SUFFIX)
+
+
+def secagg_shares(r: int, worker: str) -> str:
+    return join(round_dir(r), SECAGG, "shares", worker + MARKER_SUFFIX)
+
+
+def secagg_reveal(r: int, worker: str) -> str:
+    return join(round_dir(r), SECAGG, "reveal", worker + MARKER_SUFFIX)
+
+
+def secagg_roster(r: int, step: int) -> str:
+    """The coordinator's roster after step `step` (1: keys, 2: envelopes, 3: masked inputs)."""
+    return join(round_dir(r), SECAGG, f"roster-{step}{MARKER_SUFFIX}")
 
 
 def shard_list(num_shards: int) -> str:

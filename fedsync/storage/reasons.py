@@ -36,6 +36,7 @@ class Reason(str, Enum):
     DIVERGED = "diverged"
     SPOILS_AGGREGATE = "spoils_aggregate"
     DUPLICATE = "duplicate"
+    SECURE_STEP = "secure_step"
     IO_ERROR = "io_error"
 
     @property
@@ -106,6 +107,9 @@ HELP: dict[Reason, str] = {
                              "(a negative BatchNorm variance or batch count)",
     Reason.DUPLICATE: "the worker's files changed after its update was decided; the first decision stands, unless "
                       "its accepted tensor file itself changed before the close: then it no longer counts",
+    Reason.SECURE_STEP: "secure aggregation: the worker's file for a step of the round (its keys, envelopes, masked "
+                        "input or revealed shares) is missing at the step's deadline, not signed with its trusted key, "
+                        "or does not hold what the step needs (PROTOCOL.md section 5.16)",
     Reason.IO_ERROR: "the file could not be read at the deadline (permissions, vanished, share unmounted)",
 }
 

@@ -74,7 +74,7 @@ def verify(public: str, message: bytes, signature: str | None) -> bool:
     return True
 
 
-def _message(kind: str, fields: Iterable[tuple[str, object]]) -> bytes:
+def message(kind: str, fields: Iterable[tuple[str, object]]) -> bytes:
     lines = [f"fedsync {kind} v{FORMAT_VERSION}"]  # the share format: a signature never carries over to another
     for key, value in fields:
         text = "-" if value is None else str(value)
@@ -95,13 +95,13 @@ def update_message(run_id: str, m: UpdateMarker) -> bytes:
         fields.append(("encoding", m.encoding))
     if m.encryption != "none":
         fields.append(("encryption", m.encryption))
-    return _message("update", fields)
+    return message("update", fields)
 
 
 def recipient_message(run_id: str, recipient: str) -> bytes:
     """What the coordinator signs in fedsync.yaml: the key its workers seal their updates to. Unsigned, anyone who
     can write the share could swap in their own key and read every update sealed after."""
-    return _message("recipient", [("run", run_id), ("recipient", recipient)])
+    return message("recipient", [("run", run_id), ("recipient", recipient)])
 
 
 def assignment_message(a: Assignment) -> bytes:
@@ -116,18 +116,18 @@ def assignment_message(a: Assignment) -> bytes:
         fields.append(("worker", f"{name}/{'-' if t.shard is None else t.shard}/{t.local_epochs}/{steps}"))
         if t.samples is not None:
             fields.append(("own_samples", f"{name}/{t.samples}"))
-    return _message("assignment", fields)
+    return message("assignment", fields)
 
 
 def final_message(f: FinalMarker) -> bytes:
     """What the coordinator signs when the run ends: the final model."""
-    return _message("final", [("run", f.run_id), ("round", f.round), ("model", f.model.blake3),
+    return message("final", [("run", f.run_id), ("round", f.round), ("model", f.model.blake3),
                               ("bytes", f.model.bytes)])
 
 
 def trust_message(run_id: str, entries: dict[str, tuple[str, str]]) -> bytes:
     """What the coordinator signs in trust.yaml: each worker's name, trusted key and how it came to be trusted."""
-    return _message("trust", [("run", run_id), *(("worker", f"{n}/{state}/{key}")
+    return message("trust", [("run", run_id), *(("worker", f"{n}/{state}/{key}")
                                                  for n, (key, state) in sorted(entries.items()))])
 
 
@@ -135,7 +135,7 @@ def output_message(m: OutputMarker) -> bytes:
     """What a worker signs for a chunk it ran: whose predictions, for which job, chunk, inputs and model, which
     bytes, and which inputs it could not predict."""
     failed = ",".join(str(f.row) for f in m.failed) or None
-    return _message("output", [("job", m.job), ("chunk", m.chunk), ("worker", m.worker), ("inputs", m.inputs),
+    return message("output", [("job", m.job), ("chunk", m.chunk), ("worker", m.worker), ("inputs", m.inputs),
                                ("model", m.model), ("outputs", m.outputs.blake3 if m.outputs else None),
                                ("bytes", m.outputs.bytes if m.outputs else None), ("rows", m.rows),
                                ("error", "yes" if m.error is not None else "no"), ("failed", failed)])

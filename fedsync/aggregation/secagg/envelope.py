@@ -58,6 +58,11 @@ class RoundSecrets:
     def generate(cls) -> RoundSecrets:
         return cls(X25519PrivateKey.generate(), X25519PrivateKey.generate(), secrets.token_bytes(SEED_BYTES))
 
+    @classmethod
+    def from_raw(cls, c: bytes, s: bytes, self_seed: bytes) -> RoundSecrets:
+        """The secrets as a worker keeps them on its disk: the two private keys' raw bytes, then the seed."""
+        return cls(X25519PrivateKey.from_private_bytes(c), X25519PrivateKey.from_private_bytes(s), self_seed)
+
     def publics(self) -> tuple[str, str]:
         return public_text(self.c.public_key()), public_text(self.s.public_key())
 

@@ -1,0 +1,147 @@
+"""A worker's part in secure-aggregation rounds (docs/PROTOCOL.md section 5.16), step by step. Each step writes one
+file of the worker's own, once; which step is due follows from the files in the share alone, so a restarted
+worker (its round secrets kept on its own disk) continues where it stopped:
+
+1. the round is open: publish two public keys;
+2. the coordinator's roster 1 names this worker: seal a pair of shares to each holder of its secrets;
+3. roster 2 names it: train (the worker's usual round) and write the masked input (`masked_input`);
+4. roster 3 names it: reveal, for each sender it holds shares of, the one share the protocol allows.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from fedsync.aggregation.secagg import shamir
+from fedsync.aggregation.secagg.envelope import EnvelopeError, RoundSecrets
+from fedsync.aggregation.secagg.masks import SEED_BYTES
+from fedsync.aggregation.secagg.rounds import RevealRefused, mask, reveal, share_out
+from fedsync.aggregation.secagg.vector import flatten
+from fedsync.base.faults import crash_point
+from fedsync.base.logs import Log
+from fedsync.run.secure import MASKED, SLICE, encoding, publics, read_roster, round_of
+from fedsync.storage import names
+from fedsync.storage.keys import Identity, forget_round_secrets, keep_round_secret, round_secret_path
+from fedsync.storage.markers import FORMAT_VERSION, Assignment, to_dict
+from fedsync.storage.secagg_files import (
+    SecaggKeys,
+    SecaggReveal,
+    SecaggRoster,
+    SecaggShares,
+    keys_message,
+    reveal_message,
+    shares_message,
+)
+from fedsync.storage.share import Share
+from fedsync.tensors.files import Layout
+
+
+class SecureWorker:
+    def __init__(self, share: Share, run_id: str, name: str, identity: Identity, coordinator_key: str,
+                 log: Log) -> None:
+        self.share, self.run_id, self.name, self.identity = share, run_id, name, identity
+        self.coordinator_key, self.log = coordinator_key, log
+
+    def secrets(self, r: int) -> RoundSecrets:
+        """This worker's secrets of round r: made at its first step, kept on its own disk."""
+        fresh = RoundSecrets.generate()
+        raw = keep_round_secret(round_secret_path(self.run_id, self.name, r),
+                                fresh.c.private_bytes_raw() + fresh.s.private_bytes_raw() + fresh.self_seed)
+        if len(raw) != 64 + SEED_BYTES:
+            raise ValueError(f"{round_secret_path(self.run_id, self.name, r)} is not a round secret: delete it")
+        return RoundSecrets.from_raw(raw[:32], raw[32:64], raw[64:])
+
+    def roster(self, r: int, step: int) -> SecaggRoster | None:
+        return read_roster(self.share, self.run_id, r, step, self.coordinator_key)
+
+    def may_train(self, r: int) -> bool:
+        """Roster 2 names this worker: its masked input is due."""
+        roster = self.roster(r, 2)
+        return roster is not None and self.name in roster.workers
+
+    def advance(self, r: int, a: Assignment) -> bool:
+        """Take the step of round r that is due now, other than training (steps 1, 2 and 4); whether it took one."""
+        forget_round_secrets(self.run_id, self.name, before=r)
+        if not self.share.exists(names.secagg_keys(r, self.name)):
+            self._publish(r)
+            return True
+        first = self.roster(r, 1)
+        if first is None or self.name not in first.workers:
+            return False
+        if not self.share.exists(names.secagg_shares(r, self.name)):
+            self._share_out(r, a, first)
+            return True
+        third = self.roster(r, 3)
+        if third is None or self.name not in third.workers or self.share.exists(names.secagg_reveal(r, self.name)):
+            return False
+        second = self.roster(r, 2)
+        if second is None:
+            return False
+        self._reveal(r, a, first, second, third)
+        return True
+
+    def _publish(self, r: int) -> None:
+        c, s = self.secrets(r).publics()
+        record = SecaggKeys(format=FORMAT_VERSION, round=r, worker=self.name, c_key=c, s_key=s)
+        record.signature = self.identity.sign(keys_message(self.run_id, record))
+        self.share.write_yaml(names.secagg_keys(r, self.name), to_dict(record))
+        crash_point(f"worker:secure-keys:{r}")
+        self.log(f"round {r}: secure aggregation: published this round's keys")
+
+    def _share_out(self, r: int, a: Assignment, first: SecaggRoster) -> None:
+        c_publics, _ = publics(first)
+        envelopes = share_out(round_of(first, a), self.name, self.secrets(r), c_publics)
+        record = SecaggShares(format=FORMAT_VERSION, round=r, worker=self.name,
+                              envelopes={h: base64.b64encode(e).decode() for h, e in envelopes.items()})
+        record.signature = self.identity.sign(shares_message(self.run_id, record))
+        self.share.write_yaml(names.secagg_shares(r, self.name), to_dict(record))
+        crash_point(f"worker:secure-shares:{r}")
+        self.log(f"round {r}: secure aggregation: sealed shares of this round's secrets to {len(envelopes)} holders")
+
+    def masked_input(self, r: int, a: Assignment, delta: Mapping[str, torch.Tensor], layout: Layout,
+                     weight: int) -> tuple[dict[str, torch.Tensor], float]:
+        """Step 3: the masked input's one tensor (the clipped, weighted, encoded update plus the masks, as int32),
+        and the update's L2 norm before clipping."""
+        first, second = self.roster(r, 1), self.roster(r, 2)
+        assert first is not None and second is not None, "masked_input before rosters 1 and 2"
+        values, norm = flatten(delta, layout, first.clip)
+        words = encoding(first).encode(values, weight)
+        rnd, secrets = round_of(first, a), self.secrets(r)
+        _, s_publics = publics(first)
+        for start in range(0, len(words), SLICE):
+            length = min(SLICE, len(words) - start)
+            words[start:start + length] += mask(rnd, self.name, secrets, s_publics, set(second.workers), start,
+                                                length)
+        return {MASKED: torch.from_numpy(words.view(np.int32))}, norm
+
+    def _reveal(self, r: int, a: Assignment, first: SecaggRoster, second: SecaggRoster,
+                third: SecaggRoster) -> None:
+        rnd = round_of(first, a)
+        c_publics, _ = publics(first)
+        held: dict[str, bytes] = {}
+        for sender in second.workers:
+            if self.name not in rnd.graph.holders(sender):
+                continue
+            try:
+                record = self.share.read_record(SecaggShares, names.secagg_shares(r, sender))
+                held[sender] = base64.b64decode(record.envelopes[self.name], validate=True)
+            except (KeyError, binascii.Error, ValueError, OSError) as e:
+                self.log(f"round {r}: secure aggregation: {sender}'s envelope for this worker is unusable ({e}); "
+                         "its share is not revealed")
+        try:
+            answer = reveal(rnd, self.name, self.secrets(r), held, c_publics, set(second.workers),
+                            set(third.workers))
+        except (RevealRefused, EnvelopeError, shamir.ShareError) as e:
+            self.log(f"round {r}: secure aggregation: reveals nothing: {e}")
+            answer = {}
+        record = SecaggReveal(format=FORMAT_VERSION, round=r, worker=self.name,
+                              shares={s: f"{kind}:{base64.b64encode(share).decode()}"
+                                      for s, (kind, share) in answer.items()})
+        record.signature = self.identity.sign(reveal_message(self.run_id, record))
+        self.share.write_yaml(names.secagg_reveal(r, self.name), to_dict(record))
+        self.log(f"round {r}: secure aggregation: revealed {len(answer)} share(s) for the round's sum")
