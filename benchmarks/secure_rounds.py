@@ -26,18 +26,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fedsync import __version__  # noqa: E402
+from scale_workers import Fleet as PlainFleet  # noqa: E402  (benchmarks/ is this script's folder)
+
 from fedsync.learning.models import build_model  # noqa: E402
 from fedsync.run.working.secure import SecureWorker  # noqa: E402
 from fedsync.storage import names  # noqa: E402
-from fedsync.storage.keys import Identity, load_identity  # noqa: E402
 from fedsync.storage.manifest import read_manifest  # noqa: E402
 from fedsync.storage.markers import (  # noqa: E402
     FORMAT_VERSION,
     Assignment,
     Summary,
     UpdateMarker,
-    WorkerInfo,
     parse,
     to_dict,
 )
@@ -46,31 +45,20 @@ from fedsync.storage.signing import update_message  # noqa: E402
 from fedsync.tensors.files import layout_of, save_state  # noqa: E402
 
 FEDSYNC = [sys.executable, "-m", "fedsync"]
-HEARTBEAT = 2.0
+SAMPLES = 10  # what each simulated worker claims: within the smallest shard at 100 workers (14 examples)
 
 
-class Fleet:
+class Fleet(PlainFleet):
+    """benchmarks/scale_workers.py's simulated workers (registration, heartbeats), answering plainly or securely."""
+
     def __init__(self, share: Share, n: int, keys: Path, secure: bool) -> None:
-        self.share, self.secure, self.stop = share, secure, threading.Event()
-        self.ids: dict[str, Identity] = {f"w{i:04d}": load_identity(keys / f"w{i:04d}.pem")[0] for i in range(n)}
+        super().__init__(share, n, keys, "digits_cnn", 0.0)
+        self.secure = secure
         model = build_model("digits_cnn", 10).state_dict()
         self.layout = layout_of(model)
         self.delta = {k: (torch.randn(v.shape) * 1e-2).to(v.dtype) if v.is_floating_point() else
                       torch.zeros_like(v) for k, v in model.items()}
-        self.beat = 0
         self.written: dict[str, int] = {}  # bytes each worker wrote in the last round it finished
-
-    def register(self) -> None:
-        self.beat += 1
-        for name, ident in self.ids.items():
-            self.share.write_yaml(self.share.worker_file(name), to_dict(WorkerInfo(
-                format=FORMAT_VERSION, name=name, host="fleet", fedsync=__version__, torch=str(torch.__version__),
-                device="cpu", device_name="CPU", cuda_capability=None, state="idle", round=None,
-                heartbeat=self.beat, public_key=ident.public)))
-
-    def heartbeats(self) -> None:
-        while not self.stop.wait(HEARTBEAT):
-            self.register()
 
     def answer(self, rounds: int) -> None:
         manifest = read_manifest(self.share)
@@ -90,7 +78,7 @@ class Fleet:
                         if self.share.exists(names.secagg_reveal(r, w)):
                             left.discard(w)
                         if secure[w].may_train(r) and not self.share.exists(self.share.update_marker(r, w)):
-                            masked, _ = secure[w].masked_input(r, a, self.delta, self.layout, 100)
+                            masked, _ = secure[w].masked_input(r, a, self.delta, self.layout, SAMPLES)
                             self._submit(r, a, w, masked, "secagg")
                             progressed = True
                     else:
@@ -105,7 +93,7 @@ class Fleet:
 
     def _submit(self, r: int, a: Assignment, w: str, tensors: dict[str, torch.Tensor], encoding: str) -> None:
         ref = save_state(self.share.write, self.share.update_tensors(r, w), tensors)
-        m = UpdateMarker(format=FORMAT_VERSION, round=r, worker=w, base=a.model.blake3, tensors=ref, samples=100,
+        m = UpdateMarker(format=FORMAT_VERSION, round=r, worker=w, base=a.model.blake3, tensors=ref, samples=SAMPLES,
                          steps=1, train_loss=1.0, seconds=0.1, device="cpu", encoding=encoding)
         m.signature = self.ids[w].sign(update_message(a.run_id, m))
         self.share.write_yaml(self.share.update_marker(r, w), to_dict(m))
@@ -131,7 +119,7 @@ def measure(n: int, rounds: int, secure: bool) -> tuple[float, float]:
             time.sleep(0.05)
         fleet = Fleet(share, n, t / "worker-keys", secure)
         fleet.register()
-        threading.Thread(target=fleet.heartbeats, daemon=True).start()
+        threading.Thread(target=fleet.heartbeats, daemon=True).start()  # every 5 s
         answering = threading.Thread(target=fleet.answer, args=(rounds,), daemon=True)
         answering.start()
         _, err = coord.communicate(timeout=1800)

@@ -20,7 +20,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedsync.aggregation.secagg import shamir
-from fedsync.aggregation.secagg.envelope import RoundSecrets, open_envelope, public_key, s_secret, seal_envelope
+from fedsync.aggregation.secagg.envelope import (
+    EnvelopeError,
+    RoundSecrets,
+    open_envelope,
+    public_key,
+    s_secret,
+    seal_envelope,
+)
 from fedsync.aggregation.secagg.graph import Graph
 from fedsync.aggregation.secagg.masks import expand, pair_context, pair_seed, pair_sign
 
@@ -71,7 +78,8 @@ def reveal(r: Round, holder: str, secrets: RoundSecrets, envelopes: Mapping[str,
            sharers: set[str], survivors: set[str]) -> dict[str, tuple[str, bytes]]:
     """Step 4: for each sender whose envelope `holder` holds, (SELF, its share of the sender's self seed) if the
     sender survived, (PAIR, its share of the sender's pairwise secret) if it shared but dropped; never both kinds
-    for one sender. Refused when the survivors are fewer than any sender's threshold, or are not all sharers."""
+    for one sender; nothing for a sender whose envelope does not open. Refused when the survivors are fewer than
+    any sender's threshold, or are not all sharers."""
     if not survivors <= sharers:
         raise RevealRefused("the survivors named are not all among those that shared: the rosters disagree")
     out: dict[str, tuple[str, bytes]] = {}
@@ -81,8 +89,13 @@ def reveal(r: Round, holder: str, secrets: RoundSecrets, envelopes: Mapping[str,
         if len(set(r.graph.holders(sender)) & survivors) < r.graph.threshold(sender):
             raise RevealRefused(f"fewer than {r.graph.threshold(sender)} of {sender}'s holders survived: nothing "
                                 "is revealed, the round is redone")
-        data = open_envelope(envelope, secrets.c, public_key(c_publics[sender]), r.run_id, r.round, sender,
-                             holder)
+        try:
+            data = open_envelope(envelope, secrets.c, public_key(c_publics[sender]), r.run_id, r.round, sender,
+                                 holder)
+        except EnvelopeError:
+            continue  # sealed to another key or altered: that sender's share is not this holder's to give
+        if len(data) != 2 * shamir.SHARE_BYTES:
+            continue
         seed_share, pair_share = data[:shamir.SHARE_BYTES], data[shamir.SHARE_BYTES:]
         out[sender] = (SELF, seed_share) if sender in survivors else (PAIR, pair_share)
     return out
