@@ -1,7 +1,8 @@
 """A fedsync worker written from docs/PROTOCOL.md alone, for the built-in `digits` task: it imports nothing from
-fedsync (only safetensors, blake3, pyyaml, cryptography, torch, scikit-learn's bundled data, and pyrage, an age
-implementation in Rust, to seal its updates), so a run that accepts its updates every round shows the document is
-complete. Section numbers below are PROTOCOL.md's.
+fedsync (only safetensors, blake3, pyyaml, cryptography, torch, numpy, scikit-learn's bundled data, and pyrage, an
+age implementation in Rust, to seal its updates), so a run that accepts its updates every round shows the document
+is complete; with secure_aggregation it takes every step of section 5.16 too. Section numbers below are
+PROTOCOL.md's.
 
 It can also play an enrolled attacker (tests/test_attacks.py): with ATTACK `cycle` it signs, with its own key, an
 update poisoned another way each round (ATTACKS, in order), from its honestly trained delta.
@@ -13,7 +14,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import math
 import os
+import secrets
 import socket
 import sys
 import threading
@@ -21,12 +24,17 @@ import time
 from pathlib import Path
 
 import blake3
+import numpy as np
 import pyrage
 import torch
 import torch.nn.functional as F
 import yaml
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from sklearn.datasets import load_digits
@@ -173,12 +181,16 @@ class Worker:
         x, y = load_digits(return_X_y=True)  # section 5.4: the task's data in its own order
         self.x = torch.tensor(x / 16, dtype=torch.float32).reshape(-1, 1, 8, 8)
         self.y = torch.tensor(y, dtype=torch.int64)
+        self.secure = Secure(self) if self.cfg.get("secure_aggregation") else None
         self.register()
         beating = threading.Thread(target=self._beat, daemon=True)
         beating.start()
         while time.monotonic() < deadline:
             if self._finished():
                 return
+            assigned = self._assigned_round()
+            if assigned is not None and self.secure is not None and self.secure.step(*assigned):
+                continue
             work = self._open_round()
             if work is None:
                 time.sleep(0.2)
@@ -207,7 +219,16 @@ class Worker:
                 and final["round"] >= (rounds[-1] if rounds else 0))
 
     def _open_round(self) -> tuple[int, dict] | None:
-        """Section 7, step 2."""
+        """Section 7, step 2: the round to train, not submitted yet (with secure aggregation: once roster 2 names
+        this worker)."""
+        work = self._assigned_round()
+        if work is None or (self.share / f"{work[0]:04d}" / "updates" / f"{self.name}.yaml").exists():
+            return None
+        roster = self.secure.roster(work[0], 2) if self.secure else None
+        return work if self.secure is None or (roster is not None and self.name in roster["workers"]) else None
+
+    def _assigned_round(self) -> tuple[int, dict] | None:
+        """The newest open round, if the coordinator signed it and it gives this worker a task."""
         for r in reversed(self._rounds()):
             folder = self.share / f"{r:04d}"
             if (folder / "summary.yaml").exists():
@@ -225,8 +246,7 @@ class Worker:
                 fields.append(("worker", f"{name}/{t['shard']}/{t['local_epochs']}/{'-' if steps is None else steps}"))
             if not verify(self.coordinator, message("assignment", fields), a.get("signature")):
                 continue  # not the coordinator's: never trained on
-            mine = self.name in a["workers"] and not (folder / "updates" / f"{self.name}.yaml").exists()
-            return (r, a) if a["run_id"] == self.run_id and mine else None
+            return (r, a) if a["run_id"] == self.run_id and self.name in a["workers"] else None
         return None
 
     def _train(self, r: int, a: dict) -> None:
@@ -272,27 +292,182 @@ class Worker:
         samples = len(distinct) * (5 if attack == "inflate" else 1)
         if attack:
             delta = {k: v.contiguous() for k, v in poisoned(attack, delta, self.first).items()}
-        encoding = self.cfg["compression"]
-        data = st_save(encode(delta, encoding))
+        encoding = "secagg" if self.secure else self.cfg["compression"]
+        data = self.secure.masked(r, a, delta, samples) if self.secure else st_save(encode(delta, encoding))
         file = f"{self.name}.safetensors"
-        if self.recipient is not None:
+        if self.recipient is not None and self.secure is None:
             data, file = pyrage.encrypt(data, [self.recipient]), file + ".age"
         write_whole(folder / "updates" / file, data)
         tensors = {"file": file, "blake3": blake3.blake3(data).hexdigest(), "bytes": len(data)}
         marker = {"format": FORMAT, "round": r, "worker": self.name, "base": a["model"]["blake3"], "tensors": tensors,
                   "samples": samples, "steps": steps, "train_loss": loss_sum / seen,
                   "seconds": round(time.monotonic() - started, 3), "device": "cpu", "diverged": None,
-                  "encoding": encoding, "encryption": "age" if self.recipient else "none"}
+                  "encoding": encoding, "encryption": "age" if file.endswith(".age") else "none"}
         signed = [("run", self.run_id), ("round", r), ("worker", self.name), ("base", a["model"]["blake3"]),
                   ("tensors", tensors["blake3"]), ("bytes", tensors["bytes"]), ("samples", samples),
                   ("steps", steps), ("diverged", "no")]
         signed += [("encoding", encoding)] if encoding != "none" else []
-        signed += [("encryption", "age")] if self.recipient else []
+        signed += [("encryption", "age")] if file.endswith(".age") else []
         marker["signature"] = self.sign(message("update", signed))
         write_whole(folder / "updates" / f"{self.name}.yaml", yaml.safe_dump(marker, sort_keys=False).encode())
         self.state = "idle"
         print(f"round {r}: trained {n} examples in {steps} steps, train loss {loss_sum / seen:.4f}"
               + (f", sent {attack}" if attack else ""), flush=True)
+
+
+# --- section 5.16: secure aggregation -----------------------------------------------------------------------------
+
+PRIME = 2**521 - 1
+
+
+def hkdf(ikm: bytes, salt: bytes | None, info: bytes) -> bytes:
+    return HKDF(hashes.SHA256(), 32, salt, info).derive(ikm)
+
+
+def x25519_text(key: X25519PrivateKey) -> str:
+    return "x25519:" + base64.b64encode(key.public_key().public_bytes_raw()).decode()
+
+
+def x25519_key(text: str) -> X25519PublicKey:
+    return X25519PublicKey.from_public_bytes(base64.b64decode(text.removeprefix("x25519:")))
+
+
+def digest(entries: dict[str, str]) -> str:
+    return blake3.blake3("".join(f"{k} {v}\n" for k, v in sorted(entries.items())).encode()).hexdigest()
+
+
+def neighbours(workers: list[str], model: str) -> dict[str, set[str]]:
+    """The graph: ordered by SHA-256 of `MODEL\\nNAME`, a ring with k/2 links each side, or everyone."""
+    order = sorted(workers, key=lambda w: hashlib.sha256(f"{model}\n{w}".encode()).digest())
+    n = len(order)
+    k = 2 * math.ceil(math.log2(n)) if n > 1 else 0
+    if k >= n - 1:
+        return {w: set(order) - {w} for w in order}
+    out: dict[str, set[str]] = {w: set() for w in order}
+    for i, w in enumerate(order):
+        for step in range(1, k // 2 + 1):
+            for other in (order[(i - step) % n], order[(i + step) % n]):
+                out[w].add(other)
+                out[other].add(w)
+    return out
+
+
+def keystream_words(seed: bytes, count: int) -> np.ndarray:
+    """ChaCha20 of zeros, counter and nonce zero, as little-endian 32-bit words."""
+    stream = Cipher(algorithms.ChaCha20(seed, bytes(16)), mode=None).encryptor().update(bytes(4 * count))
+    return np.frombuffer(stream, dtype="<u4").astype(np.uint32)
+
+
+class Secure:
+    """This worker's steps of secure-aggregation rounds, from section 5.16 alone."""
+
+    def __init__(self, worker: "Worker") -> None:
+        self.w = worker
+        self.secrets: dict[int, tuple[X25519PrivateKey, X25519PrivateKey, bytes]] = {}
+
+    def folder(self, r: int) -> Path:
+        return self.w.share / f"{r:04d}" / "secagg"
+
+    def roster(self, r: int, step: int) -> dict | None:
+        try:
+            ro = yaml.safe_load((self.folder(r) / f"roster-{step}.yaml").read_text())
+        except (FileNotFoundError, yaml.YAMLError):
+            return None
+        msg = message("secagg-roster", [("run", ro["run_id"]), ("round", ro["round"]), ("step", ro["step"]),
+                                        ("workers", ",".join(ro["workers"]) or "-"), ("clip", repr(ro["clip"])),
+                                        ("max_weight", ro["max_weight"]), ("keys", digest(ro["keys"]))])
+        ok = verify(self.w.coordinator, msg, ro.get("signature")) and ro["run_id"] == self.w.run_id
+        return ro if ok and ro["round"] == r and ro["step"] == step else None
+
+    def holders(self, r: int, a: dict, sender: str) -> list[str]:
+        first = self.roster(r, 1)
+        return sorted(neighbours(first["workers"], a["model"]["blake3"])[sender] | {sender})
+
+    def write(self, path: Path, kind: str, fields: list[tuple[str, object]], record: dict) -> None:
+        record["signature"] = self.w.sign(message(kind, [("run", self.w.run_id)] + fields))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_whole(path, yaml.safe_dump(record, sort_keys=False).encode())
+
+    def step(self, r: int, a: dict) -> bool:
+        """Steps 1, 2 and 4 when due; whether one was taken."""
+        me = self.w.name
+        if r not in self.secrets:
+            self.secrets[r] = (X25519PrivateKey.generate(), X25519PrivateKey.generate(), os.urandom(32))
+        c, s, seed = self.secrets[r]
+        keys = self.folder(r) / "keys" / f"{me}.yaml"
+        if not keys.exists():
+            record = {"format": FORMAT, "round": r, "worker": me, "c_key": x25519_text(c), "s_key": x25519_text(s)}
+            self.write(keys, "secagg-keys", [("round", r), ("worker", me), ("c", record["c_key"]),
+                                             ("s", record["s_key"])], record)
+            return True
+        first = self.roster(r, 1)
+        if first is None or me not in first["workers"]:
+            return False
+        shares = self.folder(r) / "shares" / f"{me}.yaml"
+        if not shares.exists():
+            holders = self.holders(r, a, me)
+            t = len(holders) // 2 + 1
+            polys = [[int.from_bytes(secret, "big")] + [secrets.randbelow(PRIME) for _ in range(t - 1)]
+                     for secret in (seed, s.private_bytes_raw())]
+            envelopes = {}
+            for i, h in enumerate(holders):
+                x = i + 1
+                body = b"".join((sum(co * pow(x, j, PRIME) for j, co in enumerate(p)) % PRIME).to_bytes(66, "big")
+                                for p in polys)
+                key = ChaCha20Poly1305(hkdf(c.exchange(x25519_key(first["keys"][h].split(" ")[0])), None,
+                                            b"fedsync secagg envelope v1"))
+                nonce = os.urandom(12)
+                sealed = nonce + key.encrypt(nonce, body, f"{self.w.run_id}\n{r}\n{me}\n{h}\n".encode())
+                envelopes[h] = base64.b64encode(sealed).decode()
+            record = {"format": FORMAT, "round": r, "worker": me, "envelopes": envelopes}
+            self.write(shares, "secagg-shares", [("round", r), ("worker", me), ("envelopes", digest(envelopes))],
+                       record)
+            return True
+        third, second = self.roster(r, 3), self.roster(r, 2)
+        reveal = self.folder(r) / "reveal" / f"{me}.yaml"
+        if third is None or second is None or me not in third["workers"] or reveal.exists():
+            return False
+        survivors, sharers = set(third["workers"]), set(second["workers"])
+        answer = {}
+        refused = not survivors <= sharers
+        for sender in sorted(sharers):
+            holders = self.holders(r, a, sender)
+            if me not in holders:
+                continue
+            if len(set(holders) & survivors) < len(holders) // 2 + 1:
+                refused = True
+            env = base64.b64decode(yaml.safe_load((self.folder(r) / "shares" / f"{sender}.yaml").read_text())
+                                   ["envelopes"][me])
+            key = ChaCha20Poly1305(hkdf(c.exchange(x25519_key(first["keys"][sender].split(" ")[0])), None,
+                                        b"fedsync secagg envelope v1"))
+            try:
+                body = key.decrypt(env[:12], env[12:], f"{self.w.run_id}\n{r}\n{sender}\n{me}\n".encode())
+            except Exception:  # noqa: BLE001 - an envelope that does not open: nothing of that sender's
+                continue
+            kind, share = ("self", body[:66]) if sender in survivors else ("pair", body[66:])
+            answer[sender] = f"{kind}:{base64.b64encode(share).decode()}"
+        answer = {} if refused else answer
+        self.write(reveal, "secagg-reveal", [("round", r), ("worker", me), ("shares", digest(answer))],
+                   {"format": FORMAT, "round": r, "worker": me, "shares": answer})
+        return True
+
+    def masked(self, r: int, a: dict, delta: dict[str, torch.Tensor], samples: int) -> bytes:
+        """Step 3: the masked input's file."""
+        first, second = self.roster(r, 1), self.roster(r, 2)
+        c, s, seed = self.secrets[r]
+        clip = first["clip"]
+        values = torch.cat([delta[k].double().reshape(-1) for k in sorted(delta) if delta[k].is_floating_point()])
+        norm = float(values.norm())
+        values = torch.cat([values * (clip / norm if norm > clip else 1.0), torch.tensor([clip], dtype=torch.float64)])
+        scale = (2**31 - 1) / (len(first["workers"]) * first["max_weight"] * clip)
+        words = (torch.round(values * samples * scale).to(torch.int64).numpy() % 2**32).astype(np.uint32)
+        words += keystream_words(seed, len(words))
+        for v in neighbours(first["workers"], a["model"]["blake3"])[self.w.name] & set(second["workers"]):
+            low, high = sorted((self.w.name, v))
+            pair = hkdf(s.exchange(x25519_key(first["keys"][v].split(" ")[1])),
+                        f"{self.w.run_id}\n{r}\n{low}\n{high}\n".encode(), b"fedsync secagg pairwise mask v1")
+            words += keystream_words(pair, len(words)) if self.w.name == low else -keystream_words(pair, len(words))
+        return st_save({"masked": torch.from_numpy(words.view(np.int32).copy())})
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ file the coordinator reads holds one worker's update in the clear."""
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,7 @@ from fedsync.tensors.files import load_verified
 from .helpers import coordinator_identity, finish, killed_on_error, run, start, wait_until
 
 pytestmark = pytest.mark.processes
+OUTSIDER = Path(__file__).resolve().parent / "independent_worker.py"
 SECURE = ("--set", "secure_aggregation=true", "--set", "clip_norm=5", "--set", "worker_timeout=5",
           "--set", "heartbeat=1", "--set", "round_timeout=40")
 
@@ -119,3 +122,25 @@ def test_workers_dropping_after_keys_and_after_sharing_and_restarts_mid_round(sh
         _masked_inputs_are_masked(s, r, [x.worker for x in _summary(s, r).accepted])
         _moved_no_further_than_the_clip(s, r)
     assert "Traceback" not in out + outs
+
+
+def test_an_outsiders_worker_written_from_the_document_takes_every_secure_step(share: Path, tmp_path: Path) -> None:
+    """tests/independent_worker.py (section 5.16 alone, nothing of fedsync) beside fedsync workers: its masked
+    input, envelopes and revealed shares count in every round."""
+    coord = start("coordinator", "--share", str(share), "--rounds", "3", "--set", "min_workers=4", *SECURE)
+    workers = [_worker(share, f"w{i}") for i in (1, 2, 3)]
+    outsider = subprocess.Popen([sys.executable, str(OUTSIDER), str(share), "outsider", str(tmp_path / "o.pem")],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    with killed_on_error(coord, *workers, outsider):
+        out = finish(coord, timeout=180)
+        outs = "".join(finish(w, timeout=30) for w in workers) + finish(outsider, timeout=30)
+    assert coord.returncode == 0 and outsider.returncode == 0, out + outs
+    s = Share(share)
+    for r in (1, 2, 3):
+        summary = _summary(s, r)
+        assert sorted(x.worker for x in summary.accepted) == ["outsider", "w1", "w2", "w3"], (summary, out)
+        assert s.exists(names.secagg_keys(r, "outsider")) and s.exists(names.secagg_shares(r, "outsider"))
+        _masked_inputs_are_masked(s, r, ["outsider", "w1"])
+        _moved_no_further_than_the_clip(s, r)
+    # round 2 dips (0.68) as the same clipped plain run's does (0.71), round 3 recovers
+    assert parse(FinalMarker, s.read_yaml(s.final_marker), "final").test_accuracy >= 0.9, out
