@@ -6,6 +6,7 @@ survivors' weighted mean within the encoding's bound, exactly checkable here bec
 from __future__ import annotations
 
 import base64
+import time
 from pathlib import Path
 
 import numpy as np
@@ -112,3 +113,40 @@ def test_bad_files_at_each_step_are_left_out_and_the_sum_is_the_survivors_mean(t
     assert int(closing.new_state["n"]) == 3  # batch counts: the median of the survivors' steps
     revealed = s.read_yaml(names.secagg_reveal(1, "w0"))["shares"]
     assert "w4" not in revealed and revealed["w3"].startswith("pair:")  # no share from a sealed-shut envelope
+
+
+def test_too_few_holders_left_to_unmask_redo_the_round_with_its_model_unchanged(tmp_path: Path) -> None:
+    """Five workers mask; three stop before revealing: two reveals are fewer than any secret's threshold (3), so
+    after the step's deadline the round is redone, said in one line, and nothing is unmasked."""
+    s = Share(tmp_path / "share")
+    cfg = load_config("digits", {"secure_aggregation": True, "clip_norm": 5, "round_timeout": 4})
+    coordinator = coordinator_identity()
+    run_id = open_run(s, cfg, "coordinator", coordinator).run_id
+    model = save_state(s.store.write, s.global_model(1), BASE)
+    a = Assignment(format=FORMAT_VERSION, run_id=run_id, round=1, rounds=1, model=model, num_shards=5,
+                   time_budget_s=4.0, workers={w: WorkerTask(shard=i, local_epochs=1) for i, w in enumerate(HONEST)},
+                   shards=FileRef("shards/005.safetensors", "cd" * 32, 10))
+    a.signature = coordinator.sign(assignment_message(a))
+    write_yaml(s.path(s.assignment(1)), to_dict(a))
+    trust = Trust(s, run_id, coordinator, "tofu", lambda n: worker_identity(n).public, print)
+    trust.admit_all(HONEST)
+    said: list[str] = []
+    secure = SecureRound(s, 1, a, dict(BASE), cfg, lambda a, w: Bound(200, 200, "the test's bound"), trust,
+                         coordinator, said.append)
+    workers = {w: SecureWorker(s, run_id, w, worker_identity(w), coordinator.public, print) for w in HONEST}
+    closing = None
+    for _ in range(2000):
+        for w, sw in workers.items():
+            if s.exists(names.secagg_roster(1, 3)) and w in ("w2", "w3", "w4"):
+                continue  # gone after masking
+            sw.advance(1, a)
+            if sw.may_train(1) and not s.exists(s.update_marker(1, w)):
+                _marker(s, a, w, sw.masked_input(1, a, {"w": torch.ones(4000), "b": torch.ones(3),
+                                                        "n": torch.tensor(1)}, layout_of(BASE), 100)[0], 100)
+        closing = secure.advance(set(HONEST), make_optimizer(ServerSettings("none"), frozenset({"w", "b"})), {})
+        if closing is not None:
+            break
+        time.sleep(0.005)
+    assert closing is not None and closing.reason.startswith("redone: only 2 share(s) of"), closing
+    assert closing.accepted == [] and all(torch.equal(closing.new_state[k], BASE[k]) for k in BASE)
+    assert any("the round is redone, its model unchanged" in line for line in said), said

@@ -144,3 +144,25 @@ def test_an_outsiders_worker_written_from_the_document_takes_every_secure_step(s
         _moved_no_further_than_the_clip(s, r)
     # round 2 dips (0.68) as the same clipped plain run's does (0.71), round 3 recovers
     assert parse(FinalMarker, s.read_yaml(s.final_marker), "final").test_accuracy >= 0.9, out
+
+
+@pytest.mark.parametrize("step", [1, 3])
+def test_a_coordinator_killed_after_a_roster_continues_the_round_from_the_files(share: Path, step: int) -> None:
+    """(Roster 2: the test above.) With a server optimizer and federated evaluation, which work as in plain rounds."""
+    args = ("coordinator", "--share", str(share), "--rounds", "1", "--set", "min_workers=3", "--set",
+            "server_optimizer=fedavgm", "--set", "federated_eval=0.2", *SECURE)
+    coord = start(*args, fault=f"coordinator:secure-roster-{step}:1")
+    workers = [_worker(share, f"w{i}") for i in (1, 2, 3)]
+    s = Share(share)
+    with killed_on_error(coord, *workers):
+        assert coord.wait(timeout=90) == -signal.SIGKILL
+        assert s.exists(names.secagg_roster(1, step)) and not s.exists(s.summary(1))
+        coord = start(*args)
+        out = finish(coord, timeout=120)
+        outs = "".join(finish(w, timeout=30) for w in workers)
+    assert coord.returncode == 0 and "Traceback" not in out + outs, out + outs
+    summary = _summary(s, 1)
+    assert sorted(x.worker for x in summary.accepted) == ["w1", "w2", "w3"], summary
+    assert summary.server_optimizer == "fedavgm" and summary.server_state is not None
+    assert summary.federated is not None and summary.federated.samples > 0
+    _masked_inputs_are_masked(s, 1, ["w1", "w2", "w3"])
