@@ -82,6 +82,8 @@ def test_two_workers_killed_after_masking_do_not_stop_the_round(share: Path) -> 
         _moved_no_further_than_the_clip(s, r)
     assert parse(FinalMarker, s.read_yaml(s.final_marker), "final").test_accuracy >= 0.9, out
     assert run("verify", "--share", str(share)).returncode == 0
+    status = run("status", "--share", str(share))
+    assert "updates are masked (secure aggregation): the coordinator reads only each round's sum" in status.stdout
 
 
 def test_workers_dropping_after_keys_and_after_sharing_and_restarts_mid_round(share: Path) -> None:

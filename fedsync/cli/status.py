@@ -32,8 +32,12 @@ def format_status(st: dict[str, Any]) -> str:
         lines.append(f"coordinator {c['owner']}: {c['state']}, lease refreshed {c['last_refresh_s']} s ago "
                      "(file time, as seen from here)")
     lines.append(f"coordinator key {st['coordinator_key']}")
-    lines.append(f"updates sealed to {st['sealed_to']} (only the coordinator reads them)" if st.get("sealed_to") else
-                 "updates are plain: everyone who reads the share reads them (confidential_updates: false)")
+    if st.get("secure_aggregation"):
+        lines.append("updates are masked (secure aggregation): the coordinator reads only each round's sum")
+    elif st.get("sealed_to"):
+        lines.append(f"updates sealed to {st['sealed_to']} (only the coordinator reads them)")
+    else:
+        lines.append("updates are plain: everyone who reads the share reads them (confidential_updates: false)")
     if st.get("trust_problem"):
         lines.append(f"  WARNING: {st['trust_problem']}")
     for j in st["jobs"]:

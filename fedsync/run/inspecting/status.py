@@ -66,6 +66,7 @@ def collect_status(share: Share) -> dict[str, Any]:
     status["jobs"] = _jobs(share)
     status["coordinator_key"] = fingerprint(manifest.coordinator_key)
     status["sealed_to"] = manifest.recipient if manifest.config.get("confidential_updates") else None
+    status["secure_aggregation"] = bool(manifest.config.get("secure_aggregation"))
     try:
         trusted = read_trust(share, manifest.run_id, manifest.coordinator_key)
     except TrustError as e:
