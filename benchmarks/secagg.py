@@ -4,7 +4,8 @@ parameters) at 5, 20 and 100 workers, a tenth of them (at least one) dropping af
 - a worker: its keys, its envelopes to its k + 1 holders, and its masked input (its self mask and k pairwise masks
   expanded with ChaCha20 and added, slice by slice), against encoding the same update to integers alone;
 - the coordinator: taking the masks out of the sum of the survivors' masked inputs (their self masks, and the
-  pairwise masks they share with the dropped, whose secrets come back from the revealed shares), against summing the
+  pairwise masks they share with the dropped, whose secrets come back from the revealed shares; on two lanes, as the
+  coordinator does), against summing the
   same number of plain float32 updates held in memory (the plain intake's ceiling: no I/O, no checks);
 - the bytes each worker writes, against a plain float32 update.
 
@@ -16,14 +17,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from fedsync.aggregation.intake import LANES
 from fedsync.aggregation.secagg import shamir
 from fedsync.aggregation.secagg.encoding import Encoding
 from fedsync.aggregation.secagg.envelope import RoundSecrets
 from fedsync.aggregation.secagg.graph import build, degree
-from fedsync.aggregation.secagg.rounds import Round, mask, reveal, share_out, unmask
+from fedsync.aggregation.secagg.rounds import Round, mask, masks_to_remove, reveal, share_out, unmask
 
 PARAMS = 11_689_512  # ResNet-18's state, as benchmarks/aggregate.py builds it
 SLICE = 1 << 20  # words per slice: 4 MiB, as the intake streams
@@ -64,9 +67,9 @@ def main() -> None:
                               set(names), survivors) for h in sorted(survivors)}
         total = np.zeros(PARAMS, dtype=np.uint32)  # the survivors' masked inputs, summed (their content: any)
         t = time.perf_counter()
-        for start in range(0, PARAMS, SLICE):
-            length = min(SLICE, PARAMS - start)
-            unmask(r, total[start:start + length], start, revealed, s_pub, set(names), survivors)
+        masks = masks_to_remove(r, revealed, s_pub, set(names), survivors)
+        with ThreadPoolExecutor(LANES) as pool:  # as the coordinator does, on every lane
+            list(pool.map(lambda at: unmask(total[at:at + SLICE], at, masks), range(0, PARAMS, SLICE)))
         unmask_s = time.perf_counter() - t
 
         plain = np.zeros(PARAMS, dtype=np.float32)

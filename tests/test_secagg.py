@@ -16,7 +16,15 @@ from fedsync.aggregation.secagg.encoding import Encoding
 from fedsync.aggregation.secagg.envelope import EnvelopeError, RoundSecrets, open_envelope, seal_envelope
 from fedsync.aggregation.secagg.graph import build, degree
 from fedsync.aggregation.secagg.masks import expand, pair_context, pair_seed
-from fedsync.aggregation.secagg.rounds import RevealRefused, Round, mask, reveal, share_out, unmask
+from fedsync.aggregation.secagg.rounds import (
+    RevealRefused,
+    Round,
+    mask,
+    masks_to_remove,
+    reveal,
+    share_out,
+    unmask,
+)
 
 
 @pytest.mark.parametrize("n, t", [(3, 2), (5, 3), (7, 4), (6, 6)])
@@ -122,8 +130,8 @@ def _round(n: int, drop_keys: set[str], drop_shares: set[str], drop_masked: set[
     revealed = {h: reveal(r, h, secrets[h], {s: envelopes[s][h] for s in u2 if h in envelopes[s]}, c_pub, u2, u3)
                 for h in sorted(u3 - drop_reveal)}  # step 4
     total = sum(inputs.values(), np.zeros(length + 16, dtype=np.uint32))
-    summed = np.concatenate([unmask(r, total[:2048], 0, revealed, s_pub, u2, u3),
-                             unmask(r, total[2048:], 2048, revealed, s_pub, u2, u3)])
+    masks = masks_to_remove(r, revealed, s_pub, u2, u3)
+    summed = np.concatenate([unmask(total[:2048], 0, masks), unmask(total[2048:], 2048, masks)])
     weighted = enc.decode(summed)
     weight_sum = weighted[length:].mean()  # the weights, encoded as a coordinate of ones
     exact = sum(updates[w] * weights[w] for w in u3) / sum(weights[w] for w in u3)

@@ -101,21 +101,32 @@ def reveal(r: Round, holder: str, secrets: RoundSecrets, envelopes: Mapping[str,
     return out
 
 
-def unmask(r: Round, masked_sum: np.ndarray, start: int, revealed: Mapping[str, Mapping[str, tuple[str, bytes]]],
-           s_publics: Mapping[str, str], sharers: set[str], survivors: set[str]) -> np.ndarray:
-    """The sum of the survivors' encoded updates, slice start..start+len: their masked inputs' sum (`masked_sum`)
-    less each survivor's self mask and each pairwise mask a survivor shares with one that dropped after sharing.
-    `revealed`: holder -> its step-4 answer. Raises shamir.ShareError when a secret does not come back."""
-    length = len(masked_sum)
-    out = masked_sum.astype(np.uint32, copy=True)
-    for u in sorted(survivors):
-        out -= expand(_secret(r, u, SELF, revealed), start, length)
+def masks_to_remove(r: Round, revealed: Mapping[str, Mapping[str, tuple[str, bytes]]], s_publics: Mapping[str, str],
+                    sharers: set[str], survivors: set[str]) -> list[tuple[bytes, int]]:
+    """The masks in the survivors' summed inputs that are not cancelled, as (seed, sign): each survivor's self mask
+    (+1), and each pairwise mask a survivor shares with one that dropped after sharing (the sign the survivor added
+    it with). Each secret is rebuilt once from the revealed shares (`revealed`: holder -> its step-4 answer);
+    shamir.ShareError when one does not come back."""
+    out = [(_secret(r, u, SELF, revealed), 1) for u in sorted(survivors)]
     for v in sorted(sharers - survivors):
         secret = s_secret(_secret(r, v, PAIR, revealed))
         for u in r.graph.neighbours[v]:
             if u in survivors:
-                seed = pair_seed(secret, public_key(s_publics[u]), pair_context(r.run_id, r.round, u, v))
-                out -= expand(seed, start, length) if pair_sign(u, v) > 0 else -expand(seed, start, length)
+                out.append((pair_seed(secret, public_key(s_publics[u]), pair_context(r.run_id, r.round, u, v)),
+                            pair_sign(u, v)))
+    return out
+
+
+def unmask(masked_sum: np.ndarray, start: int, masks: list[tuple[bytes, int]]) -> np.ndarray:
+    """The sum of the survivors' encoded updates, words start..start+len: their masked inputs' sum less `masks`
+    (masks_to_remove), each expanded for this slice alone."""
+    out = masked_sum.astype(np.uint32, copy=True)
+    for seed, sign in masks:
+        words = expand(seed, start, len(out))
+        if sign > 0:
+            out -= words
+        else:
+            out += words
     return out
 
 

@@ -14,16 +14,18 @@ import binascii
 import statistics
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from safetensors.torch import load as st_load
 
+from fedsync.aggregation.intake import LANES
 from fedsync.aggregation.optimizers import ServerOptimizer
 from fedsync.aggregation.secagg import shamir
 from fedsync.aggregation.secagg.envelope import public_key
-from fedsync.aggregation.secagg.rounds import PAIR, SELF, unmask
+from fedsync.aggregation.secagg.rounds import PAIR, SELF, masks_to_remove, unmask
 from fedsync.aggregation.secagg.vector import length, unflatten
 from fedsync.base.faults import crash_point
 from fedsync.base.logs import Log
@@ -82,6 +84,11 @@ class SecureRound:
         self.markers: dict[str, UpdateMarker] = {}  # the masked inputs summed into `total`
         self.total: np.ndarray | None = None
         self.dropped: dict[str, Unusable] = {}  # who left the round at a closed step, and why
+        for step, roster in self.rosters.items():  # the steps a restarted coordinator finds closed
+            before = self.rosters[step - 1].workers if step > 1 else []
+            for w in sorted(set(before) - set(roster.workers)):
+                self.dropped[w] = Unusable(Reason.SECURE_STEP, f"{w} is not in roster {step}: it did not send its "
+                                                               f"{STEPS[step - 1]} in time")
         self.why = "all_reported"  # how step 3 closed: all_reported, quorum or deadline
 
     @property
@@ -261,10 +268,13 @@ class SecureRound:
         assert self.total is not None
         _, s_publics = publics(self.rosters[1])
         try:
-            summed = np.concatenate([unmask(rnd, self.total[at:at + SLICE], at, revealed, s_publics, sharers,
-                                            survivors) for at in range(0, len(self.total), SLICE)])
+            masks = masks_to_remove(rnd, revealed, s_publics, sharers, survivors)
         except shamir.ShareError as e:
             return self._redo(f"the revealed shares do not give the secrets back ({e})", server_state)
+        total = self.total
+        with ThreadPoolExecutor(LANES, thread_name_prefix="unmask") as pool:  # ChaCha20 and numpy run without the GIL
+            summed = np.concatenate(list(pool.map(lambda at: unmask(total[at:at + SLICE], at, masks),
+                                                  range(0, len(total), SLICE))))
         mean, weights = unflatten(encoding(self.rosters[1]).decode(summed), self.layout, self.rosters[1].clip)
         steps = int(statistics.median(m.steps for m in self.markers.values()))
         delta = {k: mean[k] if k in mean else torch.full_like(v, steps) for k, v in self.state.items()}
