@@ -144,7 +144,10 @@ class Worker:
         self.secure = SecureWorker(share, manifest.run_id, name, identity, coordinator_key, log) \
             if self.cfg.secure_aggregation else None
         self.recipient = sealing_recipient(manifest, coordinator_key)  # None: the run keeps plain updates
-        if self.recipient is not None and self.secure is None:
+        if self.secure is not None:
+            log("secure aggregation: this worker's update is sent masked; the coordinator reads only each round's "
+                "sum (clipped here to clip_norm first)")
+        elif self.recipient is not None:
             log(f"updates are sealed to the coordinator's key {self.recipient} (signed by it): nobody else who reads "
                 "the share can read them")
         # checked before registering: nothing found here can fail the worker in the middle of a round
