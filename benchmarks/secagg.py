@@ -26,7 +26,7 @@ from fedsync.aggregation.secagg import shamir
 from fedsync.aggregation.secagg.encoding import Encoding
 from fedsync.aggregation.secagg.envelope import RoundSecrets
 from fedsync.aggregation.secagg.graph import build, degree
-from fedsync.aggregation.secagg.rounds import Round, mask, masks_to_remove, reveal, share_out, unmask
+from fedsync.aggregation.secagg.rounds import Round, add_masks, masks_of, masks_to_remove, reveal, share_out
 
 PARAMS = 11_689_512  # ResNet-18's state, as benchmarks/aggregate.py builds it
 SLICE = 1 << 20  # words per slice: 4 MiB, as the intake streams
@@ -56,9 +56,9 @@ def main() -> None:
         w = names[-1]
         t = time.perf_counter()
         envelopes = {s: share_out(r, s, secrets[s], c_pub) for s in [w]}
+        masks = masks_of(r, w, secrets[w], s_pub, set(names))
         for start in range(0, PARAMS, SLICE):
-            length = min(SLICE, PARAMS - start)
-            encoded[start:start + length] += mask(r, w, secrets[w], s_pub, set(names), start, length)
+            add_masks(encoded[start:start + SLICE], start, masks)
         mask_s = time.perf_counter() - t
 
         envelopes = {s: share_out(r, s, secrets[s], c_pub) for s in names}
@@ -69,7 +69,7 @@ def main() -> None:
         t = time.perf_counter()
         masks = masks_to_remove(r, revealed, s_pub, set(names), survivors)
         with ThreadPoolExecutor(LANES) as pool:  # as the coordinator does, on every lane
-            list(pool.map(lambda at: unmask(total[at:at + SLICE], at, masks), range(0, PARAMS, SLICE)))
+            list(pool.map(lambda at: add_masks(total[at:at + SLICE], at, masks, -1), range(0, PARAMS, SLICE)))
         unmask_s = time.perf_counter() - t
 
         plain = np.zeros(PARAMS, dtype=np.float32)

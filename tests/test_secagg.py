@@ -19,11 +19,11 @@ from fedsync.aggregation.secagg.masks import expand, pair_context, pair_seed
 from fedsync.aggregation.secagg.rounds import (
     RevealRefused,
     Round,
-    mask,
+    add_masks,
+    masks_of,
     masks_to_remove,
     reveal,
     share_out,
-    unmask,
 )
 
 
@@ -123,15 +123,17 @@ def _round(n: int, drop_keys: set[str], drop_shares: set[str], drop_masked: set[
     inputs = {}
     for w in sorted(u2 - drop_masked):  # step 3: the encoded weighted update plus masks, in two slices
         encoded = np.concatenate([enc.encode(updates[w], weights[w]), enc.encode(np.ones(16), weights[w])[:16]])
-        masked = np.concatenate([mask(r, w, secrets[w], s_pub, u2, 0, 4096),
-                                 mask(r, w, secrets[w], s_pub, u2, 4096, len(encoded) - 4096)])
-        inputs[w] = encoded + masked
+        masks = masks_of(r, w, secrets[w], s_pub, u2)
+        add_masks(encoded[:4096], 0, masks)
+        add_masks(encoded[4096:], 4096, masks)
+        inputs[w] = encoded
     u3 = set(inputs)
     revealed = {h: reveal(r, h, secrets[h], {s: envelopes[s][h] for s in u2 if h in envelopes[s]}, c_pub, u2, u3)
                 for h in sorted(u3 - drop_reveal)}  # step 4
     total = sum(inputs.values(), np.zeros(length + 16, dtype=np.uint32))
-    masks = masks_to_remove(r, revealed, s_pub, u2, u3)
-    summed = np.concatenate([unmask(total[:2048], 0, masks), unmask(total[2048:], 2048, masks)])
+    summed, masks = total.copy(), masks_to_remove(r, revealed, s_pub, u2, u3)
+    add_masks(summed[:2048], 0, masks, -1)
+    add_masks(summed[2048:], 2048, masks, -1)
     weighted = enc.decode(summed)
     weight_sum = weighted[length:].mean()  # the weights, encoded as a coordinate of ones
     exact = sum(updates[w] * weights[w] for w in u3) / sum(weights[w] for w in u3)

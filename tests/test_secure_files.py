@@ -45,16 +45,19 @@ def _marker(s: Share, a: Assignment, w: str, tensors: dict[str, torch.Tensor], s
     s.store.write(s.update_marker(1, w), dump_yaml(to_dict(m)))
 
 
-def test_bad_files_at_each_step_are_left_out_and_the_sum_is_the_survivors_mean(tmp_path: Path) -> None:
+def _open(tmp_path: Path, assigned: list[str], budget: float) -> tuple[Share, Assignment, SecureRound,
+                                                                    dict[str, SecureWorker], list[str]]:
+    """Round 1 of a secure run, open: its assignment, the coordinator's SecureRound, each honest worker's steps, and
+    the coordinator's log lines."""
     s = Share(tmp_path / "share")
-    cfg = load_config("digits", {"secure_aggregation": True, "clip_norm": 5, "round_timeout": 8})
+    cfg = load_config("digits", {"secure_aggregation": True, "clip_norm": 5, "round_timeout": budget})
     coordinator = coordinator_identity()
     run_id = open_run(s, cfg, "coordinator", coordinator).run_id
-    assigned = [*HONEST, "w5", "mallory"]
     model = save_state(s.store.write, s.global_model(1), BASE)
-    a = Assignment(format=FORMAT_VERSION, run_id=run_id, round=1, rounds=1, model=model, num_shards=7,
-                   time_budget_s=8.0, workers={w: WorkerTask(shard=i, local_epochs=1) for i, w in enumerate(assigned)},
-                   shards=FileRef("shards/007.safetensors", "cd" * 32, 10))
+    a = Assignment(format=FORMAT_VERSION, run_id=run_id, round=1, rounds=1, model=model, num_shards=len(assigned),
+                   time_budget_s=budget,
+                   workers={w: WorkerTask(shard=i, local_epochs=1) for i, w in enumerate(assigned)},
+                   shards=FileRef(f"shards/{len(assigned):03d}.safetensors", "cd" * 32, 10))
     a.signature = coordinator.sign(assignment_message(a))
     write_yaml(s.path(s.assignment(1)), to_dict(a))
     trust = Trust(s, run_id, coordinator, "tofu", lambda n: worker_identity(n).public, print)
@@ -62,8 +65,15 @@ def test_bad_files_at_each_step_are_left_out_and_the_sum_is_the_survivors_mean(t
     said: list[str] = []
     secure = SecureRound(s, 1, a, dict(BASE), cfg, lambda a, w: Bound(200, 200, "the test's bound"), trust,
                          coordinator, said.append)
-    optimizer = make_optimizer(ServerSettings("none"), frozenset({"w", "b"}))
     workers = {w: SecureWorker(s, run_id, w, worker_identity(w), coordinator.public, print) for w in HONEST}
+    return s, a, secure, workers, said
+
+
+def test_bad_files_at_each_step_are_left_out_and_the_sum_is_the_survivors_mean(tmp_path: Path) -> None:
+    assigned = [*HONEST, "w5", "mallory"]
+    s, a, secure, workers, said = _open(tmp_path, assigned, 8.0)
+    run_id = a.run_id
+    optimizer = make_optimizer(ServerSettings("none"), frozenset({"w", "b"}))
     g = torch.Generator().manual_seed(0)
     deltas = {w: {"w": torch.randn(4000, generator=g) * (0.02 if w != "w1" else 1.0),  # w1's is clipped
                   "b": torch.randn(3, generator=g), "n": torch.tensor(3)} for w in HONEST}
@@ -118,22 +128,7 @@ def test_bad_files_at_each_step_are_left_out_and_the_sum_is_the_survivors_mean(t
 def test_too_few_holders_left_to_unmask_redo_the_round_with_its_model_unchanged(tmp_path: Path) -> None:
     """Five workers mask; three stop before revealing: two reveals are fewer than any secret's threshold (3), so
     after the step's deadline the round is redone, said in one line, and nothing is unmasked."""
-    s = Share(tmp_path / "share")
-    cfg = load_config("digits", {"secure_aggregation": True, "clip_norm": 5, "round_timeout": 4})
-    coordinator = coordinator_identity()
-    run_id = open_run(s, cfg, "coordinator", coordinator).run_id
-    model = save_state(s.store.write, s.global_model(1), BASE)
-    a = Assignment(format=FORMAT_VERSION, run_id=run_id, round=1, rounds=1, model=model, num_shards=5,
-                   time_budget_s=4.0, workers={w: WorkerTask(shard=i, local_epochs=1) for i, w in enumerate(HONEST)},
-                   shards=FileRef("shards/005.safetensors", "cd" * 32, 10))
-    a.signature = coordinator.sign(assignment_message(a))
-    write_yaml(s.path(s.assignment(1)), to_dict(a))
-    trust = Trust(s, run_id, coordinator, "tofu", lambda n: worker_identity(n).public, print)
-    trust.admit_all(HONEST)
-    said: list[str] = []
-    secure = SecureRound(s, 1, a, dict(BASE), cfg, lambda a, w: Bound(200, 200, "the test's bound"), trust,
-                         coordinator, said.append)
-    workers = {w: SecureWorker(s, run_id, w, worker_identity(w), coordinator.public, print) for w in HONEST}
+    s, a, secure, workers, said = _open(tmp_path, HONEST, 4.0)
     closing = None
     for _ in range(2000):
         for w, sw in workers.items():

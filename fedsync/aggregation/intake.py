@@ -125,12 +125,8 @@ class _Reading:
 
     def rest(self, piece: memoryview) -> None:
         """Hash what is left of the file without using it (after an unusable header or a chunk that failed)."""
-        if self.c.sealed:
-            hash_rest(self.raw, self.hasher, self.sealed.hashed if self.sealed else 0, piece)
-            return
-        while remaining := self.raw.size - self.raw.tell():
-            m = min(len(piece), remaining)
-            self.read(piece[:m])
+        hashed = self.sealed.hashed if self.sealed else 0 if self.c.sealed else self.raw.tell()
+        hash_rest(self.raw, self.hasher, hashed, piece)
 
 
 def fold(c: Candidate, store: Store, layout: FileLayout, sums: WeightedSum, piece: bytearray,

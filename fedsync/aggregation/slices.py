@@ -11,7 +11,7 @@ import torch
 from fedsync.aggregation.candidates import Candidate
 from fedsync.storage.sealing import SealedReader, SealingIdentity
 from fedsync.storage.store import Reader, Store, read_exact
-from fedsync.storage.tensorfile import FileLayout, header_length, parse_header
+from fedsync.storage.tensorfile import FileLayout, read_header
 from fedsync.tensors.encoding import BLOCK, NONE, blocks, dequantize, scale_name
 from fedsync.tensors.files import DTYPES
 
@@ -61,12 +61,8 @@ class UpdateSlices:
             self.offsets = []
             for c in self.accepted:
                 with self._open(c) as f:
-                    prefix = bytearray(8)
-                    read_exact(f, memoryview(prefix))
-                    header = bytearray(header_length(bytes(prefix), f.size))
-                    read_exact(f, memoryview(header))
-                    specs = parse_header(bytes(header), f.size - 8 - len(header))
-                self.offsets.append({s.name: 8 + len(header) + s.start for s in specs})
+                    data, specs = read_header(f)
+                self.offsets.append({s.name: data + s.start for s in specs})
         return self.offsets
 
     @contextmanager

@@ -150,10 +150,10 @@ def round_secret_path(run_id: str, worker: str, r: int) -> Path:
     return key_dir() / "secagg" / f"{run_id}-{worker}-{r:06d}.secret"
 
 
-def keep_round_secret(path: Path, data: bytes) -> bytes:
-    """Store `data` at `path` (mode 0600) unless a secret is there already; the secret kept, either way."""
+def keep_round_secret(path: Path, make: Callable[[], bytes]) -> bytes:
+    """The secret at `path`: made by `make` and stored (mode 0600) when none is there yet."""
     if not path.exists():
-        _create(path, data)
+        _create(path, make())
     return path.read_bytes()
 
 

@@ -262,7 +262,6 @@ class SealedReader:
         self.loaded = -1  # the chunk in `plain`
         self.sealed = bytearray(BATCH * SEALED_CHUNK)
         self.plain = bytearray(CHUNK)
-        self.filled = 0  # plaintext bytes of the loaded chunk
         self.first = 0  # where the first chunk begins in the sealed file
         self.count = 0
         self.aead: ChaCha20Poly1305 | None = None
@@ -338,10 +337,9 @@ class SealedReader:
                 continue
             if i != self.loaded:
                 self.loaded = -1
-                n = self._plain_length(i)
-                self._decrypt(i, self._fetch(i, 1), memoryview(self.plain)[:n])
-                self.loaded, self.filled = i, n
-            n = min(len(view) - got, self.filled - offset)
+                self._decrypt(i, self._fetch(i, 1), memoryview(self.plain)[:self._plain_length(i)])
+                self.loaded = i
+            n = min(len(view) - got, self._plain_length(i) - offset)
             view[got:got + n] = memoryview(self.plain)[offset:offset + n]
             got += n
             self.position += n
@@ -356,8 +354,8 @@ class SealedReader:
 
 
 def hash_rest(raw: Reader, hasher: Hasher, start: int, piece: memoryview) -> None:
-    """Feed `hasher` the sealed file from `start` to its end, undecrypted: after a failure, whether the file was
-    only not synced yet (its hash differs from the marker's) or bad."""
+    """Feed `hasher` the file from `start` to its end, unused (sealed: undecrypted): after a failure, whether the
+    file was only not synced yet (its hash differs from the marker's) or bad."""
     raw.seek(start)
     while start < raw.size:
         n = min(len(piece), raw.size - start)

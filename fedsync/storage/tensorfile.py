@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from fedsync.storage.reasons import Reason, Unusable
+from fedsync.storage.store import Reader, read_exact
 
 MAX_HEADER_BYTES = 16 << 20
 ITEMSIZE: dict[str, int] = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
@@ -71,6 +72,16 @@ def parse_header(header: bytes, data_size: int) -> list[TensorSpec]:
     if position != data_size:
         raise Unusable(Reason.NOT_SAFETENSORS, f"tensors cover {position} of {data_size} data bytes")
     return specs
+
+
+def read_header(f: Reader) -> tuple[int, list[TensorSpec]]:
+    """A whole file's header, read from its start: where its data section begins, and its tensors. Unusable when it
+    is not a safetensors file (SIZE_MISMATCH when the file ends early)."""
+    prefix = bytearray(8)
+    read_exact(f, memoryview(prefix))
+    header = bytearray(header_length(bytes(prefix), f.size))
+    read_exact(f, memoryview(header))
+    return 8 + len(header), parse_header(bytes(header), f.size - 8 - len(header))
 
 
 def check_layout(specs: list[TensorSpec], expected: FileLayout, dtype_names: Mapping[str, str] | None = None) -> None:

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from fedsync.aggregation.secagg.masks import SEED_BYTES
 
 ENVELOPE_INFO = b"fedsync secagg envelope v1"
+RAW_BYTES = 32 + 32 + SEED_BYTES  # RoundSecrets.raw: c, s, the self seed
 NONCE_BYTES = 12
 
 
@@ -58,10 +59,17 @@ class RoundSecrets:
     def generate(cls) -> RoundSecrets:
         return cls(X25519PrivateKey.generate(), X25519PrivateKey.generate(), secrets.token_bytes(SEED_BYTES))
 
-    @classmethod
-    def from_raw(cls, c: bytes, s: bytes, self_seed: bytes) -> RoundSecrets:
+    def raw(self) -> bytes:
         """The secrets as a worker keeps them on its disk: the two private keys' raw bytes, then the seed."""
-        return cls(X25519PrivateKey.from_private_bytes(c), X25519PrivateKey.from_private_bytes(s), self_seed)
+        return self.c.private_bytes_raw() + self.s.private_bytes_raw() + self.self_seed
+
+    @classmethod
+    def from_raw(cls, raw: bytes) -> RoundSecrets:
+        """What `raw` wrote; ValueError for anything else."""
+        if len(raw) != RAW_BYTES:
+            raise ValueError(f"round secrets are {RAW_BYTES} bytes, not {len(raw)}")
+        return cls(X25519PrivateKey.from_private_bytes(raw[:32]), X25519PrivateKey.from_private_bytes(raw[32:64]),
+                   raw[64:])
 
     def publics(self) -> tuple[str, str]:
         return public_text(self.c.public_key()), public_text(self.s.public_key())

@@ -4,10 +4,11 @@
 2. each worker of U1 splits its self seed and its pairwise secret among its holders in the graph over U1 and seals
    each holder's pair of shares in an envelope (`share_out`); the coordinator names those that did (U2);
 3. each worker of U2 writes its encoded update plus its self mask plus its pairwise masks with its neighbours in U2
-   (`mask`, slice by slice); the coordinator names those whose masked input arrived (U3);
+   (`masks_of`, added slice by slice with `add_masks`); the coordinator names those whose masked input arrived (U3);
 4. each worker of U3 opens the envelopes addressed to it and reveals, for each sender, the share of its self seed
    if the sender is in U3 or the share of its pairwise secret if it dropped after step 2, never both
-   (`reveal`); the coordinator combines them and takes the masks out of the sum of U3's inputs (`unmask`).
+   (`reveal`); the coordinator combines them and takes the masks out of the sum of U3's inputs (`masks_to_remove`,
+   then `add_masks` backwards).
 
 Everything is mod 2^32 (numpy uint32 wraps). Nothing here reads or writes a file.
 """
@@ -62,16 +63,16 @@ def share_out(r: Round, worker: str, secrets: RoundSecrets, c_publics: Mapping[s
     return out
 
 
-def mask(r: Round, worker: str, secrets: RoundSecrets, s_publics: Mapping[str, str], sharers: set[str],
-         start: int, length: int) -> np.ndarray:
-    """Step 3, one slice: the sum of `worker`'s self mask and its pairwise masks with its neighbours that shared
-    (U2), words start..start+length-1. The masked input is the encoded update plus this."""
-    total = expand(secrets.self_seed, start, length)
+def masks_of(r: Round, worker: str, secrets: RoundSecrets, s_publics: Mapping[str, str],
+             sharers: set[str]) -> list[tuple[bytes, int]]:
+    """Step 3: the masks `worker` adds to its encoded update, as (seed, sign): its self mask (+1), and the pairwise
+    mask with each neighbour that shared (U2), +1 for the name that sorts first, -1 for the other."""
+    out = [(secrets.self_seed, 1)]
     for v in r.graph.neighbours[worker]:
         if v in sharers:
             seed = pair_seed(secrets.s, public_key(s_publics[v]), pair_context(r.run_id, r.round, worker, v))
-            total += expand(seed, start, length) if pair_sign(worker, v) > 0 else -expand(seed, start, length)
-    return total
+            out.append((seed, pair_sign(worker, v)))
+    return out
 
 
 def reveal(r: Round, holder: str, secrets: RoundSecrets, envelopes: Mapping[str, bytes], c_publics: Mapping[str, str],
@@ -117,17 +118,16 @@ def masks_to_remove(r: Round, revealed: Mapping[str, Mapping[str, tuple[str, byt
     return out
 
 
-def unmask(masked_sum: np.ndarray, start: int, masks: list[tuple[bytes, int]]) -> np.ndarray:
-    """The sum of the survivors' encoded updates, words start..start+len: their masked inputs' sum less `masks`
-    (masks_to_remove), each expanded for this slice alone."""
-    out = masked_sum.astype(np.uint32, copy=True)
+def add_masks(words: np.ndarray, start: int, masks: list[tuple[bytes, int]], direction: int = 1) -> None:
+    """Add each mask (seed, sign) to `words`, a uint32 slice starting at word `start`, in place and mod 2^32,
+    times `direction`: +1 masks an encoded update (masks_of), -1 takes masks out of a sum (masks_to_remove). Each mask
+    is expanded for this slice alone."""
     for seed, sign in masks:
-        words = expand(seed, start, len(out))
-        if sign > 0:
-            out -= words
+        mask = expand(seed, start, len(words))
+        if sign * direction > 0:
+            words += mask
         else:
-            out += words
-    return out
+            words -= mask
 
 
 def _secret(r: Round, sender: str, kind: str, revealed: Mapping[str, Mapping[str, tuple[str, bytes]]]) -> bytes:

@@ -25,7 +25,7 @@ from fedsync.aggregation.intake import LANES
 from fedsync.aggregation.optimizers import ServerOptimizer
 from fedsync.aggregation.secagg import shamir
 from fedsync.aggregation.secagg.envelope import public_key
-from fedsync.aggregation.secagg.rounds import PAIR, SELF, masks_to_remove, unmask
+from fedsync.aggregation.secagg.rounds import PAIR, SELF, Round, add_masks, masks_to_remove
 from fedsync.aggregation.secagg.vector import length, unflatten
 from fedsync.base.faults import crash_point
 from fedsync.base.logs import Log
@@ -90,6 +90,7 @@ class SecureRound:
                 self.dropped[w] = Unusable(Reason.SECURE_STEP, f"{w} is not in roster {step}: it did not send its "
                                                                f"{STEPS[step - 1]} in time")
         self.why = "all_reported"  # how step 3 closed: all_reported, quorum or deadline
+        self._fixed: Round | None = None  # the graph over roster 1's workers, once it is written
 
     @property
     def current(self) -> int:
@@ -162,13 +163,19 @@ class SecureRound:
 
     def _short_of_threshold(self, survivors: set[str]) -> str:
         """Why the survivors cannot unmask the sum (a secret with fewer holders left than its threshold), or ""."""
-        rnd = round_of(self.rosters[1], self.a)
+        rnd = self._round()
         for w in self.rosters[2].workers:
             left = len(set(rnd.graph.holders(w)) & survivors)
             if left < rnd.graph.threshold(w):
                 return (f"only {left} of the {len(rnd.graph.holders(w))} holders of {w}'s secrets sent a masked "
                         f"input, {rnd.graph.threshold(w)} needed to unmask the sum")
         return ""
+
+    def _round(self) -> Round:
+        """The round as roster 1 fixes it (its graph), derived once."""
+        if self._fixed is None:
+            self._fixed = round_of(self.rosters[1], self.a)
+        return self._fixed
 
     # -- each step's file, checked ---------------------------------------------------------------------------------
 
@@ -200,7 +207,7 @@ class SecureRound:
     def _envelopes(self, worker: str) -> SecaggShares:
         record = self._read(SecaggShares, names.secagg_shares(self.r, worker), worker, "envelopes")
         self._signed(worker, shares_message(self.a.run_id, record), record.signature, "envelopes")
-        holders = set(round_of(self.rosters[1], self.a).graph.holders(worker))
+        holders = set(self._round().graph.holders(worker))
         if set(record.envelopes) != holders:
             raise Unusable(Reason.SECURE_STEP, f"{worker}'s envelopes are for {sorted(record.envelopes)}, not its "
                                                f"holders {sorted(holders)}")
@@ -225,8 +232,10 @@ class SecureRound:
         if words.dtype != torch.int32 or tuple(words.shape) != (length(self.layout),):
             raise Unusable(Reason.WRONG_SHAPE, f"{worker}'s masked input is {words.dtype} {list(words.shape)}, not "
                                                f"int32 [{length(self.layout)}]")
-        self.total = words.numpy().view(np.uint32).copy() if self.total is None else \
-            self.total + words.numpy().view(np.uint32)
+        if self.total is None:
+            self.total = words.numpy().view(np.uint32).copy()
+        else:
+            self.total += words.numpy().view(np.uint32)  # mod 2^32
         self.markers[worker] = m
         return m
 
@@ -249,7 +258,7 @@ class SecureRound:
     # -- the end of the round ----------------------------------------------------------------------------------------
 
     def _try_unmask(self, optimizer: ServerOptimizer, server_state: Tensors) -> Closing | None:
-        rnd = round_of(self.rosters[1], self.a)
+        rnd = self._round()
         survivors, sharers = set(self.rosters[3].workers), set(self.rosters[2].workers)
         revealed: dict[str, dict[str, tuple[str, bytes]]] = self.step.found  # type: ignore[assignment]
         for sender in sharers:
@@ -271,10 +280,9 @@ class SecureRound:
             masks = masks_to_remove(rnd, revealed, s_publics, sharers, survivors)
         except shamir.ShareError as e:
             return self._redo(f"the revealed shares do not give the secrets back ({e})", server_state)
-        total = self.total
-        with ThreadPoolExecutor(LANES, thread_name_prefix="unmask") as pool:  # ChaCha20 and numpy run without the GIL
-            summed = np.concatenate(list(pool.map(lambda at: unmask(total[at:at + SLICE], at, masks),
-                                                  range(0, len(total), SLICE))))
+        summed = self.total  # unmasked in place, slice by slice on every lane (ChaCha20 and numpy drop the GIL)
+        with ThreadPoolExecutor(LANES, thread_name_prefix="unmask") as pool:
+            list(pool.map(lambda at: add_masks(summed[at:at + SLICE], at, masks, -1), range(0, len(summed), SLICE)))
         mean, weights = unflatten(encoding(self.rosters[1]).decode(summed), self.layout, self.rosters[1].clip)
         steps = int(statistics.median(m.steps for m in self.markers.values()))
         delta = {k: mean[k] if k in mean else torch.full_like(v, steps) for k, v in self.state.items()}

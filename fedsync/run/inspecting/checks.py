@@ -32,8 +32,8 @@ from fedsync.storage.sealing import SCHEME, SealedReader, SealingIdentity
 from fedsync.storage.share import Share
 from fedsync.storage.signing import assignment_message, final_message
 from fedsync.storage.signing import verify as verify_signature
-from fedsync.storage.store import Reader, read_exact
-from fedsync.storage.tensorfile import SCALE_SUFFIX, TensorSpec, header_length, parse_header
+from fedsync.storage.store import read_exact
+from fedsync.storage.tensorfile import SCALE_SUFFIX, read_header
 from fedsync.storage.yamlfile import MAX_YAML_BYTES
 
 
@@ -204,10 +204,10 @@ def _plaintext(report: Report, share: Share, name: str, r: int) -> None:
     fix = "the coordinator could not have counted it: restore it from a backup, or check --key is the run's"
     try:
         with share.store.open(share.global_model(r), follow_links=False) as f:
-            expected = {spec.name for spec in _specs(f)}
+            expected = {spec.name for spec in read_header(f)[1]}
         with share.store.open(name, follow_links=False) as f:
             plain = SealedReader(f, report.opener).start()
-            found = {spec.name for spec in _specs(plain)}
+            found = {spec.name for spec in read_header(plain)[1]}
             piece = memoryview(bytearray(1 << 20))
             while left := plain.size - plain.tell():  # every chunk decrypted: each tag checked
                 read_exact(plain, piece[:min(len(piece), left)])
@@ -224,14 +224,6 @@ def _plaintext(report: Report, share: Share, name: str, r: int) -> None:
         missing, extra = sorted(expected - values), sorted(values - expected)
         report.findings.append(Finding("error", name, f"its plaintext holds other tensors than the global model "
                                                       f"(missing {missing[:3]}, extra {extra[:3]})", fix))
-
-
-def _specs(f: Reader) -> list[TensorSpec]:
-    prefix = bytearray(8)
-    read_exact(f, memoryview(prefix))
-    header = bytearray(header_length(bytes(prefix), f.size))
-    read_exact(f, memoryview(header))
-    return parse_header(bytes(header), f.size - 8 - len(header))
 
 
 def _leftovers(report: Report, share: Share, folder: str, recursive: bool) -> None:

@@ -17,10 +17,8 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from fedsync.aggregation.secagg import shamir
-from fedsync.aggregation.secagg.envelope import EnvelopeError, RoundSecrets
-from fedsync.aggregation.secagg.masks import SEED_BYTES
-from fedsync.aggregation.secagg.rounds import RevealRefused, mask, reveal, share_out
+from fedsync.aggregation.secagg.envelope import RoundSecrets
+from fedsync.aggregation.secagg.rounds import RevealRefused, add_masks, masks_of, reveal, share_out
 from fedsync.aggregation.secagg.vector import flatten
 from fedsync.base.faults import crash_point
 from fedsync.base.logs import Log
@@ -49,12 +47,11 @@ class SecureWorker:
 
     def secrets(self, r: int) -> RoundSecrets:
         """This worker's secrets of round r: made at its first step, kept on its own disk."""
-        fresh = RoundSecrets.generate()
-        raw = keep_round_secret(round_secret_path(self.run_id, self.name, r),
-                                fresh.c.private_bytes_raw() + fresh.s.private_bytes_raw() + fresh.self_seed)
-        if len(raw) != 64 + SEED_BYTES:
-            raise ValueError(f"{round_secret_path(self.run_id, self.name, r)} is not a round secret: delete it")
-        return RoundSecrets.from_raw(raw[:32], raw[32:64], raw[64:])
+        path = round_secret_path(self.run_id, self.name, r)
+        try:
+            return RoundSecrets.from_raw(keep_round_secret(path, lambda: RoundSecrets.generate().raw()))
+        except ValueError as e:
+            raise ValueError(f"{path} is not a round secret ({e}): delete it") from None
 
     def roster(self, r: int, step: int) -> SecaggRoster | None:
         return read_roster(self.share, self.run_id, r, step, self.coordinator_key)
@@ -66,7 +63,6 @@ class SecureWorker:
 
     def advance(self, r: int, a: Assignment) -> bool:
         """Take the step of round r that is due now, other than training (steps 1, 2 and 4); whether it took one."""
-        forget_round_secrets(self.run_id, self.name, before=r)
         if not self.share.exists(names.secagg_keys(r, self.name)):
             self._publish(r)
             return True
@@ -86,6 +82,7 @@ class SecureWorker:
         return True
 
     def _publish(self, r: int) -> None:
+        forget_round_secrets(self.run_id, self.name, before=r)  # a new round: the closed ones' secrets go
         c, s = self.secrets(r).publics()
         record = SecaggKeys(format=FORMAT_VERSION, round=r, worker=self.name, c_key=c, s_key=s)
         record.signature = self.identity.sign(keys_message(self.run_id, record))
@@ -111,12 +108,10 @@ class SecureWorker:
         assert first is not None and second is not None, "masked_input before rosters 1 and 2"
         values, norm = flatten(delta, layout, first.clip)
         words = encoding(first).encode(values, weight)
-        rnd, secrets = round_of(first, a), self.secrets(r)
         _, s_publics = publics(first)
+        masks = masks_of(round_of(first, a), self.name, self.secrets(r), s_publics, set(second.workers))
         for start in range(0, len(words), SLICE):
-            length = min(SLICE, len(words) - start)
-            words[start:start + length] += mask(rnd, self.name, secrets, s_publics, set(second.workers), start,
-                                                length)
+            add_masks(words[start:start + SLICE], start, masks)
         return {MASKED: torch.from_numpy(words.view(np.int32))}, norm
 
     def _reveal(self, r: int, a: Assignment, first: SecaggRoster, second: SecaggRoster,
@@ -136,7 +131,7 @@ class SecureWorker:
         try:
             answer = reveal(rnd, self.name, self.secrets(r), held, c_publics, set(second.workers),
                             set(third.workers))
-        except (RevealRefused, EnvelopeError, shamir.ShareError) as e:
+        except RevealRefused as e:
             self.log(f"round {r}: secure aggregation: reveals nothing: {e}")
             answer = {}
         record = SecaggReveal(format=FORMAT_VERSION, round=r, worker=self.name,
