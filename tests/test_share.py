@@ -150,3 +150,22 @@ def test_a_temporary_the_share_refused_to_delete_is_deleted_after_the_next_write
     monkeypatch.setattr(os, "unlink", real_unlink)
     local.atomic_write(tmp_path / "metrics.csv", b"round\n1\n2\n")
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.csv"] and not local.ORPHANS.paths
+
+
+def test_a_file_written_while_the_share_goes_away_is_not_left_in_the_bare_mount_point(tmp_path: Path) -> None:
+    """The share is unmounted between the check before a write and the write itself: the file lands in the bare
+    folder, is found there by the check after, removed, and the write fails as share trouble (retried later)."""
+    root = tmp_path / "share"
+    Share(root).start({"format": 2})
+
+    class Unmounting(local.LocalStore):
+        def write(self, name: str, data: bytes) -> None:
+            os.rename(root, tmp_path / "elsewhere")  # the mount goes: the mount point is a bare folder again
+            root.mkdir()
+            super().write(name, data)
+
+    share = Share(root, Unmounting(root))
+    with pytest.raises(FileNotFoundError) as caught:
+        share.write("metrics.csv", b"round\n")
+    assert caught.value.errno == errno.ENOENT and list(root.iterdir()) == []
+    assert sorted(p.name for p in (tmp_path / "elsewhere").iterdir()) == ["fedsync.yaml"]

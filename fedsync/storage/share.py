@@ -147,9 +147,15 @@ class Share:
             raise FileNotFoundError(errno.ENOENT, "the share's fedsync.yaml is gone", self.where(names.MANIFEST))
 
     def write(self, name: str, data: bytes) -> None:
-        """Write one of the run's files whole, only while the share is present."""
+        """Write one of the run's files whole, only while the share is present: checked before and after, since the
+        share can go away while the file is written (the file then lies in the bare mount point: removed again)."""
         self.check_present()
         self.store.write(name, data)
+        try:
+            self.check_present()
+        except FileNotFoundError:
+            self.store.remove(name)
+            raise
 
     def write_if(self, name: str, data: bytes, previous: Signature | None) -> Signature:
         """Write only if the file is still what `previous` describes (None: only if absent); its new signature, or
