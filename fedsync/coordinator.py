@@ -15,6 +15,8 @@ import torch
 from filelock import Timeout
 
 from fedsync.aggregation.optimizers import make_optimizer
+from fedsync.aggregation.privacy.mean import PrivateMean
+from fedsync.aggregation.privacy.noise import fresh_generator, next_clip
 from fedsync.aggregation.rules import make_rule
 from fedsync.base import defaults
 from fedsync.base.clock import utc_stamp
@@ -25,6 +27,7 @@ from fedsync.learning.data import Dataset, Source
 from fedsync.learning.device import DeviceChoice, DeviceFacts, choose_device
 from fedsync.learning.models import constrained_buffers
 from fedsync.run.config import RunConfig, load_data
+from fedsync.run.coordinating.budget import Budget, RoundPrivacy
 from fedsync.run.coordinating.evaluation import Evaluator, Probe, due, federated_mean
 from fedsync.run.coordinating.intake import Closing, RoundIntake
 from fedsync.run.coordinating.ledger import load_summary
@@ -36,7 +39,7 @@ from fedsync.run.coordinating.retention import Retention
 from fedsync.run.coordinating.secure import SecureRound
 from fedsync.run.coordinating.verdicts import history, ruined, to_exclude
 from fedsync.run.liveness import Liveness
-from fedsync.run.start import check_run, sealing_key, task_record
+from fedsync.run.start import check_privacy, check_run, sealing_key, task_record
 from fedsync.run.trust import Trust, check_coordinator_key
 from fedsync.storage import names
 from fedsync.storage.keys import Identity, coordinator_key_path, load_identity, sealing_key_path
@@ -50,13 +53,14 @@ from fedsync.storage.markers import (
     FileRef,
     FinalMarker,
     Manifest,
+    PrivacyRecord,
     Summary,
     to_dict,
 )
 from fedsync.storage.reasons import Unusable
 from fedsync.storage.sealing import SealingIdentity
 from fedsync.storage.share import Share
-from fedsync.storage.signing import assignment_message, final_message
+from fedsync.storage.signing import assignment_message, final_message, verify
 from fedsync.storage.syncthing import SyncthingNudge
 from fedsync.storage.trouble import Backoff
 from fedsync.storage.watch import ShareWatcher
@@ -82,6 +86,10 @@ class CoordinatorOptions:
 SCAN_SHARE = 0.5  # the most of a collecting coordinator's time that rescanning the share may take
 
 
+class BudgetSpent(Exception):
+    """The next round's release would take the run past dp.target_epsilon: the run ends before it."""
+
+
 def run_coordinator(opts: CoordinatorOptions) -> FinalMarker:
     share = opts.share
     if opts.rounds < 1:
@@ -99,6 +107,7 @@ def run_coordinator(opts: CoordinatorOptions) -> FinalMarker:
         # leaves the share byte for byte as it was (PROTOCOL.md section 6, step 1).
         nudge = SyncthingNudge(opts.syncthing, opts.syncthing_key, share, opts.log) if opts.syncthing else None
         existing = check_run(share, opts.config)
+        check_privacy(opts.config)
         choice = choose_device(opts.device, DeviceFacts.probe())  # an explicit device that is absent fails here
         identity, created = load_identity(opts.key or coordinator_key_path())
         if existing is not None:
@@ -176,6 +185,8 @@ class Coordinator:
         self.evaluator = Evaluator(share, self.task, self.cfg, test, device.device, self.log,
                                    self._landed)
         self.probe = Probe(self.task, self.cfg, test)
+        self.budget: Budget | None = None  # dp: what the closed rounds spent (read from their summaries)
+        self.plans: dict[int, RoundPrivacy] = {}  # dp: each open round's mechanism
 
     def run(self) -> FinalMarker:
         try:
@@ -201,6 +212,11 @@ class Coordinator:
             else:
                 self.log(f"round {r}: its model was pruned (keep_rounds) before it was evaluated; not evaluated")
         r = (closed[-1] + 1) if closed else 1
+        if self.cfg.dp is not None:
+            self.budget = Budget(self.cfg.dp, self.cfg.clip_norm, [load_summary(self.share, k) for k in closed])
+            ended = self._ended_at_budget(closed)
+            if ended is not None:
+                return ended
         if r <= self.opts.rounds:
             self.share.remove(self.share.final_marker)  # continuing a finished run: it is not finished
         self.log(f"run {self.manifest.run_id}: {self.cfg.task}/{self.cfg.model}, rounds {r}..{self.opts.rounds}, "
@@ -208,11 +224,28 @@ class Coordinator:
         self.log(f"watching the share by {self.watcher.describe}")
         while r <= self.opts.rounds:
             # Unusable too: its own files vanish for a moment when the share's mount drops between two reads
-            assignment, state = self.backoff.run(lambda: self._open_round(r), f"opening round {r}",
-                                                 retry=(OSError, Unusable))
+            try:
+                assignment, state = self.backoff.run(lambda: self._open_round(r), f"opening round {r}",
+                                                     retry=(OSError, Unusable))
+            except BudgetSpent as e:
+                return self._finish(r - 1, str(e))
             self._collect_and_close(r, assignment, state)
             r += 1
-        return self._finish()
+        return self._finish(self.opts.rounds)
+
+    def _ended_at_budget(self, closed: list[int]) -> FinalMarker | None:
+        """The run's final marker when it already ended at its privacy budget: a restart never reopens it."""
+        try:  # read as it is: this coordinator's own lease already says it drives the run on
+            final = self.share.read_record(FinalMarker, self.share.final_marker)
+        except Exception:  # noqa: BLE001 - absent or half-synced: the run did not end at its budget
+            return None
+        if final.stopped_because is None or not closed or final.round != closed[-1] or \
+                final.run_id != self.manifest.run_id or not verify(self.identity.public, final_message(final),
+                                                                   final.signature):
+            return None
+        self.log(f"run {self.manifest.run_id} already ended after round {final.round}: {final.stopped_because}; "
+                 "nothing more to do (a new run needs a new share)")
+        return final
 
     # -- opening -----------------------------------------------------------------------------------------
 
@@ -221,6 +254,7 @@ class Coordinator:
         if self.share.exists(self.share.assignment(r)):
             a = own_assignment(self.share, r, self.identity, self.log)
             if a is not None:
+                self._plan(r, a.workers)
                 return a, load_verified(self.share, self.share.global_model(r), a.model)
         if r == 1:
             state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
@@ -239,6 +273,11 @@ class Coordinator:
                 state = load_verified(self.share, self.share.global_model(r), model_ref)
             self.carried = None
         workers = self._wait_for_workers(r)
+        plan = self._plan(r, workers)
+        if plan is not None and self.budget is not None:
+            why = self.budget.over_target(plan)
+            if why:
+                raise BudgetSpent(why)
         shards, shard_list = self.planner.cut(len(workers))
         a = Assignment(format=FORMAT_VERSION, run_id=self.manifest.run_id, round=r, rounds=self.opts.rounds,
                        model=model_ref, num_shards=len(shards), time_budget_s=float(self.cfg.round_timeout),
@@ -250,6 +289,14 @@ class Coordinator:
             self.nudge.scan(self.share.round_dir(r))
         self.log(f"round {r}/{self.opts.rounds} open: {len(workers)} worker(s) {', '.join(workers)}")
         return a, state
+
+    def _plan(self, r: int, workers: list[str]) -> RoundPrivacy | None:
+        """Round r's privacy mechanism (dp), from the workers it assigns and those enrolled (registered, trusted)."""
+        if self.budget is None:
+            return None
+        enrolled = {w for w in self.liveness.info if self.trust.key_of(w) is not None} | set(workers)
+        self.plans[r] = self.budget.plan(len(workers), len(enrolled))
+        return self.plans[r]
 
     def _wait(self, seconds: float) -> None:
         """Sleep until the share changes or `seconds` pass; stop if another coordinator took the share."""
@@ -290,8 +337,11 @@ class Coordinator:
         if self.cfg.secure_aggregation:
             self._close(a, self._collect_secure(r, a, state))
             return
-        intake = self.backoff.run(lambda: RoundIntake(self.share, r, a, state, self.cfg, self.planner.bound, self.rule,
-                                                      self.trust, self.log, self.buffers, self.probe, self.opener),
+        plan = self.plans.get(r)
+        rule = self.rule if plan is None else PrivateMean(plan.central_std, plan.denominator, fresh_generator())
+        intake = self.backoff.run(lambda: RoundIntake(self.share, r, a, state, self.cfg, self.planner.bound, rule,
+                                                      self.trust, self.log, self.buffers, self.probe, self.opener,
+                                                      plan),
                                   f"reading the rounds before round {r}")
         news = RoundNews(r, self.log, self.lease)
         try:
@@ -337,7 +387,7 @@ class Coordinator:
         """A secure-aggregation round (fedsync/run/coordinating/secure.py): the rosters after each of the workers'
         steps, then the unmasked sum, or the round redone."""
         secure = SecureRound(self.share, r, a, state, self.cfg, self.planner.bound, self.trust, self.identity,
-                             self.log)
+                             self.log, self.plans.get(r))
         while True:
             try:
                 self.liveness.scan()
@@ -364,17 +414,19 @@ class Coordinator:
 
     def _close(self, a: Assignment, c: Closing) -> None:
         r = c.round
-        if c.clipped:
+        if c.clipped and self.budget is None:  # under dp who was clipped is not said (it tells about their data)
             self.log(f"round {r}: clipped (clip_norm, clip_factor x the round's median norm): " + ", ".join(
                 f"{w} (L2 norm {n:.4g})" for w, n in sorted(c.clipped.items())))
         # 1. the aggregate, where the next round (or the end of the run) will look for it, and the optimizer's state
         name = self.share.model_after(r, self.opts.rounds)
+        seen = self.budget is not None and self.share.exists(name)  # written before a stop: it may have been read
         ref = self.backoff.run(lambda: save_state(self.share.write, name, c.new_state, name), f"writing {name}")
         state_ref = None
         if self.optimizer.stateful:
             state_name = self.share.server_state(r)
             state_ref = self.backoff.run(lambda: save_state(self.share.write, state_name, c.server_state),
                                          f"writing {state_name}")
+        crash_point(f"coordinator:before-summary:{r}")
         total = sum(x.samples for x in c.accepted)
         train_loss = sum(x.train_loss * x.samples for x in c.accepted) / total if total else math.nan  # redone
         # 2. the decision, written last: the round is closed from here on
@@ -387,7 +439,7 @@ class Coordinator:
                           federated=federated_mean([x.evaluation for x in c.accepted if x.evaluation]),
                           closed_at=utc_stamp(), traffic=traffic(a, c.accepted, c.rejected),
                           compute=compute(c.accepted, devices), server_optimizer=self.optimizer.name,
-                          server_state=state_ref)
+                          server_state=state_ref, privacy=self._privacy(c, seen))
         self.backoff.run(lambda: self.share.write_yaml(self.share.summary(r), to_dict(summary)),
                          f"writing round {r}'s summary")
         crash_point(f"coordinator:after-summary:{r}")
@@ -410,6 +462,23 @@ class Coordinator:
                  f"{c.seconds:.2f} s{held}")
         for x in c.late:
             self.log(f"round {r}: late update from {x.worker} for round {x.round} {x.outcome} ({x.detail})")
+
+    def _privacy(self, c: Closing, seen: bool) -> PrivacyRecord | None:
+        """Round's privacy record (dp): its release (none when redone; two when a model of it was written before a
+        stop and may have been read) and the budget spent through it."""
+        if self.budget is None:
+            return None
+        plan, dp = self.plans[c.round], self.budget.dp
+        releases = 0 if c.reason.startswith("redone") else 2 if seen else 1
+        following = None
+        if c.fraction_under is not None:
+            following = round(next_clip(plan.clip, c.fraction_under, dp.target_quantile, dp.clip_lr), 6)
+        record = self.budget.record(plan, c.noise_multiplier or plan.noise_multiplier, releases, following,
+                                    c.fraction_under)
+        self.log(f"round {c.round}: differential privacy: epsilon {record.epsilon:.4f} spent at delta {dp.delta:g}"
+                 f" ({releases} release(s) of noise multiplier {record.noise_multiplier:.4g}, sampling rate "
+                 f"{plan.sample_rate:.3g}" + (f"; next clip {following:.4g}" if following is not None else "") + ")")
+        return record
 
     def _ruin(self, r: int) -> str:
         """Whether updates accepted before round r ruined its model (said when round r cannot close): from the
@@ -442,18 +511,32 @@ class Coordinator:
         self.log(f"round {ev.round}: test accuracy {ev.test_accuracy:.4f}, test loss {ev.test_loss:.4f} "
                  f"({ev.samples} examples on {ev.device}, {ev.seconds:.2f} s)")
 
-    def _finish(self) -> FinalMarker:
-        last = self.backoff.run(lambda: load_summary(self.share, self.opts.rounds), "reading the last summary")
-        evaluated = self.evaluator.wait(self.opts.rounds)
+    def _finish(self, round_: int, stopped: str | None = None) -> FinalMarker:
+        """Sign the model of round `round_` as the run's result: the last of --rounds, or (stopped: why) the last
+        round the privacy budget allowed, whose model is copied to final.safetensors."""
+        if round_ < 1:
+            raise ConfigError(f"{stopped}: not even round 1 fits; raise dp.noise_multiplier or dp.target_epsilon in "
+                              "a new share")
+        last = self.backoff.run(lambda: load_summary(self.share, round_), "reading the last summary")
+        if stopped is not None:
+            self.log(f"run {self.manifest.run_id} ends after round {round_} of {self.opts.rounds}: {stopped}")
+            if last.model.file != self.share.final_model:
+                data = self.share.read_verified(last.model.file, last.model)
+                self.backoff.run(lambda: self.share.write(self.share.final_model, data), "writing the final model")
+            if not due(round_, self.opts.rounds, self.cfg.eval_every) and not self.share.exists(
+                    self.share.evaluation(round_)):
+                self.evaluator.submit(round_, last.model)
+        evaluated = self.evaluator.wait(round_)
         if not math.isfinite(evaluated.test_loss):  # a ruined model is never signed as the run's result
-            raise RunStuck(f"round {self.opts.rounds}'s model evaluates to a test loss of {evaluated.test_loss} on "
+            raise RunStuck(f"round {round_}'s model evaluates to a test loss of {evaluated.test_loss} on "
                            f"{evaluated.samples} held-out examples: it is not signed as the final model. Updates "
                            "accepted into it ruined it (their rounds' summaries name them; `fedsync results` shows "
                            "where the loss stopped being finite, and `fedsync export --round N` an earlier round's "
                            "model)")
-        final = FinalMarker(format=FORMAT_VERSION, run_id=self.manifest.run_id, round=self.opts.rounds,
+        final = FinalMarker(format=FORMAT_VERSION, run_id=self.manifest.run_id, round=round_,
                             model=FileRef(names.FINAL_MODEL, last.model.blake3, last.model.bytes),
-                            test_accuracy=evaluated.test_accuracy)
+                            test_accuracy=evaluated.test_accuracy, stopped_because=stopped,
+                            epsilon=round(self.budget.spent(), 6) if self.budget is not None else None)
         final.signature = self.identity.sign(final_message(final))
         self.backoff.run(lambda: self.share.write_yaml(self.share.final_marker, to_dict(final)), "writing final.yaml")
         self.log(f"run {self.manifest.run_id} finished after {final.round} rounds: test accuracy "

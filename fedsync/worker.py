@@ -19,7 +19,7 @@ from filelock import Timeout
 
 from fedsync import __version__
 from fedsync.base import defaults
-from fedsync.base.errors import ShareError
+from fedsync.base.errors import ConfigError, ShareError
 from fedsync.base.faults import crash_point
 from fedsync.base.logs import Log, Logger, make_log
 from fedsync.fedavg import delta
@@ -27,6 +27,7 @@ from fedsync.learning.capture import capture, plan_capture
 from fedsync.learning.data import Source, first
 from fedsync.learning.device import DeviceChoice, DeviceFacts, choose_device, describe
 from fedsync.learning.doctor import start_check
+from fedsync.learning.dp_sgd import dp_local_train, refusals
 from fedsync.learning.predict import measure_inference
 from fedsync.learning.tasks import Task
 from fedsync.learning.train import Report, TrainSettings, evaluate, local_train, measure_throughput
@@ -36,6 +37,7 @@ from fedsync.run.secure import ENCODING
 from fedsync.run.start import check_task, task_record
 from fedsync.run.working.data import WorkerData
 from fedsync.run.working.notices import Notices
+from fedsync.run.working.private import WorkerBudget
 from fedsync.run.working.secure import SecureWorker
 from fedsync.run.working.serve import Device, Server
 from fedsync.storage import names
@@ -141,9 +143,18 @@ class Worker:
         self.task: Task = self.cfg.resolved_task()
         self.notices = Notices(share, name, manifest.run_id, coordinator_key, identity, self.cfg.trust, log)
         check_task(manifest, self.cfg)  # another version or layout of the task: refused before anything is written
-        self.secure = SecureWorker(share, manifest.run_id, name, identity, coordinator_key, log) \
+        self.secure = SecureWorker(share, manifest.run_id, name, identity, coordinator_key, log, self.cfg.dp) \
             if self.cfg.secure_aggregation else None
         self.recipient = sealing_recipient(manifest, coordinator_key)  # None: the run keeps plain updates
+        self.budget = WorkerBudget(share, manifest.run_id, name, identity.public, self.cfg.worker_dp,
+                                   self.cfg.batch_size) if self.cfg.worker_dp else None
+        problems = refusals(self.task.build_model(self.cfg.model)) if self.cfg.worker_dp else []
+        if problems:  # before registering: nothing written
+            raise ConfigError(f"worker_dp: Opacus cannot train model {self.cfg.model} privately: {problems[0]}")
+        if self.cfg.worker_dp is not None:
+            log(f"worker_dp: DP-SGD (Opacus) with noise multiplier {self.cfg.worker_dp.noise_multiplier:g}, each "
+                f"example's gradient clipped to {self.cfg.worker_dp.max_grad_norm:g}, in fp32 and eagerly; this "
+                f"worker's epsilon so far goes into each of its markers")
         if self.secure is not None:
             log("secure aggregation: this worker's update is sent masked; the coordinator reads only each round's "
                 "sum (clipped here to clip_norm first)")
@@ -293,8 +304,15 @@ class Worker:
         evaluated = time.monotonic()
         settings = self._settings(task.local_epochs, task.local_steps)
         report = self._progress(r)
-        result = local_train(self.model, shard, settings, self.device, seed=_seed(self.cfg.seed, r, self.name),
-                             captured=self.captured, report=report)
+        seed = _seed(self.cfg.seed, r, self.name)
+        worker_dp = self.cfg.worker_dp
+        if worker_dp is not None and self.budget is not None:
+            self.budget.check(len(shard))
+            result, _ = dp_local_train(self.model, shard, settings, worker_dp.noise_multiplier,
+                                       worker_dp.max_grad_norm, self.device, seed)
+        else:
+            result = local_train(self.model, shard, settings, self.device, seed=seed, captured=self.captured,
+                                 report=report)
         trained = time.monotonic()
         if report is not None:
             report(0, 0, 0.0, 0.0)  # done: the progress line goes
@@ -324,7 +342,9 @@ class Worker:
                               seconds=round(signed - seen, 3), device=self.device, diverged=diverged,
                               evaluation=evaluation, timings={k: round(v, 4) for k, v in timings.items()},
                               encoding=ENCODING if self.secure else self.cfg.compression,
-                              encryption=SCHEME if self.recipient and not self.secure else "none")
+                              encryption=SCHEME if self.recipient and not self.secure else "none",
+                              worker_epsilon=self.budget.after(r, result.samples, result.steps)
+                              if self.budget is not None and ref is not None else None)
         marker.signature = self.identity.sign(update_message(self.manifest.run_id, marker))
         self.backoff.run(lambda: self.share.write_yaml(self.share.update_marker(r, self.name), to_dict(marker)),
                          f"writing the marker for round {r}")  # last: the update counts from here
@@ -361,9 +381,10 @@ class Worker:
         call of every kernel, and the capture of the step in CUDA graphs (compiled once for this process, timed and
         said). A capture that fails falls back to eager, said with its reason. The weights are overwritten by each
         round's global model."""
-        self.log(self.plan.why)
+        self.log(self.plan.why if self.cfg.worker_dp is None else "worker_dp: training eagerly (Opacus's per-example "
+                 "gradients are not captured in CUDA graphs)")
         sample, settings = first(train, 3 * self.cfg.batch_size), self._settings(1, 3)
-        if self.plan.capture:
+        if self.plan.capture and self.cfg.worker_dp is None:
             started = time.monotonic()
             self.log("compiling the training step (once per process; round 1 waits for it)")
             try:

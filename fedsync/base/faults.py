@@ -1,7 +1,8 @@
 """Named crash points for the fault-injection tests: `FEDSYNC_FAULT=<point>` makes the process SIGKILL itself
 there, exactly as a power cut or `kill -9` would, so the tests can prove each point is survivable.
 
-Points: `coordinator:collecting:<r>` (round r has taken in its first update), `coordinator:after-summary:<r>`
+Points: `coordinator:collecting:<r>` (round r has taken in its first update), `coordinator:before-summary:<r>`
+(round r's aggregate is written, its summary is not), `coordinator:after-summary:<r>`
 (round r's summary is written, the metrics and next round are not), `coordinator:evaluating:<r>` (round r's
 evaluation starts, in its thread, while a later round may be collecting), and `write:<share-relative path>`
 (half of that file's bytes are in its temporary file; it is never renamed into place).

@@ -24,9 +24,18 @@ def format_status(st: dict[str, Any]) -> str:
                      f"{len(last['rejected'])} rejected, {len(last['missing'])} missing")
         for r in last["rejected"]:
             lines.append(f"  rejected {r['worker']}: {r['reason']} ({r['detail']})")
+        if last.get("privacy"):
+            p = last["privacy"]
+            lines.append(f"  differential privacy: epsilon {p['epsilon']:.3f} spent at delta {p['delta']:g} "
+                         f"({p['noise']} noise, multiplier {p['noise_multiplier']:.4g}, clip {p['clip']:.4g})")
+    if st.get("dp") and not (last and last.get("privacy")):
+        lines.append("differential privacy: no round has spent any budget yet (epsilon 0)")
     if st["final"]:
         lines.append(f"finished after round {st['final']['round']}: test accuracy "
-                     f"{st['final']['test_accuracy']:.4f}")
+                     f"{st['final']['test_accuracy']:.4f}" + (f", epsilon {st['final']['epsilon']:.3f}"
+                                                               if st["final"].get("epsilon") is not None else ""))
+        if st["final"].get("stopped_because"):
+            lines.append(f"  ended before its last round: {st['final']['stopped_because']}")
     c = st["coordinator"]
     if c:
         lines.append(f"coordinator {c['owner']}: {c['state']}, lease refreshed {c['last_refresh_s']} s ago "

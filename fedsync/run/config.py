@@ -15,6 +15,7 @@ from typing import Any
 
 from fedsync.aggregation.defence import Screens
 from fedsync.aggregation.optimizers import ServerSettings, check_settings
+from fedsync.aggregation.privacy.settings import DPSettings, WorkerDPSettings
 from fedsync.aggregation.rules import RULES, needed_updates
 from fedsync.base.errors import ConfigError
 from fedsync.learning.augment import NAMED
@@ -42,6 +43,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 # What secure_aggregation: true lays under the keys a user sets: the screens that need each update turned off.
 SECURE = {"screen_factor": 0.0, "screen_max_ratio": 0.0, "clip_factor": 0.0, "screen_direction": False,
           "late_policy": "drop", "min_updates": 2}
+# What a `dp` mapping lays under the keys a user sets: the screens (one weighs an update against the others, so one
+# worker could move whether another's counts; every rejection's detail names the update's norm), folding late
+# updates (a worker would count twice in a round), and federated evaluation (each worker's held-out accuracy,
+# un-noised, in the summary). The clip bound alone limits what an update can do.
+DP = {"screen_factor": 0.0, "screen_max_ratio": 0.0, "clip_factor": 0.0, "screen_direction": False,
+      "late_policy": "drop", "federated_eval": 0.0}
 
 
 @dataclass(frozen=True)
@@ -105,6 +112,8 @@ class RunConfig:
     confidential_updates: bool = False  # workers seal their updates to the coordinator (age); configs/digits.yaml
                                         # sets it for new runs, a run from before it was a setting stays plain
     secure_aggregation: bool = False  # the coordinator learns only the round's weighted sum (SecAgg+)
+    dp: DPSettings | None = None      # user-level DP-FedAvg (fedsync/aggregation/privacy/settings.py); None: off
+    worker_dp: WorkerDPSettings | None = None  # DP-SGD on every worker (Opacus); None: off
 
     def __post_init__(self) -> None:
         problems = []
@@ -175,6 +184,13 @@ class RunConfig:
             problems.append("worker_timeout must exceed two heartbeats, or live workers look gone")
         if self.secure_aggregation:
             problems.extend(self._secure_problems())
+        if self.dp is not None:
+            problems.extend(self.dp.problems() + self._dp_problems(self.dp))
+        if self.worker_dp is not None:
+            problems.extend(self.worker_dp.problems())
+            if self.prox_mu > 0:
+                problems.append("worker_dp does not combine with prox_mu: the proximal term is not a per-example "
+                                "gradient, so DP-SGD would not bound it")
         if problems:
             raise ConfigError("config: " + "; ".join(problems))
 
@@ -187,8 +203,7 @@ class RunConfig:
         if self.aggregation != "fedavg":
             problems.append(f"secure_aggregation sums updates: aggregation {self.aggregation} needs each update "
                             "on its own; use fedavg")
-        off = [f"{k}=0" for k in ("screen_factor", "screen_max_ratio", "clip_factor") if getattr(self, k)]
-        off += ["screen_direction=false"] if self.screen_direction else []
+        off = self._turn_off(("screen_factor", "screen_max_ratio", "clip_factor"))
         if off:
             problems.append("secure_aggregation hides each update, so the coordinator cannot screen it: set "
                             + ", ".join(off))
@@ -200,6 +215,38 @@ class RunConfig:
                             "workers' count: set compression=none")
         if self.min_updates < 2:
             problems.append("secure_aggregation needs min_updates of 2 or more: the sum of one update is that update")
+        return problems
+
+    def _turn_off(self, numbers: tuple[str, ...]) -> list[str]:
+        """How to turn off those of these settings that are on, and screen_direction: `key=0` each."""
+        return [f"{k}=0" for k in numbers if getattr(self, k)] + (
+            ["screen_direction=false"] if self.screen_direction else [])
+
+    def _dp_problems(self, dp: DPSettings) -> list[str]:
+        """What would break the guarantee's arithmetic (README, "Privacy")."""
+        problems = []
+        if not self.clip_norm > 0:
+            problems.append("dp adds noise in proportion to the clip bound: set clip_norm (with dp.adaptive_clip, the "
+                            "first round's bound; the median norm of round 1's updates in a plain run's summary)")
+        if self.aggregation != "fedavg":
+            problems.append(f"dp accounts for a noised sum of clipped updates: aggregation {self.aggregation} is not "
+                            "a sum (one update moves a median or a selection by more than the bound): use fedavg")
+        on = self._turn_off(("screen_factor", "screen_max_ratio", "clip_factor", "federated_eval"))
+        if on:
+            problems.append("dp cannot let one worker's update decide whether another's counts, nor publish an "
+                            "update's norm or un-noised held-out accuracies: set " + ", ".join(on))
+        if self.late_policy != "drop":
+            problems.append("dp counts each worker once a round: set late_policy=drop")
+        if dp.noise == "distributed" and not self.secure_aggregation:
+            problems.append("dp.noise distributed splits the noise across the workers' masked inputs: it needs "
+                            "secure_aggregation: true (without it the coordinator sees each update with a part of "
+                            "the noise); use noise: central")
+        if self.secure_aggregation and dp.adaptive_clip:
+            problems.append("dp.adaptive_clip needs the count of updates under the bound, which secure aggregation "
+                            "hides: use a fixed clip_norm with secure_aggregation")
+        if dp.delta >= 1 / self.min_workers:
+            problems.append(f"dp.delta {dp.delta:g} is not below 1 / min_workers ({1 / self.min_workers:g}): a delta "
+                            "that large allows one worker's data to leak whole")
         return problems
 
     def as_dict(self) -> dict[str, Any]:
@@ -217,9 +264,10 @@ class RunConfig:
                 f"{server}, updates {self.compression}{clip}, quorum {self.quorum}, balance {self.balance}, "
                 f"trust {self.trust}")
 
-    def screens(self) -> Screens:
-        return Screens(self.screen_factor, self.screen_max_ratio, self.clip_norm, self.clip_factor,
-                       self.screen_direction)
+    def screens(self, clip_norm: float | None = None) -> Screens:
+        """The screens, clipping to `clip_norm` when given (a dp round's bound), else to the config's."""
+        return Screens(self.screen_factor, self.screen_max_ratio, self.clip_norm if clip_norm is None else clip_norm,
+                       self.clip_factor, self.screen_direction)
 
     def server_settings(self) -> ServerSettings:
         betas = tuple(self.server_betas) if self.server_betas is not None else None
@@ -290,13 +338,28 @@ def load_config(source: str = "digits", overrides: dict[str, Any] | None = None)
             raise ConfigError(f"config {source!r} is neither a built-in ({', '.join(BUILTIN)}) nor a file")
         given.update(_load_mapping(path.read_bytes(), str(path)))
     given.update(overrides or {})
+    _nest(given)
     preset = given.get("preset", merged.get("preset"))
     if isinstance(preset, str) and preset in PRESETS:  # an unknown one is reported with the other problems
         merged.update(PRESETS[preset])
     if given.get("secure_aggregation", merged.get("secure_aggregation")) is True:
         merged.update(SECURE)
+    if given.get("dp", merged.get("dp")) is not None:
+        merged.update(DP)
     merged.update(given)
     return config_from_dict(merged, f"config {source}")
+
+
+def _nest(given: dict[str, Any]) -> None:
+    """Fold `--set dp.noise_multiplier=1.1` into the `dp` mapping (created when absent)."""
+    for key in [k for k in given if "." in k]:
+        head, _, tail = key.partition(".")
+        inner = given.get(head)
+        if head not in given or inner is None:
+            inner = {}
+        if not isinstance(inner, dict):
+            raise ConfigError(f"--set {key}: {head} is not a mapping")
+        given[head] = {**inner, tail: given.pop(key)}
 
 
 def config_from_dict(values: dict[str, Any], where: str) -> RunConfig:

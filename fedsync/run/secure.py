@@ -4,6 +4,8 @@ input's file."""
 
 from __future__ import annotations
 
+from fedsync.aggregation.privacy.noise import HEADROOM_SIGMAS
+from fedsync.aggregation.privacy.settings import DPSettings
 from fedsync.aggregation.secagg.encoding import Encoding
 from fedsync.aggregation.secagg.graph import build
 from fedsync.aggregation.secagg.rounds import Round
@@ -41,5 +43,9 @@ def publics(roster: SecaggRoster) -> tuple[dict[str, str], dict[str, str]]:
     return {w: p[0] for w, p in pairs.items()}, {w: p[1] for w, p in pairs.items()}
 
 
-def encoding(roster: SecaggRoster) -> Encoding:
-    return Encoding(roster.clip, roster.max_weight, len(roster.workers))
+def encoding(roster: SecaggRoster, dp: DPSettings | None) -> Encoding:
+    """The round's integer encoding; with distributed dp noise, room in the sum for ten of the noise's standard
+    deviations (noise_multiplier x clip)."""
+    distributed = dp is not None and dp.noise == "distributed"
+    headroom = HEADROOM_SIGMAS * dp.noise_multiplier * roster.clip if distributed else 0.0  # type: ignore[union-attr]
+    return Encoding(roster.clip, roster.max_weight, len(roster.workers), headroom)

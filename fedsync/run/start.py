@@ -3,7 +3,9 @@ leaves the share as it was (docs/PROTOCOL.md section 6, step 1)."""
 
 from __future__ import annotations
 
+from fedsync.aggregation.privacy.accounting import Release, epsilon
 from fedsync.base.errors import ConfigError, ShareError, TrustError
+from fedsync.learning.models import data_buffers
 from fedsync.run.config import RunConfig, config_from_dict, differences
 from fedsync.storage.hashing import hash_bytes
 from fedsync.storage.keys import Identity, load_sealing_identity, sealing_key_path
@@ -34,6 +36,25 @@ def check_task(manifest: Manifest, config: RunConfig) -> None:
         raise ConfigError(f"task {config.task!r} on this machine differs from run {manifest.run_id}'s ({what}; layout "
                           f"{mine.layout[:12]} against {manifest.task.layout[:12]}): install the task the run was "
                           "started with on this machine")
+
+
+def check_privacy(config: RunConfig) -> None:
+    """Refuse differential privacy that could not hold: a model with statistics of the data in its buffers
+    (BatchNorm), or a target_epsilon that one round alone would spend (every enrolled worker assigned)."""
+    if config.dp is None and config.worker_dp is None:
+        return
+    buffers = data_buffers(config.resolved_task().build_model(config.model))
+    if buffers:
+        raise ConfigError(f"model {config.model} keeps statistics of the data in buffers ({', '.join(buffers[:3])}"
+                          f"{', ...' if len(buffers) > 3 else ''}: BatchNorm), which no noise would cover, and Opacus "
+                          "refuses it: use a model with GroupNorm instead (digits: model=digits_cnn_gn)")
+    dp = config.dp
+    if dp is not None and dp.target_epsilon is not None:
+        one = epsilon([Release(1.0, dp.noise_multiplier)], dp.delta)
+        if one > dp.target_epsilon:
+            raise ConfigError(f"dp.target_epsilon {dp.target_epsilon:g} is spent by the first round alone (epsilon "
+                              f"{one:.3f} at noise_multiplier {dp.noise_multiplier:g}, delta {dp.delta:g}, every "
+                              "worker assigned): raise noise_multiplier or target_epsilon")
 
 
 def check_run(share: Share, config: RunConfig) -> Manifest | None:

@@ -56,7 +56,8 @@ def read_manifest(share: Share) -> Manifest:
 
 def finished(share: Share, run_id: str, coordinator_key: str) -> FinalMarker | None:
     """final.yaml, if the run's coordinator signed it and it names this run and a round at least as new as the
-    newest round folder, and no coordinator's lease says it drives the run past that round (PROTOCOL 7.4: a run
+    newest opened round (a run that ended at its privacy budget left the next round's folder with its global model
+    and no assignment), and no coordinator's lease says it drives the run past that round (PROTOCOL 7.4: a run
     being extended, before its coordinator took the old final.yaml away)."""
     try:
         final = share.read_record(FinalMarker, share.final_marker)
@@ -66,6 +67,8 @@ def finished(share: Share, run_id: str, coordinator_key: str) -> FinalMarker | N
         return None
     rounds = share.rounds()
     newest = rounds[-1] if rounds else 0
+    if newest > final.round and not share.exists(share.assignment(newest)):
+        newest -= 1  # not opened
     lease = read_lease(share)
     extended = (lease is not None and lease.run_id == run_id and lease.state not in ("stopped", "finished")
                 and (lease.rounds or 0) > final.round)

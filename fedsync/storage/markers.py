@@ -180,6 +180,7 @@ class UpdateMarker:
     timings: dict[str, float] | None = None  # seconds: prepare_s, evaluate_s, train_s, publish_s (informational)
     encoding: str = "none"  # how the tensor file holds the delta: none | bf16 | int8 (PROTOCOL.md section 5.13)
     encryption: str = "none"  # none | age: the tensor file sealed to the run's recipient (PROTOCOL.md section 5.15)
+    worker_epsilon: float | None = None  # worker_dp: this worker's DP-SGD epsilon so far in the run (section 5.17)
 
     def __post_init__(self) -> None:
         if self.diverged is None and not math.isfinite(self.train_loss):
@@ -259,6 +260,24 @@ class Traffic:
 
 
 @dataclass
+class PrivacyRecord:
+    """A round's differential privacy (docs/PROTOCOL.md section 5.17): what it released and the budget spent so far."""
+
+    epsilon: float          # spent by the run through this round, at `delta` (dp-accounting's RDP accountant)
+    delta: float
+    noise: str              # central | distributed
+    noise_multiplier: float # the released sum's noise over the clip bound (distributed: what the survivors' parts add
+                            # up to); the accountant's z
+    sample_rate: float      # workers assigned / workers enrolled
+    clip: float             # the L2 bound this round's updates were clipped to
+    denominator: int        # the mean divides the noised sum by this (the workers assigned)
+    releases: int = 1       # models of this round that may have been seen: 2 after a coordinator stopped between
+                            # writing one and its summary; 0 for a redone round (no sum came out)
+    next_clip: float | None = None       # adaptive_clip: the next round's bound
+    fraction_under: float | None = None  # adaptive_clip: the noised fraction of updates within the bound
+
+
+@dataclass
 class Summary:
     """<round>/summary.yaml: the coordinator's decision; a round is closed once this exists."""
 
@@ -282,6 +301,7 @@ class Summary:
     compute: dict[str, float] = dataclasses.field(default_factory=dict)  # training seconds by device kind
     server_optimizer: str = "none"    # what turned the aggregate into the next model (PROTOCOL.md section 5.12)
     server_state: FileRef | None = None  # its state after this round (<round>/server_state.safetensors); None: none
+    privacy: PrivacyRecord | None = None  # dp: the round's release and the budget spent through it
 
 
 @dataclass
@@ -308,6 +328,8 @@ class FinalMarker:
     model: FileRef
     test_accuracy: Measure  # the last round's evaluation (NaN when its model was not finite)
     signature: str | None = None  # the coordinator's, over signing.final_message
+    stopped_because: str | None = None  # why the run ended before its --rounds (dp: the privacy budget)
+    epsilon: float | None = None  # dp: the budget the run spent, at the run's delta
 
 
 @dataclass

@@ -95,6 +95,8 @@ def update_message(run_id: str, m: UpdateMarker) -> bytes:
         fields.append(("encoding", m.encoding))
     if m.encryption != "none":
         fields.append(("encryption", m.encryption))
+    if m.worker_epsilon is not None:
+        fields.append(("worker_epsilon", repr(m.worker_epsilon)))
     return message("update", fields)
 
 
@@ -121,8 +123,11 @@ def assignment_message(a: Assignment) -> bytes:
 
 def final_message(f: FinalMarker) -> bytes:
     """What the coordinator signs when the run ends: the final model."""
-    return message("final", [("run", f.run_id), ("round", f.round), ("model", f.model.blake3),
-                              ("bytes", f.model.bytes)])
+    fields: list[tuple[str, object]] = [("run", f.run_id), ("round", f.round), ("model", f.model.blake3),
+                                        ("bytes", f.model.bytes)]
+    if f.stopped_because is not None:
+        fields += [("stopped", f.stopped_because.replace(" ", "_")), ("epsilon", repr(f.epsilon))]
+    return message("final", fields)
 
 
 def trust_message(run_id: str, entries: dict[str, tuple[str, str]]) -> bytes:

@@ -3,9 +3,10 @@
 A worker clips its update to L2 norm `clip` (so every coordinate lies in [-clip, clip]), multiplies it by its weight
 w (its samples, at most `max_weight`) and rounds w x coordinate x scale to the nearest integer, mod 2^32. The sum of n
 such words, read as a signed 32-bit number, is the sum of the weighted coordinates x scale, exactly as long as
-|sum| < 2^31; scale = (2^31 - 1) / (n x max_weight x clip) makes that so. Each worker's rounding errs by at most
-1/2 a step, so the decoded weighted sum errs by at most n / (2 x scale) per coordinate, and the mean (divided by the
-sum of weights) by that over the weights."""
+|sum| < 2^31; scale = (2^31 - 1) / (n x max_weight x clip + headroom) makes that so, with room for the integer
+noise of distributed differential privacy (headroom: ten of its standard deviations). Each worker's rounding errs
+by at most 1/2 a step, so the decoded weighted sum errs by at most n / (2 x scale) per coordinate, and the mean
+(divided by the sum of weights) by that over the weights."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ class Encoding:
     clip: float        # the L2 bound each update is clipped to before it is encoded (clip_norm)
     max_weight: int    # the largest weight (samples) one update may carry
     workers: int       # the updates that may be summed (the round's assigned workers)
+    headroom: float = 0.0  # room left in the sum for noise the workers add (dp, distributed), in update units
 
     def __post_init__(self) -> None:
         if not self.clip > 0 or self.max_weight < 1 or self.workers < 1:
@@ -33,7 +35,7 @@ class Encoding:
 
     @property
     def scale(self) -> float:
-        return LIMIT / (self.workers * self.max_weight * self.clip)
+        return LIMIT / (self.workers * self.max_weight * self.clip + self.headroom)
 
     def error_bound(self) -> float:
         """The most the decoded weighted sum of any coordinate can differ from the exact one."""

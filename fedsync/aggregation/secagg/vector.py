@@ -24,22 +24,25 @@ def length(layout: Layout) -> int:
     return sum(math.prod(layout[k][1]) for k in floating(layout)) + 1
 
 
-def flatten(delta: Mapping[str, torch.Tensor], layout: Layout, clip: float) -> tuple[np.ndarray, float]:
+def flatten(delta: Mapping[str, torch.Tensor], layout: Layout, clip: float,
+            counted: bool = True) -> tuple[np.ndarray, float]:
     """The vector of `delta`, its floating part scaled down to L2 norm `clip` when it is longer, the last coordinate
-    `clip`; and the norm it had."""
+    `clip` (or 0 when not `counted`: under dp the mean divides by the workers assigned, and a worker's vector stays
+    within the bound); and the norm it had."""
     parts = [delta[k].detach().to(torch.float64).reshape(-1).cpu().numpy() for k in floating(layout)]
     values = np.concatenate(parts + [np.zeros(1)])
     norm = float(np.linalg.norm(values))
     if norm > clip:
         values *= clip / norm
-    values[-1] = clip
+    values[-1] = clip if counted else 0.0
     return values, norm
 
 
-def unflatten(weighted_sum: np.ndarray, layout: Layout, clip: float) -> tuple[dict[str, torch.Tensor], float]:
+def unflatten(weighted_sum: np.ndarray, layout: Layout, clip: float,
+              denominator: float | None = None) -> tuple[dict[str, torch.Tensor], float]:
     """The weighted mean of the floating tensors from the vector's weighted sum, and the weights' sum (the last
-    coordinate is the weights' sum times `clip`)."""
-    weights = float(weighted_sum[-1]) / clip
+    coordinate is the weights' sum times `clip`); with a `denominator` (dp), the sum over it."""
+    weights = float(weighted_sum[-1]) / clip if denominator is None else denominator
     out, at = {}, 0
     for k in floating(layout):
         dtype, shape = layout[k]

@@ -19,12 +19,14 @@ from fedsync.aggregation.candidates import Candidate, Outcome
 from fedsync.aggregation.defence import at_close, on_arrival, spoiled
 from fedsync.aggregation.intake import Aggregator
 from fedsync.aggregation.optimizers import ServerOptimizer
+from fedsync.aggregation.privacy.noise import fresh_rng, noisy_fraction_under
 from fedsync.aggregation.rules import Rule
 from fedsync.aggregation.validity import validity_of
 from fedsync.base.errors import RunStuck
 from fedsync.base.logs import Log
 from fedsync.fedavg import l2_norm
 from fedsync.run.config import RunConfig
+from fedsync.run.coordinating.budget import RoundPrivacy
 from fedsync.run.coordinating.ledger import Bounds, LateLedger, RoundLedger
 from fedsync.run.trust import Trust
 from fedsync.storage.markers import Accepted, Assignment, Late, Rejected
@@ -71,6 +73,8 @@ class Closing:
     seconds: float
     timings: dict[str, float]
     clipped: dict[str, float] = field(default_factory=dict)  # worker -> the L2 norm it was clipped from
+    noise_multiplier: float | None = None  # dp: the released sum's noise over the bound, when not the plan's
+    fraction_under: float | None = None    # dp, adaptive clipping: the noised fraction of updates within the bound
 
 
 class RoundIntake:
@@ -79,10 +83,12 @@ class RoundIntake:
 
     def __init__(self, share: Share, r: int, a: Assignment, state: Tensors, cfg: RunConfig, bounds: Bounds,
                  rule: Rule, trust: Trust, log: Log, buffers: Mapping[str, str],
-                 probe: Callable[[Tensors], float] | None = None, opener: SealingIdentity | None = None) -> None:
+                 probe: Callable[[Tensors], float] | None = None, opener: SealingIdentity | None = None,
+                 privacy: RoundPrivacy | None = None) -> None:
         """`buffers`: the model's constrained buffers (fedsync/learning/models.py, constrained_buffers); `probe`:
         a new model's loss on a few held-out examples (fedsync/run/coordinating/evaluation.py, Probe); `opener`: the
-        key that opens sealed updates (confidential_updates)."""
+        key that opens sealed updates (confidential_updates); `privacy`: the round's dp mechanism (its bound clips
+        every update; no update's norm or clipping goes into the summary)."""
         self.probe = probe
         self.r, self.a, self.cfg, self.rule, self.log = r, a, cfg, rule, log
         self.opened = time.monotonic()
@@ -91,7 +97,8 @@ class RoundIntake:
         self.validity = validity_of(buffers, state)
         self.aggregator = Aggregator(layout_of(state), share.store, round=r, validity=self.validity, opener=opener)
         self.model_norm = l2_norm(state)
-        self.screens = cfg.screens()
+        self.privacy = privacy
+        self.screens = cfg.screens(privacy.clip if privacy is not None else None)
         self.extended = False  # the deadline passed with fewer than min_updates: said once
         self.timings = {"final_intake_s": 0.0, "aggregate_s": 0.0, "evaluate_s": 0.0}
 
@@ -183,10 +190,16 @@ class RoundIntake:
             return None
         norms = {c.worker: n for c, n in self.aggregator.norms.items() if c.round == self.r}
         clipped = {c.worker: norms[c.worker] for c in self.aggregator.scales if c.round == self.r}
+        under = None
+        if self.privacy is not None:
+            if self.privacy.count_std is not None:
+                under = noisy_fraction_under(list(norms.values()), self.privacy.clip, self.privacy.denominator,
+                                             self.privacy.count_std, fresh_rng())
+            norms, clipped = {}, {}  # each update's norm tells about its worker's data: not published
         return Closing(self.r, reason, new_state, new_server_state, result.step_scale,
                        self.ledger.accepted_records(norms, set(clipped)), self.ledger.rejected_records(),
                        self.ledger.missing(), sorted(self.ledger.ignored), self.late.records(), self.elapsed(),
-                       dict(self.timings), clipped)
+                       dict(self.timings), clipped, fraction_under=under)
 
     def close(self) -> None:
         self.aggregator.close()

@@ -34,6 +34,7 @@ class RoundRow:
     closed_at: str | None
     train_s: dict[str, float] = field(default_factory=dict)  # accepted workers' training seconds
     compute: dict[str, float] = field(default_factory=dict)  # those seconds by device kind
+    epsilon: float | None = None  # dp: the privacy budget spent through this round
 
 
 def read_rows(share: Share) -> list[RoundRow]:
@@ -56,7 +57,7 @@ def read_rows(share: Share) -> list[RoundRow]:
             test_accuracy=float(ev.test_accuracy) if ev else None, test_loss=float(ev.test_loss) if ev else None,
             down_bytes=s.traffic.down_bytes if s.traffic else None, up_bytes=s.traffic.up_bytes if s.traffic else None,
             closed_at=s.closed_at, train_s={x.worker: x.train_s for x in s.accepted if x.train_s is not None},
-            compute=dict(s.compute)))
+            compute=dict(s.compute), epsilon=s.privacy.epsilon if s.privacy else None))
     return rows
 
 
@@ -72,10 +73,17 @@ COLUMNS = ("round", "test acc", "test loss", "train loss", "accepted", "rejected
            "training s by worker")
 
 
+def columns(rows: list[RoundRow]) -> tuple[str, ...]:
+    """COLUMNS, with epsilon before the last when the run spends a privacy budget (dp)."""
+    return (*COLUMNS[:-1], "epsilon", COLUMNS[-1]) if any(x.epsilon is not None for x in rows) else COLUMNS
+
+
 def table(rows: list[RoundRow]) -> list[list[str]]:
-    """The rows as text cells, under COLUMNS."""
+    """The rows as text cells, under columns(rows)."""
+    private = any(x.epsilon is not None for x in rows)
     return [[str(x.round), _num(x.test_accuracy), _num(x.test_loss), _num(x.train_loss), str(x.accepted),
              str(x.rejected), f"{x.seconds:.2f}", _mb(x.down_bytes), _mb(x.up_bytes),
+             *([_num(x.epsilon, 3)] if private else []),
              ", ".join(f"{w} {s:.2f}" for w, s in sorted(x.train_s.items()))] for x in rows]
 
 
@@ -91,9 +99,10 @@ def totals(rows: list[RoundRow]) -> str:
 
 
 def format_table(rows: list[RoundRow]) -> str:
-    cells = [list(COLUMNS), *table(rows)]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
-    lines = ["  ".join(c.ljust(w) if i == len(COLUMNS) - 1 else c.rjust(w)
+    heads = columns(rows)
+    cells = [list(heads), *table(rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(heads))]
+    lines = ["  ".join(c.ljust(w) if i == len(heads) - 1 else c.rjust(w)
                        for i, (c, w) in enumerate(zip(row, widths))).rstrip() for row in cells]
     return "\n".join([*lines, totals(rows)])
 
@@ -149,8 +158,12 @@ def markdown(share: Share, manifest: Manifest, rows: list[RoundRow]) -> str:
         lines += [f"- rejected {x.worker} ({x.reason}): {x.detail}" for x in last.rejected]
         lines += [f"- missing {w}" for w in last.missing]
         lines += [f"- late {x.worker} for round {x.round}: {x.outcome} ({x.detail})" for x in last.late]
-        lines += ["", "## Rounds", "", totals(rows) + ".", "", "| " + " | ".join(COLUMNS) + " |",
-                  "|" + "---|" * len(COLUMNS)]
+        if last.privacy is not None:
+            p = last.privacy
+            lines += ["", f"Differential privacy ({p.noise} noise, noise multiplier {p.noise_multiplier:.4g}, clip "
+                          f"{p.clip:.4g}): epsilon {p.epsilon:.3f} spent through this round at delta {p.delta:g}."]
+        lines += ["", "## Rounds", "", totals(rows) + ".", "", "| " + " | ".join(columns(rows)) + " |",
+                  "|" + "---|" * len(columns(rows))]
         lines += ["| " + " | ".join(row) + " |" for row in table(rows)]
     else:
         lines += ["No round has closed yet."]
@@ -212,7 +225,7 @@ class Reporter:
 
 METRICS_COLUMNS = ("round", "test_accuracy", "test_loss", "train_loss", "updates_accepted", "updates_rejected",
                    "seconds", "federated_accuracy", "federated_loss", "closed_at", "down_bytes", "up_bytes",
-                   "train_s")
+                   "train_s", "epsilon")
 
 
 class Metrics:
@@ -236,7 +249,8 @@ class Metrics:
                 "federated_loss": f"{fed.loss:.6f}" if fed else "", "closed_at": s.closed_at or "",
                 "down_bytes": s.traffic.down_bytes if s.traffic else "",
                 "up_bytes": s.traffic.up_bytes if s.traffic else "",
-                "train_s": round(sum(s.compute.values()), 4) if s.traffic else ""}
+                "train_s": round(sum(s.compute.values()), 4) if s.traffic else "",
+                "epsilon": f"{s.privacy.epsilon:.6f}" if s.privacy else ""}
 
     def evaluated(self, ev: Evaluation) -> None:
         with self.lock:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from safetensors.torch import load as st_load
 
 from fedsync.aggregation.intake import LANES
 from fedsync.aggregation.optimizers import ServerOptimizer
+from fedsync.aggregation.privacy.noise import add_gaussian_, fresh_generator
 from fedsync.aggregation.secagg import shamir
 from fedsync.aggregation.secagg.envelope import public_key
 from fedsync.aggregation.secagg.rounds import PAIR, SELF, Round, add_masks, masks_to_remove
@@ -30,6 +32,7 @@ from fedsync.aggregation.secagg.vector import length, unflatten
 from fedsync.base.faults import crash_point
 from fedsync.base.logs import Log
 from fedsync.run.config import RunConfig
+from fedsync.run.coordinating.budget import RoundPrivacy
 from fedsync.run.coordinating.intake import Closing, quorum_target
 from fedsync.run.coordinating.ledger import Bounds
 from fedsync.run.secure import ENCODING, MASKED, SLICE, encoding, publics, read_roster, round_of
@@ -68,8 +71,10 @@ class _Step:
 
 class SecureRound:
     def __init__(self, share: Share, r: int, a: Assignment, state: Tensors, cfg: RunConfig, bounds: Bounds,
-                 trust: Trust, identity: Identity, log: Log) -> None:
+                 trust: Trust, identity: Identity, log: Log, privacy: RoundPrivacy | None = None) -> None:
+        """`privacy`: the round's dp mechanism (every update weighs 1; the mean divides by the workers assigned)."""
         self.share, self.r, self.a, self.state, self.cfg = share, r, a, state, cfg
+        self.privacy = privacy
         self.bounds, self.trust, self.identity, self.log = bounds, trust, identity, log
         self.layout = layout_of(state)
         self.opened = time.monotonic()
@@ -144,6 +149,8 @@ class SecureRound:
         first = self.rosters.get(1)
         keys = {w: f"{self.step.found[w].c_key} {self.step.found[w].s_key}" for w in workers} if step == 1 else {}
         max_weight = max(self.bounds(self.a, w).train for w in workers) if step == 1 else first.max_weight
+        if self.privacy is not None:
+            max_weight = 1  # dp: each update weighs 1
         roster = SecaggRoster(format=FORMAT_VERSION, run_id=self.a.run_id, round=self.r, step=step, workers=workers,
                               clip=self.cfg.clip_norm, max_weight=max_weight, keys=keys)
         if step == 3:
@@ -222,7 +229,9 @@ class SecureRound:
         if m.encoding != ENCODING or m.tensors is None or m.tensors.file != names.update_tensors_name(worker):
             raise Unusable(Reason.SECURE_STEP, f"{worker}'s marker does not name a masked input "
                                                f"({names.update_tensors_name(worker)}, encoding {ENCODING})")
-        if not 0 < m.samples <= min(self.bounds(self.a, worker).train, self.rosters[1].max_weight) or m.steps < 1:
+        most = self.bounds(self.a, worker).train if self.privacy else min(self.bounds(self.a, worker).train,
+                                                                          self.rosters[1].max_weight)
+        if not 0 < m.samples <= most or m.steps < 1:
             raise Unusable(Reason.BAD_SAMPLES, f"samples={m.samples}, steps={m.steps}")
         data = self.share.read_verified(self.share.update_tensors(self.r, worker), m.tensors)
         try:
@@ -283,19 +292,34 @@ class SecureRound:
         summed = self.total  # unmasked in place, slice by slice on every lane (ChaCha20 and numpy drop the GIL)
         with ThreadPoolExecutor(LANES, thread_name_prefix="unmask") as pool:
             list(pool.map(lambda at: add_masks(summed[at:at + SLICE], at, masks, -1), range(0, len(summed), SLICE)))
-        mean, weights = unflatten(encoding(self.rosters[1]).decode(summed), self.layout, self.rosters[1].clip)
+        code, noise = encoding(self.rosters[1], self.cfg.dp), None
+        mean, weights = unflatten(code.decode(summed), self.layout, self.rosters[1].clip,
+                                  self.privacy.denominator if self.privacy else None)
+        if self.privacy is not None:
+            noise = self._noise(mean, len(survivors))
         steps = int(statistics.median(m.steps for m in self.markers.values()))
         delta = {k: mean[k] if k in mean else torch.full_like(v, steps) for k, v in self.state.items()}
         new_state, new_server_state = optimizer.step(self.state, delta, server_state)
         self.log(f"round {self.r}: secure aggregation: unmasked the sum of {len(survivors)} masked inputs "
                  f"(weights {weights:.1f}; {len(sharers - survivors)} dropped after sharing)")
-        return self._closing(self.why, new_state, new_server_state)
+        return self._closing(self.why, new_state, new_server_state, noise)
+
+    def _noise(self, mean: Tensors, survivors: int) -> float:
+        """The noise multiplier of the released sum (dp). Central: the coordinator adds N(0, (z clip)^2) to the sum
+        now. Distributed: each of roster 2's workers put in its part, so the survivors' parts add up to
+        z x sqrt(survivors / roster 2's workers)."""
+        assert self.privacy is not None and self.cfg.dp is not None
+        if self.cfg.dp.noise == "central":
+            add_gaussian_(mean, self.privacy.central_std / self.privacy.denominator, fresh_generator())
+            return self.privacy.noise_multiplier
+        return self.cfg.dp.noise_multiplier * math.sqrt(survivors / len(self.rosters[2].workers))
 
     def _redo(self, why: str, server_state: Tensors) -> Closing:
         self.log(f"round {self.r}: secure aggregation: the round is redone, its model unchanged: {why}")
         return self._closing(f"redone: {why}", self.state, server_state)
 
-    def _closing(self, reason: str, new_state: Tensors, server_state: Tensors) -> Closing:
+    def _closing(self, reason: str, new_state: Tensors, server_state: Tensors,
+                 noise_multiplier: float | None = None) -> Closing:
         accepted = [Accepted(worker=w, samples=m.samples, steps=m.steps, weight=float(m.samples),
                              train_loss=m.train_loss, seconds=m.seconds, device=m.device, norm=None, clipped=False,
                              evaluation=m.evaluation, bytes=m.tensors.bytes if m.tensors else None,
@@ -306,4 +330,5 @@ class SecureRound:
                     for w, p in sorted(problems.items()) if w not in self.markers or not accepted]
         reported = {x.worker for x in accepted} | {x.worker for x in rejected}
         return Closing(self.r, reason, new_state, server_state, 1.0, accepted, rejected,
-                       sorted(set(self.a.workers) - reported), [], [], time.monotonic() - self.opened, {})
+                       sorted(set(self.a.workers) - reported), [], [], time.monotonic() - self.opened, {},
+                       noise_multiplier=noise_multiplier)

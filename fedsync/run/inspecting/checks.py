@@ -85,8 +85,9 @@ def verify(share: Share, opener: SealingIdentity | None = None) -> Report:
             _record(report, share, names.join(share.workers_dir, e.name), WorkerInfo, required=True, level="hint",
                     fix="the worker rewrites it at its next heartbeat; restart that worker")
     closed = 0
+    ended = _budget_end(share)
     for r in share.rounds():
-        a = _record(report, share, share.assignment(r), Assignment, required=True,
+        a = _record(report, share, share.assignment(r), Assignment, required=r != ended + 1,
                     fix="the round was never opened whole; delete its folder if it holds nothing else")
         if a is not None:
             _signed(report, share.assignment(r), verify_signature(key, assignment_message(a), a.signature))
@@ -119,6 +120,16 @@ def verify(share: Share, opener: SealingIdentity | None = None) -> Report:
         _signed(report, share.final_marker, verify_signature(key, final_message(final), final.signature))
         _file(report, share, share.final_model, final.model, f"the final model: {RESTORE}")
     return report
+
+
+def _budget_end(share: Share) -> int:
+    """The round a run ended after at its privacy budget (its next round's folder holds only that round's aggregate,
+    never opened: docs/PROTOCOL.md section 5.8); -1 when it did not end so."""
+    try:
+        final = share.read_record(FinalMarker, share.final_marker)
+    except Exception:  # noqa: BLE001 - absent or unreadable: reported by the final check below
+        return -1
+    return final.round if final.stopped_because is not None else -1
 
 
 def _job(report: Report, share: Share, job: str) -> None:

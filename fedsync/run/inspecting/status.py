@@ -60,13 +60,15 @@ def collect_status(share: Share) -> dict[str, Any]:
     _coordinator(share, current, status)
     final = finished(share, manifest.run_id, manifest.coordinator_key)
     if final is not None:
-        status["final"] = {"round": final.round, "test_accuracy": final.test_accuracy}
+        status["final"] = {"round": final.round, "test_accuracy": final.test_accuracy,
+                           "stopped_because": final.stopped_because, "epsilon": final.epsilon}
         status["state"] = "finished"
         status["rounds"] = status["rounds"] or final.round
     status["jobs"] = _jobs(share)
     status["coordinator_key"] = fingerprint(manifest.coordinator_key)
     status["sealed_to"] = manifest.recipient if manifest.config.get("confidential_updates") else None
     status["secure_aggregation"] = bool(manifest.config.get("secure_aggregation"))
+    status["dp"] = manifest.config.get("dp")
     try:
         trusted = read_trust(share, manifest.run_id, manifest.coordinator_key)
     except TrustError as e:
@@ -98,7 +100,10 @@ def _rounds(share: Share, current: int, status: dict[str, Any]) -> None:
             "accepted": [x.worker for x in s.accepted],
             "rejected": [{"worker": x.worker, "reason": x.reason, "detail": x.detail} for x in s.rejected],
             "missing": s.missing, **s.metrics, "test_accuracy": None, "test_loss": None,
-            "evaluation": "pending"}
+            "evaluation": "pending",
+            "privacy": {"epsilon": s.privacy.epsilon, "delta": s.privacy.delta, "noise": s.privacy.noise,
+                        "noise_multiplier": s.privacy.noise_multiplier, "clip": s.privacy.clip}
+            if s.privacy else None}
         ev: Evaluation | None = _load(share, Evaluation, share.evaluation(closed[-1]))
         if ev is not None:
             status["last_closed"].update(test_accuracy=ev.test_accuracy, test_loss=ev.test_loss,

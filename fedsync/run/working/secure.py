@@ -17,9 +17,11 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
+from fedsync.aggregation.privacy.noise import discrete_gaussian, distributed_clip, fresh_rng, worker_sigma
+from fedsync.aggregation.privacy.settings import DPSettings
 from fedsync.aggregation.secagg.envelope import RoundSecrets
 from fedsync.aggregation.secagg.rounds import RevealRefused, add_masks, masks_of, reveal, share_out
-from fedsync.aggregation.secagg.vector import flatten
+from fedsync.aggregation.secagg.vector import flatten, length
 from fedsync.base.faults import crash_point
 from fedsync.base.logs import Log
 from fedsync.run.secure import MASKED, SLICE, encoding, publics, read_roster, round_of
@@ -41,9 +43,10 @@ from fedsync.tensors.files import Layout
 
 class SecureWorker:
     def __init__(self, share: Share, run_id: str, name: str, identity: Identity, coordinator_key: str,
-                 log: Log) -> None:
+                 log: Log, dp: DPSettings | None = None) -> None:
+        """`dp`: the run's differential privacy; with distributed noise this worker adds its part of it."""
         self.share, self.run_id, self.name, self.identity = share, run_id, name, identity
-        self.coordinator_key, self.log = coordinator_key, log
+        self.coordinator_key, self.log, self.dp = coordinator_key, log, dp
 
     def secrets(self, r: int) -> RoundSecrets:
         """This worker's secrets of round r: made at its first step, kept on its own disk."""
@@ -103,11 +106,25 @@ class SecureWorker:
     def masked_input(self, r: int, a: Assignment, delta: Mapping[str, torch.Tensor], layout: Layout,
                      weight: int) -> tuple[dict[str, torch.Tensor], float]:
         """Step 3: the masked input's one tensor (the clipped, weighted, encoded update plus the masks, as int32),
-        and the update's L2 norm before clipping."""
+        and the update's L2 norm before clipping. Under dp every update weighs 1; with distributed noise it is
+        clipped a little inside the bound (so its rounded integers stay within it) and carries its part of the
+        round's discrete Gaussian noise."""
         first, second = self.roster(r, 1), self.roster(r, 2)
         assert first is not None and second is not None, "masked_input before rosters 1 and 2"
-        values, norm = flatten(delta, layout, first.clip)
-        words = encoding(first).encode(values, weight)
+        code = encoding(first, self.dp)
+        if self.dp is None:
+            values, norm = flatten(delta, layout, first.clip)
+            words = code.encode(values, weight)
+        else:
+            inner = first.clip
+            if self.dp.noise == "distributed":
+                inner = distributed_clip(first.clip, code.scale, length(layout) - 1)
+            values, norm = flatten(delta, layout, inner, counted=False)
+            words = code.encode(values, 1)
+            if self.dp.noise == "distributed":
+                sigma = worker_sigma(self.dp.noise_multiplier, first.clip, code.scale, len(second.workers))
+                noise = discrete_gaussian(fresh_rng(), sigma, len(words) - 1)
+                words[:-1] += noise.astype(np.uint32)  # two's complement: adds mod 2^32
         _, s_publics = publics(first)
         masks = masks_of(round_of(first, a), self.name, self.secrets(r), s_publics, set(second.workers))
         for start in range(0, len(words), SLICE):
