@@ -3,7 +3,11 @@ trains for real (fedsync/learning/train.py), its delta is encoded in the run's c
 feedback) and written as a safetensors file, and the coordinator's intake decodes it while streaming, then the rule
 and the server optimizer make the next model. Only the processes and the share's markers are left out.
 
-Data: `digits` (the embedded 8x8 digits and digits_cnn), or `digits32`, a CIFAR-10-shaped stand-in (no CIFAR-10
+With `clip_norm` the coordinator's screens and clip act on each update as it is added; with the config's `dp`, each
+update is clipped to `clip_norm` by the coordinator's own screen, weighs 1, and the sum
+gets the coordinator's central Gaussian noise over the workers' count (fedsync/aggregation/privacy/mean.py).
+
+Data: `digits` (the embedded 8x8 digits and the config's digits model), or `digits32`, a CIFAR-10-shaped stand-in (no CIFAR-10
 can be downloaded here): the same digits resized to 3x32x32 and trained with the imagefolder task's image_cnn.
 """
 
@@ -15,13 +19,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 import torch.nn.functional as F
 
 from fedsync.aggregation.candidates import Candidate
+from fedsync.aggregation.defence import on_arrival
 from fedsync.aggregation.intake import Aggregator
 from fedsync.aggregation.optimizers import make_optimizer
+from fedsync.aggregation.privacy.mean import PrivateMean
 from fedsync.aggregation.rules import make_rule
-from fedsync.fedavg import delta
+from fedsync.fedavg import delta, l2_norm
 from fedsync.learning.data import Dataset, Split
 from fedsync.learning.partition import partition
 from fedsync.learning.tasks import Task, TaskSettings, get_task
@@ -51,7 +58,7 @@ def task_and_data(name: str, cfg: RunConfig) -> tuple[Task, str, Dataset]:
     digits = get_task("digits")
     data = digits.load(None, cfg.data_options(lambda _: None))
     if name == "digits":
-        return digits, "digits_cnn", data
+        return digits, cfg.model if cfg.model.startswith("digits") else "digits_cnn", data
 
     def grow(split: Split) -> Split:
         return Split(F.interpolate(split.x, size=32, mode="bilinear", align_corners=False).repeat(1, 3, 1, 1),
@@ -80,6 +87,9 @@ def simulate(cfg: RunConfig, dataset: str, workers: int, rounds: int) -> Trace:
         feedback = [ErrorFeedback(Path(tmp) / "residuals", "bench", f"w{i}", print)
                     for i in range(workers)]
         for r in range(1, rounds + 1):
+            if cfg.dp is not None:  # seeded per round: runs repeat exactly (fedsync itself seeds from the OS)
+                std = cfg.dp.noise_multiplier * cfg.clip_norm
+                rule = PrivateMean(std, workers, torch.Generator().manual_seed(cfg.seed * 100_003 + r))
             candidates = []
             for i, shard in enumerate(shards):
                 local = task.build_model(model_name)
@@ -89,12 +99,15 @@ def simulate(cfg: RunConfig, dataset: str, workers: int, rounds: int) -> Trace:
                 d = delta(local.state_dict(), state)
                 written = encoded_update(r, d, cfg.compression, feedback[i] if cfg.error_feedback else None)
                 ref = save_state(store.write, f"{r}-w{i}.safetensors", written)
-                candidates.append(Candidate(f"w{i}", f"{r}-w{i}.safetensors", ref, float(result.samples), r,
-                                            result.steps, cfg.compression))
+                candidates.append(Candidate(f"w{i}", f"{r}-w{i}.safetensors", ref,
+                                            rule.weight(result.samples, result.steps) if cfg.dp else
+                                            float(result.samples), r, result.steps, cfg.compression))
             trace.up_bytes.append(sum(c.ref.bytes for c in candidates))
             agg = Aggregator(layout_of(state), store, round=r)
             try:
                 outcomes = agg.take(candidates)
+                if cfg.dp is not None or cfg.clip_norm > 0:  # the coordinator's screens and clip, as it runs them
+                    outcomes += on_arrival(agg, cfg.screens(), l2_norm(state))
                 problems = [o.problem for o in outcomes if o.problem is not None]
                 if problems:
                     raise SystemExit(f"round {r}: an update was not taken in: {problems[0].detail}")

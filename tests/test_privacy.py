@@ -255,6 +255,7 @@ def test_the_budget_adds_up_the_summaries_and_stops_before_the_target() -> None:
         if not why:
             again.record(plan, 1.0, 1, None, None)
     assert again.spent() <= 20.0 and "target_epsilon 20" in why
+    assert Budget(DPSettings(noise_multiplier=1.0, amplification=False), 2.0, []).plan(3, 4).sample_rate == 1.0
     assert epsilon([*again.releases, Release(1.0, 1.0)], 1e-5) > 20.0
 
 

@@ -20,6 +20,8 @@ class DPSettings:
     noise_multiplier: float          # z: the noise's standard deviation over the clip bound
     delta: float = 1e-5              # the delta epsilon is reported at; below 1 / the workers it protects
     target_epsilon: float | None = None  # a round that would spend past it is not opened; None: no limit
+    amplification: bool = True       # charge a round at sampling rate assigned / enrolled, assuming whether a worker
+                                     # takes part is random and independent of its data; false: rate 1 always
     noise: str = "central"           # central: the coordinator adds it; distributed: each worker adds its part
                                      # inside its masked input (secure_aggregation), so no one sees a clean sum
     adaptive_clip: bool = False      # Andrew et al. 2021: clip_norm is the first bound, then it tracks a quantile

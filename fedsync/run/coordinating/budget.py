@@ -54,7 +54,7 @@ class Budget:
 
     def plan(self, assigned: int, enrolled: int) -> RoundPrivacy:
         z = self.dp.noise_multiplier
-        q = min(1.0, assigned / max(enrolled, assigned))
+        q = min(1.0, assigned / max(enrolled, assigned)) if self.dp.amplification else 1.0
         if not self.dp.adaptive_clip:
             return RoundPrivacy(self.clip, assigned, q, z, z)
         count_std = count_stddev(self.dp.clip_count_stddev, assigned, z)
