@@ -7,8 +7,8 @@ With `clip_norm` the coordinator's screens and clip act on each update as it is 
 update is clipped to `clip_norm` by the coordinator's own screen, weighs 1, and the sum
 gets the coordinator's central Gaussian noise over the workers' count (fedsync/aggregation/privacy/mean.py).
 
-Data: `digits` (the embedded 8x8 digits and the config's digits model), or `digits32`, a CIFAR-10-shaped stand-in (no CIFAR-10
-can be downloaded here): the same digits resized to 3x32x32 and trained with the imagefolder task's image_cnn.
+Data: `digits` (the embedded 8x8 digits and the config's digits model), or `digits32`, a CIFAR-10-shaped stand-in
+(no CIFAR-10 can be downloaded here): the same digits resized to 3x32x32 and trained with the imagefolder task's image_cnn.
 """
 
 from __future__ import annotations
