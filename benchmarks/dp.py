@@ -6,6 +6,10 @@ no amplification), the noise multiplier the smallest that spends the epsilon in 
 calibration). Two models: digits_cnn_gn (150,000 parameters, the default model with GroupNorm) and digits_linear
 (650): noise grows with the square root of the parameters and shrinks with the workers.
 
+Local training: 2 epochs of plain SGD (lr 0.05, no momentum: with momentum the noised models diverge locally).
+A run whose every update in a round diverges stops there, as a coordinator does; the cell counts such runs (their
+accuracy is their last model's, 0.1 before any round closed).
+
 Usage: python benchmarks/dp.py [SEEDS] [ROUNDS]   (default 3 seeds, 20 rounds)
 Prints one Markdown table (README "Privacy", docs/BENCHMARKS.md) with each cell's seconds beside it.
 """
@@ -32,13 +36,16 @@ EPSILONS = (None, 8.0, 3.0, 1.0)
 MODELS = {"digits_cnn_gn": 2.0, "digits_linear": 1.0}
 
 
-def accuracy(model: str, partition: str, workers: int, z: float | None, seed: int, rounds: int) -> float:
+def accuracy(model: str, partition: str, workers: int, z: float | None, seed: int, rounds: int) -> tuple[float, bool]:
+    """The last model's test accuracy, and whether the run stopped early (every update of a round diverged: a real
+    coordinator stops there and signs no final model)."""
     settings = {"model": model, "partition": partition, "dirichlet_alpha": 0.5, "seed": seed, "min_workers": workers,
-                "clip_norm": MODELS[model], "dp": {"noise_multiplier": z} if z is not None else None}
+                "clip_norm": MODELS[model], "momentum": 0.0, "dp": {"noise_multiplier": z} if z is not None else None}
     if z is None:  # the same clip, no noise: the difference in the table is the noise alone
         settings.update(screen_factor=0, screen_max_ratio=0, clip_factor=0, screen_direction=False)
     cfg = load_config("digits", settings)
-    return simulate(cfg, "digits", workers, rounds).accuracy[-1]
+    trace = simulate(cfg, "digits", workers, rounds)
+    return (trace.accuracy[-1] if trace.accuracy else 0.1), trace.stuck is not None
 
 
 def main(seeds: int, rounds: int) -> None:
@@ -54,8 +61,11 @@ def main(seeds: int, rounds: int) -> None:
                 cells = []
                 for eps in EPSILONS:
                     started = time.perf_counter()
-                    accs = [accuracy(model, partition, workers, noise[eps], seed, rounds) for seed in range(seeds)]
-                    cells.append(f"{statistics.mean(accs):.3f} ({time.perf_counter() - started:.0f} s)")
+                    runs = [accuracy(model, partition, workers, noise[eps], seed, rounds) for seed in range(seeds)]
+                    stuck = sum(s for _, s in runs)
+                    mark = f", {stuck} of {seeds} stopped" if stuck else ""
+                    cells.append(f"{statistics.mean(a for a, _ in runs):.3f} ({time.perf_counter() - started:.0f} s"
+                                 f"{mark})")
                 shards = "IID" if partition == "iid" else "Dirichlet(0.5)"
                 rows.append(f"| {model} | {shards} | {workers} | " + " | ".join(cells) + " |")
                 print(rows[-1], flush=True)

@@ -7,8 +7,9 @@ With `clip_norm` the coordinator's screens and clip act on each update as it is 
 update is clipped to `clip_norm` by the coordinator's own screen, weighs 1, and the sum
 gets the coordinator's central Gaussian noise over the workers' count (fedsync/aggregation/privacy/mean.py).
 
-Data: `digits` (the embedded 8x8 digits and the config's digits model), or `digits32`, a CIFAR-10-shaped stand-in
-(no CIFAR-10 can be downloaded here): the same digits resized to 3x32x32 and trained with the imagefolder task's image_cnn.
+Data: `digits` (the embedded 8x8 digits and the config's digits model), or `digits32`, a CIFAR-10-shaped
+stand-in (no CIFAR-10 can be downloaded here): the same digits resized to 3x32x32 and trained with the imagefolder
+task's image_cnn.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class Trace:
     accuracy: list[float] = field(default_factory=list)  # test accuracy after each round
     up_bytes: list[int] = field(default_factory=list)    # update bytes written each round, all workers
     steps: int = 0                                       # local optimizer steps, all workers and rounds
+    stuck: int | None = None                             # dp: the round whose every update diverged (the run ends)
     seconds: float = 0.0
 
     def rounds_to(self, target: float) -> int | None:
@@ -109,8 +111,11 @@ def simulate(cfg: RunConfig, dataset: str, workers: int, rounds: int) -> Trace:
                 if cfg.dp is not None or cfg.clip_norm > 0:  # the coordinator's screens and clip, as it runs them
                     outcomes += on_arrival(agg, cfg.screens(), l2_norm(state))
                 problems = [o.problem for o in outcomes if o.problem is not None]
-                if problems:
+                if problems and cfg.dp is None:
                     raise SystemExit(f"round {r}: an update was not taken in: {problems[0].detail}")
+                if len(problems) == len(candidates):  # dp: the noised model diverges everywhere, as a run stops
+                    trace.stuck = r
+                    break
                 aggregate = rule.aggregate(agg.collected(parameters)).delta
             finally:
                 agg.close()

@@ -16,7 +16,7 @@ from filelock import Timeout
 
 from fedsync.aggregation.optimizers import make_optimizer
 from fedsync.aggregation.privacy.mean import PrivateMean
-from fedsync.aggregation.privacy.noise import fresh_generator, next_clip
+from fedsync.aggregation.privacy.noise import fresh_generator
 from fedsync.aggregation.rules import make_rule
 from fedsync.base import defaults
 from fedsync.base.clock import utc_stamp
@@ -27,7 +27,7 @@ from fedsync.learning.data import Dataset, Source
 from fedsync.learning.device import DeviceChoice, DeviceFacts, choose_device
 from fedsync.learning.models import constrained_buffers
 from fedsync.run.config import RunConfig, load_data
-from fedsync.run.coordinating.budget import Budget, RoundPrivacy
+from fedsync.run.coordinating.budget import Budget, RoundPrivacy, describe, ended_at_budget
 from fedsync.run.coordinating.evaluation import Evaluator, Probe, due, federated_mean
 from fedsync.run.coordinating.intake import Closing, RoundIntake
 from fedsync.run.coordinating.ledger import load_summary
@@ -60,7 +60,7 @@ from fedsync.storage.markers import (
 from fedsync.storage.reasons import Unusable
 from fedsync.storage.sealing import SealingIdentity
 from fedsync.storage.share import Share
-from fedsync.storage.signing import assignment_message, final_message, verify
+from fedsync.storage.signing import assignment_message, final_message
 from fedsync.storage.syncthing import SyncthingNudge
 from fedsync.storage.trouble import Backoff
 from fedsync.storage.watch import ShareWatcher
@@ -214,8 +214,10 @@ class Coordinator:
         r = (closed[-1] + 1) if closed else 1
         if self.cfg.dp is not None:
             self.budget = Budget(self.cfg.dp, self.cfg.clip_norm, [load_summary(self.share, k) for k in closed])
-            ended = self._ended_at_budget(closed)
+            ended = ended_at_budget(self.share, self.manifest.run_id, self.identity.public, closed)
             if ended is not None:
+                self.log(f"run {self.manifest.run_id} already ended after round {ended.round}: "
+                         f"{ended.stopped_because}; nothing more to do (a new run needs a new share)")
                 return ended
         if r <= self.opts.rounds:
             self.share.remove(self.share.final_marker)  # continuing a finished run: it is not finished
@@ -232,20 +234,6 @@ class Coordinator:
             self._collect_and_close(r, assignment, state)
             r += 1
         return self._finish(self.opts.rounds)
-
-    def _ended_at_budget(self, closed: list[int]) -> FinalMarker | None:
-        """The run's final marker when it already ended at its privacy budget: a restart never reopens it."""
-        try:  # read as it is: this coordinator's own lease already says it drives the run on
-            final = self.share.read_record(FinalMarker, self.share.final_marker)
-        except Exception:  # noqa: BLE001 - absent or half-synced: the run did not end at its budget
-            return None
-        if final.stopped_because is None or not closed or final.round != closed[-1] or \
-                final.run_id != self.manifest.run_id or not verify(self.identity.public, final_message(final),
-                                                                   final.signature):
-            return None
-        self.log(f"run {self.manifest.run_id} already ended after round {final.round}: {final.stopped_because}; "
-                 "nothing more to do (a new run needs a new share)")
-        return final
 
     # -- opening -----------------------------------------------------------------------------------------
 
@@ -464,20 +452,14 @@ class Coordinator:
             self.log(f"round {r}: late update from {x.worker} for round {x.round} {x.outcome} ({x.detail})")
 
     def _privacy(self, c: Closing, seen: bool) -> PrivacyRecord | None:
-        """Round's privacy record (dp): its release (none when redone; two when a model of it was written before a
-        stop and may have been read) and the budget spent through it."""
+        """Round's privacy record (dp): no release when redone; two when a model of it was written before a stop
+        and may have been read."""
         if self.budget is None:
             return None
-        plan, dp = self.plans[c.round], self.budget.dp
+        plan = self.plans[c.round]
         releases = 0 if c.reason.startswith("redone") else 2 if seen else 1
-        following = None
-        if c.fraction_under is not None:
-            following = round(next_clip(plan.clip, c.fraction_under, dp.target_quantile, dp.clip_lr), 6)
-        record = self.budget.record(plan, c.noise_multiplier or plan.noise_multiplier, releases, following,
-                                    c.fraction_under)
-        self.log(f"round {c.round}: differential privacy: epsilon {record.epsilon:.4f} spent at delta {dp.delta:g}"
-                 f" ({releases} release(s) of noise multiplier {record.noise_multiplier:.4g}, sampling rate "
-                 f"{plan.sample_rate:.3g}" + (f"; next clip {following:.4g}" if following is not None else "") + ")")
+        record = self.budget.record(plan, c.noise_multiplier or plan.noise_multiplier, releases, c.fraction_under)
+        self.log(describe(c.round, record))
         return record
 
     def _ruin(self, r: int) -> str:

@@ -6,6 +6,7 @@ reason."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -244,7 +245,7 @@ def test_the_budget_adds_up_the_summaries_and_stops_before_the_target() -> None:
         plan = budget.plan(3, 4)
         assert plan.sample_rate == 0.75 and plan.central_std == 2.0 and plan.denominator == 3
         assert budget.over_target(plan) == ""
-        records.append(budget.record(plan, 1.0, 2 if r == 2 else 1, None, None))
+        records.append(budget.record(plan, 1.0, 2 if r == 2 else 1))
     assert records[-1].epsilon == pytest.approx(epsilon([Release(0.75, 1.0, 4)], 1e-5), abs=1e-6)
     again = Budget(dp, 2.0, [_summary(r, x) for r, x in enumerate(records, 1)])  # a restart reads the same
     assert again.spent() == pytest.approx(budget.spent())
@@ -253,7 +254,7 @@ def test_the_budget_adds_up_the_summaries_and_stops_before_the_target() -> None:
         plan = again.plan(4, 4)
         why = again.over_target(plan)
         if not why:
-            again.record(plan, 1.0, 1, None, None)
+            again.record(plan, 1.0, 1)
     assert again.spent() <= 20.0 and "target_epsilon 20" in why
     assert Budget(DPSettings(noise_multiplier=1.0, amplification=False), 2.0, []).plan(3, 4).sample_rate == 1.0
     assert epsilon([*again.releases, Release(1.0, 1.0)], 1e-5) > 20.0
@@ -261,8 +262,9 @@ def test_the_budget_adds_up_the_summaries_and_stops_before_the_target() -> None:
 
 def test_an_adaptive_bound_carries_over_from_the_last_summary() -> None:
     dp = DPSettings(noise_multiplier=1.0, adaptive_clip=True)
-    record = Budget(dp, 2.0, []).record(Budget(dp, 2.0, []).plan(3, 3), 1.0, 1, 1.4, 0.7)
-    assert Budget(dp, 2.0, [_summary(1, record)]).plan(3, 3).clip == 1.4
+    record = Budget(dp, 2.0, []).record(Budget(dp, 2.0, []).plan(3, 3), 1.0, 1, fraction_under=0.7)
+    assert record.next_clip == pytest.approx(2.0 * math.exp(-0.2 * (0.7 - 0.5)), abs=1e-6)  # more under: it shrinks
+    assert Budget(dp, 2.0, [_summary(1, record)]).plan(3, 3).clip == record.next_clip
 
 
 # -- refused settings -----------------------------------------------------------------------------------------------

@@ -10,9 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedsync.aggregation.privacy.accounting import Release, epsilon
-from fedsync.aggregation.privacy.noise import count_stddev, update_noise_multiplier
+from fedsync.aggregation.privacy.noise import count_stddev, next_clip, update_noise_multiplier
 from fedsync.aggregation.privacy.settings import DPSettings
-from fedsync.storage.markers import PrivacyRecord, Summary
+from fedsync.storage.markers import FinalMarker, PrivacyRecord, Summary
+from fedsync.storage.share import Share
+from fedsync.storage.signing import final_message, verify
 
 
 @dataclass(frozen=True)
@@ -71,13 +73,36 @@ class Budget:
         return (f"privacy budget: one more round would spend epsilon {after:.3f} > target_epsilon {target:g} "
                 f"(spent {self.spent():.3f} at delta {self.dp.delta:g})")
 
-    def record(self, plan: RoundPrivacy, noise_multiplier: float, releases: int, next_clip: float | None,
-               fraction_under: float | None) -> PrivacyRecord:
-        """Round's record for its summary, with the budget spent through it; the budget counts it from here on."""
+    def record(self, plan: RoundPrivacy, noise_multiplier: float, releases: int,
+               fraction_under: float | None = None) -> PrivacyRecord:
+        """A round's record for its summary: `releases` of its sum at `noise_multiplier` (0 for a redone round; 2 when
+        a model of it may have been read before a stop), the next bound from `fraction_under` (adaptive clipping),
+        and the budget spent through it, which the budget counts from here on."""
         spent = epsilon([*self.releases, Release(plan.sample_rate, noise_multiplier, releases)], self.dp.delta)
+        following = None if fraction_under is None else \
+            round(next_clip(plan.clip, fraction_under, self.dp.target_quantile, self.dp.clip_lr), 6)
         record = PrivacyRecord(epsilon=round(spent, 6), delta=self.dp.delta, noise=self.dp.noise,
                                noise_multiplier=noise_multiplier, sample_rate=plan.sample_rate, clip=plan.clip,
-                               denominator=plan.denominator, releases=releases, next_clip=next_clip,
+                               denominator=plan.denominator, releases=releases, next_clip=following,
                                fraction_under=fraction_under)
         self._add(record)
         return record
+
+
+def describe(r: int, record: PrivacyRecord) -> str:
+    """A round's privacy record in one line for the log."""
+    return (f"round {r}: differential privacy: epsilon {record.epsilon:.4f} spent at delta {record.delta:g} "
+            f"({record.releases} release(s) of noise multiplier {record.noise_multiplier:.4g}, sampling rate "
+            f"{record.sample_rate:.3g}" + (f"; next clip {record.next_clip:.4g}" if record.next_clip else "") + ")")
+
+
+def ended_at_budget(share: Share, run_id: str, coordinator_key: str, closed: list[int]) -> FinalMarker | None:
+    """The run's final.yaml when the run ended at its privacy budget after its last closed round (signed by its
+    coordinator), read as it lies: the restarted coordinator's own lease already says it drives the run on."""
+    try:
+        final = share.read_record(FinalMarker, share.final_marker)
+    except Exception:  # noqa: BLE001 - absent or half-synced: the run did not end at its budget
+        return None
+    ended = final.stopped_because is not None and bool(closed) and final.round == closed[-1]
+    ours = final.run_id == run_id and verify(coordinator_key, final_message(final), final.signature)
+    return final if ended and ours else None

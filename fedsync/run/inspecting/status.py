@@ -59,6 +59,8 @@ def collect_status(share: Share) -> dict[str, Any]:
         _rounds(share, current, status)
     _coordinator(share, current, status)
     final = finished(share, manifest.run_id, manifest.coordinator_key)
+    if final is not None and final.stopped_because is not None and current == final.round + 1:
+        status["round"] = final.round  # ended at its privacy budget: the next round's folder was never opened
     if final is not None:
         status["final"] = {"round": final.round, "test_accuracy": final.test_accuracy,
                            "stopped_because": final.stopped_because, "epsilon": final.epsilon}
