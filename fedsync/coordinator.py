@@ -187,6 +187,7 @@ class Coordinator:
         self.probe = Probe(self.task, self.cfg, test)
         self.budget: Budget | None = None  # dp: what the closed rounds spent (read from their summaries)
         self.plans: dict[int, RoundPrivacy] = {}  # dp: each open round's mechanism
+        self.extended_from: FileRef | None = None  # the final model of the finished run this one extends
 
     def run(self) -> FinalMarker:
         try:
@@ -220,6 +221,7 @@ class Coordinator:
                          f"{ended.stopped_because}; nothing more to do (a new run needs a new share)")
                 return ended
         if r <= self.opts.rounds:
+            self.extended_from = self._final_model()
             self.share.remove(self.share.final_marker)  # continuing a finished run: it is not finished
         self.log(f"run {self.manifest.run_id}: {self.cfg.task}/{self.cfg.model}, rounds {r}..{self.opts.rounds}, "
                  f"share {self.share.where()}; {self.cfg.recipe()}")
@@ -407,7 +409,7 @@ class Coordinator:
                 f"{w} (L2 norm {n:.4g})" for w, n in sorted(c.clipped.items())))
         # 1. the aggregate, where the next round (or the end of the run) will look for it, and the optimizer's state
         name = self.share.model_after(r, self.opts.rounds)
-        seen = self.budget is not None and self.share.exists(name)  # written before a stop: it may have been read
+        seen = self._seen(name)
         ref = self.backoff.run(lambda: save_state(self.share.write, name, c.new_state, name), f"writing {name}")
         state_ref = None
         if self.optimizer.stateful:
@@ -450,6 +452,27 @@ class Coordinator:
                  f"{c.seconds:.2f} s{held}")
         for x in c.late:
             self.log(f"round {r}: late update from {x.worker} for round {x.round} {x.outcome} ({x.detail})")
+
+    def _final_model(self) -> FileRef | None:
+        """final.yaml's model, when the run had finished (it is being extended now)."""
+        try:
+            return self.share.read_record(FinalMarker, self.share.final_marker).model
+        except Exception:  # noqa: BLE001 - absent or unreadable: the run had not finished
+            return None
+
+    def _seen(self, name: str) -> bool:
+        """Whether a model of the closing round may have been read already (dp): its file is there, written by a
+        coordinator that stopped before the round's summary, and it is not the final model of the run this one
+        extends."""
+        if self.budget is None or not self.share.exists(name):
+            return False
+        if name == self.share.final_model and self.extended_from is not None:
+            try:
+                self.share.read_verified(name, self.extended_from)
+                return False
+            except Unusable:
+                return True
+        return True
 
     def _privacy(self, c: Closing, seen: bool) -> PrivacyRecord | None:
         """Round's privacy record (dp): no release when redone; two when a model of it was written before a stop

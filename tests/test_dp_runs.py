@@ -15,7 +15,7 @@ from fedsync.storage.manifest import finished, read_manifest
 from fedsync.storage.markers import FinalMarker, Summary, UpdateMarker
 from fedsync.storage.share import Share
 
-from .helpers import finish, killed_on_error, run, start
+from .helpers import finish, killed_on_error, run, start, wait_until
 
 pytestmark = pytest.mark.processes
 COMMON = ("--set", "model=digits_cnn_gn", "--set", "clip_norm=0.005", "--set", "min_workers=2", "--set",
@@ -67,23 +67,25 @@ def test_a_run_ends_at_its_budget_with_a_signed_final_model_and_never_reopens(sh
     assert (share / "final.yaml").read_bytes() == before
 
 
-def test_distributed_noise_through_secure_aggregation(share: Path) -> None:
-    coord = start("coordinator", "--share", str(share), "--rounds", "2", *COMMON, "--set", "min_workers=3",
-                  "--set", "secure_aggregation=true", "--set", "dp.noise_multiplier=0.5",
-                  "--set", "dp.noise=distributed")
-    workers = [_worker(share, f"w{i}") for i in (1, 2, 3)]
-    with killed_on_error(coord, *workers):
-        out = finish(coord, timeout=180)
-        outs = "".join(finish(w, timeout=60) for w in workers)
-    assert coord.returncode == 0 and all(w.returncode == 0 for w in workers), out + outs
+def test_distributed_noise_through_secure_aggregation_and_a_finished_run_extended(share: Path) -> None:
+    settings = (*COMMON, "--set", "min_workers=3", "--set", "secure_aggregation=true", "--set",
+                "dp.noise_multiplier=0.5", "--set", "dp.noise=distributed")
+    for rounds in (2, 3):  # then extended by a round: its final.safetensors is the old final's, not a seen release
+        coord = start("coordinator", "--share", str(share), "--rounds", str(rounds), *settings)
+        wait_until(lambda: not (share / "final.yaml").exists(), 60, "the finished run's final.yaml taken away")
+        workers = [_worker(share, f"w{i}") for i in (1, 2, 3)]
+        with killed_on_error(coord, *workers):
+            out = finish(coord, timeout=180)
+            outs = "".join(finish(w, timeout=60) for w in workers)
+        assert coord.returncode == 0 and all(w.returncode == 0 for w in workers), out + outs
     s = Share(share)
-    for r in (1, 2):
+    for r in (1, 2, 3):
         p = s.read_record(Summary, s.summary(r)).privacy
         assert p is not None and (p.noise, p.noise_multiplier, p.denominator) == ("distributed", 0.5, 3)
-        assert p.epsilon == pytest.approx(epsilon([Release(1.0, 0.5, r)], 1e-5), abs=1e-5)
+        assert p.releases == 1 and p.epsilon == pytest.approx(epsilon([Release(1.0, 0.5, r)], 1e-5), abs=1e-5)
         m = s.read_record(UpdateMarker, s.update_marker(r, "w1"))
         assert m.encoding == "secagg"
-    assert s.read_record(FinalMarker, s.final_marker).epsilon == pytest.approx(epsilon([Release(1.0, 0.5, 2)], 1e-5))
+    assert s.read_record(FinalMarker, s.final_marker).epsilon == pytest.approx(epsilon([Release(1.0, 0.5, 3)], 1e-5))
 
 
 def test_dp_sgd_on_each_worker_puts_its_epsilon_in_its_markers(share: Path) -> None:

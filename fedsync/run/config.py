@@ -260,9 +260,16 @@ class RunConfig:
             f"{s.name} (lr {s.lr:g}" + (f", momentum {s.momentum:g}" if s.momentum is not None else "") + ")")
         work = f"{self.local_steps} local steps" if self.local_steps else f"{self.local_epochs} local epoch(s)"
         clip = f", clip_norm {self.clip_norm:g}" if self.clip_norm else ""
+        dp = self.dp
+        private = "" if dp is None else (
+            f"; differential privacy: {dp.noise} noise, multiplier {dp.noise_multiplier:g}"
+            + (", adaptive clip" if dp.adaptive_clip else "") + f", delta {dp.delta:g}"
+            + (f", target epsilon {dp.target_epsilon:g}" if dp.target_epsilon is not None else ", no target"))
+        if self.worker_dp is not None:
+            private += f"; DP-SGD on workers, multiplier {self.worker_dp.noise_multiplier:g}"
         return (f"preset {self.preset}: {work} of lr {self.lr:g}, aggregation {self.aggregation}, server optimizer "
                 f"{server}, updates {self.compression}{clip}, quorum {self.quorum}, balance {self.balance}, "
-                f"trust {self.trust}")
+                f"trust {self.trust}{private}")
 
     def screens(self, clip_norm: float | None = None) -> Screens:
         """The screens, clipping to `clip_norm` when given (a dp round's bound), else to the config's."""
