@@ -58,7 +58,7 @@ DP = {"model": "digits_cnn_gn", "clip_norm": 1.0, "dp": {"noise_multiplier": 1.0
 def test_gaussian_noise_has_the_standard_deviation_asked_for() -> None:
     t = {"w": torch.zeros(400_000), "n": torch.zeros(3, dtype=torch.int64)}
     add_gaussian_(t, 0.37, fresh_generator())
-    assert float(t["w"].std()) == pytest.approx(0.37, rel=0.01) and abs(float(t["w"].mean())) < 0.002
+    assert float(t["w"].std()) == pytest.approx(0.37, rel=0.01) and abs(float(t["w"].mean())) < 0.003  # 5 sigma
     assert int(t["n"].abs().sum()) == 0  # integer tensors are not noised
 
 
@@ -96,7 +96,7 @@ def test_distributed_noise_in_a_secure_sum_has_the_central_noise_distribution() 
     central = torch.zeros(d, dtype=torch.float64)
     add_gaussian_({"x": central}, z * clip, fresh_generator())
     for sample in (decoded, central.numpy()):
-        assert sample.std() == pytest.approx(z * clip, rel=0.02) and abs(sample.mean()) < 0.03
+        assert sample.std() == pytest.approx(z * clip, rel=0.02) and abs(sample.mean()) < 0.06  # 5 sigma
         kurtosis = float(((sample - sample.mean()) ** 4).mean() / sample.var() ** 2)
         assert kurtosis == pytest.approx(3.0, abs=0.1)
     assert np.abs(decoded).max() < HEADROOM_SIGMAS * z * clip  # never wrapped around 2^32
