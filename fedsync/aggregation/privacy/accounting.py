@@ -7,13 +7,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
-
-from absl import logging as absl_logging
-from dp_accounting import dp_event, mechanism_calibration, rdp
-
-# dp-accounting logs a warning for each Renyi order whose series does not converge at large sampling rates; it then
-# leaves that order out of the minimum, which only makes epsilon larger (safe). Said once in README, not per round.
-absl_logging.set_verbosity(absl_logging.ERROR)
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -25,7 +19,21 @@ class Release:
     count: int = 1
 
 
-def event(sample_rate: float, noise_multiplier: float) -> dp_event.DpEvent:
+def _library() -> Any:
+    """dp-accounting, imported when first needed: it takes 0.8 s to import, which every fedsync process would
+    otherwise pay. Its RDP accountant warns (absl) for each Renyi order whose series does not converge at large
+    sampling rates and leaves that order out of the minimum, which only makes epsilon larger (safe): silenced, or
+    every round would print a screenful."""
+    import dp_accounting
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    return dp_accounting
+
+
+def event(sample_rate: float, noise_multiplier: float) -> Any:
+    """The dp-accounting event of one release: the Gaussian mechanism, Poisson-subsampled when q < 1."""
+    dp_event = _library().dp_event
     gaussian = dp_event.GaussianDpEvent(noise_multiplier)
     return gaussian if sample_rate >= 1 else dp_event.PoissonSampledDpEvent(sample_rate, gaussian)
 
@@ -38,7 +46,7 @@ def epsilon(releases: Iterable[Release], delta: float) -> float:
     grouped = Counter({k: n for k, n in grouped.items() if n > 0})
     if not grouped:
         return 0.0
-    accountant = rdp.RdpAccountant()
+    accountant = _library().rdp.RdpAccountant()
     for (q, z), n in sorted(grouped.items()):
         accountant.compose(event(q, z), n)
     return float(accountant.get_epsilon(delta))
@@ -47,8 +55,11 @@ def epsilon(releases: Iterable[Release], delta: float) -> float:
 def noise_for(target_epsilon: float, delta: float, rounds: int, sample_rate: float) -> float:
     """The smallest noise multiplier whose `rounds` releases at `sample_rate` spend at most `target_epsilon`."""
 
-    def make(z: float) -> dp_event.DpEvent:
-        return dp_event.SelfComposedDpEvent(event(sample_rate, z), rounds)
+    library = _library()
 
-    return float(mechanism_calibration.calibrate_dp_mechanism(
-        rdp.RdpAccountant, make, target_epsilon, delta, mechanism_calibration.ExplicitBracketInterval(0.05, 500.0)))
+    def make(z: float) -> Any:
+        return library.dp_event.SelfComposedDpEvent(event(sample_rate, z), rounds)
+
+    calibration = library.mechanism_calibration
+    return float(calibration.calibrate_dp_mechanism(library.rdp.RdpAccountant, make, target_epsilon, delta,
+                                                    calibration.ExplicitBracketInterval(0.05, 500.0)))
