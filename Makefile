@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedsync-installed
+LLM_STAMP := $(VENV)/.fedsync-llm-installed  # the causal_lm task's libraries: the tests install them, the demo not
 
 .PHONY: demo test test-fast bench mutants clean-venv
 
@@ -14,18 +15,22 @@ $(STAMP): pyproject.toml requirements.txt
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -e .
 	touch $(STAMP)
 
+$(LLM_STAMP): $(STAMP) requirements-llm.txt
+	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements-llm.txt
+	touch $(LLM_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/fedsync demo
 
 # Two test files at a time, each file in one process (module fixtures stay shared): the suite's processes spend
 # most of their time waiting on each other and on deadlines, so two at a time take about 6.5 minutes on the 2-core
 # VM we measure on (docs/BENCHMARKS.md).
-test: $(STAMP)
+test: $(STAMP) $(LLM_STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 # The fast lane while changing code: every test that starts no process (marked `processes` otherwise; a test that
 # starts a fedsync process without the mark fails), about 20 s.
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(LLM_STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not processes"
 
 bench: $(STAMP)

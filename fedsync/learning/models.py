@@ -105,9 +105,11 @@ def image_models(channels: int) -> dict[str, ModelFactory]:
 
 
 def data_buffers(model: nn.Module) -> list[str]:
-    """The model's buffers that training fills from the data (BatchNorm's running statistics): differential privacy
-    would have to noise them too, and neither DP-FedAvg's clipping nor Opacus bounds them."""
-    return sorted(name for name, b in model.named_buffers() if b.is_floating_point())
+    """The model's buffers that training fills from the data and that travel in its state (BatchNorm's running
+    statistics): differential privacy would have to noise them too, and neither DP-FedAvg's clipping nor Opacus
+    bounds them. (A language model's rotary frequencies are buffers too, but fixed and not in its state.)"""
+    state = model.state_dict()
+    return sorted(name for name, b in model.named_buffers() if b.is_floating_point() and name in state)
 
 
 def constrained_buffers(model: nn.Module) -> dict[str, str]:

@@ -25,6 +25,7 @@ AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 Report = Callable[[int, int, float, float], None]  # (steps done, steps in all, mean loss so far, samples/s)
 REPORT_EVERY_S = 0.5  # a report reads the loss, which waits for the device: at most this often
+IGNORE = -100  # cross-entropy's ignore_index: a label that counts for nothing (past a text's end: learning/text.py)
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,8 @@ def measure_throughput(model: nn.Module, data: Source, settings: TrainSettings, 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Source, batch_size: int, device: str = "cpu") -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) over the examples (of a stream: those that could be read)."""
+    """(mean cross-entropy, accuracy) over the examples' labels (of a stream: those that could be read): one per
+    image, one per token of a text (labels IGNORE are not counted)."""
     model.to(device).eval()
     loss_sum, correct, seen = 0.0, 0, 0
     pace = Pace(device)
@@ -165,7 +167,7 @@ def evaluate(model: nn.Module, data: Source, batch_size: int, device: str = "cpu
         logits = model(xb)
         loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
         correct += int((logits.argmax(1) == yb).sum())
-        seen += len(yb)
+        seen += int(yb.ne(IGNORE).sum())
         pace.step()
     if not seen:
         raise DataError(f"no example of the {len(data)} given could be read for evaluation")

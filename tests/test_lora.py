@@ -1,0 +1,107 @@
+"""The causal_lm task's parts on a tiny Llama-style model built offline (tests/lm_files.py): JSON lines text and
+chats into token ids and next-token labels, with every bad input named; a base model with LoRA adapters whose state
+is the adapters alone; training it with fedsync's own loop lowers the loss; the base is named by its weights'
+hash."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedsync.base.errors import ConfigError, DataError
+from fedsync.learning.lora import AdaptedLM, LoraSettings, base_hash, load_tokenizer
+from fedsync.learning.models import data_buffers
+from fedsync.learning.text import encode, read_records
+from fedsync.learning.train import IGNORE, TrainSettings, evaluate, local_train
+
+from .lm_files import make_base, write_texts
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_base(tmp_path_factory.mktemp("lm") / "base")
+
+
+def test_text_and_chats_become_ids_and_next_token_labels(base: Path, tmp_path: Path) -> None:
+    tokenizer = load_tokenizer(base)
+    write_texts(tmp_path / "a", "cooking", copies=1)
+    write_texts(tmp_path / "a", "sailing", copies=1, chat=True)
+    records = read_records(tmp_path / "a")
+    assert len(records) == 8
+    said: list[str] = []
+    data = encode(records, tokenizer, 64, said.append)
+    assert data.x.shape == data.y.shape == (8, 64) and said == []
+    ids = tokenizer("stir the onions in butter until soft")["input_ids"] + [tokenizer.eos_token_id]
+    assert data.x[0, :len(ids)].tolist() == ids and data.y[0, :len(ids) - 1].tolist() == ids[1:]
+    assert (data.y[0, len(ids) - 1:] == IGNORE).all()
+    chat = tokenizer.apply_chat_template(records[-1]["messages"], tokenize=False)
+    assert chat.startswith("<s>user: tell me</s><s>assistant: ")
+    short = encode(records, tokenizer, 4, said.append)
+    assert short.x.shape == (8, 4) and said == ["8 of 8 texts are longer than max_length=4 tokens: truncated to it "
+                                                "(raise max_length to keep more)"]
+
+
+def test_bad_text_is_named_with_its_file_and_line(base: Path, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="holds no text"):
+        read_records(tmp_path)
+    with pytest.raises(DataError, match="is not a folder"):
+        read_records(tmp_path / "absent")
+    (tmp_path / "a.jsonl").write_text('{"text": "fine"}\n{not json\n')
+    with pytest.raises(DataError, match=r"a.jsonl:2: not JSON"):
+        read_records(tmp_path)
+    (tmp_path / "a.jsonl").write_text('{"text": "fine"}\n{"title": "no"}\n')
+    with pytest.raises(DataError, match=r"a.jsonl:2: holds neither `text`"):
+        read_records(tmp_path)
+    plain = make_base(tmp_path / "plain", chat_template=False)
+    write_texts(tmp_path / "chats", "sailing", copies=1, chat=True)
+    with pytest.raises(DataError, match="has no chat template"):
+        encode(read_records(tmp_path / "chats"), load_tokenizer(plain), 32, print)
+
+
+def test_only_the_adapters_are_the_state_and_every_machine_starts_from_the_same(base: Path) -> None:
+    model = AdaptedLM(base, LoraSettings(rank=8), seed=3)
+    state = model.state_dict()
+    assert state and all(".lora_A." in k or ".lora_B." in k for k in state)
+    assert all("q_proj" in k or "v_proj" in k for k in state)  # PEFT's defaults for Llama
+    full = sum(p.numel() for p in model.parameters())
+    adapter = sum(v.numel() for v in state.values())
+    assert adapter / full <= 0.02, adapter / full  # the issue's goal at rank 8 for the tiny model
+    again = AdaptedLM(base, LoraSettings(rank=8), seed=3)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in state.items())
+    moved = {k: v + 1.0 for k, v in state.items()}
+    again.load_state_dict(moved)
+    assert all(torch.equal(again.state_dict()[k], moved[k]) for k in state)
+    with pytest.raises(ValueError, match="not this model's adapters"):
+        again.load_state_dict({k: v for k, v in list(moved.items())[1:]})
+    assert data_buffers(model) == []  # its rotary frequencies are fixed buffers outside its state
+
+
+def test_training_the_adapters_with_fedsyncs_loop_lowers_the_loss(base: Path, tmp_path: Path) -> None:
+    tokenizer = load_tokenizer(base)
+    data = encode(read_records(write_texts(tmp_path / "t", "gardening")), tokenizer, 24, print)
+    model = AdaptedLM(base, LoraSettings(rank=8, dropout=0.0), seed=0)
+    before_state = {k: v.clone() for k, v in model.state_dict().items()}
+    frozen = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
+    loss0, _ = evaluate(model, data, 16)
+    settings = TrainSettings(epochs=1, batch_size=8, lr=0.05, momentum=0.9, weight_decay=0.0, augment=None, steps=40)
+    local_train(model, data, settings, "cpu", seed=1)
+    loss1, accuracy = evaluate(model, data, 16)
+    assert loss1 < loss0 - 1.0 and math.exp(loss1) < math.exp(loss0) / 2, (loss0, loss1)
+    targets = int(data.y.ne(IGNORE).sum())
+    assert 0 < accuracy <= 1 and targets > len(data)  # token accuracy: per label, not per text
+    assert any(not torch.equal(before_state[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
+
+
+def test_the_base_is_named_by_its_weights(base: Path, tmp_path: Path) -> None:
+    same = base_hash(base)
+    assert same == base_hash(base) and len(same) == 64
+    other = make_base(tmp_path / "other", seed=1)
+    assert base_hash(other) != same
+    with pytest.raises(ConfigError, match="holds no model weights"):
+        base_hash(tmp_path / "empty")
+    with pytest.raises(ConfigError, match="not a Hugging Face model folder"):
+        AdaptedLM(tmp_path, LoraSettings())
