@@ -53,7 +53,8 @@ def main(seeds: int, rounds: int) -> None:
     print("noise multipliers for", rounds, "rounds at sampling rate 1:",
           ", ".join(f"epsilon {e:g}: z {z:.3f} (spends {epsilon([Release(1.0, z, rounds)], DELTA):.3f})"
                     for e, z in noise.items() if e and z))
-    header = "| digits model | shards | workers | " + " | ".join(f"epsilon {e:g}" if e else "no DP" for e in EPSILONS) + " |"
+    heads = " | ".join(f"epsilon {e:g}" if e else "no DP" for e in EPSILONS)
+    header = f"| digits model | shards | workers | {heads} |"
     rows = [header, "|" + "---|" * (3 + len(EPSILONS))]
     for model in MODELS:
         for partition in ("iid", "dirichlet"):
