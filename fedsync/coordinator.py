@@ -173,7 +173,7 @@ class Coordinator:
         self.buffers = constrained_buffers(self.model)
         self.rule = make_rule(self.cfg.aggregation, self.cfg.momentum, self.cfg.trim, self.cfg.byzantine)
         self.optimizer = make_optimizer(self.cfg.server_settings(),
-                                        frozenset(name for name, _ in self.model.named_parameters()))
+                                        frozenset(name for name, p in self.model.named_parameters() if p.requires_grad))
         self.server_state: dict[str, torch.Tensor] = {}  # the optimizer's, after the last closed round; none: stateless
         self.carried: tuple[str, dict[str, torch.Tensor]] | None = None  # the aggregate just written: its hash, state
         self.planner = Planner(share, self.cfg, self.task, dataset, self.liveness, self.log)

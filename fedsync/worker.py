@@ -31,7 +31,7 @@ from fedsync.learning.dp_sgd import dp_local_train, refusals
 from fedsync.learning.predict import measure_inference
 from fedsync.learning.tasks import Task
 from fedsync.learning.train import Report, TrainSettings, evaluate, local_train, measure_throughput
-from fedsync.run.config import RunConfig, config_from_dict
+from fedsync.run.config import RunConfig, config_from_dict, on_this_machine
 from fedsync.run.liveness import Heartbeat
 from fedsync.run.secure import ENCODING
 from fedsync.run.start import check_task, task_record
@@ -74,6 +74,7 @@ class WorkerOptions:
     rescan: float = defaults.RESCAN_S
     wait_for_run: float | None = None   # seconds to wait for fedsync.yaml to appear; None: forever
     data_root: str | None = None        # where the task's data is on this machine; None: the run config's data_root
+    base_model: str | None = None       # causal_lm: this machine's base model folder; None: the config's base_model
     memory_budget: int | None = None    # bytes of its own decoded images kept in memory; beyond: streamed; None: auto
     syncthing: str | None = None        # URL of this machine's Syncthing API, to be nudged after each update
     syncthing_key: str | None = None
@@ -139,7 +140,8 @@ class Worker:
         self.refused: set[tuple[int, str | None]] = set()  # assignments not the coordinator's: said once
         self.nudge = nudge
         self.watcher, self.opts, self.log = watcher, opts, log
-        self.cfg: RunConfig = config_from_dict(manifest.config, share.where(share.manifest))
+        self.cfg: RunConfig = on_this_machine(config_from_dict(manifest.config, share.where(share.manifest)),
+                                              opts.base_model)
         self.task: Task = self.cfg.resolved_task()
         self.notices = Notices(share, name, manifest.run_id, coordinator_key, identity, self.cfg.trust, log)
         check_task(manifest, self.cfg)  # another version or layout of the task: refused before anything is written

@@ -13,6 +13,7 @@ from fedsync.base import defaults
 from fedsync.base.errors import EXIT_CODES, FedsyncError, ShareError, Stopped, stopped_by
 from fedsync.cli import reading
 from fedsync.cli.options import (
+    BaseModelOpt,
     DataRootOpt,
     KeyOpt,
     LogJsonOpt,
@@ -71,6 +72,7 @@ def coordinator(
              "Keys given with --set or in the config file win over the preset's.", metavar="NAME")] = None,
     watch: WatchOpt = defaults.WATCH,
     data_root: DataRootOpt = None,
+    base_model: BaseModelOpt = None,
     syncthing: SyncthingOpt = None,
     syncthing_key: SyncthingKeyOpt = None,
     key: KeyOpt = None,
@@ -88,9 +90,10 @@ def coordinator(
     """
     from fedsync.base.logs import make_log
     from fedsync.coordinator import CoordinatorOptions, run_coordinator
-    from fedsync.run.config import load_config, parse_overrides
+    from fedsync.run.config import load_config, on_this_machine, parse_overrides
 
-    cfg = load_config(config, {**({"preset": preset} if preset else {}), **parse_overrides(set_)})
+    cfg = on_this_machine(load_config(config, {**({"preset": preset} if preset else {}), **parse_overrides(set_)}),
+                          base_model)
     final = run_coordinator(CoordinatorOptions(share=share, config=cfg, rounds=rounds, watch=check_watch(watch),
                                                data_root=data_root, syncthing=syncthing, syncthing_key=syncthing_key,
                                                key=key, device=device, log=make_log("coordinator", log_json)))
@@ -112,6 +115,7 @@ def worker(
                                              callback=check_device, metavar="DEVICE")] = defaults.DEVICE,
     watch: WatchOpt = defaults.WATCH,
     data_root: DataRootOpt = None,
+    base_model: BaseModelOpt = None,
     data_memory: Annotated[float | None, typer.Option(
         "--data-memory", help="MiB of its own decoded images (imagefolder) this worker keeps in memory; a larger "
                               "folder is streamed from disk batch by batch every pass. Default: a quarter of the "
@@ -158,7 +162,8 @@ def worker(
     if capture not in CAPTURE_SETTINGS:
         raise typer.BadParameter(f"{capture!r} is not one of {', '.join(CAPTURE_SETTINGS)}", param_hint="--capture")
     run_worker(WorkerOptions(share=share, name=name, device=device, watch=check_watch(watch),
-                             data_root=data_root, wait_for_run=wait_for_run, syncthing=syncthing,
+                             data_root=data_root, base_model=base_model, wait_for_run=wait_for_run,
+                             syncthing=syncthing,
                              syncthing_key=syncthing_key, key=key, coordinator_key=coordinator_key,
                              capture=capture, log_json=log_json, serve=serve,
                              memory_budget=None if data_memory is None else int(data_memory * 2**20)))

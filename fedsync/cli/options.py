@@ -34,6 +34,10 @@ DataRootOpt = Annotated[str | None, typer.Option(
                                   "cifar-10-batches-py/, or for imagefolder this machine's own image folder "
                                   "(DIR/<class>/<image>: a worker's training images, the coordinator's test images). "
                                   "Default: the run config's data_root. Each machine gives its own.", metavar="DIR")]
+BaseModelOpt = Annotated[str | None, typer.Option(
+    "--base-model", help="causal_lm: this machine's copy of the base model's Hugging Face folder (config.json, "
+                         "weights, tokenizer). Default: the run config's base_model. Each machine gives its own; its "
+                         "weights must be the run's (checked by hash before anything is written).", metavar="DIR")]
 
 LogJsonOpt = Annotated[bool, typer.Option("--log-json", help="Write one JSON object per event (time, role, level, "
                                                            "message) instead of a line of text, for log collectors; "

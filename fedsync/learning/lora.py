@@ -7,6 +7,7 @@ files, so a machine whose base differs can be refused before it trains (fedsync/
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,7 +71,9 @@ class AdaptedLM(nn.Module):
         torch.manual_seed(seed)  # the same initial adapters on every machine
         config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                             target_modules=lora.target_modules, task_type="CAUSAL_LM")
-        self.peft = get_peft_model(base, config)
+        with warnings.catch_warnings():  # PEFT asks transformers a deprecated question about checkpointing
+            warnings.simplefilter("ignore", FutureWarning)
+            self.peft = get_peft_model(base, config)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.peft(input_ids=ids).logits.transpose(1, 2)

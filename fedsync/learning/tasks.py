@@ -29,6 +29,8 @@ from fedsync.learning import models
 from fedsync.learning.augment import NAMED, crop_and_flip
 from fedsync.learning.data import CIFAR_MEAN, CIFAR_STD, Dataset, Source, Split, load_cifar10, load_digits
 from fedsync.learning.imagefolder import ImageSpec, load_folder, scale
+from fedsync.learning.lora import AdaptedLM, LoraSettings, base_hash, load_tokenizer
+from fedsync.learning.text import encode, read_records
 from fedsync.learning.train import Augment
 
 ENTRY_POINTS = "fedsync.tasks"
@@ -48,12 +50,23 @@ class DataOptions:
 
 
 @dataclass(frozen=True)
+class LanguageSettings:
+    """What a run's config (and this machine's --base-model) fix for the causal_lm task."""
+
+    base_model: Path | None   # this machine's copy of the base model's folder; None: not given (yet)
+    max_length: int           # tokens per example
+    lora: LoraSettings
+
+
+@dataclass(frozen=True)
 class TaskSettings:
-    """What a run's config fixes for a task whose shape it sets (imagefolder); None where it says nothing."""
+    """What a run's config fixes for a task whose shape it sets (imagefolder, causal_lm); None where it says
+    nothing."""
 
     classes: tuple[str, ...] | None = None
     image_size: int | None = None
     channels: int | None = None
+    language: LanguageSettings | None = None  # causal_lm; laid aside by every other task
 
 
 Loader = Callable[[Path | None, DataOptions], Dataset]
@@ -74,6 +87,8 @@ class Task:
     configure: Callable[[Task, TaskSettings], Task] | None = None  # the task as the config's settings shape it
     scale_images: Callable[[torch.Tensor], torch.Tensor] | None = None  # 8-bit images (N, C, H, W) as the model's
     # inputs, for inference jobs over image files (None: the task takes no image files)
+    base_digest: Callable[[], str] | None = None  # the BLAKE3 of a base model's weights the task builds on, which
+    # every machine of the run must hold (causal_lm); None: no such base
 
     @property
     def private(self) -> bool:
@@ -84,7 +99,7 @@ class Task:
         """The task as a run's config shapes it; settings a task does not take are a config error."""
         if self.configure is not None:
             return self.configure(self, settings)
-        given = [k for k, v in vars(settings).items() if v is not None]
+        given = [k for k in ("classes", "image_size", "channels") if getattr(settings, k) is not None]
         if given:
             raise ConfigError(f"task {self.name} fixes its own classes and input shape: {', '.join(given)} "
                               "apply to tasks such as imagefolder; leave them null")
@@ -189,15 +204,15 @@ def _by_entry_point(name: str) -> Task:
 
 
 def _shaped_by_config(root: Path, options: DataOptions) -> Source:
-    raise ConfigError("task imagefolder is shaped by its run's config (classes, image_size, channels): load it through "
-                      "the config")
+    raise ConfigError("this task is shaped by its run's config (imagefolder: classes, image_size, channels; causal_lm: "
+                      "base_model, max_length, lora): load it through the config")
 
 
 def _image_task(task: Task, settings: TaskSettings) -> Task:
     """imagefolder as a run's config shapes it: its classes, image size and channels are the config's."""
     classes, size, channels = settings.classes, settings.image_size, settings.channels
     if classes is None or size is None or channels is None:
-        missing = [k for k, v in vars(settings).items() if v is None]
+        missing = [k for k in ("classes", "image_size", "channels") if getattr(settings, k) is None]
         raise ConfigError(f"task imagefolder needs {', '.join(missing)} in the config: classes (the class folder "
                           "names, in the order that fixes their indices), image_size (pixels; images are resized to "
                           "it) and channels (1: greyscale, 3: RGB)")
@@ -219,13 +234,36 @@ def _image_task(task: Task, settings: TaskSettings) -> Task:
                    own_data=lambda root, o: load_folder(root, spec, o.memory_budget, o.note))
 
 
+def _language_task(task: Task, settings: TaskSettings) -> Task:
+    """causal_lm as a run's config and this machine shape it: LoRA adapters (model `lora`) on the base model in
+    this machine's folder, trained on its own JSON lines text, `max_length` tokens an example."""
+    lm = settings.language
+    if lm is None:
+        raise ConfigError("task causal_lm is shaped by its run's config (base_model, max_length, lora): load it "
+                          "through the config")
+    if not 8 <= lm.max_length <= 65536:
+        raise ConfigError("max_length must be between 8 and 65536 tokens")
+
+    def base() -> Path:
+        if lm.base_model is None:
+            raise ConfigError("task causal_lm trains adapters on a base model every machine holds: give this "
+                              "machine's copy of its folder with --base-model DIR (or base_model in the config)")
+        return lm.base_model
+
+    def own(root: Path, options: DataOptions) -> Source:
+        return encode(read_records(root), load_tokenizer(base()), lm.max_length, options.note)
+
+    return replace(task, input_shape=(lm.max_length,), models={"lora": lambda _: AdaptedLM(base(), lm.lora)},
+                   own_data=own, base_digest=lambda: base_hash(base()))
+
+
 def _cifar_images(x: torch.Tensor) -> torch.Tensor:
     """CIFAR-10's inputs from 8-bit RGB: scaled to 0..1 and normalised per channel, as its loader does."""
     mean, std = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1), torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
     return (x.float() / 255 - mean) / std
 
 
-BUILTIN = ("digits", "cifar10", "imagefolder")
+BUILTIN = ("digits", "cifar10", "imagefolder", "causal_lm")
 register(Task("digits", num_classes=10, input_shape=(1, 8, 8),
               load_data=lambda _, o: load_digits(o.seed, o.test_fraction), default_location=None,
               scale_images=lambda x: x.float() / 255))  # digits' pixels are ink from 0 to 1
@@ -235,3 +273,5 @@ register(Task("cifar10", num_classes=10, input_shape=(3, 32, 32),
 register(Task("imagefolder", num_classes=0, input_shape=(), load_data=None, default_location=None,
               augment=crop_and_flip, models=models.image_models(3), configure=_image_task,
               own_data=_shaped_by_config, scale_images=scale))
+register(Task("causal_lm", num_classes=0, input_shape=(), load_data=None, default_location=None,
+              models={"lora": lambda _: nn.Identity()}, configure=_language_task, own_data=_shaped_by_config))

@@ -22,13 +22,14 @@ from fedsync.learning.augment import NAMED
 from fedsync.learning.balance import BALANCE
 from fedsync.learning.data import Dataset, Source, first
 from fedsync.learning.device import PRECISIONS
-from fedsync.learning.tasks import DataOptions, Task, TaskSettings, get_task
+from fedsync.learning.lora import LoraSettings
+from fedsync.learning.tasks import DataOptions, LanguageSettings, Task, TaskSettings, get_task
 from fedsync.storage.markers import MarkerError, parse_record
 from fedsync.storage.yamlfile import parse_yaml
 from fedsync.tensors.encoding import ENCODINGS
 
 TRUST_MODES = ("tofu", "explicit")
-BUILTIN = ("digits", "cifar10")  # the config files shipped in fedsync.configs (configs/ in the repository)
+BUILTIN = ("digits", "cifar10", "causal_lm")  # the config files shipped in fedsync.configs (configs/ in the repository)
 
 # Named recipes: the keys each sets, under whatever a user's file or --set gives (README, "Fewer, smaller rounds").
 PRESETS: dict[str, dict[str, Any]] = {
@@ -114,6 +115,9 @@ class RunConfig:
     secure_aggregation: bool = False  # the coordinator learns only the round's weighted sum (SecAgg+)
     dp: DPSettings | None = None      # user-level DP-FedAvg (fedsync/aggregation/privacy/settings.py); None: off
     worker_dp: WorkerDPSettings | None = None  # DP-SGD on every worker (Opacus); None: off
+    base_model: str | None = None     # causal_lm: this machine's copy of the base model's folder (each machine its own)
+    max_length: int = 256             # causal_lm: tokens an example
+    lora: LoraSettings | None = None  # causal_lm: the adapters (rank, alpha, dropout, target_modules); None: defaults
 
     def __post_init__(self) -> None:
         problems = []
@@ -184,6 +188,10 @@ class RunConfig:
             problems.append("worker_timeout must exceed two heartbeats, or live workers look gone")
         if self.secure_aggregation:
             problems.extend(self._secure_problems())
+        if self.task != "causal_lm" and (self.lora is not None or self.base_model is not None):
+            problems.append(f"base_model and lora are the causal_lm task's: task {self.task} takes neither")
+        if self.lora is not None and not (self.lora.rank >= 1 and self.lora.alpha > 0 and 0 <= self.lora.dropout < 1):
+            problems.append("lora: rank must be at least 1, alpha positive and dropout in [0, 1)")
         if self.dp is not None:
             problems.extend(self.dp.problems() + self._dp_problems(self.dp))
         if self.worker_dp is not None:
@@ -284,7 +292,9 @@ class RunConfig:
     def resolved_task(self) -> Task:
         """The task this config names, shaped by its settings (imagefolder's classes and input shape)."""
         classes = tuple(self.classes) if self.classes is not None else None
-        return get_task(self.task).configured(TaskSettings(classes, self.image_size, self.channels))
+        language = LanguageSettings(Path(self.base_model) if self.base_model else None, self.max_length,
+                                    self.lora or LoraSettings())
+        return get_task(self.task).configured(TaskSettings(classes, self.image_size, self.channels, language))
 
     def data_options(self, note: Callable[[str], None] = print, memory_budget: int | None = None) -> DataOptions:
         """How this machine loads the data: the config's settings, its memory budget (None: automatic), and its log
@@ -380,7 +390,13 @@ def config_from_dict(values: dict[str, Any], where: str) -> RunConfig:
         raise ConfigError(str(e)) from None
 
 
-MACHINE_LOCAL = ("data_root",)  # where one machine keeps its data: a default, not part of what the run is
+def on_this_machine(cfg: RunConfig, base_model: str | None) -> RunConfig:
+    """The run's config with this machine's own base model folder (--base-model), when it gives one."""
+    return dataclasses.replace(cfg, base_model=base_model) if base_model else cfg
+
+
+MACHINE_LOCAL = ("data_root", "base_model")  # where one machine keeps its data and its base model: defaults, not
+                                             # part of what the run is (fedsync/run/start.py checks the base itself)
 
 
 def differences(a: RunConfig, b: RunConfig) -> list[str]:

@@ -21,7 +21,8 @@ def task_record(config: RunConfig) -> TaskRecord:
     task = config.resolved_task()
     state = task.build_model(config.model).state_dict()
     lines = "".join(f"{k} {str(v.dtype).removeprefix('torch.')} {list(v.shape)}\n" for k, v in sorted(state.items()))
-    return TaskRecord(name=config.task, version=task.version, layout=hash_bytes(lines.encode()))
+    return TaskRecord(name=config.task, version=task.version, layout=hash_bytes(lines.encode()),
+                      base=task.base_digest() if task.base_digest else None)
 
 
 def check_task(manifest: Manifest, config: RunConfig) -> None:
@@ -30,6 +31,10 @@ def check_task(manifest: Manifest, config: RunConfig) -> None:
     if manifest.task is None:
         return  # a run from before task records: nothing to compare
     mine = task_record(config)
+    if mine.base != manifest.task.base and mine.layout == manifest.task.layout:
+        raise ConfigError(f"the base model at {config.base_model} is not run {manifest.run_id}'s: its weights hash to "
+                          f"{(mine.base or '-')[:12]}, the run's base to {(manifest.task.base or '-')[:12]} (docs/"
+                          "PROTOCOL.md section 5.1): give this machine a copy of the run's base model folder")
     if mine != manifest.task:
         what = ("its model's layout" if mine.version == manifest.task.version else
                 f"version {mine.version!r} against the run's {manifest.task.version!r}")

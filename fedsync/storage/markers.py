@@ -77,10 +77,13 @@ class TaskRecord:
     name: str
     version: str
     layout: str  # BLAKE3 of the model's tensor names, dtypes and shapes
+    base: str | None = None  # causal_lm: BLAKE3 of the base model's weight files every machine must hold
 
     def __post_init__(self) -> None:
-        if not HEX64.match(self.layout):
-            raise MarkerError(f"layout: {self.layout!r} is not 64 lowercase hex digits")
+        for name in ("layout", "base"):
+            value = getattr(self, name)
+            if value is not None and not HEX64.match(value):
+                raise MarkerError(f"{name}: {value!r} is not 64 lowercase hex digits")
 
 
 @dataclass

@@ -1,0 +1,73 @@
+"""Federated LoRA fine-tuning with real processes (the causal_lm task): three workers, each with private text on
+its own topic, adapt a tiny Llama-style base model built offline (tests/lm_files.py); the coordinator's held-out
+text covers every topic. Its loss falls round over round and ends below what any worker reaches alone on its own
+text; only adapters travel; a worker with another base model is refused before it writes anything."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedsync.learning.lora import AdaptedLM, LoraSettings, load_tokenizer
+from fedsync.learning.text import encode, read_records
+from fedsync.learning.train import TrainSettings, evaluate, local_train
+from fedsync.storage.markers import Evaluation, FinalMarker, Summary
+from fedsync.storage.share import Share
+from fedsync.tensors.files import load_verified
+
+from .helpers import finish, killed_on_error, run, start
+from .lm_files import TOPICS, make_base, write_texts
+
+pytestmark = pytest.mark.processes
+ROUNDS, EPOCHS, LR, LENGTH = 4, 3, 0.1, 24
+
+
+def _held_out(folder: Path) -> Path:
+    folder.mkdir()
+    (folder / "held.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for ts in TOPICS.values() for t in ts))
+    return folder
+
+
+def _alone(base: Path, own: Path, held: Path) -> float:
+    """One worker's adapters trained on its own text for the whole run's epochs, on the held-out text."""
+    tokenizer = load_tokenizer(base)
+    model = AdaptedLM(base, LoraSettings())
+    settings = TrainSettings(epochs=ROUNDS * EPOCHS, batch_size=8, lr=LR, momentum=0.9, weight_decay=0.0, augment=None)
+    local_train(model, encode(read_records(own), tokenizer, LENGTH, print), settings, "cpu", seed=1)
+    return evaluate(model, encode(read_records(held), tokenizer, LENGTH, print), 16)[0]
+
+
+def test_three_workers_adapt_a_language_model_better_than_any_alone(share: Path, tmp_path: Path) -> None:
+    base, other = make_base(tmp_path / "base"), make_base(tmp_path / "other", seed=1)
+    held = _held_out(tmp_path / "held")
+    own = {t: write_texts(tmp_path / t, t) for t in TOPICS}
+    coord = start("coordinator", "--share", str(share), "--config", "causal_lm", "--rounds", str(ROUNDS),
+                  "--base-model", str(base), "--data", str(held), "--set", "min_workers=3", "--set",
+                  f"max_length={LENGTH}", "--set", f"local_epochs={EPOCHS}", "--set", f"lr={LR}")
+    workers = [start("worker", "--share", str(share), "--name", t, "--base-model", str(base), "--data", str(d),
+                     "--device", "cpu", "--wait-for-run", "60") for t, d in own.items()]
+    with killed_on_error(coord, *workers):
+        out = finish(coord, timeout=240)
+        outs = "".join(finish(w, timeout=60) for w in workers)
+    assert coord.returncode == 0 and all(w.returncode == 0 for w in workers), out + outs
+    assert "Traceback" not in out + outs
+    s = Share(share)
+    losses = [s.read_record(Evaluation, s.evaluation(r)).test_loss for r in range(1, ROUNDS + 1)]
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses  # perplexity e^loss falls round over round
+    alone = {t: _alone(base, d, held) for t, d in own.items()}
+    assert losses[-1] < min(alone.values()), (losses, alone)
+    final = s.read_record(FinalMarker, s.final_marker)
+    state = load_verified(s, s.final_model, final.model)
+    assert state and all(".lora_A." in k or ".lora_B." in k for k in state)  # only the adapters travel
+    full = sum(p.numel() for p in AdaptedLM(base, LoraSettings()).parameters())
+    assert sum(v.numel() for v in state.values()) <= 0.02 * full
+    summary = s.read_record(Summary, s.summary(ROUNDS))
+    assert sorted(x.worker for x in summary.accepted) == sorted(TOPICS)
+    assert all(torch.isfinite(v).all() for v in state.values())
+    refused = run("worker", "--share", str(share), "--name", "intruder", "--base-model", str(other), "--data",
+                  str(own["cooking"]), "--device", "cpu", "--wait-for-run", "10", timeout=60)
+    assert refused.returncode == 3 and "is not run" in refused.stderr + refused.stdout, refused
+    assert not s.exists(s.worker_file("intruder"))
