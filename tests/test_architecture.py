@@ -28,7 +28,7 @@ TOP_LEVEL = {"coordinator": "run", "worker": "run", "infer": "run", "fedavg": "a
 NOT_THE_SHARE = {"fedsync/learning/data.py": "datasets on this machine",
                  "fedsync/learning/imagefolder.py": "a machine's own image folder, and its free memory",
                  "fedsync/learning/text.py": "a machine's own text (JSON lines files)",
-                 "fedsync/learning/lora.py": "a machine's own copy of a base language model",
+                 "fedsync/learning/lora.py": "a machine's own copy of a base language model, and adapters exported",
                  "fedsync/run/config.py": "the user's config file",
                  "fedsync/tensors/residuals.py": "a worker's error-feedback residual, on its own disk beside its key",
                  "fedsync/learning/inputs.py": "an inference job's inputs, on the submitting machine",

@@ -40,6 +40,24 @@ def _alone(base: Path, own: Path, held: Path) -> float:
     return evaluate(model, encode(read_records(held), tokenizer, LENGTH, print), 16)[0]
 
 
+def _loads_with_peft_as_the_readme_says(base: Path, folder: Path, state: dict[str, torch.Tensor]) -> None:
+    """README's lines load the exported adapter onto the base, and that model is the run's final one."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert 'PeftModel.from_pretrained(base, "adapter")' in readme
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder).eval()
+    ids = tokenizer("water the", return_tensors="pt")["input_ids"]
+    ours = AdaptedLM(base, LoraSettings())
+    ours.load_state_dict(state)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, ours.eval()(ids).transpose(1, 2))
+        generated = model.generate(input_ids=ids, max_new_tokens=5, do_sample=False)
+    assert generated.shape[1] == ids.shape[1] + 5
+
+
 def test_three_workers_adapt_a_language_model_better_than_any_alone(share: Path, tmp_path: Path) -> None:
     base, other = make_base(tmp_path / "base"), make_base(tmp_path / "other", seed=1)
     held = _held_out(tmp_path / "held")
@@ -67,6 +85,9 @@ def test_three_workers_adapt_a_language_model_better_than_any_alone(share: Path,
     summary = s.read_record(Summary, s.summary(ROUNDS))
     assert sorted(x.worker for x in summary.accepted) == sorted(TOPICS)
     assert all(torch.isfinite(v).all() for v in state.values())
+    exported = run("export", str(tmp_path / "adapter"), "--share", str(share), "--base-model", str(base))
+    assert exported.returncode == 0 and (tmp_path / "adapter" / "adapter_model.safetensors").is_file(), exported
+    _loads_with_peft_as_the_readme_says(base, tmp_path / "adapter", state)
     refused = run("worker", "--share", str(share), "--name", "intruder", "--base-model", str(other), "--data",
                   str(own["cooking"]), "--device", "cpu", "--wait-for-run", "10", timeout=60)
     assert refused.returncode == 3 and "is not run" in refused.stderr + refused.stdout, refused

@@ -68,7 +68,7 @@ def test_the_example_task_trains_from_its_installed_package_and_another_version_
     assert refused.returncode == 3, refused.stderr
     assert "task 'wine' on this machine differs from run" in refused.stderr and "'0.2.0'" in refused.stderr
     assert not (share / "workers" / "w3.yaml").exists()
-    assert missing.returncode == 3 and "task 'wine' is not one of cifar10, digits" in missing.stderr
+    assert missing.returncode == 3 and "task 'wine' is not one of causal_lm, cifar10, digits" in missing.stderr
 
 
 @pytest.mark.processes

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from fedsync.base import defaults
-from fedsync.cli.options import DataRootOpt, ShareOpt, check_device
+from fedsync.cli.options import BaseModelOpt, DataRootOpt, ShareOpt, check_device
 
 
 def status(
@@ -137,20 +137,22 @@ def eval_(
 
 
 def export(
-    out: Annotated[Path, typer.Argument(help="The file to write (OUT.safetensors), outside the share.",
-                                        metavar="OUT")],
+    out: Annotated[Path, typer.Argument(help="The file to write (OUT.safetensors), outside the share; for causal_lm "
+                                             "the folder to write the adapter into.", metavar="OUT")],
     share: ShareOpt = defaults.SHARE,  # type: ignore[assignment]
     round_: RoundOpt = None,
+    base_model: BaseModelOpt = None,
 ) -> None:
     """Write round N's model (verified against its summary) to OUT as safetensors, with the task, its version and
     layout, the model's name, the round, its test accuracy, the run and its config in the file's metadata (keys
-    fedsync.*). README.md, "Using the trained model", shows the lines that load it for inference.
+    fedsync.*). README.md, "Using the trained model", shows the lines that load it for inference. For causal_lm,
+    OUT is a folder in PEFT's own layout (README, "Your language model"), with the same metadata in fedsync.json.
 
     Example: fedsync export model.safetensors --share /mnt/fed
     """
     from fedsync.run.trained import export_round
 
-    meta = export_round(share, round_, out)
+    meta = export_round(share, round_, out, base_model)
     accuracy = meta["fedsync.test_accuracy"] or "not evaluated"
     typer.echo(f"wrote {out}: {meta['fedsync.task']}/{meta['fedsync.model']}, round {meta['fedsync.round']}, test "
                f"accuracy {accuracy}")

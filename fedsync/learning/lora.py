@@ -78,6 +78,11 @@ class AdaptedLM(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.peft(input_ids=ids).logits.transpose(1, 2)
 
+    def save_adapter(self, folder: Path) -> None:
+        """The adapters in PEFT's own layout (adapter_model.safetensors, adapter_config.json), which
+        `PeftModel.from_pretrained(base, folder)` loads onto the same base model."""
+        self.peft.save_pretrained(folder)
+
     def trained(self) -> dict[str, nn.Parameter]:
         return {name: p for name, p in self.named_parameters() if p.requires_grad}
 

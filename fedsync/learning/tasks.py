@@ -89,6 +89,8 @@ class Task:
     # inputs, for inference jobs over image files (None: the task takes no image files)
     base_digest: Callable[[], str] | None = None  # the BLAKE3 of a base model's weights the task builds on, which
     # every machine of the run must hold (causal_lm); None: no such base
+    export: Callable[[nn.Module, Path], None] | None = None  # writes a trained model into a folder in its library's
+    # own layout (causal_lm: PEFT's adapter folder); None: `fedsync export` writes one safetensors file
 
     @property
     def private(self) -> bool:
@@ -254,7 +256,8 @@ def _language_task(task: Task, settings: TaskSettings) -> Task:
         return encode(read_records(root), load_tokenizer(base()), lm.max_length, options.note)
 
     return replace(task, input_shape=(lm.max_length,), models={"lora": lambda _: AdaptedLM(base(), lm.lora)},
-                   own_data=own, base_digest=lambda: base_hash(base()))
+                   own_data=own, base_digest=lambda: base_hash(base()),
+                   export=lambda model, folder: model.save_adapter(folder))  # type: ignore[operator]
 
 
 def _cifar_images(x: torch.Tensor) -> torch.Tensor:

@@ -14,8 +14,8 @@ from fedsync.base.errors import ConfigError, ShareError
 from fedsync.base.logs import Log
 from fedsync.learning.device import DeviceFacts, choose_device
 from fedsync.learning.train import evaluate
-from fedsync.run.config import RunConfig, config_from_dict, load_data, test_examples
-from fedsync.run.start import task_record
+from fedsync.run.config import RunConfig, config_from_dict, load_data, on_this_machine, test_examples
+from fedsync.run.start import check_task, task_record
 from fedsync.storage.local import atomic_write
 from fedsync.storage.manifest import read_manifest
 from fedsync.storage.markers import Evaluation, FileRef, Manifest, Summary
@@ -101,19 +101,25 @@ def evaluate_round(share: Share, r: int | None, data_root: str | None, device: s
                   found.test_accuracy)
 
 
-def export_round(share: Share, r: int | None, out: Path) -> dict[str, str]:
+def export_round(share: Share, r: int | None, out: Path, base_model: str | None = None) -> dict[str, str]:
     """Write round r's model to `out` (a file of the user's, outside the share) as safetensors whose metadata says
-    what it is: task, model, round, test accuracy, the run and its config. Returns that metadata."""
+    what it is: task, model, round, test accuracy, the run and its config; or, for a task with its own layout
+    (causal_lm: PEFT's adapter folder, on this machine's `base_model`), `out` is that folder and the same metadata
+    goes into its fedsync.json. Returns that metadata."""
     found = round_model(share, r)
+    found.config = on_this_machine(found.config, base_model)
+    if found.manifest.task is not None:
+        check_task(found.manifest, found.config)  # another task version, layout or base: refused
     record = task_record(found.config)
-    if found.manifest.task is not None and record != found.manifest.task:
-        raise ConfigError(f"task {found.config.task!r} on this machine differs from the run's (layout "
-                          f"{record.layout[:12]} against {found.manifest.task.layout[:12]}): install the task the run "
-                          "was started with to export its model")
     metadata = {"task": found.config.task, "task_version": record.version, "layout": record.layout,
                 "model": found.config.model, "round": str(found.round), "run_id": found.manifest.run_id,
                 "test_accuracy": "" if found.test_accuracy is None else repr(found.test_accuracy),
                 "blake3": found.ref.blake3, "config": json.dumps(found.config.as_dict(), sort_keys=True)}
     metadata = {METADATA_PREFIX + k: v for k, v in metadata.items()}
+    task = found.config.resolved_task()
+    if task.export is not None:
+        task.export(found.model(), out)  # creates the folder
+        atomic_write(out / "fedsync.json", json.dumps(metadata, indent=2).encode())
+        return metadata
     atomic_write(out, state_bytes(found.state, metadata))
     return metadata
