@@ -54,7 +54,7 @@ def _loads_with_peft_as_the_readme_says(base: Path, folder: Path, state: dict[st
     ours.load_state_dict(state)
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, ours.eval()(ids).transpose(1, 2))
-        generated = model.generate(input_ids=ids, max_new_tokens=5, do_sample=False)
+        generated = model.generate(input_ids=ids, max_new_tokens=5, min_new_tokens=5, do_sample=False)
     assert generated.shape[1] == ids.shape[1] + 5
 
 
@@ -64,7 +64,8 @@ def test_three_workers_adapt_a_language_model_better_than_any_alone(share: Path,
     own = {t: write_texts(tmp_path / t, t) for t in TOPICS}
     coord = start("coordinator", "--share", str(share), "--config", "causal_lm", "--rounds", str(ROUNDS),
                   "--base-model", str(base), "--data", str(held), "--set", "min_workers=3", "--set",
-                  f"max_length={LENGTH}", "--set", f"local_epochs={EPOCHS}", "--set", f"lr={LR}")
+                  f"max_length={LENGTH}", "--set", f"local_epochs={EPOCHS}", "--set", f"lr={LR}",
+                  "--set", "federated_eval=0.25")
     workers = [start("worker", "--share", str(share), "--name", t, "--base-model", str(base), "--data", str(d),
                      "--device", "cpu", "--wait-for-run", "60") for t, d in own.items()]
     with killed_on_error(coord, *workers):
@@ -84,7 +85,11 @@ def test_three_workers_adapt_a_language_model_better_than_any_alone(share: Path,
     assert sum(v.numel() for v in state.values()) <= 0.02 * full
     summary = s.read_record(Summary, s.summary(ROUNDS))
     assert sorted(x.worker for x in summary.accepted) == sorted(TOPICS)
+    first = s.read_record(Summary, s.summary(1)).federated  # the initial model on the workers' own held-out text
+    assert first is not None and summary.federated is not None and 0 < summary.federated.loss < first.loss
     assert all(torch.isfinite(v).all() for v in state.values())
+    scored = run("eval", "--share", str(share), "--base-model", str(base), "--data", str(held), "--json")
+    assert scored.returncode == 0 and json.loads(scored.stdout)["test_loss"] == pytest.approx(losses[-1], rel=1e-4)
     exported = run("export", str(tmp_path / "adapter"), "--share", str(share), "--base-model", str(base))
     assert exported.returncode == 0 and (tmp_path / "adapter" / "adapter_model.safetensors").is_file(), exported
     _loads_with_peft_as_the_readme_says(base, tmp_path / "adapter", state)

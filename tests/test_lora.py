@@ -96,6 +96,19 @@ def test_training_the_adapters_with_fedsyncs_loop_lowers_the_loss(base: Path, tm
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
 
 
+def test_gradient_checkpointing_gives_the_same_gradients(base: Path, tmp_path: Path) -> None:
+    data = encode(read_records(write_texts(tmp_path / "t", "sailing", copies=1)), load_tokenizer(base), 24, print)
+    grads = []
+    for checkpointing in (False, True):
+        model = AdaptedLM(base, LoraSettings(dropout=0.0, gradient_checkpointing=checkpointing), seed=0).train()
+        model.load_state_dict({k: v + 0.01 for k, v in model.state_dict().items()})  # lora_B off zero
+        torch.nn.functional.cross_entropy(model(data.x), data.y).backward()
+        grads.append({n: p.grad.clone() for n, p in model.trained().items()})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6)
+
+
 def test_the_base_is_named_by_its_weights(base: Path, tmp_path: Path) -> None:
     same = base_hash(base)
     assert same == base_hash(base) and len(same) == 64

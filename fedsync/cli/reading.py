@@ -116,6 +116,7 @@ def eval_(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps: auto picks the best this machine "
                                              "has.", callback=check_device, metavar="DEVICE")] = defaults.DEVICE,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")] = False,
+    base_model: BaseModelOpt = None,
 ) -> None:
     """Evaluate round N's model (verified against its summary) on the task's test data on this machine: the same
     examples the coordinator evaluates on (its eval_samples), so it reproduces the run's test accuracy.
@@ -127,7 +128,7 @@ def eval_(
     from fedsync.base.logs import make_log
     from fedsync.run.trained import evaluate_round
 
-    scored = evaluate_round(share, round_, data_root, device, make_log("eval"))
+    scored = evaluate_round(share, round_, data_root, device, make_log("eval"), base_model)
     if as_json:
         typer.echo(json.dumps(asdict(scored), indent=2))
         return

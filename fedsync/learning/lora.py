@@ -29,6 +29,8 @@ class LoraSettings:
     dropout: float = 0.05
     target_modules: list[str] | None = None  # None: PEFT's defaults for the architecture (Llama, Qwen: q_proj and
                                              # v_proj; GPT-2: c_attn)
+    gradient_checkpointing: bool = False     # recompute the base's activations in the backward pass: less memory for
+                                             # longer texts or larger batches, about a third more compute
 
 
 def base_hash(folder: Path) -> str:
@@ -68,6 +70,8 @@ class AdaptedLM(nn.Module):
         if not (folder / "config.json").is_file():
             raise ConfigError(f"{folder} is not a Hugging Face model folder (no config.json)")
         base = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
+        if lora.gradient_checkpointing:  # non-reentrant: the frozen base's inputs need no gradient of their own
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         torch.manual_seed(seed)  # the same initial adapters on every machine
         config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                             target_modules=lora.target_modules, task_type="CAUSAL_LM")

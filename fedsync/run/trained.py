@@ -86,10 +86,12 @@ class Scored:
     recorded_accuracy: float | None  # what the coordinator measured for this round, for comparison
 
 
-def evaluate_round(share: Share, r: int | None, data_root: str | None, device: str, log: Log) -> Scored:
+def evaluate_round(share: Share, r: int | None, data_root: str | None, device: str, log: Log,
+                   base_model: str | None = None) -> Scored:
     """Round r's model on this machine's test data for the task (the coordinator's choice of examples:
-    `eval_samples`), on `device` (auto: the best this machine has)."""
+    `eval_samples`), on `device` (auto: the best this machine has); causal_lm on this machine's `base_model`."""
     found = round_model(share, r)
+    found.config = on_this_machine(found.config, base_model)
     choice = choose_device(device, DeviceFacts.probe())
     if choice.fallback:
         log(f"WARNING: evaluating on the CPU although a GPU is present: {choice.fallback}")
