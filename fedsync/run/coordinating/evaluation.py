@@ -73,6 +73,7 @@ class Evaluator:
         self.error: BaseException | None = None
         self.changed = threading.Condition()
         self.backoff = Backoff(log)
+        self.model: torch.nn.Module | None = None  # built once in the thread (a language model loads its base once)
         self.thread = threading.Thread(target=self._work, name="evaluation", daemon=True)
         self.thread.start()
 
@@ -118,10 +119,11 @@ class Evaluator:
         started = time.perf_counter()
         if state is None:
             state = self.backoff.run(lambda: load_verified(self.share, ref.file, ref), f"reading round {r}'s model")
-        model = self.task.build_model(self.cfg.model)
-        model.load_state_dict(state)
+        if self.model is None:
+            self.model = self.task.build_model(self.cfg.model)
+        self.model.load_state_dict(state)  # the whole state: nothing of the last round's model stays
         crash_point(f"coordinator:evaluating:{r}")
-        loss, accuracy = evaluate(model, self.test, self.cfg.eval_batch_size, self.device)
+        loss, accuracy = evaluate(self.model, self.test, self.cfg.eval_batch_size, self.device)
         result = Evaluation(format=FORMAT_VERSION, round=r, model=ref.blake3, test_accuracy=accuracy, test_loss=loss,
                             samples=len(self.test), seconds=round(time.perf_counter() - started, 3), device=self.device)
         self.backoff.run(lambda: self.share.write_yaml(self.share.evaluation(r), to_dict(result)),
