@@ -118,3 +118,5 @@ def test_the_base_is_named_by_its_weights(base: Path, tmp_path: Path) -> None:
         base_hash(tmp_path / "empty")
     with pytest.raises(ConfigError, match="not a Hugging Face model folder"):
         AdaptedLM(tmp_path, LoraSettings())
+    with pytest.raises(ConfigError, match="not a Hugging Face model folder"):
+        load_tokenizer(tmp_path / "absent")

@@ -20,6 +20,7 @@ from fedsync.base.errors import ConfigError
 from fedsync.storage.hashing import Hasher
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
+NEEDS_LLM = "the causal_lm task needs transformers and peft: pip install 'fedsync[llm]'"
 
 
 @dataclass(frozen=True)
@@ -51,8 +52,13 @@ def base_hash(folder: Path) -> str:
 
 
 def load_tokenizer(folder: Path) -> Any:
-    from transformers import AutoTokenizer
-
+    """The base model's own tokenizer, from its folder."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise ConfigError(NEEDS_LLM) from None
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"{folder} is not a Hugging Face model folder (no config.json)")
     return AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 
@@ -66,7 +72,7 @@ class AdaptedLM(nn.Module):
             from peft import LoraConfig, get_peft_model
             from transformers import AutoModelForCausalLM
         except ImportError:
-            raise ConfigError("the causal_lm task needs transformers and peft: pip install 'fedsync[llm]'") from None
+            raise ConfigError(NEEDS_LLM) from None
         if not (folder / "config.json").is_file():
             raise ConfigError(f"{folder} is not a Hugging Face model folder (no config.json)")
         base = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
