@@ -184,6 +184,22 @@ def test_an_update_whose_file_changed_after_it_was_read_no_longer_counts(tmp_pat
     agg.close()
 
 
+def test_an_update_written_again_with_the_same_bytes_still_counts(tmp_path: Path) -> None:
+    """A sync tool that delivers a file again after a partition heals (a new inode and time, the same bytes) does not
+    take an accepted update out: its bytes are still the ones its marker names."""
+    updates = {f"h{i}": _honest() for i in range(3)}
+    agg, _ = _take(tmp_path, updates)
+    time.sleep(0.01)
+    before = LocalStore(tmp_path).signature("h1.safetensors")
+    same = (tmp_path / "h1.safetensors").read_bytes()
+    (tmp_path / "h1.safetensors").unlink()
+    (tmp_path / "h1.safetensors").write_bytes(same)
+    assert LocalStore(tmp_path).signature("h1.safetensors") != before
+    assert at_close(agg, SCREENS, {"w": 5000}) == ([], False)
+    assert sorted(c.worker for c in agg.accepted) == ["h0", "h1", "h2"]
+    agg.close()
+
+
 def test_the_direction_over_a_large_model_is_measured_on_a_random_sample_of_whole_slices() -> None:
     rows = [{"w": DIRECTION.repeat(60) + torch.randn(300000, generator=G) * 0.5} for _ in range(4)]
     rows.append({"w": -5 * rows[0]["w"]})

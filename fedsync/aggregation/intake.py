@@ -27,7 +27,7 @@ from fedsync.storage import names
 from fedsync.storage.hashing import Hasher
 from fedsync.storage.reasons import Reason, Unusable
 from fedsync.storage.sealing import SealedReader, SealingIdentity, hash_rest
-from fedsync.storage.store import LinkRefused, Reader, Store, read_upto
+from fedsync.storage.store import LinkRefused, Reader, Signature, Store, read_upto
 from fedsync.storage.tensorfile import FileLayout, TensorSpec, check_layout, header_length, parse_header
 from fedsync.tensors.encoding import (
     BLOCK,
@@ -385,8 +385,9 @@ class Aggregator:
     def unchanged(self) -> list[Outcome]:
         """Take out each accepted update whose file changed or went away since it was read (a worker rewrote or
         removed it): the bytes that were verified are gone, and the rules that read the files again (slices) would
-        see others. FileNotFoundError when its round's folder is gone too: the share itself is away (unmounted),
-        which the caller waits out."""
+        see others. A file written again with the very bytes the marker names (a sync tool re-delivering it after a
+        partition heals: a new inode, the same content) still counts. FileNotFoundError when its round's folder is
+        gone too: the share itself is away (unmounted), which the caller waits out."""
         changed: dict[Candidate, Unusable] = {}
         for lane in self.lanes:
             for c in lane.accepted:
@@ -396,9 +397,23 @@ class Aggregator:
                 if now is None:
                     changed[c] = Unusable(Reason.MISSING_FILE, "its tensor file went away after it was accepted")
                 elif now != lane.signatures.get(c):
+                    if self._same_bytes(c, now):
+                        lane.signatures[c] = now
+                        continue
                     changed[c] = Unusable(Reason.DUPLICATE, "its tensor file changed after it was accepted: the "
                                                             "verified bytes are gone, so it no longer counts")
         return self.drop(changed) if changed else []
+
+    def _same_bytes(self, c: Candidate, signature: Signature) -> bool:
+        """Whether the file (as it is now, and still with `signature` after the read) holds the bytes its marker
+        names."""
+        hasher = Hasher()
+        try:
+            with self.store.open(c.name) as raw:
+                hash_rest(raw, hasher, 0, memoryview(bytearray(1 << 22)))
+        except OSError:
+            return False
+        return hasher.hexdigest() == c.ref.blake3 and self.store.signature(c.name) == signature
 
     def slices(self) -> UpdateSlices:
         """Aligned slices of every accepted file (clipped ones scaled), in the order of `accepted`."""
