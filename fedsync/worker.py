@@ -150,9 +150,6 @@ class Worker:
         self.recipient = sealing_recipient(manifest, coordinator_key)  # None: the run keeps plain updates
         self.budget = WorkerBudget(share, manifest.run_id, name, identity.public, self.cfg.worker_dp,
                                    self.cfg.batch_size) if self.cfg.worker_dp else None
-        problems = refusals(self.task.build_model(self.cfg.model)) if self.cfg.worker_dp else []
-        if problems:  # before registering: nothing written
-            raise ConfigError(f"worker_dp: Opacus cannot train model {self.cfg.model} privately: {problems[0]}")
         if self.cfg.worker_dp is not None:
             log(f"worker_dp: DP-SGD (Opacus) with noise multiplier {self.cfg.worker_dp.noise_multiplier:g}, each "
                 f"example's gradient clipped to {self.cfg.worker_dp.max_grad_norm:g}, in fp32 and eagerly; this "
@@ -177,6 +174,9 @@ class Worker:
         self.backoff = Backoff(log)
         self.plan = plan_capture(opts.capture, self.device, facts)
         self.model = self.task.build_model(self.cfg.model)  # kept for the worker's life: each round loads into it
+        problems = refusals(self.model) if self.cfg.worker_dp else []
+        if problems:  # before registering: nothing written
+            raise ConfigError(f"worker_dp: Opacus cannot train model {self.cfg.model} privately: {problems[0]}")
         self.captured: torch.nn.Module | None = None
         self.data = WorkerData(share, self.task, self.cfg, self.device)
         self.feedback = ErrorFeedback(residual_dir(), manifest.run_id, name, log)  # compression's residuals

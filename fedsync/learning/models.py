@@ -31,31 +31,32 @@ def build_model(name: str, num_classes: int, seed: int | None = None,
     return registry[name](num_classes)
 
 
-@register("digits_cnn")
-def digits_cnn(num_classes: int) -> nn.Module:
-    """A small CNN for 1x8x8 digits (about 0.15 M parameters), with BatchNorm to exercise buffer averaging."""
+def small_cnn(channels: int, num_classes: int, norm: Callable[[int], nn.Module] = nn.BatchNorm2d,
+              adaptive: bool = False) -> nn.Sequential:
+    """Two 3x3 convolutions (32 and 64 maps) with a norm layer after each, a 2x2 max-pool, then 1024 -> 128 -> classes;
+    `adaptive` brings the map to 4x4 first, so any image size fits (at 8x8 it changes nothing)."""
     return nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.Conv2d(channels, 32, 3, padding=1), norm(32), nn.ReLU(),
+        nn.Conv2d(32, 64, 3, padding=1), norm(64), nn.ReLU(),
         nn.MaxPool2d(2),
+        *([nn.AdaptiveAvgPool2d(4)] if adaptive else []),
         nn.Flatten(),
         nn.Linear(64 * 4 * 4, 128), nn.ReLU(),
         nn.Linear(128, num_classes),
     )
+
+
+@register("digits_cnn")
+def digits_cnn(num_classes: int) -> nn.Module:
+    """A small CNN for 1x8x8 digits (about 0.15 M parameters), with BatchNorm to exercise buffer averaging."""
+    return small_cnn(1, num_classes)
 
 
 @register("digits_cnn_gn")
 def digits_cnn_gn(num_classes: int) -> nn.Module:
     """digits_cnn with GroupNorm (8 groups) for BatchNorm: no statistics of the data in buffers, so differential
     privacy covers the whole model (Opacus's documented replacement)."""
-    return nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1), nn.GroupNorm(8, 32), nn.ReLU(),
-        nn.Conv2d(32, 64, 3, padding=1), nn.GroupNorm(8, 64), nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(64 * 4 * 4, 128), nn.ReLU(),
-        nn.Linear(128, num_classes),
-    )
+    return small_cnn(1, num_classes, lambda maps: nn.GroupNorm(8, maps))
 
 
 @register("digits_linear")
@@ -85,17 +86,8 @@ def resnet18_cifar(num_classes: int, channels: int = 3) -> nn.Module:
 
 
 def image_cnn(channels: int, num_classes: int) -> nn.Module:
-    """digits_cnn for any image size and channel count: an adaptive average pool brings the map to 4x4 (at 8x8 it
-    changes nothing)."""
-    return nn.Sequential(
-        nn.Conv2d(channels, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.AdaptiveAvgPool2d(4),
-        nn.Flatten(),
-        nn.Linear(64 * 4 * 4, 128), nn.ReLU(),
-        nn.Linear(128, num_classes),
-    )
+    """digits_cnn for any image size and channel count."""
+    return small_cnn(channels, num_classes, adaptive=True)
 
 
 def image_models(channels: int) -> dict[str, ModelFactory]:

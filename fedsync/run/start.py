@@ -25,12 +25,13 @@ def task_record(config: RunConfig) -> TaskRecord:
                       base=task.base_digest() if task.base_digest else None)
 
 
-def check_task(manifest: Manifest, config: RunConfig) -> None:
+def check_task(manifest: Manifest, config: RunConfig) -> TaskRecord:
     """Refuse, before anything is trained or written, a machine whose task is not the run's: another version of
-    the task, or a model of another layout, would train something the others do not."""
-    if manifest.task is None:
-        return  # a run from before task records: nothing to compare
+    the task, or a model of another layout or base, would train something the others do not. This machine's
+    record, which matches the run's."""
     mine = task_record(config)
+    if manifest.task is None:
+        return mine  # a run from before task records: nothing to compare
     if mine.base != manifest.task.base and mine.layout == manifest.task.layout:
         raise ConfigError(f"the base model at {config.base_model} is not run {manifest.run_id}'s: its weights hash to "
                           f"{(mine.base or '-')[:12]}, the run's base to {(manifest.task.base or '-')[:12]} (docs/"
@@ -41,6 +42,7 @@ def check_task(manifest: Manifest, config: RunConfig) -> None:
         raise ConfigError(f"task {config.task!r} on this machine differs from run {manifest.run_id}'s ({what}; layout "
                           f"{mine.layout[:12]} against {manifest.task.layout[:12]}): install the task the run was "
                           "started with on this machine")
+    return mine
 
 
 def check_privacy(config: RunConfig) -> None:

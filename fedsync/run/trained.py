@@ -15,7 +15,7 @@ from fedsync.base.logs import Log
 from fedsync.learning.device import DeviceFacts, choose_device
 from fedsync.learning.train import evaluate
 from fedsync.run.config import RunConfig, config_from_dict, load_data, on_this_machine, test_examples
-from fedsync.run.start import check_task, task_record
+from fedsync.run.start import check_task
 from fedsync.storage.local import atomic_write
 from fedsync.storage.manifest import read_manifest
 from fedsync.storage.markers import Evaluation, FileRef, Manifest, Summary
@@ -110,9 +110,7 @@ def export_round(share: Share, r: int | None, out: Path, base_model: str | None 
     goes into its fedsync.json. Returns that metadata."""
     found = round_model(share, r)
     found.config = on_this_machine(found.config, base_model)
-    if found.manifest.task is not None:
-        check_task(found.manifest, found.config)  # another task version, layout or base: refused
-    record = task_record(found.config)
+    record = check_task(found.manifest, found.config)  # another task version, layout or base: refused
     metadata = {"task": found.config.task, "task_version": record.version, "layout": record.layout,
                 "model": found.config.model, "round": str(found.round), "run_id": found.manifest.run_id,
                 "test_accuracy": "" if found.test_accuracy is None else repr(found.test_accuracy),
