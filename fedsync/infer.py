@@ -3,7 +3,8 @@
 Read top to bottom: resolve the model and open the inputs; write the job (the model, the inputs cut into chunks,
 job.yaml last), or find it there from an earlier start with the same arguments; then, until every chunk has a
 taken output, look at the live serving workers and the outputs that arrived, route the chunks (fedsync/run/
-routing.py) and rewrite plan.yaml; last, merge the outputs in the inputs' order into the user's files. This process
+routing.py) and rewrite plan.yaml; last, merge the outputs in the inputs' order into the user's files (for a task
+that writes text, the prompts' continuations). This process
 is the job's only writer of job.yaml, its chunks, its model and plan.yaml; killed at any point, it continues where
 the share says when started again.
 """
@@ -29,20 +30,22 @@ from fedsync.base.errors import ConfigError, ShareError, TrustError
 from fedsync.base.logs import Log, make_log
 from fedsync.learning.inputs import Inputs, open_inputs
 from fedsync.learning.tasks import Task
-from fedsync.run.config import RunConfig, config_from_dict
+from fedsync.run.config import RunConfig, config_from_dict, on_this_machine
 from fedsync.run.liveness import Liveness
 from fedsync.run.start import check_task, task_record
 from fedsync.run.submitting.jobs import (
     MAX_CHUNKS,
     SYNCING,
+    Output,
     OutputRefused,
     check_output,
     chunk_spans,
     default_chunk_rows,
+    prompt_chunk_rows,
     worker_keys,
     write_job,
 )
-from fedsync.run.submitting.predictions import Written, write_predictions
+from fedsync.run.submitting.predictions import Written, write_generations, write_predictions
 from fedsync.run.submitting.routing import route
 from fedsync.run.trained import round_model
 from fedsync.run.trust import read_trust
@@ -51,7 +54,15 @@ from fedsync.storage.hashing import hash_bytes
 from fedsync.storage.jobfiles import read_job, read_plan
 from fedsync.storage.locks import local_lock
 from fedsync.storage.manifest import finished, read_manifest
-from fedsync.storage.markers import FORMAT_VERSION, JobMarker, JobPlan, Manifest, OutputProblem, to_dict
+from fedsync.storage.markers import (
+    FORMAT_VERSION,
+    Generation,
+    JobMarker,
+    JobPlan,
+    Manifest,
+    OutputProblem,
+    to_dict,
+)
 from fedsync.storage.share import Share
 from fedsync.storage.trouble import Backoff
 from fedsync.storage.watch import ShareWatcher, changes_within
@@ -71,25 +82,34 @@ class InferOptions:
     watch: str = defaults.WATCH
     rescan: float = defaults.INFER_RESCAN_S
     log: Log | None = None
+    generation: Generation | None = None  # how prompts are continued (causal_lm); None: the defaults
+    base_model: str | None = None  # causal_lm: this machine's copy of the base model's folder
 
 
 def run_infer(opts: InferOptions) -> Written:
     share = opts.share
     log = opts.log or make_log("infer")
     manifest = read_manifest(share)
-    cfg = config_from_dict(manifest.config, share.where(share.manifest))
-    check_task(manifest, cfg)  # this machine builds the run's model, or refuses before writing
+    cfg = on_this_machine(config_from_dict(manifest.config, share.where(share.manifest)), opts.base_model)
     task = cfg.resolved_task()
+    writes_text = task.tokenizer is not None
+    if opts.generation is not None and not writes_text:
+        raise ConfigError(f"--max-new-tokens, --temperature and --top-p continue prompts: task {cfg.task}'s model "
+                          "answers with classes")
+    generation = (opts.generation or Generation()) if writes_text else None
+    if writes_text and opts.out.suffix != ".jsonl":
+        raise ConfigError(f"--out {opts.out}: task {cfg.task} writes text; give a JSON lines file (.jsonl)")
+    inputs = open_inputs(opts.inputs, task.input_shape, task.scale_images is not None, writes_text)
+    check_task(manifest, cfg)  # this machine builds the run's model, or refuses before writing
     model, model_source = _model(share, manifest, cfg, task, opts.model)
-    inputs = open_inputs(opts.inputs, task.input_shape, task.scale_images is not None)
     source = inputs.identity()
     model_hash = hash_bytes(model)
-    example_bytes = 4 * math.prod(task.input_shape)
-    chunk_rows = opts.chunk_rows or default_chunk_rows(inputs.rows, example_bytes)
+    chunk_rows = opts.chunk_rows or (prompt_chunk_rows(inputs.rows) if writes_text else
+                                     default_chunk_rows(inputs.rows, 4 * math.prod(task.input_shape)))
     if -(-inputs.rows // chunk_rows) > MAX_CHUNKS:
         raise ConfigError(f"--chunk-rows {chunk_rows} cuts {inputs.rows} inputs into more than {MAX_CHUNKS} chunks, "
                           f"more than job.yaml may list: give at least {-(-inputs.rows // MAX_CHUNKS)}")
-    name = opts.name or _default_name(opts.inputs, source, model_hash, chunk_rows)
+    name = opts.name or _default_name(opts.inputs, source, model_hash, chunk_rows, generation)
     lock = local_lock(share.identity, f"job-{name}")
     try:
         lock.acquire()
@@ -98,16 +118,17 @@ def run_infer(opts: InferOptions) -> Written:
     try:
         with ShareWatcher(share, opts.watch, list_store=False) as watcher:
             job = _job(share, name, manifest, cfg, model, model_source, model_hash, inputs, source, chunk_rows,
-                       opts.chunk_rows, log)
+                       opts.chunk_rows, generation, log)
             return Submitter(share, manifest, job, cfg, task, inputs, opts, watcher, log).drive()
     finally:
         lock.release()
 
 
-def _default_name(inputs: Path, source: str, model: str, chunk_rows: int) -> str:
+def _default_name(inputs: Path, source: str, model: str, chunk_rows: int, generation: Generation | None) -> str:
     """The inputs' name and 8 hex digits of what the job is: the same arguments give the same job."""
     stem = "".join(c if c.isalnum() or c in "._-" else "-" for c in inputs.stem)[:40].strip(".-_") or "job"
-    return f"{stem}-{hash_bytes(f'{source}/{model}/{chunk_rows}'.encode())[:8]}"
+    how = "" if generation is None else f"/{to_dict(generation)}"
+    return f"{stem}-{hash_bytes(f'{source}/{model}/{chunk_rows}{how}'.encode())[:8]}"
 
 
 def _model(share: Share, manifest: Manifest, cfg: RunConfig, task: Task, spec: str) -> tuple[bytes, str]:
@@ -136,13 +157,14 @@ def _model(share: Share, manifest: Manifest, cfg: RunConfig, task: Task, spec: s
 
 def _job(share: Share, name: str, manifest: Manifest, cfg: RunConfig, model: bytes, model_source: str,
          model_hash: str, inputs: Inputs, source: str, chunk_rows: int, asked_rows: int | None,
-         log: Log) -> JobMarker:
+         generation: Generation | None, log: Log) -> JobMarker:
     """The job in the share: the one an earlier start wrote with the same arguments, or a new one."""
     if share.exists(names.job_marker(name)):
         job = read_job(share, name)
         differs = [what for what, same in (("run", job.run_id == manifest.run_id), ("inputs", job.source == source),
                                            ("model", job.model.blake3 == model_hash),
-                                           ("chunk rows", asked_rows in (None, job.chunk_rows)))
+                                           ("chunk rows", asked_rows in (None, job.chunk_rows)),
+                                           ("generation", job.generation == generation))
                    if not same]
         if differs:
             raise ConfigError(f"job {name} in {share.where()} was submitted with another {', '.join(differs)}: run "
@@ -153,7 +175,7 @@ def _job(share: Share, name: str, manifest: Manifest, cfg: RunConfig, model: byt
         f"model {model_source}")
     return Backoff(log).run(lambda: write_job(
         share, name, manifest.run_id, task_record(cfg), cfg.model, model, model_source, inputs, source, chunk_rows,
-        _cutting(name, log)), f"writing job {name}")
+        _cutting(name, log), generation), f"writing job {name}")
 
 
 def _cutting(name: str, log: Log) -> Callable[[int, int], None]:
@@ -336,25 +358,30 @@ class Submitter:
         file written, and the chunk pending again) when one no longer checks out."""
         keys = self._keys()
         started = time.perf_counter()
-        spans = chunk_spans(self.job)
         classes = self.task.num_classes
         at = [0]  # the chunk being merged: the one whose output no longer checks out, if one does not
 
-        def merged() -> Iterator[tuple[list[str], torch.Tensor, dict[int, str]]]:
-            for chunk, (start, stop) in enumerate(spans):
+        def outputs() -> Iterator[tuple[list[str], Output, dict[int, str]]]:
+            for chunk, (start, stop) in enumerate(chunk_spans(self.job)):
                 at[0] = chunk
                 out = check_output(self.share, self.job, chunk, self.done[chunk], keys, classes)
                 problems = {f.row: f.reason for f in out.marker.failed}
-                logits = out.logits
-                if logits is None:
-                    logits = torch.full((stop - start, classes), float("nan"))
+                if out.logits is None and out.texts is None:
                     problems = {i: out.marker.error or "" for i in range(stop - start)}
-                yield self.inputs.ids_of(start, stop), logits, problems
+                yield self.inputs.ids_of(start, stop), out, problems
+
+        def logits() -> Iterator[tuple[list[str], torch.Tensor, dict[int, str]]]:
+            for ids, out, problems in outputs():
+                yield ids, out.logits if out.logits is not None else torch.full((len(ids), classes), math.nan), \
+                    problems
 
         metadata = {"fedsync.job": self.job.job, "fedsync.model": self.job.model.blake3,
                     "fedsync.model_source": self.job.model_source, "fedsync.run_id": self.job.run_id}
         try:
-            written = write_predictions(self.opts.out, self.job.rows, classes, metadata, merged())
+            written = write_generations(self.opts.out, self.job.rows, ((ids, out.texts, problems)
+                                                                        for ids, out, problems in outputs())) \
+                if self.job.inputs == "prompts" else \
+                write_predictions(self.opts.out, self.job.rows, classes, metadata, logits())
         except OutputRefused as e:
             chunk = at[0]
             self.log(f"job {self.job.job}: the taken output of {self.done[chunk]} for chunk {chunk} changed since "
@@ -362,6 +389,7 @@ class Submitter:
             del self.done[chunk]
             return None
         by = ", ".join(f"{w} {len(cs)}" for w, cs in sorted(self._taken().items()))
-        self.log(f"job {self.job.job}: all {len(self.rows)} chunks done (by worker: {by}); wrote {written.csv} and "
-                 f"{written.logits} in {time.perf_counter() - started:.2f} s")
+        files = written.out if written.beside is None else f"{written.out} and {written.beside}"
+        self.log(f"job {self.job.job}: all {len(self.rows)} chunks done (by worker: {by}); wrote {files} in "
+                 f"{time.perf_counter() - started:.2f} s")
         return written

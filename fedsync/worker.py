@@ -182,7 +182,7 @@ class Worker:
         self.feedback = ErrorFeedback(residual_dir(), manifest.run_id, name, log)  # compression's residuals
         self.server: Server | None = None
         if opts.serve:
-            self.server = Server(share, name, identity, self.task, task_record(self.cfg), manifest.run_id,
+            self.server = Server(share, name, identity, self.task, task_record(self.cfg), manifest.run_id, self.model,
                                  Device(self.device, self.precision, self._settings(1, None).channels_last,
                                         self.cfg.eval_batch_size), log, self.heartbeat.note)
 
@@ -202,10 +202,10 @@ class Worker:
             speed = measure_throughput(self.model, sample, self._settings(self.cfg.local_epochs, None), self.device,
                                        captured=self.captured)
             self.heartbeat.info = replace(self.heartbeat.info, samples_per_s=round(speed, 1))
-        if self.server is not None:  # jobs are first routed by it; then by each chunk it runs
-            speed = measure_inference(self.task.build_model(self.cfg.model), self.task.input_shape,
-                                      self.cfg.eval_batch_size, self.device, self.precision)
-            self.heartbeat.info = replace(self.heartbeat.info, serves=True, infer_samples_per_s=round(speed, 1))
+        if self.server is not None:  # jobs are first routed by it (prompts: by the chunks it runs); then by each chunk
+            speed = None if self.task.tokenizer is not None else round(measure_inference(
+                self.model, self.task.input_shape, self.cfg.eval_batch_size, self.device, self.precision), 1)
+            self.heartbeat.info = replace(self.heartbeat.info, serves=True, infer_samples_per_s=speed)
         self.heartbeat.start()
         self.log(f"watching the share by {self.watcher.describe}")
         speed_note = f", {self.heartbeat.info.samples_per_s:.0f} samples/s" if self.heartbeat.info.samples_per_s else ""

@@ -14,6 +14,7 @@ import torch
 from fedsync.learning.lora import AdaptedLM, LoraSettings, load_tokenizer
 from fedsync.learning.text import encode, read_records
 from fedsync.learning.train import TrainSettings, evaluate, local_train
+from fedsync.storage.jobfiles import list_jobs, read_plan
 from fedsync.storage.markers import Evaluation, FinalMarker, Summary
 from fedsync.storage.share import Share
 from fedsync.tensors.files import load_verified
@@ -58,6 +59,58 @@ def _loads_with_peft_as_the_readme_says(base: Path, folder: Path, state: dict[st
     assert generated.shape[1] == ids.shape[1] + 5
 
 
+def _generated_with_peft(base: Path, folder: Path, prompts: list[str], new: int) -> list[str]:
+    """Each prompt continued greedily, one at a time, by PEFT's own model on the exported adapter."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder).eval()
+    texts = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"][:, -LENGTH:]
+        with torch.no_grad():
+            made = model.generate(input_ids=ids, max_new_tokens=new, do_sample=False,
+                                  pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:].tolist()
+        if tokenizer.eos_token_id in made:
+            made = made[:made.index(tokenizer.eos_token_id)]
+        texts.append(tokenizer.decode(made, skip_special_tokens=True))
+    return texts
+
+
+def _continued_by_serving_workers(share: Path, base: Path, data: Path, adapter: Path, tmp_path: Path) -> None:
+    """`fedsync infer` with prompts: two serving workers continue them with the run's adapters, the same text
+    PEFT writes; a long prompt's cut is counted, a chat prompt answered, a bad line refused before anything is
+    written."""
+    prompts = ["water the", "tack the boat", "season the soup with salt and pepper " * 6]
+    lines = [json.dumps({"prompt": p, "id": f"p{i}"}) for i, p in enumerate(prompts)]
+    lines += [json.dumps({"messages": [{"role": "user", "content": "tell me"}]}), ""]  # a chat; a blank line
+    (tmp_path / "prompts.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "bad.jsonl").write_text(lines[0] + "\n{not json\n")
+    s = Share(share)
+    bad = run("infer", "--share", str(share), "--inputs", str(tmp_path / "bad.jsonl"), "--out",
+              str(tmp_path / "bad-out.jsonl"), "--base-model", str(base))
+    assert bad.returncode != 0 and "bad.jsonl:2: not JSON" in bad.stderr, bad.stdout + bad.stderr
+    assert not s.exists("jobs") or not list_jobs(s)
+    workers = [start("worker", "--share", str(share), "--name", f"serve{i}", "--base-model", str(base), "--data",
+                     str(data), "--device", "cpu", "--serve") for i in (1, 2)]
+    with killed_on_error(*workers):
+        done = run("infer", "--share", str(share), "--inputs", str(tmp_path / "prompts.jsonl"), "--out",
+                   str(tmp_path / "out.jsonl"), "--base-model", str(base), "--max-new-tokens", "6",
+                   "--chunk-rows", "2", timeout=180)
+        for w in workers:
+            w.terminate()
+        logs = "".join(finish(w, timeout=30) for w in workers)
+    assert done.returncode == 0 and "continued 4 prompts" in done.stdout, done.stdout + done.stderr + logs
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in rows] == [0, 1, 2, 3] and [r["id"] for r in rows] == ["p0", "p1", "p2", "3"]
+    assert [r["generation"] for r in rows[:3]] == _generated_with_peft(base, adapter, prompts, 6)
+    assert all(r["problem"] is None and 0 <= r["tokens"] <= 6 for r in rows) and rows[0]["tokens"] > 0, rows
+    assert rows[2]["prompt_tokens_dropped"] > 0 and rows[0]["prompt_tokens_dropped"] == 0
+    plan = read_plan(s, list_jobs(s)[0])
+    assert plan is not None and plan.state == "done" and not plan.problems
+
+
 def test_three_workers_adapt_a_language_model_better_than_any_alone(share: Path, tmp_path: Path) -> None:
     base, other = make_base(tmp_path / "base"), make_base(tmp_path / "other", seed=1)
     held = _held_out(tmp_path / "held")
@@ -93,6 +146,7 @@ def test_three_workers_adapt_a_language_model_better_than_any_alone(share: Path,
     exported = run("export", str(tmp_path / "adapter"), "--share", str(share), "--base-model", str(base))
     assert exported.returncode == 0 and (tmp_path / "adapter" / "adapter_model.safetensors").is_file(), exported
     _loads_with_peft_as_the_readme_says(base, tmp_path / "adapter", state)
+    _continued_by_serving_workers(share, base, own["cooking"], tmp_path / "adapter", tmp_path)
     refused = run("worker", "--share", str(share), "--name", "intruder", "--base-model", str(other), "--data",
                   str(own["cooking"]), "--device", "cpu", "--wait-for-run", "10", timeout=60)
     assert refused.returncode == 3 and "is not run" in refused.stderr + refused.stdout, refused

@@ -169,15 +169,19 @@ def worker(
                              memory_budget=None if data_memory is None else int(data_memory * 2**20)))
 
 
-@app.command(short_help="Predict your inputs with the run's model on the serving workers.")
+@app.command(short_help="Predict your inputs (or continue your prompts) with the run's model on the serving workers.")
 def infer(
     inputs: Annotated[Path, typer.Option(
         "--inputs", help="A safetensors file with a float tensor x shaped (N, *the model's input) and optionally "
                          "integer ids (N), or a folder of image files (any depth; the task's transform is applied on "
-                         "the workers). Read chunk by chunk, never whole.", metavar="FILE|DIR")],
+                         "the workers). causal_lm: a JSON lines file of prompts, one {\"prompt\": TEXT} or "
+                         "{\"messages\": [{role, content}, ...]} per line, each with an optional id. Read chunk by "
+                         "chunk, never whole.", metavar="FILE|DIR")],
     out: Annotated[Path, typer.Option(
         "--out", help="The CSV to write: index, id, class, probability, and why an input could not be predicted; "
-                      "the full logits go beside it (OUT with .safetensors).", metavar="FILE.csv")],
+                      "the full logits go beside it (OUT with .safetensors). causal_lm: a JSON lines file, one "
+                      "object per prompt: index, id, generation, tokens, prompt_tokens_dropped, problem.",
+        metavar="FILE.csv|FILE.jsonl")],
     share: ShareOpt = defaults.SHARE,  # type: ignore[assignment]
     model: Annotated[str, typer.Option(
         help="final (the run's final model), N (closed round N's model) or a model file written by `fedsync "
@@ -187,19 +191,36 @@ def infer(
              "chunk size, so the same command continues the same job.", metavar="JOB")] = None,
     chunk_rows: Annotated[int | None, typer.Option(
         "--chunk-rows", min=1, help="Inputs per chunk, the unit a worker takes. Default: about 4 MiB of inputs, at "
-                                    "least 64 chunks when there are enough inputs.", metavar="N")] = None,
+                                    "least 64 chunks when there are enough inputs; prompts: 32.", metavar="N")] = None,
+    base_model: BaseModelOpt = None,
+    max_new_tokens: Annotated[int | None, typer.Option(
+        "--max-new-tokens", min=1, max=65536, help="causal_lm: tokens to generate at most per prompt (it stops "
+                                                   "earlier at the end-of-text token). Default: 128.",
+        metavar="N")] = None,
+    temperature: Annotated[float | None, typer.Option(
+        min=0.0, help="causal_lm: 0 (the default) takes the most likely token each step, the same text on every "
+                      "worker; above 0 samples, seeded per chunk (--seed).", metavar="T")] = None,
+    top_p: Annotated[float | None, typer.Option(
+        "--top-p", min=0.0, max=1.0, help="causal_lm, sampling: draw from the smallest set of "
+                                                          "tokens holding this much probability. Default: 1.",
+        metavar="P")] = None,
+    seed: Annotated[int | None, typer.Option(
+        help="causal_lm, sampling: chunk c samples from SEED + c on whichever worker runs it. Default: 0.",
+        metavar="SEED")] = None,
     watch: WatchOpt = defaults.WATCH,
     log_json: LogJsonOpt = False,
 ) -> None:
     """Submit an inference job to SHARE and drive it to the end: the workers started with `--serve` run its chunks
     (fast machines take more; a worker that stops heartbeating loses its chunks to the others), and the predictions
     are merged in the inputs' order into OUT. Stopped and started again with the same arguments, it continues the
-    job.
+    job. For causal_lm the workers continue each prompt with the run's adapters on their own base model, and this
+    machine needs the base too (--base-model), as `fedsync eval` and `export` do.
 
     Example: fedsync infer --share /mnt/fed --inputs test.safetensors --out preds.csv
     """
     from fedsync.base.logs import make_log
     from fedsync.infer import InferOptions, run_infer
+    from fedsync.storage.markers import Generation, MarkerError
     from fedsync.storage.names import check_job_name
 
     if name is not None:
@@ -210,11 +231,21 @@ def infer(
     if out.suffix == ".safetensors":
         raise typer.BadParameter("is the CSV; the logits are written beside it, as OUT with .safetensors",
                                  param_hint="--out")
+    asked = {k: v for k, v in (("max_new_tokens", max_new_tokens), ("temperature", temperature), ("top_p", top_p),
+                               ("seed", seed)) if v is not None}
+    try:
+        generation = Generation(**asked) if asked else None
+    except MarkerError as e:
+        raise typer.BadParameter(str(e)) from None
     written = run_infer(InferOptions(share=share, inputs=inputs, out=out, model=model, name=name,
-                                     chunk_rows=chunk_rows, watch=check_watch(watch),
-                                     log=make_log("infer", log_json)))
-    failed = f"; {written.failed} could not be predicted (see the problem column)" if written.failed else ""
-    typer.echo(f"predicted {written.rows} inputs: {written.csv}, logits in {written.logits}{failed}")
+                                     chunk_rows=chunk_rows, watch=check_watch(watch), generation=generation,
+                                     base_model=base_model, log=make_log("infer", log_json)))
+    if written.beside is None:
+        failed = f"; {written.failed} could not be continued (see their problem)" if written.failed else ""
+        typer.echo(f"continued {written.rows} prompts: {written.out}{failed}")
+    else:
+        failed = f"; {written.failed} could not be predicted (see the problem column)" if written.failed else ""
+        typer.echo(f"predicted {written.rows} inputs: {written.out}, logits in {written.beside}{failed}")
 
 
 @app.command(short_help="Approve a worker's key so that its updates count.")

@@ -1,6 +1,6 @@
 """An inference job's inputs on the submitting machine, read in chunks and never whole: a safetensors file with a
-tensor `x` (and optionally `ids`), or a folder of image files. Larger than memory is fine: each chunk is read from
-the file when it is cut."""
+tensor `x` (and optionally `ids`), a folder of image files, or a JSON lines file of prompts (for a task that writes
+text). Larger than memory is fine: each chunk is read from the file when it is cut."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 
 from fedsync.base.errors import DataError
 from fedsync.learning.imagefolder import EXTENSIONS
+from fedsync.learning.text import prompt_record
 from fedsync.storage.hashing import Hasher, hash_bytes
 from fedsync.storage.reasons import Unusable
 from fedsync.storage.tensorfile import ITEMSIZE, header_length, parse_header
@@ -36,12 +37,7 @@ class TensorInputs:
     kind = "tensors"
 
     def identity(self) -> str:
-        """BLAKE3 of the file's bytes, read in pieces."""
-        h = Hasher()
-        with open(self.path, "rb") as f:
-            while piece := f.read(HASH_PIECE):
-                h.update(piece)
-        return h.hexdigest()
+        return _file_hash(self.path)
 
     def chunk(self, start: int, stop: int) -> dict[str, torch.Tensor]:
         """Inputs start..stop-1 as float32, read from the file alone."""
@@ -82,22 +78,52 @@ class ImageInputs:
 
     def chunk(self, start: int, stop: int) -> dict[str, torch.Tensor]:
         """The files' bytes, one after another (`bytes`), and where each begins and ends (`offsets`, N + 1)."""
-        blobs = [(self.path / name).read_bytes() for name in self.files[start:stop]]
-        offsets = np.cumsum([0] + [len(b) for b in blobs])
-        joined = b"".join(blobs)
-        data = torch.frombuffer(bytearray(joined), dtype=torch.uint8) if joined else torch.zeros(0, dtype=torch.uint8)
-        return {"bytes": data, "offsets": torch.from_numpy(offsets.astype(np.int64))}
+        return joined([(self.path / name).read_bytes() for name in self.files[start:stop]])
 
     def ids_of(self, start: int, stop: int) -> list[str]:
         return list(self.files[start:stop])
 
 
-Inputs = TensorInputs | ImageInputs
+@dataclass(frozen=True)
+class PromptInputs:
+    """A JSON lines file of prompts, one per non-blank line, each checked when the file is opened; chunks hold
+    the lines' bytes as they are in the file."""
+
+    path: Path
+    spans: np.ndarray  # (rows, 2): where each prompt's line starts and ends in the file
+    kind = "prompts"
+
+    @property
+    def rows(self) -> int:
+        return len(self.spans)
+
+    def identity(self) -> str:
+        return _file_hash(self.path)
+
+    def _lines(self, start: int, stop: int) -> list[bytes]:
+        first, last = int(self.spans[start, 0]), int(self.spans[stop - 1, 1])
+        with open(self.path, "rb") as f:
+            f.seek(first)
+            data = f.read(last - first)
+        return [data[a - first:b - first] for a, b in self.spans[start:stop].tolist()]
+
+    def chunk(self, start: int, stop: int) -> dict[str, torch.Tensor]:
+        """The prompts' lines one after another (`bytes`) and where each begins and ends (`offsets`, N + 1)."""
+        return joined(self._lines(start, stop))
+
+    def ids_of(self, start: int, stop: int) -> list[str]:
+        """Each prompt's `id`, else its index."""
+        return [str(prompt_record(line).get("id", start + i)) for i, line in enumerate(self._lines(start, stop))]
 
 
-def open_inputs(path: Path, input_shape: tuple[int, ...], takes_images: bool) -> Inputs:
+Inputs = TensorInputs | ImageInputs | PromptInputs
+
+
+def open_inputs(path: Path, input_shape: tuple[int, ...], takes_images: bool, takes_prompts: bool = False) -> Inputs:
     """The inputs at `path`, checked against the task's input shape before anything is cut: a DataError that says
     what is wrong, never a surprise in the middle of a job."""
+    if takes_prompts:
+        return _prompt_inputs(path)
     if path.is_dir():
         if not takes_images:
             raise DataError(f"{path} is a folder of images, and the run's task takes no image files: give a "
@@ -110,6 +136,55 @@ def open_inputs(path: Path, input_shape: tuple[int, ...], takes_images: bool) ->
     if not path.is_file():
         raise DataError(f"inputs {path} do not exist: give a safetensors file with a tensor x, or a folder of images")
     return _tensor_inputs(path, input_shape)
+
+
+def joined(blobs: list[bytes]) -> dict[str, torch.Tensor]:
+    """Byte strings as one U8 tensor `bytes` and their bounds `offsets` (I64, N + 1): how chunks and outputs carry
+    files and text (docs/PROTOCOL.md section 5.14)."""
+    offsets = np.cumsum([0] + [len(b) for b in blobs])
+    data = b"".join(blobs)
+    tensor = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
+    return {"bytes": tensor, "offsets": torch.from_numpy(offsets.astype(np.int64))}
+
+
+def split(data: torch.Tensor, offsets: torch.Tensor, rows: int) -> list[bytes] | None:
+    """The byte strings `joined` made, or None when the offsets do not cut `data` into `rows` of them."""
+    bounds = offsets.tolist()
+    if (data.dtype != torch.uint8 or offsets.dtype != torch.int64 or len(bounds) != rows + 1 or bounds[0] != 0
+            or bounds[-1] != len(data) or any(b > a for a, b in zip(bounds[1:], bounds))):
+        return None
+    raw = data.numpy().tobytes()
+    return [raw[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def _file_hash(path: Path) -> str:
+    """BLAKE3 of a file's bytes, read in pieces."""
+    h = Hasher()
+    with open(path, "rb") as f:
+        while piece := f.read(HASH_PIECE):
+            h.update(piece)
+    return h.hexdigest()
+
+
+def _prompt_inputs(path: Path) -> PromptInputs:
+    if not path.is_file():
+        raise DataError(f"prompts {path} do not exist: the run's task writes text; give a JSON lines file, one "
+                        '{"prompt": ...} or {"messages": [...]} per line')
+    spans = []
+    with open(path, "rb") as f:
+        at = 0
+        for number, line in enumerate(f, 1):
+            body = line.rstrip(b"\r\n")
+            if body.strip():
+                try:
+                    prompt_record(body)
+                except ValueError as e:
+                    raise DataError(f"{path}:{number}: {e}") from None
+                spans.append((at, at + len(body)))
+            at += len(line)
+    if not spans:
+        raise DataError(f"{path} holds no prompt: one JSON object per line, with `prompt` or `messages`")
+    return PromptInputs(path, np.array(spans, dtype=np.int64))
 
 
 def _tensor_inputs(path: Path, input_shape: tuple[int, ...]) -> TensorInputs:

@@ -15,11 +15,13 @@ the run records the task's version and model layout so that a machine with anoth
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -91,6 +93,8 @@ class Task:
     # every machine of the run must hold (causal_lm); None: no such base
     export: Callable[[nn.Module, Path], None] | None = None  # writes a trained model into a folder in its library's
     # own layout (causal_lm: PEFT's adapter folder); None: `fedsync export` writes one safetensors file
+    tokenizer: Callable[[], Any] | None = None  # the base model's tokenizer, for inference jobs of prompts whose
+    # continuations the model writes (causal_lm); None: the task's jobs are tensors or images, answered by logits
 
     @property
     def private(self) -> bool:
@@ -257,7 +261,8 @@ def _language_task(task: Task, settings: TaskSettings) -> Task:
 
     return replace(task, input_shape=(lm.max_length,), models={"lora": lambda _: AdaptedLM(base(), lm.lora)},
                    own_data=own, base_digest=lambda: base_hash(base()),
-                   export=lambda model, folder: model.save_adapter(folder))  # type: ignore[operator]
+                   export=lambda model, folder: model.save_adapter(folder),  # type: ignore[operator]
+                   tokenizer=functools.cache(lambda: load_tokenizer(base())))
 
 
 def _cifar_images(x: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,10 @@ model's own chat template). Every example becomes `max_length` token ids and the
 training loop's cross-entropy over (batch, vocabulary, positions) is the language-modelling loss.
 
 Nothing is dropped silently: a line that is not JSON or holds neither field stops the load with its file and line;
-texts longer than `max_length` tokens are truncated and counted in the note."""
+texts longer than `max_length` tokens are truncated and counted in the note.
+
+Prompts for `fedsync infer` are JSON lines too: `prompt` (a string the model continues) or `messages` (a chat the
+model answers, rendered with the chat template's generation prompt), and optionally an `id`."""
 
 from __future__ import annotations
 
@@ -43,6 +46,19 @@ def read_records(folder: Path) -> list[dict[str, Any]]:
     return records
 
 
+def prompt_record(line: bytes | str) -> dict[str, Any]:
+    """One prompt line, checked: a ValueError says what is wrong with it."""
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"not JSON ({e}); each line must be one JSON object") from None
+    if not isinstance(record, dict) or not (isinstance(record.get("prompt"), str) or _is_chat(record)):
+        raise ValueError("holds neither `prompt` (a string) nor `messages` (a list of {role, content})")
+    if "id" in record and not isinstance(record["id"], (str, int)):
+        raise ValueError("its `id` is neither a string nor an integer")
+    return record
+
+
 def _is_chat(record: dict[str, Any]) -> bool:
     messages = record.get("messages")
     return isinstance(messages, list) and bool(messages) and all(
@@ -63,6 +79,17 @@ def token_ids(record: dict[str, Any], tokenizer: Any) -> list[int]:
     if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
         ids.append(tokenizer.eos_token_id)
     return ids
+
+
+def prompt_ids(record: dict[str, Any], tokenizer: Any) -> list[int]:
+    """A prompt's token ids, as training saw such text begin: its `prompt` with the tokenizer's own special tokens
+    (no end-of-text: the model goes on), or its chat rendered with the template's generation prompt."""
+    if "messages" in record:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("a chat prompt (`messages`), and the base model's tokenizer has no chat template")
+        rendered = tokenizer.apply_chat_template(record["messages"], tokenize=False, add_generation_prompt=True)
+        return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(record["prompt"])["input_ids"])
 
 
 def encode(records: list[dict[str, Any]], tokenizer: Any, max_length: int,

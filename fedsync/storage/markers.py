@@ -363,6 +363,23 @@ class ChunkRef(FileRef):
             raise MarkerError(f"rows: {self.rows} (a chunk holds at least one input)")
 
 
+@dataclass(frozen=True)
+class Generation:
+    """How a job's prompts are continued (inputs: prompts); the same on every worker."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0: greedy, the most likely token each step
+    top_p: float = 1.0        # sampling only: the smallest set of tokens holding this much probability
+    seed: int = 0             # sampling only: chunk c samples from seed + c, whichever worker runs it
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_new_tokens <= 65536:
+            raise MarkerError(f"max_new_tokens: {self.max_new_tokens} is not between 1 and 65536")
+        if not (self.temperature >= 0 and 0 < self.top_p <= 1):
+            raise MarkerError(f"temperature {self.temperature} (>= 0) or top_p {self.top_p} (in (0, 1]) is out "
+                              "of range")
+
+
 @dataclass
 class JobMarker:
     """jobs/<job>/job.yaml: the job exists once this exists and the files it names have their hashes. Written once,
@@ -375,16 +392,19 @@ class JobMarker:
     model_name: str        # the task's model the weights are loaded into
     model: FileRef         # model.safetensors beside it
     model_source: str      # what the submitter asked for (final, round N, a file): informational
-    inputs: str            # tensors (chunks hold `x`) | images (chunks hold `bytes` and `offsets`)
+    inputs: str            # tensors (chunks hold `x`) | images | prompts (chunks hold `bytes` and `offsets`)
     source: str            # BLAKE3 of the inputs' identity: the file's bytes, or the image folder's listing
     rows: int              # inputs in all
     chunk_rows: int        # inputs per chunk (the last may hold fewer)
     chunks: list[ChunkRef]
     created_at: str | None = None  # UTC, for people
+    generation: Generation | None = None  # inputs: prompts only
 
     def __post_init__(self) -> None:
-        if self.inputs not in ("tensors", "images"):
-            raise MarkerError(f"inputs: {self.inputs!r} is not tensors or images")
+        if self.inputs not in ("tensors", "images", "prompts"):
+            raise MarkerError(f"inputs: {self.inputs!r} is not tensors, images or prompts")
+        if (self.generation is None) != (self.inputs != "prompts"):
+            raise MarkerError("generation: given for prompts, and only for them")
         if sum(c.rows for c in self.chunks) != self.rows:
             raise MarkerError(f"chunks hold {sum(c.rows for c in self.chunks)} inputs, rows says {self.rows}")
 
@@ -423,7 +443,7 @@ class JobPlan:
 @dataclass
 class FailedRow:
     row: int     # the input's place in its chunk, from 0
-    reason: str  # non_finite | unreadable_image
+    reason: str  # non_finite | unreadable_image | bad_prompt
 
 
 @dataclass
@@ -437,7 +457,8 @@ class OutputMarker:
     worker: str
     inputs: str            # the chunk's BLAKE3, from job.yaml
     model: str             # the job model's BLAKE3
-    outputs: FileRef | None  # <chunk>.<worker>.safetensors: `logits`, rows x classes, float32; None with `error`
+    outputs: FileRef | None  # <chunk>.<worker>.safetensors: `logits` (rows x classes, float32), or for prompts the
+                             # texts (`bytes`, `offsets`, `tokens`, `dropped`); None with `error`
     rows: int
     failed: list[FailedRow] = dataclasses.field(default_factory=list)  # inputs it could not predict (NaN logits)
     error: str | None = None  # why no input of the chunk could be predicted (wrong shape for the model, ...)

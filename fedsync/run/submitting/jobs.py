@@ -17,13 +17,15 @@ import torch
 from safetensors.torch import load as st_load
 
 from fedsync.base.clock import utc_stamp
-from fedsync.learning.inputs import Inputs, cut
+from fedsync.learning.generate import Continued
+from fedsync.learning.inputs import Inputs, cut, split
 from fedsync.storage import names
 from fedsync.storage.hashing import hash_bytes
 from fedsync.storage.markers import (
     FORMAT_VERSION,
     ChunkRef,
     FileRef,
+    Generation,
     JobMarker,
     OutputMarker,
     TaskRecord,
@@ -54,9 +56,15 @@ def default_chunk_rows(rows: int, example_bytes: int) -> int:
     return max(min(by_size, spread), -(-rows // MAX_CHUNKS))
 
 
+def prompt_chunk_rows(rows: int) -> int:
+    """Chunks of 32 prompts (a language model takes seconds for each batch of them), fewer when the job is small
+    enough that 8 chunks still spread it over the workers, and few enough for job.yaml."""
+    return max(min(32, -(-rows // 8)), -(-rows // MAX_CHUNKS))
+
+
 def write_job(share: Share, job: str, run_id: str, task: TaskRecord, model_name: str, model: bytes,
               model_source: str, inputs: Inputs, source: str, chunk_rows: int,
-              progress: Callable[[int, int], None]) -> JobMarker:
+              progress: Callable[[int, int], None], generation: Generation | None = None) -> JobMarker:
     """Write a job's files: the model, each chunk of the inputs as it is read (never all of them in memory), then
     job.yaml, last. Rewriting after a crash is safe: nothing counts before job.yaml exists."""
     share.make_folder(names.job_dir(job))
@@ -71,24 +79,28 @@ def write_job(share: Share, job: str, run_id: str, task: TaskRecord, model_name:
         progress(i + 1, len(spans))
     marker = JobMarker(format=FORMAT_VERSION, job=job, run_id=run_id, task=task, model_name=model_name,
                        model=model_ref, model_source=model_source, inputs=inputs.kind, source=source,
-                       rows=inputs.rows, chunk_rows=chunk_rows, chunks=chunks, created_at=utc_stamp())
+                       rows=inputs.rows, chunk_rows=chunk_rows, chunks=chunks, created_at=utc_stamp(),
+                       generation=generation)
     share.write_yaml(names.job_marker(job), to_dict(marker))  # last: the job exists from here
     return marker
 
 
 @dataclass(frozen=True)
 class Output:
-    """A checked output: its marker and its logits (rows x classes; NaN for the rows it could not predict)."""
+    """A checked output: its marker and its logits (rows x classes; NaN for the rows it could not predict), or for
+    prompts its continuations (empty for the rows it could not continue); neither when the chunk failed whole."""
 
     marker: OutputMarker
     logits: torch.Tensor | None
+    texts: list[Continued] | None = None
 
 
 def check_output(share: Share, job: JobMarker, chunk: int, worker: str, keys: Mapping[str, str],
                  classes: int) -> Output:
     """The output of `worker` for `chunk`, or OutputRefused with the reason: its marker must name this job, chunk,
-    worker, inputs and model, be signed by the worker's key (`keys`), and its tensors must have the named hash, one
-    float32 `logits` tensor of rows x classes, finite except in the rows it says failed."""
+    worker, inputs and model, be signed by the worker's key (`keys`), and its tensors must have the named hash and
+    be one float32 `logits` tensor of rows x classes, finite except in the rows it says failed, or for prompts the
+    rows' texts (UTF-8) and counts."""
     where = names.output_marker(job.job, chunk, worker)
     try:
         m = share.read_record(OutputMarker, where)
@@ -127,6 +139,8 @@ def check_output(share: Share, job: JobMarker, chunk: int, worker: str, keys: Ma
         tensors = st_load(data)
     except Exception as e:  # noqa: BLE001 - the library reports malformed files with several exception types
         raise OutputRefused("not_safetensors", str(e)) from None
+    if job.inputs == "prompts":
+        return Output(m, None, read_texts(tensors, m.rows))
     logits = tensors.get("logits")
     if set(tensors) != {"logits"} or logits is None:
         raise OutputRefused("wrong_tensors", f"holds {', '.join(sorted(tensors))}; expected logits only")
@@ -138,6 +152,27 @@ def check_output(share: Share, job: JobMarker, chunk: int, worker: str, keys: Ma
     if not bool(torch.isfinite(logits[ok]).all()):
         raise OutputRefused("non_finite", "NaN or infinite logits in rows it does not say failed")
     return Output(m, logits)
+
+
+TEXT_TENSORS = ("bytes", "offsets", "tokens", "dropped")
+
+
+def read_texts(tensors: dict[str, torch.Tensor], rows: int) -> list[Continued]:
+    """An output's continuations: UTF-8 texts cut by offsets, and each row's generated and dropped token counts."""
+    if set(tensors) != set(TEXT_TENSORS):
+        raise OutputRefused("wrong_tensors", f"holds {', '.join(sorted(tensors))}; expected "
+                                             f"{', '.join(TEXT_TENSORS)}")
+    pieces = split(tensors["bytes"], tensors["offsets"], rows)
+    counts = [tensors[k] for k in ("tokens", "dropped")]
+    if pieces is None or any(c.dtype != torch.int64 or tuple(c.shape) != (rows,) or bool((c < 0).any())
+                             for c in counts):
+        raise OutputRefused("wrong_shape", f"bytes and offsets do not hold {rows} texts, or tokens and dropped are "
+                                           f"not {rows} counts (I64, >= 0)")
+    try:
+        texts = [p.decode("utf-8") for p in pieces]
+    except UnicodeDecodeError as e:
+        raise OutputRefused("not_utf8", str(e)) from None
+    return [Continued(t, n, d) for t, n, d in zip(texts, counts[0].tolist(), counts[1].tolist())]
 
 
 def worker_keys(trusted: Mapping[str, str], registered: Mapping[str, str | None]) -> dict[str, str]:

@@ -1,8 +1,8 @@
 """A finished job's predictions written to the user's own files, outside the share: a CSV with one line per input
 (its index, its id, the predicted class and that class's probability, or why it could not be predicted) and, beside
-it, a safetensors file with the full logits. Both are written chunk by chunk, in the inputs' order, to temporary
-files renamed into place at the end: a job larger than memory is merged in constant memory, and an interrupted
-merge leaves no half file under the final names."""
+it, a safetensors file with the full logits; for prompts, a JSON lines file with each prompt's continuation. They
+are written chunk by chunk, in the inputs' order, to temporary files renamed into place at the end: a job larger
+than memory is merged in constant memory, and an interrupted merge leaves no half file under the final names."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from fedsync.learning.generate import Continued
 from fedsync.run.submitting.jobs import probabilities
 
 
@@ -23,8 +24,8 @@ from fedsync.run.submitting.jobs import probabilities
 class Written:
     rows: int
     failed: int     # inputs that could not be predicted
-    csv: Path
-    logits: Path
+    out: Path
+    beside: Path | None = None  # the logits beside the CSV; None for continuations
 
 
 def logits_path(out: Path) -> Path:
@@ -74,3 +75,34 @@ def _write(tmp_csv: Path, tmp_logits: Path, header: str, rows: int,
             f.flush()
             os.fsync(f.fileno())
     return written, failed
+
+
+def write_generations(out: Path, rows: int,
+                      chunks: Iterable[tuple[list[str], list[Continued] | None, dict[int, str]]]) -> Written:
+    """`chunks` yields, in order, each chunk's ids, its continuations (None when the chunk failed whole) and its
+    failed rows' reasons by row within the chunk. One JSON object per prompt: index, id, generation, tokens (how
+    many it generated), prompt_tokens_dropped (cut from the prompt's start to fit max_length), problem."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    written = failed = 0
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for ids, texts, problems in chunks:
+                for i, name in enumerate(ids):
+                    problem = problems.get(i) or (None if texts is not None else "not continued")
+                    failed += problem is not None
+                    made = texts[i] if texts is not None and problem is None else None
+                    f.write(json.dumps({"index": written + i, "id": name,
+                                        "generation": made.text if made else None,
+                                        "tokens": made.tokens if made else 0,
+                                        "prompt_tokens_dropped": made.dropped if made else 0,
+                                        "problem": problem}, ensure_ascii=False) + "\n")
+                written += len(ids)
+            if written != rows:
+                raise ValueError(f"merged {written} prompts, the job has {rows}")
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, out)
+    return Written(rows, failed, out)

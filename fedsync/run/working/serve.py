@@ -17,9 +17,12 @@ import torch
 from torch import nn
 
 from fedsync.base.logs import Log
+from fedsync.learning.generate import Continued, continue_prompts
 from fedsync.learning.imagefolder import decode
+from fedsync.learning.inputs import joined, split
 from fedsync.learning.predict import batch_size_for, finite_rows, predict
 from fedsync.learning.tasks import Task
+from fedsync.learning.text import prompt_ids, prompt_record
 from fedsync.storage import names
 from fedsync.storage.jobfiles import list_jobs, read_job, read_plan
 from fedsync.storage.keys import Identity
@@ -42,11 +45,13 @@ class Device:
 
 class Server:
     def __init__(self, share: Share, worker: str, identity: Identity, task: Task, record: TaskRecord, run_id: str,
-                 device: Device, log: Log, state: Callable[..., None]) -> None:
+                 model: nn.Module, device: Device, log: Log, state: Callable[..., None]) -> None:
         self.share, self.worker, self.identity, self.task, self.record = share, worker, identity, task, record
         self.run_id, self.device, self.log, self.state = run_id, device, log, state
         self.jobs: dict[str, JobMarker] = {}     # job.yaml is written once: read once
-        self.model: tuple[str, nn.Module] | None = None  # (its hash, the model): kept while jobs use the same one
+        self.model = model  # the worker's own (one copy of a large base): each chunk loads its job's weights into it,
+        # as each training round loads the round's
+        self.weights: tuple[str, dict[str, torch.Tensor]] | None = None  # the last job model's hash and tensors
         self.said: set[tuple[str, int | None, str]] = set()  # (job, chunk, why) said once
         self.rate: float | None = None  # inputs per second over recent chunks, for routing
         self.refused: set[str] = set()  # jobs of another run or task, or whose model does not load: never served
@@ -99,15 +104,14 @@ class Server:
             tensors, unreadable = {}, e.detail  # whole as job.yaml says, yet not safetensors: an error output
         self.state(state="serving")
         started = time.perf_counter()
-        x, failed, error = self._inputs(tensors, ref.rows)
         if unreadable is not None:
-            error = f"wrong_inputs: {unreadable}"
-        outputs = None
-        if error is None:
-            logits = predict(model, x, batch_size_for(self.device.name, x[0].nelement() * 4, self.device.batch_size),
-                             self.device.name, self.device.precision, self.device.channels_last)
-            outputs = save_state(self.share.write, names.output_tensors(job.job, chunk, self.worker),
-                                 {"logits": logits})
+            made, failed, error = None, [], f"wrong_inputs: {unreadable}"
+        elif job.inputs == "prompts":
+            made, failed, error = self._continue(model, job, chunk, tensors, ref.rows)
+        else:
+            made, failed, error = self._predict(model, tensors, ref.rows)
+        outputs = None if made is None else \
+            save_state(self.share.write, names.output_tensors(job.job, chunk, self.worker), made)
         seconds = time.perf_counter() - started
         marker = OutputMarker(format=FORMAT_VERSION, job=job.job, chunk=chunk, worker=self.worker, inputs=ref.blake3,
                               model=job.model.blake3, outputs=outputs, rows=ref.rows, failed=failed, error=error,
@@ -159,12 +163,51 @@ class Server:
         return verify(self.identity.public, output_message(m), m.signature) and m.inputs == job.chunks[chunk].blake3
 
     def _model(self, job: JobMarker) -> nn.Module:
-        if self.model is None or self.model[0] != job.model.blake3:
-            self.model = None
-            model = self.task.build_model(job.model_name)
-            model.load_state_dict(load_verified(self.share, names.job_model(job.job), job.model))
-            self.model = (job.model.blake3, model)
-        return self.model[1]
+        if self.weights is None or self.weights[0] != job.model.blake3:
+            self.weights = None
+            state = load_verified(self.share, names.job_model(job.job), job.model)
+            self.model.load_state_dict(state)  # raises for weights of another model: the job is refused
+            self.weights = (job.model.blake3, state)
+        else:
+            self.model.load_state_dict(self.weights[1])
+        return self.model
+
+    def _predict(self, model: nn.Module, tensors: dict[str, torch.Tensor],
+                 rows: int) -> tuple[dict[str, torch.Tensor] | None, list[FailedRow], str | None]:
+        """A chunk of tensors or images: the model's logits for each row."""
+        x, failed, error = self._inputs(tensors, rows)
+        if error is not None:
+            return None, failed, error
+        logits = predict(model, x, batch_size_for(self.device.name, x[0].nelement() * 4, self.device.batch_size),
+                         self.device.name, self.device.precision, self.device.channels_last)
+        return {"logits": logits}, failed, None
+
+    def _continue(self, model: nn.Module, job: JobMarker, chunk: int, tensors: dict[str, torch.Tensor],
+                  rows: int) -> tuple[dict[str, torch.Tensor] | None, list[FailedRow], str | None]:
+        """A chunk of prompts: each one's continuation (empty, with its reason, for a prompt that is not one)."""
+        lines = split(tensors["bytes"], tensors["offsets"], rows) if set(tensors) == {"bytes", "offsets"} else None
+        if self.task.tokenizer is None or job.generation is None or lines is None:
+            return None, [], "wrong_inputs: not prompts this task's model can continue (bytes and offsets of " \
+                             f"{rows} JSON lines)"
+        tokenizer = self.task.tokenizer()
+        prompts: dict[int, list[int]] = {}
+        failed = []
+        for i, line in enumerate(lines):
+            try:
+                ids = prompt_ids(prompt_record(line), tokenizer)
+                if not ids:
+                    raise ValueError("it holds no token")
+                prompts[i] = ids
+            except ValueError as e:
+                failed.append(FailedRow(row=i, reason=f"bad_prompt: {e}"))
+        made = continue_prompts(model, tokenizer, list(prompts.values()), job.generation, self.task.input_shape[0],
+                                self.device.name, self.device.precision, self.device.batch_size,
+                                job.generation.seed + chunk)
+        texts = dict(zip(prompts, made))
+        blank = Continued("", 0, 0)
+        row = [texts.get(i, blank) for i in range(rows)]
+        return {**joined([t.text.encode() for t in row]), "tokens": torch.tensor([t.tokens for t in row]),
+                "dropped": torch.tensor([t.dropped for t in row])}, failed, None
 
     def _inputs(self, tensors: dict[str, torch.Tensor], rows: int) -> tuple[torch.Tensor, list[FailedRow], str | None]:
         """The chunk as the model's inputs, the rows that cannot be predicted, or why none can."""
@@ -184,17 +227,15 @@ class Server:
 
     def _images(self, data: torch.Tensor, offsets: torch.Tensor, rows: int,
                 shape: tuple[int, ...]) -> tuple[torch.Tensor, list[FailedRow], str | None]:
-        bounds = offsets.tolist()
-        if (offsets.dtype != torch.int64 or len(bounds) != rows + 1 or bounds[0] != 0 or bounds[-1] != len(data)
-                or any(b > a for a, b in zip(bounds[1:], bounds))):
+        files = split(data, offsets, rows)
+        if files is None:
             return torch.empty(0), [], "wrong_inputs: offsets do not cut bytes into the chunk's images"
         channels, size = shape[0], shape[1]
-        raw = data.numpy().tobytes()
         pixels = torch.zeros(rows, *shape, dtype=torch.uint8)
         failed = []
-        for i in range(rows):
+        for i, raw in enumerate(files):
             try:
-                pixels[i] = decode(io.BytesIO(raw[bounds[i]:bounds[i + 1]]), size, channels)
+                pixels[i] = decode(io.BytesIO(raw), size, channels)
             except Exception as e:  # noqa: BLE001 - Pillow raises many kinds for a damaged or foreign file
                 failed.append(FailedRow(row=i, reason=f"unreadable_image: {type(e).__name__}: {e}"))
         x = self.task.scale_images(pixels)  # type: ignore[misc]
