@@ -28,6 +28,7 @@ from fedsync.learning.data import Source, first
 from fedsync.learning.device import DeviceChoice, DeviceFacts, choose_device, describe
 from fedsync.learning.doctor import start_check
 from fedsync.learning.dp_sgd import dp_local_train, refusals
+from fedsync.learning.lora import base_storage
 from fedsync.learning.predict import measure_inference
 from fedsync.learning.tasks import Task
 from fedsync.learning.train import Report, TrainSettings, evaluate, local_train, measure_throughput
@@ -75,6 +76,7 @@ class WorkerOptions:
     wait_for_run: float | None = None   # seconds to wait for fedsync.yaml to appear; None: forever
     data_root: str | None = None        # where the task's data is on this machine; None: the run config's data_root
     base_model: str | None = None       # causal_lm: this machine's base model folder; None: the config's base_model
+    quantize: str | None = None         # causal_lm: 4bit holds the base in 4 bits (QLoRA; CUDA only); None: as trained
     memory_budget: int | None = None    # bytes of its own decoded images kept in memory; beyond: streamed; None: auto
     syncthing: str | None = None        # URL of this machine's Syncthing API, to be nudged after each update
     syncthing_key: str | None = None
@@ -161,8 +163,13 @@ class Worker:
             log(f"updates are sealed to the coordinator's key {self.recipient} (signed by it): nobody else who reads "
                 "the share can read them")
         # checked before registering: nothing found here can fail the worker in the middle of a round
-        choice, self.precision = start_check(opts.device, choice, self.cfg.precision, facts)
+        language = self.task.base_digest is not None  # a base model's weights bound its memory
+        choice, self.precision = start_check(opts.device, choice, self.cfg.precision, facts, language)
         self.device = choice.device
+        if language:  # its base held in the precision it trains in, or in 4 bits
+            self.task = self.cfg.resolved_task(base_storage(self.precision, self.device, opts.quantize))
+        elif opts.quantize is not None:
+            raise ConfigError(f"--quantize holds causal_lm's base model in 4 bits; task {self.cfg.task} has none")
         if choice.fallback:
             log(f"WARNING: training on the CPU although a GPU is present: {choice.fallback}")
         device_name, capability = describe(self.device, facts)
@@ -172,7 +179,7 @@ class Worker:
                           precision=self.precision, device_fallback=choice.fallback, public_key=identity.public)
         self.heartbeat = Heartbeat(share, info, self.cfg.heartbeat, log)
         self.backoff = Backoff(log)
-        self.plan = plan_capture(opts.capture, self.device, facts)
+        self.plan = plan_capture(opts.capture, self.device, facts, language)
         self.model = self.task.build_model(self.cfg.model)  # kept for the worker's life: each round loads into it
         problems = refusals(self.model) if self.cfg.worker_dp else []
         if problems:  # before registering: nothing written

@@ -151,3 +151,7 @@ def test_three_workers_adapt_a_language_model_better_than_any_alone(share: Path,
                   str(own["cooking"]), "--device", "cpu", "--wait-for-run", "10", timeout=60)
     assert refused.returncode == 3 and "is not run" in refused.stderr + refused.stdout, refused
     assert not s.exists(s.worker_file("intruder"))
+    four_bit = run("worker", "--share", str(share), "--name", "small-gpu", "--base-model", str(base), "--data",
+                   str(own["cooking"]), "--device", "cpu", "--quantize", "4bit", "--wait-for-run", "10", timeout=60)
+    assert four_bit.returncode == 3 and "--quantize 4bit needs a CUDA GPU" in four_bit.stderr, four_bit
+    assert not s.exists(s.worker_file("small-gpu"))

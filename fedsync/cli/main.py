@@ -116,6 +116,11 @@ def worker(
     watch: WatchOpt = defaults.WATCH,
     data_root: DataRootOpt = None,
     base_model: BaseModelOpt = None,
+    quantize: Annotated[str | None, typer.Option(
+        help="causal_lm: 4bit holds this machine's copy of the base in 4 bits (NF4, QLoRA, bitsandbytes: pip install "
+             "'fedsync[qlora]'), a quarter of bf16's memory; CUDA GPUs only, refused elsewhere. Default: the base is "
+             "held in the precision this worker trains in (bf16 or fp16 on a GPU, fp32 on the CPU). The adapters "
+             "are the same either way.", metavar="4bit")] = None,
     data_memory: Annotated[float | None, typer.Option(
         "--data-memory", help="MiB of its own decoded images (imagefolder) this worker keeps in memory; a larger "
                               "folder is streamed from disk batch by batch every pass. Default: a quarter of the "
@@ -162,7 +167,8 @@ def worker(
     if capture not in CAPTURE_SETTINGS:
         raise typer.BadParameter(f"{capture!r} is not one of {', '.join(CAPTURE_SETTINGS)}", param_hint="--capture")
     run_worker(WorkerOptions(share=share, name=name, device=device, watch=check_watch(watch),
-                             data_root=data_root, base_model=base_model, wait_for_run=wait_for_run,
+                             data_root=data_root, base_model=base_model, quantize=quantize,
+                             wait_for_run=wait_for_run,
                              syncthing=syncthing,
                              syncthing_key=syncthing_key, key=key, coordinator_key=coordinator_key,
                              capture=capture, log_json=log_json, serve=serve,

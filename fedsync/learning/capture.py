@@ -28,13 +28,17 @@ class CapturePlan:
     why: str  # said at start either way: what the worker does and, when eager, why
 
 
-def plan_capture(setting: str, device: str, facts: DeviceFacts) -> CapturePlan:
+def plan_capture(setting: str, device: str, facts: DeviceFacts, weights_bound: bool = False) -> CapturePlan:
     """auto: CUDA graphs on a CUDA GPU of capability 7.0 or newer with Triton installed; eager elsewhere, saying
-    why. off: eager."""
+    why, and for a model whose weights bound it (a language model: its step is large matrix products, not many
+    small kernel launches, so graphs save little and compiling it takes minutes). off: eager."""
     if setting not in CAPTURE_SETTINGS:
         raise ValueError(f"--capture {setting!r} is not one of {', '.join(CAPTURE_SETTINGS)}")
     if setting == "off":
         return CapturePlan(False, "eager training step (--capture off)")
+    if weights_bound:
+        return CapturePlan(False, "eager training step: a language model's step is bound by its matrix products, "
+                                  "not by kernel launches, so CUDA graphs would save little")
     gpu = gpu_of(device, facts)
     if gpu is None:
         return CapturePlan(False, f"eager training step: CUDA graphs need a CUDA GPU, and this worker trains on "

@@ -187,15 +187,17 @@ def describe(device: str, facts: DeviceFacts) -> tuple[str, str | None]:
     return ("Apple MPS", None) if device == "mps" else ("CPU", None)
 
 
-def choose_precision(setting: str, device: str, facts: DeviceFacts) -> str:
+def choose_precision(setting: str, device: str, facts: DeviceFacts, weights_bound: bool = False) -> str:
     """auto: bf16 autocast on capability 8.0 and newer, fp16 with a gradient scaler on 7.x, fp32 on older GPUs
-    (Pascal's fp16 runs at a fraction of its fp32 speed), the CPU and MPS. An explicit setting the device cannot
-    honour fails at once."""
+    (Pascal's fp16 runs at a fraction of its fp32 speed), the CPU and MPS. A model whose frozen weights bound its
+    memory (`weights_bound`: a language model's base, held in the precision it trains in) takes fp16 on 6.x too:
+    half the memory decides whether it fits an 8 GB card at all. An explicit setting the device cannot honour
+    fails at once."""
     if setting not in PRECISIONS:
         raise DeviceError(f"precision {setting!r} is not one of {', '.join(PRECISIONS)}")
     gpu = gpu_of(device, facts)
     if setting == "auto":
-        if gpu is None or gpu.capability < (7, 0):
+        if gpu is None or gpu.capability < ((6, 0) if weights_bound else (7, 0)):
             return "fp32"
         return "bf16" if gpu.capability >= (8, 0) else "fp16"
     if gpu is not None and setting == "bf16" and gpu.capability < (8, 0):

@@ -116,11 +116,12 @@ def report(facts: DeviceFacts) -> tuple[str, int]:
     return "\n".join(lines), DeviceError.exit_code if bad else 0
 
 
-def start_check(spec: str, choice: DeviceChoice, precision: str, facts: DeviceFacts) -> tuple[DeviceChoice, str]:
-    """What a worker does before it registers: resolve the precision and run one real training step on the
-    chosen device in it. An explicit --device that fails is an error now; auto falls back to the CPU and says
-    why. (With injected facts only the CPU is really checked.)"""
-    resolved = choose_precision(precision, choice.device, facts)
+def start_check(spec: str, choice: DeviceChoice, precision: str, facts: DeviceFacts,
+                weights_bound: bool = False) -> tuple[DeviceChoice, str]:
+    """What a worker does before it registers: resolve the precision (fedsync/learning/device.py says how) and run
+    one real training step on the chosen device in it. An explicit --device that fails is an error now; auto falls
+    back to the CPU and says why. (With injected facts only the CPU is really checked.)"""
+    resolved = choose_precision(precision, choice.device, facts, weights_bound)
     if facts.injected and choice.device != "cpu":
         return choice, resolved
     run = kernel_check(choice.device, (resolved,))
@@ -129,4 +130,4 @@ def start_check(spec: str, choice: DeviceChoice, precision: str, facts: DeviceFa
     problem = f"a training step on {choice.device} in {resolved} failed: {run.detail}"
     if spec != "auto" or choice.device == "cpu":
         raise DeviceError(problem + "; run `fedsync doctor` for the full diagnosis")
-    return DeviceChoice("cpu", problem), choose_precision(precision, "cpu", facts)
+    return DeviceChoice("cpu", problem), choose_precision(precision, "cpu", facts, weights_bound)

@@ -31,7 +31,7 @@ from fedsync.learning import models
 from fedsync.learning.augment import NAMED, crop_and_flip
 from fedsync.learning.data import CIFAR_MEAN, CIFAR_STD, Dataset, Source, Split, load_cifar10, load_digits
 from fedsync.learning.imagefolder import ImageSpec, load_folder, scale
-from fedsync.learning.lora import AdaptedLM, LoraSettings, base_hash, load_tokenizer
+from fedsync.learning.lora import AdaptedLM, BaseStorage, LoraSettings, base_hash, load_tokenizer
 from fedsync.learning.text import encode, read_records
 from fedsync.learning.train import Augment
 
@@ -58,6 +58,7 @@ class LanguageSettings:
     base_model: Path | None   # this machine's copy of the base model's folder; None: not given (yet)
     max_length: int           # tokens per example
     lora: LoraSettings
+    storage: BaseStorage = BaseStorage()  # how this machine holds the base (a worker's precision and --quantize)
 
 
 @dataclass(frozen=True)
@@ -256,13 +257,16 @@ def _language_task(task: Task, settings: TaskSettings) -> Task:
                               "machine's copy of its folder with --base-model DIR (or base_model in the config)")
         return lm.base_model
 
-    def own(root: Path, options: DataOptions) -> Source:
-        return encode(read_records(root), load_tokenizer(base()), lm.max_length, options.note)
+    tokenizer = functools.cache(lambda: load_tokenizer(base()))
 
-    return replace(task, input_shape=(lm.max_length,), models={"lora": lambda _: AdaptedLM(base(), lm.lora)},
+    def own(root: Path, options: DataOptions) -> Source:
+        return encode(read_records(root), tokenizer(), lm.max_length, options.note)
+
+    return replace(task, input_shape=(lm.max_length,),
+                   models={"lora": lambda _: AdaptedLM(base(), lm.lora, storage=lm.storage)},
                    own_data=own, base_digest=lambda: base_hash(base()),
                    export=lambda model, folder: model.save_adapter(folder),  # type: ignore[operator]
-                   tokenizer=functools.cache(lambda: load_tokenizer(base())))
+                   tokenizer=tokenizer)
 
 
 def _cifar_images(x: torch.Tensor) -> torch.Tensor:

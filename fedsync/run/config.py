@@ -22,7 +22,7 @@ from fedsync.learning.augment import NAMED
 from fedsync.learning.balance import BALANCE
 from fedsync.learning.data import Dataset, Source, first
 from fedsync.learning.device import PRECISIONS
-from fedsync.learning.lora import LoraSettings
+from fedsync.learning.lora import BaseStorage, LoraSettings
 from fedsync.learning.tasks import DataOptions, LanguageSettings, Task, TaskSettings, get_task
 from fedsync.storage.markers import MarkerError, parse_record
 from fedsync.storage.yamlfile import parse_yaml
@@ -289,11 +289,12 @@ class RunConfig:
         return ServerSettings(self.server_optimizer, self.server_lr, self.server_momentum, betas,  # type: ignore[arg-type]
                               self.server_eps)
 
-    def resolved_task(self) -> Task:
-        """The task this config names, shaped by its settings (imagefolder's classes and input shape)."""
+    def resolved_task(self, storage: BaseStorage = BaseStorage()) -> Task:
+        """The task this config names, shaped by its settings (imagefolder's classes and input shape; causal_lm's
+        base, held on this machine as `storage` says)."""
         classes = tuple(self.classes) if self.classes is not None else None
         language = LanguageSettings(Path(self.base_model) if self.base_model else None, self.max_length,
-                                    self.lora or LoraSettings())
+                                    self.lora or LoraSettings(), storage)
         return get_task(self.task).configured(TaskSettings(classes, self.image_size, self.channels, language))
 
     def data_options(self, note: Callable[[str], None] = print, memory_budget: int | None = None) -> DataOptions:
