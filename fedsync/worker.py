@@ -215,7 +215,7 @@ class Worker:
             self.heartbeat.info = replace(self.heartbeat.info, serves=True, infer_samples_per_s=speed)
         self.heartbeat.start()
         self.log(f"watching the share by {self.watcher.describe}")
-        speed_note = f", {self.heartbeat.info.samples_per_s:.0f} samples/s" if self.heartbeat.info.samples_per_s else ""
+        speed_note = f", {self._speed(self.heartbeat.info.samples_per_s)}" if self.heartbeat.info.samples_per_s else ""
         self.log(f"registered for run {self.manifest.run_id} on {self.device} "
                  f"({self.heartbeat.info.device_name}, {self.precision}{speed_note}); "
                  f"{len(train)} training examples{' of its own' if self.data.own is not None else ''}")
@@ -367,7 +367,7 @@ class Worker:
                 f"{evaluation.accuracy:.4f}, loss {evaluation.loss:.4f}") if evaluation else ""
         what = "its own data" if task.shard is None else f"shard {task.shard}/{a.num_shards}"
         self.log(f"round {r}: trained {what} ({result.steps} steps over "
-                 f"{result.samples} examples, {result.samples_per_s:.0f} samples/s) in {trained - evaluated:.2f} s, "
+                 f"{result.samples} examples, {self._speed(result.samples_per_s)}) in {trained - evaluated:.2f} s, "
                  f"train loss {result.train_loss:.4f}{held}; assignment to training {ready - seen:.2f} s, training "
                  f"to marker written {written - trained:.2f} s")
 
@@ -408,6 +408,12 @@ class Worker:
                 self.captured = None
                 self.log(f"WARNING: capturing the training step failed ({type(e).__name__}: {e}); training eagerly")
         local_train(self.model, sample, settings, self.device, seed=0)
+
+    def _speed(self, samples_per_s: float) -> str:
+        """A training speed as people compare it: a language model's in tokens (max_length positions an example)."""
+        if self.task.tokenizer is not None:
+            return f"{samples_per_s * self.task.input_shape[0]:.0f} tokens/s"
+        return f"{samples_per_s:.0f} samples/s"
 
     def _settings(self, epochs: int, steps: int | None) -> TrainSettings:
         return TrainSettings(epochs=epochs, batch_size=self.cfg.batch_size, lr=self.cfg.lr,

@@ -15,7 +15,7 @@ from fedsync.learning.lora import AdaptedLM, LoraSettings, load_tokenizer
 from fedsync.learning.text import encode, read_records
 from fedsync.learning.train import TrainSettings, evaluate, local_train
 from fedsync.storage.jobfiles import list_jobs, read_plan
-from fedsync.storage.markers import Evaluation, FinalMarker, Summary
+from fedsync.storage.markers import Assignment, Evaluation, FinalMarker, Summary, UpdateMarker
 from fedsync.storage.share import Share
 from fedsync.tensors.files import load_verified
 
@@ -155,3 +155,46 @@ def test_three_workers_adapt_a_language_model_better_than_any_alone(share: Path,
                    str(own["cooking"]), "--device", "cpu", "--quantize", "4bit", "--wait-for-run", "10", timeout=60)
     assert four_bit.returncode == 3 and "--quantize 4bit needs a CUDA GPU" in four_bit.stderr, four_bit
     assert not s.exists(s.worker_file("small-gpu"))
+
+
+@pytest.mark.parametrize("how", [
+    ("--set", "compression=int8", "--set", "server_optimizer=fedadam", "--set", "server_lr=0.02", "--set",
+     "balance=throughput"),
+    ("--set", "secure_aggregation=true", "--set", "clip_norm=5", "--set", "min_updates=2"),
+], ids=["int8-adam", "secure"])
+def test_adapters_travel_compressed_under_a_server_optimizer_and_securely_summed(
+        share: Path, tmp_path: Path, how: tuple[str, ...]) -> None:
+    """What a run does to any model's updates it does to adapters: int8 with error feedback under Adam on the
+    server, with each worker's steps sized by its speed (in tokens), or masked and summed by secure aggregation;
+    either way sealed or masked, signed, and the loss falls."""
+    base, held = make_base(tmp_path / "base"), _held_out(tmp_path / "held")
+    own = {t: write_texts(tmp_path / t, t) for t in ("cooking", "sailing")}
+    coord = start("coordinator", "--share", str(share), "--config", "causal_lm", "--rounds", "3", "--base-model",
+                  str(base), "--data", str(held), "--set", "min_workers=2", "--set", f"max_length={LENGTH}",
+                  "--set", "local_epochs=2", "--set", f"lr={LR}", *how)
+    workers = [start("worker", "--share", str(share), "--name", t, "--base-model", str(base), "--data", str(d),
+                     "--device", "cpu", "--wait-for-run", "60") for t, d in own.items()]
+    with killed_on_error(coord, *workers):
+        out = finish(coord, timeout=240)
+        outs = "".join(finish(w, timeout=60) for w in workers)
+    assert coord.returncode == 0 and all(w.returncode == 0 for w in workers), out + outs
+    s = Share(share)
+    first = s.read_record(Summary, s.summary(1))
+    losses = [s.read_record(Evaluation, s.evaluation(r)).test_loss for r in (1, 2, 3)]
+    assert losses[-1] < losses[0], losses
+    for r in (1, 2, 3):
+        for w in own:
+            m = s.read_record(UpdateMarker, s.update_marker(r, w))
+            assert m.encoding == ("secagg" if "secure_aggregation=true" in how else "int8"), m
+            assert m.encryption == ("none" if "secure_aggregation=true" in how else "age")  # masked, or sealed
+    assert sorted(x.worker for x in first.accepted) == sorted(own)
+    assert first.server_optimizer == ("fedadam" if "server_optimizer=fedadam" in how else "none")
+    final = s.read_record(FinalMarker, s.final_marker)
+    state = load_verified(s, s.final_model, final.model)
+    assert state and all(".lora_A." in k or ".lora_B." in k for k in state)
+    assert run("verify", "--share", str(share)).returncode == 0
+    if "balance=throughput" in how:
+        tasks = s.read_record(Assignment, s.assignment(2)).workers
+        assert all(t.local_steps is not None and t.local_steps >= 1 for t in tasks.values()), tasks
+        status = run("status", "--share", str(share)).stdout
+        assert status.count(" tokens/s") == 2 and "tokens/s) in " in outs, status

@@ -66,7 +66,8 @@ def format_status(st: dict[str, Any]) -> str:
             lines.append(f"  {w['name']}: {w['problem']}")
             continue
         cap = f", sm {w['cuda_capability']}" if w["cuda_capability"] else ""
-        speed = f", {w['samples_per_s']:.0f} samples/s" if w["samples_per_s"] else ""
+        speed = f", {w['tokens_per_s']:.0f} tokens/s" if w["tokens_per_s"] else \
+            f", {w['samples_per_s']:.0f} samples/s" if w["samples_per_s"] else ""
         if w["training_step"] != "eager":
             compiled = f" (compiled in {w['compile_s']:.0f} s)" if w["compile_s"] is not None else ""
             speed += f", {w['training_step']}{compiled}"

@@ -75,7 +75,8 @@ def collect_status(share: Share) -> dict[str, Any]:
         trusted = read_trust(share, manifest.run_id, manifest.coordinator_key)
     except TrustError as e:
         trusted, status["trust_problem"] = {}, str(e)
-    status["workers"] = _workers(share, trusted, manifest.config.get("trust", "tofu"))
+    tokens = manifest.config.get("max_length") if manifest.config["task"] == "causal_lm" else None
+    status["workers"] = _workers(share, trusted, manifest.config.get("trust", "tofu"), tokens)
     return status
 
 
@@ -139,8 +140,11 @@ def _coordinator(share: Share, current: int | None, status: dict[str, Any]) -> N
         status["deadline_in_s"] = None  # no round is collecting
 
 
-def _workers(share: Share, trusted: dict[str, TrustedKey], mode: str) -> list[dict[str, Any]]:
-    """Each registration: device, speed, state, heartbeat age, key and whether it is trusted."""
+def _workers(share: Share, trusted: dict[str, TrustedKey], mode: str,
+             tokens_per_example: int | None) -> list[dict[str, Any]]:
+    """Each registration: device, speed, state, heartbeat age, key and whether it is trusted. A language model's
+    speed is also in tokens: every example is max_length positions, so the samples per second that throughput
+    balance divides the round by are that many tokens each."""
     workers: list[dict[str, Any]] = []
     now = time.time()
     for name, modified in _markers(share, share.workers_dir).items():
@@ -153,6 +157,8 @@ def _workers(share: Share, trusted: dict[str, TrustedKey], mode: str) -> list[di
             "name": name, "device": info.device, "device_name": info.device_name, "torch": info.torch,
             "cuda_capability": info.cuda_capability, "precision": info.precision,
             "samples_per_s": info.samples_per_s, "device_fallback": info.device_fallback, "state": info.state,
+            "tokens_per_s": info.samples_per_s * tokens_per_example if info.samples_per_s and tokens_per_example
+            else None,
             "training_step": info.training_step, "compile_s": info.compile_s, "own_samples": info.own_samples,
             "sent_bytes": info.sent_bytes, "serves": info.serves, "infer_samples_per_s": info.infer_samples_per_s,
             "round": info.round, "last_heartbeat_s": None if age is None else round(age, 1),
