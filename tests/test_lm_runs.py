@@ -32,6 +32,22 @@ def _held_out(folder: Path) -> Path:
     return folder
 
 
+def _run(share: Path, base: Path, held: Path, own: dict[str, Path], rounds: int, *settings: str) -> tuple[str, str]:
+    """A causal_lm run to its end: the coordinator on the held-out text, one worker per topic on its own; their
+    outputs."""
+    coord = start("coordinator", "--share", str(share), "--config", "causal_lm", "--rounds", str(rounds),
+                  "--base-model", str(base), "--data", str(held), "--set", f"min_workers={len(own)}", "--set",
+                  f"max_length={LENGTH}", "--set", f"lr={LR}", *settings)
+    workers = [start("worker", "--share", str(share), "--name", t, "--base-model", str(base), "--data", str(d),
+                     "--device", "cpu", "--wait-for-run", "60") for t, d in own.items()]
+    with killed_on_error(coord, *workers):
+        out = finish(coord, timeout=240)
+        outs = "".join(finish(w, timeout=60) for w in workers)
+    assert coord.returncode == 0 and all(w.returncode == 0 for w in workers), out + outs
+    assert "Traceback" not in out + outs
+    return out, outs
+
+
 def _alone(base: Path, own: Path, held: Path) -> float:
     """One worker's adapters trained on its own text for the whole run's epochs, on the held-out text."""
     tokenizer = load_tokenizer(base)
@@ -115,17 +131,8 @@ def test_three_workers_adapt_a_language_model_better_than_any_alone(share: Path,
     base, other = make_base(tmp_path / "base"), make_base(tmp_path / "other", seed=1)
     held = _held_out(tmp_path / "held")
     own = {t: write_texts(tmp_path / t, t) for t in TOPICS}
-    coord = start("coordinator", "--share", str(share), "--config", "causal_lm", "--rounds", str(ROUNDS),
-                  "--base-model", str(base), "--data", str(held), "--set", "min_workers=3", "--set",
-                  f"max_length={LENGTH}", "--set", f"local_epochs={EPOCHS}", "--set", f"lr={LR}",
-                  "--set", "federated_eval=0.25")
-    workers = [start("worker", "--share", str(share), "--name", t, "--base-model", str(base), "--data", str(d),
-                     "--device", "cpu", "--wait-for-run", "60") for t, d in own.items()]
-    with killed_on_error(coord, *workers):
-        out = finish(coord, timeout=240)
-        outs = "".join(finish(w, timeout=60) for w in workers)
-    assert coord.returncode == 0 and all(w.returncode == 0 for w in workers), out + outs
-    assert "Traceback" not in out + outs
+    out, outs = _run(share, base, held, own, ROUNDS, "--set", f"local_epochs={EPOCHS}", "--set",
+                     "federated_eval=0.25")
     s = Share(share)
     losses = [s.read_record(Evaluation, s.evaluation(r)).test_loss for r in range(1, ROUNDS + 1)]
     assert all(b < a for a, b in zip(losses, losses[1:])), losses  # perplexity e^loss falls round over round
@@ -169,15 +176,7 @@ def test_adapters_travel_compressed_under_a_server_optimizer_and_securely_summed
     either way sealed or masked, signed, and the loss falls."""
     base, held = make_base(tmp_path / "base"), _held_out(tmp_path / "held")
     own = {t: write_texts(tmp_path / t, t) for t in ("cooking", "sailing")}
-    coord = start("coordinator", "--share", str(share), "--config", "causal_lm", "--rounds", "3", "--base-model",
-                  str(base), "--data", str(held), "--set", "min_workers=2", "--set", f"max_length={LENGTH}",
-                  "--set", "local_epochs=2", "--set", f"lr={LR}", *how)
-    workers = [start("worker", "--share", str(share), "--name", t, "--base-model", str(base), "--data", str(d),
-                     "--device", "cpu", "--wait-for-run", "60") for t, d in own.items()]
-    with killed_on_error(coord, *workers):
-        out = finish(coord, timeout=240)
-        outs = "".join(finish(w, timeout=60) for w in workers)
-    assert coord.returncode == 0 and all(w.returncode == 0 for w in workers), out + outs
+    out, outs = _run(share, base, held, own, 3, "--set", "local_epochs=2", *how)
     s = Share(share)
     first = s.read_record(Summary, s.summary(1))
     losses = [s.read_record(Evaluation, s.evaluation(r)).test_loss for r in (1, 2, 3)]
