@@ -175,7 +175,7 @@ def worker(
                              memory_budget=None if data_memory is None else int(data_memory * 2**20)))
 
 
-@app.command(short_help="Predict your inputs (or continue your prompts) with the run's model on the serving workers.")
+@app.command(short_help="Predict inputs, or continue prompts, with the run's model on serving workers.")
 def infer(
     inputs: Annotated[Path, typer.Option(
         "--inputs", help="A safetensors file with a float tensor x shaped (N, *the model's input) and optionally "
