@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from fedsync.aggregation.candidates import Candidate
+from fedsync.aggregation.geometry import SLICE
 from fedsync.aggregation.intake import PIECE_BYTES, Aggregator
-from fedsync.aggregation.rules import SLICE, FedAvg, Median
+from fedsync.aggregation.rules import FedAvg, Median
 from fedsync.aggregation.sums import WeightedSum
 from fedsync.fedavg import mean_delta
 from fedsync.learning.models import build_model

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from fedsync.aggregation.candidates import Candidate
+from fedsync.aggregation.geometry import SLICE
 from fedsync.aggregation.intake import Aggregator
-from fedsync.aggregation.rules import SLICE, FedAvg, Median, TrimmedMean, trimmed
+from fedsync.aggregation.rules import FedAvg, Median, TrimmedMean, trimmed
 from fedsync.aggregation.screening import outliers
 from fedsync.fedavg import apply_delta, l2_norm
 from fedsync.storage.local import LocalStore

@@ -1,18 +1,29 @@
 """Where a round's accepted updates lie relative to each other, read from the update files in aligned slices
-(memory O(updates x slice), never O(updates x model)): the coordinate-wise median, each update's cosine with it
-(the direction screen, fedsync/aggregation/screening.py), and the Gram matrix of inner products that Krum,
-Multi-Krum and Bulyan take their pairwise distances from (fedsync/aggregation/rules.py)."""
+(memory O(updates x slice x lanes), never O(updates x model)): the coordinate-wise median, each update's cosine
+with it (the direction screen, fedsync/aggregation/screening.py), and the squared distances between the updates
+that Krum, Multi-Krum and Bulyan score them by (fedsync/aggregation/rules.py).
+
+Every pass over the slices runs on LANES threads, each with its own interleaved share of the slices and its own
+open files (torch's kernels release the GIL); what lanes accumulate is added in lane order, so a pass gives the
+same result every time."""
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator, Mapping
-from typing import Protocol
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager
+from typing import Protocol, TypeVar
 
 import torch
 
+from fedsync.aggregation.networks import order_rows
+
 SLICE = 1 << 16  # elements per tensor slice a reader holds for every update at once
+LANES = 2  # threads a pass over the slices runs on, and the intake (one running sum each: LANES model sizes)
+T = TypeVar("T")
+Place = tuple[str, int, int]  # a slice: (tensor, first element, elements)
 
 
 class Slices(Protocol):
@@ -21,34 +32,51 @@ class Slices(Protocol):
     def count(self) -> int: ...
 
     def read(self, tensor: str, start: int, length: int) -> torch.Tensor:
-        """Elements [start, start + length) of `tensor`, flattened, from every accepted update: (updates, length)."""
+        """Elements [start, start + length) of `tensor`, flattened, from every accepted update: (updates, length), a
+        new tensor the caller may change."""
+        ...
+
+    def reading(self) -> AbstractContextManager[None]:
+        """A pass: while it lasts, each thread that reads keeps its files open."""
         ...
 
 
-def sorted_columns(values: torch.Tensor) -> torch.Tensor:
-    """(updates, k) values sorted along the updates: a sort along contiguous rows runs about twice as fast as
-    along dim 0."""
-    return values.t().contiguous().sort(dim=1).values.t()
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Each lane is one thread; torch's own intra-op threads on top would only oversubscribe the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
-def median(ordered: torch.Tensor) -> torch.Tensor:
-    """Per column of sorted values: the middle one, or the mean of the two middle ones for an even count."""
-    n = ordered.shape[0]
-    return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+def in_lanes(slices: Slices, places: list[Place], work: Callable[[list[Place]], T]) -> list[T]:
+    """`work` over `places` cut into LANES interleaved lists, one thread each, the files held open for the pass;
+    the results in lane order."""
+    if len(places) < 2:
+        with slices.reading():
+            return [work(places)]
+    with slices.reading(), torch_threads(1), ThreadPoolExecutor(LANES, thread_name_prefix="slices") as pool:
+        return list(pool.map(work, [places[i::LANES] for i in range(LANES)]))
+
+
+def middle(values: torch.Tensor) -> torch.Tensor:
+    """Per column of (n, k) values: the middle one, or the mean of the two middle ones for an even count. Scrambles
+    `values` (fedsync/aggregation/networks.py)."""
+    n = values.shape[0]
+    rows = order_rows(values, (n // 2,) if n % 2 else (n // 2 - 1, n // 2))
+    return rows[n // 2] if n % 2 else (rows[n // 2 - 1] + rows[n // 2]) / 2
 
 
 SAMPLE = 1 << 21  # coordinates the direction is measured on at most: whole slices, drawn afresh each time
 
 
-def _places(tensors: Mapping[str, int]) -> list[tuple[str, int, int]]:
-    """Every slice of `tensors`: (name, start, length)."""
+def places_of(tensors: Mapping[str, int]) -> list[Place]:
+    """Every slice of `tensors` (name -> element count)."""
     return [(name, start, min(SLICE, numel - start)) for name, numel in tensors.items()
             for start in range(0, numel, SLICE)]
-
-
-def _pieces(slices: Slices, places: list[tuple[str, int, int]]) -> Iterator[torch.Tensor]:
-    for name, start, length in places:
-        yield slices.read(name, start, length).double()
 
 
 def median_cosines(slices: Slices, tensors: Mapping[str, int], sample: int = SAMPLE) -> list[float]:
@@ -57,29 +85,43 @@ def median_cosines(slices: Slices, tensors: Mapping[str, int], sample: int = SAM
     `sample` coordinates, on `sample` of them in whole slices drawn at random (a cosine over 2 M coordinates is
     as telling as over all, at a fraction of the sorting; an attacker cannot know which, so it cannot hide its
     flip in the others)."""
-    places = _places(tensors)
+    places = places_of(tensors)
     if sum(length for *_, length in places) > sample:
         places = sorted(random.SystemRandom().sample(places, max(1, sample // SLICE)))
     n = slices.count()
-    dots, own, med = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64), 0.0
-    for values in _pieces(slices, places):
-        m = median(sorted_columns(values))
-        dots += values @ m
-        own += values.square().sum(dim=1)
-        med += float(m.square().sum())
-    return [float(d) / math.sqrt(float(o) * med) if float(o) > 0 and med > 0 else 0.0 for d, o in zip(dots, own)]
+
+    def lane(mine: list[Place]) -> tuple[torch.Tensor, torch.Tensor, float]:
+        dots, own, med = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64), 0.0
+        for name, start, length in mine:
+            values = slices.read(name, start, length).double()
+            m = middle(values.clone())
+            dots += values @ m
+            own += values.square().sum(dim=1)
+            med += float(m.square().sum())
+        return dots, own, med
+
+    parts = in_lanes(slices, places, lane)
+    dots, own = sum(p[0] for p in parts), sum(p[1] for p in parts)
+    med = sum(p[2] for p in parts)
+    return [float(d) / math.sqrt(float(o) * med) if float(o) > 0 and med > 0 else 0.0
+            for d, o in zip(dots, own)]  # type: ignore[call-overload]
 
 
-def gram(slices: Slices, tensors: Mapping[str, int]) -> torch.Tensor:
-    """The (updates, updates) matrix of inner products over `tensors`, accumulated slice by slice in float64."""
+def distances(slices: Slices, tensors: Mapping[str, int]) -> torch.Tensor:
+    """The (updates, updates) matrix of squared L2 distances over `tensors`, from inner products accumulated slice
+    by slice in float64. Each slice is first centred on its coordinate-wise mean (distances do not move), so its
+    float32 inner products (four times as fast as float64's, with no conversion) keep the digits the distances
+    need: |a|^2 + |b|^2 - 2 a.b cancels little when a and b lie near the origin."""
     n = slices.count()
-    g = torch.zeros((n, n), dtype=torch.float64)
-    for values in _pieces(slices, _places(tensors)):
-        g += values @ values.t()
-    return g
 
+    def lane(mine: list[Place]) -> torch.Tensor:
+        g = torch.zeros((n, n), dtype=torch.float64)
+        for name, start, length in mine:
+            values = slices.read(name, start, length).float()
+            values -= values.mean(dim=0)
+            g += (values @ values.t()).double()
+        return g
 
-def squared_distances(g: torch.Tensor) -> torch.Tensor:
-    """Pairwise squared L2 distances from a Gram matrix: |a|^2 + |b|^2 - 2 a.b (never below 0 by rounding)."""
+    g = sum(in_lanes(slices, places_of(tensors), lane), torch.zeros((n, n), dtype=torch.float64))
     d = g.diag()
-    return (d[:, None] + d[None, :] - 2 * g).clamp_(min=0)
+    return (d[:, None] + d[None, :] - 2 * g).clamp_(min=0)  # never below 0 by rounding

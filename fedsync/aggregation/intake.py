@@ -10,15 +10,14 @@ is always the aggregate of exactly the valid updates, and a bad file costs time,
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import NoReturn
 
 import torch
 
 from fedsync.aggregation.candidates import Candidate, Outcome
+from fedsync.aggregation.geometry import LANES, torch_threads
 from fedsync.aggregation.rules import Collected
 from fedsync.aggregation.slices import UpdateSlices
 from fedsync.aggregation.sums import WeightedSum
@@ -40,7 +39,6 @@ from fedsync.tensors.encoding import (
 from fedsync.tensors.files import DTYPES, SPELLING, Layout, file_layout
 
 PIECE_BYTES = 1 << 20  # fits in L2 with room to spare; a multiple of every dtype's size
-LANES = 2  # one running sum each: extra memory is LANES model sizes, whatever the number of updates
 
 
 @dataclass
@@ -248,17 +246,6 @@ def _problem(e: Unusable | PartlyAdded) -> Unusable:
     return e.problem if isinstance(e, PartlyAdded) else e
 
 
-@contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    """Each lane is one thread; torch's own intra-op threads on top would only oversubscribe the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 class Aggregator:
     """Streaming intake of round `round`'s updates, fed in batches as their markers appear: each verified and added
     to a weighted sum with its rule weight. Late updates (trained for an earlier round) are summed apart, so the
@@ -290,7 +277,7 @@ class Aggregator:
         for c in candidates:  # fewest updates first: lanes stay even without knowing sizes
             i = min(range(len(self.lanes)), key=lambda j: len(self.lanes[j].accepted) + len(plan[j]))
             plan[i].append(c)
-        with _torch_threads(1):
+        with torch_threads(1):
             results = list(self.pool.map(self._run_lane, self.lanes, plan))
         return [o for lane_outcomes in results for o in lane_outcomes]
 
@@ -371,7 +358,7 @@ class Aggregator:
                 c = over[0]
                 scale = bound / lane.norms[c]
                 try:
-                    with _torch_threads(1):
+                    with torch_threads(1):
                         fold(c, self.store, self.layouts[c.encoding], lane.running_sum(self.late(c)), lane.piece,
                              lane.floats, scale - lane.scales.get(c, 1.0), whole=False, opener=self.opener)
                     lane.scales[c] = scale

@@ -22,13 +22,15 @@ median of the accepted updates under every rule, so that no one update can push 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
-from fedsync.aggregation.geometry import SLICE, Slices, gram, median, sorted_columns, squared_distances
+from fedsync.aggregation.geometry import Place, Slices, distances, in_lanes, middle, places_of
+from fedsync.aggregation.networks import order_rows
 from fedsync.aggregation.sums import WeightedSum
 from fedsync.base.errors import ConfigError
 from fedsync.fedavg import mean_delta
@@ -98,18 +100,21 @@ class FedNova:
 
 
 def combine_slices(collected: Collected, out: dict[str, torch.Tensor],
-                   combine: Callable[[torch.Tensor], torch.Tensor], ordered: bool = True) -> dict[str, torch.Tensor]:
+                   combine: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
     """Each coordinate of the tensors `out` names from its values across the accepted updates (`combine`:
-    (updates, k) -> k, the values sorted along the updates when `ordered`, else in the slices' order), written into
-    `out` (integer tensors' rounded). Memory O(updates x SLICE) beyond `out`."""
-    for name, acc in out.items():
-        flat = acc.view(-1)
-        for start in range(0, flat.numel(), SLICE):
-            k = min(SLICE, flat.numel() - start)
+    (updates, k) -> k, the values in the slices' order, which it may reorder), written into `out` (integer
+    tensors' rounded), on LANES threads. Memory O(updates x SLICE x LANES) beyond `out`."""
+    flat = {name: acc.view(-1) for name, acc in out.items()}
+
+    def lane(mine: list[Place]) -> None:
+        for name, start, k in mine:
             values = collected.slices.read(name, start, k)  # (updates, k) in the files' dtype
             if not values.is_floating_point():
-                values = values.to(flat.dtype)  # integer buffers: combined as floats, rounded below
-            flat[start:start + k] = combine(sorted_columns(values) if ordered else values)
+                values = values.to(flat[name].dtype)  # integer buffers: combined as floats, rounded below
+            flat[name][start:start + k] = combine(values)
+
+    in_lanes(collected.slices, places_of({name: v.numel() for name, v in flat.items()}), lane)
+    for name, acc in out.items():
         if name in collected.sums.integer:
             acc.round_()
     return out
@@ -121,7 +126,7 @@ def with_median_buffers(collected: Collected, mean: Callable[[], dict[str, torch
     weight, and a median of valid statistics is one of them (or between two). The buffers are read from the files
     (they are small) before `mean` consumes the sums."""
     medians = combine_slices(collected, {name: torch.empty_like(acc) for name, acc in collected.sums.sums.items()
-                                         if name not in collected.parameters}, median)
+                                         if name not in collected.parameters}, middle)
     out = mean()
     out.update(medians)
     return out
@@ -139,8 +144,8 @@ class CoordinateWise:
     def weight(self, samples: float, steps: int) -> float:
         return samples  # the stream sum's weight, unused by the rule's result
 
-    def combine(self, ordered: torch.Tensor) -> torch.Tensor:
-        """One slice: (updates, k) values sorted along the updates -> k values."""
+    def combine(self, values: torch.Tensor) -> torch.Tensor:
+        """One slice: (updates, k) values, which it may reorder in place -> k values."""
         raise NotImplementedError
 
     def aggregate(self, collected: Collected) -> Aggregate:
@@ -152,8 +157,8 @@ class CoordinateWise:
 class Median(CoordinateWise):
     name = "median"
 
-    def combine(self, ordered: torch.Tensor) -> torch.Tensor:
-        return median(ordered)
+    def combine(self, values: torch.Tensor) -> torch.Tensor:
+        return middle(values)
 
 
 class TrimmedMean(CoordinateWise):
@@ -165,10 +170,13 @@ class TrimmedMean(CoordinateWise):
     def __init__(self, trim: float) -> None:
         self.trim = trim
 
-    def combine(self, ordered: torch.Tensor) -> torch.Tensor:
-        n = ordered.shape[0]
+    def combine(self, values: torch.Tensor) -> torch.Tensor:
+        """The `cut` smallest and largest values of each column put at its ends (the middle rows then hold the
+        rest, in some order), and the middle rows averaged."""
+        n = values.shape[0]
         cut = trimmed(self.trim, n)
-        return ordered[cut:n - cut].mean(dim=0)
+        rows = order_rows(values, [*range(cut), *range(n - cut, n)])
+        return torch.stack(rows[cut:n - cut]).mean(dim=0)
 
 
 def trimmed(trim: float, n: int) -> int:
@@ -179,12 +187,11 @@ def trimmed(trim: float, n: int) -> int:
 def krum_scores(distances: torch.Tensor, byzantine: int, among: list[int]) -> dict[int, float]:
     """Krum's score of each update in `among`: the sum of its squared distances to its n - f - 2 nearest others
     there (n = len(among), f = byzantine)."""
-    nearest = len(among) - byzantine - 2
-    out = {}
-    for i in among:
-        others = torch.tensor([float(distances[i, j]) for j in among if j != i], dtype=torch.float64)
-        out[i] = float(others.sort().values[:nearest].sum())
-    return out
+    index = torch.tensor(among)
+    apart = distances[index][:, index].clone()
+    apart.fill_diagonal_(math.inf)  # not its own neighbour
+    nearest = apart.sort(dim=1).values[:, :len(among) - byzantine - 2].sum(dim=1)
+    return dict(zip(among, nearest.tolist()))
 
 
 def krum_selection(distances: torch.Tensor, byzantine: int, keep: int) -> list[int]:
@@ -202,8 +209,8 @@ def krum_selection(distances: torch.Tensor, byzantine: int, keep: int) -> list[i
 class Krum:
     """Krum and Multi-Krum (Blanchard et al. 2017, "Machine Learning with Adversaries: Byzantine Tolerant Gradient
     Descent"): score each update by the squared distances to its n - f - 2 nearest others and keep the `keep`
-    lowest-scored (Krum: one; Multi-Krum: n - f), averaged with their sample weights. Distances come from the Gram
-    matrix of the trained parameters (fedsync/aggregation/geometry.py). Needs n >= 2f + 3."""
+    lowest-scored (Krum: one; Multi-Krum: n - f), averaged with their sample weights. Distances are over the
+    trained parameters (fedsync/aggregation/geometry.py). Needs n >= 2f + 3."""
 
     def __init__(self, byzantine: int, multi: bool) -> None:
         self.byzantine, self.multi = byzantine, multi
@@ -215,8 +222,7 @@ class Krum:
     def aggregate(self, collected: Collected) -> Aggregate:
         n, f = collected.slices.count(), self.byzantine
         _require(self.name, f, n)
-        distances = squared_distances(gram(collected.slices, trained_sizes(collected)))
-        scores = krum_scores(distances, f, list(range(n)))
+        scores = krum_scores(distances(collected.slices, trained_sizes(collected)), f, list(range(n)))
         keep = sorted(range(n), key=lambda i: (scores[i], i))[:n - f if self.multi else 1]
         weights = torch.zeros(n, dtype=torch.float64)
         for i in keep:
@@ -224,8 +230,8 @@ class Krum:
         weights /= weights.sum()
 
         def mean(values: torch.Tensor) -> torch.Tensor:
-            return (weights.to(values.dtype)[:, None] * values).sum(dim=0)
-        return Aggregate(_parameters_by(collected, mean, ordered=False))
+            return weights.to(values.dtype) @ values
+        return Aggregate(_parameters_by(collected, mean))
 
 
 class Bulyan:
@@ -244,16 +250,34 @@ class Bulyan:
     def aggregate(self, collected: Collected) -> Aggregate:
         n, f = collected.slices.count(), self.byzantine
         _require(self.name, f, n)
-        distances = squared_distances(gram(collected.slices, trained_sizes(collected)))
-        chosen = torch.tensor(sorted(krum_selection(distances, f, n - 2 * f)))
+        apart = distances(collected.slices, trained_sizes(collected))
+        chosen = torch.tensor(sorted(krum_selection(apart, f, n - 2 * f)))
         beta = n - 4 * f
+        return Aggregate(_parameters_by(collected, lambda values: closest_to_median(values[chosen], beta)))
 
-        def closest_to_median(values: torch.Tensor) -> torch.Tensor:
-            picked = sorted_columns(values[chosen])
-            gap = (picked - median(picked)).abs()
-            nearest = gap.topk(beta, dim=0, largest=False).indices
-            return picked.gather(0, nearest).mean(dim=0)
-        return Aggregate(_parameters_by(collected, closest_to_median, ordered=False))
+
+def closest_to_median(picked: torch.Tensor, beta: int) -> torch.Tensor:
+    """Per column of (theta, k) values, the mean of the `beta` closest to their median. Sorted, they are a window
+    of `beta` consecutive values that holds the value nearest the median (the middle one, or one of the two
+    middle ones): the window whose farther end lies nearest the median (the lowest on a tie). Only the rows such
+    windows span are ordered, and the window's values are gathered and summed, never taken as a difference of
+    running sums, which an outlier's size would swamp."""
+    theta = picked.shape[0]
+    c = theta // 2
+    lowest, highest = max(0, c - beta + theta % 2), min(c, theta - beta)  # where such a window may start
+    s = order_rows(picked, range(lowest, highest + beta))
+    m = s[c] if theta % 2 else (s[c - 1] + s[c]) / 2
+
+    def window(start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """How far its farther end lies from the median, and its sum."""
+        return torch.maximum(m - s[start], s[start + beta - 1] - m), torch.stack(s[start:start + beta]).sum(dim=0)
+
+    best, total = window(lowest)
+    for start in range(lowest + 1, highest + 1):  # a few windows; each column keeps its nearest so far
+        reach, values = window(start)
+        nearer = reach < best
+        best, total = torch.minimum(best, reach), torch.where(nearer, values, total)
+    return total / beta
 
 
 def trained_sizes(collected: Collected) -> dict[str, int]:
@@ -262,11 +286,10 @@ def trained_sizes(collected: Collected) -> dict[str, int]:
             if k in collected.parameters and k not in collected.sums.integer}
 
 
-def _parameters_by(collected: Collected, combine: Callable[[torch.Tensor], torch.Tensor],
-                   ordered: bool) -> dict[str, torch.Tensor]:
+def _parameters_by(collected: Collected, combine: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
     """Parameters combined slice by slice into the stream sum's buffers; buffers from the median."""
     params = {k: v for k, v in collected.sums.sums.items() if k in collected.parameters}
-    out = with_median_buffers(collected, lambda: combine_slices(collected, params, combine, ordered))
+    out = with_median_buffers(collected, lambda: combine_slices(collected, params, combine))
     collected.sums.count = 0  # its buffers now hold the result
     return out
 

@@ -3,8 +3,9 @@ share when a rule asks, decoded from each file's encoding, memory O(updates x sl
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 
@@ -26,6 +27,24 @@ class UpdateSlices:
         self.store, self.accepted, self.layout, self.opener = store, accepted, layout, opener
         self.scales = scales or {}  # clipped updates: their floating tensors read times this
         self.offsets: list[dict[str, int]] | None = None  # per file: tensor name -> its first byte in the file
+        self.held: threading.local | None = None  # during a pass: each thread's open files
+        self.stacks: list[ExitStack] = []  # every thread's, closed when the pass ends
+        self.lock = threading.Lock()
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """A pass over the slices: each thread that reads opens every file once (a sealed one's key unwrapped
+        once), not once a slice."""
+        self._offsets()
+        self.held = threading.local()
+        try:
+            yield
+        finally:
+            self.held = None
+            with self.lock:
+                stacks, self.stacks = self.stacks, []
+            for stack in stacks:
+                stack.close()
 
     def count(self) -> int:
         return len(self.accepted)
@@ -35,7 +54,7 @@ class UpdateSlices:
         offsets = self._offsets()
         out = torch.empty((len(self.accepted), length), dtype=dtype)
         for i, c in enumerate(self.accepted):
-            with self._open(c) as f:
+            with self._file(i) as f:
                 if not dtype.is_floating_point or c.encoding == NONE:
                     f.seek(offsets[i][tensor] + start * dtype.itemsize)
                     read_exact(f, memoryview(out[i].view(torch.uint8).numpy()))
@@ -64,6 +83,22 @@ class UpdateSlices:
                     data, specs = read_header(f)
                 self.offsets.append({s.name: data + s.start for s in specs})
         return self.offsets
+
+    @contextmanager
+    def _file(self, i: int) -> Iterator[Reader]:
+        """The i-th file: held open by this thread during a pass, else opened for this read."""
+        held = self.held
+        if held is None:
+            with self._open(self.accepted[i]) as f:
+                yield f
+            return
+        if not hasattr(held, "files"):
+            held.stack, held.files = ExitStack(), {}
+            with self.lock:
+                self.stacks.append(held.stack)
+        if i not in held.files:
+            held.files[i] = held.stack.enter_context(self._open(self.accepted[i]))
+        yield held.files[i]
 
     @contextmanager
     def _open(self, c: Candidate) -> Iterator[Reader]:
