@@ -460,7 +460,7 @@ class Secure:
         norm = float(values.norm())
         values = torch.cat([values * (clip / norm if norm > clip else 1.0), torch.tensor([clip], dtype=torch.float64)])
         scale = (2**31 - 1) / (len(first["workers"]) * first["max_weight"] * clip)
-        words = (torch.round(values * samples * scale).to(torch.int64).numpy() % 2**32).astype(np.uint32)
+        words = (torch.trunc(values * samples * scale).to(torch.int64).numpy() % 2**32).astype(np.uint32)
         words += keystream_words(seed, len(words))
         for v in neighbours(first["workers"], a["model"]["blake3"])[self.w.name] & set(second["workers"]):
             low, high = sorted((self.w.name, v))

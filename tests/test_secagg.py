@@ -85,6 +85,19 @@ def test_the_encoding_decodes_a_sum_within_its_bound_at_the_extremes() -> None:
         enc.encode(values[0], 601)
 
 
+@pytest.mark.parametrize("workers", [1, 2, 3, 7])
+def test_every_worker_at_max_weight_sums_to_the_limit_and_no_further(workers: int) -> None:
+    """The weight coordinates of n workers that all hold max_weight samples sum to exactly 2^31 - 1 in exact
+    arithmetic: rounding each to the nearest integer carried two workers of 32 examples past it, and the round's
+    mean came out negated (found by a causal_lm run, whose workers held 32 texts each)."""
+    enc = Encoding(clip=5.0, max_weight=32, workers=workers)
+    vector = np.array([0.1, -0.2, 5.0, -5.0, 5.0])  # the last: the weight coordinate, `clip`
+    words = sum((enc.encode(vector, 32) for _ in range(workers)), np.zeros(5, dtype=np.uint32))
+    got = enc.decode(words)
+    assert got[-1] / 5.0 == pytest.approx(32 * workers, rel=1e-6)
+    assert np.abs(got - vector * 32 * workers).max() <= enc.error_bound()
+
+
 def test_the_graph_is_sparse_symmetric_and_the_same_for_everyone() -> None:
     for n in (2, 5, 20, 100):
         workers = [f"w{i:03d}" for i in range(n)]

@@ -1,12 +1,15 @@
 """Weighted updates as integers mod 2^32, so masks can hide them and still cancel in the sum.
 
 A worker clips its update to L2 norm `clip` (so every coordinate lies in [-clip, clip]), multiplies it by its weight
-w (its samples, at most `max_weight`) and rounds w x coordinate x scale to the nearest integer, mod 2^32. The sum of n
-such words, read as a signed 32-bit number, is the sum of the weighted coordinates x scale, exactly as long as
+w (its samples, at most `max_weight`) and rounds w x coordinate x scale toward zero, mod 2^32. The sum of n such
+words, read as a signed 32-bit number, is the sum of the weighted coordinates x scale, exactly as long as
 |sum| < 2^31; scale = (2^31 - 1) / (n x max_weight x clip + headroom) makes that so, with room for the integer
-noise of distributed differential privacy (headroom: ten of its standard deviations). Each worker's rounding errs
-by at most 1/2 a step, so the decoded weighted sum errs by at most n / (2 x scale) per coordinate, and the mean
-(divided by the sum of weights) by that over the weights."""
+noise of distributed differential privacy (headroom: ten of its standard deviations). Toward zero, not to the
+nearest: every worker at max_weight puts clip x max_weight x scale = (2^31 - 1) / n in the weight coordinate, and
+n halves rounded up would carry that sum past 2^31 - 1, where it reads as negative (two workers of 32 examples
+each once decoded a mean that was the true one negated). Each worker's rounding errs by less than a step, so the
+decoded weighted sum errs by less than n / scale per coordinate, and the mean (divided by the sum of weights) by
+that over the weights."""
 
 from __future__ import annotations
 
@@ -39,13 +42,13 @@ class Encoding:
 
     def error_bound(self) -> float:
         """The most the decoded weighted sum of any coordinate can differ from the exact one."""
-        return self.workers / (2 * self.scale)
+        return self.workers / self.scale
 
     def encode(self, values: np.ndarray, weight: int) -> np.ndarray:
         """w x values (floats already clipped to `clip`) as uint32 words."""
         if not 1 <= weight <= self.max_weight:
             raise ValueError(f"weight {weight} is not between 1 and max_weight {self.max_weight}")
-        scaled = np.rint(np.clip(values.astype(np.float64), -self.clip, self.clip) * (weight * self.scale))
+        scaled = np.trunc(np.clip(values.astype(np.float64), -self.clip, self.clip) * (weight * self.scale))
         return scaled.astype(np.int64).astype(np.uint32)
 
     def decode(self, words: np.ndarray) -> np.ndarray:
