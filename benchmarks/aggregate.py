@@ -12,13 +12,20 @@ baselines measured in the same run over the same files:
 Then the same intake of the same updates sealed to the coordinator (confidential_updates, the age format: each
 piece also decrypted), as a ratio to the plain intake (issue 32's goal: >= 0.7x), and the median rule over the
 sealed files (its slices decrypt only the chunks they touch).
+With FLOWER_PYTHON set to a Python that has Flower (benchmarks/flower_baseline.py says how to install one beside
+fedsync), Flower's in-memory FedAvg, median, trimmed mean and Krum run over the same files in the same run, and
+each fedsync figure is printed beside Flower's (issue 35's goals: plain intake >= 1.5x Flower's in-memory FedAvg,
+sealed >= 1.0x; each robust rule >= 1 GB/s).
 Peak extra RSS is reported in model sizes.  Usage: python benchmarks/aggregate.py [N]
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -90,6 +97,23 @@ def whole_file_adder(base: dict[str, torch.Tensor], folder: Path) -> Callable[[l
     return per_lane
 
 
+def flower_figures(folder: Path, byzantine: int, trim: float) -> dict[str, float] | None:
+    """Flower's GB/s over the same files, from its own Python (FLOWER_PYTHON); None without one."""
+    python = os.environ.get("FLOWER_PYTHON")
+    if not python:
+        return None
+    script = Path(__file__).resolve().parent / "flower_baseline.py"
+    done = subprocess.run([python, str(script), str(folder), str(byzantine), str(trim)], capture_output=True,
+                          text=True, timeout=1800, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def beside(ours: float, flower: dict[str, float] | None, rule: str) -> str:
+    if flower is None or rule not in flower:
+        return ""
+    return f"; Flower {flower['version']}'s in memory {flower[rule]:.2f} GB/s -> {ours / flower[rule]:.2f}x"
+
+
 def main(n: int = 32) -> None:
     base = {k: v.float() if v.is_floating_point() else v for k, v in resnet18(num_classes=1000).state_dict().items()}
     model_bytes = sum(v.numel() * v.element_size() for v in base.values())
@@ -147,6 +171,8 @@ def main(n: int = 32) -> None:
             assert all(torch.isfinite(v.float()).all() for v in result.values())
             del agg, result
 
+        flower = flower_figures(folder, byzantine, 0.1)
+
         # the same updates sealed to the coordinator: the intake also decrypts every piece it reads
         opener = SealingIdentity.generate()
         sealed = []
@@ -193,7 +219,7 @@ def main(n: int = 32) -> None:
     print(f"aggregate: {n} updates x {params / 1e6:.1f} M params ({model_bytes / 1e6:.1f} MB each, "
           f"{total / 1e9:.2f} GB), torch threads {torch.get_num_threads()}")
     print(f"  streaming FedAvg (read + BLAKE3 + finite check and norm + sum): {fed:.2f} GB/s "
-          f"(runs {', '.join(f'{r:.2f}' for r in rates)})")
+          f"(runs {', '.join(f'{r:.2f}' for r in rates)}){beside(fed, flower, 'fedavg')} (goal >= 1.5x)")
     print(f"  baseline axpy in memory: {base_axpy:.2f} GB/s -> ratio {fed / base_axpy:.2f}x")
     for lanes, rate in sha.items():
         print(f"  baseline read + SHA-256 only, {lanes} lane(s): {rate:.2f} GB/s -> ratio {fed / rate:.2f}x")
@@ -205,12 +231,13 @@ def main(n: int = 32) -> None:
     for name, seconds in robust.items():
         print(f"  {name}: intake and rule {seconds:.2f} s against streaming FedAvg's {fedavg_s:.2f} s "
               f"({seconds / fedavg_s:.1f}x); the rule alone {rule_only[name]:.2f} s = "
-              f"{total / rule_only[name] / 1e9:.2f} GB/s of updates (goal >= 1); peak extra RSS "
+              f"{total / rule_only[name] / 1e9:.2f} GB/s of updates (goal >= 1)"
+              f"{beside(total / rule_only[name] / 1e9, flower, name)}; peak extra RSS "
               f"{robust_rss[name]:.2f} model sizes")
     sealed_fed = statistics.median(sealed_rates)
     print(f"  sealed updates (age: ChaCha20-Poly1305 in 64 KiB chunks), streaming FedAvg: {sealed_fed:.2f} GB/s of "
           f"plaintext (runs {', '.join(f'{r:.2f}' for r in sealed_rates)}) -> ratio {sealed_fed / fed:.2f}x the plain "
-          f"intake (goal >= 0.7x)")
+          f"intake (goal >= 0.7x){beside(sealed_fed, flower, 'fedavg')} (goal >= 1.0x)")
     print(f"  sealed updates, median: intake and rule {sealed_median:.2f} s against the plain median's "
           f"{robust['median']:.2f} s ({sealed_median / robust['median']:.2f}x)")
     print(f"  peak extra RSS: {max(extras):.2f} model sizes ({max(extras) * model_bytes / 2**20:.0f} MiB); "

@@ -6,6 +6,7 @@ text; only adapters travel; a worker with another base model is refused before i
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -26,26 +27,29 @@ pytestmark = pytest.mark.processes
 ROUNDS, EPOCHS, LR, LENGTH = 4, 3, 0.1, 24
 
 
-def _held_out(folder: Path) -> Path:
+def _held_out(folder: Path, topics: tuple[str, ...] = tuple(TOPICS)) -> Path:
     folder.mkdir()
-    (folder / "held.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for ts in TOPICS.values() for t in ts))
+    (folder / "held.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for topic in topics
+                                               for t in TOPICS[topic]))
     return folder
 
 
-def _run(share: Path, base: Path, held: Path, own: dict[str, Path], rounds: int, *settings: str) -> tuple[str, str]:
+def _run(share: Path, base: Path, held: Path, own: dict[str, Path], rounds: int, *settings: str,
+         serving: bool = False) -> tuple[str, str, list[subprocess.Popen[str]]]:
     """A causal_lm run to its end: the coordinator on the held-out text, one worker per topic on its own; their
-    outputs."""
+    outputs, and the workers still serving inference jobs when `serving` (the caller stops them)."""
     coord = start("coordinator", "--share", str(share), "--config", "causal_lm", "--rounds", str(rounds),
                   "--base-model", str(base), "--data", str(held), "--set", f"min_workers={len(own)}", "--set",
                   f"max_length={LENGTH}", "--set", f"lr={LR}", *settings)
     workers = [start("worker", "--share", str(share), "--name", t, "--base-model", str(base), "--data", str(d),
-                     "--device", "cpu", "--wait-for-run", "60") for t, d in own.items()]
+                     "--device", "cpu", "--wait-for-run", "60", *(["--serve"] if serving else []))
+               for t, d in own.items()]
     with killed_on_error(coord, *workers):
         out = finish(coord, timeout=240)
-        outs = "".join(finish(w, timeout=60) for w in workers)
-    assert coord.returncode == 0 and all(w.returncode == 0 for w in workers), out + outs
+        outs = "" if serving else "".join(finish(w, timeout=60) for w in workers)
+    assert coord.returncode == 0 and all(w.returncode in (None, 0) for w in workers), out + outs
     assert "Traceback" not in out + outs
-    return out, outs
+    return out, outs, workers if serving else []
 
 
 def _alone(base: Path, own: Path, held: Path) -> float:
@@ -94,10 +98,11 @@ def _generated_with_peft(base: Path, folder: Path, prompts: list[str], new: int)
     return texts
 
 
-def _continued_by_serving_workers(share: Path, base: Path, data: Path, adapter: Path, tmp_path: Path) -> None:
-    """`fedsync infer` with prompts: two serving workers continue them with the run's adapters, the same text
-    PEFT writes; a long prompt's cut is counted, a chat prompt answered, a bad line refused before anything is
-    written."""
+def _continued_by_serving_workers(share: Path, base: Path, workers: list[subprocess.Popen[str]], adapter: Path,
+                                  tmp_path: Path) -> None:
+    """`fedsync infer` with prompts: the run's workers, serving after it ended, continue them with its adapters,
+    the same text PEFT writes; a long prompt's cut is counted, a chat prompt answered, a bad line refused before
+    anything is written. The workers are stopped at the end."""
     prompts = ["water the", "tack the boat", "season the soup with salt and pepper " * 6]
     lines = [json.dumps({"prompt": p, "id": f"p{i}"}) for i, p in enumerate(prompts)]
     lines += [json.dumps({"messages": [{"role": "user", "content": "tell me"}]}), ""]  # a chat; a blank line
@@ -108,15 +113,12 @@ def _continued_by_serving_workers(share: Path, base: Path, data: Path, adapter: 
               str(tmp_path / "bad-out.jsonl"), "--base-model", str(base))
     assert bad.returncode != 0 and "bad.jsonl:2: not JSON" in bad.stderr, bad.stdout + bad.stderr
     assert not s.exists("jobs") or not list_jobs(s)
-    workers = [start("worker", "--share", str(share), "--name", f"serve{i}", "--base-model", str(base), "--data",
-                     str(data), "--device", "cpu", "--serve") for i in (1, 2)]
-    with killed_on_error(*workers):
-        done = run("infer", "--share", str(share), "--inputs", str(tmp_path / "prompts.jsonl"), "--out",
-                   str(tmp_path / "out.jsonl"), "--base-model", str(base), "--max-new-tokens", "6",
-                   "--chunk-rows", "2", timeout=180)
-        for w in workers:
-            w.terminate()
-        logs = "".join(finish(w, timeout=30) for w in workers)
+    done = run("infer", "--share", str(share), "--inputs", str(tmp_path / "prompts.jsonl"), "--out",
+               str(tmp_path / "out.jsonl"), "--base-model", str(base), "--max-new-tokens", "6", "--chunk-rows", "2",
+               timeout=180)
+    for w in workers:
+        w.terminate()
+    logs = "".join(finish(w, timeout=30) for w in workers)
     assert done.returncode == 0 and "continued 4 prompts" in done.stdout, done.stdout + done.stderr + logs
     rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [r["index"] for r in rows] == [0, 1, 2, 3] and [r["id"] for r in rows] == ["p0", "p1", "p2", "3"]
@@ -131,8 +133,8 @@ def test_three_workers_adapt_a_language_model_better_than_any_alone(share: Path,
     base, other = make_base(tmp_path / "base"), make_base(tmp_path / "other", seed=1)
     held = _held_out(tmp_path / "held")
     own = {t: write_texts(tmp_path / t, t) for t in TOPICS}
-    out, outs = _run(share, base, held, own, ROUNDS, "--set", f"local_epochs={EPOCHS}", "--set",
-                     "federated_eval=0.25")
+    out, _, serving = _run(share, base, held, own, ROUNDS, "--set", f"local_epochs={EPOCHS}", "--set",
+                           "federated_eval=0.25", serving=True)
     s = Share(share)
     losses = [s.read_record(Evaluation, s.evaluation(r)).test_loss for r in range(1, ROUNDS + 1)]
     assert all(b < a for a, b in zip(losses, losses[1:])), losses  # perplexity e^loss falls round over round
@@ -153,7 +155,8 @@ def test_three_workers_adapt_a_language_model_better_than_any_alone(share: Path,
     exported = run("export", str(tmp_path / "adapter"), "--share", str(share), "--base-model", str(base))
     assert exported.returncode == 0 and (tmp_path / "adapter" / "adapter_model.safetensors").is_file(), exported
     _loads_with_peft_as_the_readme_says(base, tmp_path / "adapter", state)
-    _continued_by_serving_workers(share, base, own["cooking"], tmp_path / "adapter", tmp_path)
+    with killed_on_error(*serving):
+        _continued_by_serving_workers(share, base, serving, tmp_path / "adapter", tmp_path)
     refused = run("worker", "--share", str(share), "--name", "intruder", "--base-model", str(other), "--data",
                   str(own["cooking"]), "--device", "cpu", "--wait-for-run", "10", timeout=60)
     assert refused.returncode == 3 and "is not run" in refused.stderr + refused.stdout, refused
@@ -164,36 +167,27 @@ def test_three_workers_adapt_a_language_model_better_than_any_alone(share: Path,
     assert not s.exists(s.worker_file("small-gpu"))
 
 
-@pytest.mark.parametrize("how", [
-    ("--set", "compression=int8", "--set", "server_optimizer=fedadam", "--set", "server_lr=0.02", "--set",
-     "balance=throughput"),
-    ("--set", "secure_aggregation=true", "--set", "clip_norm=5", "--set", "min_updates=2"),
-], ids=["int8-adam", "secure"])
-def test_adapters_travel_compressed_under_a_server_optimizer_and_securely_summed(
-        share: Path, tmp_path: Path, how: tuple[str, ...]) -> None:
-    """What a run does to any model's updates it does to adapters: int8 with error feedback under Adam on the
-    server, with each worker's steps sized by its speed (in tokens), or masked and summed by secure aggregation;
-    either way sealed or masked, signed, and the loss falls."""
-    base, held = make_base(tmp_path / "base"), _held_out(tmp_path / "held")
+def test_adapters_travel_masked_with_steps_sized_in_tokens(share: Path, tmp_path: Path) -> None:
+    """What a run does to any model's updates it does to adapters: masked and summed by secure aggregation, each
+    worker's steps sized by its speed (said in tokens); the loss falls. (Compression and server optimizers on
+    adapters: tests/test_lora.py; sealed updates: every run's default.)"""
+    base, held = make_base(tmp_path / "base"), _held_out(tmp_path / "held", ("cooking", "sailing"))
     own = {t: write_texts(tmp_path / t, t) for t in ("cooking", "sailing")}
-    out, outs = _run(share, base, held, own, 3, "--set", "local_epochs=2", *how)
+    _, outs, _ = _run(share, base, held, own, 3, "--set", "secure_aggregation=true",
+                      "--set", "clip_norm=5", "--set", "min_updates=2", "--set", "balance=throughput")
     s = Share(share)
-    first = s.read_record(Summary, s.summary(1))
     losses = [s.read_record(Evaluation, s.evaluation(r)).test_loss for r in (1, 2, 3)]
     assert losses[-1] < losses[0], losses
     for r in (1, 2, 3):
         for w in own:
             m = s.read_record(UpdateMarker, s.update_marker(r, w))
-            assert m.encoding == ("secagg" if "secure_aggregation=true" in how else "int8"), m
-            assert m.encryption == ("none" if "secure_aggregation=true" in how else "age")  # masked, or sealed
+            assert m.encoding == "secagg" and m.encryption == "none", m  # masked words, not the adapter
+    first = s.read_record(Summary, s.summary(1))
     assert sorted(x.worker for x in first.accepted) == sorted(own)
-    assert first.server_optimizer == ("fedadam" if "server_optimizer=fedadam" in how else "none")
-    final = s.read_record(FinalMarker, s.final_marker)
-    state = load_verified(s, s.final_model, final.model)
+    state = load_verified(s, s.final_model, s.read_record(FinalMarker, s.final_marker).model)
     assert state and all(".lora_A." in k or ".lora_B." in k for k in state)
     assert run("verify", "--share", str(share)).returncode == 0
-    if "balance=throughput" in how:
-        tasks = s.read_record(Assignment, s.assignment(2)).workers
-        assert all(t.local_steps is not None and t.local_steps >= 1 for t in tasks.values()), tasks
-        status = run("status", "--share", str(share)).stdout
-        assert status.count(" tokens/s") == 2 and "tokens/s) in " in outs, status
+    tasks = s.read_record(Assignment, s.assignment(2)).workers
+    assert all(t.local_steps is not None and t.local_steps >= 1 for t in tasks.values()), tasks
+    status = run("status", "--share", str(share)).stdout
+    assert status.count(" tokens/s") == 2 and "tokens/s) in " in outs, status

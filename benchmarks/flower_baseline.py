@@ -1,0 +1,47 @@
+"""Flower's own aggregation functions over the same update files benchmarks/aggregate.py wrote, loaded into memory
+first (Flower aggregates NumPy arrays it already holds): its in-memory FedAvg (`aggregate`), median, trimmed
+mean and Krum, timed alone, in GB/s of the files' bytes. Run by benchmarks/aggregate.py with Flower's own Python,
+never imported into fedsync's: Flower pins its own versions of what fedsync uses.
+
+Install Flower beside fedsync without touching fedsync's environment:
+    python3 -m venv /tmp/flower && /tmp/flower/bin/pip install flwr safetensors
+    FLOWER_PYTHON=/tmp/flower/bin/python python benchmarks/aggregate.py
+
+Flower's Bulyan is left out: it runs Krum theta times over the updates, each time computing all n^2 distances
+with a Python double loop over the flattened models (minutes for 32 ResNet-18 updates).
+Usage (by aggregate.py): FLOWER_PYTHON benchmarks/flower_baseline.py FOLDER BYZANTINE TRIM
+Prints one JSON object: {"version": ..., "fedavg": GB/s, "median": ..., "trimmed_mean": ..., "krum": ...}.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import flwr
+from flwr.server.strategy.aggregate import aggregate, aggregate_krum, aggregate_median, aggregate_trimmed_avg
+from safetensors.numpy import load_file
+
+
+def main(folder: Path, byzantine: int, trim: float) -> None:
+    files = sorted(folder.glob("w*.safetensors"), key=lambda p: int(p.stem[1:]))
+    total = sum(p.stat().st_size for p in files)
+    results = []
+    for i, path in enumerate(files):
+        tensors = load_file(str(path))
+        results.append(([tensors[k] for k in sorted(tensors)], 100 + i))  # the weights aggregate.py gave
+    rules = {"fedavg": lambda: aggregate(results), "median": lambda: aggregate_median(results),
+             "trimmed_mean": lambda: aggregate_trimmed_avg(results, trim),
+             "krum": lambda: aggregate_krum(results, byzantine, 0)}
+    out: dict[str, object] = {"version": flwr.__version__}
+    for name, rule in rules.items():
+        started = time.perf_counter()
+        rule()
+        out[name] = total / (time.perf_counter() - started) / 1e9
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]))
