@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import blake3
 import torch
@@ -97,7 +98,7 @@ def whole_file_adder(base: dict[str, torch.Tensor], folder: Path) -> Callable[[l
     return per_lane
 
 
-def flower_figures(folder: Path, byzantine: int, trim: float) -> dict[str, float] | None:
+def flower_figures(folder: Path, byzantine: int, trim: float) -> dict[str, Any] | None:
     """Flower's GB/s over the same files, from its own Python (FLOWER_PYTHON); None without one."""
     python = os.environ.get("FLOWER_PYTHON")
     if not python:
@@ -108,10 +109,12 @@ def flower_figures(folder: Path, byzantine: int, trim: float) -> dict[str, float
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def beside(ours: float, flower: dict[str, float] | None, rule: str) -> str:
+def beside(ours: float, flower: dict[str, Any] | None, rule: str) -> str:
     if flower is None or rule not in flower:
         return ""
-    return f"; Flower {flower['version']}'s in memory {flower[rule]:.2f} GB/s -> {ours / flower[rule]:.2f}x"
+    runs = ", ".join(f"{r:.2f}" for r in flower[f"{rule}_runs"])
+    return (f"; Flower {flower['version']}'s in memory {flower[rule]:.2f} GB/s (runs {runs}) -> "
+            f"{ours / flower[rule]:.2f}x")
 
 
 def main(n: int = 32) -> None:

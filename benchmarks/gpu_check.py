@@ -70,20 +70,34 @@ def steps(gpu: bool) -> list[Step]:
 @dataclass(frozen=True)
 class Ran:
     step: Step
-    code: int | None  # None: stopped at its time limit, or skipped
+    code: int | None  # None: stopped at its time limit, or not run
     seconds: float
     figures: list[str]
     tail: str
+    skipped: str | None = None  # why it did not run
+
+    @property
+    def result(self) -> str:
+        if self.skipped is not None:
+            return "skipped"
+        return "ok" if self.code == 0 else "time limit" if self.code is None else f"exit {self.code}"
+
+    @property
+    def failed(self) -> bool:
+        """Not run to its end, for any reason but the language-model libraries being absent."""
+        return self.code != 0 and self.skipped != NO_LLM
+
+
+NO_LLM = "transformers and peft are not installed (pip install 'fedsync[llm]')"
 
 
 def run(step: Step, left: float) -> Ran:
     """The step as a process, within its own limit and what is left of the budget."""
     if step.needs_llm and not _has_llm():
-        return Ran(step, None, 0.0, ["skipped: transformers and peft are not installed (pip install "
-                                     "'fedsync[llm]')"], "")
+        return Ran(step, None, 0.0, [NO_LLM], "", skipped=NO_LLM)
     limit = min(step.seconds, left)
     if limit < 10:
-        return Ran(step, None, 0.0, ["skipped: the time budget is spent"], "")
+        return Ran(step, None, 0.0, ["the time budget is spent"], "", skipped="budget")
     started = time.perf_counter()
     try:
         done = subprocess.run(step.command, capture_output=True, text=True, timeout=limit, cwd=ROOT)
@@ -107,10 +121,8 @@ def table(device: str, ran: list[Ran]) -> str:
     lines = [f"GPU check on {device}, {time.strftime('%Y-%m-%d')} (`python benchmarks/gpu_check.py`)", "",
              "| step | seconds | result | figures |", "|---|---|---|---|"]
     for r in ran:
-        result = "ok" if r.code == 0 else "skipped" if r.code is None and r.seconds == 0 else \
-            "time limit" if r.code is None else f"exit {r.code}"
-        figures = "<br>".join(f.replace("|", "/") for f in r.figures) or "(none)"
-        lines.append(f"| {r.step.name} | {r.seconds:.0f} | {result} | {figures} |")
+        figures = "<br>".join(" ".join(f.replace("|", "/").split()) for f in r.figures) or "(none)"
+        lines.append(f"| {r.step.name} | {r.seconds:.0f} | {r.result} | {figures} |")
     return "\n".join(lines) + "\n"
 
 
@@ -135,7 +147,7 @@ def main() -> None:
     text = table(device, ran)
     args.out.write_text(text)
     print(f"\n{text}\nwritten to {args.out} in {time.perf_counter() - started:.0f} s")
-    if any(r.code not in (0, None) for r in ran):
+    if any(r.failed for r in ran):  # a step that failed, stopped at its limit or found no time left
         raise SystemExit(1)
 
 
