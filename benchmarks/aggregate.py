@@ -41,8 +41,8 @@ from torchvision.models import resnet18
 
 from fedsync.aggregation.candidates import Candidate
 from fedsync.aggregation.defence import Screens, at_close
-from fedsync.aggregation.geometry import SLICE
-from fedsync.aggregation.intake import LANES, PIECE_BYTES, Aggregator
+from fedsync.aggregation.geometry import LANES, SLICE
+from fedsync.aggregation.intake import PIECE_BYTES, Aggregator
 from fedsync.aggregation.rules import Bulyan, FedAvg, Krum, Median, Rule, TrimmedMean
 from fedsync.aggregation.sums import WeightedSum
 from fedsync.fedavg import apply_delta
@@ -230,7 +230,8 @@ def main(n: int = 32) -> None:
           f"-> ratio {fed / whole:.2f}x")
     fedavg_s = total / fed / 1e9
     print(f"  robust rules (krum, multi_krum, bulyan with byzantine {byzantine}): each holds one slice of every "
-          f"update, {n * SLICE * 4 / 2**20:.0f} MiB, a few times while sorting it, and the Gram matrix of {n}x{n}")
+          f"update on each of {LANES} lanes, {n * SLICE * 4 / 2**20:.0f} MiB, once more while ordering it, and {n}x{n} "
+          "distances")
     for name, seconds in robust.items():
         print(f"  {name}: intake and rule {seconds:.2f} s against streaming FedAvg's {fedavg_s:.2f} s "
               f"({seconds / fedavg_s:.1f}x); the rule alone {rule_only[name]:.2f} s = "

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from fedsync.aggregation.intake import LANES
+from fedsync.aggregation.geometry import LANES
 from fedsync.aggregation.secagg import shamir
 from fedsync.aggregation.secagg.encoding import Encoding
 from fedsync.aggregation.secagg.envelope import RoundSecrets

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from safetensors.torch import load as st_load
 
-from fedsync.aggregation.intake import LANES
+from fedsync.aggregation.geometry import LANES
 from fedsync.aggregation.optimizers import ServerOptimizer
 from fedsync.aggregation.privacy.noise import add_gaussian_, fresh_generator
 from fedsync.aggregation.secagg import shamir
