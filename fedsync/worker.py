@@ -10,8 +10,8 @@ import hashlib
 import math
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -56,7 +56,7 @@ from fedsync.storage.markers import (
     to_dict,
 )
 from fedsync.storage.reasons import Unusable
-from fedsync.storage.sealing import SCHEME, seal
+from fedsync.storage.sealing import SCHEME, seal, sealed_head
 from fedsync.storage.share import Share
 from fedsync.storage.signing import assignment_message, fingerprint, update_message, verify
 from fedsync.storage.syncthing import SyncthingNudge
@@ -327,7 +327,7 @@ class Worker:
             report(0, 0, 0.0, 0.0)  # done: the progress line goes
         update = delta(self.model.state_dict(), base)
         diverged = _divergence(result.train_loss, update)
-        ref = None
+        ref, heads = None, []
         if diverged is None:
             if self.secure is not None:  # secure aggregation: the masked input, never the update itself
                 written, _ = self.secure.masked_input(r, a, update, layout_of(base), result.samples)
@@ -335,7 +335,7 @@ class Worker:
             else:
                 written = encoded_update(r, update, self.cfg.compression,
                                          self.feedback if self.cfg.error_feedback else None)
-                sealing = partial(seal, recipient=self.recipient) if self.recipient else None
+                sealing = self._sealing(heads) if self.recipient else None
             name = self.share.update_tensors(r, self.name, sealed=sealing is not None)
             ref = self.backoff.run(lambda: save_state(self.share.write, name, written, seal=sealing),
                                    f"writing the update for round {r}")
@@ -352,6 +352,7 @@ class Worker:
                               evaluation=evaluation, timings={k: round(v, 4) for k, v in timings.items()},
                               encoding=ENCODING if self.secure else self.cfg.compression,
                               encryption=SCHEME if self.recipient and not self.secure else "none",
+                              sealed_head=heads[-1] if heads else None,
                               worker_epsilon=self.budget.after(r, result.samples, result.steps)
                               if self.budget is not None and ref is not None else None)
         marker.signature = self.identity.sign(update_message(self.manifest.run_id, marker))
@@ -408,6 +409,14 @@ class Worker:
                 self.captured = None
                 self.log(f"WARNING: capturing the training step failed ({type(e).__name__}: {e}); training eagerly")
         local_train(self.model, sample, settings, self.device, seed=0)
+
+    def _sealing(self, heads: list[str]) -> Callable[[bytes], bytes]:
+        """Seals an update to the coordinator, keeping the sealed file's head hash for the marker."""
+        def sealed(data: bytes) -> bytes:
+            out = seal(data, self.recipient)  # type: ignore[arg-type]
+            heads.append(sealed_head(out))
+            return out
+        return sealed
 
     def _speed(self, samples_per_s: float) -> str:
         """A training speed as people compare it: a language model's in tokens (max_length positions an example)."""

@@ -33,7 +33,7 @@ from fedsync.storage.keys import (
 from fedsync.storage.local import atomic_write
 from fedsync.storage.manifest import read_manifest
 from fedsync.storage.markers import FORMAT_VERSION, Assignment, FileRef, UpdateMarker, WorkerInfo, to_dict
-from fedsync.storage.sealing import SCHEME, SealingIdentity, seal
+from fedsync.storage.sealing import SCHEME, SealingIdentity, seal, sealed_head
 from fedsync.storage.share import Share
 from fedsync.storage.signing import update_message
 from fedsync.storage.yamlfile import dump_yaml, parse_yaml
@@ -195,6 +195,8 @@ def assert_sealed(share: Share, r: int, workers: list[str]) -> None:
         assert not share.exists(share.update_tensors(r, w)), f"{w}'s round-{r} update is in plain"
         data = share.store.read(share.update_tensors(r, w, sealed=True), 1 << 30)
         assert data.startswith(b"age-encryption.org/v1\n")
+        marker = share.read_record(UpdateMarker, share.update_marker(r, w))
+        assert marker.sealed_head == sealed_head(data)  # signed: the coordinator hashes only these bytes
         with pytest.raises(Exception):  # noqa: B017 - any error: the bytes are not a safetensors file
             st_load(data)
         plain = opened_update(share, r, w)  # a second age implementation opens it with the coordinator's key

@@ -34,7 +34,7 @@ class Mutant:
 
 MUTANTS = [
     Mutant("the hash check is skipped", "fedsync/aggregation/intake.py",
-           "if reading.hasher.hexdigest() != c.ref.blake3:", "if False:",
+           "if reading.hasher.hexdigest() != reading.expected:", "if False:",
            ("tests/test_intake.py::test_hash_mismatch_and_missing_file_waits",)),
     Mutant("the finite check is skipped", "fedsync/aggregation/intake.py",
            "if math.isnan(square):", "if False:",

@@ -5,6 +5,7 @@ reading sealed updates to exactly the aggregate of the same plain ones."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import os
 import subprocess
 from functools import partial
@@ -36,6 +37,7 @@ from fedsync.storage.sealing import (
     SealingIdentity,
     bech32_decode,
     seal,
+    sealed_head,
 )
 from fedsync.storage.share import Share
 from fedsync.storage.store import read_exact
@@ -164,14 +166,17 @@ def _updates() -> list[dict[str, torch.Tensor]]:
              "n": torch.tensor(i + 1)} for i in range(4)]
 
 
-def _candidates(store: LocalStore, opener: SealingIdentity | None, encoding: str = "none") -> list[Candidate]:
+def _candidates(store: LocalStore, opener: SealingIdentity | None, encoding: str = "none",
+                head: bool = False) -> list[Candidate]:
+    """The four updates written as workers write them; with `head`, each names its sealed head as markers now do."""
     out = []
     for i, u in enumerate(_updates()):
         worker = f"w{i}"
         name = names.update_tensors(1, worker, sealed=opener is not None)
         ref = save_state(store.write, name, u, seal=partial(seal, recipient=opener.recipient) if opener else None)
         out.append(Candidate(worker, name, ref, weight=10.0 * (i + 1), round=1, encoding=encoding,
-                             sealed=opener is not None))
+                             sealed=opener is not None,
+                             head=sealed_head(store.read(name, 1 << 30)) if head and opener else None))
     return out
 
 
@@ -214,6 +219,37 @@ def test_a_sealed_update_that_does_not_open_is_undecryptable_and_one_half_synced
     assert problems["w2"].reason == Reason.HASH_MISMATCH and problems["w2"].reason.waits  # type: ignore[union-attr]
     assert [c.worker for c in agg.accepted] == ["w0"]
     torch.testing.assert_close(FedAvg().aggregate(agg.collected(frozenset({"w", "b"}))).delta["w"], _updates()[0]["w"])
+
+
+def test_a_signed_head_and_the_payloads_tags_prove_a_sealed_file_without_hashing_it_whole(tmp_path: Path) -> None:
+    """With the marker's sealed_head the intake hashes only the header and nonce: the same result as hashing the
+    file whole; a file resealed by anyone else to the same recipient (same size, the marker kept) has another head
+    and waits as unsynced; a damaged payload under the signed head fails its tag and is told from an unsynced one by
+    hashing the file whole, as before."""
+    store, opener = LocalStore(tmp_path), SealingIdentity.generate()
+    cands = _candidates(store, opener, head=True)
+    assert all(c.head for c in cands)
+    agg = Aggregator(layout_of(BASE), store, lanes=1, round=1, opener=opener)
+    assert [o.problem for o in agg.take(cands)] == [None] * 4
+    headed = FedAvg().aggregate(agg.collected(frozenset({"w", "b"}))).delta
+    whole = Aggregator(layout_of(BASE), store, lanes=1, round=1, opener=opener)
+    whole.take([dataclasses.replace(c, head=None) for c in cands])
+    assert all(torch.equal(v, FedAvg().aggregate(whole.collected(frozenset({"w", "b"}))).delta[k])
+               for k, v in headed.items())
+    forged, damaged = cands[1], cands[2]
+    resealed = seal(state_bytes(_updates()[3]), opener.recipient)  # anyone can seal to the recipient
+    assert len(resealed) == forged.ref.bytes
+    store.write(forged.name, resealed)
+    data = bytearray(store.read(damaged.name, 1 << 30))
+    data[-100] ^= 1  # a payload byte: the signed head still matches
+    store.write(damaged.name, bytes(data))
+    signed_damage = dataclasses.replace(damaged, ref=FileRef(damaged.ref.file, hash_bytes(bytes(data)), len(data)))
+    again = Aggregator(layout_of(BASE), store, lanes=1, round=1, opener=opener)
+    problems = {o.candidate.worker + str(o.candidate.ref.blake3 == signed_damage.ref.blake3): o.problem
+                for o in again.take([forged, damaged, signed_damage])}
+    assert problems["w1False"].reason == Reason.HASH_MISMATCH and "sealed_head" in problems["w1False"].detail  # type: ignore[union-attr]
+    assert problems["w2False"].reason == Reason.HASH_MISMATCH and "file's BLAKE3" in problems["w2False"].detail  # type: ignore[union-attr]
+    assert problems["w2True"].reason == Reason.UNDECRYPTABLE  # type: ignore[union-attr]
 
 
 # --- the run: keys, fedsync.yaml, markers -------------------------------------------------------------------------

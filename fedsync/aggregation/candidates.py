@@ -22,6 +22,8 @@ class Candidate:
     steps: int = 1  # local optimizer steps, for rules that normalise by them (FedNova)
     encoding: str = NONE  # how the file holds the delta (fedsync/tensors/encoding.py)
     sealed: bool = False  # the file is sealed to the coordinator (fedsync/storage/sealing.py)
+    head: str | None = None  # sealed: BLAKE3 of its header and payload nonce, which with the payload's tags prove the
+    # file (its whole-file hash is then not taken on the intake's path); None: the whole file is hashed
 
 
 @dataclass

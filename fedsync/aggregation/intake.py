@@ -97,6 +97,12 @@ class _Reading:
     added: bool = False
     source: Reader | None = None  # where tensors are read from: the file itself, or its plaintext when sealed
     sealed: SealedReader | None = None
+    whole: bool = True  # the hasher takes every byte of the file; False: a sealed file's head alone (its `head`)
+
+    @property
+    def expected(self) -> str:
+        """What the hasher's digest must be: the file's BLAKE3, or the sealed file's head's."""
+        return self.c.ref.blake3 if self.whole or self.c.head is None else self.c.head
 
     def begin(self, opener: SealingIdentity | None) -> Reader:
         if self.raw.size != self.c.ref.bytes:
@@ -106,7 +112,8 @@ class _Reading:
         elif opener is None:
             raise Unusable(Reason.UNDECRYPTABLE, "sealed, but this coordinator was given no key to open it")
         else:
-            self.sealed = SealedReader(self.raw, opener, self.hasher)  # hashes the sealed bytes as it reads them
+            self.whole = self.c.head is None  # with a head, the payload's tags prove the rest of the bytes
+            self.sealed = SealedReader(self.raw, opener, self.hasher, whole=self.whole)
             self.source = self.sealed.start()
         return self.source
 
@@ -122,9 +129,11 @@ class _Reading:
             raise Unusable(Reason.SIZE_MISMATCH, "the file ended early (truncated while being read)")
 
     def rest(self, piece: memoryview) -> None:
-        """Hash what is left of the file without using it (after an unusable header or a chunk that failed)."""
+        """Hash what is left of the file without using it (after an unusable header or a chunk that failed): the
+        whole file's hash then tells a file not synced yet from a bad one."""
         hashed = self.sealed.hashed if self.sealed else 0 if self.c.sealed else self.raw.tell()
         hash_rest(self.raw, self.hasher, hashed, piece)
+        self.whole = True
 
 
 def fold(c: Candidate, store: Store, layout: FileLayout, sums: WeightedSum, piece: bytearray,
@@ -157,8 +166,9 @@ def fold(c: Candidate, store: Store, layout: FileLayout, sums: WeightedSum, piec
     except OSError as e:
         _fail(reading, Unusable(Reason.IO_ERROR, f"{short}: {e.strerror or e}"))
     assert reading is not None
-    if reading.hasher.hexdigest() != c.ref.blake3:
-        reading.problem = Unusable(Reason.HASH_MISMATCH, "the file's BLAKE3 differs from the marker's")
+    if reading.hasher.hexdigest() != reading.expected:
+        reading.problem = Unusable(Reason.HASH_MISMATCH, "the file's BLAKE3 differs from the marker's" if reading.whole
+                                   else "its header's BLAKE3 differs from the marker's sealed_head")
     if reading.problem is not None:
         _fail(reading, reading.problem)
     if whole:

@@ -183,6 +183,7 @@ class UpdateMarker:
     timings: dict[str, float] | None = None  # seconds: prepare_s, evaluate_s, train_s, publish_s (informational)
     encoding: str = "none"  # how the tensor file holds the delta: none | bf16 | int8 (PROTOCOL.md section 5.13)
     encryption: str = "none"  # none | age: the tensor file sealed to the run's recipient (PROTOCOL.md section 5.15)
+    sealed_head: str | None = None  # encryption age: BLAKE3 of the file's header and payload nonce (PROTOCOL 5.15)
     worker_epsilon: float | None = None  # worker_dp: this worker's DP-SGD epsilon so far in the run (section 5.17)
 
     def __post_init__(self) -> None:

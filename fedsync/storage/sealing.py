@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from fedsync.storage.hashing import Hasher
+from fedsync.storage.hashing import Hasher, hash_bytes
 from fedsync.storage.reasons import Reason, Unusable
 from fedsync.storage.store import Reader, read_exact
 
@@ -203,6 +203,17 @@ def seal(data: bytes | bytearray | memoryview, recipient: str) -> bytes:
     return bytes(out)
 
 
+def sealed_head(data: bytes | bytearray | memoryview) -> str:
+    """The BLAKE3 of an age file's header and payload nonce: with them fixed, the file key and the payload key are
+    fixed, and the payload's tags prove every other byte (docs/PROTOCOL.md section 5.15)."""
+    view = memoryview(data).cast("B")
+    block = bytes(view[:MAX_HEADER])
+    at = block.find(b"\n--- ")
+    if at < 0:
+        raise ValueError("not an age file: no MAC line in its header")
+    return hash_bytes(bytes(view[:at + 1 + 48 + NONCE]))
+
+
 def _header(block: bytes, identity: SealingIdentity) -> tuple[int, bytes]:
     """The header's length and the file key it wraps for `identity`."""
     if not block.startswith(VERSION_LINE):
@@ -252,10 +263,13 @@ class SealedReader:
     """The plaintext of an age file, read in pieces and seekable (the Reader protocol, fedsync/storage/store.py).
 
     `hasher`, when given, is fed every byte of the sealed file read in order from its start (`hashed` of them so
-    far): the intake's single pass checks the sealed file's hash (what the marker names) while it decrypts."""
+    far): the intake's single pass checks the sealed file's hash (what the marker names) while it decrypts. With
+    `whole` false it is fed the header and the payload nonce alone, which the marker's `sealed_head` names: the
+    payload's tags prove the rest, and the bytes are not hashed a second time."""
 
-    def __init__(self, raw: Reader, identity: SealingIdentity, hasher: Hasher | None = None) -> None:
-        self.raw, self.identity, self.hasher = raw, identity, hasher
+    def __init__(self, raw: Reader, identity: SealingIdentity, hasher: Hasher | None = None,
+                 whole: bool = True) -> None:
+        self.raw, self.identity, self.hasher, self.whole = raw, identity, hasher, whole
         self.hashed = 0  # bytes of the sealed file hashed, in order from its start
         self.size = 0
         self.position = 0
@@ -305,7 +319,7 @@ class SealedReader:
         view = memoryview(self.sealed)[:n]
         self.raw.seek(at)
         read_exact(self.raw, view)
-        if self.hasher is not None and self.hashed == at:
+        if self.hasher is not None and self.whole and self.hashed == at:
             self.hasher.update(view)
             self.hashed += n
         return view

@@ -95,6 +95,8 @@ def update_message(run_id: str, m: UpdateMarker) -> bytes:
         fields.append(("encoding", m.encoding))
     if m.encryption != "none":
         fields.append(("encryption", m.encryption))
+    if m.sealed_head is not None:
+        fields.append(("sealed_head", m.sealed_head))
     if m.worker_epsilon is not None:
         fields.append(("worker_epsilon", repr(m.worker_epsilon)))
     return message("update", fields)

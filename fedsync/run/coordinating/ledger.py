@@ -148,7 +148,8 @@ class RoundLedger:
             raise Unusable(Reason.BAD_ENCODING, f"encoding {m.encoding!r} is not one of {', '.join(ENCODINGS)}")
         self.markers[worker] = m
         return Candidate(worker, self.share.update_tensors(self.r, worker, sealed), m.tensors,
-                         self.rule.weight(m.samples, m.steps), self.r, m.steps, m.encoding, sealed)
+                         self.rule.weight(m.samples, m.steps), self.r, m.steps, m.encoding, sealed,
+                         m.sealed_head if sealed else None)
 
     def recheck(self) -> None:
         """Look again at every update still waiting, although its files did not change: the trusted keys did."""
