@@ -32,7 +32,7 @@ from fedsync.learning.inputs import Inputs, open_inputs
 from fedsync.learning.tasks import Task
 from fedsync.run.config import RunConfig, config_from_dict, on_this_machine
 from fedsync.run.liveness import Liveness
-from fedsync.run.start import check_task, task_record
+from fedsync.run.start import check_task
 from fedsync.run.submitting.jobs import (
     MAX_CHUNKS,
     SYNCING,
@@ -61,6 +61,7 @@ from fedsync.storage.markers import (
     JobPlan,
     Manifest,
     OutputProblem,
+    TaskRecord,
     to_dict,
 )
 from fedsync.storage.share import Share
@@ -100,7 +101,7 @@ def run_infer(opts: InferOptions) -> Written:
     if writes_text and opts.out.suffix != ".jsonl":
         raise ConfigError(f"--out {opts.out}: task {cfg.task} writes text; give a JSON lines file (.jsonl)")
     inputs = open_inputs(opts.inputs, task.input_shape, task.scale_images is not None, writes_text)
-    check_task(manifest, cfg)  # this machine builds the run's model, or refuses before writing
+    record = check_task(manifest, cfg)  # this machine builds the run's model, or refuses before writing
     model, model_source = _model(share, manifest, cfg, task, opts.model)
     source = inputs.identity()
     model_hash = hash_bytes(model)
@@ -117,8 +118,8 @@ def run_infer(opts: InferOptions) -> Written:
         raise ShareError(f"another `fedsync infer` on this machine drives job {name} in {share.where()}") from None
     try:
         with ShareWatcher(share, opts.watch, list_store=False) as watcher:
-            job = _job(share, name, manifest, cfg, model, model_source, model_hash, inputs, source, chunk_rows,
-                       opts.chunk_rows, generation, log)
+            job = _job(share, name, manifest, record, cfg.model, model, model_source, model_hash, inputs, source,
+                       chunk_rows, opts.chunk_rows, generation, log)
             return Submitter(share, manifest, job, cfg, task, inputs, opts, watcher, log).drive()
     finally:
         lock.release()
@@ -155,8 +156,8 @@ def _model(share: Share, manifest: Manifest, cfg: RunConfig, task: Task, spec: s
     return data, what
 
 
-def _job(share: Share, name: str, manifest: Manifest, cfg: RunConfig, model: bytes, model_source: str,
-         model_hash: str, inputs: Inputs, source: str, chunk_rows: int, asked_rows: int | None,
+def _job(share: Share, name: str, manifest: Manifest, record: TaskRecord, model_name: str, model: bytes,
+         model_source: str, model_hash: str, inputs: Inputs, source: str, chunk_rows: int, asked_rows: int | None,
          generation: Generation | None, log: Log) -> JobMarker:
     """The job in the share: the one an earlier start wrote with the same arguments, or a new one."""
     if share.exists(names.job_marker(name)):
@@ -174,7 +175,7 @@ def _job(share: Share, name: str, manifest: Manifest, cfg: RunConfig, model: byt
     log(f"submitting job {name}: {inputs.rows} {inputs.kind} inputs from {inputs.path} in chunks of {chunk_rows}, "
         f"model {model_source}")
     return Backoff(log).run(lambda: write_job(
-        share, name, manifest.run_id, task_record(cfg), cfg.model, model, model_source, inputs, source, chunk_rows,
+        share, name, manifest.run_id, record, model_name, model, model_source, inputs, source, chunk_rows,
         _cutting(name, log), generation), f"writing job {name}")
 
 

@@ -35,7 +35,7 @@ from fedsync.learning.train import Report, TrainSettings, evaluate, local_train,
 from fedsync.run.config import RunConfig, config_from_dict, on_this_machine
 from fedsync.run.liveness import Heartbeat
 from fedsync.run.secure import ENCODING
-from fedsync.run.start import check_task, task_record
+from fedsync.run.start import check_task
 from fedsync.run.working.data import WorkerData
 from fedsync.run.working.notices import Notices
 from fedsync.run.working.private import WorkerBudget
@@ -146,7 +146,7 @@ class Worker:
                                               opts.base_model)
         self.task: Task = self.cfg.resolved_task()
         self.notices = Notices(share, name, manifest.run_id, coordinator_key, identity, self.cfg.trust, log)
-        check_task(manifest, self.cfg)  # another version or layout of the task: refused before anything is written
+        record = check_task(manifest, self.cfg)  # another version, layout or base: refused before anything is written
         self.secure = SecureWorker(share, manifest.run_id, name, identity, coordinator_key, log, self.cfg.dp) \
             if self.cfg.secure_aggregation else None
         self.recipient = sealing_recipient(manifest, coordinator_key)  # None: the run keeps plain updates
@@ -189,7 +189,7 @@ class Worker:
         self.feedback = ErrorFeedback(residual_dir(), manifest.run_id, name, log)  # compression's residuals
         self.server: Server | None = None
         if opts.serve:
-            self.server = Server(share, name, identity, self.task, task_record(self.cfg), manifest.run_id, self.model,
+            self.server = Server(share, name, identity, self.task, record, manifest.run_id, self.model,
                                  Device(self.device, self.precision, self._settings(1, None).channels_last,
                                         self.cfg.eval_batch_size), log, self.heartbeat.note)
 
