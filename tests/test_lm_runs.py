@@ -126,7 +126,9 @@ def _continued_by_serving_workers(share: Path, base: Path, workers: list[subproc
     assert all(r["problem"] is None and 0 <= r["tokens"] <= 6 for r in rows) and rows[0]["tokens"] > 0, rows
     assert rows[2]["prompt_tokens_dropped"] > 0 and rows[0]["prompt_tokens_dropped"] == 0
     plan = read_plan(s, list_jobs(s)[0])
-    assert plan is not None and plan.state == "done" and not plan.problems
+    # the only problem a healthy job may show: a chunk copied to an idle worker at the end, its second output not
+    # taken (PROTOCOL 5.14, "Routing")
+    assert plan is not None and plan.state == "done" and all(p.reason == "duplicate" for p in plan.problems), plan
 
 
 def test_three_workers_adapt_a_language_model_better_than_any_alone(share: Path, tmp_path: Path) -> None:
