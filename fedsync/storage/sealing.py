@@ -33,6 +33,7 @@ TAG = 16
 SEALED_CHUNK = CHUNK + TAG
 BATCH = 16  # sealed chunks a reader takes from the file in one read: 1 MiB, the intake's piece
 NONCE = 16  # the payload's random nonce, right after the header
+MAC_LINE = 48  # the header's last line: "--- ", the MAC in 43 base64 characters, "\n"
 MAX_HEADER = 8192  # an X25519 stanza takes about 100 bytes; room for a few stanzas of other recipient types
 X25519_INFO = b"age-encryption.org/v1/X25519"
 RECIPIENT_HRP = "age"
@@ -207,18 +208,15 @@ def sealed_head(data: bytes | bytearray | memoryview) -> str:
     """The BLAKE3 of an age file's header and payload nonce: with them fixed, the file key and the payload key are
     fixed, and the payload's tags prove every other byte (docs/PROTOCOL.md section 5.15)."""
     view = memoryview(data).cast("B")
-    block = bytes(view[:MAX_HEADER])
-    at = block.find(b"\n--- ")
-    if at < 0:
-        raise ValueError("not an age file: no MAC line in its header")
-    return hash_bytes(bytes(view[:at + 1 + 48 + NONCE]))
+    mac_at, _ = _stanzas(bytes(view[:MAX_HEADER]))
+    return hash_bytes(bytes(view[:mac_at + MAC_LINE + NONCE]))
 
 
-def _header(block: bytes, identity: SealingIdentity) -> tuple[int, bytes]:
-    """The header's length and the file key it wraps for `identity`."""
+def _stanzas(block: bytes) -> tuple[int, list[tuple[list[bytes], bytes]]]:
+    """Where an age header's MAC line begins, and its recipient stanzas' arguments and bodies."""
     if not block.startswith(VERSION_LINE):
         raise _bad("not an age file (no age-encryption.org/v1 line)")
-    at, file_key = len(VERSION_LINE), None
+    at, stanzas = len(VERSION_LINE), []
     while block.startswith(b"-> ", at):
         end = block.find(b"\n", at)
         if end < 0:
@@ -232,15 +230,25 @@ def _header(block: bytes, identity: SealingIdentity) -> tuple[int, bytes]:
             body, full, at = body + block[at:end], end - at == 64, end + 1
             if not full:
                 break
+        stanzas.append((args, body))
+    end = at + MAC_LINE
+    if not block.startswith(b"--- ", at) or len(block) < end or block[end - 1:end] != b"\n":
+        raise _bad("the header does not end with its MAC line")
+    return at, stanzas
+
+
+def _header(block: bytes, identity: SealingIdentity) -> tuple[int, bytes]:
+    """The header's length and the file key it wraps for `identity`."""
+    at, stanzas = _stanzas(block)
+    file_key = None
+    for args, body in stanzas:
         if args[0] == b"X25519" and file_key is None:
             file_key = _unwrap(args, body, identity)
-    if not block.startswith(b"--- ", at) or len(block) < at + 4 + 43 + 1 or block[at + 47:at + 48] != b"\n":
-        raise _bad("the header does not end with its MAC line")
     if file_key is None:
         raise _bad(f"it is not sealed to this coordinator's key ({identity.recipient[:16]}…)")
     if not compare_digest(_mac(file_key, block[:at + 3]), _unb64(block[at + 4:at + 47], 32)):
         raise _bad("its header's MAC does not verify (edited, or not sealed to this key)")
-    return at + 48, file_key
+    return at + MAC_LINE, file_key
 
 
 def _unwrap(args: list[bytes], body: bytes, identity: SealingIdentity) -> bytes | None:
