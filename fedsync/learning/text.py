@@ -33,13 +33,9 @@ def read_records(folder: Path) -> list[dict[str, Any]]:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{number}: not JSON ({e.msg}); each line must be one JSON object") from None
-            if not isinstance(record, dict) or not (isinstance(record.get("text"), str) or _is_chat(record)):
-                raise DataError(f"{path}:{number}: holds neither `text` (a string) nor `messages` (a list of "
-                                "{role, content})")
-            records.append(record)
+                records.append(_line(line, "text"))
+            except ValueError as e:
+                raise DataError(f"{path}:{number}: {e}") from None
     if not records:
         raise DataError(f"{folder} holds no text: put JSON lines files (*.jsonl, one {{\"text\": ...}} or "
                         "{\"messages\": [...]} per line) there")
@@ -48,14 +44,20 @@ def read_records(folder: Path) -> list[dict[str, Any]]:
 
 def prompt_record(line: bytes | str) -> dict[str, Any]:
     """One prompt line, checked: a ValueError says what is wrong with it."""
+    record = _line(line, "prompt")
+    if "id" in record and not isinstance(record["id"], (str, int)):
+        raise ValueError("its `id` is neither a string nor an integer")
+    return record
+
+
+def _line(line: bytes | str, field: str) -> dict[str, Any]:
+    """One JSON lines record holding `field` (a string) or `messages` (a chat); a ValueError says what is wrong."""
     try:
         record = json.loads(line)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"not JSON ({e}); each line must be one JSON object") from None
-    if not isinstance(record, dict) or not (isinstance(record.get("prompt"), str) or _is_chat(record)):
-        raise ValueError("holds neither `prompt` (a string) nor `messages` (a list of {role, content})")
-    if "id" in record and not isinstance(record["id"], (str, int)):
-        raise ValueError("its `id` is neither a string nor an integer")
+        raise ValueError(f"not JSON ({getattr(e, 'msg', e)}); each line must be one JSON object") from None
+    if not isinstance(record, dict) or not (isinstance(record.get(field), str) or _is_chat(record)):
+        raise ValueError(f"holds neither `{field}` (a string) nor `messages` (a list of {{role, content}})")
     return record
 
 
@@ -73,8 +75,7 @@ def token_ids(record: dict[str, Any], tokenizer: Any) -> list[int]:
         if not getattr(tokenizer, "chat_template", None):
             raise DataError("the data holds chats (`messages`) but the base model's tokenizer has no chat template: "
                             "give plain `text` lines, or a base model with a chat template")
-        rendered = tokenizer.apply_chat_template(record["messages"], tokenize=False)
-        return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+        return _chat_ids(record["messages"], tokenizer, answer=False)
     ids = list(tokenizer(record["text"])["input_ids"])
     if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
         ids.append(tokenizer.eos_token_id)
@@ -87,9 +88,15 @@ def prompt_ids(record: dict[str, Any], tokenizer: Any) -> list[int]:
     if "messages" in record:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("a chat prompt (`messages`), and the base model's tokenizer has no chat template")
-        rendered = tokenizer.apply_chat_template(record["messages"], tokenize=False, add_generation_prompt=True)
-        return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+        return _chat_ids(record["messages"], tokenizer, answer=True)
     return list(tokenizer(record["prompt"])["input_ids"])
+
+
+def _chat_ids(messages: list[dict[str, str]], tokenizer: Any, answer: bool) -> list[int]:
+    """A chat's token ids as the base model's own template renders it (with its generation prompt when the model
+    is to `answer`); the template writes its own special tokens."""
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=answer)
+    return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
 
 
 def encode(records: list[dict[str, Any]], tokenizer: Any, max_length: int,
