@@ -1,13 +1,13 @@
 """Streaming FedAvg over 32 ResNet-18-sized updates read from safetensors files in the page cache, and the robust
 rules and the defaults' close-time screens over the same files.
 
-Prints GB/s of update bytes consumed (read, BLAKE3-verified, checked finite, summed; two lanes) beside
-baselines measured in the same run over the same files:
+Prints GB/s of update bytes consumed (read, BLAKE3-verified, checked finite, summed; on the intake's lanes: one
+per core, fedsync/aggregation/intake.py) beside baselines measured in the same run over the same files:
 - a memory-bound axpy over the same bytes already in memory (no I/O, no checks: the ceiling);
 - reading the files in the same 1 MiB pieces and only hashing them with SHA-256, on one thread and on the
-  same two lanes (hashlib releases the GIL): less work than fedsync does, so a ratio above 1 means the
+  same lanes (hashlib releases the GIL): less work than fedsync does, so a ratio above 1 means the
   single pass with BLAKE3 beats merely hashing with SHA-256;
-- the same work done the obvious way, on the same two lanes: read a whole file, BLAKE3 it, load it with
+- the same work done the obvious way, on the same lanes: read a whole file, BLAKE3 it, load it with
   safetensors, check it finite, add it.
 Then the same intake of the same updates sealed to the coordinator (confidential_updates, the age format: each
 piece also decrypted), as a ratio to the plain intake (issue 32's goal: >= 0.7x), and the median rule over the
@@ -15,18 +15,19 @@ sealed files (its slices decrypt only the chunks they touch).
 With FLOWER_PYTHON set to a Python that has Flower (benchmarks/flower_baseline.py says how to install one beside
 fedsync), Flower's in-memory FedAvg, median, trimmed mean and Krum run over the same files in the same run, and
 each fedsync figure is printed beside Flower's (issue 35's goals: plain intake >= 1.5x Flower's in-memory FedAvg,
-sealed >= 1.0x; each robust rule >= 1 GB/s).
-Peak extra RSS is reported in model sizes.  Usage: python benchmarks/aggregate.py [N]
+sealed >= 1.0x; each robust rule >= 1 GB/s); with --flower-bulyan, Flower's Bulyan too (minutes more).
+Peak extra RSS is reported in model sizes (goal: lanes + 1, a running sum per lane and their merge).
+Usage: python benchmarks/aggregate.py [N] [--flower-bulyan]
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -42,10 +43,11 @@ from torchvision.models import resnet18
 
 from fedsync.aggregation.candidates import Candidate
 from fedsync.aggregation.defence import Screens, at_close
-from fedsync.aggregation.geometry import LANES, SLICE
-from fedsync.aggregation.intake import PIECE_BYTES, Aggregator
+from fedsync.aggregation.geometry import SLICE
+from fedsync.aggregation.intake import PIECE_BYTES, Aggregator, intake_lanes, running_sum_bytes
 from fedsync.aggregation.rules import Bulyan, FedAvg, Krum, Median, Rule, TrimmedMean
 from fedsync.aggregation.sums import WeightedSum
+from fedsync.base.machine import cores, free_memory
 from fedsync.fedavg import apply_delta
 from fedsync.storage.local import LocalStore
 from fedsync.storage.markers import FileRef
@@ -99,14 +101,14 @@ def whole_file_adder(base: dict[str, torch.Tensor], folder: Path) -> Callable[[l
     return per_lane
 
 
-def flower_figures(folder: Path, byzantine: int, trim: float) -> dict[str, Any] | None:
+def flower_figures(folder: Path, byzantine: int, trim: float, bulyan: bool) -> dict[str, Any] | None:
     """Flower's GB/s over the same files, from its own Python (FLOWER_PYTHON); None without one."""
     python = os.environ.get("FLOWER_PYTHON")
     if not python:
         return None
     script = Path(__file__).resolve().parent / "flower_baseline.py"
-    done = subprocess.run([python, str(script), str(folder), str(byzantine), str(trim)], capture_output=True,
-                          text=True, timeout=1800, check=True)
+    done = subprocess.run([python, str(script), str(folder), str(byzantine), str(trim), *(["bulyan"] * bulyan)],
+                          capture_output=True, text=True, timeout=3600, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -118,10 +120,11 @@ def beside(ours: float, flower: dict[str, Any] | None, rule: str) -> str:
             f"{ours / flower[rule]:.2f}x")
 
 
-def main(n: int = 32) -> None:
+def main(n: int = 32, flower_bulyan: bool = False) -> None:
     base = {k: v.float() if v.is_floating_point() else v for k, v in resnet18(num_classes=1000).state_dict().items()}
     model_bytes = sum(v.numel() * v.element_size() for v in base.values())
     params = sum(v.numel() for v in base.values())
+    lanes = intake_lanes(running_sum_bytes(layout_of(base)), cores(), free_memory())  # as an Aggregator chooses
     g = torch.Generator().manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -175,7 +178,7 @@ def main(n: int = 32) -> None:
             assert all(torch.isfinite(v.float()).all() for v in result.values())
             del agg, result
 
-        flower = flower_figures(folder, byzantine, 0.1)
+        flower = flower_figures(folder, byzantine, 0.1, flower_bulyan)
 
         # the same updates sealed to the coordinator: the intake also decrypts every piece it reads
         opener = SealingIdentity.generate()
@@ -215,26 +218,26 @@ def main(n: int = 32) -> None:
                 acc.add_(flat, alpha=c.weight)
             axpy.append(total / (time.perf_counter() - t) / 1e9)
         del flat, acc
-        sha = {lanes: timed(total, lambda: on_lanes(cands, lanes, sha256_files(folder))) for lanes in (1, LANES)}
+        sha = {k: timed(total, lambda: on_lanes(cands, k, sha256_files(folder))) for k in sorted({1, lanes})}
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # one torch thread per lane, as the intake runs
-        whole = timed(total, lambda: on_lanes(cands, LANES, whole_file_adder(base, folder)))
+        whole = timed(total, lambda: on_lanes(cands, lanes, whole_file_adder(base, folder)))
         torch.set_num_threads(threads)
 
     fed, base_axpy = statistics.median(rates), statistics.median(axpy)
     print(f"aggregate: {n} updates x {params / 1e6:.1f} M params ({model_bytes / 1e6:.1f} MB each, "
-          f"{total / 1e9:.2f} GB), torch threads {torch.get_num_threads()}")
+          f"{total / 1e9:.2f} GB), {cores()} cores: intake on {lanes} lanes, slices on {cores()}")
     print(f"  streaming FedAvg (read + BLAKE3 + finite check and norm + sum): {fed:.2f} GB/s "
           f"(runs {', '.join(f'{r:.2f}' for r in rates)}){beside(fed, flower, 'fedavg')} (goal >= 1.5x)")
     print(f"  baseline axpy in memory: {base_axpy:.2f} GB/s -> ratio {fed / base_axpy:.2f}x")
-    for lanes, rate in sha.items():
-        print(f"  baseline read + SHA-256 only, {lanes} lane(s): {rate:.2f} GB/s -> ratio {fed / rate:.2f}x")
-    print(f"  baseline whole file read, BLAKE3, safetensors load, finite check, add, {LANES} lanes: {whole:.2f} GB/s "
+    for k, rate in sha.items():
+        print(f"  baseline read + SHA-256 only, {k} lane(s): {rate:.2f} GB/s -> ratio {fed / rate:.2f}x")
+    print(f"  baseline whole file read, BLAKE3, safetensors load, finite check, add, {lanes} lanes: {whole:.2f} GB/s "
           f"-> ratio {fed / whole:.2f}x")
     fedavg_s = total / fed / 1e9
     print(f"  robust rules (krum, multi_krum, bulyan with byzantine {byzantine}): each holds one slice of every "
-          f"update on each of {LANES} lanes, {n * SLICE * 4 / 2**20:.0f} MiB, once more while ordering it, and {n}x{n} "
-          "distances")
+          f"update on each of {cores()} lanes, {n * SLICE * 4 / 2**20:.0f} MiB, once more while ordering it, and "
+          f"{n}x{n} distances")
     for name, seconds in robust.items():
         print(f"  {name}: intake and rule {seconds:.2f} s against streaming FedAvg's {fedavg_s:.2f} s "
               f"({seconds / fedavg_s:.1f}x); the rule alone {rule_only[name]:.2f} s = "
@@ -253,8 +256,12 @@ def main(n: int = 32) -> None:
     print(f"  sealed updates, median: intake and rule {sealed_median:.2f} s against the plain median's "
           f"{robust['median']:.2f} s ({sealed_median / robust['median']:.2f}x)")
     print(f"  peak extra RSS: {max(extras):.2f} model sizes ({max(extras) * model_bytes / 2**20:.0f} MiB); "
-          f"goal <= 3")
+          f"goal <= {lanes + 1} (lanes + 1)")
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 32)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("n", nargs="?", type=int, default=32, help="updates (default 32)")
+    parser.add_argument("--flower-bulyan", action="store_true", help="also time Flower's Bulyan (FLOWER_PYTHON)")
+    args = parser.parse_args()
+    main(args.n, args.flower_bulyan)

@@ -21,12 +21,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from fedsync.aggregation.geometry import LANES
 from fedsync.aggregation.secagg import shamir
 from fedsync.aggregation.secagg.encoding import Encoding
 from fedsync.aggregation.secagg.envelope import RoundSecrets
 from fedsync.aggregation.secagg.graph import build, degree
 from fedsync.aggregation.secagg.rounds import Round, add_masks, masks_of, masks_to_remove, reveal, share_out
+from fedsync.base.machine import cores
 
 PARAMS = 11_689_512  # ResNet-18's state, as benchmarks/aggregate.py builds it
 SLICE = 1 << 20  # words per slice: 4 MiB, as the intake streams
@@ -68,7 +68,7 @@ def main() -> None:
         total = np.zeros(PARAMS, dtype=np.uint32)  # the survivors' masked inputs, summed (their content: any)
         t = time.perf_counter()
         masks = masks_to_remove(r, revealed, s_pub, set(names), survivors)
-        with ThreadPoolExecutor(LANES) as pool:  # as the coordinator does, on every lane
+        with ThreadPoolExecutor(cores()) as pool:  # as the coordinator does, a lane per core
             list(pool.map(lambda at: add_masks(total[at:at + SLICE], at, masks, -1), range(0, PARAMS, SLICE)))
         unmask_s = time.perf_counter() - t
 

@@ -26,7 +26,8 @@ TOP_LEVEL = {"coordinator": "run", "worker": "run", "infer": "run", "fedavg": "a
              "__init__": "base"}
 # Files that read what is not the share: each machine's own data and the user's own config file.
 NOT_THE_SHARE = {"fedsync/learning/data.py": "datasets on this machine",
-                 "fedsync/learning/imagefolder.py": "a machine's own image folder, and its free memory",
+                 "fedsync/learning/imagefolder.py": "a machine's own image folder",
+                 "fedsync/base/machine.py": "the kernel's account of this machine's cores and free memory",
                  "fedsync/learning/text.py": "a machine's own text (JSON lines files)",
                  "fedsync/learning/lora.py": "a machine's own copy of a base language model, and adapters exported",
                  "fedsync/run/config.py": "the user's config file",
@@ -39,7 +40,8 @@ FILE_MODULES = {"os", "shutil", "io", "gzip", "tempfile"}  # any call of theirs 
 PATH_METHODS = {"open", "stat", "lstat", "iterdir", "glob", "rglob", "read_bytes", "read_text", "write_bytes",
                 "write_text", "exists", "is_file", "is_dir", "is_symlink", "touch", "symlink_to", "unlink", "mkdir",
                 "rmdir", "rename", "replace"}
-NOT_FILES = {"environ", "getpid", "kill", "cpu_count", "fspath", "getenv", "StringIO", "BytesIO", "setpriority"}
+NOT_FILES = {"environ", "getpid", "kill", "cpu_count", "fspath", "getenv", "StringIO", "BytesIO", "setpriority",
+             "sched_getaffinity", "sysconf"}
 SHARE_FILES = ("fedsync.yaml", "coordinator.yaml", "metrics.csv", "final.safetensors", "final.yaml",
                "global.safetensors", "assignment.yaml", "summary.yaml")
 SHARE_FOLDERS = ("workers", "updates")

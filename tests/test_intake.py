@@ -7,10 +7,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from fedsync.aggregation import geometry
 from fedsync.aggregation.candidates import Candidate
-from fedsync.aggregation.intake import PIECE_BYTES, Aggregator
+from fedsync.aggregation.intake import PIECE_BYTES, Aggregator, intake_lanes, running_sum_bytes
 from fedsync.aggregation.rules import FedAvg
 from fedsync.aggregation.sums import WeightedSum
+from fedsync.base.machine import cores
 from fedsync.fedavg import apply_delta, apply_mean
 from fedsync.storage.hashing import hash_bytes
 from fedsync.storage.local import LocalStore
@@ -187,3 +189,47 @@ def test_coordinate_rules_read_aligned_slices_of_every_accepted_file(tmp_path: P
     assert torch.equal(got, torch.stack([ups[i]["big"][start:start + length] for i in order]))
     assert torch.equal(slices.read("small", 4, 8), torch.stack([ups[i]["small"].view(-1)[4:] for i in order]))
     assert torch.equal(slices.read("n", 0, 1), torch.stack([ups[i]["n"].view(1) for i in order]))
+
+
+def test_the_intake_gives_one_mean_on_any_number_of_lanes(tmp_path: Path) -> None:
+    ups = [(_update(), float(w)) for w in (5, 10, 20, 7, 3, 11, 2)]
+    cands = [_candidate(tmp_path, f"w{i}", u, w) for i, (u, w) in enumerate(ups)]
+    expected = _expected(ups)
+    for lanes in (1, 3, 7, 9):  # 9: more lanes than updates, two of them idle
+        agg = Aggregator(layout_of(BASE), LocalStore(tmp_path), lanes=lanes)
+        assert len(agg.lanes) == lanes
+        assert all(o.problem is None for o in agg.take(cands))
+        assert sum(1 for lane in agg.lanes if lane.accepted) == min(lanes, len(ups))
+        result = _result(agg)
+        agg.close()
+        for k, v in expected.items():
+            torch.testing.assert_close(result[k], v)
+
+
+def test_intake_lanes_follow_the_cores_while_their_sums_fit_a_quarter_of_free_memory() -> None:
+    resnet = running_sum_bytes({"w": (torch.float32, (11_700_000,))})
+    assert resnet == 46_800_000
+    assert running_sum_bytes({"n": (torch.int64, (3,)), "h": (torch.float16, (8,))}) == 3 * 8 + 8 * 4
+    assert intake_lanes(resnet, 16, 64 << 30) == 16  # a workstation: a lane per core
+    assert intake_lanes(resnet, 2, 64 << 30) == 2
+    assert intake_lanes(4 << 30, 16, 64 << 30) == 4  # a 1 B-parameter model: four sums are 16 GiB, a quarter
+    assert intake_lanes(4 << 30, 16, 8 << 30) == 1  # not even one fits: one lane still reads
+    assert intake_lanes(resnet, 16, 0) == 1
+    agg = Aggregator(layout_of(BASE), LocalStore(Path("/nonexistent")))  # nothing read: the lanes are only counted
+    assert 1 <= len(agg.lanes) <= cores()
+    agg.close()
+
+
+def test_slice_passes_give_the_same_geometry_on_any_number_of_cores(tmp_path: Path, monkeypatch) -> None:
+    cands = [_candidate(tmp_path, f"w{i}", _update(), 10.0) for i in range(5)]
+    agg = Aggregator(layout_of(BASE), LocalStore(tmp_path), lanes=2)
+    agg.take(cands)
+    tensors = {"big": BASE["big"].numel(), "small": 12}
+    seen = []
+    for n in (1, 2, 5):
+        monkeypatch.setattr(geometry, "cores", lambda n=n: n)
+        seen.append((geometry.distances(agg.slices(), tensors), geometry.median_cosines(agg.slices(), tensors)))
+    agg.close()
+    for d, cos in seen[1:]:
+        torch.testing.assert_close(d, seen[0][0], rtol=1e-9, atol=0.0)
+        assert cos == pytest.approx(seen[0][1], rel=1e-12)

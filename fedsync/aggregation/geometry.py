@@ -3,9 +3,10 @@
 with it (the direction screen, fedsync/aggregation/screening.py), and the squared distances between the updates
 that Krum, Multi-Krum and Bulyan score them by (fedsync/aggregation/rules.py).
 
-Every pass over the slices runs on LANES threads, each with its own interleaved share of the slices and its own
-open files (torch's kernels release the GIL); what lanes accumulate is added in lane order, so a pass gives the
-same result every time."""
+Every pass over the slices runs on one thread per core (fedsync/base/machine.py), each with its own interleaved
+share of the slices and its own open files (torch's kernels release the GIL): a lane holds O(updates x slice), so
+lanes cost no model-sized memory. What lanes accumulate is added in lane order, so a pass gives the same result
+every time on one machine."""
 
 from __future__ import annotations
 
@@ -19,9 +20,9 @@ from typing import Protocol, TypeVar
 import torch
 
 from fedsync.aggregation.networks import order_rows
+from fedsync.base.machine import cores
 
 SLICE = 1 << 16  # elements per tensor slice a reader holds for every update at once
-LANES = 2  # threads a pass over the slices runs on, and the intake (one running sum each: LANES model sizes)
 T = TypeVar("T")
 Place = tuple[str, int, int]  # a slice: (tensor, first element, elements)
 
@@ -53,13 +54,14 @@ def torch_threads(n: int) -> Iterator[None]:
 
 
 def in_lanes(slices: Slices, places: list[Place], work: Callable[[list[Place]], T]) -> list[T]:
-    """`work` over `places` cut into LANES interleaved lists, one thread each, the files held open for the pass;
-    the results in lane order."""
-    if len(places) < 2:
+    """`work` over `places` cut into one interleaved list per core (no more lists than places), one thread each,
+    the files held open for the pass; the results in lane order."""
+    lanes = min(cores(), len(places))
+    if lanes < 2:
         with slices.reading():
             return [work(places)]
-    with slices.reading(), torch_threads(1), ThreadPoolExecutor(LANES, thread_name_prefix="slices") as pool:
-        return list(pool.map(work, [places[i::LANES] for i in range(LANES)]))
+    with slices.reading(), torch_threads(1), ThreadPoolExecutor(lanes, thread_name_prefix="slices") as pool:
+        return list(pool.map(work, [places[i::lanes] for i in range(lanes)]))
 
 
 def middle(values: torch.Tensor) -> torch.Tensor:

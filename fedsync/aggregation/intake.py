@@ -17,11 +17,12 @@ from typing import NoReturn
 import torch
 
 from fedsync.aggregation.candidates import Candidate, Outcome
-from fedsync.aggregation.geometry import LANES, torch_threads
+from fedsync.aggregation.geometry import torch_threads
 from fedsync.aggregation.rules import Collected
 from fedsync.aggregation.slices import UpdateSlices
-from fedsync.aggregation.sums import WeightedSum
+from fedsync.aggregation.sums import WeightedSum, accumulator_dtype
 from fedsync.aggregation.validity import Validity
+from fedsync.base.machine import cores, free_memory
 from fedsync.storage import names
 from fedsync.storage.hashing import Hasher
 from fedsync.storage.reasons import Reason, Unusable
@@ -39,6 +40,19 @@ from fedsync.tensors.encoding import (
 from fedsync.tensors.files import DTYPES, SPELLING, Layout, file_layout
 
 PIECE_BYTES = 1 << 20  # fits in L2 with room to spare; a multiple of every dtype's size
+SUMS_SHARE = 4  # the lanes' running sums take at most 1/SUMS_SHARE of the memory free when an intake starts
+
+
+def intake_lanes(one_sum: int, cpus: int, free: int) -> int:
+    """Lanes (threads, each with its own running sum of `one_sum` bytes) an intake reads on: one per core, as long
+    as their sums fit in a quarter of the `free` memory (the image-folder cache's share too); always at least one.
+    Lanes are what let decryption and hashing, each bound to one core, run at the machine's pace."""
+    return max(1, min(cpus, free // SUMS_SHARE // max(1, one_sum)))
+
+
+def running_sum_bytes(layout: Layout) -> int:
+    """The memory of one running sum of `layout` (fedsync/aggregation/sums.py)."""
+    return sum(math.prod(shape) * accumulator_dtype(dt).itemsize for dt, shape in layout.values())
 
 
 @dataclass
@@ -261,9 +275,12 @@ class Aggregator:
     to a weighted sum with its rule weight. Late updates (trained for an earlier round) are summed apart, so the
     round's aggregate can be taken with them or without (a server optimizer's state learns from the on-time ones)."""
 
-    def __init__(self, layout: Layout, store: Store, lanes: int = LANES, round: int = 0,
+    def __init__(self, layout: Layout, store: Store, lanes: int | None = None, round: int = 0,
                  validity: Validity | None = None, opener: SealingIdentity | None = None) -> None:
-        """`opener`: the coordinator's key for sealed updates (none: a sealed one is undecryptable)."""
+        """`lanes`: reading threads (none: intake_lanes of this machine); `opener`: the coordinator's key for sealed
+        updates (none: a sealed one is undecryptable)."""
+        if lanes is None:
+            lanes = intake_lanes(running_sum_bytes(layout), cores(), free_memory())
         self.layout, self.store, self.file_layout, self.round = layout, store, file_layout(layout), round
         self.opener = opener
         self.validity = validity or Validity()  # checked on this round's updates

@@ -103,7 +103,7 @@ def combine_slices(collected: Collected, out: dict[str, torch.Tensor],
                    combine: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
     """Each coordinate of the tensors `out` names from its values across the accepted updates (`combine`:
     (updates, k) -> k, the values in the slices' order, which it may reorder), written into `out` (integer
-    tensors' rounded), on LANES threads. Memory O(updates x SLICE x LANES) beyond `out`."""
+    tensors' rounded), on a thread per core. Memory O(updates x SLICE x cores) beyond `out`."""
     flat = {name: acc.view(-1) for name, acc in out.items()}
 
     def lane(mine: list[Place]) -> None:

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
 from fedsync.base.errors import DataError
+from fedsync.base.machine import cores, free_memory
 from fedsync.learning.data import Split
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's own
@@ -183,19 +184,4 @@ def load_folder(root: Path, spec: ImageSpec, memory_budget: int | None, note: No
 
 def decode_processes() -> int:
     """DataLoader processes that decode images: a few, leaving one core to the training loop."""
-    return max(0, min(4, (os.cpu_count() or 1) - 1))
-
-
-def free_memory() -> int:
-    """Bytes of memory this machine has free (Linux: MemAvailable; elsewhere its physical memory)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 4 << 30
+    return max(0, min(4, cores() - 1))

@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from safetensors.torch import load as st_load
 
-from fedsync.aggregation.geometry import LANES
 from fedsync.aggregation.optimizers import ServerOptimizer
 from fedsync.aggregation.privacy.noise import add_gaussian_, fresh_generator
 from fedsync.aggregation.secagg import shamir
@@ -31,6 +30,7 @@ from fedsync.aggregation.secagg.rounds import PAIR, SELF, Round, add_masks, mask
 from fedsync.aggregation.secagg.vector import length, unflatten
 from fedsync.base.faults import crash_point
 from fedsync.base.logs import Log
+from fedsync.base.machine import cores
 from fedsync.run.config import RunConfig
 from fedsync.run.coordinating.budget import RoundPrivacy
 from fedsync.run.coordinating.intake import Closing, quorum_target
@@ -290,7 +290,7 @@ class SecureRound:
         except shamir.ShareError as e:
             return self._redo(f"the revealed shares do not give the secrets back ({e})", server_state)
         summed = self.total  # unmasked in place, slice by slice on every lane (ChaCha20 and numpy drop the GIL)
-        with ThreadPoolExecutor(LANES, thread_name_prefix="unmask") as pool:
+        with ThreadPoolExecutor(cores(), thread_name_prefix="unmask") as pool:
             list(pool.map(lambda at: add_masks(summed[at:at + SLICE], at, masks, -1), range(0, len(summed), SLICE)))
         code, noise = encoding(self.rosters[1], self.cfg.dp), None
         mean, weights = unflatten(code.decode(summed), self.layout, self.rosters[1].clip,
