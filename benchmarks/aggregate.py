@@ -228,7 +228,7 @@ def main(n: int = 32, flower_bulyan: bool = False) -> None:
     print(f"aggregate: {n} updates x {params / 1e6:.1f} M params ({model_bytes / 1e6:.1f} MB each, "
           f"{total / 1e9:.2f} GB), {cores()} cores: intake on {lanes} lanes, slices on {cores()}")
     print(f"  streaming FedAvg (read + BLAKE3 + finite check and norm + sum): {fed:.2f} GB/s "
-          f"(runs {', '.join(f'{r:.2f}' for r in rates)}){beside(fed, flower, 'fedavg')} (goal >= 1.5x)")
+          f"(runs {', '.join(f'{r:.2f}' for r in rates)}){beside(fed, flower, 'fedavg')} (goal >= 1.5x Flower's)")
     print(f"  baseline axpy in memory: {base_axpy:.2f} GB/s -> ratio {fed / base_axpy:.2f}x")
     for k, rate in sha.items():
         print(f"  baseline read + SHA-256 only, {k} lane(s): {rate:.2f} GB/s -> ratio {fed / rate:.2f}x")

@@ -2,12 +2,14 @@
 worker's training loop against a bare loop, eagerly and captured in CUDA graphs against the bare CUDA-graph
 ceiling, at batch 128 (benchmarks/worker_throughput.py); a round's time against its slowest worker's training with
 the evaluation beside the next round (benchmarks/round_pipeline.py); the language-model task's tokens per second
-and memory beside a bare PEFT loop, its base in the GPU's precision and in 4 bits (benchmarks/lora.py); and the
-tests whose GPU path runs only where a GPU is. Each step runs as its own process with a time limit, and one
-Markdown table comes out, the device named, ready for docs/BENCHMARKS.md (also written to --out).
+and memory beside a bare PEFT loop, its base in the GPU's precision and in 4 bits (benchmarks/lora.py); the
+tests whose GPU path runs only where a GPU is; and, last, the coordinator's intake and robust rules on all of the
+machine's cores (benchmarks/aggregate.py over 16 ResNet-18 updates: a GPU machine is the many-core one a session
+gets). Each step runs as its own process with a time limit, and one Markdown table comes out, the device named,
+ready for docs/BENCHMARKS.md (also written to --out).
 
 Without a usable CUDA GPU it says so and runs the same steps on the CPU with small sizes: CI runs it that way
-(tests/test_gpu_check.py), so the script is known to work before a GPU is lent.
+(.ci/run, after the tests), so the script is known to work before a GPU is lent.
 
 Usage: python benchmarks/gpu_check.py [--out gpu_check.md] [--budget 480]
 """
@@ -38,8 +40,8 @@ class Step:
 
 
 def steps(gpu: bool) -> list[Step]:
-    """What runs: full sizes on a GPU (about 6 minutes on an H100), the smallest that exercise every path on a
-    CPU."""
+    """What runs: full sizes on a GPU (about 6 minutes on an H100, the intake's 1 more), the smallest that exercise
+    every path on a CPU."""
     python, device = sys.executable, "cuda" if gpu else "cpu"
     bench = str(ROOT / "benchmarks")
     out = [
@@ -64,6 +66,10 @@ def steps(gpu: bool) -> list[Step]:
     out.append(Step("the tests with a GPU path (device, capture)",
                     [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_device.py"),
                      str(ROOT / "tests" / "test_capture.py")], r"passed|failed|error", 180))
+    out.append(Step("the intake and the robust rules on every core (ResNet-18 updates)",
+                    [python, f"{bench}/aggregate.py", "16" if gpu else "4"],
+                    r"^aggregate:|streaming FedAvg \(|rule alone|sealed updates \(|peak extra RSS:",
+                    120 if gpu else 60))
     return out
 
 
