@@ -133,27 +133,26 @@ def _default_name(inputs: Path, source: str, model: str, chunk_rows: int, genera
 
 
 def _model(share: Share, manifest: Manifest, cfg: RunConfig, task: Task, spec: str) -> tuple[bytes, str]:
-    """The model's safetensors bytes and what they are: the run's final model, a closed round's, or a file."""
+    """The model's safetensors bytes and what they are: the run's final model, a closed round's (both verified
+    against the run's own records), or a file, which must load into the run's model."""
     if spec == "final":
         final = finished(share, manifest.run_id, manifest.coordinator_key)
         if final is None:
             raise ShareError(f"run {manifest.run_id} has not finished: give --model N for a closed round's model")
-        data, what = share.read_verified(share.final_model, final.model), f"final (round {final.round})"
-    elif spec.isdigit():
+        return share.read_verified(share.final_model, final.model), f"final (round {final.round})"
+    if spec.isdigit():
         found = round_model(share, int(spec))
-        data, what = state_bytes(found.state), f"round {found.round}"
-    else:
-        path = Path(spec)
-        if not path.is_file():
-            raise ConfigError(f"--model {spec!r} is neither final, a round's number nor a model file")
-        data, what = path.read_bytes(), f"file {path.name}"
+        return state_bytes(found.state), f"round {found.round}"
+    path = Path(spec)
+    if not path.is_file():
+        raise ConfigError(f"--model {spec!r} is neither final, a round's number nor a model file")
+    data = path.read_bytes()
     try:
-        state = st_load(data)
-        task.build_model(cfg.model).load_state_dict(state)
+        task.build_model(cfg.model).load_state_dict(st_load(data))
     except Exception as e:  # noqa: BLE001 - not safetensors, or not this run's model
         raise ConfigError(f"--model {spec}: not a {cfg.model} model of task {cfg.task}: "
                           f"{str(e).splitlines()[0][:300]}") from None
-    return data, what
+    return data, f"file {path.name}"
 
 
 def _job(share: Share, name: str, manifest: Manifest, record: TaskRecord, model_name: str, model: bytes,

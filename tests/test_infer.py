@@ -213,6 +213,10 @@ def test_bad_inputs_are_named_per_input_and_wrong_shapes_refused_before_anything
                   "--chunk-rows", "1")
     assert refused.returncode == 3 and f"more than {MAX_CHUNKS} chunks" in refused.stderr, refused.stderr
     assert not any(j.startswith("many") for j in list_jobs(Share(trained)))
+    refused = run("infer", "--share", str(trained), "--inputs", str(inputs), "--out", str(tmp_path / "o.csv"),
+                  "--model", str(wrong), "--name", "other")  # a file that is no model of this run's
+    assert refused.returncode == 3 and "not a digits_cnn model of task" in refused.stderr, refused.stderr
+    assert not any(j.startswith("other") for j in list_jobs(Share(trained)))
 
     worker = serving(trained, "b1")
     with killed_on_error(worker):
