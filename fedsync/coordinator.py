@@ -169,11 +169,15 @@ class Coordinator:
         self.liveness = Liveness(share, self.cfg.worker_timeout)
         self.trust = Trust(share, manifest.run_id, identity, self.cfg.trust, self.liveness.public_key, self.log)
         self.backoff = Backoff(self.log)
-        self.model = self.task.build_model(self.cfg.model, seed=self.cfg.seed)
-        self.buffers = constrained_buffers(self.model)
+        model = self.task.build_model(self.cfg.model, seed=self.cfg.seed)
+        self.buffers = constrained_buffers(model)
         self.rule = make_rule(self.cfg.aggregation, self.cfg.momentum, self.cfg.trim, self.cfg.byzantine)
         self.optimizer = make_optimizer(self.cfg.server_settings(),
-                                        frozenset(name for name, p in self.model.named_parameters() if p.requires_grad))
+                                        frozenset(name for name, p in model.named_parameters() if p.requires_grad))
+        # round 1's model, kept as its state alone: the model goes (a language model's base is held by the probe and
+        # the evaluator, not a third time here)
+        self.initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        del model
         self.server_state: dict[str, torch.Tensor] = {}  # the optimizer's, after the last closed round; none: stateless
         self.carried: tuple[str, dict[str, torch.Tensor]] | None = None  # the aggregate just written: its hash, state
         self.planner = Planner(share, self.cfg, self.task, dataset, self.liveness, self.log)
@@ -247,7 +251,7 @@ class Coordinator:
                 self._plan(r, a.workers)
                 return a, load_verified(self.share, self.share.global_model(r), a.model)
         if r == 1:
-            state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            state = {k: v.clone() for k, v in self.initial.items()}
             model_ref = save_state(self.share.write, self.share.global_model(1), state)
         else:
             # The aggregate of round r-1 is this round's global model; after a run that had ended there it

@@ -91,6 +91,10 @@ def test_two_workers_reach_real_accuracy(share: Path) -> None:
         assert abs(fed.accuracy - sum(e.accuracy * e.samples for e in held) / fed.samples) < 1e-9
         federated.append(fed.accuracy)
     assert federated[0] < 0.3 and federated[-1] >= 0.9, federated  # round 1 starts from random weights
+    seeded = get_task("digits").build_model("digits_cnn", seed=read_yaml(s.path(s.manifest))["config"]["seed"])
+    first = load_verified(s, s.global_model(1), parse(Assignment, s.read_yaml(s.assignment(1)), "a").model)
+    assert set(first) == set(seeded.state_dict()) and all(torch.equal(first[k], v)
+                                                          for k, v in seeded.state_dict().items())
     rows = list(csv.DictReader(s.path(s.metrics).open()))
     assert [int(r["round"]) for r in rows] == list(range(1, ROUNDS + 1))
     assert {"round", "test_accuracy", "test_loss", "train_loss", "updates_accepted", "seconds"} <= set(rows[0])
