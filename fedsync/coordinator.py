@@ -194,11 +194,15 @@ class Coordinator:
         self.extended_from: FileRef | None = None  # the final model of the finished run this one extends
 
     def run(self) -> FinalMarker:
+        interrupted = False
         try:
             return self._run()
+        except KeyboardInterrupt:  # Ctrl-C, SIGTERM: stop promptly, without drawing the report once more
+            interrupted = True
+            raise
         finally:
             self.evaluator.close()
-            self.reporter.close()  # drawn once more: the report shows the run as it ends
+            self.reporter.close(draw=not interrupted)  # else drawn once more: the report shows how the run ended
 
     def _run(self) -> FinalMarker:
         # Resume: the first round without a summary is the one to work on.

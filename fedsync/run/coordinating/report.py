@@ -171,12 +171,13 @@ def markdown(share: Share, manifest: Manifest, rows: list[RoundRow]) -> str:
 
 
 MIN_GAP_S = 10.0  # between two refreshes; and at least 9x the last drawing's time: at most a tenth of a core
+STOP_WAIT_S = 5.0  # an interrupted run waits this long, at most, for a drawing under way
 
 
 class Reporter:
     """Refreshes report.md and report.png in a thread of its own at low priority, so drawing never holds up a round:
     after each round, but at most every MIN_GAP_S seconds (requests in between are folded into one), and once more
-    when the run stops, so the report shows how it ended."""
+    when the run ends, so the report shows how it ended."""
 
     def __init__(self, share: Share, manifest: Manifest, log: Log) -> None:
         self.share, self.manifest, self.log = share, manifest, log  # fedsync.yaml is written once: read it once
@@ -185,6 +186,7 @@ class Reporter:
         self.wanted = threading.Event()
         self.stopping = threading.Event()  # cuts a wait between refreshes short
         self.stopped = False
+        self.abandoned = False  # stopping without another drawing
         self.ready_at = 0.0  # monotonic time before which no refresh starts (unless stopping)
         self.thread = threading.Thread(target=self._work, name="report", daemon=True)
         self.thread.start()
@@ -192,17 +194,22 @@ class Reporter:
     def refresh(self) -> None:
         self.wanted.set()
 
-    def close(self) -> None:
-        """Draw what the share holds now, once more, and stop."""
-        self.stopped = True
+    def close(self, draw: bool = True) -> None:
+        """Draw what the share holds now, once more, and stop. `draw` False (Ctrl-C, SIGTERM): stop without another
+        drawing, waiting at most STOP_WAIT_S for one under way: at low priority on a busy machine a drawing (the
+        first imports matplotlib) takes tens of seconds, and a stop must be prompt; its writes are atomic, so
+        leaving it loses nothing, and the next start draws again."""
+        self.stopped, self.abandoned = True, not draw
         self.stopping.set()
         self.wanted.set()
-        self.thread.join(timeout=60)
+        self.thread.join(timeout=60 if draw else STOP_WAIT_S)
 
     def _work(self) -> None:
         yield_cpu("the report thread", self.log)
         while True:
             self.wanted.wait()
+            if self.abandoned:
+                return
             self.stopping.wait(max(0.0, self.ready_at - time.monotonic()))
             self.wanted.clear()
             last = self.stopped  # read before drawing: a close() during this drawing asks for one more
