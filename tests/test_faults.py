@@ -93,6 +93,8 @@ def test_worker_killed_mid_upload_and_restarted(share: Path) -> None:
             out = finish(doomed, timeout=120)
             assert doomed.returncode == -signal.SIGKILL, f"the fault {fault} was never reached:\n{out}"
             assert not s.exists(s.update_marker(r, "w1"))  # nothing of the partial upload counts
+        # as if the kill had landed while w1's heartbeat was writing its worker file: the restart sweeps it
+        (share / "workers" / ".w1.yaml.0123456789ab.tmp").write_text("state: idl")
         w1 = start(*worker_args(share, "w1"))
         outs = [finish(coord, timeout=120), finish(w1, timeout=60), finish(w2, timeout=60)]
     finally:
