@@ -205,6 +205,8 @@ class Worker:
             self.share.remove_temporaries(self.share.updates_dir(r), own)  # left by a crash of this worker
         # and its heartbeat's, killed mid-write with it (before this process's heartbeat writes again)
         self.share.remove_temporaries(names.WORKERS, {self.name + names.MARKER_SUFFIX})
+        if self.server is not None:
+            self.server.sweep()
         self._warm_up(train)
         if self.cfg.balance == "throughput":  # the first round is sized by it; later rounds by measured rounds
             sample = first(train, 16 * self.cfg.batch_size)  # enough batches to time, little to copy

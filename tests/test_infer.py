@@ -217,9 +217,26 @@ def test_bad_inputs_are_named_per_input_and_wrong_shapes_refused_before_anything
                   "--model", str(wrong), "--name", "other")  # a file that is no model of this run's
     assert refused.returncode == 3 and "not a digits_cnn model of task" in refused.stderr, refused.stderr
     assert not any(j.startswith("other") for j in list_jobs(Share(trained)))
+    # temporaries a killed serving of b1's left in a job's outputs: b1 deletes its own when it starts, no other's
+    s = Share(trained)
+    manifest = read_manifest(s)
+    cfg = config_from_dict(manifest.config, "fedsync.yaml")
+    opened = open_inputs(inputs, cfg.resolved_task().input_shape, True)
+    write_job(s, "left-behind", manifest.run_id, task_record(cfg), cfg.model, b"never served: no plan", "final",
+              opened, opened.identity(), 10, lambda i, n: None)
+    outputs = trained / names.outputs_dir("left-behind")
+    outputs.mkdir(parents=True, exist_ok=True)
+    mine = [outputs / ".000001.b1.safetensors.0123456789ab.tmp", outputs / ".000002.b1.yaml.0123456789ab.tmp"]
+    theirs = outputs / ".000001.c9.yaml.0123456789ab.tmp"
+    for p in (*mine, theirs):
+        p.write_text("half written")
 
     worker = serving(trained, "b1")
     with killed_on_error(worker):
+        wait_until(lambda: s.exists(s.worker_file("b1")) and s.read_record(WorkerInfo, s.worker_file("b1")).serves,
+                   120, "b1 to register")
+        assert not any(p.exists() for p in mine) and theirs.exists()
+        theirs.unlink()
         done = run("infer", "--share", str(trained), "--inputs", str(bad), "--out", str(tmp_path / "bad.csv"),
                    "--chunk-rows", "16", timeout=120)
         pictures = run("infer", "--share", str(trained), "--inputs", str(images), "--out",

@@ -56,6 +56,18 @@ class Server:
         self.rate: float | None = None  # inputs per second over recent chunks, for routing
         self.refused: set[str] = set()  # jobs of another run or task, or whose model does not load: never served
 
+    def sweep(self) -> None:
+        """Delete the temporaries a killed serving of this worker's left in any job's outputs (an owner deletes its
+        temporaries when it starts: PROTOCOL section 6); called before this process writes an output."""
+        for job in list_jobs(self.share):
+            try:
+                chunks = len(read_job(self.share, job).chunks)
+            except Exception:  # noqa: BLE001 - not written whole (nor served) yet
+                continue
+            self.share.remove_temporaries(names.outputs_dir(job), {
+                names.output_stem(c, self.worker) + suffix for c in range(chunks)
+                for suffix in (names.TENSORS_SUFFIX, names.MARKER_SUFFIX)})
+
     def serve(self) -> bool:
         """Run the first chunk of a running job that the plan gives this worker, that it has not run yet and whose
         files are whole; False when there is none (the worker is idle again). A chunk still syncing, or a job this
