@@ -46,10 +46,10 @@ from torchvision.models import resnet18
 from fedsync.aggregation.candidates import Candidate
 from fedsync.aggregation.defence import Screens, at_close
 from fedsync.aggregation.geometry import SLICE
-from fedsync.aggregation.intake import PIECE_BYTES, Aggregator, intake_lanes, running_sum_bytes
+from fedsync.aggregation.intake import PIECE_BYTES, Aggregator, machine_lanes
 from fedsync.aggregation.rules import Bulyan, FedAvg, Krum, Median, Rule, TrimmedMean
 from fedsync.aggregation.sums import WeightedSum
-from fedsync.base.machine import cores, free_memory
+from fedsync.base.machine import cores
 from fedsync.fedavg import apply_delta
 from fedsync.storage.local import LocalStore
 from fedsync.storage.markers import FileRef
@@ -140,7 +140,7 @@ def main(n: int = 32, flower_bulyan: bool = False) -> None:
     base = {k: v.float() if v.is_floating_point() else v for k, v in resnet18(num_classes=1000).state_dict().items()}
     model_bytes = sum(v.numel() * v.element_size() for v in base.values())
     params = sum(v.numel() for v in base.values())
-    lanes = intake_lanes(running_sum_bytes(layout_of(base)), cores(), free_memory())  # as an Aggregator chooses
+    lanes = machine_lanes(layout_of(base))  # as an Aggregator chooses
     g = torch.Generator().manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

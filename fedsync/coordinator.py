@@ -174,9 +174,9 @@ class Coordinator:
         self.rule = make_rule(self.cfg.aggregation, self.cfg.momentum, self.cfg.trim, self.cfg.byzantine)
         self.optimizer = make_optimizer(self.cfg.server_settings(),
                                         frozenset(name for name, p in model.named_parameters() if p.requires_grad))
-        # round 1's model, kept as its state alone: the model goes (a language model's base is held by the probe and
-        # the evaluator, not a third time here)
-        self.initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        # round 1's model, kept as its state alone (copied when round 1 opens): the model goes (a language model's
+        # base is held by the probe and the evaluator, not a third time here)
+        self.initial = dict(model.state_dict())
         del model
         self.server_state: dict[str, torch.Tensor] = {}  # the optimizer's, after the last closed round; none: stateless
         self.carried: tuple[str, dict[str, torch.Tensor]] | None = None  # the aggregate just written: its hash, state

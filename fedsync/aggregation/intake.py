@@ -55,6 +55,11 @@ def running_sum_bytes(layout: Layout) -> int:
     return sum(math.prod(shape) * accumulator_dtype(dt).itemsize for dt, shape in layout.values())
 
 
+def machine_lanes(layout: Layout) -> int:
+    """intake_lanes for sums of `layout` on this machine, now: what an Aggregator reads on unless told."""
+    return intake_lanes(running_sum_bytes(layout), cores(), free_memory())
+
+
 @dataclass
 class _Lane:
     layout: Layout
@@ -277,10 +282,10 @@ class Aggregator:
 
     def __init__(self, layout: Layout, store: Store, lanes: int | None = None, round: int = 0,
                  validity: Validity | None = None, opener: SealingIdentity | None = None) -> None:
-        """`lanes`: reading threads (none: intake_lanes of this machine); `opener`: the coordinator's key for sealed
-        updates (none: a sealed one is undecryptable)."""
+        """`lanes`: reading threads (none: machine_lanes); `opener`: the coordinator's key for sealed updates (none: a
+        sealed one is undecryptable)."""
         if lanes is None:
-            lanes = intake_lanes(running_sum_bytes(layout), cores(), free_memory())
+            lanes = machine_lanes(layout)
         self.layout, self.store, self.file_layout, self.round = layout, store, file_layout(layout), round
         self.opener = opener
         self.validity = validity or Validity()  # checked on this round's updates
